@@ -1,0 +1,3 @@
+from voiceline.cli import main
+
+raise SystemExit(main())

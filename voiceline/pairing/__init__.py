@@ -1,0 +1,1 @@
+"""The anonymous pool, matching policy and the per-caller session state machine."""

@@ -1,0 +1,1 @@
+"""Simulated callers (real PJSIP user agents in their own processes) and pytest fixtures."""

@@ -1,0 +1,1 @@
+"""SIP signalling: messages, SDP, transports, transactions, dialogs, the user agent."""
