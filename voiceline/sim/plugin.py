@@ -1,0 +1,1 @@
+"""Pytest plugin: fixtures that start a voiceline server and place simulated calls."""
