@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 def parse_host_port(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # Port 0 lets the OS pick a free port (handy in tests); the bound one is logged.
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
     try:
         ipaddress.ip_address(host)

@@ -1,0 +1,146 @@
+"""A bare UDP SIP peer for integration tests: sends hand-written messages, collects what comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from voiceline.sip.message import SipMessage, SipRequest, SipResponse, parse_message
+
+OFFER = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    "m=audio {port} RTP/AVP {formats}\r\n"
+    "a=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
+    "a=fmtp:101 0-16\r\na=sendrecv\r\n"
+)
+
+
+class RawPeer(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[SipMessage] = asyncio.Queue()
+        self.raw: list[bytes] = []
+        self.transport: asyncio.DatagramTransport | None = None
+
+    @classmethod
+    async def open(cls, host: str = "127.0.0.1") -> RawPeer:
+        loop = asyncio.get_running_loop()
+        _, peer = await loop.create_datagram_endpoint(cls, local_addr=(host, 0))
+        return peer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.raw.append(data)
+        self.inbox.put_nowait(parse_message(data))
+
+    @property
+    def port(self) -> int:
+        assert self.transport is not None
+        return int(self.transport.get_extra_info("sockname")[1])
+
+    def send(self, data: bytes | str, dest: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data.encode() if isinstance(data, str) else data, dest)
+
+    async def receive(self, timeout: float = 3.0) -> SipMessage:
+        return await asyncio.wait_for(self.inbox.get(), timeout)
+
+    async def response(self, status: int | None = None, method: str | None = None, timeout: float = 3.0) -> SipResponse:
+        """The next response (optionally of a status and CSeq method), skipping others."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            message = await self.receive(max(0.01, end - loop.time()))
+            if not isinstance(message, SipResponse):
+                continue
+            if status is not None and message.status != status:
+                continue
+            if method is not None and not (message.headers.get("CSeq") or "").endswith(method):
+                continue
+            return message
+
+    async def request(self, method: str, timeout: float = 3.0) -> SipRequest:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            message = await self.receive(max(0.01, end - loop.time()))
+            if isinstance(message, SipRequest) and message.method == method:
+                return message
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Dialer:
+    """Builds the requests of one call from a RawPeer."""
+
+    def __init__(self, peer: RawPeer, server: tuple[str, int], from_user: str = "anon") -> None:
+        self.peer = peer
+        self.server = server
+        self.call_id = secrets.token_hex(8)
+        self.from_tag = secrets.token_hex(4)
+        self.from_user = from_user
+        self.cseq = 1
+        self.branch = ""
+        self.to_tag = ""
+        self.last_invite = b""
+
+    def _headers(self, method: str, branch: str, cseq: int, to_tag: str = "") -> str:
+        to = f"<sip:line@{self.server[0]}:{self.server[1]}>" + (f";tag={to_tag}" if to_tag else "")
+        return (
+            f"Via: SIP/2.0/UDP 127.0.0.1:{self.peer.port};branch={branch};rport\r\n"
+            f"From: <sip:{self.from_user}@127.0.0.1>;tag={self.from_tag}\r\n"
+            f"To: {to}\r\n"
+            f"Call-ID: {self.call_id}\r\n"
+            f"CSeq: {cseq} {method}\r\n"
+            f"Contact: <sip:{self.from_user}@127.0.0.1:{self.peer.port}>\r\n"
+            "Max-Forwards: 70\r\n"
+        )
+
+    def invite(self, rtp_port: int, formats: str = "0 8 101", extra: str = "") -> None:
+        self.branch = "z9hG4bK" + secrets.token_hex(6)
+        body = OFFER.format(port=rtp_port, formats=formats)
+        text = (
+            f"INVITE sip:line@{self.server[0]}:{self.server[1]} SIP/2.0\r\n"
+            + self._headers("INVITE", self.branch, self.cseq)
+            + extra
+            + f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+        )
+        self.last_invite = text.encode()
+        self.peer.send(text, self.server)
+
+    def resend_invite(self) -> None:
+        """A retransmission: the very same bytes, same branch."""
+        self.peer.send(self.last_invite, self.server)
+
+    def ack(self, to_tag: str, for_error: bool = False) -> None:
+        self.to_tag = to_tag
+        branch = self.branch if for_error else "z9hG4bK" + secrets.token_hex(6)
+        text = f"ACK sip:line@{self.server[0]}:{self.server[1]} SIP/2.0\r\n" + self._headers(
+            "ACK", branch, self.cseq, to_tag
+        ) + "Content-Length: 0\r\n\r\n"
+        self.peer.send(text, self.server)
+
+    def cancel(self) -> None:
+        text = f"CANCEL sip:line@{self.server[0]}:{self.server[1]} SIP/2.0\r\n" + self._headers(
+            "CANCEL", self.branch, self.cseq
+        ) + "Content-Length: 0\r\n\r\n"
+        self.peer.send(text, self.server)
+
+    def in_dialog(self, method: str) -> None:
+        self.cseq += 1
+        branch = "z9hG4bK" + secrets.token_hex(6)
+        text = f"{method} sip:voiceline@{self.server[0]}:{self.server[1]} SIP/2.0\r\n" + self._headers(
+            method, branch, self.cseq, self.to_tag
+        ) + "Content-Length: 0\r\n\r\n"
+        self.peer.send(text, self.server)
+
+    def out_of_dialog(self, method: str) -> None:
+        branch = "z9hG4bK" + secrets.token_hex(6)
+        text = f"{method} sip:line@{self.server[0]}:{self.server[1]} SIP/2.0\r\n" + self._headers(
+            method, branch, self.cseq
+        ) + "Content-Length: 0\r\n\r\n"
+        self.peer.send(text, self.server)

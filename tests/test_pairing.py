@@ -1,0 +1,108 @@
+"""Pool policy and the per-caller session state machine, on a fake clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from voiceline.pairing.pool import Pool
+from voiceline.pairing.service import PairingService, Participant
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass(eq=False)
+class Ear:
+    """A participant that records what it was told to hear."""
+
+    id: str
+    heard: list[str] = field(default_factory=list)
+
+    def hear_hold(self) -> None:
+        self.heard.append("hold")
+
+    def hear(self, other: Participant) -> None:
+        self.heard.append(other.id)
+
+
+def test_pool_pairs_newcomer_with_longest_waiter() -> None:
+    pool: Pool[str] = Pool()
+    assert pool.add("a", 0.0) is None
+    assert pool.add("b", 1.0) == "a"
+    assert pool.add("c", 2.0) is None
+    assert pool.add("d", 3.0) == "c"
+    assert len(pool) == 0
+
+
+def test_pool_remove_and_order() -> None:
+    pool: Pool[str] = Pool()
+    pool.add("a", 0.0)
+    assert pool.remove("a")
+    assert not pool.remove("a")
+    pool.add("b", 1.0)
+    assert pool.waiting_since("b") == 1.0
+    assert pool.add("c", 2.0) == "b"
+
+
+@given(st.lists(st.integers(min_value=0, max_value=30), max_size=60))
+def test_pool_never_pairs_anyone_twice_at_once(ops: list[int]) -> None:
+    """Any sequence of arrivals and departures: at most one waiter, pairs are disjoint."""
+    pool: Pool[int] = Pool()
+    paired: dict[int, int] = {}
+    for t, member in enumerate(ops):
+        if member in pool or member in paired:
+            pool.remove(member)
+            partner = paired.pop(member, None)
+            if partner is not None:
+                del paired[partner]
+            continue
+        partner = pool.add(member, float(t))
+        if partner is not None:
+            assert partner != member and partner not in paired
+            paired[member], paired[partner] = partner, member
+        assert len(pool) <= 1
+
+
+def test_service_waits_then_pairs_then_returns_partner_to_pool() -> None:
+    clock = FakeClock()
+    service = PairingService(clock)
+    a, b, c = Ear("a"), Ear("b"), Ear("c")
+    service.join(a)
+    assert a.heard == ["hold"] and service.waiting == 1
+    clock.now = 2.0
+    service.join(b)
+    assert a.heard[-1] == "b" and b.heard == ["a"] and service.talking == 2
+    clock.now = 5.0
+    service.join(c)
+    assert c.heard == ["hold"]
+    clock.now = 9.0
+    summary = service.leave("a")
+    assert summary is not None
+    assert (summary.waited, summary.talked, summary.partners) == (2.0, 7.0, 1)
+    # b goes back to the pool and meets c, who has been waiting.
+    assert b.heard[-1] == "c" and c.heard[-1] == "b"
+    clock.now = 10.0
+    service.leave("c")
+    assert b.heard[-1] == "hold" and service.waiting == 1
+    clock.now = 12.0
+    b_summary = service.leave("b")
+    assert b_summary is not None
+    assert (b_summary.waited, b_summary.talked, b_summary.partners) == (2.0, 8.0, 2)
+    assert service.waiting == 0 and service.leave("b") is None
+
+
+def test_waiting_caller_leaving_empties_pool() -> None:
+    service = PairingService(FakeClock())
+    service.join(Ear("a"))
+    service.leave("a")
+    b = Ear("b")
+    service.join(b)
+    assert b.heard == ["hold"]

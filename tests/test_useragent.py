@@ -1,0 +1,204 @@
+"""The real service in-process on loopback, driven by a bare UDP SIP peer."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rawsip import Dialer, RawPeer
+from voiceline.app import VoiceLine
+from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
+from voiceline.sip.message import parse_name_addr
+from voiceline.sip.sdp import parse_sdp
+
+_next_range = iter(range(41000, 41900, 20))
+
+
+def make_config(tmp_path: Path, **sip: object) -> Config:
+    low = next(_next_range)
+    return Config(
+        sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05), **sip),  # type: ignore[arg-type]
+        media=MediaConfig(rtp_ports=f"{low}-{low + 19}"),
+        storage=StorageConfig(data_dir=str(tmp_path / "data")),
+    ).validate()
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[VoiceLine]:
+    app = VoiceLine(make_config(tmp_path))
+    await app.start()
+    yield app
+    await app.stop()
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[RawPeer]:
+    p = await RawPeer.open()
+    yield p
+    p.close()
+
+
+def address(app: VoiceLine) -> tuple[str, int]:
+    assert app.agent is not None and app.agent.transport is not None
+    return app.agent.transport.local_address
+
+
+class RtpSink(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.packets: list[bytes] = []
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.packets.append(data)
+
+
+async def rtp_sink() -> tuple[asyncio.DatagramTransport, RtpSink]:
+    loop = asyncio.get_running_loop()
+    transport, sink = await loop.create_datagram_endpoint(RtpSink, local_addr=("127.0.0.1", 0))
+    return transport, sink
+
+
+async def test_options_answered_with_allow(service: VoiceLine, peer: RawPeer) -> None:
+    Dialer(peer, address(service)).out_of_dialog("OPTIONS")
+    response = await peer.response()
+    assert response.status == 200
+    assert "INVITE" in (response.headers.get("Allow") or "")
+
+
+async def test_unsupported_method_gets_405_with_allow(service: VoiceLine, peer: RawPeer) -> None:
+    Dialer(peer, address(service)).out_of_dialog("SUBSCRIBE")
+    response = await peer.response()
+    assert response.status == 405 and "BYE" in (response.headers.get("Allow") or "")
+
+
+async def test_bye_for_unknown_dialog_gets_481(service: VoiceLine, peer: RawPeer) -> None:
+    dialer = Dialer(peer, address(service))
+    dialer.to_tag = "nosuchtag"
+    dialer.in_dialog("BYE")
+    assert (await peer.response()).status == 481
+
+
+async def test_garbage_is_dropped_and_service_keeps_answering(service: VoiceLine, peer: RawPeer) -> None:
+    server = address(service)
+    for junk in (b"\x00\xff" * 300, b"INVITE\r\n\r\n", b"SIP/2.0 200 OK\r\n\r\n", b"x" * 70000, b"\r\n\r\n"):
+        peer.send(junk, server)
+    Dialer(peer, server).out_of_dialog("OPTIONS")
+    assert (await peer.response()).status == 200
+    assert peer.raw and len(peer.raw) == 1  # nothing answered the garbage
+
+
+async def test_malformed_request_with_readable_headers_gets_400(service: VoiceLine, peer: RawPeer) -> None:
+    server = address(service)
+    peer.send(
+        "OPTIONS sip:line@127.0.0.1 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch=z9hG4bKbad1\r\n"
+        "From: <sip:anon@127.0.0.1>;tag=1\r\nTo: <sip:line@127.0.0.1>\r\n"
+        "Call-ID: bad-cseq\r\nCSeq: notanumber OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        server,
+    )
+    assert (await peer.response()).status == 400
+
+
+async def test_no_common_codec_gets_488(service: VoiceLine, peer: RawPeer) -> None:
+    dialer = Dialer(peer, address(service))
+    dialer.invite(rtp_port=4000, formats="18")
+    response = await peer.response(status=488)
+    dialer.ack(parse_name_addr(response.headers.get("To") or "").tag or "", for_error=True)
+    await asyncio.sleep(0.1)
+    assert service.agent is not None and service.agent.calls == []
+
+
+async def test_call_is_answered_hears_hold_audio_and_ends_on_bye(service: VoiceLine, peer: RawPeer) -> None:
+    rtp, sink = await rtp_sink()
+    try:
+        dialer = Dialer(peer, address(service))
+        dialer.invite(rtp_port=rtp.get_extra_info("sockname")[1])
+        await peer.response(status=100)
+        ringing = await peer.response(status=180)
+        ok = await peer.response(status=200)
+        tag = parse_name_addr(ok.headers.get("To") or "").tag
+        assert tag and parse_name_addr(ringing.headers.get("To") or "").tag == tag
+        answer = parse_sdp(ok.body)
+        assert answer.media[0].formats[0] == "0" and answer.connection == "127.0.0.1"
+        dialer.ack(tag)
+        await asyncio.sleep(0.5)
+        assert len(sink.packets) >= 15  # hold audio paced at 20 ms
+        ssrcs = {struct.unpack_from("!I", p, 8)[0] for p in sink.packets}
+        assert len(ssrcs) == 1
+        assert service.pairing.waiting == 1
+        dialer.in_dialog("BYE")
+        assert (await peer.response(method="BYE")).status == 200
+        await asyncio.sleep(0.1)
+        assert service.pairing.waiting == 0 and service.media is not None and service.media.legs == 0
+    finally:
+        rtp.close()
+
+
+async def test_invite_retransmission_does_not_make_a_second_call(service: VoiceLine, peer: RawPeer) -> None:
+    dialer = Dialer(peer, address(service))
+    dialer.invite(rtp_port=4000)
+    await peer.response(status=100)
+    dialer.resend_invite()
+    dialer.resend_invite()
+    ok = await peer.response(status=200)
+    dialer.ack(parse_name_addr(ok.headers.get("To") or "").tag or "")
+    await asyncio.sleep(0.2)
+    assert service.agent is not None and service.agent.counters.calls == 1
+    assert len(service.agent.calls) == 1 and service.pairing.waiting == 1
+
+
+async def test_cancel_while_ringing_gets_487(tmp_path: Path, peer: RawPeer) -> None:
+    app = VoiceLine(make_config(tmp_path, answer_delay=2.0))
+    await app.start()
+    try:
+        dialer = Dialer(peer, address(app))
+        dialer.invite(rtp_port=4000)
+        await peer.response(status=180)
+        dialer.cancel()
+        assert (await peer.response(method="CANCEL")).status == 200
+        final = await peer.response(method="INVITE")
+        assert final.status == 487
+        dialer.ack(parse_name_addr(final.headers.get("To") or "").tag or "", for_error=True)
+        await asyncio.sleep(0.1)
+        assert app.agent is not None and app.agent.calls == [] and app.media is not None and app.media.legs == 0
+    finally:
+        await app.stop()
+
+
+async def test_lost_ack_retransmits_200_then_sends_bye(tmp_path: Path, peer: RawPeer) -> None:
+    app = VoiceLine(make_config(tmp_path, t1=0.02))
+    await app.start()
+    try:
+        dialer = Dialer(peer, address(app))
+        dialer.invite(rtp_port=4000)
+        await peer.response(status=200)
+        await peer.response(status=200)  # retransmitted (Timer G)
+        bye = await peer.request("BYE", timeout=5)  # 64*T1 later, no ACK: we end the call
+        assert bye.headers.get("Call-ID") == dialer.call_id
+        assert app.agent is not None and app.agent.calls == []
+    finally:
+        await app.stop()
+
+
+async def test_shutdown_sends_bye_on_every_call(tmp_path: Path, peer: RawPeer) -> None:
+    app = VoiceLine(make_config(tmp_path))
+    await app.start()
+    dialer = Dialer(peer, address(app))
+    dialer.invite(rtp_port=4000)
+    ok = await peer.response(status=200)
+    dialer.ack(parse_name_addr(ok.headers.get("To") or "").tag or "")
+    await asyncio.sleep(0.1)
+    stopping = asyncio.create_task(app.stop())
+    bye = await peer.request("BYE")
+    peer.send(
+        f"SIP/2.0 200 OK\r\nVia: {bye.headers.get('Via')}\r\nFrom: {bye.headers.get('From')}\r\n"
+        f"To: {bye.headers.get('To')}\r\nCall-ID: {bye.headers.get('Call-ID')}\r\n"
+        f"CSeq: {bye.headers.get('CSeq')}\r\nContent-Length: 0\r\n\r\n",
+        address(app),
+    )
+    await asyncio.wait_for(stopping, 3)
+    assert bye.headers.get("Call-ID") == dialer.call_id

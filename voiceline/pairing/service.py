@@ -1,0 +1,118 @@
+"""Per-caller sessions and the pairing coordinator.
+
+A caller's session moves waiting -> talking -> waiting ... -> ended. The
+coordinator tells each participant what to hear (hold audio or a partner)
+and keeps only anonymous durations, handed back when the caller leaves.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from voiceline.pairing.pool import Pool
+
+log = structlog.get_logger("voiceline.pairing")
+
+
+class Participant(Protocol):
+    """What pairing needs of a call: an id for logs and control of what it hears."""
+
+    @property
+    def id(self) -> str: ...
+
+    def hear_hold(self) -> None: ...
+
+    def hear(self, other: Participant) -> None: ...
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    TALKING = "talking"
+    ENDED = "ended"
+
+
+@dataclass(eq=False)
+class Session:
+    participant: Participant
+    phase: Phase
+    since: float  # when the current phase began
+    partner: Session | None = None
+    waited: float = 0.0
+    talked: float = 0.0
+    partners: int = 0
+
+    def enter(self, phase: Phase, now: float) -> None:
+        elapsed = now - self.since
+        if self.phase is Phase.WAITING:
+            self.waited += elapsed
+        elif self.phase is Phase.TALKING:
+            self.talked += elapsed
+        self.phase = phase
+        self.since = now
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """Anonymous figures for statistics: no identity, no partner."""
+
+    waited: float
+    talked: float
+    partners: int
+
+
+class PairingService:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._pool: Pool[Session] = Pool()
+        self._sessions: dict[str, Session] = {}
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pool)
+
+    @property
+    def talking(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.phase is Phase.TALKING)
+
+    def join(self, participant: Participant) -> None:
+        if participant.id in self._sessions:
+            raise ValueError("participant already joined")
+        session = Session(participant, Phase.WAITING, self._clock())
+        self._sessions[participant.id] = session
+        self._wait(session)
+
+    def leave(self, participant_id: str) -> SessionSummary | None:
+        """The caller hung up: end their session and send any partner back to waiting."""
+        session = self._sessions.pop(participant_id, None)
+        if session is None:
+            return None
+        now = self._clock()
+        self._pool.remove(session)
+        partner = session.partner
+        session.enter(Phase.ENDED, now)
+        session.partner = None
+        if partner is not None:
+            partner.partner = None
+            self._wait(partner)
+        return SessionSummary(session.waited, session.talked, session.partners)
+
+    def _wait(self, session: Session) -> None:
+        now = self._clock()
+        session.enter(Phase.WAITING, now)
+        partner = self._pool.add(session, now)
+        if partner is None:
+            session.participant.hear_hold()
+            log.info("pairing.waiting", call=session.participant.id, waiting=len(self._pool))
+            return
+        for one, other in ((session, partner), (partner, session)):
+            one.enter(Phase.TALKING, now)
+            one.partner = other
+            one.partners += 1
+            one.participant.hear(other.participant)
+            log.info("pairing.talking", call=one.participant.id, waited=round(one.waited, 1))

@@ -1,0 +1,109 @@
+"""Sans-I/O dialog state (RFC 3261 section 12) for dialogs we join as the UAS.
+
+The dialog is the only place a caller's URI lives, and only while the call
+lasts: its repr hides the URIs so a stray log line or traceback cannot show them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from dataclasses import dataclass, field
+
+from voiceline.sip.message import (
+    Headers,
+    NameAddr,
+    SipParseError,
+    SipRequest,
+    parse_cseq,
+    parse_name_addr,
+    parse_uri,
+)
+from voiceline.sip.transaction import new_branch
+
+DEFAULT_SIP_PORT = 5060
+
+
+def new_tag() -> str:
+    return secrets.token_hex(6)
+
+
+@dataclass(eq=False, repr=False)
+class Dialog:
+    call_id: str
+    local_tag: str
+    remote_tag: str | None
+    local_party: NameAddr  # the To of the INVITE, without parameters
+    remote_party: NameAddr  # the From of the INVITE, without parameters
+    remote_target: str  # the Contact URI
+    route_set: list[str]
+    remote_seq: int
+    local_contact: str
+    local_seq: int = field(default_factory=lambda: secrets.randbelow(1 << 16) + 1)
+
+    def __repr__(self) -> str:
+        return "<Dialog>"
+
+    @classmethod
+    def from_invite(cls, invite: SipRequest, local_tag: str, local_contact: str) -> Dialog:
+        headers = invite.headers
+        remote = parse_name_addr(headers.get("From") or "")
+        local = parse_name_addr(headers.get("To") or "")
+        contacts = headers.get_all("Contact")
+        if not contacts:
+            raise SipParseError("INVITE without Contact")
+        target = parse_name_addr(contacts[0]).uri
+        return cls(
+            call_id=headers.get("Call-ID") or "",
+            local_tag=local_tag,
+            remote_tag=remote.tag,
+            local_party=NameAddr(local.display, local.uri, {}),
+            remote_party=NameAddr(remote.display, remote.uri, {}),
+            remote_target=target,
+            route_set=headers.get_all("Record-Route"),
+            remote_seq=parse_cseq(headers.get("CSeq") or "")[0],
+            local_contact=local_contact,
+        )
+
+    def accepts_remote_seq(self, request: SipRequest) -> bool:
+        """Requests from the peer must carry increasing CSeq numbers (12.2.2)."""
+        seq = parse_cseq(request.headers.get("CSeq") or "")[0]
+        if seq <= self.remote_seq and request.method not in ("ACK", "CANCEL"):
+            return False
+        self.remote_seq = max(seq, self.remote_seq)
+        return True
+
+    def new_request(self, method: str, via_host: str, via_port: int, transport: str = "UDP") -> SipRequest:
+        """A request inside this dialog (12.2.1.1), e.g. our BYE."""
+        self.local_seq += 1
+        local = NameAddr(self.local_party.display, self.local_party.uri, {"tag": self.local_tag})
+        remote_params: dict[str, str | None] = {"tag": self.remote_tag} if self.remote_tag else {}
+        remote = NameAddr(self.remote_party.display, self.remote_party.uri, remote_params)
+        headers = Headers(
+            [
+                ("Via", f"SIP/2.0/{transport} {via_host}:{via_port};branch={new_branch()};rport"),
+                ("Max-Forwards", "70"),
+                ("From", str(local)),
+                ("To", str(remote)),
+                ("Call-ID", self.call_id),
+                ("CSeq", f"{self.local_seq} {method}"),
+            ]
+        )
+        for route in self.route_set:
+            headers.add("Route", route)
+        return SipRequest(method, self.remote_target, headers)
+
+    def next_hop(self) -> tuple[str, int]:
+        """Host and port our in-dialog requests go to: the first route, else the remote target."""
+        uri_text = parse_name_addr(self.route_set[0]).uri if self.route_set else self.remote_target
+        uri = parse_uri(uri_text)
+        default = 5061 if uri.scheme == "sips" else DEFAULT_SIP_PORT
+        return uri.host, uri.port or default
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
