@@ -66,13 +66,13 @@ async def test_options_answered_with_allow(service: VoiceLine, peer: RawPeer) ->
     Dialer(peer, address(service)).out_of_dialog("OPTIONS")
     response = await peer.response()
     assert response.status == 200
-    assert "INVITE" in (response.headers.get("Allow") or "")
+    assert "INVITE" in response.headers.get_all("Allow")
 
 
 async def test_unsupported_method_gets_405_with_allow(service: VoiceLine, peer: RawPeer) -> None:
     Dialer(peer, address(service)).out_of_dialog("SUBSCRIBE")
     response = await peer.response()
-    assert response.status == 405 and "BYE" in (response.headers.get("Allow") or "")
+    assert response.status == 405 and "BYE" in response.headers.get_all("Allow")
 
 
 async def test_bye_for_unknown_dialog_gets_481(service: VoiceLine, peer: RawPeer) -> None:
@@ -100,7 +100,9 @@ async def test_malformed_request_with_readable_headers_gets_400(service: VoiceLi
         "Call-ID: bad-cseq\r\nCSeq: notanumber OPTIONS\r\nContent-Length: 0\r\n\r\n",
         server,
     )
-    assert (await peer.response()).status == 400
+    await asyncio.sleep(0.2)
+    assert len(peer.raw) == 1 and peer.raw[0].startswith(b"SIP/2.0 400 ")
+    assert b"Call-ID: bad-cseq" in peer.raw[0]
 
 
 async def test_no_common_codec_gets_488(service: VoiceLine, peer: RawPeer) -> None:

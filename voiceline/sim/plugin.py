@@ -1,1 +1,225 @@
-"""Pytest plugin: fixtures that start a voiceline server and place simulated calls."""
+"""Pytest plugin: fixtures that start a voiceline server and place simulated calls.
+
+Registered through the `pytest11` entry point, so every test run in an
+environment with voiceline installed has:
+
+- `voiceline_server`: a factory. `server = voiceline_server()` (or
+  `voiceline_server({"sip": {"answer_delay": 0.2}})` to override config keys,
+  see config/voiceline.toml) starts `voiceline serve` on a free loopback UDP
+  port, waits for its `sip.listening` log event and returns a
+  `VoicelineServer`. At teardown every server started is sent SIGTERM and must
+  exit with status 0.
+- `sim_calls`: `sim_calls(specs, timeout=60.0)` places simulated calls (see
+  `voiceline.sim.runner.run_calls`) with recordings under the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from voiceline.sim.runner import CallReport, CallSpec, run_calls
+
+LOOPBACK = "127.0.0.1"
+SERVER_READY_SECONDS = 15.0
+SERVER_STOP_SECONDS = 10.0
+LOG_POLL_SECONDS = 0.05
+LOG_TAIL_CHARS = 3000
+READY_EVENT = "sip.listening"
+# Per-server RTP ranges: blocks of 100 ports in 30000-32699, below Linux's
+# ephemeral range (32768+) where the simulated callers' own ports come from.
+RTP_BASE_PORT = 30000
+RTP_BLOCK_PORTS = 100
+RTP_BLOCK_COUNT = 27
+
+ConfigOverrides = Mapping[str, Mapping[str, Any]]
+
+
+@dataclass
+class VoicelineServer:
+    """A running `voiceline serve` process on loopback."""
+
+    host: str
+    port: int
+    rtp_ports: tuple[int, int]
+    data_dir: Path
+    log_path: Path
+    config_path: Path
+    process: subprocess.Popen[bytes]
+    killed: bool = field(default=False, init=False)
+
+    def uri(self, user: str = "voiceline") -> str:
+        return f"sip:{user}@{self.host}:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """Every JSON object line of the log (tracebacks and other lines are skipped)."""
+        events = []
+        for line in self.log_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+        return events
+
+    def log_tail(self) -> str:
+        return self.log_text()[-LOG_TAIL_CHARS:]
+
+    def stop(self) -> int:
+        """SIGTERM, wait (bounded; kill after that) and return the exit status. Idempotent."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=SERVER_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.killed = True
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def free_udp_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def rtp_range_for(sip_port: int) -> tuple[int, int]:
+    """An RTP port block derived from the (kernel-chosen, so random) SIP port,
+    so servers of concurrent test processes rarely share ports."""
+    low = RTP_BASE_PORT + (sip_port % RTP_BLOCK_COUNT) * RTP_BLOCK_PORTS
+    return low, low + RTP_BLOCK_PORTS - 1
+
+
+def to_toml(tables: Mapping[str, Mapping[str, Any]], prefix: str = "") -> str:
+    """TOML for tables of strings, numbers, booleans, lists and nested tables (all a config needs)."""
+    lines: list[str] = []
+    for name, values in tables.items():
+        header = f"{prefix}{name}"
+        lines.append(f"[{header}]")
+        nested = {key: value for key, value in values.items() if isinstance(value, Mapping)}
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if key not in nested]
+        lines.append("")
+        if nested:
+            lines.append(to_toml(nested, prefix=f"{header}."))
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def merge_config(base: ConfigOverrides, overrides: ConfigOverrides) -> dict[str, dict[str, Any]]:
+    return {table: {**base.get(table, {}), **overrides.get(table, {})} for table in {**base, **overrides}}
+
+
+def start_server(directory: Path, overrides: ConfigOverrides) -> VoicelineServer:
+    """Start `voiceline serve` with its files under `directory`; fail the test unless it gets ready."""
+    directory.mkdir(parents=True)
+    port = free_udp_port()
+    low, high = rtp_range_for(port)
+    config_path = directory / "voiceline.toml"
+    config_path.write_text(to_toml(merge_config({"sip": {"public_address": LOOPBACK}}, overrides)), encoding="utf-8")
+    data_dir = directory / "data"
+    log_path = directory / "server.log"
+    command = [
+        *(sys.executable, "-m", "voiceline", "serve"),
+        *("--config", str(config_path)),
+        *("--listen", f"{LOOPBACK}:{port}"),
+        *("--rtp-ports", f"{low}-{high}"),
+        *("--data-dir", str(data_dir)),
+        *("--log-format", "json"),
+    ]
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            # Log lines must reach the file as they happen, not when a buffer fills.
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    server = VoicelineServer(LOOPBACK, port, (low, high), data_dir, log_path, config_path, process)
+    _wait_until_listening(server)
+    return server
+
+
+def _wait_until_listening(server: VoicelineServer) -> None:
+    deadline = time.monotonic() + SERVER_READY_SECONDS
+    while not any(event.get("event") == READY_EVENT for event in server.log_events()):
+        if server.process.poll() is not None:
+            pytest.fail(
+                f"voiceline serve exited with status {server.process.returncode} before {READY_EVENT}; "
+                f"log ends:\n{server.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            server.process.kill()
+            server.process.wait()
+            pytest.fail(
+                f"voiceline serve did not log {READY_EVENT} within {SERVER_READY_SECONDS:g} s; "
+                f"log ends:\n{server.log_tail()}"
+            )
+        time.sleep(LOG_POLL_SECONDS)
+
+
+@pytest.fixture
+def voiceline_server(tmp_path: Path) -> Iterator[Callable[..., VoicelineServer]]:
+    """Factory: `voiceline_server(overrides=None) -> VoicelineServer`; every server is stopped at teardown."""
+    servers: list[VoicelineServer] = []
+
+    def start(overrides: ConfigOverrides | None = None) -> VoicelineServer:
+        server = start_server(tmp_path / f"voiceline-server-{len(servers)}", overrides or {})
+        servers.append(server)
+        return server
+
+    yield start
+    problems = []
+    for server in servers:
+        status = server.stop()
+        if server.killed:
+            problems.append(
+                f"{server.uri()} ignored SIGTERM for {SERVER_STOP_SECONDS:g} s and was killed; "
+                f"log ends:\n{server.log_tail()}"
+            )
+        elif status != 0:
+            problems.append(f"{server.uri()} exited with status {status}; log ends:\n{server.log_tail()}")
+    if problems:
+        pytest.fail("\n".join(problems))
+
+
+@pytest.fixture
+def sim_calls(tmp_path: Path) -> Callable[..., list[CallReport]]:
+    """`sim_calls(specs, timeout=60.0, analyse_hz=None) -> list[CallReport]`, recordings under tmp_path/sim."""
+    batches = itertools.count()
+
+    def place(
+        specs: Sequence[CallSpec], timeout: float = 60.0, analyse_hz: Sequence[float] | None = None
+    ) -> list[CallReport]:
+        record_dir = tmp_path / "sim" / f"batch-{next(batches)}"
+        return run_calls(specs, record_dir=record_dir, timeout=timeout, analyse_hz=analyse_hz)
+
+    return place

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 Address = tuple[str, int]
 DatagramHandler = Callable[[bytes, Address], None]
@@ -33,8 +33,8 @@ class UdpTransport(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        # Python 3.11's selector transport does not subclass DatagramTransport: cast, don't check.
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         self._on_message(data, (str(addr[0]), int(addr[1])))  # type: ignore[call-overload]

@@ -1,0 +1,159 @@
+import asyncio
+import hashlib
+import sqlite3
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from voiceline import storage
+from voiceline.storage import DB_NAME, Storage, StorageError, hour_of
+
+CANARY = "+15550001234"
+T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Storage]:
+    s = await Storage.open(tmp_path / "data")
+    yield s
+    await s.close()
+
+
+def query(db_path: Path, sql: str) -> list[tuple]:
+    with sqlite3.connect(db_path) as db:
+        return db.execute(sql).fetchall()
+
+
+async def test_open_creates_private_dir_schema_and_version(tmp_path: Path) -> None:
+    data_dir = tmp_path / "nested" / "data"
+    s = await Storage.open(data_dir)
+    await s.close()
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    db_path = data_dir / DB_NAME
+    assert query(db_path, "SELECT version FROM schema_version") == [(len(storage.MIGRATIONS),)]
+    columns = {row[1] for row in query(db_path, "PRAGMA table_info(hourly_stats)")}
+    assert columns == {"hour", "line", "calls", "paired", "wait_seconds", "talk_seconds"}
+
+
+async def test_wal_mode(store: Storage, tmp_path: Path) -> None:
+    assert query(tmp_path / "data" / DB_NAME, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_reopen_does_not_rerun_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await Storage.open(tmp_path)
+    await s.record_call("main", T0, 1.0, 2.0, True)
+    await s.close()
+    # Re-running migration 1 would fail: its table exists.
+    s = await Storage.open(tmp_path)
+    assert len(await s.hourly()) == 1
+    await s.close()
+    # A new migration is applied once, on top of the existing data.
+    monkeypatch.setattr(storage, "MIGRATIONS", (*storage.MIGRATIONS, "CREATE TABLE trunks (name TEXT PRIMARY KEY);"))
+    for _ in range(2):
+        s = await Storage.open(tmp_path)
+        await s.close()
+    assert query(tmp_path / DB_NAME, "SELECT version FROM schema_version") == [(2,)]
+    assert query(tmp_path / DB_NAME, "SELECT count(*) FROM hourly_stats") == [(1,)]
+
+
+async def test_failed_migration_is_rolled_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await Storage.open(tmp_path)
+    await s.close()
+    broken = "CREATE TABLE trunks (name TEXT); CREATE TABLE trunks (name TEXT);"
+    monkeypatch.setattr(storage, "MIGRATIONS", (*storage.MIGRATIONS, broken))
+    with pytest.raises(StorageError):
+        await Storage.open(tmp_path)
+    assert query(tmp_path / DB_NAME, "SELECT version FROM schema_version") == [(1,)]
+    assert query(tmp_path / DB_NAME, "SELECT name FROM sqlite_master WHERE name = 'trunks'") == []
+
+
+async def test_newer_schema_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await Storage.open(tmp_path)
+    await s.close()
+    monkeypatch.setattr(storage, "MIGRATIONS", ())
+    with pytest.raises(StorageError, match="newer"):
+        await Storage.open(tmp_path)
+
+
+async def test_record_call_aggregates_per_hour_and_line(store: Storage) -> None:
+    await store.record_call("main", T0, 10.0, 60.0, True)
+    await store.record_call("main", T0 + 60, 5.5, 0.0, False)
+    await store.record_call("main", T0 + 3600, 1.0, 2.0, True)
+    await store.record_call("night", T0, 3.0, 4.0, True)
+    assert await store.hourly("main") == [
+        {"hour": "2023-11-14T22", "line": "main", "calls": 2, "paired": 1, "wait_seconds": 15.5, "talk_seconds": 60.0},
+        {"hour": "2023-11-14T23", "line": "main", "calls": 1, "paired": 1, "wait_seconds": 1.0, "talk_seconds": 2.0},
+    ]
+    assert [(r["hour"], r["line"]) for r in await store.hourly()] == [
+        ("2023-11-14T22", "main"),
+        ("2023-11-14T22", "night"),
+        ("2023-11-14T23", "main"),
+    ]
+
+
+def test_hour_is_utc() -> None:
+    assert hour_of(T0) == "2023-11-14T22"
+    assert hour_of(0.0) == "1970-01-01T00"
+
+
+@pytest.mark.parametrize(("waited", "talked"), [(-1.0, 0.0), (0.0, float("nan")), (float("inf"), 0.0)])
+async def test_bad_durations_are_refused(store: Storage, waited: float, talked: float) -> None:
+    with pytest.raises(ValueError):
+        await store.record_call("main", T0, waited, talked, False)
+    assert await store.hourly() == []
+
+
+async def test_concurrent_record_call_sums_exactly(store: Storage) -> None:
+    await asyncio.gather(*(store.record_call("main", T0, 0.5, 2.0, i % 2 == 0) for i in range(50)))
+    (row,) = await store.hourly()
+    assert (row["calls"], row["paired"], row["wait_seconds"], row["talk_seconds"]) == (50, 25, 25.0, 100.0)
+
+
+async def test_corrupt_file_raises_and_is_left_untouched(tmp_path: Path) -> None:
+    db_path = tmp_path / DB_NAME
+    garbage = b"not a database, just precious bytes\n" * 200
+    db_path.write_bytes(garbage)
+    with pytest.raises(StorageError, match="left untouched") as info:
+        await Storage.open(tmp_path)
+    assert str(db_path) in str(info.value)
+    assert db_path.read_bytes() == garbage
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DB_NAME]
+
+
+async def test_unusable_data_dir_raises(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(StorageError, match="cannot create data directory"):
+        await Storage.open(not_a_dir)
+
+
+def canary_forms() -> list[bytes]:
+    forms = [CANARY, CANARY.lstrip("+"), "5550001234", f"sip:{CANARY}", f"tel:{CANARY}"]
+    found = [f.encode() for f in forms]
+    for f in forms:
+        for algo in ("md5", "sha1", "sha256"):
+            digest = hashlib.new(algo, f.encode())
+            found += [digest.hexdigest().encode(), digest.digest()]
+    return found
+
+
+def assert_no_canary(data_dir: Path) -> list[str]:
+    files = [p for p in data_dir.rglob("*") if p.is_file()]
+    for path in files:
+        content = path.read_bytes()
+        for form in canary_forms():
+            assert form not in content, f"canary form in {path.name}"
+    return [p.name for p in files]
+
+
+async def test_data_dir_holds_no_canary(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    s = await Storage.open(data_dir)
+    for i in range(20):
+        await s.record_call("main", T0 + i * 600, 3.0, 120.0, True)
+    # While open, the aggregates are still in the -wal file: scan it too.
+    assert f"{DB_NAME}-wal" in assert_no_canary(data_dir)
+    await s.close()
+    assert_no_canary(data_dir)

@@ -1,0 +1,252 @@
+"""Run simulated calls: specs in, reports out, across pjsua2 worker processes.
+
+pjsua2 holds at most 4 calls per process, so a batch is split into groups of
+4 and each group runs in its own `python -m voiceline.sim.caller` process. All
+workers share one absolute batch start time (`time.time()`), so `start_after`
+and the report timestamps mean the same thing in every process.
+
+This module never imports pjsua2: the command line and the pytest plugin import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import KW_ONLY, asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+# pjsua2's compiled-in PJSUA_MAX_CALLS.
+MAX_CALLS_PER_WORKER = 4
+TRANSPORTS = ("udp",)
+# Nyquist limit of the 8 kHz telephone clock.
+MAX_TONE_HZ = 4000.0
+# DTMF goes out this long after connect, once the media path has settled.
+DTMF_DELAY_SECONDS = 1.0
+WORKER_MODULE = "voiceline.sim.caller"
+# Time for a worker to import pjsua2 and start its endpoint before the first call.
+WORKER_STARTUP_SECONDS = 0.5
+# Time a worker keeps after its own deadline to hang up, finish recordings and report.
+WORKER_TEARDOWN_SECONDS = 3.0
+# Time a worker gets after SIGTERM before it is killed.
+KILL_GRACE_SECONDS = 3.0
+# Characters a SIP URI user part may hold (RFC 3261 section 25: unreserved, escaped, user-unreserved).
+_SIP_USER = re.compile(r"[A-Za-z0-9\-_.!~*'()%&=+$,;?/]+")
+_DTMF_DIGITS = re.compile(r"[0-9*#A-Da-d]*")
+# Host of a sip: URI (IPv6 in brackets), for the loopback check.
+_URI_HOST = re.compile(r"sip:(?:[^@]*@)?(\[[^\]]+\]|[^:;?>]+)")
+
+HangupBy = Literal["us", "remote", "none"]
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """One simulated caller: whom it calls, what it sends and for how long."""
+
+    target: str
+    _: KW_ONLY
+    # Seconds to stay connected after the call is confirmed; then we hang up.
+    seconds: float
+    # Continuous sine tone sent into the call (whole hertz: pjsua2's tone generator); None sends silence.
+    tone_hz: float | None = None
+    # User part of From (the "number"); never printed by the toolkit.
+    from_user: str = "anonymous"
+    # Seconds after the batch start at which the call is placed.
+    start_after: float = 0.0
+    # Digits sent as RFC 4733 events DTMF_DELAY_SECONDS after connect.
+    dtmf: str = ""
+    transport: str = "udp"
+
+    def __post_init__(self) -> None:
+        if not self.target.startswith("sip:"):
+            raise ValueError(f"target must be a sip: URI, got {self.target!r}")
+        _check_loopback_target(self.target)
+        if self.seconds < 0 or self.start_after < 0:
+            raise ValueError("seconds and start_after must not be negative")
+        if self.tone_hz is not None and not 0 < self.tone_hz < MAX_TONE_HZ:
+            raise ValueError(f"tone_hz must lie between 0 and {MAX_TONE_HZ:g} Hz, got {self.tone_hz:g}")
+        # Deliberately no value in this message: from_user is the caller's identity.
+        if not _SIP_USER.fullmatch(self.from_user):
+            raise ValueError("from_user must be a non-empty SIP user part (letters, digits, +-_.!~*'()&=$,;?/)")
+        if not _DTMF_DIGITS.fullmatch(self.dtmf):
+            raise ValueError(f"dtmf may hold only 0-9, *, # and A-D, got {self.dtmf!r}")
+        if self.dtmf and self.seconds <= DTMF_DELAY_SECONDS:
+            raise ValueError(f"dtmf is sent {DTMF_DELAY_SECONDS:g} s after connect: seconds must be longer")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+
+
+def _check_loopback_target(target: str) -> None:
+    """Callers bind to loopback and cannot reach other addresses: say so instead of timing out."""
+    match = _URI_HOST.match(target)
+    host = match.group(1).strip("[]") if match else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a host name: pjsua2 resolves it
+    if not address.is_loopback:
+        raise ValueError(f"simulated callers stay on loopback and cannot reach {target}")
+
+
+def hz_key(hz: float) -> str:
+    """Key of a frequency in `CallReport.tone_energy_db` (JSON object keys are strings)."""
+    return f"{hz:g}"
+
+
+@dataclass
+class CallReport:
+    """What one simulated caller saw and heard. Times are seconds since the batch start."""
+
+    index: int
+    # Last final status received for the INVITE; 0 when none arrived.
+    final_status: int = 0
+    connected: bool = False
+    media_started: bool = False
+    # Length of the recording of what the caller heard.
+    seconds_heard: float = 0.0
+    # Goertzel energy (dB re full-scale sine) over the whole recording, keyed by hz_key().
+    tone_energy_db: dict[str, float] = field(default_factory=dict)
+    # Level of each 0.5 s window of the recording.
+    level_dbfs: list[float] = field(default_factory=list)
+    # Who ended a connected call; "none" when it never connected.
+    hangup_by: HangupBy = "none"
+    # WAV of what the caller heard; empty when media never started.
+    recording: str = ""
+    connected_at: float | None = None
+    disconnected_at: float | None = None
+    error: str | None = None
+
+    def tone_db(self, hz: float) -> float:
+        return self.tone_energy_db[hz_key(hz)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> CallReport:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What one worker process is told on stdin: its calls and the shared clock."""
+
+    batch_start: float
+    # Absolute time at which the worker hangs up whatever is still running.
+    end_by: float
+    bind_host: str
+    record_dir: str
+    analyse_hz: tuple[float, ...]
+    calls: tuple[tuple[int, CallSpec], ...]
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = asdict(self)
+        data["calls"] = [{"index": index, "spec": asdict(spec)} for index, spec in self.calls]
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerJob:
+        data = json.loads(text)
+        data["analyse_hz"] = tuple(data["analyse_hz"])
+        data["calls"] = tuple((call["index"], CallSpec(**call["spec"])) for call in data["calls"])
+        return cls(**data)
+
+
+def run_calls(
+    specs: Sequence[CallSpec],
+    *,
+    record_dir: Path,
+    bind_host: str = "127.0.0.1",
+    timeout: float = 60.0,
+    analyse_hz: Sequence[float] | None = None,
+) -> list[CallReport]:
+    """Place every call, wait (at most `timeout` seconds) and return reports in spec order.
+
+    `analyse_hz` lists the frequencies measured in every recording; by default
+    every tone of the batch. A call that did not finish in time, or whose
+    worker died, comes back with `error` set.
+    """
+    if not ipaddress.ip_address(bind_host).is_loopback:
+        raise ValueError(f"simulated callers stay on loopback; {bind_host} is not a loopback address")
+    if not specs:
+        return []
+    record_dir.mkdir(parents=True, exist_ok=True)
+    if analyse_hz is None:
+        analyse_hz = sorted({spec.tone_hz for spec in specs if spec.tone_hz is not None})
+    now = time.time()
+    deadline = time.monotonic() + timeout
+    indexed = list(enumerate(specs))
+    jobs = [
+        WorkerJob(
+            batch_start=now + WORKER_STARTUP_SECONDS,
+            end_by=max(now + timeout - WORKER_TEARDOWN_SECONDS, now + WORKER_STARTUP_SECONDS),
+            bind_host=bind_host,
+            record_dir=str(record_dir.resolve()),
+            analyse_hz=tuple(analyse_hz),
+            calls=tuple(indexed[first : first + MAX_CALLS_PER_WORKER]),
+        )
+        for first in range(0, len(indexed), MAX_CALLS_PER_WORKER)
+    ]
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="sim-worker") as pool:
+        results = list(pool.map(functools.partial(_run_worker, deadline=deadline, timeout=timeout), jobs))
+    by_index = {report.index: report for reports in results for report in reports}
+    return [by_index[index] for index in range(len(specs))]
+
+
+async def run_calls_async(
+    specs: Sequence[CallSpec],
+    *,
+    record_dir: Path,
+    bind_host: str = "127.0.0.1",
+    timeout: float = 60.0,
+    analyse_hz: Sequence[float] | None = None,
+) -> list[CallReport]:
+    """`run_calls` for asyncio code: the workers run while the event loop stays free.
+
+    Cancelling the await does not stop the workers; they end by `timeout`.
+    """
+    return await asyncio.to_thread(
+        run_calls, specs, record_dir=record_dir, bind_host=bind_host, timeout=timeout, analyse_hz=analyse_hz
+    )
+
+
+def _run_worker(job: WorkerJob, *, deadline: float, timeout: float) -> list[CallReport]:
+    """Run one worker process to completion (or kill it) and return a report per call."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", WORKER_MODULE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    problem = ""
+    try:
+        stdout, stderr = process.communicate(job.to_json(), timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        problem = f"worker did not finish within {timeout:g} s"
+        process.terminate()
+        try:
+            stdout, stderr = process.communicate(timeout=KILL_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+            problem += " and was killed"
+    reports: dict[int, CallReport] = {}
+    for line in stdout.splitlines():
+        try:
+            report = CallReport.from_json(line)
+        except ValueError:  # a line cut short when the worker was killed
+            continue
+        reports[report.index] = report
+    if len(reports) < len(job.calls) and not problem:
+        problem = f"worker exited with status {process.returncode} before reporting this call"
+    missing_error = f"{problem}; worker stderr ends: {stderr[-600:].strip()!r}"
+    return [reports.get(index) or CallReport(index=index, error=missing_error) for index, _ in job.calls]

@@ -1,0 +1,233 @@
+"""SDP (RFC 4566) parsing and the offer/answer exchange (RFC 3264).
+
+We accept one audio stream in G.711 (PCMU or PCMA), with RFC 4733
+telephone-event when offered, and decline every other stream with port 0.
+Errors carry fixed texts only: an SDP names the caller's addresses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+class SdpError(ValueError):
+    """A malformed or unusable session description. The text never quotes the input."""
+
+
+class NoCommonCodec(SdpError):
+    """No audio stream we can use, or no codec in common (answered 488)."""
+
+
+@dataclass
+class MediaDescription:
+    media: str
+    port: int
+    proto: str
+    formats: list[str]
+    connection: str | None = None
+    attributes: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+@dataclass
+class SessionDescription:
+    origin: str
+    session_name: str
+    connection: str | None = None
+    attributes: list[tuple[str, str | None]] = field(default_factory=list)
+    media: list[MediaDescription] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NegotiatedAudio:
+    codec: str
+    payload_type: int
+    telephone_event_pt: int | None
+    remote_host: str
+    remote_port: int
+    direction: str
+    ptime: int
+    media_index: int
+
+
+_RTP_PROFILES = ("RTP/AVP", "RTP/AVPF")
+_STATIC_PAYLOADS = {"0": "PCMU", "8": "PCMA"}
+_TELEPHONE_EVENT = "TELEPHONE-EVENT/8000"
+# Our direction in the answer, by the offer's direction.
+_MIRRORED = {"sendrecv": "sendrecv", "sendonly": "recvonly", "recvonly": "sendonly", "inactive": "inactive"}
+_DEFAULT_PTIME = 20
+
+
+def parse_sdp(body: bytes) -> SessionDescription:
+    lines = [line.rstrip("\r") for line in body.decode("utf-8", "surrogateescape").split("\n")]
+    lines = [line for line in lines if line]
+    if not lines or lines[0] != "v=0":
+        raise SdpError("not an SDP version 0 description")
+    session = SessionDescription(origin="", session_name="")
+    origin = name = None
+    for line in lines[1:]:
+        kind, equals, value = line[:1], line[1:2], line[2:]
+        if equals != "=" or not ("a" <= kind <= "z"):
+            raise SdpError("malformed SDP line")
+        section = session.media[-1] if session.media else session
+        if kind == "m":
+            session.media.append(_parse_media(value))
+        elif kind == "c":
+            section.connection = _parse_connection(value)
+        elif kind == "a":
+            section.attributes.append(_parse_attribute(value))
+        elif kind == "o" and not session.media:
+            origin = value
+        elif kind == "s" and not session.media:
+            name = value
+    if origin is None or name is None:
+        raise SdpError("missing SDP origin or session name")
+    session.origin, session.session_name = origin, name
+    return session
+
+
+def _parse_media(value: str) -> MediaDescription:
+    parts = value.split()
+    if len(parts) < 4:
+        raise SdpError("malformed SDP media line")
+    media, port_text, proto, *formats = parts
+    port = _number(port_text.split("/", 1)[0], 5)  # "port/count" for layered encodings
+    if port is None or port > 65535:
+        raise SdpError("malformed SDP media line")
+    return MediaDescription(media, port, proto, formats)
+
+
+def _parse_connection(value: str) -> str:
+    parts = value.split()
+    if len(parts) != 3 or parts[0] != "IN" or parts[1] not in ("IP4", "IP6"):
+        raise SdpError("malformed SDP connection line")
+    address = parts[2].split("/", 1)[0]  # multicast "address/ttl"
+    if not address:
+        raise SdpError("malformed SDP connection line")
+    return address
+
+
+def _parse_attribute(value: str) -> tuple[str, str | None]:
+    name, colon, attribute_value = value.partition(":")
+    if not name:
+        raise SdpError("malformed SDP attribute line")
+    return name, attribute_value if colon else None
+
+
+def negotiate(offer: SessionDescription, supported: Sequence[str]) -> NegotiatedAudio:
+    """Accept the offer's first usable audio stream with its first codec we support."""
+    index, media = _audio_stream(offer)
+    encodings = _rtpmaps(media)
+    wanted = {codec.upper() for codec in supported}
+    chosen = next(((fmt, codec) for fmt in media.formats if (codec := _codec(fmt, encodings)) in wanted), None)
+    if chosen is None:
+        raise NoCommonCodec("no codec in common")
+    payload_type, codec = chosen
+    telephone_event = next((fmt for fmt in media.formats if encodings.get(fmt) == _TELEPHONE_EVENT), None)
+    direction = _direction(media.attributes) or _direction(offer.attributes) or "sendrecv"
+    return NegotiatedAudio(
+        codec=codec,
+        payload_type=int(payload_type),
+        telephone_event_pt=int(telephone_event) if telephone_event is not None else None,
+        remote_host=_remote_host(media.connection or offer.connection),
+        remote_port=media.port,
+        direction=_MIRRORED[direction],
+        ptime=_ptime(media.attributes) or _ptime(offer.attributes) or _DEFAULT_PTIME,
+        media_index=index,
+    )
+
+
+def _audio_stream(offer: SessionDescription) -> tuple[int, MediaDescription]:
+    for index, media in enumerate(offer.media):
+        if media.media == "audio" and media.port != 0 and media.proto.upper() in _RTP_PROFILES:
+            return index, media
+    raise NoCommonCodec("no usable audio stream")
+
+
+def _rtpmaps(media: MediaDescription) -> dict[str, str]:
+    """Payload type -> upper-cased "NAME/RATE[/CHANNELS]" from a=rtpmap lines."""
+    encodings: dict[str, str] = {}
+    for name, value in media.attributes:
+        if name == "rtpmap" and value:
+            payload_type, _, encoding = value.partition(" ")
+            encodings.setdefault(payload_type, encoding.strip().upper())
+    return encodings
+
+
+def _codec(fmt: str, encodings: dict[str, str]) -> str | None:
+    """The G.711-style codec name of an 8 kHz mono payload type, else None."""
+    payload_type = _number(fmt, 3)
+    if payload_type is None or payload_type > 127:
+        return None
+    encoding = encodings.get(fmt)
+    if encoding is None:
+        return _STATIC_PAYLOADS.get(fmt)
+    name, _, rest = encoding.partition("/")
+    rate, _, channels = rest.partition("/")
+    return name if rate == "8000" and channels in ("", "1") else None
+
+
+def _direction(attributes: list[tuple[str, str | None]]) -> str | None:
+    return next((name for name, _ in attributes if name in _MIRRORED), None)
+
+
+def _ptime(attributes: list[tuple[str, str | None]]) -> int | None:
+    """The a=ptime value; a malformed one counts as absent."""
+    value = next((value for name, value in attributes if name == "ptime"), None)
+    return _number((value or "").strip(), 3) or None
+
+
+def _number(text: str, max_digits: int) -> int | None:
+    """A short decimal of ASCII digits (str.isdigit also takes other scripts), or None."""
+    return int(text) if 0 < len(text) <= max_digits and text.isascii() and text.isdigit() else None
+
+
+def _remote_host(address: str | None) -> str:
+    if address is None:
+        raise SdpError("missing SDP connection address")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise SdpError("SDP connection address is not an IP address") from None
+    return address
+
+
+def build_answer(
+    offer: SessionDescription,
+    audio: NegotiatedAudio,
+    local_host: str,
+    local_port: int,
+    session_id: int,
+    session_version: int,
+) -> bytes:
+    """The RFC 3264 answer: one m= line per offered stream, all but the audio one declined."""
+    family = "IP6" if ":" in local_host else "IP4"
+    lines = [
+        "v=0",
+        f"o=voiceline {session_id} {session_version} IN {family} {local_host}",
+        "s=voiceline",
+        f"c=IN {family} {local_host}",
+        "t=0 0",
+    ]
+    for index, media in enumerate(offer.media):
+        if index == audio.media_index:
+            lines.extend(_answer_audio(audio, local_port))
+        else:
+            lines.append(f"m={media.media} 0 {media.proto} {media.formats[0]}")
+    return "".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape")
+
+
+def _answer_audio(audio: NegotiatedAudio, local_port: int) -> list[str]:
+    payload_types = [str(audio.payload_type)]
+    attributes = [f"a=rtpmap:{audio.payload_type} {audio.codec}/8000"]
+    if audio.telephone_event_pt is not None:
+        payload_types.append(str(audio.telephone_event_pt))
+        attributes.append(f"a=rtpmap:{audio.telephone_event_pt} telephone-event/8000")
+        attributes.append(f"a=fmtp:{audio.telephone_event_pt} 0-16")
+    return [
+        f"m=audio {local_port} RTP/AVP {' '.join(payload_types)}",
+        *attributes,
+        f"a=ptime:{_DEFAULT_PTIME}",
+        f"a={audio.direction}",
+    ]
