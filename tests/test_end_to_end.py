@@ -1,0 +1,90 @@
+"""Real PJSIP callers (pjsua2, in their own processes) dial the real server and talk.
+
+Audio is checked by content: each caller sends its own tone and a Goertzel
+filter on what the other side recorded must find it far above the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from voiceline.sim.analysis import read_wav, rms_dbfs_windows, tone_levels
+from voiceline.sim.runner import CallReport, CallSpec
+
+pytestmark = pytest.mark.interop
+
+A_HZ, B_HZ, C_HZ = 697.0, 1209.0, 1477.0
+# The built-in hold chime's notes and pad (voiceline.audio.hold).
+HOLD_HZ = (392.0, 523.25, 330.0)
+# How far a partner's tone must stand above one's own echo in a recording.
+SEPARATION_DB = 30.0
+SILENCE_DBFS = -50.0
+
+
+def assert_hears(report: CallReport, partner_hz: float, own_hz: float, start: float, end: float) -> None:
+    """Within [start, end) s of the recording the partner's tone dominates the caller's own."""
+    levels = tone_levels(report.recording, (partner_hz, own_hz), start, end)
+    assert levels[partner_hz] - levels[own_hz] > SEPARATION_DB, levels
+    samples, rate = read_wav(report.recording)
+    window = samples[int(start * rate) : int(end * rate)]
+    assert min(rms_dbfs_windows(window, rate, 0.25)) > SILENCE_DBFS
+
+
+def assert_hold_audio(report: CallReport, start: float, end: float, not_hz: tuple[float, ...]) -> None:
+    """Non-silent hold audio in [start, end): loud enough, chime notes present, no caller tone."""
+    samples, rate = read_wav(report.recording)
+    window = samples[int(start * rate) : int(end * rate)]
+    assert len(window) > 0.2 * rate
+    assert min(rms_dbfs_windows(window, rate, 0.1)) > SILENCE_DBFS
+    levels = tone_levels(report.recording, (*HOLD_HZ, *not_hz), start, end)
+    strongest_hold = max(levels[hz] for hz in HOLD_HZ)
+    assert all(strongest_hold - levels[hz] > 20 for hz in not_hz), levels
+
+
+def test_two_callers_are_paired_and_hear_each_other(
+    voiceline_server: Callable[..., object], sim_calls: Callable[..., list[CallReport]]
+) -> None:
+    server = voiceline_server({"sip": {"answer_delay": 0.1}})
+    target = server.uri("line")  # type: ignore[attr-defined]
+    a, b = sim_calls(
+        [
+            CallSpec(target, tone_hz=A_HZ, seconds=5.0),
+            CallSpec(target, tone_hz=B_HZ, seconds=4.5, start_after=0.5),
+        ]
+    )
+    for report in (a, b):
+        assert report.final_status == 200 and report.connected and report.media_started, report
+        assert report.error is None
+    # Before B arrives, A waits and hears hold audio.
+    b_joined = b.connected_at - a.connected_at
+    assert b_joined > 0.3
+    assert_hold_audio(a, 0.05, b_joined - 0.05, not_hz=(A_HZ, B_HZ))
+    # Then each hears the other, and not itself.
+    assert_hears(a, B_HZ, A_HZ, b_joined + 0.3, b_joined + 3.5)
+    assert_hears(b, A_HZ, B_HZ, 0.3, 3.5)
+
+
+def test_remaining_caller_is_paired_with_the_next_waiting_one(
+    voiceline_server: Callable[..., object], sim_calls: Callable[..., list[CallReport]]
+) -> None:
+    server = voiceline_server({"sip": {"answer_delay": 0.1}})
+    target = server.uri("line")  # type: ignore[attr-defined]
+    a, b, c = sim_calls(
+        [
+            CallSpec(target, tone_hz=A_HZ, seconds=4.0),
+            CallSpec(target, tone_hz=B_HZ, seconds=9.0, start_after=0.5),
+            CallSpec(target, tone_hz=C_HZ, seconds=7.5, start_after=1.5),
+        ]
+    )
+    for report in (a, b, c):
+        assert report.connected and report.media_started and report.error is None, report
+    assert a.hangup_by == "us"
+    a_left = a.disconnected_at
+    # A and B talk first; C waits on hold meanwhile.
+    assert_hears(b, A_HZ, B_HZ, 0.3, a_left - b.connected_at - 0.3)
+    assert_hold_audio(c, 0.1, a_left - c.connected_at - 0.2, not_hz=(A_HZ, B_HZ, C_HZ))
+    # A hangs up: B goes back to the pool and meets C, who waited longest.
+    assert_hears(b, C_HZ, B_HZ, a_left - b.connected_at + 0.4, a_left - b.connected_at + 3.5)
+    assert_hears(c, B_HZ, C_HZ, a_left - c.connected_at + 0.4, a_left - c.connected_at + 3.5)
