@@ -175,6 +175,7 @@ class UserAgent:
             return
         except SipParseError:
             self.counters.malformed += 1
+            log.debug("sip.malformed", size=len(data))
             self._reject_unparsed(data, source, 400)
             return
         try:
@@ -190,6 +191,7 @@ class UserAgent:
         self._reschedule()
 
     def _on_request(self, request: SipRequest, source: Address) -> None:
+        log.debug("sip.request", method=request.method)
         now = self._loop.time()
         kind, tx, sends = self.transactions.on_request(request, source, now)
         self._send_all(sends)

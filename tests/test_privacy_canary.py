@@ -1,0 +1,118 @@
+"""Calls from a canary number leave no trace of it anywhere the service writes.
+
+The server runs at debug log level so every log line it can write is covered.
+Afterwards every byte of its log, database (with WAL) and data dir is searched
+for the number in several spellings and for their common hashes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from voiceline.sim.runner import CallReport, CallSpec
+
+pytestmark = pytest.mark.interop
+
+CANARY = "+15550001234"
+SCENARIOS = Path(__file__).parent / "sipp"
+
+
+def canary_forms() -> list[bytes]:
+    spellings = [CANARY, CANARY[1:], CANARY[2:], "555-000-1234", f"sip:{CANARY}@127.0.0.1", f"tel:{CANARY}"]
+    forms = [s.encode() for s in spellings]
+    for spelling in spellings:
+        for algorithm in ("md5", "sha1", "sha256", "sha512"):
+            forms.append(hashlib.new(algorithm, spelling.encode()).hexdigest().encode())
+        forms.append(base64.b64encode(spelling.encode()).rstrip(b"="))
+    return forms
+
+
+def written_files(*roots: Path) -> list[Path]:
+    return [path for root in roots for path in root.rglob("*") if path.is_file()]
+
+
+def send_raw(server: object, text: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.sendto(text.replace("PORT", str(port)).encode(), (server.host, server.port))  # type: ignore[attr-defined]
+
+
+def bad_requests() -> list[str]:
+    """Requests that take error paths (400, 405, 481, 488) while carrying the canary."""
+    head = (
+        "Via: SIP/2.0/UDP 127.0.0.1:PORT;branch=z9hG4bK{n}\r\n"
+        f'From: "{CANARY}" <sip:{CANARY}@127.0.0.1>;tag=c{{n}}\r\n'
+        "To: <sip:line@127.0.0.1>{to_tag}\r\n"
+        "Call-ID: canary-{n}\r\n"
+        f"Contact: <sip:{CANARY}@127.0.0.1:PORT>\r\n"
+        f"P-Asserted-Identity: <sip:{CANARY}@127.0.0.1>\r\n"
+    )
+    sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 18\r\n"
+    return [
+        f"INVITE sip:line@127.0.0.1 SIP/2.0\r\n{head.format(n=1, to_tag='')}CSeq: {CANARY} INVITE\r\n\r\n",
+        f"REGISTER sip:127.0.0.1 SIP/2.0\r\n{head.format(n=2, to_tag='')}CSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n",
+        f"BYE sip:{CANARY}@127.0.0.1 SIP/2.0\r\n{head.format(n=3, to_tag=';tag=x')}CSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        f"INVITE sip:{CANARY}@127.0.0.1 SIP/2.0\r\n{head.format(n=4, to_tag='')}CSeq: 1 INVITE\r\n"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(sdp)}\r\n\r\n{sdp}",
+        f"INVITE sip:line@127.0.0.1 SIP/2.0\r\n{head.format(n=5, to_tag='')}CSeq: 1 INVITE\r\n"
+        "Content-Type: application/sdp\r\nContent-Length: 9999\r\n\r\nv=0",
+        f"OPTIONS sip:{CANARY}@127.0.0.1 SIP/3.0\r\n{head.format(n=6, to_tag='')}CSeq: 1 OPTIONS\r\n\r\n",
+    ]
+
+
+def test_canary_number_is_written_nowhere(
+    voiceline_server: Callable[..., object], sim_calls: Callable[..., list[CallReport]], tmp_path: Path
+) -> None:
+    server = voiceline_server({"sip": {"answer_delay": 0.1}, "log": {"level": "debug"}})
+    target = f"sip:{CANARY}@{server.host}:{server.port}"  # type: ignore[attr-defined]
+
+    for text in bad_requests():
+        send_raw(server, text)
+
+    # A SIPp call with the canary in From, Contact, P-Asserted-Identity, Remote-Party-ID and SDP.
+    injection = tmp_path / "canary.csv"
+    injection.write_text(f"SEQUENTIAL\n{CANARY};\n")
+    sipp = subprocess.run(
+        [
+            "sipp", f"{server.host}:{server.port}",  # type: ignore[attr-defined]
+            *("-i", "127.0.0.1", "-p", "0", "-mi", "127.0.0.1", "-mp", "0", "-s", CANARY),
+            *("-sf", str(SCENARIOS / "uac_identity.xml"), "-inf", str(injection), "-m", "1"),
+            *("-nostdin", "-timeout", "20s", "-timeout_error"),
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )
+    assert sipp.returncode == 0, sipp.stdout[-2000:]
+
+    # Two pjsua2 callers from the canary number, paired with each other.
+    reports = sim_calls(
+        [
+            CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=2.0),
+            CallSpec(target, from_user=CANARY, tone_hz=1209.0, seconds=2.0, start_after=0.3),
+        ]
+    )
+    assert all(r.connected for r in reports), reports
+
+    time.sleep(0.3)
+    assert server.stop() == 0  # type: ignore[attr-defined]
+    events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
+    assert events.count("call.confirmed") == 3 and "pairing.talking" in events
+    assert "sip.request" in events  # debug lines were written, and are searched too
+
+    files = written_files(server.data_dir, server.log_path.parent)  # type: ignore[attr-defined]
+    assert any(f.name == "voiceline.db" for f in files) and server.log_path in files  # type: ignore[attr-defined]
+    forms = canary_forms()
+    for path in files:
+        if path.suffix == ".toml":
+            continue  # the test's own config file
+        content = path.read_bytes().lower()
+        leaked = [form.decode() for form in forms if form.lower() in content]
+        assert not leaked, f"{path.name} holds the canary as {leaked}"
