@@ -132,12 +132,15 @@ class Dialer:
         ) + "Content-Length: 0\r\n\r\n"
         self.peer.send(text, self.server)
 
-    def in_dialog(self, method: str) -> None:
-        self.cseq += 1
+    def in_dialog(self, method: str, sdp_port: int | None = None, cseq: int | None = None) -> None:
+        """A request inside the dialog; with `sdp_port`, carrying an SDP offer (a re-INVITE)."""
+        self.cseq = cseq if cseq is not None else self.cseq + 1
         branch = "z9hG4bK" + secrets.token_hex(6)
+        body = OFFER.format(port=sdp_port, formats="0 8 101") if sdp_port is not None else ""
+        kind = "Content-Type: application/sdp\r\n" if body else ""
         text = f"{method} sip:voiceline@{self.server[0]}:{self.server[1]} SIP/2.0\r\n" + self._headers(
             method, branch, self.cseq, self.to_tag
-        ) + "Content-Length: 0\r\n\r\n"
+        ) + f"{kind}Content-Length: {len(body)}\r\n\r\n{body}"
         self.peer.send(text, self.server)
 
     def out_of_dialog(self, method: str) -> None:

@@ -784,3 +784,20 @@ def test_header_value_parsers_only_raise_sip_parse_error(text: str) -> None:
     for parse in (parse_uri, parse_name_addr, parse_via, parse_cseq):
         with contextlib.suppress(SipParseError):
             parse(text)
+
+
+def test_salvage_reads_echo_headers_from_a_refused_request() -> None:
+    from voiceline.sip.message import salvage_request_headers
+
+    text = (
+        b"INVITE sip:a@127.0.0.1 SIP/2.0\r\nv: SIP/2.0/UDP 127.0.0.1:5080;branch=z9hG4bKx\r\n"
+        b"f: <sip:b@127.0.0.1>;tag=1\r\nt: <sip:a@127.0.0.1>\r\ni: abc\r\nCSeq: nonsense INVITE\r\n\r\n"
+    )
+    with pytest.raises(SipParseError):
+        parse_message(text)
+    headers = salvage_request_headers(text)
+    assert headers is not None and headers.get("Call-ID") == "abc" and headers.get("CSeq") == "nonsense INVITE"
+    assert salvage_request_headers(text.replace(b"i: abc\r\n", b"")) is None  # no Call-ID: nothing to echo
+    assert salvage_request_headers(b"SIP/2.0 200 OK\r\n" + text.split(b"\r\n", 1)[1]) is None
+    assert salvage_request_headers(b"ACK" + text[6:]) is None
+    assert salvage_request_headers(b"\xff\x00garbage") is None

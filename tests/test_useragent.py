@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rawsip import Dialer, RawPeer
@@ -28,12 +30,20 @@ def make_config(tmp_path: Path, **sip: object) -> Config:
     ).validate()
 
 
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, **sip: object) -> AsyncIterator[VoiceLine]:
+    app = VoiceLine(make_config(tmp_path, **sip))
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[VoiceLine]:
-    app = VoiceLine(make_config(tmp_path))
-    await app.start()
-    yield app
-    await app.stop()
+    async with running(tmp_path) as app:
+        yield app
 
 
 @pytest.fixture
@@ -154,9 +164,7 @@ async def test_invite_retransmission_does_not_make_a_second_call(service: VoiceL
 
 
 async def test_cancel_while_ringing_gets_487(tmp_path: Path, peer: RawPeer) -> None:
-    app = VoiceLine(make_config(tmp_path, answer_delay=2.0))
-    await app.start()
-    try:
+    async with running(tmp_path, answer_delay=2.0) as app:
         dialer = Dialer(peer, address(app))
         dialer.invite(rtp_port=4000)
         await peer.response(status=180)
@@ -167,14 +175,10 @@ async def test_cancel_while_ringing_gets_487(tmp_path: Path, peer: RawPeer) -> N
         dialer.ack(parse_name_addr(final.headers.get("To") or "").tag or "", for_error=True)
         await asyncio.sleep(0.1)
         assert app.agent is not None and app.agent.calls == [] and app.media is not None and app.media.legs == 0
-    finally:
-        await app.stop()
 
 
 async def test_lost_ack_retransmits_200_then_sends_bye(tmp_path: Path, peer: RawPeer) -> None:
-    app = VoiceLine(make_config(tmp_path, t1=0.02))
-    await app.start()
-    try:
+    async with running(tmp_path, t1=0.02) as app:
         dialer = Dialer(peer, address(app))
         dialer.invite(rtp_port=4000)
         await peer.response(status=200)
@@ -182,8 +186,6 @@ async def test_lost_ack_retransmits_200_then_sends_bye(tmp_path: Path, peer: Raw
         bye = await peer.request("BYE", timeout=5)  # 64*T1 later, no ACK: we end the call
         assert bye.headers.get("Call-ID") == dialer.call_id
         assert app.agent is not None and app.agent.calls == []
-    finally:
-        await app.stop()
 
 
 async def test_shutdown_sends_bye_on_every_call(tmp_path: Path, peer: RawPeer) -> None:
@@ -204,3 +206,64 @@ async def test_shutdown_sends_bye_on_every_call(tmp_path: Path, peer: RawPeer) -
     )
     await asyncio.wait_for(stopping, 3)
     assert bye.headers.get("Call-ID") == dialer.call_id
+
+
+async def answered_call(peer: RawPeer, server: tuple[str, int], rtp_port: int, formats: str) -> int:
+    """Dial, take the 200, ACK it; returns the server's RTP port for this leg."""
+    dialer = Dialer(peer, server)
+    dialer.invite(rtp_port=rtp_port, formats=formats)
+    ok = await peer.response(status=200)
+    dialer.ack(parse_name_addr(ok.headers.get("To") or "").tag or "")
+    return parse_sdp(ok.body).media[0].port
+
+
+async def test_pcmu_caller_and_pcma_caller_hear_each_other_through_transcoding(
+    service: VoiceLine, peer: RawPeer
+) -> None:
+    from voiceline.audio.g711 import alaw_decode, ulaw_encode
+    from voiceline.audio.rtp import build_packet, parse_header
+    from voiceline.sim.analysis import goertzel_db
+
+    server = address(service)
+    a_rtp, _ = await rtp_sink()
+    b_rtp, b_sink = await rtp_sink()
+    try:
+        a_leg = await answered_call(peer, server, a_rtp.get_extra_info("sockname")[1], "0 101")
+        await answered_call(peer, server, b_rtp.get_extra_info("sockname")[1], "8 101")
+        await asyncio.sleep(0.3)  # both confirmed, paired; B has been hearing hold audio until now
+        assert service.pairing.talking == 2
+        held = len(b_sink.packets)
+        tone = (8000 * np.sin(2 * np.pi * 1000 * np.arange(160 * 50) / 8000)).astype(np.int16)
+        for n in range(50):  # one second of PCMU from A, paced like a phone
+            payload = ulaw_encode(tone[n * 160 : (n + 1) * 160])
+            a_rtp.sendto(build_packet(0, 1000 + n, 160 * n, 0xA11CE, payload), ("127.0.0.1", a_leg))
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        relayed = b_sink.packets[held:]
+        headers = [parse_header(p) for p in relayed]
+        assert len(relayed) >= 45 and all(h is not None and h.payload_type == 8 for h in headers)
+        heard = np.concatenate([alaw_decode(p[12:]) for p in relayed])
+        assert goertzel_db(heard, 8000, 1000) - goertzel_db(heard, 8000, 523.25) > 30
+        # One SSRC and a gap-free sequence across hold -> partner for B.
+        all_headers = [parse_header(p) for p in b_sink.packets]
+        assert len({h.ssrc for h in all_headers if h}) == 1
+        seqs = [h.sequence for h in all_headers if h]
+        assert all((b - a) & 0xFFFF == 1 for a, b in zip(seqs, seqs[1:]))
+    finally:
+        a_rtp.close()
+        b_rtp.close()
+
+
+async def test_reinvite_refresh_gets_the_same_answer_and_old_cseq_gets_500(service: VoiceLine, peer: RawPeer) -> None:
+    dialer = Dialer(peer, address(service))
+    dialer.invite(rtp_port=4000)
+    ok = await peer.response(status=200)
+    dialer.ack(parse_name_addr(ok.headers.get("To") or "").tag or "")
+    dialer.in_dialog("INVITE", sdp_port=4000)
+    refreshed = await peer.response(method="INVITE")
+    assert refreshed.status == 200 and refreshed.body == ok.body
+    dialer.ack(dialer.to_tag)
+    dialer.in_dialog("BYE", cseq=1)  # lower than the re-INVITE's CSeq
+    assert (await peer.response(method="BYE")).status == 500
+    dialer.in_dialog("BYE", cseq=5)
+    assert (await peer.response(method="BYE")).status == 200

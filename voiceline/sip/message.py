@@ -456,6 +456,36 @@ def parse_message(data: bytes, max_size: int = 65535) -> SipMessage:
     return SipRequest(method, uri, headers, body)
 
 
+# What a response must echo (RFC 3261 8.2.6.2).
+RESPONSE_ECHO_HEADERS = ("Via", "From", "To", "Call-ID", "CSeq")
+
+
+def salvage_request_headers(data: bytes) -> Headers | None:
+    """The headers a 400/505 must echo, read leniently from a request `parse_message` refused.
+
+    None for responses, ACKs (never answered) and anything missing one of them.
+    """
+    try:
+        head_end, _ = _find_head_end(data.lstrip(b"\r\n"))
+        start, *lines = _logical_lines(data.lstrip(b"\r\n")[:head_end].decode("utf-8", "surrogateescape"))
+    except SipParseError:
+        return None
+    if start[:4].upper() == "SIP/" or start[:4].upper() == "ACK ":
+        return None
+    found: list[tuple[str, str]] = []
+    for line in lines:
+        name, colon, value = line.partition(":")
+        name = _canonical_name(name.strip(" \t"))
+        if colon and name in RESPONSE_ECHO_HEADERS:
+            found.append((name, value.strip(" \t")))
+    if {name for name, _ in found} != set(RESPONSE_ECHO_HEADERS):
+        return None
+    try:
+        return Headers(found)
+    except ValueError:
+        return None
+
+
 def _find_head_end(data: bytes) -> tuple[int, int]:
     """Where the header section ends and the body starts (bare LF line ends tolerated)."""
     crlf = data.find(b"\r\n\r\n")

@@ -20,8 +20,6 @@ from voiceline import __version__
 from voiceline.privacy import new_call_id
 from voiceline.sip.dialog import Dialog, is_ip_address, new_tag
 from voiceline.sip.message import (
-    COMPACT_FORMS,
-    Headers,
     SipParseError,
     SipRequest,
     SipResponse,
@@ -29,6 +27,7 @@ from voiceline.sip.message import (
     parse_message,
     parse_name_addr,
     response_to,
+    salvage_request_headers,
     serialize,
 )
 from voiceline.sip.sdp import NegotiatedAudio, NoCommonCodec, SdpError, build_answer, negotiate, parse_sdp
@@ -46,8 +45,6 @@ log = structlog.get_logger("voiceline.sip")
 
 ALLOWED_METHODS = "INVITE, ACK, BYE, CANCEL, OPTIONS"
 USER_AGENT = f"voiceline/{__version__}"
-# Headers a 400 needs, read back from a message the parser rejected.
-_RESPONSE_HEADERS = ("Via", "From", "To", "Call-ID", "CSeq")
 
 
 class CallState(enum.Enum):
@@ -415,7 +412,7 @@ class UserAgent:
 
     def _reject_unparsed(self, data: bytes, source: Address, status: int) -> None:
         """Answer a message the parser refused, when the headers a response needs can be read back."""
-        headers = _salvage_headers(data)
+        headers = salvage_request_headers(data)
         if headers is None:
             return
         request = SipRequest("INVITE", "sip:invalid", headers)
@@ -474,24 +471,3 @@ def _with_server(response: SipResponse) -> SipResponse:
 
 def _serialize_response(response: SipResponse) -> bytes:
     return serialize(_with_server(response))
-
-
-def _salvage_headers(data: bytes) -> Headers | None:
-    """Read back Via, From, To, Call-ID and CSeq from a rejected request, or None.
-
-    Responses and ACKs are never answered; neither is anything missing one of them.
-    """
-    head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
-    lines = head.replace("\r\n", "\n").split("\n")
-    start = lines[0].strip() if lines else ""
-    if not start or start.upper().startswith(("SIP/", "ACK ")):
-        return None
-    found: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        name = COMPACT_FORMS.get(name.strip().lower(), name.strip())
-        if sep and name.lower() in {h.lower() for h in _RESPONSE_HEADERS}:
-            found.append((name, value.strip()))
-    if {n.lower() for n, _ in found} != {h.lower() for h in _RESPONSE_HEADERS}:
-        return None
-    return Headers(found)
