@@ -36,6 +36,7 @@ run: $(VENV)/.installed
 	$(BIN)/voiceline serve $(ARGS)
 
 test: $(VENV)/.installed-test system-deps
+	$(BIN)/python -m mypy voiceline
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

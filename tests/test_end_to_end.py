@@ -6,7 +6,9 @@ filter on what the other side recorded must find it far above the rest.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -88,3 +90,26 @@ def test_remaining_caller_is_paired_with_the_next_waiting_one(
     # A hangs up: B goes back to the pool and meets C, who waited longest.
     assert_hears(b, C_HZ, B_HZ, a_left - b.connected_at + 0.4, a_left - b.connected_at + 3.5)
     assert_hears(c, B_HZ, C_HZ, a_left - c.connected_at + 0.4, a_left - c.connected_at + 3.5)
+
+
+def test_stopping_the_service_sends_bye_to_every_caller(
+    voiceline_server: Callable[..., object], sim_calls: Callable[..., list[CallReport]]
+) -> None:
+    server = voiceline_server({"sip": {"answer_delay": 0.1}})
+    target = server.uri("line")  # type: ignore[attr-defined]
+    specs = [CallSpec(target, tone_hz=A_HZ, seconds=20.0), CallSpec(target, tone_hz=B_HZ, seconds=20.0, start_after=0.3)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        placing = pool.submit(sim_calls, specs, 45.0)
+        for _ in range(150):  # up to 15 s for both to be talking
+            events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
+            if events.count("pairing.talking") == 2:
+                break
+            time.sleep(0.1)
+        assert events.count("pairing.talking") == 2
+        assert server.stop() == 0  # type: ignore[attr-defined]
+        reports = placing.result(timeout=60)
+    for report in reports:
+        assert report.connected and report.hangup_by == "remote", report
+        assert report.disconnected_at - report.connected_at < 15
+    events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
+    assert events.count("call.ended") == 2 and events[-1] == "service.stopped"

@@ -74,6 +74,12 @@ class VoiceLine:
         self.agent.attach(transport)
         bound_host, bound_port = transport.local_address
         log.info("sip.listening", address=f"{bound_host}:{bound_port}", transport="udp", advertised=sip.advertised_host)
+        if not sip.public_address and host == "0.0.0.0":
+            log.warning(
+                "sip.public_address_unset",
+                advertised=sip.advertised_host,
+                hint="only callers on this machine will have audio; set sip.public_address",
+            )
 
     async def stop(self) -> None:
         if self.agent is not None:

@@ -118,7 +118,7 @@ class Config:
         return self
 
 
-_SECTIONS = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+_SECTIONS: dict[str, type] = {"sip": SipConfig, "media": MediaConfig, "storage": StorageConfig, "log": LogConfig}
 
 
 def _section(name: str, cls: Any, values: Any) -> Any:
@@ -147,7 +147,7 @@ def from_mapping(data: dict[str, Any]) -> Config:
     for name, values in data.items():
         if name not in _SECTIONS:
             raise ConfigError(f"[{name}]: unknown section")
-        sections[name] = _section(name, type(_SECTIONS[name]()), values)
+        sections[name] = _section(name, _SECTIONS[name], values)
     return Config(**sections).validate()
 
 

@@ -14,6 +14,7 @@ process prints is scrubbed of the callers' user parts: they are identities.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import io
 import itertools
@@ -241,7 +242,7 @@ class CallerWorker:
         for user in {leg.spec.from_user for leg in self._legs}:
             self._accounts[user] = self._create_account(user, transport_id)
         for leg in self._legs:
-            self._call_at(self._job.batch_start + leg.spec.start_after, leg, lambda leg=leg: self._dial(leg))
+            self._call_at(self._job.batch_start + leg.spec.start_after, leg, functools.partial(self._dial, leg))
         self._call_at(self._job.end_by, None, lambda: self._stop("batch timeout reached"))
 
     def _loopback_transport(self) -> pj.TransportConfig:
@@ -386,7 +387,7 @@ class CallerWorker:
                 self._hang_up(leg)
             except pj.Error as exc:
                 leg.note(f"hang-up failed: {describe(exc)}")
-            self._call_at(time.time() + ABANDON_AFTER_SECONDS, leg, lambda leg=leg: self._abandon(leg))
+            self._call_at(time.time() + ABANDON_AFTER_SECONDS, leg, functools.partial(self._abandon, leg))
 
     def _abandon(self, leg: Leg) -> None:
         """The peer never confirmed the hang-up (e.g. no answer to the INVITE at all)."""

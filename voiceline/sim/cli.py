@@ -8,6 +8,7 @@ command line works without it.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 import importlib.util
 import itertools
 import sys
@@ -21,7 +22,7 @@ INSTALL_HINT = "voiceline sim needs pjsua2: install with pip install 'voiceline[
 TIMEOUT_MARGIN_SECONDS = 30.0
 
 
-def add_sim_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+def add_sim_parser(subparsers: "argparse._SubParsersAction[Any]") -> argparse.ArgumentParser:
     """Add `sim call ...` to a command line's subcommands and return the `sim` parser."""
     sim = subparsers.add_parser("sim", help="simulated SIP callers (needs pip install 'voiceline[sim]')")
     commands = sim.add_subparsers(dest="sim_command", required=True, metavar="COMMAND")

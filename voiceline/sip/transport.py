@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 Address = tuple[str, int]
 DatagramHandler = Callable[[bytes, Address], None]
@@ -36,8 +36,8 @@ class UdpTransport(asyncio.DatagramProtocol):
         # Python 3.11's selector transport does not subclass DatagramTransport: cast, don't check.
         self._transport = cast(asyncio.DatagramTransport, transport)
 
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        self._on_message(data, (str(addr[0]), int(addr[1])))  # type: ignore[call-overload]
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self._on_message(data, (str(addr[0]), int(addr[1])))  # IPv6 addresses come as 4-tuples
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (a phone that went away) must not stop the socket.
