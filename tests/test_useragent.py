@@ -263,7 +263,25 @@ async def test_reinvite_refresh_gets_the_same_answer_and_old_cseq_gets_500(servi
     refreshed = await peer.response(method="INVITE")
     assert refreshed.status == 200 and refreshed.body == ok.body
     dialer.ack(dialer.to_tag)
+    with pytest.raises(TimeoutError):  # the ACK stopped the 200's retransmissions (first due after T1)
+        await peer.response(method="INVITE", timeout=1.2)
     dialer.in_dialog("BYE", cseq=1)  # lower than the re-INVITE's CSeq
     assert (await peer.response(method="BYE")).status == 500
     dialer.in_dialog("BYE", cseq=5)
     assert (await peer.response(method="BYE")).status == 200
+
+
+async def test_bye_before_ack_ends_the_call_and_the_200_retransmissions(tmp_path: Path, peer: RawPeer) -> None:
+    async with running(tmp_path, t1=0.05) as app:
+        dialer = Dialer(peer, address(app))
+        dialer.invite(rtp_port=4000)
+        ok = await peer.response(status=200)
+        dialer.to_tag = parse_name_addr(ok.headers.get("To") or "").tag or ""
+        dialer.in_dialog("BYE")
+        assert (await peer.response(method="BYE")).status == 200
+        await asyncio.sleep(0.1)
+        while not peer.inbox.empty():
+            peer.inbox.get_nowait()
+        with pytest.raises(TimeoutError):  # retransmissions were due every 50-200 ms
+            await peer.response(method="INVITE", timeout=0.8)
+        assert app.agent is not None and app.agent.calls == [] and app.media is not None and app.media.legs == 0

@@ -74,6 +74,7 @@ class Call:
     state: CallState = CallState.OFFERED
     local_rtp_port: int = 0
     media_ready: bool = False  # the handler accepted the call and owns media for it
+    awaiting_ack: ServerTransaction | None = None  # an INVITE whose 2xx is retransmitted until ACKed
     answer_sdp: bytes = b""
     end_reason: str = ""
     session_id: int = field(default_factory=lambda: secrets.randbelow(1 << 31))
@@ -271,6 +272,7 @@ class UserAgent:
             1,
         )
         call.state = CallState.ANSWERED
+        call.awaiting_ack = call.invite
         self._respond_in_call(call, 200, body=call.answer_sdp)
         log.info("call.answered", call=call.id)
         self._reschedule()
@@ -278,9 +280,11 @@ class UserAgent:
     def _on_ack(self, request: SipRequest) -> None:
         to_tag = parse_name_addr(request.headers.get("To") or "").tag
         call = self._calls.get((request.headers.get("Call-ID") or "", to_tag or ""))
-        if call is None or call.state is not CallState.ANSWERED:
-            return  # a stray or repeated ACK: nothing to do
-        self.transactions.acknowledged(call.invite, self._loop.time())
+        if call is None:
+            return  # a stray ACK
+        self._stop_awaiting_ack(call)
+        if call.state is not CallState.ANSWERED:
+            return  # the ACK of a re-INVITE, or a repeated one
         call.state = CallState.CONFIRMED
         log.info("call.confirmed", call=call.id)
         self.handler.call_confirmed(call)
@@ -321,6 +325,12 @@ class UserAgent:
             self._respond(tx, 488)
             return
         self._respond(tx, 200, self._call_headers(), call.answer_sdp)
+        call.awaiting_ack = tx
+
+    def _stop_awaiting_ack(self, call: Call) -> None:
+        if call.awaiting_ack is not None:
+            self.transactions.acknowledged(call.awaiting_ack, self._loop.time())
+            call.awaiting_ack = None
 
     # -- outbound ------------------------------------------------------------
 
@@ -371,6 +381,7 @@ class UserAgent:
             return
         call.state = CallState.ENDED
         call.end_reason = reason
+        self._stop_awaiting_ack(call)  # a BYE before the ACK ends the 2xx retransmissions too
         self._calls.pop((call.dialog.call_id, call.dialog.local_tag), None)
         self._calls_by_invite.pop(call.invite, None)
         log.info("call.ended", call=call.id, reason=reason)
