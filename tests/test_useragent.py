@@ -92,13 +92,16 @@ async def test_bye_for_unknown_dialog_gets_481(service: VoiceLine, peer: RawPeer
     assert (await peer.response()).status == 481
 
 
-async def test_garbage_is_dropped_and_service_keeps_answering(service: VoiceLine, peer: RawPeer) -> None:
-    server = address(service)
-    for junk in (b"\x00\xff" * 300, b"INVITE\r\n\r\n", b"SIP/2.0 200 OK\r\n\r\n", b"x" * 70000, b"\r\n\r\n"):
-        peer.send(junk, server)
-    Dialer(peer, server).out_of_dialog("OPTIONS")
-    assert (await peer.response()).status == 200
-    assert peer.raw and len(peer.raw) == 1  # nothing answered the garbage
+async def test_garbage_is_dropped_and_service_keeps_answering(tmp_path: Path, peer: RawPeer) -> None:
+    async with running(tmp_path, max_message_size=4096) as app:
+        server = address(app)
+        for junk in (b"\x00\xff" * 300, b"INVITE\r\n\r\n", b"SIP/2.0 200 OK\r\n\r\n", b"x" * 5000, b"\r\n\r\n"):
+            peer.send(junk, server)
+        Dialer(peer, server).out_of_dialog("OPTIONS")
+        assert (await peer.response()).status == 200
+        assert peer.raw and len(peer.raw) == 1  # nothing answered the garbage
+        assert app.agent is not None
+        assert app.agent.counters.oversized == 1 and app.agent.counters.malformed == 3
 
 
 async def test_malformed_request_with_readable_headers_gets_400(service: VoiceLine, peer: RawPeer) -> None:

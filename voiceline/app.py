@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
@@ -83,6 +83,7 @@ class VoiceLine:
 
     async def stop(self) -> None:
         if self.agent is not None:
+            log.info("sip.totals", **asdict(self.agent.counters))
             await self.agent.shutdown()
             if self.agent.transport is not None:
                 self.agent.transport.close()
