@@ -102,13 +102,15 @@ class Dialer:
             "Max-Forwards: 70\r\n"
         )
 
-    def invite(self, rtp_port: int, formats: str = "0 8 101", extra: str = "") -> None:
+    def invite(self, rtp_port: int, formats: str = "0 8 101", contact: bool = True) -> None:
         self.branch = "z9hG4bK" + secrets.token_hex(6)
         body = OFFER.format(port=rtp_port, formats=formats)
+        headers = self._headers("INVITE", self.branch, self.cseq)
+        if not contact:
+            headers = "".join(line + "\r\n" for line in headers.split("\r\n") if line and not line.startswith("Contact:"))
         text = (
             f"INVITE sip:line@{self.server[0]}:{self.server[1]} SIP/2.0\r\n"
-            + self._headers("INVITE", self.branch, self.cseq)
-            + extra
+            + headers
             + f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n{body}"
         )
         self.last_invite = text.encode()

@@ -21,18 +21,18 @@ from voiceline.sip.sdp import parse_sdp
 _next_range = iter(range(41000, 41900, 20))
 
 
-def make_config(tmp_path: Path, **sip: object) -> Config:
+def make_config(tmp_path: Path, rtp_ports: int = 20, **sip: object) -> Config:
     low = next(_next_range)
     return Config(
         sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05), **sip),  # type: ignore[arg-type]
-        media=MediaConfig(rtp_ports=f"{low}-{low + 19}"),
+        media=MediaConfig(rtp_ports=f"{low}-{low + rtp_ports - 1}"),
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
     ).validate()
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: Path, **sip: object) -> AsyncIterator[VoiceLine]:
-    app = VoiceLine(make_config(tmp_path, **sip))
+async def running(tmp_path: Path, rtp_ports: int = 20, **sip: object) -> AsyncIterator[VoiceLine]:
+    app = VoiceLine(make_config(tmp_path, rtp_ports, **sip))
     await app.start()
     try:
         yield app
@@ -288,3 +288,26 @@ async def test_bye_before_ack_ends_the_call_and_the_200_retransmissions(tmp_path
         with pytest.raises(TimeoutError):  # retransmissions were due every 50-200 ms
             await peer.response(method="INVITE", timeout=0.8)
         assert app.agent is not None and app.agent.calls == [] and app.media is not None and app.media.legs == 0
+
+
+async def test_invite_without_contact_gets_400_through_its_transaction(service: VoiceLine, peer: RawPeer) -> None:
+    dialer = Dialer(peer, address(service))
+    dialer.invite(rtp_port=4000, contact=False)
+    assert (await peer.response(status=400)).headers.get("Call-ID") == dialer.call_id
+    dialer.resend_invite()  # a retransmission gets the same answer from the transaction
+    assert (await peer.response(status=400)).headers.get("Call-ID") == dialer.call_id
+    assert service.agent is not None and service.agent.calls == []
+
+
+async def test_out_of_media_ports_gets_503_retransmitted_until_acked(tmp_path: Path, peer: RawPeer) -> None:
+    async with running(tmp_path, rtp_ports=4, t1=0.05) as app:  # room for two legs
+        for _ in range(2):  # answered and ACKed: no retransmission timers of theirs are due soon
+            await answered_call(peer, address(app), 4000, "0")
+        third = Dialer(peer, address(app))
+        third.invite(rtp_port=4000)
+        refused = await peer.response(status=503)
+        assert refused.headers.get("Retry-After") and refused.headers.get("Call-ID") == third.call_id
+        again = await peer.response(status=503)  # Timer G fired with no further traffic from us
+        assert again.headers.get("Call-ID") == third.call_id
+        third.ack(parse_name_addr(refused.headers.get("To") or "").tag or "", for_error=True)
+        assert app.agent is not None and len(app.agent.calls) == 2

@@ -38,14 +38,13 @@ class Dialog:
     remote_target: str  # the Contact URI
     route_set: list[str]
     remote_seq: int
-    local_contact: str
     local_seq: int = field(default_factory=lambda: secrets.randbelow(1 << 16) + 1)
 
     def __repr__(self) -> str:
         return "<Dialog>"
 
     @classmethod
-    def from_invite(cls, invite: SipRequest, local_tag: str, local_contact: str) -> Dialog:
+    def from_invite(cls, invite: SipRequest, local_tag: str) -> Dialog:
         headers = invite.headers
         remote = parse_name_addr(headers.get("From") or "")
         local = parse_name_addr(headers.get("To") or "")
@@ -62,7 +61,6 @@ class Dialog:
             remote_target=target,
             route_set=headers.get_all("Record-Route"),
             remote_seq=parse_cseq(headers.get("CSeq") or "")[0],
-            local_contact=local_contact,
         )
 
     def accepts_remote_seq(self, request: SipRequest) -> bool:

@@ -30,7 +30,15 @@ from voiceline.sip.message import (
     salvage_request_headers,
     serialize,
 )
-from voiceline.sip.sdp import NegotiatedAudio, NoCommonCodec, SdpError, build_answer, negotiate, parse_sdp
+from voiceline.sip.sdp import (
+    NegotiatedAudio,
+    NoCommonCodec,
+    SdpError,
+    SessionDescription,
+    build_answer,
+    negotiate,
+    parse_sdp,
+)
 from voiceline.sip.transaction import (
     ClientTransaction,
     Incoming,
@@ -69,6 +77,7 @@ class Call:
 
     id: str
     dialog: Dialog
+    offer: SessionDescription
     audio: NegotiatedAudio
     invite: ServerTransaction
     state: CallState = CallState.OFFERED
@@ -76,7 +85,6 @@ class Call:
     media_ready: bool = False  # the handler accepted the call and owns media for it
     awaiting_ack: ServerTransaction | None = None  # an INVITE whose 2xx is retransmitted until ACKed
     answer_sdp: bytes = b""
-    end_reason: str = ""
     session_id: int = field(default_factory=lambda: secrets.randbelow(1 << 31))
 
 
@@ -182,11 +190,11 @@ class UserAgent:
             else:
                 self._on_response(message)
         except SipParseError:
-            # A header the parser accepted but a layer above could not use.
+            # A header the parser accepted but transaction matching could not use.
             self.counters.malformed += 1
             if isinstance(message, SipRequest) and message.method != "ACK":
                 self._send(Send(_serialize_response(response_to(message, 400)), source))
-        self._reschedule()
+        self._reschedule()  # an ACK or a response may have cancelled timers
 
     def _on_request(self, request: SipRequest, source: Address) -> None:
         log.debug("sip.request", method=request.method)
@@ -199,8 +207,17 @@ class UserAgent:
             self._on_ack(request)
             return
         assert tx is not None
-        max_forwards = request.headers.get("Max-Forwards")
-        if max_forwards is not None and max_forwards.strip() == "0" and request.method != "OPTIONS":
+        try:
+            self._dispatch(tx, request)
+        except SipParseError:
+            # A header the parser accepted but this request's handling needs in a stricter form
+            # (e.g. an INVITE without a usable Contact): 400 through its transaction.
+            self.counters.malformed += 1
+            self._respond(tx, 400)
+
+    def _dispatch(self, tx: ServerTransaction, request: SipRequest) -> None:
+        max_forwards = request.headers.get("Max-Forwards")  # the parser checked it is numeric
+        if max_forwards is not None and int(max_forwards) == 0 and request.method != "OPTIONS":
             self._respond(tx, 483)
             return
         to_tag = parse_name_addr(request.headers.get("To") or "").tag
@@ -232,15 +249,16 @@ class UserAgent:
             self._respond(tx, 415 if request.body else 488, [("Accept", "application/sdp")])
             return
         try:
-            audio = negotiate(parse_sdp(request.body), self.settings.codecs)
+            offer = parse_sdp(request.body)
+            audio = negotiate(offer, self.settings.codecs)
         except NoCommonCodec:
             self._respond(tx, 488)
             return
         except SdpError:
             self._respond(tx, 400)
             return
-        dialog = Dialog.from_invite(request, new_tag(), self.contact)
-        call = Call(new_call_id(), dialog, audio, tx)
+        dialog = Dialog.from_invite(request, new_tag())
+        call = Call(new_call_id(), dialog, offer, audio, tx)
         self._calls[(dialog.call_id, dialog.local_tag)] = call
         self._calls_by_invite[tx] = call
         self.counters.calls += 1
@@ -259,12 +277,12 @@ class UserAgent:
         if call.state is CallState.ENDED:  # cancelled while media was being prepared
             self.handler.call_ended(call)
             return
-        self._respond_in_call(call, 180)
+        self._respond(call.invite, 180, self._call_headers())
         await asyncio.sleep(self.settings.answer_delay)
         if call.state is not CallState.OFFERED:
             return
         call.answer_sdp = build_answer(
-            parse_sdp(call.invite.request.body),
+            call.offer,
             call.audio,
             self.settings.advertised_host,
             call.local_rtp_port,
@@ -273,9 +291,8 @@ class UserAgent:
         )
         call.state = CallState.ANSWERED
         call.awaiting_ack = call.invite
-        self._respond_in_call(call, 200, body=call.answer_sdp)
+        self._respond(call.invite, 200, self._call_headers(), call.answer_sdp)
         log.info("call.answered", call=call.id)
-        self._reschedule()
 
     def _on_ack(self, request: SipRequest) -> None:
         to_tag = parse_name_addr(request.headers.get("To") or "").tag
@@ -346,7 +363,7 @@ class UserAgent:
 
     def _send_bye(self, call: Call) -> None:
         assert self.transport is not None
-        host, port = self.transport.local_address
+        port = self.transport.local_address[1]
         bye = call.dialog.new_request("BYE", self.settings.advertised_host, port, self.transport.name)
         bye.headers.add("User-Agent", USER_AGENT)
         next_host, next_port = call.dialog.next_hop()
@@ -380,7 +397,6 @@ class UserAgent:
         if call.state is CallState.ENDED:
             return
         call.state = CallState.ENDED
-        call.end_reason = reason
         self._stop_awaiting_ack(call)  # a BYE before the ACK ends the 2xx retransmissions too
         self._calls.pop((call.dialog.call_id, call.dialog.local_tag), None)
         self._calls_by_invite.pop(call.invite, None)
@@ -395,13 +411,6 @@ class UserAgent:
 
     def _call_headers(self) -> list[tuple[str, str]]:
         return [("Contact", self.contact), ("Allow", ALLOWED_METHODS)]
-
-    def _respond_in_call(self, call: Call, status: int, body: bytes = b"") -> None:
-        headers = self._call_headers()
-        if body:
-            headers.append(("Content-Type", "application/sdp"))
-        response = response_to(call.invite.request, status, to_tag=call.dialog.local_tag, headers=headers, body=body)
-        self._send_all(self.transactions.respond(call.invite, _with_server(response), self._loop.time()))
 
     def _respond(
         self,
@@ -420,6 +429,7 @@ class UserAgent:
             to_tag = call.dialog.local_tag if call is not None else new_tag()
         response = response_to(tx.request, status, to_tag=to_tag, headers=extra, body=body)
         self._send_all(self.transactions.respond(tx, _with_server(response), self._loop.time()))
+        self._reschedule()  # a final response arms retransmission and cleanup timers
 
     def _reject_unparsed(self, data: bytes, source: Address, status: int) -> None:
         """Answer a message the parser refused, when the headers a response needs can be read back."""
