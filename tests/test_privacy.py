@@ -1,11 +1,10 @@
-import pickle
 import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from voiceline.privacy import IDENTITY_HEADERS, REDACTED, Pseudonymizer, new_call_id, redact
+from voiceline.privacy import REDACTED, new_call_id, redact
 
 CANARY = "+15550001234"
 CANARY_DIGITS = "15550001234"
@@ -92,67 +91,4 @@ def test_redact_on_phone_like_noise(text: str) -> None:
 def test_redact_is_linear_on_hostile_input() -> None:
     # Quadratic scanning would take minutes on these; linear takes milliseconds.
     for hostile in ("sip:" * 50_000, "1 " * 100_000 + "x", "1-" * 100_000, "(" * 100_000 + "1"):
-        redact(hostile)
-
-
-def test_identity_headers() -> None:
-    assert {"From", "To", "Contact", "P-Asserted-Identity", "Remote-Party-ID"} <= set(IDENTITY_HEADERS)
-    assert len(set(IDENTITY_HEADERS)) == len(IDENTITY_HEADERS)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_pseudonym_is_stable_within_a_period() -> None:
-    clock = FakeClock()
-    p = Pseudonymizer(rotate_after=3600, clock=clock)
-    first = p.pseudonym(CANARY)
-    clock.now += 3599
-    assert p.pseudonym(CANARY) == first
-    assert p.pseudonym("+15550001235") != first
-    assert re.fullmatch(r"[0-9a-f]{32}", first)
-    assert CANARY_DIGITS not in first
-
-
-def test_pseudonym_changes_after_rotation() -> None:
-    clock = FakeClock()
-    p = Pseudonymizer(rotate_after=3600, clock=clock)
-    before = p.pseudonym(CANARY)
-    clock.now += 3600
-    after = p.pseudonym(CANARY)
-    assert after != before
-    clock.now += 10
-    assert p.pseudonym(CANARY) == after
-
-
-def test_default_period_is_a_day() -> None:
-    clock = FakeClock()
-    p = Pseudonymizer(clock=clock)
-    before = p.pseudonym(CANARY)
-    clock.now += 24 * 3600 - 1
-    assert p.pseudonym(CANARY) == before
-    clock.now += 1
-    assert p.pseudonym(CANARY) != before
-
-
-def test_instances_have_different_keys() -> None:
-    assert Pseudonymizer().pseudonym(CANARY) != Pseudonymizer().pseudonym(CANARY)
-
-
-def test_key_is_never_exposed() -> None:
-    p = Pseudonymizer()
-    key = p._key
-    assert key.hex() not in repr(p) and key.hex() not in str(p)
-    assert repr(p) == "<Pseudonymizer>"
-    with pytest.raises(TypeError):
-        pickle.dumps(p)
-
-
-def test_rotate_after_must_be_positive() -> None:
-    with pytest.raises(ValueError):
-        Pseudonymizer(rotate_after=0)
+        assert re.search(r"\d(?:[ -]?\d){5}", redact(hostile)) is None  # no phone-like run survives

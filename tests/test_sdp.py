@@ -309,3 +309,9 @@ def test_shuffled_lines_only_raise_sdp_error(lines: list[str]) -> None:
         return
     assert audio.codec in G711
     build_answer(parse_sdp(body), audio, "127.0.0.1", 40000, 1, 1)
+
+
+def test_answer_keeps_the_offered_rtp_profile() -> None:
+    body = offer(audio_section("0", proto="RTP/AVPF"))
+    lines = answer_lines(body, negotiated(body))
+    assert any(line.startswith("m=audio 40000 RTP/AVPF 0") for line in lines), lines

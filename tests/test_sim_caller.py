@@ -23,7 +23,7 @@ import pytest
 
 from voiceline.sim.cli import add_sim_parser, run_sim
 from voiceline.sim.plugin import free_udp_port
-from voiceline.sim.runner import CallReport, CallSpec, WorkerJob, run_calls, run_calls_async
+from voiceline.sim.runner import CallReport, CallSpec, WorkerJob, run_calls
 
 pytestmark = pytest.mark.interop
 
@@ -208,9 +208,9 @@ def test_peer_hanging_up_first_ends_the_call_and_dtmf_goes_out(sipp: Callable[..
     assert peer.wait() == 0
 
 
-async def test_busy_peer_is_reported_with_its_status(sipp: Callable[..., Sipp], tmp_path: Path) -> None:
+def test_busy_peer_is_reported_with_its_status(sipp: Callable[..., Sipp], tmp_path: Path) -> None:
     peer = sipp(BUSY_SCENARIO)
-    [report] = await run_calls_async([CallSpec(peer.uri(), seconds=2.0, tone_hz=697)], record_dir=tmp_path)
+    [report] = run_calls([CallSpec(peer.uri(), seconds=2.0, tone_hz=697)], record_dir=tmp_path)
     assert report.final_status == 486
     assert not report.connected and not report.media_started
     assert report.hangup_by == "none"

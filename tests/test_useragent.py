@@ -149,6 +149,9 @@ async def test_call_is_answered_hears_hold_audio_and_ends_on_bye(service: VoiceL
         assert (await peer.response(method="BYE")).status == 200
         await asyncio.sleep(0.1)
         assert service.pairing.waiting == 0 and service.media is not None and service.media.legs == 0
+        assert service.storage is not None
+        [hour] = await service.storage.hourly()  # the call counted anonymously, unpaired
+        assert (hour["line"], hour["calls"], hour["paired"]) == ("default", 1, 0) and hour["wait_seconds"] > 0.4
     finally:
         rtp.close()
 

@@ -1,4 +1,4 @@
-"""Privacy helpers: the identity-redacting safety net, keyed pseudonyms, call ids.
+"""Privacy helpers: the identity-redacting safety net and random call ids.
 
 Code never hands caller identity to a logger, an exception or storage; `redact`
 is the net under that rule, run by the log pipeline over every line. Every
@@ -7,29 +7,10 @@ regex here is linear-time: bounded or possessive quantifiers only.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
 import secrets
-import time
-from collections.abc import Callable
-from typing import NoReturn
 
 REDACTED = "[redacted]"
-
-# Headers that carry caller identity: the SIP layer never logs their values.
-IDENTITY_HEADERS: tuple[str, ...] = (
-    "From",
-    "To",
-    "Contact",
-    "P-Asserted-Identity",
-    "P-Preferred-Identity",
-    "Remote-Party-ID",
-    "Privacy",
-    "Referred-By",
-    "Diversion",
-    "History-Info",
-)
 
 # A URI scheme and everything up to the end of the token. The token is consumed
 # whether or not an '@' follows, so the scan never revisits it (linear time).
@@ -73,41 +54,6 @@ def redact(text: str) -> str:
     inside a word: ids meant to survive must avoid them (see `new_call_id`).
     """
     return _DIGITS.sub(_redact_digits, _URI.sub(_redact_uri, text))
-
-
-class Pseudonymizer:
-    """Recognises a returning caller for a while without storing who they are.
-
-    Pseudonyms are HMAC-SHA256 under a random in-memory key that is replaced
-    every `rotate_after` seconds, after which old pseudonyms no longer match.
-    The key never leaves the object: no repr, no pickling.
-    """
-
-    __slots__ = ("_clock", "_key", "_rotate_after", "_rotated_at")
-    _HEX_CHARS = 32
-
-    def __init__(self, rotate_after: float = 24 * 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
-        if rotate_after <= 0:
-            raise ValueError("rotate_after must be positive")
-        self._clock = clock
-        self._rotate_after = rotate_after
-        self._rotate()
-
-    def _rotate(self) -> None:
-        self._key = secrets.token_bytes(32)
-        self._rotated_at = self._clock()
-
-    def pseudonym(self, identity: str) -> str:
-        if self._clock() - self._rotated_at >= self._rotate_after:
-            self._rotate()
-        digest = hmac.new(self._key, identity.encode(), hashlib.sha256).hexdigest()
-        return digest[: self._HEX_CHARS]
-
-    def __repr__(self) -> str:
-        return "<Pseudonymizer>"
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("Pseudonymizer keys are never serialised")
 
 
 # Consonants only: no digit runs for `redact` to eat, and no accidental words.

@@ -10,7 +10,6 @@ This module never imports pjsua2: the command line and the pytest plugin import 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import ipaddress
 import json
@@ -199,23 +198,6 @@ def run_calls(
         results = list(pool.map(functools.partial(_run_worker, deadline=deadline, timeout=timeout), jobs))
     by_index = {report.index: report for reports in results for report in reports}
     return [by_index[index] for index in range(len(specs))]
-
-
-async def run_calls_async(
-    specs: Sequence[CallSpec],
-    *,
-    record_dir: Path,
-    bind_host: str = "127.0.0.1",
-    timeout: float = 60.0,
-    analyse_hz: Sequence[float] | None = None,
-) -> list[CallReport]:
-    """`run_calls` for asyncio code: the workers run while the event loop stays free.
-
-    Cancelling the await does not stop the workers; they end by `timeout`.
-    """
-    return await asyncio.to_thread(
-        run_calls, specs, record_dir=record_dir, bind_host=bind_host, timeout=timeout, analyse_hz=analyse_hz
-    )
 
 
 def _run_worker(job: WorkerJob, *, deadline: float, timeout: float) -> list[CallReport]:

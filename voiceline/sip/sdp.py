@@ -212,13 +212,14 @@ def build_answer(
     ]
     for index, media in enumerate(offer.media):
         if index == audio.media_index:
-            lines.extend(_answer_audio(audio, local_port))
+            lines.extend(_answer_audio(audio, local_port, media.proto))
         else:
             lines.append(f"m={media.media} 0 {media.proto} {media.formats[0]}")
     return "".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape")
 
 
-def _answer_audio(audio: NegotiatedAudio, local_port: int) -> list[str]:
+def _answer_audio(audio: NegotiatedAudio, local_port: int, proto: str) -> list[str]:
+    """The accepted stream, in the offer's RTP profile (RFC 3264 6.1 keeps the transport)."""
     payload_types = [str(audio.payload_type)]
     attributes = [f"a=rtpmap:{audio.payload_type} {audio.codec}/8000"]
     if audio.telephone_event_pt is not None:
@@ -226,7 +227,7 @@ def _answer_audio(audio: NegotiatedAudio, local_port: int) -> list[str]:
         attributes.append(f"a=rtpmap:{audio.telephone_event_pt} telephone-event/8000")
         attributes.append(f"a=fmtp:{audio.telephone_event_pt} 0-16")
     return [
-        f"m=audio {local_port} RTP/AVP {' '.join(payload_types)}",
+        f"m=audio {local_port} {proto} {' '.join(payload_types)}",
         *attributes,
         f"a=ptime:{_DEFAULT_PTIME}",
         f"a={audio.direction}",
