@@ -140,3 +140,114 @@ def test_client_bye_final_response_completes() -> None:
     assert layer.on_response(ok, 5.1) is None  # a retransmitted 200 is not delivered twice
     layer.poll(10.0)
     assert layer.active == 0
+
+
+def test_timer_k_absorbs_retransmitted_finals_then_lets_go() -> None:
+    layer = TransactionLayer(TIMERS)
+    bye = request("BYE", branch="z9hG4bKbye3", to_tag="t")
+    tx, _ = layer.send_request(bye, SOURCE, 0.0)
+    assert layer.on_response(response_to(bye, 200), 1.0) is tx
+    assert tx.state is State.COMPLETED and layer.next_deadline() == 1.0 + TIMERS.t4
+    layer.poll(5.9)
+    assert layer.on_response(response_to(bye, 200), 5.9) is None and layer.active == 1
+    layer.poll(6.0)
+    assert tx.state is State.TERMINATED and layer.active == 0
+
+
+def client_invite(layer: TransactionLayer, branch: str = "z9hG4bKinv") -> tuple[SipRequest, object]:
+    invite = request("INVITE", branch=branch)
+    tx, sends = layer.send_request(invite, SOURCE, 0.0)
+    assert len(sends) == 1 and sends[0].data.startswith(b"INVITE ")
+    return invite, tx
+
+
+def test_client_invite_timer_a_doubles_without_cap_and_timer_b_gives_up() -> None:
+    layer = TransactionLayer(TIMERS)
+    _, tx = client_invite(layer)
+    times: list[float] = []
+    timed_out = []
+    while (deadline := layer.next_deadline()) is not None and deadline <= 40:
+        result = layer.poll(deadline)
+        times.extend(deadline for _ in result.sends)
+        timed_out.extend(result.timed_out)
+    # 2^n * T1 after the first send, not capped at T2 as Timer E is; B at 64*T1 = 32 s.
+    assert times == [0.5, 1.5, 3.5, 7.5, 15.5, 31.5]
+    assert timed_out == [tx] and layer.active == 0
+
+
+def test_client_invite_provisional_stops_timers_a_and_b() -> None:
+    layer = TransactionLayer(TIMERS)
+    invite, tx = client_invite(layer)
+    assert layer.on_response(response_to(invite, 180, to_tag="p"), 0.2) is None
+    assert tx.state is State.PROCEEDING  # type: ignore[attr-defined]
+    assert drain(layer, 100.0) == [] and layer.active == 1
+
+
+def test_client_invite_error_is_acked_by_the_transaction_and_timer_d_absorbs_repeats() -> None:
+    layer = TransactionLayer(TIMERS)
+    invite, tx = client_invite(layer)
+    busy = response_to(invite, 486, to_tag="peer")
+    assert layer.on_response(busy, 0.3) is tx
+    [ack] = layer.take_sends()
+    ack_request = parse_message(ack.data)
+    assert isinstance(ack_request, SipRequest) and ack_request.method == "ACK" and ack.dest == SOURCE
+    assert ack_request.headers.get("Via") == invite.headers.get("Via")  # same branch: same transaction
+    assert ack_request.headers.get("CSeq") == "1 ACK"
+    assert (ack_request.headers.get("To") or "").endswith(";tag=peer")
+    assert layer.take_sends() == []
+    # A retransmitted 486 (our ACK was lost) is answered by the same ACK, not given to the TU again.
+    assert layer.on_response(busy, 1.0) is None
+    assert [s.data for s in layer.take_sends()] == [ack.data]
+    assert drain(layer, 32.2) == []  # no INVITE retransmissions in Completed
+    assert layer.active == 1
+    layer.poll(32.3)  # Timer D = 32 s after the 486
+    assert layer.active == 0
+
+
+def test_client_invite_every_2xx_goes_to_the_tu_until_timer_m() -> None:
+    layer = TransactionLayer(TIMERS)
+    invite, tx = client_invite(layer)
+    ok = response_to(invite, 200, to_tag="peer")
+    assert layer.on_response(ok, 0.1) is tx and tx.state is State.ACCEPTED  # type: ignore[attr-defined]
+    assert layer.on_response(ok, 0.6) is tx  # the TU re-sends its own ACK for each 2xx
+    assert layer.take_sends() == []  # the transaction never ACKs a 2xx
+    assert drain(layer, 31.0) == []
+    layer.poll(32.1)
+    assert layer.on_response(ok, 32.2) is None and layer.active == 0
+
+
+def test_request_looping_back_through_our_own_via_gets_loop() -> None:
+    layer = TransactionLayer(TIMERS)
+    ours = request("OPTIONS", branch="z9hG4bKmine")
+    layer.send_request(ours, SOURCE, 0.0)
+    # A proxy sent our OPTIONS back to us: its Via is on top, ours (same sent-by and branch) below.
+    text = (
+        "OPTIONS sip:line@127.0.0.1 SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bKproxy\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.1:5080;branch=z9hG4bKmine\r\n"
+        "From: <sip:anon@127.0.0.1>;tag=f1\r\nTo: <sip:line@127.0.0.1>\r\n"
+        "Call-ID: call-1\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 69\r\nContent-Length: 0\r\n\r\n"
+    )
+    looped = parse_message(text.encode())
+    assert isinstance(looped, SipRequest)
+    kind, tx, _ = layer.on_request(looped, ("10.0.0.9", 5060), 0.1)
+    assert kind is Incoming.LOOP and tx is not None
+    # The same branch with another sent-by is somebody else's request.
+    elsewhere = text.replace("127.0.0.1:5080;", "127.0.0.2:5080;").replace("z9hG4bKproxy", "z9hG4bKproxy2")
+    other = parse_message(elsewhere.replace("tag=f1", "tag=f2").encode())
+    assert isinstance(other, SipRequest)
+    assert layer.on_request(other, ("10.0.0.8", 5060), 0.2)[0] is Incoming.NEW
+
+
+def test_merged_request_with_another_branch_gets_loop_until_the_first_ends() -> None:
+    layer = TransactionLayer(TIMERS)
+    kind, first, _ = layer.on_request(request("INVITE", branch="z9hG4bKpath1"), SOURCE, 0.0)
+    assert kind is Incoming.NEW and first is not None
+    kind, merged, _ = layer.on_request(request("INVITE", branch="z9hG4bKpath2"), ("127.0.0.1", 5090), 0.1)
+    assert kind is Incoming.LOOP and merged is not None and merged is not first
+    # A retransmission of the merged copy is absorbed by its own transaction once answered 482.
+    layer.respond(merged, response_to(merged.request, 482, to_tag="x"), 0.1)
+    assert layer.on_request(request("INVITE", branch="z9hG4bKpath2"), ("127.0.0.1", 5090), 0.2)[0] is Incoming.ABSORBED
+    layer.respond(first, response_to(first.request, 486, to_tag="y"), 0.3)
+    drain(layer, 40.0)  # Timer H ends the first transaction: the request may come again as new
+    assert layer.on_request(request("INVITE", branch="z9hG4bKpath3"), SOURCE, 41.0)[0] is Incoming.NEW

@@ -3,6 +3,8 @@
 The layer is fed parsed messages and the current time and returns what to send;
 it never touches a socket or a clock itself. `next_deadline()` tells the I/O
 edge when to call `poll()`, so tests drive every timer with a fake clock.
+What the layer sends on its own while matching a response (the ACK for a
+non-2xx final response to our INVITE) waits in `take_sends()`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from voiceline.sip.message import (
+    Headers,
     SipParseError,
     SipRequest,
     SipResponse,
@@ -34,6 +37,9 @@ class Timers:
     t1: float = 0.5
     t2: float = 4.0
     t4: float = 5.0
+    # Timer D: how long a completed client INVITE absorbs retransmitted final
+    # responses (at least 32 s over UDP, RFC 3261 17.1.1.2).
+    d: float = 32.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class Send:
 
 
 class State(enum.Enum):
+    CALLING = "calling"  # our INVITE sent, nothing heard yet
     TRYING = "trying"
     PROCEEDING = "proceeding"
     ACCEPTED = "accepted"  # INVITE answered 2xx, waiting for the ACK (RFC 6026)
@@ -53,6 +60,15 @@ class State(enum.Enum):
 
 def new_branch() -> str:
     return MAGIC_COOKIE + secrets.token_hex(8)
+
+
+def _merge_key(request: SipRequest) -> tuple[str, ...] | None:
+    """What identifies a request arriving by several paths (RFC 3261 8.2.2.2); None inside a dialog."""
+    if parse_name_addr(request.headers.get("To") or "").tag is not None:
+        return None
+    from_tag = parse_name_addr(request.headers.get("From") or "").tag or ""
+    cseq, method = parse_cseq(request.headers.get("CSeq") or "")
+    return (from_tag, request.headers.get("Call-ID") or "", str(cseq), method)
 
 
 def _server_key(request: SipRequest, method: str) -> tuple[str, ...]:
@@ -76,6 +92,7 @@ class ServerTransaction:
     final_status: int = 0
     retransmit_interval: float = 0.0
     deadlines: dict[str, float] = field(default_factory=dict)
+    merge_key: tuple[str, ...] | None = None
 
     @property
     def is_invite(self) -> bool:
@@ -93,12 +110,18 @@ class ClientTransaction:
     timed_out: bool = False
     retransmit_interval: float = 0.0
     deadlines: dict[str, float] = field(default_factory=dict)
+    ack: bytes | None = None  # our ACK for a non-2xx final response to an INVITE
+
+    @property
+    def is_invite(self) -> bool:
+        return self.request.method == "INVITE"
 
 
 class Incoming(enum.Enum):
     NEW = "new"  # a new request for the transaction user
     ABSORBED = "absorbed"  # a retransmission or an ACK for a non-2xx: handled here
     ACK = "ack"  # an ACK for a 2xx: it belongs to a dialog, not a transaction
+    LOOP = "loop"  # a new request that looped back to us or merged with another: answer it 482
 
 
 @dataclass
@@ -106,7 +129,7 @@ class PollResult:
     sends: list[Send] = field(default_factory=list)
     # INVITEs answered 2xx that never got an ACK (Timer H): the TU ends those calls.
     unacknowledged: list[ServerTransaction] = field(default_factory=list)
-    # Our requests that got no final response in time (Timer F).
+    # Our requests that got no final response in time (Timer F; Timer B for an INVITE).
     timed_out: list[ClientTransaction] = field(default_factory=list)
 
 
@@ -118,6 +141,8 @@ class TransactionLayer:
         self.timers = timers
         self._server: dict[tuple[str, ...], ServerTransaction] = {}
         self._client: dict[tuple[str, ...], ClientTransaction] = {}
+        self._merge: dict[tuple[str, ...], ServerTransaction] = {}
+        self._outbox: list[Send] = []
         self._heap: list[tuple[float, int, str, Transaction]] = []
         self._order = itertools.count()
 
@@ -143,7 +168,26 @@ class TransactionLayer:
             return Incoming.ABSORBED, tx, sends
         tx = ServerTransaction(key, request, source, State.PROCEEDING if method == "INVITE" else State.TRYING)
         self._server[key] = tx
+        if self._looped(request):
+            return Incoming.LOOP, tx, []
+        tx.merge_key = _merge_key(request)
+        if tx.merge_key is not None:
+            if tx.merge_key in self._merge:
+                tx.merge_key = None  # the first arrival keeps the entry
+                return Incoming.LOOP, tx, []
+            self._merge[tx.merge_key] = tx
         return Incoming.NEW, tx, []
+
+    def _looped(self, request: SipRequest) -> bool:
+        """A request that carries a Via of one of our own pending requests came back to us (8.2.2.2)."""
+        for value in request.headers.get_all("Via"):
+            via = parse_via(value)
+            ours = self._client.get((via.branch or "", request.method))
+            if ours is not None:
+                sent = parse_via(ours.request.headers.get("Via") or "")
+                if (sent.host, sent.port) == (via.host, via.port):
+                    return True
+        return False
 
     def find_invite(self, cancel: SipRequest) -> ServerTransaction | None:
         """The INVITE transaction a CANCEL refers to (same branch and sent-by)."""
@@ -179,28 +223,37 @@ class TransactionLayer:
             tx.state = State.CONFIRMED
             tx.deadlines.pop("G", None)
 
-    # -- client side (non-INVITE: BYE, OPTIONS, REGISTER) --------------------
+    # -- client side (BYE, OPTIONS, REGISTER, UPDATE; INVITE with Timers A, B, D) ----
 
     def send_request(self, request: SipRequest, dest: Address, now: float) -> tuple[ClientTransaction, list[Send]]:
         via = parse_via(request.headers.get("Via") or "")
         key = (via.branch or "", request.method)
         data = serialize(request)
-        tx = ClientTransaction(key, request, data, dest)
+        tx = ClientTransaction(key, request, data, dest, State.CALLING if request.method == "INVITE" else State.TRYING)
         self._client[key] = tx
         tx.retransmit_interval = self.timers.t1
-        self._arm(tx, "E", now + tx.retransmit_interval)
-        self._arm(tx, "F", now + 64 * self.timers.t1)
+        retransmit, timeout = ("A", "B") if tx.is_invite else ("E", "F")
+        self._arm(tx, retransmit, now + tx.retransmit_interval)
+        self._arm(tx, timeout, now + 64 * self.timers.t1)
         return tx, [Send(data, dest)]
 
     def on_response(self, response: SipResponse, now: float) -> ClientTransaction | None:
-        """Match a response; returns the transaction when it just got its final response."""
+        """Match a response; returns the transaction when its final response is for the TU.
+
+        That is once per transaction, except for an INVITE's 2xx: each (retransmitted)
+        2xx goes to the TU, which sends the ACK for it (RFC 6026 Accepted state).
+        """
         try:
             branch = parse_via(response.headers.get("Via") or "").branch or ""
             method = parse_cseq(response.headers.get("CSeq") or "")[1]
         except SipParseError:
             return None
         tx = self._client.get((branch, method))
-        if tx is None or tx.state in (State.COMPLETED, State.TERMINATED):
+        if tx is None or tx.state is State.TERMINATED:
+            return None
+        if tx.is_invite:
+            return self._invite_response(tx, response, now)
+        if tx.state is State.COMPLETED:
             return None
         if response.status < 200:
             tx.state = State.PROCEEDING
@@ -210,6 +263,36 @@ class TransactionLayer:
         tx.deadlines.clear()
         self._arm(tx, "K", now + self.timers.t4)
         return tx
+
+    def _invite_response(self, tx: ClientTransaction, response: SipResponse, now: float) -> ClientTransaction | None:
+        status = response.status
+        if tx.state is State.COMPLETED:
+            if status >= 300 and tx.ack is not None:
+                self._outbox.append(Send(tx.ack, tx.dest))  # our ACK was lost: the final came again
+            return None
+        if tx.state is State.ACCEPTED:
+            return tx if 200 <= status < 300 else None
+        if status < 200:
+            tx.state = State.PROCEEDING
+            tx.deadlines.pop("A", None)
+            tx.deadlines.pop("B", None)  # the peer is alive; from here the TU decides how long to wait
+            return None
+        tx.response = response
+        tx.deadlines.clear()
+        if status < 300:
+            tx.state = State.ACCEPTED
+            self._arm(tx, "M", now + 64 * self.timers.t1)
+            return tx
+        tx.state = State.COMPLETED
+        tx.ack = serialize(_ack_for_error(tx.request, response))
+        self._outbox.append(Send(tx.ack, tx.dest))
+        self._arm(tx, "D", now + self.timers.d)
+        return tx
+
+    def take_sends(self) -> list[Send]:
+        """What the layer decided to send while matching responses (ACKs for non-2xx finals)."""
+        sends, self._outbox = self._outbox, []
+        return sends
 
     # -- timers --------------------------------------------------------------
 
@@ -245,18 +328,22 @@ class TransactionLayer:
             self._terminate_server(tx)
 
     def _client_timer(self, tx: ClientTransaction, name: str, now: float, result: PollResult) -> None:
-        if name == "E":
+        if name == "A":
+            result.sends.append(Send(tx.data, tx.dest))
+            tx.retransmit_interval *= 2  # Timer A doubles without the T2 cap (17.1.1.2)
+            self._arm(tx, "A", now + tx.retransmit_interval)
+        elif name == "E":
             result.sends.append(Send(tx.data, tx.dest))
             # In Proceeding the interval jumps to T2 (RFC 3261 17.1.2.2).
             doubled = 2 * tx.retransmit_interval if tx.state is State.TRYING else self.timers.t2
             tx.retransmit_interval = min(doubled, self.timers.t2)
             self._arm(tx, "E", now + tx.retransmit_interval)
-        elif name == "F":
+        elif name in ("B", "F"):
             tx.timed_out = True
             tx.deadlines.clear()
             result.timed_out.append(tx)
             self._terminate_client(tx)
-        elif name == "K":
+        elif name in ("D", "K", "M"):
             self._terminate_client(tx)
 
     def _arm(self, tx: Transaction, name: str, deadline: float) -> None:
@@ -267,6 +354,8 @@ class TransactionLayer:
         tx.state = State.TERMINATED
         tx.deadlines.clear()
         self._server.pop(tx.key, None)
+        if tx.merge_key is not None and self._merge.get(tx.merge_key) is tx:
+            del self._merge[tx.merge_key]
 
     def _terminate_client(self, tx: ClientTransaction) -> None:
         tx.state = State.TERMINATED
@@ -275,3 +364,18 @@ class TransactionLayer:
     @property
     def active(self) -> int:
         return len(self._server) + len(self._client)
+
+
+def _ack_for_error(invite: SipRequest, response: SipResponse) -> SipRequest:
+    """The ACK the transaction itself sends for a non-2xx final response (17.1.1.3)."""
+    headers = Headers([("Via", invite.headers.get("Via") or "")])
+    for name in ("Max-Forwards", "From"):
+        value = invite.headers.get(name)
+        if value is not None:
+            headers.add(name, value)
+    headers.add("To", response.headers.get("To") or invite.headers.get("To") or "")
+    headers.add("Call-ID", invite.headers.get("Call-ID") or "")
+    headers.add("CSeq", f"{parse_cseq(invite.headers.get('CSeq') or '')[0]} ACK")
+    for route in invite.headers.get_all("Route"):
+        headers.add("Route", route)
+    return SipRequest("ACK", invite.uri, headers)
