@@ -106,3 +106,55 @@ def test_waiting_caller_leaving_empties_pool() -> None:
     b = Ear("b")
     service.join(b)
     assert b.heard == ["hold"]
+
+
+def paired_pair() -> tuple[PairingService, Ear, Ear]:
+    service = PairingService(FakeClock())
+    a, b = Ear("a"), Ear("b")
+    service.join(a)
+    service.join(b)
+    assert a.heard == ["hold", "b"] and b.heard == ["a"]
+    return service, a, b
+
+
+def test_hold_keeps_the_pair_and_plays_hold_audio_to_the_partner_until_resume() -> None:
+    service, a, b = paired_pair()
+    service.hold("a")
+    assert b.heard[-1] == "hold" and a.heard == ["hold", "b"]  # the held caller is told nothing
+    assert service.talking == 2 and service.waiting == 0  # not paired away
+    service.join(Ear("c"))  # a newcomer waits: b stays a's partner
+    assert service.waiting == 1
+    service.resume("a")
+    assert a.heard[-1] == "b" and b.heard[-1] == "a"
+
+
+def test_held_waiting_caller_leaves_the_pool_until_resume() -> None:
+    service = PairingService(FakeClock())
+    a = Ear("a")
+    service.join(a)
+    service.hold("a")
+    assert service.waiting == 0
+    c = Ear("c")
+    service.join(c)  # not paired with the held caller
+    assert c.heard == ["hold"]
+    service.resume("a")
+    assert a.heard[-1] == "c" and c.heard[-1] == "a"
+
+
+def test_partner_leaving_a_held_caller_leaves_it_out_of_the_pool_until_resume() -> None:
+    service, a, b = paired_pair()
+    service.hold("a")
+    service.leave("b")
+    assert service.waiting == 0 and a.heard == ["hold", "b"]
+    service.resume("a")
+    assert service.waiting == 1 and a.heard[-1] == "hold"
+
+
+def test_both_held_then_one_resumes_hears_hold_audio() -> None:
+    service, a, b = paired_pair()
+    service.hold("a")
+    service.hold("b")
+    service.resume("a")
+    assert a.heard[-1] == "hold"
+    service.resume("b")
+    assert a.heard[-1] == "b" and b.heard[-1] == "a"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -14,14 +16,16 @@ from voiceline.audio.hold import chime_pattern, load_wav
 from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
 from voiceline.config import Config
 from voiceline.pairing.service import PairingService, Participant
-from voiceline.sip.transport import open_udp
-from voiceline.sip.useragent import Call, CallRejected, UserAgent, UserAgentSettings
+from voiceline.sip.session_timer import SessionTimerPolicy
 from voiceline.sip.transaction import Timers
+from voiceline.sip.transport import open_udp
+from voiceline.sip.useragent import Call, CallRejected, CallState, UserAgent, UserAgentSettings
 from voiceline.storage import Storage
 
 log = structlog.get_logger("voiceline.app")
 
 DEFAULT_LINE = "default"
+PID_FILE = "voiceline.pid"  # in the data dir: how `voiceline drain` finds the server
 
 
 @dataclass(eq=False)
@@ -53,7 +57,9 @@ class VoiceLine:
         self.media: MediaEngine | None = None
         self.agent: UserAgent | None = None
         self._legs: dict[Call, MediaLeg] = {}
+        self._quiet_since: dict[Call, float] = {}  # confirmed calls: since when silence counts
         self._writes: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         sip = self.config.sip
@@ -67,6 +73,8 @@ class VoiceLine:
             timers=Timers(sip.t1, sip.t2, sip.t4),
             max_message_size=sip.max_message_size,
             codecs=self.config.media.codecs,
+            session_timers=SessionTimerPolicy(sip.session_expires, sip.min_session_expires),
+            max_call_duration=sip.max_call_duration,
         )
         self.agent = UserAgent(settings, self)
         host, port = sip.listen_address
@@ -80,8 +88,22 @@ class VoiceLine:
                 advertised=sip.advertised_host,
                 hint="only callers on this machine will have audio; set sip.public_address",
             )
+        if self.config.media.inactivity_timeout:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_silent_calls())
+
+    async def drain(self, stop: asyncio.Event) -> None:
+        """Refuse new calls and wait until the last call ended, `stop` is set or sip.drain_timeout passed."""
+        assert self.agent is not None
+        self.agent.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.sip.drain_timeout
+        while self.agent.calls and not stop.is_set() and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+        log.info("service.drained", calls=len(self.agent.calls))
 
     async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         if self.agent is not None:
             log.info("sip.totals", **asdict(self.agent.counters))
             await self.agent.shutdown()
@@ -104,15 +126,39 @@ class VoiceLine:
         except MediaError:
             log.warning("call.no_media_ports", call=call.id)
             raise CallRejected(503, retry_after=30) from None
-        audio = call.audio
-        leg.start((audio.remote_host, audio.remote_port), audio.codec, audio.payload_type, audio.telephone_event_pt)
+        if call.audio is not None:  # else the offer goes out in our 200 and the ACK answers it
+            _start_media(leg, call)
         self._legs[call] = leg
         return leg.local_port
 
     def call_confirmed(self, call: Call) -> None:
-        self.pairing.join(CallerLeg(call, self._legs[call]))
+        leg = self._legs[call]
+        if call.offer is None:
+            _start_media(leg, call)
+        self._quiet_since[call] = asyncio.get_running_loop().time()
+        self.pairing.join(CallerLeg(call, leg))
+        if call.on_hold:
+            self.call_media_changed(call)
+
+    def call_media_changed(self, call: Call) -> None:
+        leg = self._legs.get(call)
+        if leg is None or call.audio is None:
+            return
+        remote = (call.audio.remote_host, call.audio.remote_port)
+        leg.update_remote(remote)
+        self._quiet_since[call] = asyncio.get_running_loop().time()
+        if call.on_hold:
+            leg.set_sending(False)
+            self.pairing.hold(call.id)
+        else:
+            leg.set_sending(True)
+            self.pairing.resume(call.id)
+
+    def call_dtmf(self, call: Call, digit: str) -> None:
+        self.pairing.digit(call.id, digit)
 
     def call_ended(self, call: Call) -> None:
+        self._quiet_since.pop(call, None)
         leg = self._legs.pop(call, None)
         if leg is not None:
             leg.close()
@@ -125,17 +171,51 @@ class VoiceLine:
             write.add_done_callback(self._writes.discard)
 
 
+    async def _reap_silent_calls(self) -> None:
+        """End calls whose caller sent no RTP for media.inactivity_timeout while not on hold."""
+        timeout = self.config.media.inactivity_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(5.0, timeout / 4))
+            now = loop.time()
+            for call, since in list(self._quiet_since.items()):
+                leg = self._legs.get(call)
+                if leg is None or call.on_hold or call.state is not CallState.CONFIRMED:
+                    continue
+                if now - max(since, leg.last_received) > timeout:
+                    assert self.agent is not None
+                    log.warning("call.media_timeout", call=call.id, seconds=timeout)
+                    self.agent.hangup(call, "no media")
+
+
+def _start_media(leg: MediaLeg, call: Call) -> None:
+    audio = call.audio
+    assert audio is not None
+    leg.start((audio.remote_host, audio.remote_port), audio.codec, audio.payload_type, audio.telephone_event_pt)
+
+
 async def serve(config: Config) -> int:
-    """Run until SIGINT/SIGTERM; then BYE every call and exit 0."""
+    """Run until SIGINT/SIGTERM (BYE every call, exit 0) or a drain (SIGUSR1) has finished."""
     app = VoiceLine(config)
     stop = asyncio.Event()
+    drain = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, drain.set)
+    pid_file = Path(config.storage.data_dir) / PID_FILE
     try:
         await app.start()
-        await stop.wait()
+        pid_file.write_text(f"{os.getpid()}\n", encoding="ascii")
+        stopped, draining = loop.create_task(stop.wait()), loop.create_task(drain.wait())
+        await asyncio.wait((stopped, draining), return_when=asyncio.FIRST_COMPLETED)
+        draining.cancel()
+        stopped.cancel()
+        if drain.is_set() and not stop.is_set():
+            await app.drain(stop)
         log.info("service.stopping", calls=len(app.agent.calls) if app.agent else 0)
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            pid_file.unlink()
         await app.stop()
     return 0

@@ -1,10 +1,13 @@
-"""Command line: `voiceline serve` and `voiceline sim call`."""
+"""Command line: `voiceline serve`, `voiceline drain` and `voiceline sim call`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import sys
+from pathlib import Path
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any, NoReturn
@@ -30,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rtp-ports", metavar="LO-HI", help="RTP port range (media.rtp_ports)")
     serve.add_argument("--data-dir", metavar="DIR", help="directory for the database (storage.data_dir)")
     serve.add_argument("--log-format", choices=("json", "console"), help="log output format (log.format)")
+
+    drain = commands.add_parser("drain", help="let a running service finish its calls and exit (503 to new calls)")
+    drain.add_argument("--config", metavar="FILE", help="the service's TOML configuration file")
+    drain.add_argument("--data-dir", metavar="DIR", help="the service's data directory (storage.data_dir)")
 
     from voiceline.sim.cli import add_sim_parser
 
@@ -88,10 +95,31 @@ def serve_command(args: argparse.Namespace) -> int:
         return 1
 
 
+def drain_command(args: argparse.Namespace) -> int:
+    """Send SIGUSR1 to the service whose pid file is in the data dir."""
+    from voiceline.app import PID_FILE
+
+    try:
+        data_dir = args.data_dir or config_module.load(args.config).storage.data_dir
+    except ConfigError as exc:
+        print(f"voiceline: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        pid = int(Path(data_dir, PID_FILE).read_text(encoding="ascii").strip())
+        os.kill(pid, signal.SIGUSR1)
+    except (OSError, ValueError):
+        print(f"voiceline: no running service found in {data_dir}", file=sys.stderr)
+        return 1
+    print(f"voiceline: draining (pid {pid})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve_command(args)
+    if args.command == "drain":
+        return drain_command(args)
     from voiceline.sim.cli import run_sim
 
     return run_sim(args)

@@ -49,6 +49,10 @@ class SipConfig:
     t2: float = 4.0
     t4: float = 5.0
     max_message_size: int = 65535
+    session_expires: int = 1800
+    min_session_expires: int = 90
+    max_call_duration: float = 14400.0
+    drain_timeout: float = 3600.0
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -67,6 +71,7 @@ class MediaConfig:
     rtp_ports: str = "20000-29999"
     codecs: tuple[str, ...] = ("PCMU", "PCMA")
     hold_audio: str = ""
+    inactivity_timeout: float = 60.0
 
     @property
     def port_range(self) -> tuple[int, int]:
@@ -104,6 +109,14 @@ class Config:
         for name in ("t1", "t2", "t4"):
             if not 0 < getattr(self.sip, name) <= 60:
                 raise ConfigError(f"sip.{name}: must be between 0 and 60 seconds")
+        if self.sip.min_session_expires < 90:
+            raise ConfigError("sip.min_session_expires: must be at least 90 seconds (RFC 4028)")
+        if self.sip.session_expires and self.sip.session_expires < self.sip.min_session_expires:
+            raise ConfigError("sip.session_expires: must be 0 (off) or at least sip.min_session_expires")
+        if self.sip.max_call_duration < 0 or self.media.inactivity_timeout < 0:
+            raise ConfigError("sip.max_call_duration, media.inactivity_timeout: must be 0 (off) or positive")
+        if self.sip.drain_timeout <= 0:
+            raise ConfigError("sip.drain_timeout: must be positive")
         if not 1024 <= self.sip.max_message_size <= 1 << 20:
             raise ConfigError("sip.max_message_size: must be between 1024 and 1048576")
         unknown = [c for c in self.media.codecs if c not in ("PCMU", "PCMA")]

@@ -166,6 +166,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         self.packets_out = 0
         self.packets_dropped = 0
         self.last_received = 0.0  # loop time (monotonic) of the last valid packet
+        self.sending = True  # False while the peer holds us (set_sending)
         self._loop = loop
         self._pacer = pacer
         self._on_close = on_close
@@ -222,6 +223,22 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._translate = translation(other._codec, self._codec)
         other._listeners.append(self)
         self._stream.source_changed()
+
+    def set_sending(self, enabled: bool) -> None:
+        """Stop or allow sending to the peer (it put us on hold with sendonly/inactive).
+
+        Stopping detaches the leg from hold audio and from its partner; whoever
+        controls it (pairing) tells it what to hear again once sending is allowed.
+        """
+        self.sending = enabled
+        if not enabled:
+            self._detach()
+
+    def update_remote(self, remote: tuple[str, int]) -> None:
+        """The peer moved its media (a re-INVITE with a new address): send there and re-latch."""
+        self._require_usable()
+        self._remote = remote
+        self._latched = False
 
     def close(self) -> None:
         """Release the ports; anyone listening to this leg goes silent until told otherwise."""

@@ -46,6 +46,7 @@ class Session:
     waited: float = 0.0
     talked: float = 0.0
     partners: int = 0
+    held: bool = False  # the caller put us on hold: we send it nothing and pair it with nobody new
 
     def enter(self, phase: Phase, now: float) -> None:
         elapsed = now - self.since
@@ -102,9 +103,48 @@ class PairingService:
             self._wait(partner)
         return SessionSummary(session.waited, session.talked, session.partners)
 
+    def hold(self, participant_id: str) -> None:
+        """The caller put the line on hold: a partner stays paired and hears hold audio meanwhile.
+
+        A held caller is told nothing (its media is not sending) and, while waiting,
+        leaves the pool so nobody is paired with a silent line.
+        """
+        session = self._sessions.get(participant_id)
+        if session is None or session.held:
+            return
+        session.held = True
+        self._pool.remove(session)
+        if session.partner is not None and not session.partner.held:
+            session.partner.participant.hear_hold()
+        log.info("pairing.held", call=participant_id, paired=session.partner is not None)
+
+    def resume(self, participant_id: str) -> None:
+        """Back from hold: the bridge with the partner is restored, or the caller waits again."""
+        session = self._sessions.get(participant_id)
+        if session is None or not session.held:
+            return
+        session.held = False
+        log.info("pairing.resumed", call=participant_id, paired=session.partner is not None)
+        partner = session.partner
+        if partner is None:
+            self._wait(session)
+            return
+        if partner.held:
+            session.participant.hear_hold()  # the partner is on hold itself: wait with hold audio
+        else:
+            session.participant.hear(partner.participant)
+            partner.participant.hear(session.participant)
+
+    def digit(self, participant_id: str, digit: str) -> None:
+        """A DTMF digit from the caller. No feature uses digits yet; the digit itself is not logged."""
+        if participant_id in self._sessions:
+            log.info("pairing.digit", call=participant_id)
+
     def _wait(self, session: Session) -> None:
         now = self._clock()
         session.enter(Phase.WAITING, now)
+        if session.held:
+            return  # back in the pool on resume
         partner = self._pool.add(session, now)
         if partner is None:
             session.participant.hear_hold()
@@ -114,5 +154,6 @@ class PairingService:
             one.enter(Phase.TALKING, now)
             one.partner = other
             one.partners += 1
+            # Neither is held: held callers are never in the pool.
             one.participant.hear(other.participant)
             log.info("pairing.talking", call=one.participant.id, waited=round(one.waited, 1))

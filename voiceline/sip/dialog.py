@@ -71,9 +71,18 @@ class Dialog:
         self.remote_seq = max(seq, self.remote_seq)
         return True
 
-    def new_request(self, method: str, via_host: str, via_port: int, transport: str = "UDP") -> SipRequest:
-        """A request inside this dialog (12.2.1.1), e.g. our BYE."""
-        self.local_seq += 1
+    def refresh_target(self, headers: Headers) -> None:
+        """A re-INVITE or UPDATE (or the 2xx to ours) may move the peer (12.2.2, RFC 3311)."""
+        contacts = headers.get_all("Contact")
+        if contacts:
+            self.remote_target = parse_name_addr(contacts[0]).uri
+
+    def new_request(
+        self, method: str, via_host: str, via_port: int, transport: str = "UDP", cseq: int | None = None
+    ) -> SipRequest:
+        """A request inside this dialog (12.2.1.1), e.g. our BYE; an ACK passes its INVITE's `cseq`."""
+        if cseq is None:
+            self.local_seq += 1
         local = NameAddr(self.local_party.display, self.local_party.uri, {"tag": self.local_tag})
         remote_params: dict[str, str | None] = {"tag": self.remote_tag} if self.remote_tag else {}
         remote = NameAddr(self.remote_party.display, self.remote_party.uri, remote_params)
@@ -84,12 +93,22 @@ class Dialog:
                 ("From", str(local)),
                 ("To", str(remote)),
                 ("Call-ID", self.call_id),
-                ("CSeq", f"{self.local_seq} {method}"),
+                ("CSeq", f"{self.local_seq if cseq is None else cseq} {method}"),
             ]
         )
+        if self.route_set and not self._loose_routing:
+            # A strict router (RFC 2543) takes the request URI from the first route (12.2.1.1).
+            for route in self.route_set[1:]:
+                headers.add("Route", route)
+            headers.add("Route", f"<{self.remote_target}>")
+            return SipRequest(method, parse_name_addr(self.route_set[0]).uri, headers)
         for route in self.route_set:
             headers.add("Route", route)
         return SipRequest(method, self.remote_target, headers)
+
+    @property
+    def _loose_routing(self) -> bool:
+        return "lr" in parse_uri(parse_name_addr(self.route_set[0]).uri).params
 
     def next_hop(self) -> tuple[str, int]:
         """Host and port our in-dialog requests go to: the first route, else the remote target."""

@@ -110,7 +110,9 @@ class ClientTransaction:
     timed_out: bool = False
     retransmit_interval: float = 0.0
     deadlines: dict[str, float] = field(default_factory=dict)
-    ack: bytes | None = None  # our ACK for a non-2xx final response to an INVITE
+    # Our ACK for an INVITE's final response: sent by the transaction for a non-2xx, by the
+    # TU for a 2xx (kept here so a repeated 2xx gets the same ACK until Timer M).
+    ack: bytes | None = None
 
     @property
     def is_invite(self) -> bool:

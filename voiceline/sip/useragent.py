@@ -1,16 +1,17 @@
-"""The SIP user agent core: answers inbound calls and ends them (RFC 3261 as a UAS).
+"""The SIP user agent core: answers inbound calls, keeps their dialogs and ends them (RFC 3261 as a UAS).
 
-Timers and retransmissions live in the sans-I/O transaction layer; this module
-is the asyncio edge that feeds it datagrams and the loop clock and tells the
-call handler (the app) when a call is offered, confirmed and ended.
+Timers and retransmissions live in the sans-I/O transaction layer, SDP
+exchanges in `offer_answer`, session timers in `session_timer`; this module is
+the asyncio edge that feeds them datagrams and the loop clock and tells the
+call handler (the app) when a call is offered, confirmed, changed and ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import secrets
-from collections.abc import Iterable
+import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,6 +21,7 @@ from voiceline import __version__
 from voiceline.privacy import new_call_id
 from voiceline.sip.dialog import Dialog, is_ip_address, new_tag
 from voiceline.sip.message import (
+    Headers,
     SipParseError,
     SipRequest,
     SipResponse,
@@ -30,14 +32,17 @@ from voiceline.sip.message import (
     salvage_request_headers,
     serialize,
 )
-from voiceline.sip.sdp import (
-    NegotiatedAudio,
-    NoCommonCodec,
-    SdpError,
-    SessionDescription,
-    build_answer,
-    negotiate,
-    parse_sdp,
+from voiceline.sip.offer_answer import OfferAnswer
+from voiceline.sip.sdp import NegotiatedAudio, NoCommonCodec, SdpError, SessionDescription, parse_sdp
+from voiceline.sip.session_timer import (
+    Action,
+    Agreement,
+    SessionTimer,
+    SessionTimerPolicy,
+    TooSmall,
+    answer_request,
+    answer_response,
+    request_headers,
 )
 from voiceline.sip.transaction import (
     ClientTransaction,
@@ -51,8 +56,16 @@ from voiceline.sip.transport import Address, SipTransport
 
 log = structlog.get_logger("voiceline.sip")
 
-ALLOWED_METHODS = "INVITE, ACK, BYE, CANCEL, OPTIONS"
+ALLOWED_METHODS = "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO"
+SUPPORTED_EXTENSIONS = ("timer",)
 USER_AGENT = f"voiceline/{__version__}"
+DTMF_CONTENT_TYPES = ("application/dtmf-relay", "application/dtmf")
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+GLARE_RETRY_SECONDS = 2.0  # our refused refresh goes again after a random 0-2 s (RFC 3261 14.1)
+
+
+# What to do with the final response to one of our requests (None: Timer F or B fired).
+FinalHandler = Callable[[ClientTransaction, SipResponse | None], None]
 
 
 class CallState(enum.Enum):
@@ -60,6 +73,15 @@ class CallState(enum.Enum):
     ANSWERED = "answered"  # 200 OK sent, waiting for the ACK
     CONFIRMED = "confirmed"  # ACK received: media flows
     ENDED = "ended"
+
+
+class _Refused(Exception):
+    """Raised while handling a request: answer it with this status, nothing else changes."""
+
+    def __init__(self, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(status)
+        self.status = status
+        self.headers = list(headers)
 
 
 class CallRejected(Exception):
@@ -77,23 +99,51 @@ class Call:
 
     id: str
     dialog: Dialog
-    offer: SessionDescription
-    audio: NegotiatedAudio
+    media: OfferAnswer  # SDP state: the negotiated audio, our last SDP, a pending offer
+    offer: SessionDescription | None  # the INVITE's offer; None when it came without one
     invite: ServerTransaction
     state: CallState = CallState.OFFERED
-    local_rtp_port: int = 0
     media_ready: bool = False  # the handler accepted the call and owns media for it
     awaiting_ack: ServerTransaction | None = None  # an INVITE whose 2xx is retransmitted until ACKed
-    answer_sdp: bytes = b""
-    session_id: int = field(default_factory=lambda: secrets.randbelow(1 << 31))
+    peer_allows_update: bool = False
+    session_agreement: Agreement | None = None  # what the INVITE's 200 says about session timers
+    session_timer: SessionTimer | None = None
+    refresh: ClientTransaction | None = None  # our session refresh in progress
+    ends_at: float = 0.0  # maximum call duration; 0: none
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def audio(self) -> NegotiatedAudio | None:
+        """The negotiated audio; None until an offerless INVITE's ACK brought the answer."""
+        return self.media.audio
+
+    @property
+    def on_hold(self) -> bool:
+        """The caller put us on hold (sendonly/inactive): we must not send to it."""
+        return self.media.on_hold
+
+    @property
+    def local_rtp_port(self) -> int:
+        return self.media.local_port
 
 
 class CallHandler(Protocol):
     async def call_offered(self, call: Call) -> int:
-        """Prepare media; return the local RTP port for the SDP answer, or raise CallRejected."""
+        """Prepare media; return the local RTP port for the SDP, or raise CallRejected.
+
+        `call.audio` is None when the INVITE had no offer: it is set by the time of call_confirmed.
+        """
         ...
 
     def call_confirmed(self, call: Call) -> None: ...
+
+    def call_media_changed(self, call: Call) -> None:
+        """A re-INVITE or UPDATE changed the direction (`call.on_hold`) or the remote address."""
+        ...
+
+    def call_dtmf(self, call: Call, digit: str) -> None:
+        """A digit sent by SIP INFO (application/dtmf-relay or application/dtmf)."""
+        ...
 
     def call_ended(self, call: Call) -> None: ...
 
@@ -105,6 +155,8 @@ class UserAgentSettings:
     timers: Timers = Timers()
     max_message_size: int = 65535
     codecs: tuple[str, ...] = ("PCMU", "PCMA")
+    session_timers: SessionTimerPolicy = SessionTimerPolicy()
+    max_call_duration: float = 0.0  # seconds from the answer; 0: unlimited
 
 
 @dataclass
@@ -124,7 +176,8 @@ class UserAgent:
         self.transport: SipTransport | None = None
         self._calls: dict[tuple[str, str], Call] = {}  # (Call-ID, our tag) -> call
         self._calls_by_invite: dict[ServerTransaction, Call] = {}
-        self._pending_byes: set[ClientTransaction] = set()
+        # Our pending requests and what to do with their final response (None: Timer F/B fired).
+        self._pending: dict[ClientTransaction, FinalHandler] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -146,13 +199,23 @@ class UserAgent:
     def calls(self) -> list[Call]:
         return list(self._calls.values())
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self) -> None:
+        """Refuse new calls (503 with Retry-After); calls in progress go on."""
+        if not self._draining:
+            self._draining = True
+            log.info("sip.draining", calls=len(self._calls))
+
     async def shutdown(self, timeout: float = 4.0) -> None:
         """Refuse new calls, send BYE on every call, wait (bounded) for the answers."""
         self._draining = True
         for call in list(self._calls.values()):
             self.hangup(call, "service stopping")
         deadline = self._loop.time() + timeout
-        while self._pending_byes and self._loop.time() < deadline:
+        while self._pending and self._loop.time() < deadline:
             await asyncio.sleep(0.05)
         for task in list(self._tasks):
             task.cancel()
@@ -207,8 +270,13 @@ class UserAgent:
             self._on_ack(request)
             return
         assert tx is not None
+        if kind is Incoming.LOOP:
+            self._respond(tx, 482)
+            return
         try:
             self._dispatch(tx, request)
+        except _Refused as refused:
+            self._respond(tx, refused.status, refused.headers)
         except SipParseError:
             # A header the parser accepted but this request's handling needs in a stricter form
             # (e.g. an INVITE without a usable Contact): 400 through its transaction.
@@ -226,8 +294,8 @@ class UserAgent:
         elif request.method == "CANCEL":
             self._on_cancel(tx, request)
         elif request.method == "OPTIONS":
-            self._respond(tx, 200, [("Allow", ALLOWED_METHODS), ("Accept", "application/sdp")])
-        elif request.method in ("BYE", "INVITE"):
+            self._respond(tx, 200, [*self._capabilities(), ("Accept", "application/sdp")])
+        elif request.method in ("BYE", "INVITE", "UPDATE", "INFO"):
             self._on_in_dialog(tx, request, to_tag)
         else:
             self._respond(tx, 405, [("Allow", ALLOWED_METHODS)])
@@ -239,36 +307,39 @@ class UserAgent:
         if not request.uri.lower().startswith(("sip:", "sips:")):
             self._respond(tx, 416)
             return
-        required = request.headers.get_all("Require")
-        if required:
-            self._respond(tx, 420, [("Unsupported", ", ".join(required))])
-            return
-        content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if content_type != "application/sdp" or not request.body:
-            # Offerless INVITEs (offer in the 200, answer in the ACK) are not supported yet.
-            self._respond(tx, 415 if request.body else 488, [("Accept", "application/sdp")])
-            return
-        try:
-            offer = parse_sdp(request.body)
-            audio = negotiate(offer, self.settings.codecs)
-        except NoCommonCodec:
-            self._respond(tx, 488)
-            return
-        except SdpError:
-            self._respond(tx, 400)
-            return
+        _check_required(request)
+        offer = _read_offer(request)
+        timers = self._session_timers(request)
+        media = OfferAnswer(self.settings.advertised_host, self.settings.codecs)
+        audio = None
+        if offer is not None:
+            try:
+                audio = media.negotiate_offer(offer)
+            except NoCommonCodec:
+                raise _Refused(488) from None
+            except SdpError:
+                raise _Refused(400) from None
         dialog = Dialog.from_invite(request, new_tag())
-        call = Call(new_call_id(), dialog, offer, audio, tx)
+        call = Call(new_call_id(), dialog, media, offer, tx, session_agreement=timers)
+        call.peer_allows_update = _lists(request.headers, "Allow", "UPDATE")
+        if audio is not None:
+            media.audio = audio  # answered in the 200 once the local port is known
         self._calls[(dialog.call_id, dialog.local_tag)] = call
         self._calls_by_invite[tx] = call
         self.counters.calls += 1
         self._respond(tx, 100)
-        log.info("call.offered", call=call.id, codec=audio.codec)
+        log.info("call.offered", call=call.id, codec=audio.codec if audio else None)
         self._spawn(self._answer(call))
+
+    def _session_timers(self, request: SipRequest) -> Agreement | None:
+        timers = answer_request(request.headers, self.settings.session_timers)
+        if isinstance(timers, TooSmall):
+            raise _Refused(422, [("Min-SE", str(timers.min_se))])
+        return timers
 
     async def _answer(self, call: Call) -> None:
         try:
-            call.local_rtp_port = await self.handler.call_offered(call)
+            call.media.local_port = await self.handler.call_offered(call)
         except CallRejected as exc:
             extra = [("Retry-After", str(exc.retry_after))] if exc.retry_after else []
             self._final_without_dialog(call, exc.status, extra)
@@ -277,34 +348,48 @@ class UserAgent:
         if call.state is CallState.ENDED:  # cancelled while media was being prepared
             self.handler.call_ended(call)
             return
-        self._respond(call.invite, 180, self._call_headers())
+        record_routes = [("Record-Route", route) for route in call.dialog.route_set]  # 12.1.1
+        self._respond(call.invite, 180, [*record_routes, *self._call_headers()])
         await asyncio.sleep(self.settings.answer_delay)
         if call.state is not CallState.OFFERED:
             return
-        call.answer_sdp = build_answer(
-            call.offer,
-            call.audio,
-            self.settings.advertised_host,
-            call.local_rtp_port,
-            call.session_id,
-            1,
-        )
+        if call.offer is not None and call.audio is not None:
+            sdp = call.media.answer(call.offer, call.audio)
+        else:
+            sdp = call.media.offer()  # the answer comes in the ACK
         call.state = CallState.ANSWERED
         call.awaiting_ack = call.invite
-        self._respond(call.invite, 200, self._call_headers(), call.answer_sdp)
-        log.info("call.answered", call=call.id)
+        agreement = call.session_agreement
+        timer_headers = list(agreement.response_headers) if agreement else []
+        self._respond(call.invite, 200, [*record_routes, *self._call_headers(), *timer_headers], sdp)
+        now = self._loop.time()
+        if agreement is not None:
+            call.session_timer = SessionTimer(agreement.interval, agreement.we_refresh, now)
+        if self.settings.max_call_duration:
+            call.ends_at = now + self.settings.max_call_duration
+        self._arm_call_timer(call)
+        log.info("call.answered", call=call.id, offered=call.offer is not None)
 
     def _on_ack(self, request: SipRequest) -> None:
         to_tag = parse_name_addr(request.headers.get("To") or "").tag
         call = self._calls.get((request.headers.get("Call-ID") or "", to_tag or ""))
-        if call is None:
-            return  # a stray ACK
+        if call is None or call.awaiting_ack is None:
+            return  # a stray or repeated ACK
         self._stop_awaiting_ack(call)
-        if call.state is not CallState.ANSWERED:
-            return  # the ACK of a re-INVITE, or a repeated one
-        call.state = CallState.CONFIRMED
-        log.info("call.confirmed", call=call.id)
-        self.handler.call_confirmed(call)
+        if call.media.offer_pending:  # we offered in the 200: the ACK carries the answer (13.2.1)
+            before = call.audio
+            try:
+                call.media.take_answer(request.body)
+            except SdpError:
+                log.warning("call.no_answer_in_ack", call=call.id)
+                self.hangup(call, "no usable answer in the ACK")
+                return
+            if call.state is CallState.CONFIRMED:
+                self._media_maybe_changed(call, before)
+        if call.state is CallState.ANSWERED:
+            call.state = CallState.CONFIRMED
+            log.info("call.confirmed", call=call.id, on_hold=call.on_hold)
+            self.handler.call_confirmed(call)
 
     def _on_cancel(self, tx: ServerTransaction, request: SipRequest) -> None:
         invite = self.transactions.find_invite(request)
@@ -328,26 +413,173 @@ class UserAgent:
         if request.method == "BYE":
             self._respond(tx, 200)
             self._end(call, "caller hung up")
-            return
-        self._on_reinvite(tx, request, call)
+        elif request.method == "INFO":
+            self._on_info(tx, request, call)
+        else:
+            self._on_session_change(tx, request, call)
 
-    def _on_reinvite(self, tx: ServerTransaction, request: SipRequest, call: Call) -> None:
-        """A refresh that keeps our codec gets our unchanged answer; anything else 488."""
-        try:
-            audio = negotiate(parse_sdp(request.body), (call.audio.codec,)) if request.body else call.audio
-        except SdpError:
-            self._respond(tx, 488)
+    def _on_session_change(self, tx: ServerTransaction, request: SipRequest, call: Call) -> None:
+        """A re-INVITE or an UPDATE: maybe an offer (hold, resume, new address), maybe a session refresh."""
+        is_invite = request.method == "INVITE"
+        # Glare (RFC 3261 14.2, RFC 3311 5.2): an exchange of ours, or an INVITE of theirs, is unfinished.
+        busy = call.media.offer_pending or (is_invite and (call.awaiting_ack is not None or call.refresh is not None))
+        if busy or call.state is CallState.OFFERED:
+            raise _Refused(491)
+        _check_required(request)
+        offer = _read_offer(request)
+        timers = self._session_timers(request)
+        before = call.audio
+        if offer is not None:
+            try:
+                audio = call.media.negotiate_offer(offer)
+            except SdpError:  # NoCommonCodec too: the session goes on unchanged (14.2)
+                raise _Refused(488) from None
+            sdp = call.media.answer(offer, audio)
+        elif is_invite:
+            sdp = call.media.offer()  # a re-INVITE without SDP: we offer, the ACK answers
+        else:
+            sdp = b""  # an UPDATE without SDP only refreshes the session
+        call.dialog.refresh_target(request.headers)
+        if "UPDATE" in (request.headers.get("Allow") or "").upper():
+            call.peer_allows_update = True
+        headers = [*self._call_headers(), *(timers.response_headers if timers else ())]
+        self._respond(tx, 200, headers, sdp)
+        if is_invite:
+            call.awaiting_ack = tx
+        self._restart_session_timer(call, timers)
+        if offer is not None:
+            self._media_maybe_changed(call, before)
+
+    def _on_info(self, tx: ServerTransaction, request: SipRequest, call: Call) -> None:
+        """INFO carrying a DTMF digit (the de-facto application/dtmf-relay and application/dtmf)."""
+        if not request.body:
+            self._respond(tx, 200)  # an empty INFO is a keep-alive
             return
-        if call.state is not CallState.CONFIRMED or audio.payload_type != call.audio.payload_type:
-            self._respond(tx, 488)
+        content_type = _content_type(request)
+        if content_type not in DTMF_CONTENT_TYPES:
+            self._respond(tx, 415, [("Accept", ", ".join(DTMF_CONTENT_TYPES))])
             return
-        self._respond(tx, 200, self._call_headers(), call.answer_sdp)
-        call.awaiting_ack = tx
+        digit = _dtmf_digit(content_type, request.body)
+        if digit is None:
+            self._respond(tx, 400)
+            return
+        self._respond(tx, 200)
+        if call.state is CallState.CONFIRMED:
+            self.handler.call_dtmf(call, digit)
+
+    def _media_maybe_changed(self, call: Call, before: NegotiatedAudio | None) -> None:
+        audio = call.audio
+        if audio is None or before is None:
+            return
+        moved = (audio.remote_host, audio.remote_port) != (before.remote_host, before.remote_port)
+        if moved or audio.direction != before.direction:
+            log.info("call.media_changed", call=call.id, on_hold=call.on_hold, moved=moved)
+            if call.state is CallState.CONFIRMED:
+                self.handler.call_media_changed(call)
 
     def _stop_awaiting_ack(self, call: Call) -> None:
         if call.awaiting_ack is not None:
             self.transactions.acknowledged(call.awaiting_ack, self._loop.time())
             call.awaiting_ack = None
+
+    # -- call timers: session refresh and expiry, maximum duration ------------
+
+    def _restart_session_timer(self, call: Call, agreement: Agreement | None) -> None:
+        if agreement is None:
+            return
+        now = self._loop.time()
+        if call.session_timer is None:
+            call.session_timer = SessionTimer(agreement.interval, agreement.we_refresh, now)
+        else:
+            call.session_timer.restart(agreement, now)
+        self._arm_call_timer(call)
+
+    def _arm_call_timer(self, call: Call) -> None:
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        deadlines = [call.ends_at] if call.ends_at else []
+        if call.session_timer is not None:
+            deadlines.append(call.session_timer.next_deadline())
+        if deadlines and call.state is not CallState.ENDED:
+            call.timer = self._loop.call_at(min(deadlines), self._on_call_timer, call)
+
+    def _on_call_timer(self, call: Call) -> None:
+        call.timer = None
+        if call.state is CallState.ENDED:
+            return
+        now = self._loop.time()
+        if call.ends_at and now >= call.ends_at:
+            log.info("call.max_duration", call=call.id)
+            self.hangup(call, "maximum duration")
+            return
+        action = call.session_timer.poll(now) if call.session_timer is not None else None
+        if action is Action.EXPIRE:
+            log.warning("call.session_expired", call=call.id)
+            self.hangup(call, "session expired")
+            return
+        if action is Action.REFRESH:
+            self._send_refresh(call)
+        self._arm_call_timer(call)
+
+    def _send_refresh(self, call: Call) -> None:
+        """Refresh the session as its refresher: UPDATE without SDP, else a re-INVITE with our SDP."""
+        timer = call.session_timer
+        assert timer is not None
+        if call.refresh is not None or call.awaiting_ack is not None or call.media.offer_pending:
+            timer.retry(self._loop.time() + GLARE_RETRY_SECONDS)  # an exchange is under way: try again soon
+            return
+        method = "UPDATE" if call.peer_allows_update else "INVITE"
+        request = self._in_dialog_request(call, method)
+        for name, value in [*self._call_headers(), *request_headers(timer.interval, self.settings.session_timers)]:
+            request.headers.add(name, value)
+        if method == "INVITE":
+            request.headers.add("Content-Type", "application/sdp")
+            request.body = call.media.offer()
+        log.info("call.refresh", call=call.id, method=method)
+        call.refresh = self._send_in_dialog(call, request, lambda tx, response: self._refresh_done(call, tx, response))
+
+    def _refresh_done(self, call: Call, tx: ClientTransaction, response: SipResponse | None) -> None:
+        call.refresh = None
+        is_invite = tx.is_invite
+        if call.state is CallState.ENDED:
+            return
+        timer = call.session_timer
+        assert timer is not None
+        status = response.status if response is not None else 408
+        if is_invite and status >= 300:
+            call.media.offer_pending = False  # the offer was refused: the session stays as it was
+        if 200 <= status < 300:
+            assert response is not None
+            self._on_refresh_accepted(call, tx, response, timer)
+        elif status in (408, 481):
+            self.hangup(call, "refresh failed")  # the peer lost the dialog (RFC 4028 10)
+            return
+        elif status == 422:
+            min_se = (response.headers.get("Min-SE") if response else None) or ""
+            timer.retry(self._loop.time(), int(min_se) if min_se.isdigit() else None)
+        elif status == 491:
+            timer.retry(self._loop.time() + random.uniform(0, GLARE_RETRY_SECONDS))
+        elif status in (405, 501) and not is_invite:
+            call.peer_allows_update = False
+            timer.retry(self._loop.time())
+        self._arm_call_timer(call)
+
+    def _on_refresh_accepted(self, call: Call, tx: ClientTransaction, response: SipResponse, timer: SessionTimer) -> None:
+        if tx.is_invite:
+            # The ACK for a 2xx is ours to send (13.2.2.4); kept on the transaction for repeated 2xx.
+            cseq = int((tx.request.headers.get("CSeq") or "0").split()[0])
+            tx.ack = serialize(self._in_dialog_request(call, "ACK", cseq))
+            self._send(Send(tx.ack, tx.dest))
+            before = call.audio
+            try:
+                call.media.take_answer(response.body)
+            except SdpError:
+                self.hangup(call, "unusable answer to our re-INVITE")
+                return
+            self._media_maybe_changed(call, before)
+        call.dialog.refresh_target(response.headers)
+        timer.restart(answer_response(response.headers, timer.interval), self._loop.time())
 
     # -- outbound ------------------------------------------------------------
 
@@ -358,38 +590,60 @@ class UserAgent:
         if call.state is CallState.OFFERED:
             self._respond(call.invite, 480, [("Retry-After", "60")])
         else:
-            self._send_bye(call)
+            bye = self._in_dialog_request(call, "BYE")
+            bye.headers.add("User-Agent", USER_AGENT)
+            self._send_in_dialog(call, bye, lambda tx, response: None)
         self._end(call, reason)
 
-    def _send_bye(self, call: Call) -> None:
+    def _in_dialog_request(self, call: Call, method: str, cseq: int | None = None) -> SipRequest:
         assert self.transport is not None
         port = self.transport.local_address[1]
-        bye = call.dialog.new_request("BYE", self.settings.advertised_host, port, self.transport.name)
-        bye.headers.add("User-Agent", USER_AGENT)
+        return call.dialog.new_request(method, self.settings.advertised_host, port, self.transport.name, cseq)
+
+    def _send_in_dialog(
+        self, call: Call, request: SipRequest, on_final: FinalHandler
+    ) -> ClientTransaction | None:
+        """Send to the dialog's next hop; a host name is resolved first (then no transaction is returned)."""
         next_host, next_port = call.dialog.next_hop()
         if is_ip_address(next_host):
-            self._start_client(bye, (next_host, next_port))
-        else:
-            self._spawn(self._resolve_and_send(bye, next_host, next_port, call.invite.source))
+            return self._start_client(request, (next_host, next_port), on_final)
+        self._spawn(self._resolve_and_send(request, next_host, next_port, call.invite.source, on_final))
+        return None
 
-    async def _resolve_and_send(self, request: SipRequest, host: str, port: int, fallback: Address) -> None:
+    async def _resolve_and_send(
+        self,
+        request: SipRequest,
+        host: str,
+        port: int,
+        fallback: Address,
+        on_final: FinalHandler,
+    ) -> None:
         try:
             infos = await self._loop.getaddrinfo(host, port, type=2)  # SOCK_DGRAM
             dest: Address = (str(infos[0][4][0]), int(infos[0][4][1]))
         except OSError:
             dest = fallback  # the address the INVITE came from is our best remaining hope
-        self._start_client(request, dest)
+        self._start_client(request, dest, on_final)
 
-    def _start_client(self, request: SipRequest, dest: Address) -> None:
+    def _start_client(
+        self, request: SipRequest, dest: Address, on_final: FinalHandler
+    ) -> ClientTransaction:
         tx, sends = self.transactions.send_request(request, dest, self._loop.time())
-        self._pending_byes.add(tx)
+        self._pending[tx] = on_final
         self._send_all(sends)
         self._reschedule()
+        return tx
 
     def _on_response(self, response: SipResponse) -> None:
         tx = self.transactions.on_response(response, self._loop.time())
-        if tx is not None:
-            self._pending_byes.discard(tx)
+        self._send_all(self.transactions.take_sends())
+        if tx is None:
+            return
+        on_final = self._pending.pop(tx, None)
+        if on_final is not None:
+            on_final(tx, response)
+        elif tx.ack is not None and response.status < 300:
+            self._send(Send(tx.ack, tx.dest))  # a repeated 2xx to our re-INVITE: our ACK was lost
 
     # -- helpers ---------------------------------------------------------------
 
@@ -398,6 +652,9 @@ class UserAgent:
             return
         call.state = CallState.ENDED
         self._stop_awaiting_ack(call)  # a BYE before the ACK ends the 2xx retransmissions too
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
         self._calls.pop((call.dialog.call_id, call.dialog.local_tag), None)
         self._calls_by_invite.pop(call.invite, None)
         log.info("call.ended", call=call.id, reason=reason)
@@ -409,8 +666,11 @@ class UserAgent:
             self._respond(call.invite, status, extra)
         self._end(call, f"refused {status}")
 
+    def _capabilities(self) -> list[tuple[str, str]]:
+        return [("Allow", ALLOWED_METHODS), ("Supported", ", ".join(SUPPORTED_EXTENSIONS))]
+
     def _call_headers(self) -> list[tuple[str, str]]:
-        return [("Contact", self.contact), ("Allow", ALLOWED_METHODS)]
+        return [("Contact", self.contact), *self._capabilities()]
 
     def _respond(
         self,
@@ -481,8 +741,58 @@ class UserAgent:
                 log.warning("call.ack_timeout", call=call.id)
                 self.hangup(call, "no ACK")
         for client_tx in result.timed_out:
-            self._pending_byes.discard(client_tx)
+            on_final = self._pending.pop(client_tx, None)
+            if on_final is not None:
+                on_final(client_tx, None)
         self._reschedule()
+
+
+def _check_required(request: SipRequest) -> None:
+    """420 for a Require we do not support (8.2.2.3)."""
+    unsupported = [
+        option.strip()
+        for value in request.headers.get_all("Require")
+        for option in value.split(",")
+        if option.strip() and option.strip().lower() not in SUPPORTED_EXTENSIONS
+    ]
+    if unsupported:
+        raise _Refused(420, [("Unsupported", ", ".join(unsupported))])
+
+
+def _read_offer(request: SipRequest) -> SessionDescription | None:
+    """The request's SDP offer; None without a body."""
+    if not request.body:
+        return None
+    if _content_type(request) != "application/sdp":
+        raise _Refused(415, [("Accept", "application/sdp")])
+    try:
+        return parse_sdp(request.body)
+    except SdpError:
+        raise _Refused(400) from None
+
+
+def _content_type(request: SipRequest) -> str:
+    return (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+
+
+def _lists(headers: Headers, name: str, option: str) -> bool:
+    """Whether a comma-separated header (Allow, Supported) names `option`."""
+    return any(item.strip().upper() == option for value in headers.get_all(name) for item in value.split(","))
+
+
+def _dtmf_digit(content_type: str, body: bytes) -> str | None:
+    """The digit of an application/dtmf-relay (`Signal=5`) or application/dtmf (`5`) body."""
+    text = body.decode("ascii", "replace")
+    if content_type == "application/dtmf":
+        value = text.strip()
+    else:
+        value = next(
+            (v.strip() for line in text.splitlines() if (k := line.partition("=")[0]).strip().lower() == "signal"
+             for v in [line.partition("=")[2]]),
+            "",
+        )
+    value = value.upper()
+    return value if len(value) == 1 and value in DTMF_DIGITS else None
 
 
 def _with_server(response: SipResponse) -> SipResponse:
