@@ -11,7 +11,7 @@ OFFER = (
     "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
     "m=audio {port} RTP/AVP {formats}\r\n"
     "a=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
-    "a=fmtp:101 0-16\r\na=sendrecv\r\n"
+    "a=fmtp:101 0-16\r\na={direction}\r\n"
 )
 
 
@@ -102,16 +102,20 @@ class Dialer:
             "Max-Forwards: 70\r\n"
         )
 
-    def invite(self, rtp_port: int, formats: str = "0 8 101", contact: bool = True) -> None:
+    def invite(
+        self, rtp_port: int | None, formats: str = "0 8 101", contact: bool = True, extra: str = ""
+    ) -> None:
+        """An INVITE offering `rtp_port` (None: an offerless INVITE); `extra` adds header lines."""
         self.branch = "z9hG4bK" + secrets.token_hex(6)
-        body = OFFER.format(port=rtp_port, formats=formats)
-        headers = self._headers("INVITE", self.branch, self.cseq)
+        body = OFFER.format(port=rtp_port, formats=formats, direction="sendrecv") if rtp_port is not None else ""
+        headers = self._headers("INVITE", self.branch, self.cseq) + extra
         if not contact:
             headers = "".join(line + "\r\n" for line in headers.split("\r\n") if line and not line.startswith("Contact:"))
         text = (
             f"INVITE sip:line@{self.server[0]}:{self.server[1]} SIP/2.0\r\n"
             + headers
-            + f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+            + ("Content-Type: application/sdp\r\n" if body else "")
+            + f"Content-Length: {len(body)}\r\n\r\n{body}"
         )
         self.last_invite = text.encode()
         self.peer.send(text, self.server)
@@ -120,12 +124,15 @@ class Dialer:
         """A retransmission: the very same bytes, same branch."""
         self.peer.send(self.last_invite, self.server)
 
-    def ack(self, to_tag: str, for_error: bool = False) -> None:
+    def ack(self, to_tag: str, for_error: bool = False, sdp_port: int | None = None, direction: str = "sendrecv") -> None:
+        """ACK our last INVITE; with `sdp_port`, carrying the answer to an offer the server made."""
         self.to_tag = to_tag
         branch = self.branch if for_error else "z9hG4bK" + secrets.token_hex(6)
+        body = OFFER.format(port=sdp_port, formats="0", direction=direction) if sdp_port is not None else ""
+        kind = "Content-Type: application/sdp\r\n" if body else ""
         text = f"ACK sip:line@{self.server[0]}:{self.server[1]} SIP/2.0\r\n" + self._headers(
             "ACK", branch, self.cseq, to_tag
-        ) + "Content-Length: 0\r\n\r\n"
+        ) + f"{kind}Content-Length: {len(body)}\r\n\r\n{body}"
         self.peer.send(text, self.server)
 
     def cancel(self) -> None:
@@ -134,15 +141,28 @@ class Dialer:
         ) + "Content-Length: 0\r\n\r\n"
         self.peer.send(text, self.server)
 
-    def in_dialog(self, method: str, sdp_port: int | None = None, cseq: int | None = None) -> None:
-        """A request inside the dialog; with `sdp_port`, carrying an SDP offer (a re-INVITE)."""
+    def in_dialog(
+        self,
+        method: str,
+        sdp_port: int | None = None,
+        cseq: int | None = None,
+        direction: str = "sendrecv",
+        body: str = "",
+        content_type: str = "",
+        extra: str = "",
+    ) -> None:
+        """A request inside the dialog; with `sdp_port`, carrying an SDP offer (a re-INVITE or UPDATE)
+        in `direction`; or any other `body` of `content_type`. `extra` adds header lines."""
         self.cseq = cseq if cseq is not None else self.cseq + 1
-        branch = "z9hG4bK" + secrets.token_hex(6)
-        body = OFFER.format(port=sdp_port, formats="0 8 101") if sdp_port is not None else ""
-        kind = "Content-Type: application/sdp\r\n" if body else ""
+        if method == "INVITE":
+            self.branch = "z9hG4bK" + secrets.token_hex(6)
+        branch = self.branch if method == "INVITE" else "z9hG4bK" + secrets.token_hex(6)
+        if sdp_port is not None:
+            body, content_type = OFFER.format(port=sdp_port, formats="0 8 101", direction=direction), "application/sdp"
+        kind = f"Content-Type: {content_type}\r\n" if body else ""
         text = f"{method} sip:voiceline@{self.server[0]}:{self.server[1]} SIP/2.0\r\n" + self._headers(
             method, branch, self.cseq, self.to_tag
-        ) + f"{kind}Content-Length: {len(body)}\r\n\r\n{body}"
+        ) + f"{extra}{kind}Content-Length: {len(body)}\r\n\r\n{body}"
         self.peer.send(text, self.server)
 
     def out_of_dialog(self, method: str) -> None:

@@ -109,7 +109,7 @@ def answer_response(headers: Headers, interval: int) -> Agreement:
     """As the UAC of our refresh: the interval and refresher its 2xx settled (section 7.2)."""
     value = headers.get("Session-Expires")
     if value is None:
-        return Agreement(interval, True, ())  # the peer does not do timers: we keep refreshing
+        return Agreement(interval, True, ())  # the peer does not do timers: we keep refreshing  # the peer does not do timers: we keep refreshing
     agreed, refresher = parse_session_expires(value)
     return Agreement(agreed, refresher != "uas", ())
 
@@ -121,23 +121,28 @@ class SessionTimer:
     refreshed_at: float
     refresh_sent: bool = False
     retry_at: float = 0.0  # a refresh the peer refused for now (491) goes again no sooner
+    ask: int = 0  # the interval our next refresh asks for (raised by a 422's Min-SE)
+
+    def __post_init__(self) -> None:
+        self.ask = self.ask or self.interval
 
     def restart(self, agreement: Agreement, now: float) -> None:
-        self.interval = agreement.interval
+        self.interval = self.ask = agreement.interval
         self.we_refresh = agreement.we_refresh
         self.refreshed_at = now
         self.refresh_sent = False
+        self.retry_at = 0.0
 
-    def retry(self, not_before: float, interval: int | None = None) -> None:
-        """Our refresh was refused (491 glare, 422 with a larger Min-SE): send another."""
-        if interval is not None:
-            self.interval = max(self.interval, interval)
+    def retry(self, not_before: float, min_se: int | None = None) -> None:
+        """Our refresh was refused (491 glare; 422 with the peer's Min-SE): send another."""
+        if min_se is not None:
+            self.ask = max(self.ask, min_se)
         self.refresh_sent = False
         self.retry_at = not_before
 
     @property
     def refresh_at(self) -> float:
-        return max(self.refreshed_at + self.interval / 2, self.retry_at)
+        return self.retry_at or self.refreshed_at + self.interval / 2
 
     @property
     def expires_at(self) -> float:

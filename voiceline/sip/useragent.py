@@ -421,12 +421,15 @@ class UserAgent:
     def _on_session_change(self, tx: ServerTransaction, request: SipRequest, call: Call) -> None:
         """A re-INVITE or an UPDATE: maybe an offer (hold, resume, new address), maybe a session refresh."""
         is_invite = request.method == "INVITE"
-        # Glare (RFC 3261 14.2, RFC 3311 5.2): an exchange of ours, or an INVITE of theirs, is unfinished.
-        busy = call.media.offer_pending or (is_invite and (call.awaiting_ack is not None or call.refresh is not None))
-        if busy or call.state is CallState.OFFERED:
-            raise _Refused(491)
         _check_required(request)
         offer = _read_offer(request)
+        # Glare (RFC 3261 14.2, RFC 3311 5.2): an offer of ours, or an INVITE of either side, is unfinished.
+        # An UPDATE without an offer (a session refresh) does not collide with anything.
+        invite_pending = call.awaiting_ack is not None or call.refresh is not None
+        if (is_invite or offer is not None) and (call.media.offer_pending or (is_invite and invite_pending)):
+            raise _Refused(491)
+        if call.state is CallState.OFFERED:
+            raise _Refused(491)
         timers = self._session_timers(request)
         before = call.audio
         if offer is not None:
@@ -531,7 +534,7 @@ class UserAgent:
             return
         method = "UPDATE" if call.peer_allows_update else "INVITE"
         request = self._in_dialog_request(call, method)
-        for name, value in [*self._call_headers(), *request_headers(timer.interval, self.settings.session_timers)]:
+        for name, value in [*self._call_headers(), *request_headers(timer.ask, self.settings.session_timers)]:
             request.headers.add(name, value)
         if method == "INVITE":
             request.headers.add("Content-Type", "application/sdp")
@@ -579,7 +582,7 @@ class UserAgent:
                 return
             self._media_maybe_changed(call, before)
         call.dialog.refresh_target(response.headers)
-        timer.restart(answer_response(response.headers, timer.interval), self._loop.time())
+        timer.restart(answer_response(response.headers, timer.ask), self._loop.time())
 
     # -- outbound ------------------------------------------------------------
 
