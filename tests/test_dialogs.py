@@ -25,7 +25,6 @@ from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sim.analysis import goertzel_db
 from voiceline.sip.message import SipResponse, parse_name_addr, parse_via, response_to, serialize
 from voiceline.sip.sdp import parse_sdp
-from voiceline.sip.session_timer import SessionTimerPolicy
 from voiceline.sip.useragent import Call
 
 _next_range = iter(range(22000, 23900, 20))  # this file's RTP ports
@@ -352,25 +351,19 @@ async def test_reinvite_contact_refreshes_the_remote_target(tmp_path: Path, peer
         moved.close()
 
 
-def short_session_timers(app: VoiceLine, seconds: int) -> None:
-    """Session intervals of a few seconds: below RFC 4028's floor, which the config enforces."""
-    assert app.agent is not None
-    app.agent.settings.session_timers = SessionTimerPolicy(session_expires=seconds, min_se=1)
-
-
-async def test_unrefreshed_session_is_ended_with_bye(service: VoiceLine, peer: RawPeer) -> None:
-    short_session_timers(service, 3)
-    dialer = Dialer(peer, address(service))
-    dialer.invite(rtp_port=4000, extra="Supported: timer\r\nSession-Expires: 3;refresher=uac\r\n")
-    ok = await peer.response(status=200)
-    assert ok.headers.get("Session-Expires") == "3;refresher=uac" and ok.headers.get("Require") == "timer"
-    dialer.ack(tag_of(ok))
-    start = asyncio.get_running_loop().time()
-    dialer.in_dialog("UPDATE", extra="Supported: timer\r\nSession-Expires: 3;refresher=uac\r\n")  # one refresh
-    assert (await peer.response(method="UPDATE")).headers.get("Session-Expires") == "3;refresher=uac"
-    bye = await peer.request("BYE", timeout=5)  # then none: 3 - 1 s after the last refresh
-    assert asyncio.get_running_loop().time() - start >= 1.5
-    assert bye.headers.get("Call-ID") == dialer.call_id
+async def test_unrefreshed_session_is_ended_with_bye(tmp_path: Path, peer: RawPeer) -> None:
+    async with running(tmp_path, session_expires=3, min_session_expires=1) as service:
+        dialer = Dialer(peer, address(service))
+        dialer.invite(rtp_port=4000, extra="Supported: timer\r\nSession-Expires: 3;refresher=uac\r\n")
+        ok = await peer.response(status=200)
+        assert ok.headers.get("Session-Expires") == "3;refresher=uac" and ok.headers.get("Require") == "timer"
+        dialer.ack(tag_of(ok))
+        start = asyncio.get_running_loop().time()
+        dialer.in_dialog("UPDATE", extra="Supported: timer\r\nSession-Expires: 3;refresher=uac\r\n")  # one refresh
+        assert (await peer.response(method="UPDATE")).headers.get("Session-Expires") == "3;refresher=uac"
+        bye = await peer.request("BYE", timeout=5)  # then none: 3 - 1 s after the last refresh
+        assert asyncio.get_running_loop().time() - start >= 1.5
+        assert bye.headers.get("Call-ID") == dialer.call_id
 
 
 async def answer_refresh(peer: RawPeer, method: str) -> None:
@@ -389,19 +382,19 @@ async def answer_refresh(peer: RawPeer, method: str) -> None:
 
 
 @pytest.mark.parametrize(("allow", "method"), [("", "INVITE"), ("Allow: INVITE, ACK, BYE, UPDATE\r\n", "UPDATE")])
-async def test_we_refresh_a_peer_without_timer_support(service: VoiceLine, peer: RawPeer, allow: str, method: str) -> None:
-    short_session_timers(service, 3)
-    dialer = Dialer(peer, address(service))
-    dialer.invite(rtp_port=4000, extra=allow)
-    ok = await peer.response(status=200)
-    assert ok.headers.get("Session-Expires") == "3;refresher=uas"
-    dialer.ack(tag_of(ok))
-    await answer_refresh(peer, method)  # at half the interval
-    if method == "INVITE":
-        ack = await peer.request("ACK")  # we ACK the 2xx to our re-INVITE
-        assert (ack.headers.get("CSeq") or "").endswith("ACK")
-    await answer_refresh(peer, method)  # the refresh restarted the interval: another one follows
-    assert the_call(service).state.value == "confirmed"
+async def test_we_refresh_a_peer_without_timer_support(tmp_path: Path, peer: RawPeer, allow: str, method: str) -> None:
+    async with running(tmp_path, session_expires=3, min_session_expires=1) as service:
+        dialer = Dialer(peer, address(service))
+        dialer.invite(rtp_port=4000, extra=allow)
+        ok = await peer.response(status=200)
+        assert ok.headers.get("Session-Expires") == "3;refresher=uas"
+        dialer.ack(tag_of(ok))
+        await answer_refresh(peer, method)  # at half the interval
+        if method == "INVITE":
+            ack = await peer.request("ACK")  # we ACK the 2xx to our re-INVITE
+            assert (ack.headers.get("CSeq") or "").endswith("ACK")
+        await answer_refresh(peer, method)  # the refresh restarted the interval: another one follows
+        assert the_call(service).state.value == "confirmed"
 
 
 async def test_silent_call_is_reaped_but_a_talking_or_held_one_is_not(tmp_path: Path, peer: RawPeer) -> None:

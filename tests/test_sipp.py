@@ -51,3 +51,72 @@ def test_cancel_while_ringing_gets_487(voiceline_server: Callable[..., object], 
     assert stat(tmp_path, "SuccessfulCall(C)") == 3
     ended = [e for e in server.log_events() if e["event"] == "call.ended"]  # type: ignore[attr-defined]
     assert [e["reason"] for e in ended] == ["cancelled"] * 3
+
+
+def run_scenario(server: object, tmp_path: Path, scenario: str, *args: str, timeout: float = 60) -> None:
+    """Run one scenario file; every call must succeed."""
+    result = run_sipp(server, tmp_path, "-sf", str(SCENARIOS / scenario), *args, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert stat(tmp_path, "FailedCall(C)") == 0
+
+
+def ended_reasons(server: object) -> list[str]:
+    return [e["reason"] for e in server.log_events() if e["event"] == "call.ended"]  # type: ignore[attr-defined]
+
+
+def test_basic_call_with_caller_bye(voiceline_server: Callable[..., object], tmp_path: Path) -> None:
+    server = voiceline_server({"sip": {"answer_delay": 0.05}})
+    run_scenario(server, tmp_path, "uac_basic.xml", "-m", "3", "-r", "3")
+    assert stat(tmp_path, "SuccessfulCall(C)") == 3
+    assert ended_reasons(server) == ["caller hung up"] * 3
+
+
+def test_server_bye_at_maximum_call_duration(voiceline_server: Callable[..., object], tmp_path: Path) -> None:
+    server = voiceline_server({"sip": {"answer_delay": 0.05, "max_call_duration": 1.0}})
+    run_scenario(server, tmp_path, "uac_server_bye.xml", "-m", "2", "-r", "2")
+    assert stat(tmp_path, "SuccessfulCall(C)") == 2
+    assert ended_reasons(server) == ["maximum duration"] * 2
+
+
+def test_hold_and_resume_by_reinvite(voiceline_server: Callable[..., object], tmp_path: Path) -> None:
+    server = voiceline_server({"sip": {"answer_delay": 0.05}})
+    run_scenario(server, tmp_path, "uac_hold_resume.xml", "-m", "2", "-r", "2")
+    assert stat(tmp_path, "SuccessfulCall(C)") == 2
+    events = server.log_events()  # type: ignore[attr-defined]
+    changes = [e["on_hold"] for e in events if e["event"] == "call.media_changed"]
+    assert changes == [True, False, True, False] or sorted(changes) == [False, False, True, True]
+    assert [e["event"] for e in events].count("pairing.held") == 2
+
+
+def test_session_timer_refreshed_by_the_caller(voiceline_server: Callable[..., object], tmp_path: Path) -> None:
+    server = voiceline_server({"sip": {"answer_delay": 0.05}})
+    run_scenario(server, tmp_path, "uac_timer_refresher.xml", "-m", "1")
+    assert stat(tmp_path, "SuccessfulCall(C)") == 1
+    assert ended_reasons(server) == ["caller hung up"]
+
+
+def test_session_timer_refreshed_by_us(voiceline_server: Callable[..., object], tmp_path: Path) -> None:
+    # A 4 s session: we refresh every 2 s with re-INVITE (SIPp allows no UPDATE); SIPp answers two.
+    server = voiceline_server({"sip": {"answer_delay": 0.05, "session_expires": 4, "min_session_expires": 1}})
+    run_scenario(server, tmp_path, "uac_timer_refreshee.xml", "-m", "1")
+    assert stat(tmp_path, "SuccessfulCall(C)") == 1
+    events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
+    assert events.count("call.refresh") >= 2 and "call.session_expired" not in events
+
+
+def test_lost_ack_retransmits_200_then_sends_bye(voiceline_server: Callable[..., object], tmp_path: Path) -> None:
+    server = voiceline_server({"sip": {"answer_delay": 0.05, "t1": 0.1}})  # Timer H = 64 * T1 = 6.4 s
+    run_scenario(server, tmp_path, "uac_lost_ack.xml", "-m", "1", "-trace_msg")
+    assert stat(tmp_path, "SuccessfulCall(C)") == 1
+    [trace] = tmp_path.glob("*_messages.log")
+    oks = [line for line in trace.read_text(errors="replace").splitlines() if line.startswith("SIP/2.0 200 OK")]
+    assert len(oks) >= 5  # the 200 and its retransmissions (Timer G: 0.1, 0.3, 0.7, 1.5 s ...) before the BYE
+    assert ended_reasons(server) == ["no ACK"]
+
+
+def test_burst_of_100_calls_at_20_per_second(voiceline_server: Callable[..., object], tmp_path: Path) -> None:
+    server = voiceline_server({"sip": {"answer_delay": 0.05}})
+    run_scenario(server, tmp_path, "uac_basic.xml", "-m", "100", "-r", "20", "-l", "100", timeout=90)
+    assert stat(tmp_path, "SuccessfulCall(C)") == 100
+    events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
+    assert events.count("call.confirmed") == 100 and events.count("call.ended") == 100

@@ -109,8 +109,8 @@ class Config:
         for name in ("t1", "t2", "t4"):
             if not 0 < getattr(self.sip, name) <= 60:
                 raise ConfigError(f"sip.{name}: must be between 0 and 60 seconds")
-        if self.sip.min_session_expires < 90:
-            raise ConfigError("sip.min_session_expires: must be at least 90 seconds (RFC 4028)")
+        if self.sip.min_session_expires < 1:
+            raise ConfigError("sip.min_session_expires: must be at least 1 second (RFC 4028 asks for 90)")
         if self.sip.session_expires and self.sip.session_expires < self.sip.min_session_expires:
             raise ConfigError("sip.session_expires: must be 0 (off) or at least sip.min_session_expires")
         if self.sip.max_call_duration < 0 or self.media.inactivity_timeout < 0:
