@@ -311,15 +311,39 @@ class CallerWorker:
         leg.report.final_status = status
 
     def on_confirmed(self, leg: Leg) -> None:
+        if leg.report.connected:
+            return  # a re-INVITE of ours (hold, resume) confirms again
         leg.report.connected = True
         leg.report.connected_at = self._since_start()
         now = time.time()
         self._call_at(now + leg.spec.seconds, leg, lambda: self._hang_up(leg))
         if leg.spec.dtmf:  # CallSpec guarantees the call outlasts the DTMF delay
             self._call_at(now + DTMF_DELAY_SECONDS, leg, lambda: self._send_dtmf(leg))
+        if leg.spec.hold is not None:
+            hold_at, resume_at = leg.spec.hold
+            self._call_at(now + hold_at, leg, lambda: self._reinvite(leg, hold=True))
+            self._call_at(now + resume_at, leg, lambda: self._reinvite(leg, hold=False))
+
+    def _reinvite(self, leg: Leg, hold: bool) -> None:
+        if leg.call is None or leg.disconnected or leg.hangup_requested:
+            return
+        param = pj.CallOpParam(True)
+        try:
+            if hold:
+                leg.call.setHold(param)
+            else:
+                param.opt.flag = pj.PJSUA_CALL_UNHOLD
+                leg.call.reinvite(param)
+        except pj.Error as exc:
+            leg.note(f"{'hold' if hold else 'resume'} failed: {describe(exc)}")
 
     def on_media_active(self, leg: Leg, audio: pj.AudioMedia) -> None:
-        if leg.recorder is not None or leg.disconnected:
+        if leg.disconnected:
+            return
+        if leg.recorder is not None:  # active again after a hold: make sure the ports stay connected
+            audio.startTransmit(leg.recorder)
+            if leg.tone is not None:
+                leg.tone.startTransmit(audio)
             return
         path = Path(self._job.record_dir) / f"call-{leg.report.index:03d}.wav"
         leg.recorder = pj.AudioMediaRecorder()

@@ -63,6 +63,9 @@ class CallSpec:
     # Digits sent as RFC 4733 events DTMF_DELAY_SECONDS after connect.
     dtmf: str = ""
     transport: str = "udp"
+    # (hold_at, resume_at): seconds after connect to put the call on hold (re-INVITE with
+    # sendonly) and to resume it (re-INVITE with sendrecv).
+    hold: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.target.startswith("sip:"):
@@ -79,6 +82,8 @@ class CallSpec:
             raise ValueError(f"dtmf may hold only 0-9, *, # and A-D, got {self.dtmf!r}")
         if self.dtmf and self.seconds <= DTMF_DELAY_SECONDS:
             raise ValueError(f"dtmf is sent {DTMF_DELAY_SECONDS:g} s after connect: seconds must be longer")
+        if self.hold is not None and not 0 < self.hold[0] < self.hold[1] < self.seconds:
+            raise ValueError("hold: expected (hold_at, resume_at) with 0 < hold_at < resume_at < seconds")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
 

@@ -1,0 +1,59 @@
+"""pjsua2 callers hold and resume by re-INVITE; what the partner hears is checked by content."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from voiceline.sim.analysis import read_wav, rms_dbfs_windows, tone_levels
+from voiceline.sim.runner import CallReport, CallSpec
+
+pytestmark = pytest.mark.interop
+
+A_HZ, B_HZ = 697.0, 1209.0
+PAD_HZ = 330.0  # the built-in hold audio's steady pad (voiceline.audio.hold)
+SEPARATION_DB = 25.0
+HOLD_AT, RESUME_AT = 2.5, 5.0  # seconds after A connects
+
+
+def levels(report: CallReport, start: float, end: float) -> dict[float, float]:
+    return tone_levels(report.recording, (A_HZ, B_HZ, PAD_HZ), start, end)
+
+
+def test_held_caller_s_partner_hears_hold_audio_then_the_caller_again(
+    voiceline_server: Callable[..., object], sim_calls: Callable[..., list[CallReport]]
+) -> None:
+    server = voiceline_server({"sip": {"answer_delay": 0.1}})
+    target = server.uri("line")  # type: ignore[attr-defined]
+    a, b = sim_calls(
+        [
+            CallSpec(target, tone_hz=A_HZ, seconds=7.5, hold=(HOLD_AT, RESUME_AT)),
+            CallSpec(target, tone_hz=B_HZ, seconds=7.5, start_after=0.3),
+        ]
+    )
+    for report in (a, b):
+        assert report.connected and report.media_started and report.error is None, report
+    assert a.connected_at is not None and b.connected_at is not None
+    # B's recording starts when B connects; A's hold and resume happen on A's clock.
+    offset = a.connected_at - b.connected_at
+    held = (offset + HOLD_AT + 0.5, offset + RESUME_AT - 0.2)
+    resumed = (offset + RESUME_AT + 0.6, offset + 7.0)
+
+    before = levels(b, 0.5, offset + HOLD_AT - 0.2)
+    assert before[A_HZ] - before[PAD_HZ] > SEPARATION_DB, before  # talking: B hears A
+    during = levels(b, *held)
+    assert during[PAD_HZ] - during[A_HZ] > SEPARATION_DB, during  # A on hold: B hears hold audio
+    samples, rate = read_wav(b.recording)
+    assert min(rms_dbfs_windows(samples[int(held[0] * rate) : int(held[1] * rate)], rate, 0.25)) > -50
+    after = levels(b, *resumed)
+    assert after[A_HZ] - after[PAD_HZ] > SEPARATION_DB, after  # resumed: B hears A again
+    # And A, while it held the line, was sent nothing (neither B nor hold audio).
+    a_samples, a_rate = read_wav(a.recording)
+    a_held = a_samples[int((HOLD_AT + 0.5) * a_rate) : int((RESUME_AT - 0.2) * a_rate)]
+    a_after = levels(a, RESUME_AT + 0.6, 7.0)
+    assert float(np.max(rms_dbfs_windows(a_held, a_rate, 0.25))) < -50
+    assert a_after[B_HZ] - a_after[PAD_HZ] > SEPARATION_DB, a_after
+    events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
+    assert events.count("pairing.held") == 1 and events.count("pairing.resumed") == 1
