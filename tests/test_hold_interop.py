@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 
 from voiceline.sim.analysis import read_wav, rms_dbfs_windows, tone_levels
@@ -49,11 +48,12 @@ def test_held_caller_s_partner_hears_hold_audio_then_the_caller_again(
     assert min(rms_dbfs_windows(samples[int(held[0] * rate) : int(held[1] * rate)], rate, 0.25)) > -50
     after = levels(b, *resumed)
     assert after[A_HZ] - after[PAD_HZ] > SEPARATION_DB, after  # resumed: B hears A again
-    # And A, while it held the line, was sent nothing (neither B nor hold audio).
+    # A hears B again after resuming. (pjsua's recorder skips the held stretch, so A's recording
+    # is shorter than the call: take its end. That we send nothing to a held caller is checked
+    # with plain RTP sockets in test_dialogs.py.)
     a_samples, a_rate = read_wav(a.recording)
-    a_held = a_samples[int((HOLD_AT + 0.5) * a_rate) : int((RESUME_AT - 0.2) * a_rate)]
-    a_after = levels(a, RESUME_AT + 0.6, 7.0)
-    assert float(np.max(rms_dbfs_windows(a_held, a_rate, 0.25))) < -50
+    a_end = len(a_samples) / a_rate
+    a_after = levels(a, a_end - 1.5, a_end - 0.2)
     assert a_after[B_HZ] - a_after[PAD_HZ] > SEPARATION_DB, a_after
     events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
     assert events.count("pairing.held") == 1 and events.count("pairing.resumed") == 1
