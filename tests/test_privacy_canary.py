@@ -92,11 +92,12 @@ def test_canary_number_is_written_nowhere(
     )
     assert sipp.returncode == 0, sipp.stdout[-2000:]
 
-    # Two pjsua2 callers from the canary number, paired with each other.
+    # Two pjsua2 callers from the canary number, paired with each other; one holds and resumes
+    # (re-INVITEs carry the identity again, into the dialog's target refresh).
     reports = sim_calls(
         [
-            CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=2.0),
-            CallSpec(target, from_user=CANARY, tone_hz=1209.0, seconds=2.0, start_after=0.3),
+            CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=2.5, hold=(0.8, 1.6)),
+            CallSpec(target, from_user=CANARY, tone_hz=1209.0, seconds=2.5, start_after=0.3),
         ]
     )
     assert all(r.connected for r in reports), reports
@@ -104,7 +105,7 @@ def test_canary_number_is_written_nowhere(
     time.sleep(0.3)
     assert server.stop() == 0  # type: ignore[attr-defined]
     events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
-    assert events.count("call.confirmed") == 3 and "pairing.talking" in events
+    assert events.count("call.confirmed") == 3 and "pairing.talking" in events and "pairing.held" in events
     assert "sip.request" in events  # debug lines were written, and are searched too
 
     files = written_files(server.data_dir, server.log_path.parent)  # type: ignore[attr-defined]
