@@ -95,3 +95,10 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         result = voiceline("serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"))
     assert result.returncode == 1 and "cannot start" in result.stderr
+
+
+def test_drain_without_a_running_service_says_so_and_exits_1(tmp_path: Path) -> None:
+    result = voiceline("drain", "--data-dir", str(tmp_path))
+    assert result.returncode == 1 and "no running service" in result.stderr
+    (tmp_path / "voiceline.pid").write_text("not a pid\n")
+    assert voiceline("drain", "--data-dir", str(tmp_path)).returncode == 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,9 +16,9 @@ pytestmark = pytest.mark.interop
 SCENARIOS = Path(__file__).parent / "sipp"
 
 
-def run_sipp(server: object, tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def sipp_command(server: object, tmp_path: Path, *args: str, timeout: float = 60) -> list[str]:
     sipp = shutil.which("sipp") or "/usr/bin/sipp"
-    command = [
+    return [
         sipp,
         f"{server.host}:{server.port}",  # type: ignore[attr-defined]
         *("-i", "127.0.0.1", "-p", "0", "-mi", "127.0.0.1", "-mp", "0"),
@@ -24,6 +26,10 @@ def run_sipp(server: object, tmp_path: Path, *args: str, timeout: float = 60) ->
         *("-trace_stat", "-stf", str(tmp_path / "stats.csv")),
         *args,
     ]
+
+
+def run_sipp(server: object, tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    command = sipp_command(server, tmp_path, *args, timeout=timeout)
     return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=timeout + 10)
 
 
@@ -120,3 +126,41 @@ def test_burst_of_100_calls_at_20_per_second(voiceline_server: Callable[..., obj
     assert stat(tmp_path, "SuccessfulCall(C)") == 100
     events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
     assert events.count("call.confirmed") == 100 and events.count("call.ended") == 100
+
+
+def test_drain_refuses_new_calls_and_ends_the_rest_at_the_drain_timeout(
+    voiceline_server: Callable[..., object], tmp_path: Path
+) -> None:
+    server = voiceline_server({"sip": {"answer_delay": 0.05, "drain_timeout": 2.0}})
+    ongoing_dir, refused_dir = tmp_path / "ongoing", tmp_path / "refused"
+    ongoing_dir.mkdir()
+    refused_dir.mkdir()
+    ongoing = subprocess.Popen(
+        sipp_command(server, ongoing_dir, "-sf", str(SCENARIOS / "uac_server_bye.xml"), "-m", "1", timeout=30),
+        cwd=ongoing_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):  # bounded: up to 10 s for the call to be confirmed
+            if any(e["event"] == "call.confirmed" for e in server.log_events()):  # type: ignore[attr-defined]
+                break
+            time.sleep(0.1)
+        drain = subprocess.run(
+            [sys.executable, "-m", "voiceline", "drain", "--data-dir", str(server.data_dir)],  # type: ignore[attr-defined]
+            capture_output=True, text=True, timeout=30,
+        )
+        assert drain.returncode == 0, drain.stderr
+        time.sleep(0.3)
+        run_scenario(server, refused_dir, "uac_refused.xml", "-m", "1")  # 503 with Retry-After
+        assert stat(refused_dir, "SuccessfulCall(C)") == 1
+        assert ongoing.poll() is None  # the call in progress goes on ...
+        assert ongoing.wait(timeout=15) == 0  # ... until the drain timeout: BYE, answered by SIPp
+        assert server.process.wait(timeout=15) == 0  # type: ignore[attr-defined]
+    finally:
+        if ongoing.poll() is None:
+            ongoing.kill()
+            ongoing.wait()
+    events = server.log_events()  # type: ignore[attr-defined]
+    names = [e["event"] for e in events]
+    assert "sip.draining" in names and "service.drained" in names
+    assert ended_reasons(server) == ["service stopping"]
+    assert not (server.data_dir / "voiceline.pid").exists()  # type: ignore[attr-defined]
