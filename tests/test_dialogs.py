@@ -433,3 +433,13 @@ async def test_drain_refuses_new_calls_and_lets_current_ones_finish(tmp_path: Pa
         dialer.in_dialog("BYE")
         assert (await peer.response(method="BYE")).status == 200
         await asyncio.wait_for(draining, 2)  # the last call ended: the drain is over
+
+
+async def test_unacknowledged_reinvite_ends_the_call(tmp_path: Path, peer: RawPeer) -> None:
+    async with running(tmp_path, t1=0.02) as app:
+        dialer, _ = await call_in(peer, address(app), await Phone.open())
+        dialer.in_dialog("INVITE", sdp_port=4000, direction="sendonly")
+        assert (await peer.response(method="INVITE")).status == 200
+        assert (await peer.response(method="INVITE")).status == 200  # retransmitted: no ACK yet
+        bye = await peer.request("BYE", timeout=5)  # Timer H (64 * T1): the session ends (RFC 3261 13.3.1.4)
+        assert bye.headers.get("Call-ID") == dialer.call_id and app.agent is not None and app.agent.calls == []

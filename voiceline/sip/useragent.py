@@ -425,7 +425,7 @@ class UserAgent:
         offer = _read_offer(request)
         # Glare (RFC 3261 14.2, RFC 3311 5.2): an offer of ours, or an INVITE of either side, is unfinished.
         # An UPDATE without an offer (a session refresh) does not collide with anything.
-        invite_pending = call.awaiting_ack is not None or call.refresh is not None
+        invite_pending = call.awaiting_ack is not None or (call.refresh is not None and call.refresh.is_invite)
         if (is_invite or offer is not None) and (call.media.offer_pending or (is_invite and invite_pending)):
             raise _Refused(491)
         if call.state is CallState.OFFERED:
@@ -443,8 +443,8 @@ class UserAgent:
         else:
             sdp = b""  # an UPDATE without SDP only refreshes the session
         call.dialog.refresh_target(request.headers)
-        if "UPDATE" in (request.headers.get("Allow") or "").upper():
-            call.peer_allows_update = True
+        if "Allow" in request.headers:
+            call.peer_allows_update = _lists(request.headers, "Allow", "UPDATE")
         headers = [*self._call_headers(), *(timers.response_headers if timers else ())]
         self._respond(tx, 200, headers, sdp)
         if is_invite:
@@ -739,8 +739,9 @@ class UserAgent:
         result = self.transactions.poll(self._loop.time())
         self._send_all(result.sends)
         for tx in result.unacknowledged:
-            call = self._calls_by_invite.get(tx)
-            if call is not None and call.state is CallState.ANSWERED:
+            # Our 2xx to an INVITE or re-INVITE was never ACKed: end the session (13.3.1.4).
+            call = next((c for c in self._calls.values() if c.awaiting_ack is tx), None)
+            if call is not None:
                 log.warning("call.ack_timeout", call=call.id)
                 self.hangup(call, "no ACK")
         for client_tx in result.timed_out:
@@ -786,15 +787,11 @@ def _lists(headers: Headers, name: str, option: str) -> bool:
 def _dtmf_digit(content_type: str, body: bytes) -> str | None:
     """The digit of an application/dtmf-relay (`Signal=5`) or application/dtmf (`5`) body."""
     text = body.decode("ascii", "replace")
-    if content_type == "application/dtmf":
-        value = text.strip()
-    else:
-        value = next(
-            (v.strip() for line in text.splitlines() if (k := line.partition("=")[0]).strip().lower() == "signal"
-             for v in [line.partition("=")[2]]),
-            "",
-        )
-    value = value.upper()
+    value = text
+    if content_type == "application/dtmf-relay":
+        fields = (line.partition("=") for line in text.splitlines())
+        value = next((v for k, _, v in fields if k.strip().lower() == "signal"), "")
+    value = value.strip().upper()
     return value if len(value) == 1 and value in DTMF_DIGITS else None
 
 
