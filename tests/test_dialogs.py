@@ -443,3 +443,21 @@ async def test_unacknowledged_reinvite_ends_the_call(tmp_path: Path, peer: RawPe
         assert (await peer.response(method="INVITE")).status == 200  # retransmitted: no ACK yet
         bye = await peer.request("BYE", timeout=5)  # Timer H (64 * T1): the session ends (RFC 3261 13.3.1.4)
         assert bye.headers.get("Call-ID") == dialer.call_id and app.agent is not None and app.agent.calls == []
+
+
+async def test_caller_answering_our_offer_with_sendonly_joins_on_hold(service: VoiceLine, peer: RawPeer) -> None:
+    phone = await Phone.open()
+    try:
+        dialer = Dialer(peer, address(service))
+        dialer.invite(rtp_port=None)
+        ok = await peer.response(status=200)
+        dialer.ack(tag_of(ok), sdp_port=phone.port, direction="sendonly")
+        await asyncio.sleep(0.1)
+        assert the_call(service).on_hold and service.pairing.waiting == 0
+        assert len(await phone.listen(0.4)) == 0
+        dialer.in_dialog("INVITE", sdp_port=phone.port)  # resume
+        assert direction((await peer.response(status=200, method="INVITE")).body) == "sendrecv"
+        dialer.ack(dialer.to_tag)
+        assert is_hold_audio(await phone.listen(0.8)) and service.pairing.waiting == 1
+    finally:
+        phone.close()

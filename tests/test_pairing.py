@@ -158,3 +158,13 @@ def test_both_held_then_one_resumes_hears_hold_audio() -> None:
     assert a.heard[-1] == "hold"
     service.resume("b")
     assert a.heard[-1] == "b" and b.heard[-1] == "a"
+
+
+def test_caller_joining_on_hold_is_paired_only_after_resume() -> None:
+    service = PairingService(FakeClock())
+    a, b = Ear("a"), Ear("b")
+    service.join(a)
+    service.join(b, held=True)
+    assert b.heard == [] and a.heard == ["hold"] and service.waiting == 1
+    service.resume("b")
+    assert a.heard[-1] == "b" and b.heard == ["a"]

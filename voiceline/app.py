@@ -136,9 +136,8 @@ class VoiceLine:
         if call.offer is None:
             _start_media(leg, call)
         self._quiet_since[call] = asyncio.get_running_loop().time()
-        self.pairing.join(CallerLeg(call, leg))
-        if call.on_hold:
-            self.call_media_changed(call)
+        leg.set_sending(not call.on_hold)
+        self.pairing.join(CallerLeg(call, leg), held=call.on_hold)
 
     def call_media_changed(self, call: Call) -> None:
         leg = self._legs.get(call)

@@ -81,10 +81,11 @@ class PairingService:
     def talking(self) -> int:
         return sum(1 for s in self._sessions.values() if s.phase is Phase.TALKING)
 
-    def join(self, participant: Participant) -> None:
+    def join(self, participant: Participant, held: bool = False) -> None:
+        """A new caller waits for a partner; one that arrives `held` waits for its resume first."""
         if participant.id in self._sessions:
             raise ValueError("participant already joined")
-        session = Session(participant, Phase.WAITING, self._clock())
+        session = Session(participant, Phase.WAITING, self._clock(), held=held)
         self._sessions[participant.id] = session
         self._wait(session)
 
