@@ -461,3 +461,18 @@ async def test_caller_answering_our_offer_with_sendonly_joins_on_hold(service: V
         assert is_hold_audio(await phone.listen(0.8)) and service.pairing.waiting == 1
     finally:
         phone.close()
+
+
+async def test_our_refresh_refused_422_is_sent_again_with_the_peers_min_se(tmp_path: Path, peer: RawPeer) -> None:
+    async with running(tmp_path, session_expires=3, min_session_expires=1) as service:
+        dialer = Dialer(peer, address(service))
+        dialer.invite(rtp_port=4000, extra="Allow: INVITE, ACK, BYE, UPDATE\r\n")
+        dialer.ack(tag_of(await peer.response(status=200)))
+        first = await peer.request("UPDATE", timeout=5)
+        assert (first.headers.get("Session-Expires") or "").startswith("3;")
+        via = parse_via(first.headers.get("Via") or "")
+        peer.send(serialize(response_to(first, 422, headers=[("Min-SE", "6")])), (via.host, via.port or 5060))
+        again = await peer.request("UPDATE", timeout=2)  # at once, asking for the peer's minimum
+        assert (again.headers.get("Session-Expires") or "").startswith("6;")
+        assert int((again.headers.get("CSeq") or "0").split()[0]) > int((first.headers.get("CSeq") or "0").split()[0])
+        assert the_call(service).state.value == "confirmed"
