@@ -62,7 +62,7 @@ class OfferAnswer:
         return self.audio
 
     def _build_offer(self, version: int) -> bytes:
-        codecs = [codec for codec in ((self.audio.codec,) if self.audio is not None else self.codecs)]
+        codecs = (self.audio.codec,) if self.audio is not None else self.codecs
         family = "IP6" if ":" in self.host else "IP4"
         lines = [
             "v=0",
