@@ -40,6 +40,12 @@ class Timers:
 class Send:
     data: bytes
     dest: Address
+    transport: str = "UDP"  # the name of the transport to send on ("UDP", "TCP", "TLS")
+
+
+# Transports that deliver reliably: no retransmissions (Timers E, G; A for the INVITE
+# client) and no lingering to absorb them (Timers I, J, K; D for the INVITE client are zero).
+RELIABLE_TRANSPORTS = frozenset({"TCP", "TLS", "SCTP", "WS", "WSS"})
 
 
 class State(enum.Enum):
@@ -70,8 +76,9 @@ def _server_key(request: SipRequest, method: str) -> tuple[str, ...]:
 class ServerTransaction:
     key: tuple[str, ...]
     request: SipRequest
-    source: Address
+    source: Address  # where responses go (RFC 3261 18.2.2)
     state: State
+    transport: str = "UDP"
     last_response: bytes | None = None
     final_status: int = 0
     retransmit_interval: float = 0.0
@@ -81,6 +88,13 @@ class ServerTransaction:
     def is_invite(self) -> bool:
         return self.request.method == "INVITE"
 
+    @property
+    def reliable(self) -> bool:
+        return self.transport in RELIABLE_TRANSPORTS
+
+    def send(self, data: bytes) -> Send:
+        return Send(data, self.source, self.transport)
+
 
 @dataclass(eq=False)
 class ClientTransaction:
@@ -88,11 +102,19 @@ class ClientTransaction:
     request: SipRequest
     data: bytes
     dest: Address
+    transport: str = "UDP"
     state: State = State.TRYING
     response: SipResponse | None = None
     timed_out: bool = False
     retransmit_interval: float = 0.0
     deadlines: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport in RELIABLE_TRANSPORTS
+
+    def send(self) -> Send:
+        return Send(self.data, self.dest, self.transport)
 
 
 class Incoming(enum.Enum):
@@ -123,8 +145,14 @@ class TransactionLayer:
 
     # -- server side -------------------------------------------------------
 
-    def on_request(self, request: SipRequest, source: Address, now: float) -> tuple[Incoming, ServerTransaction | None, list[Send]]:
-        """Match a request to a server transaction (new, retransmission or ACK)."""
+    def on_request(
+        self, request: SipRequest, source: Address, now: float, transport: str = "UDP"
+    ) -> tuple[Incoming, ServerTransaction | None, list[Send]]:
+        """Match a request to a server transaction (new, retransmission or ACK).
+
+        `source` is where responses go: the address of RFC 3261 18.2.2 for UDP,
+        the connection's remote address for TCP and TLS.
+        """
         method = "INVITE" if request.method == "ACK" else request.method
         key = _server_key(request, method)
         tx = self._server.get(key)
@@ -135,13 +163,17 @@ class TransactionLayer:
                 tx.state = State.CONFIRMED
                 tx.deadlines.pop("G", None)
                 tx.deadlines.pop("H", None)
-                self._arm(tx, "I", now + self.timers.t4)
+                if tx.reliable:
+                    self._terminate_server(tx)  # Timer I is zero
+                else:
+                    self._arm(tx, "I", now + self.timers.t4)
             return Incoming.ABSORBED, tx, []
         if tx is not None:
             resend = tx.last_response is not None and tx.state is not State.ACCEPTED
-            sends = [Send(tx.last_response, tx.source)] if resend and tx.last_response else []
+            sends = [tx.send(tx.last_response)] if resend and tx.last_response else []
             return Incoming.ABSORBED, tx, sends
-        tx = ServerTransaction(key, request, source, State.PROCEEDING if method == "INVITE" else State.TRYING)
+        state = State.PROCEEDING if method == "INVITE" else State.TRYING
+        tx = ServerTransaction(key, request, source, state, transport)
         self._server[key] = tx
         return Incoming.NEW, tx, []
 
@@ -159,15 +191,19 @@ class TransactionLayer:
             tx.final_status = status
             if not tx.is_invite:
                 tx.state = State.COMPLETED
-                self._arm(tx, "J", now + 64 * self.timers.t1)
+                if tx.reliable:
+                    self._terminate_server(tx)  # Timer J is zero
+                else:
+                    self._arm(tx, "J", now + 64 * self.timers.t1)
             else:
                 tx.state = State.ACCEPTED if status < 300 else State.COMPLETED
                 tx.retransmit_interval = self.timers.t1
-                self._arm(tx, "G", now + tx.retransmit_interval)
+                if not tx.reliable:
+                    self._arm(tx, "G", now + tx.retransmit_interval)
                 self._arm(tx, "H", now + 64 * self.timers.t1)
         elif not tx.is_invite:
             tx.state = State.PROCEEDING
-        return [Send(data, tx.source)]
+        return [tx.send(data)]
 
     def acknowledged(self, tx: ServerTransaction, now: float) -> None:
         """The dialog saw the ACK for our 2xx: stop retransmitting it.
@@ -181,16 +217,19 @@ class TransactionLayer:
 
     # -- client side (non-INVITE: BYE, OPTIONS, REGISTER) --------------------
 
-    def send_request(self, request: SipRequest, dest: Address, now: float) -> tuple[ClientTransaction, list[Send]]:
+    def send_request(
+        self, request: SipRequest, dest: Address, now: float, transport: str = "UDP"
+    ) -> tuple[ClientTransaction, list[Send]]:
         via = parse_via(request.headers.get("Via") or "")
         key = (via.branch or "", request.method)
         data = serialize(request)
-        tx = ClientTransaction(key, request, data, dest)
+        tx = ClientTransaction(key, request, data, dest, transport)
         self._client[key] = tx
         tx.retransmit_interval = self.timers.t1
-        self._arm(tx, "E", now + tx.retransmit_interval)
+        if not tx.reliable:
+            self._arm(tx, "E", now + tx.retransmit_interval)
         self._arm(tx, "F", now + 64 * self.timers.t1)
-        return tx, [Send(data, dest)]
+        return tx, [tx.send()]
 
     def on_response(self, response: SipResponse, now: float) -> ClientTransaction | None:
         """Match a response; returns the transaction when it just got its final response."""
@@ -208,7 +247,10 @@ class TransactionLayer:
         tx.state = State.COMPLETED
         tx.response = response
         tx.deadlines.clear()
-        self._arm(tx, "K", now + self.timers.t4)
+        if tx.reliable:
+            self._terminate_client(tx)  # Timer K is zero
+        else:
+            self._arm(tx, "K", now + self.timers.t4)
         return tx
 
     # -- timers --------------------------------------------------------------
@@ -234,7 +276,7 @@ class TransactionLayer:
 
     def _server_timer(self, tx: ServerTransaction, name: str, now: float, result: PollResult) -> None:
         if name == "G" and tx.last_response is not None:
-            result.sends.append(Send(tx.last_response, tx.source))
+            result.sends.append(tx.send(tx.last_response))
             tx.retransmit_interval = min(2 * tx.retransmit_interval, self.timers.t2)
             self._arm(tx, "G", now + tx.retransmit_interval)
         elif name == "H":
@@ -246,7 +288,7 @@ class TransactionLayer:
 
     def _client_timer(self, tx: ClientTransaction, name: str, now: float, result: PollResult) -> None:
         if name == "E":
-            result.sends.append(Send(tx.data, tx.dest))
+            result.sends.append(tx.send())
             # In Proceeding the interval jumps to T2 (RFC 3261 17.1.2.2).
             doubled = 2 * tx.retransmit_interval if tx.state is State.TRYING else self.timers.t2
             tx.retransmit_interval = min(doubled, self.timers.t2)

@@ -18,7 +18,7 @@ import structlog
 
 from voiceline import __version__
 from voiceline.privacy import new_call_id
-from voiceline.sip.dialog import Dialog, is_ip_address, new_tag
+from voiceline.sip.dialog import DEFAULT_SIP_PORT, Dialog, is_ip_address, new_tag
 from voiceline.sip.message import (
     SipParseError,
     SipRequest,
@@ -26,6 +26,8 @@ from voiceline.sip.message import (
     UnsupportedVersion,
     parse_message,
     parse_name_addr,
+    parse_uri,
+    parse_via,
     response_to,
     salvage_request_headers,
     serialize,
@@ -47,6 +49,7 @@ from voiceline.sip.transaction import (
     Timers,
     TransactionLayer,
 )
+from voiceline.sip.overload import OverloadGuard, OverloadLimits, Verdict
 from voiceline.sip.transport import Address, SipTransport
 
 log = structlog.get_logger("voiceline.sip")
@@ -105,6 +108,7 @@ class UserAgentSettings:
     timers: Timers = Timers()
     max_message_size: int = 65535
     codecs: tuple[str, ...] = ("PCMU", "PCMA")
+    overload: OverloadLimits = field(default_factory=OverloadLimits)
 
 
 @dataclass
@@ -121,7 +125,8 @@ class UserAgent:
         self.handler = handler
         self.transactions = TransactionLayer(settings.timers)
         self.counters = SipCounters()
-        self.transport: SipTransport | None = None
+        self.overload = OverloadGuard(settings.overload)
+        self.transports: dict[str, SipTransport] = {}  # by name: "UDP", "TCP", "TLS"
         self._calls: dict[tuple[str, str], Call] = {}  # (Call-ID, our tag) -> call
         self._calls_by_invite: dict[ServerTransaction, Call] = {}
         self._pending_byes: set[ClientTransaction] = set()
@@ -134,13 +139,23 @@ class UserAgent:
     # -- lifecycle -----------------------------------------------------------
 
     def attach(self, transport: SipTransport) -> None:
-        self.transport = transport
+        """Add a listening transport; its messages come in through `message_received`."""
+        self.transports[transport.name] = transport
 
     @property
-    def contact(self) -> str:
-        assert self.transport is not None
-        port = self.transport.local_address[1]
-        return f"<sip:voiceline@{self.settings.advertised_host}:{port}>"
+    def transport(self) -> SipTransport | None:
+        """The first transport attached (UDP unless it is off)."""
+        return next(iter(self.transports.values()), None)
+
+    def contact_for(self, tx: ServerTransaction) -> str:
+        """Our Contact for a dialog set up by `tx`: reachable over the transport it came on."""
+        port = self.transports[tx.transport].local_address[1]
+        host = self.settings.advertised_host
+        if tx.transport == "UDP":
+            return f"<sip:voiceline@{host}:{port}>"
+        if tx.transport == "TLS" and tx.request.uri[:5].lower() == "sips:":
+            return f"<sips:voiceline@{host}:{port}>"  # 8.1.1.8: a sips Request-URI needs a sips Contact
+        return f"<sip:voiceline@{host}:{port};transport={tx.transport.lower()}>"
 
     @property
     def calls(self) -> list[Call]:
@@ -161,13 +176,14 @@ class UserAgent:
 
     # -- inbound -------------------------------------------------------------
 
-    def datagram_received(self, data: bytes, source: Address) -> None:
+    def message_received(self, data: bytes, source: Address, transport: SipTransport) -> None:
+        """One datagram, or one framed stream message; `source` names the sender or the connection."""
         try:
-            self._on_datagram(data, source)
+            self._on_message(data, source, transport)
         except Exception as exc:  # no input may stop the server; the message text is not logged
             log.error("sip.internal_error", error=type(exc).__name__)
 
-    def _on_datagram(self, data: bytes, source: Address) -> None:
+    def _on_message(self, data: bytes, source: Address, transport: SipTransport) -> None:
         self.counters.received += 1
         if len(data) > self.settings.max_message_size:
             self.counters.oversized += 1
@@ -177,29 +193,49 @@ class UserAgent:
         try:
             message = parse_message(data, self.settings.max_message_size)
         except UnsupportedVersion:
-            self._reject_unparsed(data, source, 505)
+            self._reject_unparsed(data, source, transport, 505)
             return
         except SipParseError:
             self.counters.malformed += 1
             log.debug("sip.malformed", size=len(data))
-            self._reject_unparsed(data, source, 400)
+            self._reject_unparsed(data, source, transport, 400)
             return
+        reply_to = source
         try:
             if isinstance(message, SipRequest):
-                self._on_request(message, source)
+                if not self._admitted(message, source, transport):
+                    return
+                reply_to = _stamp_via(message, source, transport)
+                self._on_request(message, reply_to, transport.name)
             else:
                 self._on_response(message)
         except SipParseError:
             # A header the parser accepted but transaction matching could not use.
             self.counters.malformed += 1
             if isinstance(message, SipRequest) and message.method != "ACK":
-                self._send(Send(_serialize_response(response_to(message, 400)), source))
+                self._send(Send(_serialize_response(response_to(message, 400)), reply_to, transport.name))
         self._reschedule()  # an ACK or a response may have cancelled timers
 
-    def _on_request(self, request: SipRequest, source: Address) -> None:
+    def _admitted(self, request: SipRequest, source: Address, transport: SipTransport) -> bool:
+        """The overload guard at the entry: scanners and over-limit sources never reach a transaction."""
+        now = self._loop.time()
+        verdict = self.overload.check(request.method, request.headers.get("User-Agent"), source[0], now)
+        if verdict is Verdict.ACCEPT:
+            return True
+        if verdict is Verdict.REJECT:
+            retry = [("Retry-After", str(self.settings.overload.retry_after))]
+            response = response_to(request, 503, to_tag=new_tag(), headers=retry)
+            reply_to = _stamp_via(request, source, transport)
+            self._send(Send(_serialize_response(response), reply_to, transport.name))
+        report = self.overload.report(now)
+        if report is not None:
+            log.warning("sip.overload", **report)  # aggregate counts only, never a source
+        return False
+
+    def _on_request(self, request: SipRequest, source: Address, transport: str) -> None:
         log.debug("sip.request", method=request.method)
         now = self._loop.time()
-        kind, tx, sends = self.transactions.on_request(request, source, now)
+        kind, tx, sends = self.transactions.on_request(request, source, now, transport)
         self._send_all(sends)
         if kind is Incoming.ABSORBED:
             return
@@ -235,6 +271,9 @@ class UserAgent:
     def _on_invite(self, tx: ServerTransaction, request: SipRequest) -> None:
         if self._draining:
             self._respond(tx, 503, [("Retry-After", "60")])
+            return
+        if not self.overload.admit_call(len(self._calls)):
+            self._respond(tx, 503, [("Retry-After", str(self.settings.overload.retry_after))])
             return
         if not request.uri.lower().startswith(("sip:", "sips:")):
             self._respond(tx, 416)
@@ -277,7 +316,7 @@ class UserAgent:
         if call.state is CallState.ENDED:  # cancelled while media was being prepared
             self.handler.call_ended(call)
             return
-        self._respond(call.invite, 180, self._call_headers())
+        self._respond(call.invite, 180, self._call_headers(call))
         await asyncio.sleep(self.settings.answer_delay)
         if call.state is not CallState.OFFERED:
             return
@@ -291,7 +330,7 @@ class UserAgent:
         )
         call.state = CallState.ANSWERED
         call.awaiting_ack = call.invite
-        self._respond(call.invite, 200, self._call_headers(), call.answer_sdp)
+        self._respond(call.invite, 200, self._call_headers(call), call.answer_sdp)
         log.info("call.answered", call=call.id)
 
     def _on_ack(self, request: SipRequest) -> None:
@@ -341,7 +380,7 @@ class UserAgent:
         if call.state is not CallState.CONFIRMED or audio.payload_type != call.audio.payload_type:
             self._respond(tx, 488)
             return
-        self._respond(tx, 200, self._call_headers(), call.answer_sdp)
+        self._respond(tx, 200, self._call_headers(call), call.answer_sdp)
         call.awaiting_ack = tx
 
     def _stop_awaiting_ack(self, call: Call) -> None:
@@ -362,26 +401,40 @@ class UserAgent:
         self._end(call, reason)
 
     def _send_bye(self, call: Call) -> None:
-        assert self.transport is not None
-        port = self.transport.local_address[1]
-        bye = call.dialog.new_request("BYE", self.settings.advertised_host, port, self.transport.name)
-        bye.headers.add("User-Agent", USER_AGENT)
+        """BYE over the caller's connection while it is open, else to the next hop (RFC 3261 18.1.1)."""
+        invite = call.invite
+        arrived_on = self.transports[invite.transport]
+        if arrived_on.reliable and arrived_on.has_connection(invite.source):
+            self._start_client(self._in_dialog_request(call, "BYE", arrived_on), invite.source, arrived_on)
+            return
         next_host, next_port = call.dialog.next_hop()
+        transport = self.transports.get(_next_hop_transport(call.dialog.route_set, call.dialog.remote_target))
+        if transport is None:
+            transport = arrived_on  # the transport the caller used to reach us
+        bye = self._in_dialog_request(call, "BYE", transport)
         if is_ip_address(next_host):
-            self._start_client(bye, (next_host, next_port))
+            self._start_client(bye, (next_host, next_port), transport)
         else:
-            self._spawn(self._resolve_and_send(bye, next_host, next_port, call.invite.source))
+            self._spawn(self._resolve_and_send(bye, next_host, next_port, invite.source, transport))
 
-    async def _resolve_and_send(self, request: SipRequest, host: str, port: int, fallback: Address) -> None:
+    def _in_dialog_request(self, call: Call, method: str, transport: SipTransport) -> SipRequest:
+        port = transport.local_address[1]
+        request = call.dialog.new_request(method, self.settings.advertised_host, port, transport.name)
+        request.headers.add("User-Agent", USER_AGENT)
+        return request
+
+    async def _resolve_and_send(
+        self, request: SipRequest, host: str, port: int, fallback: Address, transport: SipTransport
+    ) -> None:
         try:
             infos = await self._loop.getaddrinfo(host, port, type=2)  # SOCK_DGRAM
             dest: Address = (str(infos[0][4][0]), int(infos[0][4][1]))
         except OSError:
             dest = fallback  # the address the INVITE came from is our best remaining hope
-        self._start_client(request, dest)
+        self._start_client(request, dest, transport)
 
-    def _start_client(self, request: SipRequest, dest: Address) -> None:
-        tx, sends = self.transactions.send_request(request, dest, self._loop.time())
+    def _start_client(self, request: SipRequest, dest: Address, transport: SipTransport) -> None:
+        tx, sends = self.transactions.send_request(request, dest, self._loop.time(), transport.name)
         self._pending_byes.add(tx)
         self._send_all(sends)
         self._reschedule()
@@ -409,8 +462,8 @@ class UserAgent:
             self._respond(call.invite, status, extra)
         self._end(call, f"refused {status}")
 
-    def _call_headers(self) -> list[tuple[str, str]]:
-        return [("Contact", self.contact), ("Allow", ALLOWED_METHODS)]
+    def _call_headers(self, call: Call) -> list[tuple[str, str]]:
+        return [("Contact", self.contact_for(call.invite)), ("Allow", ALLOWED_METHODS)]
 
     def _respond(
         self,
@@ -431,25 +484,30 @@ class UserAgent:
         self._send_all(self.transactions.respond(tx, _with_server(response), self._loop.time()))
         self._reschedule()  # a final response arms retransmission and cleanup timers
 
-    def _reject_unparsed(self, data: bytes, source: Address, status: int) -> None:
+    def _reject_unparsed(self, data: bytes, source: Address, transport: SipTransport, status: int) -> None:
         """Answer a message the parser refused, when the headers a response needs can be read back."""
         headers = salvage_request_headers(data)
         if headers is None:
             return
         request = SipRequest("INVITE", "sip:invalid", headers)
         try:
+            reply_to = _stamp_via(request, source, transport)
+        except SipParseError:
+            reply_to = source
+        try:
             response = response_to(request, status, to_tag=new_tag())
         except SipParseError:
             return
-        self._send(Send(_serialize_response(response), source))
+        self._send(Send(_serialize_response(response), reply_to, transport.name))
 
     def _send_all(self, sends: Iterable[Send]) -> None:
         for send in sends:
             self._send(send)
 
     def _send(self, send: Send) -> None:
-        if self.transport is not None:
-            self.transport.send(send.data, send.dest)
+        transport = self.transports.get(send.transport)
+        if transport is not None:
+            transport.send(send.data, send.dest)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
@@ -483,6 +541,35 @@ class UserAgent:
         for client_tx in result.timed_out:
             self._pending_byes.discard(client_tx)
         self._reschedule()
+
+
+def _stamp_via(request: SipRequest, source: Address, transport: SipTransport) -> Address:
+    """Add received/rport to the top Via (RFC 3261 18.2.1, RFC 3581); return where responses go (18.2.2).
+
+    Over TCP and TLS that is the connection the request came on. Over UDP it is
+    the source address when the client asked for rport, else the source host
+    and the sent-by port.
+    """
+    vias = request.headers.get_all("Via")
+    if not vias:
+        raise SipParseError("missing Via header")
+    top = parse_via(vias[0])
+    if top.host != source[0]:
+        top.params["received"] = source[0]
+    if "rport" in top.params:
+        top.params["rport"] = str(source[1])
+    request.headers.set("Via", ", ".join([str(top), *vias[1:]]))
+    if transport.reliable or "rport" in top.params:
+        return source
+    return source[0], top.port or (5061 if top.transport == "TLS" else DEFAULT_SIP_PORT)
+
+
+def _next_hop_transport(route_set: list[str], remote_target: str) -> str:
+    """The transport a URI asks for (sips: means TLS; else its transport parameter, UDP by default)."""
+    uri = parse_uri(parse_name_addr(route_set[0]).uri if route_set else remote_target)
+    if uri.scheme == "sips":
+        return "TLS"
+    return (uri.params.get("transport") or "udp").upper()
 
 
 def _with_server(response: SipResponse) -> SipResponse:
