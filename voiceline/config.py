@@ -62,11 +62,11 @@ class SipConfig:
     t4: float = 5.0
     max_message_size: int = 65535
     max_calls: int = 500
-    invite_rate: float = 5.0
-    invite_burst: int = 20
-    register_rate: float = 5.0
+    invite_rate: float = 50.0
+    invite_burst: int = 100
+    register_rate: float = 10.0
     register_burst: int = 20
-    options_rate: float = 10.0
+    options_rate: float = 20.0
     options_burst: int = 40
     scanner_user_agents: tuple[str, ...] = SCANNER_USER_AGENTS
 

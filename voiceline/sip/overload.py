@@ -43,9 +43,9 @@ class OverloadLimits:
     # Per source host and method; methods not listed are not rate limited.
     rates: dict[str, RateLimit] = field(
         default_factory=lambda: {
-            "INVITE": RateLimit(5.0, 20.0),
-            "REGISTER": RateLimit(5.0, 20.0),
-            "OPTIONS": RateLimit(10.0, 40.0),
+            "INVITE": RateLimit(50.0, 100.0),
+            "REGISTER": RateLimit(10.0, 20.0),
+            "OPTIONS": RateLimit(20.0, 40.0),
         }
     )
     max_calls: int = 500
