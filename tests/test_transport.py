@@ -418,3 +418,12 @@ async def test_calls_beyond_capacity_get_503_with_retry_after(tmp_path: Path) ->
         assert [r.status for r in refused] == [503] and refused[0].headers.get("Retry-After") == "30"
         peer.close()
 
+
+
+def test_messages_before_unframeable_bytes_are_still_delivered() -> None:
+    framer = StreamFramer(65535)
+    good = message()
+    assert framer.feed(good + b"INVITE sip:x@127.0.0.1 SIP/2.0\r\nCSeq: 1 INVITE\r\n\r\n") == [good]
+    assert framer.failed is not None
+    with pytest.raises(FramingError):
+        framer.feed(message())

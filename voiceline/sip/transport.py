@@ -117,8 +117,10 @@ class StreamFramer:
     """Splits a TCP/TLS byte stream into SIP messages by Content-Length (RFC 3261 18.3).
 
     `feed()` returns complete messages; `PING` stands for a keep-alive ping the
-    caller answers with `PONG`. The buffer never holds more than one message of
-    at most `max_message_size` octets (plus the bytes of one read).
+    caller answers with `PONG`. Unframeable input raises FramingError, after the
+    messages before it were returned (`failed` is then set and the next feed
+    raises). The buffer never holds more than one message of at most
+    `max_message_size` octets (plus the bytes of one read).
     """
 
     def __init__(self, max_message_size: int) -> None:
@@ -126,12 +128,22 @@ class StreamFramer:
         self._buffer = bytearray()
         self._scanned = 0  # how far the search for the end of the headers got
         self._body_end: int | None = None
+        self.failed: FramingError | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
+        if self.failed is not None:
+            raise self.failed
         self._buffer += data
         messages: list[bytes] = []
         while True:
-            message = self._next()
+            try:
+                message = self._next()
+            except FramingError as exc:
+                self.failed = exc
+                self._buffer.clear()
+                if messages:
+                    return messages  # what came before the bad part is still delivered
+                raise
             if message is None:
                 return messages
             messages.append(message)
@@ -245,6 +257,9 @@ class StreamConnection(asyncio.Protocol):
                 self.write(PONG)
             elif self.peer is not None and not self.closing:
                 self._owner._on_message(message, self.peer, self._owner)
+        if self._framer.failed is not None:
+            self._owner.counters.framing_errors += 1
+            self.close()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
