@@ -427,3 +427,34 @@ def test_messages_before_unframeable_bytes_are_still_delivered() -> None:
     assert framer.failed is not None
     with pytest.raises(FramingError):
         framer.feed(message())
+
+
+async def test_a_response_after_the_connection_closed_goes_to_the_sent_by_port(tmp_path: Path) -> None:
+    async with running(tmp_path, answer_delay=0.3) as app:
+        port = port_of(app, "TCP")
+        arrived: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def listener(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            framer = StreamFramer(65535)
+            while chunk := await reader.read(65536):
+                for item in framer.feed(chunk):
+                    await arrived.put(item)
+            writer.close()
+
+        server = await asyncio.start_server(listener, "127.0.0.1", 0)
+        sent_by_port = server.sockets[0].getsockname()[1]
+        peer = await TcpPeer.connect(port)
+        invite = tcp_request("INVITE", sent_by_port, port, body=OFFER.format(port=40998, formats="0"))
+        peer.send(invite)
+        assert (await peer.response()).status == 100
+        peer.close()  # gone before the 200
+        status = 0
+        while status < 200:  # the 180 may have made it over the old connection or this one
+            response = parse_message(await asyncio.wait_for(arrived.get(), 3))
+            assert isinstance(response, SipResponse)
+            status = response.status
+        assert status == 200
+        assert app.agent is not None
+        for call in app.agent.calls:
+            app.agent.hangup(call, "test")
+        server.close()

@@ -16,6 +16,7 @@ import asyncio
 import socket
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -30,6 +31,10 @@ MAX_WRITE_BUFFER_BYTES = 1024 * 1024
 # What an outbound connection may queue while it is still being set up.
 MAX_PENDING_BYTES = 256 * 1024
 CONNECT_TIMEOUT_SECONDS = 10.0
+# A TLS client that has not finished its handshake by then is dropped.
+TLS_HANDSHAKE_SECONDS = 10.0
+# Closed connections whose reply address (received IP, sent-by port) is remembered.
+MAX_REMEMBERED_REPLY_ADDRESSES = 4096
 # RFC 5626 keep-alive: a double CRLF ping is answered with a single CRLF pong.
 PING = b"\r\n\r\n"
 PONG = b"\r\n"
@@ -43,6 +48,10 @@ class SipTransport(Protocol):
 
     def has_connection(self, dest: Address) -> bool:
         """True while a connection with that remote address is open (never for UDP)."""
+        ...
+
+    def set_reply_address(self, source: Address, address: Address) -> None:
+        """Where responses for requests from `source` go once its connection has closed (18.2.2)."""
         ...
 
     @property
@@ -79,6 +88,9 @@ class UdpTransport(asyncio.DatagramProtocol):
 
     def has_connection(self, dest: Address) -> bool:
         return False
+
+    def set_reply_address(self, source: Address, address: Address) -> None:
+        pass  # UDP replies are addressed per message
 
     @property
     def local_address(self) -> Address:
@@ -235,6 +247,7 @@ class StreamConnection(asyncio.Protocol):
         self._framer = StreamFramer(owner.limits.max_message_size)
         self._transport: asyncio.Transport | None = None
         self.peer: Address | None = outbound_to
+        self.reply_address: Address | None = None  # the peer's received IP and sent-by port
         self.last_active = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -306,6 +319,8 @@ class StreamTransport:
         self._server: asyncio.Server | None = None
         self._connections: dict[Address, StreamConnection] = {}
         self._connecting: dict[Address, list[bytes]] = {}
+        # Remote address of a closed connection -> where its responses go instead; oldest first.
+        self._reply_addresses: OrderedDict[Address, Address] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._bind_host = ""
@@ -315,7 +330,12 @@ class StreamTransport:
         loop = asyncio.get_running_loop()
         self._bind_host = host
         self._server = await loop.create_server(
-            lambda: StreamConnection(self), host, port, ssl=self._server_ssl, reuse_address=True
+            lambda: StreamConnection(self),
+            host,
+            port,
+            ssl=self._server_ssl,
+            ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS if self._server_ssl is not None else None,
+            reuse_address=True,
         )
         self._schedule_sweep()
 
@@ -333,10 +353,24 @@ class StreamTransport:
         connection = self._connections.get(dest)
         return connection is not None and not connection.closing
 
+    def set_reply_address(self, source: Address, address: Address) -> None:
+        connection = self._connections.get(source)
+        if connection is not None:
+            connection.reply_address = address
+
     def send(self, data: bytes, dest: Address) -> None:
-        """Write to the connection with that remote address; open one when there is none (18.1.1, 18.2.2)."""
+        """Write to the connection with that remote address, else open one (RFC 3261 18.1.1, 18.2.2).
+
+        A response whose connection has closed goes to a new connection to the
+        peer's received IP and sent-by port, not to the old connection's port.
+        """
         if self._closed:
             return
+        connection = self._connections.get(dest)
+        if connection is not None and not connection.closing:
+            connection.write(data)
+            return
+        dest = self._reply_addresses.get(dest, dest)
         connection = self._connections.get(dest)
         if connection is not None and not connection.closing:
             connection.write(data)
@@ -394,6 +428,11 @@ class StreamTransport:
     def _disconnected(self, connection: StreamConnection) -> None:
         if connection.peer is not None and self._connections.get(connection.peer) is connection:
             del self._connections[connection.peer]
+            if connection.reply_address is not None and connection.reply_address != connection.peer:
+                self._reply_addresses[connection.peer] = connection.reply_address
+                self._reply_addresses.move_to_end(connection.peer)
+                while len(self._reply_addresses) > MAX_REMEMBERED_REPLY_ADDRESSES:
+                    self._reply_addresses.popitem(last=False)
 
     def _schedule_sweep(self) -> None:
         interval = min(max(self.limits.idle_timeout / 4, 0.05), 30.0)

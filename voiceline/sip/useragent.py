@@ -546,7 +546,8 @@ class UserAgent:
 def _stamp_via(request: SipRequest, source: Address, transport: SipTransport) -> Address:
     """Add received/rport to the top Via (RFC 3261 18.2.1, RFC 3581); return where responses go (18.2.2).
 
-    Over TCP and TLS that is the connection the request came on. Over UDP it is
+    Over TCP and TLS that is the connection the request came on (once it has
+    closed, a new connection to the source host and the sent-by port). Over UDP it is
     the source address when the client asked for rport, else the source host
     and the sent-by port.
     """
@@ -559,9 +560,11 @@ def _stamp_via(request: SipRequest, source: Address, transport: SipTransport) ->
     if "rport" in top.params:
         top.params["rport"] = str(source[1])
     request.headers.set("Via", ", ".join([str(top), *vias[1:]]))
-    if transport.reliable or "rport" in top.params:
+    sent_by = source[0], top.port or (5061 if top.transport == "TLS" else DEFAULT_SIP_PORT)
+    if transport.reliable:
+        transport.set_reply_address(source, sent_by)  # should the connection close before we answer
         return source
-    return source[0], top.port or (5061 if top.transport == "TLS" else DEFAULT_SIP_PORT)
+    return source if "rport" in top.params else sent_by
 
 
 def _next_hop_transport(route_set: list[str], remote_target: str) -> str:
