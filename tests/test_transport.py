@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -15,10 +16,11 @@ from hypothesis import strategies as st
 
 from rawsip import OFFER, RawPeer
 from voiceline.app import VoiceLine
-from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
+from voiceline.config import Config, ConfigError, MediaConfig, SipConfig, StorageConfig
 from voiceline.sip.message import SipRequest, SipResponse, parse_message, parse_name_addr, parse_via
 from voiceline.sip.transaction import Incoming, State, TransactionLayer
-from voiceline.sip.transport import PING, FramingError, StreamFramer
+from voiceline.sim.plugin import self_signed_certificate
+from voiceline.sip.transport import PING, FramingError, StreamFramer, server_tls_context
 
 # --- stream framing ---------------------------------------------------------------------
 
@@ -458,3 +460,38 @@ async def test_a_response_after_the_connection_closed_goes_to_the_sent_by_port(t
         for call in app.agent.calls:
             app.agent.hangup(call, "test")
         server.close()
+
+
+async def test_options_over_tls_and_an_in_dialog_contact_that_says_tls(tmp_path: Path) -> None:
+    certificate, key = self_signed_certificate(tmp_path / "tls")
+    async with running(
+        tmp_path, listen_tls="127.0.0.1:0", tls_certificate=str(certificate), tls_private_key=str(key)
+    ) as app:
+        port = port_of(app, "TLS")
+        client = ssl.create_default_context(cafile=str(certificate))  # verifies our certificate and its IP
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+        assert writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+        peer = TcpPeer(reader, writer)
+        text = tcp_request("INVITE", peer.port, port, body=OFFER.format(port=40998, formats="0"))
+        peer.send(text.replace("SIP/2.0/TCP", "SIP/2.0/TLS").replace(";transport=tcp SIP", ";transport=tls SIP"))
+        status, response = 0, None
+        while status < 200:
+            response = await peer.response()
+            status = response.status
+        assert response is not None and status == 200
+        assert parse_name_addr(response.headers.get("Contact") or "").uri.endswith(f":{port};transport=tls")
+        assert app.agent is not None
+        for call in app.agent.calls:
+            app.agent.hangup(call, "test")
+        peer.close()
+
+
+def test_tls_needs_version_1_2_and_a_certificate(tmp_path: Path) -> None:
+    certificate, key = self_signed_certificate(tmp_path / "tls")
+    assert server_tls_context(str(certificate), str(key)).minimum_version is ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ConfigError, match="tls_certificate"):
+        Config(sip=SipConfig(listen_tls="127.0.0.1:5061")).validate()
+    with pytest.raises(ConfigError, match="transports"):
+        Config(sip=SipConfig(transports=("udp", "sctp"))).validate()
+    with pytest.raises(ConfigError, match="nothing would listen"):
+        Config(sip=SipConfig(transports=())).validate()

@@ -32,6 +32,7 @@ from voiceline.sip.message import (
     salvage_request_headers,
     serialize,
 )
+from voiceline.sip.overload import OverloadGuard, OverloadLimits, Verdict
 from voiceline.sip.sdp import (
     NegotiatedAudio,
     NoCommonCodec,
@@ -49,7 +50,6 @@ from voiceline.sip.transaction import (
     Timers,
     TransactionLayer,
 )
-from voiceline.sip.overload import OverloadGuard, OverloadLimits, Verdict
 from voiceline.sip.transport import Address, SipTransport
 
 log = structlog.get_logger("voiceline.sip")
