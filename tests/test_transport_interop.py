@@ -81,5 +81,6 @@ def test_sipp_basic_call_over_tcp(voiceline_server: Callable[..., object], tmp_p
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert stat(tmp_path, "SuccessfulCall(C)") == 10
     assert stat(tmp_path, "FailedCall(C)") == 0
+    assert server.stop() == 0  # type: ignore[attr-defined]  # the whole log, as in test_sipp
     events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
     assert events.count("call.confirmed") == 10 and events.count("call.ended") == 10
