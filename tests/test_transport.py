@@ -495,3 +495,24 @@ def test_tls_needs_version_1_2_and_a_certificate(tmp_path: Path) -> None:
         Config(sip=SipConfig(transports=("udp", "sctp"))).validate()
     with pytest.raises(ConfigError, match="nothing would listen"):
         Config(sip=SipConfig(transports=())).validate()
+
+
+async def test_an_idle_connection_stays_open_while_its_call_lasts(tmp_path: Path) -> None:
+    async with running(tmp_path, connection_idle_timeout=1.0) as app:
+        port = port_of(app, "TCP")
+        peer = await TcpPeer.connect(port)
+        call_id = secrets.token_hex(6)
+        peer.send(tcp_request("INVITE", peer.port, port, call_id, body=OFFER.format(port=40998, formats="0")))
+        response = await peer.response()
+        while response.status < 200:
+            response = await peer.response()
+        to_tag = parse_name_addr(response.headers.get("To") or "").tag or ""
+        peer.send(tcp_request("ACK", peer.port, port, call_id, to_tag=to_tag))
+        with pytest.raises(asyncio.TimeoutError):  # three idle timeouts pass: still open
+            await peer.receive(timeout=3.0)
+        assert app.agent is not None
+        app.agent.hangup(app.agent.calls[0], "test")
+        bye = parse_message(await peer.receive())
+        assert getattr(bye, "method", "") == "BYE"
+        assert await peer.closed_by_server(timeout=5.0)  # the call is over: now the idle timeout applies
+        peer.close()

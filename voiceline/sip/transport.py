@@ -17,7 +17,7 @@ import socket
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -325,6 +325,8 @@ class StreamTransport:
         self._sweeper: asyncio.TimerHandle | None = None
         self._bind_host = ""
         self._closed = False
+        # Remote addresses of connections a live call uses: never closed for being idle.
+        self.busy_peers: Callable[[], Collection[Address]] = tuple
 
     async def listen(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -439,10 +441,16 @@ class StreamTransport:
         self._sweeper = asyncio.get_running_loop().call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Close connections idle for longer than the idle timeout (bounds abandoned connections)."""
+        """Close connections idle for longer than the idle timeout (bounds abandoned connections).
+
+        Connections a live call came in on stay: our in-dialog requests must still reach a
+        phone behind NAT, which only that connection can do.
+        """
         cutoff = time.monotonic() - self.limits.idle_timeout
-        for connection in list(self._connections.values()):
-            if connection.last_active < cutoff:
+        idle = [c for c in self._connections.values() if c.last_active < cutoff]
+        busy = self.busy_peers() if idle else ()
+        for connection in idle:
+            if connection.peer not in busy:
                 self.counters.idle_closed += 1
                 connection.close()
         if not self._closed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from voiceline.sip.transaction import (
     Timers,
     TransactionLayer,
 )
-from voiceline.sip.transport import Address, SipTransport
+from voiceline.sip.transport import Address, SipTransport, StreamTransport
 
 log = structlog.get_logger("voiceline.sip")
 
@@ -141,6 +142,12 @@ class UserAgent:
     def attach(self, transport: SipTransport) -> None:
         """Add a listening transport; its messages come in through `message_received`."""
         self.transports[transport.name] = transport
+        if isinstance(transport, StreamTransport):
+            transport.busy_peers = functools.partial(self._call_peers, transport.name)
+
+    def _call_peers(self, transport_name: str) -> set[Address]:
+        """Remote addresses of the connections that live calls came in on."""
+        return {call.invite.source for call in self._calls.values() if call.invite.transport == transport_name}
 
     @property
     def transport(self) -> SipTransport | None:
