@@ -46,6 +46,17 @@ def send_raw(server: object, text: str) -> None:
         sock.sendto(text.replace("PORT", str(port)).encode(), (server.host, server.port))  # type: ignore[attr-defined]
 
 
+def send_raw_tcp(server: object, text: str) -> None:
+    """One message on its own TCP connection; the server's answer (or close) is read and dropped."""
+    with socket.create_connection((server.host, server.ports["tcp"]), timeout=2) as sock:  # type: ignore[attr-defined]
+        port = sock.getsockname()[1]
+        sock.sendall(text.replace("PORT", str(port)).replace("SIP/2.0/UDP", "SIP/2.0/TCP").encode())
+        try:
+            sock.recv(65535)
+        except TimeoutError:
+            pass
+
+
 def bad_requests() -> list[str]:
     """Requests that take error paths (400, 405, 481, 488) while carrying the canary."""
     head = (
@@ -77,6 +88,7 @@ def test_canary_number_is_written_nowhere(
 
     for text in bad_requests():
         send_raw(server, text)
+        send_raw_tcp(server, text)  # stream framing errors, and the same error paths over TCP
 
     # A SIPp call with the canary in From, Contact, P-Asserted-Identity, Remote-Party-ID and SDP.
     injection = tmp_path / "canary.csv"
@@ -92,12 +104,14 @@ def test_canary_number_is_written_nowhere(
     )
     assert sipp.returncode == 0, sipp.stdout[-2000:]
 
-    # Two pjsua2 callers from the canary number, paired with each other; one holds and resumes
-    # (re-INVITEs carry the identity again, into the dialog's target refresh).
+    # Two pjsua2 callers from the canary number, paired with each other: one over UDP holds and
+    # resumes (re-INVITEs carry the identity again, into the dialog's target refresh), one over TCP.
     reports = sim_calls(
         [
             CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=2.5, hold=(0.8, 1.6)),
-            CallSpec(target, from_user=CANARY, tone_hz=1209.0, seconds=2.5, start_after=0.3),
+            CallSpec(
+                f"{target};transport=tcp", from_user=CANARY, tone_hz=1209.0, seconds=2.5, start_after=0.3, transport="tcp"
+            ),
         ]
     )
     assert all(r.connected for r in reports), reports

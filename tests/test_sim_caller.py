@@ -351,7 +351,7 @@ def test_cli_rejects_bad_arguments_with_status_2(argv: list[str], capsys: pytest
 
 def test_call_spec_rejects_what_a_worker_cannot_place() -> None:
     with pytest.raises(ValueError, match="transport"):
-        CallSpec("sip:line@127.0.0.1", seconds=1, transport="tcp")
+        CallSpec("sip:line@127.0.0.1", seconds=1, transport="sctp")
     with pytest.raises(ValueError, match="sip: URI"):
         CallSpec("tel:+15550001234", seconds=1)
     with pytest.raises(ValueError, match="dtmf"):

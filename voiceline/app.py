@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import time
@@ -14,11 +15,21 @@ import structlog
 
 from voiceline.audio.hold import chime_pattern, load_wav
 from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
-from voiceline.config import Config
+from voiceline.config import Config, SipConfig
 from voiceline.pairing.service import PairingService, Participant
+from voiceline.sip.overload import OverloadLimits, RateLimit
 from voiceline.sip.session_timer import SessionTimerPolicy
 from voiceline.sip.transaction import Timers
-from voiceline.sip.transport import open_udp
+from voiceline.sip.transport import (
+    MessageHandler,
+    SipTransport,
+    StreamLimits,
+    StreamTransport,
+    client_tls_context,
+    open_stream,
+    open_udp,
+    server_tls_context,
+)
 from voiceline.sip.useragent import Call, CallRejected, CallState, UserAgent, UserAgentSettings
 from voiceline.storage import Storage
 
@@ -26,6 +37,8 @@ log = structlog.get_logger("voiceline.app")
 
 DEFAULT_LINE = "default"
 PID_FILE = "voiceline.pid"  # in the data dir: how `voiceline drain` finds the server
+# With port 0 UDP and TCP share one kernel-chosen port; tries when TCP finds it taken.
+SHARED_PORT_ATTEMPTS = 20
 
 
 @dataclass(eq=False)
@@ -75,13 +88,19 @@ class VoiceLine:
             codecs=self.config.media.codecs,
             session_timers=SessionTimerPolicy(sip.session_expires, sip.min_session_expires),
             max_call_duration=sip.max_call_duration,
+            overload=overload_limits(sip),
         )
         self.agent = UserAgent(settings, self)
-        host, port = sip.listen_address
-        transport = await open_udp(host, port, self.agent.datagram_received)
-        self.agent.attach(transport)
-        bound_host, bound_port = transport.local_address
-        log.info("sip.listening", address=f"{bound_host}:{bound_port}", transport="udp", advertised=sip.advertised_host)
+        for transport in await open_transports(sip, self.agent.message_received):
+            self.agent.attach(transport)
+            bound_host, bound_port = transport.local_address
+            log.info(
+                "sip.listening",
+                address=f"{bound_host}:{bound_port}",
+                transport=transport.name.lower(),
+                advertised=sip.advertised_host,
+            )
+        host = sip.listen_address[0]
         if not sip.public_address and host == "0.0.0.0":
             log.warning(
                 "sip.public_address_unset",
@@ -105,10 +124,13 @@ class VoiceLine:
         if self._reaper is not None:
             self._reaper.cancel()
         if self.agent is not None:
-            log.info("sip.totals", **asdict(self.agent.counters))
+            log.info("sip.totals", **asdict(self.agent.counters), **asdict(self.agent.overload.counters))
+            for transport in self.agent.transports.values():
+                if isinstance(transport, StreamTransport):
+                    log.info("sip.connections", transport=transport.name.lower(), **asdict(transport.counters))
             await self.agent.shutdown()
-            if self.agent.transport is not None:
-                self.agent.transport.close()
+            for transport in self.agent.transports.values():
+                transport.close()
         if self.media is not None:
             self.media.close()
         if self._writes:
@@ -191,6 +213,57 @@ def _start_media(leg: MediaLeg, call: Call) -> None:
     audio = call.audio
     assert audio is not None
     leg.start((audio.remote_host, audio.remote_port), audio.codec, audio.payload_type, audio.telephone_event_pt)
+def overload_limits(sip: SipConfig) -> OverloadLimits:
+    return OverloadLimits(
+        rates={
+            "INVITE": RateLimit(sip.invite_rate, sip.invite_burst),
+            "REGISTER": RateLimit(sip.register_rate, sip.register_burst),
+            "OPTIONS": RateLimit(sip.options_rate, sip.options_burst),
+        },
+        max_calls=sip.max_calls,
+        scanner_user_agents=tuple(name.lower() for name in sip.scanner_user_agents),
+    )
+
+
+async def open_transports(sip: SipConfig, on_message: MessageHandler) -> list[SipTransport]:
+    """UDP and TCP on `sip.listen` (one port for both), TLS on `sip.listen_tls` when set."""
+    host, port = sip.listen_address
+    limits = StreamLimits(sip.max_message_size, sip.connection_idle_timeout, sip.max_connections)
+    opened: list[SipTransport] = []
+    try:
+        for attempt in range(SHARED_PORT_ATTEMPTS):
+            if "udp" in sip.transports:
+                udp = await open_udp(host, port, on_message)
+                opened.append(udp)
+            if "tcp" not in sip.transports:
+                break
+            tcp_port = opened[0].local_address[1] if opened else port
+            try:
+                opened.append(await open_stream("TCP", host, tcp_port, on_message, limits))
+                break
+            except OSError as exc:
+                # Port 0: the UDP port the kernel chose may be taken for TCP; choose again.
+                if port != 0 or exc.errno != errno.EADDRINUSE or attempt == SHARED_PORT_ATTEMPTS - 1:
+                    raise
+                for transport in opened:
+                    transport.close()
+                opened.clear()
+        tls_address = sip.tls_address
+        if tls_address is not None:
+            tls = await open_stream(
+                "TLS",
+                *tls_address,
+                on_message,
+                limits,
+                server_ssl=server_tls_context(sip.tls_certificate, sip.tls_private_key),
+                client_ssl=client_tls_context(sip.tls_ca_file),
+            )
+            opened.append(tls)
+    except BaseException:
+        for transport in opened:
+            transport.close()
+        raise
+    return opened
 
 
 async def serve(config: Config) -> int:

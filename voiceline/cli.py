@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the SIP service")
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file (defaults are embedded)")
-    serve.add_argument("--listen", metavar="HOST:PORT", help="SIP UDP address (sip.listen)")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="SIP UDP and TCP address (sip.listen)")
     serve.add_argument("--rtp-ports", metavar="LO-HI", help="RTP port range (media.rtp_ports)")
     serve.add_argument("--data-dir", metavar="DIR", help="directory for the database (storage.data_dir)")
     serve.add_argument("--log-format", choices=("json", "console"), help="log output format (log.format)")

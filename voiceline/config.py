@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from voiceline.sip.overload import SCANNER_USER_AGENTS
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
@@ -40,9 +42,19 @@ def parse_port_range(text: str, what: str) -> tuple[int, int]:
     return low, high
 
 
+SIP_TRANSPORTS = ("udp", "tcp")
+
+
 @dataclass(frozen=True)
 class SipConfig:
     listen: str = "0.0.0.0:5060"
+    transports: tuple[str, ...] = SIP_TRANSPORTS
+    listen_tls: str = ""
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    tls_ca_file: str = ""
+    connection_idle_timeout: float = 600.0
+    max_connections: int = 1024
     public_address: str = ""
     answer_delay: float = 0.5
     t1: float = 0.5
@@ -53,10 +65,22 @@ class SipConfig:
     min_session_expires: int = 90
     max_call_duration: float = 14400.0
     drain_timeout: float = 3600.0
+    max_calls: int = 500
+    invite_rate: float = 50.0
+    invite_burst: int = 100
+    register_rate: float = 10.0
+    register_burst: int = 20
+    options_rate: float = 20.0
+    options_burst: int = 40
+    scanner_user_agents: tuple[str, ...] = SCANNER_USER_AGENTS
 
     @property
     def listen_address(self) -> tuple[str, int]:
         return parse_host_port(self.listen, "sip.listen")
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        return parse_host_port(self.listen_tls, "sip.listen_tls") if self.listen_tls else None
 
     @property
     def advertised_host(self) -> str:
@@ -99,6 +123,7 @@ class Config:
     def validate(self) -> Config:
         self.sip.listen_address
         self.media.port_range
+        self._validate_transports()
         if self.sip.public_address:
             try:
                 ipaddress.ip_address(self.sip.public_address)
@@ -124,11 +149,36 @@ class Config:
             raise ConfigError("media.codecs: choose from PCMU, PCMA")
         if self.media.hold_audio and not Path(self.media.hold_audio).is_file():
             raise ConfigError("media.hold_audio: file not found")
+        if self.sip.max_calls < 1:
+            raise ConfigError("sip.max_calls: must be at least 1")
+        for method in ("invite", "register", "options"):
+            if getattr(self.sip, f"{method}_rate") <= 0 or getattr(self.sip, f"{method}_burst") < 1:
+                raise ConfigError(f"sip.{method}_rate and sip.{method}_burst: must be positive")
         if self.log.format not in ("console", "json"):
             raise ConfigError("log.format: must be 'console' or 'json'")
         if self.log.level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log.level: must be debug, info, warning or error")
         return self
+
+
+    def _validate_transports(self) -> None:
+        sip = self.sip
+        unknown = [name for name in sip.transports if name not in SIP_TRANSPORTS]
+        if unknown or len(set(sip.transports)) != len(sip.transports):
+            raise ConfigError("sip.transports: choose from udp, tcp (TLS is sip.listen_tls)")
+        if not sip.transports and not sip.listen_tls:
+            raise ConfigError("sip.transports: empty and sip.listen_tls unset: nothing would listen")
+        if sip.tls_address is not None:
+            for key in ("tls_certificate", "tls_private_key"):
+                path = getattr(sip, key)
+                if not path or not Path(path).is_file():
+                    raise ConfigError(f"sip.{key}: a readable file is required when sip.listen_tls is set")
+        if sip.tls_ca_file and not Path(sip.tls_ca_file).is_file():
+            raise ConfigError("sip.tls_ca_file: file not found")
+        if not 1 <= sip.connection_idle_timeout <= 86400:
+            raise ConfigError("sip.connection_idle_timeout: must be between 1 and 86400 seconds")
+        if sip.max_connections < 1:
+            raise ConfigError("sip.max_connections: must be at least 1")
 
 
 _SECTIONS: dict[str, type] = {"sip": SipConfig, "media": MediaConfig, "storage": StorageConfig, "log": LogConfig}

@@ -56,6 +56,7 @@ DISPLAY_NAME = "voiceline sim"
 KEPT_CODECS = {"PCMU/8000/1": 200, "PCMA/8000/1": 190}
 PJ_LOG_LEVEL = 1  # errors only
 REDACTED = "<caller>"
+SIP_TRANSPORTS = {"udp": pj.PJSIP_TRANSPORT_UDP, "tcp": pj.PJSIP_TRANSPORT_TCP, "tls": pj.PJSIP_TRANSPORT_TLS}
 LEVEL_WINDOW_SECONDS = 0.5
 
 
@@ -181,7 +182,7 @@ class CallerWorker:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_order = itertools.count()
         self._legs = [Leg(spec, CallReport(index=index)) for index, spec in job.calls]
-        self._accounts: dict[str, pj.Account] = {}
+        self._accounts: dict[tuple[str, str], pj.Account] = {}  # (from_user, transport) -> account
         self._stop_reason: str | None = None
 
     @property
@@ -235,12 +236,15 @@ class CallerWorker:
         config.medConfig.noVad = True
         endpoint.libInit(config)
         endpoint.audDevManager().setNullDev()
-        transport_id = endpoint.transportCreate(pj.PJSIP_TRANSPORT_UDP, self._loopback_transport())
+        transport_ids = {
+            name: endpoint.transportCreate(SIP_TRANSPORTS[name], self._sip_transport(name))
+            for name in {leg.spec.transport for leg in self._legs}
+        }
         endpoint.libStart()
         for codec in endpoint.codecEnum2():
             endpoint.codecSetPriority(codec.codecId, KEPT_CODECS.get(codec.codecId, 0))
-        for user in {leg.spec.from_user for leg in self._legs}:
-            self._accounts[user] = self._create_account(user, transport_id)
+        for user, name in {(leg.spec.from_user, leg.spec.transport) for leg in self._legs}:
+            self._accounts[(user, name)] = self._create_account(user, transport_ids[name])
         for leg in self._legs:
             self._call_at(self._job.batch_start + leg.spec.start_after, leg, functools.partial(self._dial, leg))
         self._call_at(self._job.end_by, None, lambda: self._stop("batch timeout reached"))
@@ -251,6 +255,14 @@ class CallerWorker:
         transport.boundAddress = self._job.bind_host
         transport.publicAddress = self._job.bind_host
         transport.port = 0
+        return transport
+
+    def _sip_transport(self, name: str) -> pj.TransportConfig:
+        """The SIP transport `name` on loopback; TLS verifies the server against the job's CA file."""
+        transport = self._loopback_transport()
+        if name == "tls" and self._job.tls_ca_file:
+            transport.tlsConfig.CaListFile = self._job.tls_ca_file
+            transport.tlsConfig.verifyServer = True
         return transport
 
     def _create_account(self, user: str, transport_id: int) -> pj.Account:
@@ -299,7 +311,7 @@ class CallerWorker:
     def _dial(self, leg: Leg) -> None:
         if leg.finished:
             return
-        leg.call = SimCall(self._accounts[leg.spec.from_user], self, leg)
+        leg.call = SimCall(self._accounts[(leg.spec.from_user, leg.spec.transport)], self, leg)
         try:
             leg.call.makeCall(leg.spec.target, pj.CallOpParam(True))
         except pj.Error as exc:

@@ -57,6 +57,9 @@ def add_sim_parser(subparsers: "argparse._SubParsersAction[Any]") -> argparse.Ar
     )
     call.add_argument("--transport", choices=TRANSPORTS, default="udp")
     call.add_argument(
+        "--tls-ca-file", default="", metavar="PEM", help="with --transport tls: verify the server against this CA"
+    )
+    call.add_argument(
         "--record-dir", type=Path, metavar="DIR", help="where to keep recordings (default: a new temporary directory)"
     )
     return sim
@@ -96,7 +99,7 @@ def run_sim(args: argparse.Namespace) -> int:
         return 2
     record_dir = args.record_dir or Path(tempfile.mkdtemp(prefix="voiceline-sim-"))
     timeout = specs[-1].start_after + args.seconds + TIMEOUT_MARGIN_SECONDS
-    reports = run_calls(specs, record_dir=record_dir, timeout=timeout)
+    reports = run_calls(specs, record_dir=record_dir, timeout=timeout, tls_ca_file=args.tls_ca_file)
     for report in reports:
         print(report.to_json(), flush=True)
     return 0 if all(report.connected for report in reports) else 1

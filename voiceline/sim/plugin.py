@@ -5,10 +5,12 @@ environment with voiceline installed has:
 
 - `voiceline_server`: a factory. `server = voiceline_server()` (or
   `voiceline_server({"sip": {"answer_delay": 0.2}})` to override config keys,
-  see config/voiceline.toml) starts `voiceline serve` on a free loopback UDP
-  port, waits for its `sip.listening` log event and returns a
-  `VoicelineServer`. At teardown every server started is sent SIGTERM and must
-  exit with status 0.
+  see config/voiceline.toml) starts `voiceline serve` on a free loopback
+  port (UDP and TCP), waits for a `sip.listening` log event per transport and
+  returns a `VoicelineServer`; `server.ports` maps "udp"/"tcp"/"tls" to the
+  bound ports (TLS when the overrides set `sip.listen_tls`, e.g. to
+  "127.0.0.1:0" with a certificate from `self_signed_certificate`). At teardown
+  every server started is sent SIGTERM and must exit with status 0.
 - `sim_calls`: `sim_calls(specs, timeout=60.0)` places simulated calls (see
   `voiceline.sim.runner.run_calls`) with recordings under the test's tmp_path.
 """
@@ -58,10 +60,15 @@ class VoicelineServer:
     log_path: Path
     config_path: Path
     process: subprocess.Popen[bytes]
+    # Bound port per transport ("udp", "tcp", "tls"), from the sip.listening events.
+    ports: dict[str, int] = field(default_factory=dict)
     killed: bool = field(default=False, init=False)
 
-    def uri(self, user: str = "voiceline") -> str:
-        return f"sip:{user}@{self.host}:{self.port}"
+    def uri(self, user: str = "voiceline", transport: str = "udp") -> str:
+        """A URI that reaches the server over `transport` (TLS as sip:...;transport=tls)."""
+        if transport == "udp":
+            return f"sip:{user}@{self.host}:{self.port}"
+        return f"sip:{user}@{self.host}:{self.ports[transport]};transport={transport}"
 
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -92,6 +99,23 @@ class VoicelineServer:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def self_signed_certificate(directory: Path, host: str = LOOPBACK) -> tuple[Path, Path]:
+    """A throw-away certificate and key for `host` (an IP SAN), written by the openssl CLI."""
+    directory.mkdir(parents=True, exist_ok=True)
+    certificate, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
+            *("-keyout", str(key), "-out", str(certificate), "-subj", f"/CN={host}"),
+            *("-addext", f"subjectAltName=IP:{host}"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return certificate, key
 
 
 def free_udp_port(host: str = LOOPBACK) -> int:
@@ -143,7 +167,11 @@ def start_server(directory: Path, overrides: ConfigOverrides) -> VoicelineServer
     port = free_udp_port()
     low, high = rtp_range_for(port)
     config_path = directory / "voiceline.toml"
-    config_path.write_text(to_toml(merge_config({"sip": {"public_address": LOOPBACK}}, overrides)), encoding="utf-8")
+    config = merge_config({"sip": {"public_address": LOOPBACK}}, overrides)
+    config_path.write_text(to_toml(config), encoding="utf-8")
+    transports = set(config["sip"].get("transports", ("udp", "tcp")))
+    if config["sip"].get("listen_tls"):
+        transports.add("tls")
     data_dir = directory / "data"
     log_path = directory / "server.log"
     command = [
@@ -164,13 +192,21 @@ def start_server(directory: Path, overrides: ConfigOverrides) -> VoicelineServer
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     server = VoicelineServer(LOOPBACK, port, (low, high), data_dir, log_path, config_path, process)
-    _wait_until_listening(server)
+    _wait_until_listening(server, transports)
     return server
 
 
-def _wait_until_listening(server: VoicelineServer) -> None:
+def _listening_ports(server: VoicelineServer) -> dict[str, int]:
+    return {
+        str(event.get("transport")): int(str(event.get("address")).rpartition(":")[2])
+        for event in server.log_events()
+        if event.get("event") == READY_EVENT
+    }
+
+
+def _wait_until_listening(server: VoicelineServer, transports: set[str]) -> None:
     deadline = time.monotonic() + SERVER_READY_SECONDS
-    while not any(event.get("event") == READY_EVENT for event in server.log_events()):
+    while not transports <= (ports := _listening_ports(server)).keys() or not ports:
         if server.process.poll() is not None:
             pytest.fail(
                 f"voiceline serve exited with status {server.process.returncode} before {READY_EVENT}; "
@@ -184,6 +220,7 @@ def _wait_until_listening(server: VoicelineServer) -> None:
                 f"log ends:\n{server.log_tail()}"
             )
         time.sleep(LOG_POLL_SECONDS)
+    server.ports = ports
 
 
 @pytest.fixture
@@ -213,13 +250,19 @@ def voiceline_server(tmp_path: Path) -> Iterator[Callable[..., VoicelineServer]]
 
 @pytest.fixture
 def sim_calls(tmp_path: Path) -> Callable[..., list[CallReport]]:
-    """`sim_calls(specs, timeout=60.0, analyse_hz=None) -> list[CallReport]`, recordings under tmp_path/sim."""
+    """`sim_calls(specs, timeout=60.0, analyse_hz=None, tls_ca_file="") -> list[CallReport]`,
+    recordings under tmp_path/sim."""
     batches = itertools.count()
 
     def place(
-        specs: Sequence[CallSpec], timeout: float = 60.0, analyse_hz: Sequence[float] | None = None
+        specs: Sequence[CallSpec],
+        timeout: float = 60.0,
+        analyse_hz: Sequence[float] | None = None,
+        tls_ca_file: str | Path = "",
     ) -> list[CallReport]:
         record_dir = tmp_path / "sim" / f"batch-{next(batches)}"
-        return run_calls(specs, record_dir=record_dir, timeout=timeout, analyse_hz=analyse_hz)
+        return run_calls(
+            specs, record_dir=record_dir, timeout=timeout, analyse_hz=analyse_hz, tls_ca_file=str(tls_ca_file)
+        )
 
     return place

@@ -25,7 +25,9 @@ from typing import Any, Literal
 
 # pjsua2's compiled-in PJSUA_MAX_CALLS.
 MAX_CALLS_PER_WORKER = 4
-TRANSPORTS = ("udp",)
+# SIP transports a simulated caller can use; the target URI should name the same
+# (`;transport=tcp` or `;transport=tls`, see VoicelineServer.uri).
+TRANSPORTS = ("udp", "tcp", "tls")
 # Nyquist limit of the 8 kHz telephone clock.
 MAX_TONE_HZ = 4000.0
 # DTMF goes out this long after connect, once the media path has settled.
@@ -150,6 +152,8 @@ class WorkerJob:
     record_dir: str
     analyse_hz: tuple[float, ...]
     calls: tuple[tuple[int, CallSpec], ...]
+    # PEM CA bundle that TLS callers verify the server with; empty: no verification.
+    tls_ca_file: str = ""
 
     def to_json(self) -> str:
         data: dict[str, Any] = asdict(self)
@@ -171,6 +175,7 @@ def run_calls(
     bind_host: str = "127.0.0.1",
     timeout: float = 60.0,
     analyse_hz: Sequence[float] | None = None,
+    tls_ca_file: str = "",
 ) -> list[CallReport]:
     """Place every call, wait (at most `timeout` seconds) and return reports in spec order.
 
@@ -196,6 +201,7 @@ def run_calls(
             record_dir=str(record_dir.resolve()),
             analyse_hz=tuple(analyse_hz),
             calls=tuple(indexed[first : first + MAX_CALLS_PER_WORKER]),
+            tls_ca_file=str(Path(tls_ca_file).resolve()) if tls_ca_file else "",
         )
         for first in range(0, len(indexed), MAX_CALLS_PER_WORKER)
     ]

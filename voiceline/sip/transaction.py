@@ -46,6 +46,12 @@ class Timers:
 class Send:
     data: bytes
     dest: Address
+    transport: str = "UDP"  # the name of the transport to send on ("UDP", "TCP", "TLS")
+
+
+# Transports that deliver reliably: no retransmissions (Timers E, G; A for the INVITE
+# client) and no lingering to absorb them (Timers I, J, K; D for the INVITE client are zero).
+RELIABLE_TRANSPORTS = frozenset({"TCP", "TLS", "SCTP", "WS", "WSS"})
 
 
 class State(enum.Enum):
@@ -86,8 +92,9 @@ def _server_key(request: SipRequest, method: str) -> tuple[str, ...]:
 class ServerTransaction:
     key: tuple[str, ...]
     request: SipRequest
-    source: Address
+    source: Address  # where responses go (RFC 3261 18.2.2)
     state: State
+    transport: str = "UDP"
     last_response: bytes | None = None
     final_status: int = 0
     retransmit_interval: float = 0.0
@@ -98,6 +105,13 @@ class ServerTransaction:
     def is_invite(self) -> bool:
         return self.request.method == "INVITE"
 
+    @property
+    def reliable(self) -> bool:
+        return self.transport in RELIABLE_TRANSPORTS
+
+    def send(self, data: bytes) -> Send:
+        return Send(data, self.source, self.transport)
+
 
 @dataclass(eq=False)
 class ClientTransaction:
@@ -105,6 +119,7 @@ class ClientTransaction:
     request: SipRequest
     data: bytes
     dest: Address
+    transport: str = "UDP"
     state: State = State.TRYING
     response: SipResponse | None = None
     timed_out: bool = False
@@ -117,6 +132,13 @@ class ClientTransaction:
     @property
     def is_invite(self) -> bool:
         return self.request.method == "INVITE"
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport in RELIABLE_TRANSPORTS
+
+    def send(self) -> Send:
+        return Send(self.data, self.dest, self.transport)
 
 
 class Incoming(enum.Enum):
@@ -150,8 +172,14 @@ class TransactionLayer:
 
     # -- server side -------------------------------------------------------
 
-    def on_request(self, request: SipRequest, source: Address, now: float) -> tuple[Incoming, ServerTransaction | None, list[Send]]:
-        """Match a request to a server transaction (new, retransmission or ACK)."""
+    def on_request(
+        self, request: SipRequest, source: Address, now: float, transport: str = "UDP"
+    ) -> tuple[Incoming, ServerTransaction | None, list[Send]]:
+        """Match a request to a server transaction (new, retransmission or ACK).
+
+        `source` is where responses go: the address of RFC 3261 18.2.2 for UDP,
+        the connection's remote address for TCP and TLS.
+        """
         method = "INVITE" if request.method == "ACK" else request.method
         key = _server_key(request, method)
         tx = self._server.get(key)
@@ -162,13 +190,17 @@ class TransactionLayer:
                 tx.state = State.CONFIRMED
                 tx.deadlines.pop("G", None)
                 tx.deadlines.pop("H", None)
-                self._arm(tx, "I", now + self.timers.t4)
+                if tx.reliable:
+                    self._terminate_server(tx)  # Timer I is zero
+                else:
+                    self._arm(tx, "I", now + self.timers.t4)
             return Incoming.ABSORBED, tx, []
         if tx is not None:
             resend = tx.last_response is not None and tx.state is not State.ACCEPTED
-            sends = [Send(tx.last_response, tx.source)] if resend and tx.last_response else []
+            sends = [tx.send(tx.last_response)] if resend and tx.last_response else []
             return Incoming.ABSORBED, tx, sends
-        tx = ServerTransaction(key, request, source, State.PROCEEDING if method == "INVITE" else State.TRYING)
+        state = State.PROCEEDING if method == "INVITE" else State.TRYING
+        tx = ServerTransaction(key, request, source, state, transport)
         self._server[key] = tx
         if self._looped(request):
             return Incoming.LOOP, tx, []
@@ -205,15 +237,19 @@ class TransactionLayer:
             tx.final_status = status
             if not tx.is_invite:
                 tx.state = State.COMPLETED
-                self._arm(tx, "J", now + 64 * self.timers.t1)
+                if tx.reliable:
+                    self._terminate_server(tx)  # Timer J is zero
+                else:
+                    self._arm(tx, "J", now + 64 * self.timers.t1)
             else:
                 tx.state = State.ACCEPTED if status < 300 else State.COMPLETED
                 tx.retransmit_interval = self.timers.t1
-                self._arm(tx, "G", now + tx.retransmit_interval)
+                if not tx.reliable:
+                    self._arm(tx, "G", now + tx.retransmit_interval)
                 self._arm(tx, "H", now + 64 * self.timers.t1)
         elif not tx.is_invite:
             tx.state = State.PROCEEDING
-        return [Send(data, tx.source)]
+        return [tx.send(data)]
 
     def acknowledged(self, tx: ServerTransaction, now: float) -> None:
         """The dialog saw the ACK for our 2xx: stop retransmitting it.
@@ -227,17 +263,21 @@ class TransactionLayer:
 
     # -- client side (BYE, OPTIONS, REGISTER, UPDATE; INVITE with Timers A, B, D) ----
 
-    def send_request(self, request: SipRequest, dest: Address, now: float) -> tuple[ClientTransaction, list[Send]]:
+    def send_request(
+        self, request: SipRequest, dest: Address, now: float, transport: str = "UDP"
+    ) -> tuple[ClientTransaction, list[Send]]:
         via = parse_via(request.headers.get("Via") or "")
         key = (via.branch or "", request.method)
         data = serialize(request)
-        tx = ClientTransaction(key, request, data, dest, State.CALLING if request.method == "INVITE" else State.TRYING)
+        state = State.CALLING if request.method == "INVITE" else State.TRYING
+        tx = ClientTransaction(key, request, data, dest, transport, state)
         self._client[key] = tx
         tx.retransmit_interval = self.timers.t1
         retransmit, timeout = ("A", "B") if tx.is_invite else ("E", "F")
-        self._arm(tx, retransmit, now + tx.retransmit_interval)
+        if not tx.reliable:
+            self._arm(tx, retransmit, now + tx.retransmit_interval)
         self._arm(tx, timeout, now + 64 * self.timers.t1)
-        return tx, [Send(data, dest)]
+        return tx, [tx.send()]
 
     def on_response(self, response: SipResponse, now: float) -> ClientTransaction | None:
         """Match a response; returns the transaction when its final response is for the TU.
@@ -263,14 +303,17 @@ class TransactionLayer:
         tx.state = State.COMPLETED
         tx.response = response
         tx.deadlines.clear()
-        self._arm(tx, "K", now + self.timers.t4)
+        if tx.reliable:
+            self._terminate_client(tx)  # Timer K is zero
+        else:
+            self._arm(tx, "K", now + self.timers.t4)
         return tx
 
     def _invite_response(self, tx: ClientTransaction, response: SipResponse, now: float) -> ClientTransaction | None:
         status = response.status
         if tx.state is State.COMPLETED:
             if status >= 300 and tx.ack is not None:
-                self._outbox.append(Send(tx.ack, tx.dest))  # our ACK was lost: the final came again
+                self._outbox.append(Send(tx.ack, tx.dest, tx.transport))  # our ACK was lost: the final came again
             return None
         if tx.state is State.ACCEPTED:
             return tx if 200 <= status < 300 else None
@@ -287,8 +330,11 @@ class TransactionLayer:
             return tx
         tx.state = State.COMPLETED
         tx.ack = serialize(_ack_for_error(tx.request, response))
-        self._outbox.append(Send(tx.ack, tx.dest))
-        self._arm(tx, "D", now + self.timers.d)
+        self._outbox.append(Send(tx.ack, tx.dest, tx.transport))
+        if tx.reliable:
+            self._terminate_client(tx)  # Timer D is zero
+        else:
+            self._arm(tx, "D", now + self.timers.d)
         return tx
 
     def take_sends(self) -> list[Send]:
@@ -319,7 +365,7 @@ class TransactionLayer:
 
     def _server_timer(self, tx: ServerTransaction, name: str, now: float, result: PollResult) -> None:
         if name == "G" and tx.last_response is not None:
-            result.sends.append(Send(tx.last_response, tx.source))
+            result.sends.append(tx.send(tx.last_response))
             tx.retransmit_interval = min(2 * tx.retransmit_interval, self.timers.t2)
             self._arm(tx, "G", now + tx.retransmit_interval)
         elif name == "H":
@@ -331,11 +377,11 @@ class TransactionLayer:
 
     def _client_timer(self, tx: ClientTransaction, name: str, now: float, result: PollResult) -> None:
         if name == "A":
-            result.sends.append(Send(tx.data, tx.dest))
+            result.sends.append(tx.send())
             tx.retransmit_interval *= 2  # Timer A doubles without the T2 cap (17.1.1.2)
             self._arm(tx, "A", now + tx.retransmit_interval)
         elif name == "E":
-            result.sends.append(Send(tx.data, tx.dest))
+            result.sends.append(tx.send())
             # In Proceeding the interval jumps to T2 (RFC 3261 17.1.2.2).
             doubled = 2 * tx.retransmit_interval if tx.state is State.TRYING else self.timers.t2
             tx.retransmit_interval = min(doubled, self.timers.t2)

@@ -2,7 +2,7 @@
 
 Timers and retransmissions live in the sans-I/O transaction layer, SDP
 exchanges in `offer_answer`, session timers in `session_timer`; this module is
-the asyncio edge that feeds them datagrams and the loop clock and tells the
+the asyncio edge that feeds them messages and the loop clock and tells the
 call handler (the app) when a call is offered, confirmed, changed and ended.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import structlog
 
 from voiceline import __version__
 from voiceline.privacy import new_call_id
-from voiceline.sip.dialog import Dialog, is_ip_address, new_tag
+from voiceline.sip.dialog import DEFAULT_SIP_PORT, Dialog, is_ip_address, new_tag
 from voiceline.sip.message import (
     Headers,
     SipParseError,
@@ -28,11 +29,14 @@ from voiceline.sip.message import (
     UnsupportedVersion,
     parse_message,
     parse_name_addr,
+    parse_uri,
+    parse_via,
     response_to,
     salvage_request_headers,
     serialize,
 )
 from voiceline.sip.offer_answer import OfferAnswer
+from voiceline.sip.overload import OverloadGuard, OverloadLimits, Verdict
 from voiceline.sip.sdp import NegotiatedAudio, NoCommonCodec, SdpError, SessionDescription, parse_sdp
 from voiceline.sip.session_timer import (
     Action,
@@ -52,7 +56,7 @@ from voiceline.sip.transaction import (
     Timers,
     TransactionLayer,
 )
-from voiceline.sip.transport import Address, SipTransport
+from voiceline.sip.transport import Address, SipTransport, StreamTransport
 
 log = structlog.get_logger("voiceline.sip")
 
@@ -157,6 +161,7 @@ class UserAgentSettings:
     codecs: tuple[str, ...] = ("PCMU", "PCMA")
     session_timers: SessionTimerPolicy = SessionTimerPolicy()
     max_call_duration: float = 0.0  # seconds from the answer; 0: unlimited
+    overload: OverloadLimits = field(default_factory=OverloadLimits)
 
 
 @dataclass
@@ -173,7 +178,8 @@ class UserAgent:
         self.handler = handler
         self.transactions = TransactionLayer(settings.timers)
         self.counters = SipCounters()
-        self.transport: SipTransport | None = None
+        self.overload = OverloadGuard(settings.overload)
+        self.transports: dict[str, SipTransport] = {}  # by name: "UDP", "TCP", "TLS"
         self._calls: dict[tuple[str, str], Call] = {}  # (Call-ID, our tag) -> call
         self._calls_by_invite: dict[ServerTransaction, Call] = {}
         # Our pending requests and what to do with their final response (None: Timer F/B fired).
@@ -187,13 +193,29 @@ class UserAgent:
     # -- lifecycle -----------------------------------------------------------
 
     def attach(self, transport: SipTransport) -> None:
-        self.transport = transport
+        """Add a listening transport; its messages come in through `message_received`."""
+        self.transports[transport.name] = transport
+        if isinstance(transport, StreamTransport):
+            transport.busy_peers = functools.partial(self._call_peers, transport.name)
+
+    def _call_peers(self, transport_name: str) -> set[Address]:
+        """Remote addresses of the connections that live calls came in on."""
+        return {call.invite.source for call in self._calls.values() if call.invite.transport == transport_name}
 
     @property
-    def contact(self) -> str:
-        assert self.transport is not None
-        port = self.transport.local_address[1]
-        return f"<sip:voiceline@{self.settings.advertised_host}:{port}>"
+    def transport(self) -> SipTransport | None:
+        """The first transport attached (UDP unless it is off)."""
+        return next(iter(self.transports.values()), None)
+
+    def contact_for(self, tx: ServerTransaction) -> str:
+        """Our Contact for a dialog set up by `tx`: reachable over the transport it came on."""
+        port = self.transports[tx.transport].local_address[1]
+        host = self.settings.advertised_host
+        if tx.transport == "UDP":
+            return f"<sip:voiceline@{host}:{port}>"
+        if tx.transport == "TLS" and tx.request.uri[:5].lower() == "sips:":
+            return f"<sips:voiceline@{host}:{port}>"  # 8.1.1.8: a sips Request-URI needs a sips Contact
+        return f"<sip:voiceline@{host}:{port};transport={tx.transport.lower()}>"
 
     @property
     def calls(self) -> list[Call]:
@@ -224,13 +246,14 @@ class UserAgent:
 
     # -- inbound -------------------------------------------------------------
 
-    def datagram_received(self, data: bytes, source: Address) -> None:
+    def message_received(self, data: bytes, source: Address, transport: SipTransport) -> None:
+        """One datagram, or one framed stream message; `source` names the sender or the connection."""
         try:
-            self._on_datagram(data, source)
+            self._on_message(data, source, transport)
         except Exception as exc:  # no input may stop the server; the message text is not logged
             log.error("sip.internal_error", error=type(exc).__name__)
 
-    def _on_datagram(self, data: bytes, source: Address) -> None:
+    def _on_message(self, data: bytes, source: Address, transport: SipTransport) -> None:
         self.counters.received += 1
         if len(data) > self.settings.max_message_size:
             self.counters.oversized += 1
@@ -240,29 +263,49 @@ class UserAgent:
         try:
             message = parse_message(data, self.settings.max_message_size)
         except UnsupportedVersion:
-            self._reject_unparsed(data, source, 505)
+            self._reject_unparsed(data, source, transport, 505)
             return
         except SipParseError:
             self.counters.malformed += 1
             log.debug("sip.malformed", size=len(data))
-            self._reject_unparsed(data, source, 400)
+            self._reject_unparsed(data, source, transport, 400)
             return
+        reply_to = source
         try:
             if isinstance(message, SipRequest):
-                self._on_request(message, source)
+                if not self._admitted(message, source, transport):
+                    return
+                reply_to = _stamp_via(message, source, transport)
+                self._on_request(message, reply_to, transport.name)
             else:
                 self._on_response(message)
         except SipParseError:
             # A header the parser accepted but transaction matching could not use.
             self.counters.malformed += 1
             if isinstance(message, SipRequest) and message.method != "ACK":
-                self._send(Send(_serialize_response(response_to(message, 400)), source))
+                self._send(Send(_serialize_response(response_to(message, 400)), reply_to, transport.name))
         self._reschedule()  # an ACK or a response may have cancelled timers
 
-    def _on_request(self, request: SipRequest, source: Address) -> None:
+    def _admitted(self, request: SipRequest, source: Address, transport: SipTransport) -> bool:
+        """The overload guard at the entry: scanners and over-limit sources never reach a transaction."""
+        now = self._loop.time()
+        verdict = self.overload.check(request.method, request.headers.get("User-Agent"), source[0], now)
+        if verdict is Verdict.ACCEPT:
+            return True
+        if verdict is Verdict.REJECT:
+            retry = [("Retry-After", str(self.settings.overload.retry_after))]
+            response = response_to(request, 503, to_tag=new_tag(), headers=retry)
+            reply_to = _stamp_via(request, source, transport)
+            self._send(Send(_serialize_response(response), reply_to, transport.name))
+        report = self.overload.report(now)
+        if report is not None:
+            log.warning("sip.overload", **report)  # aggregate counts only, never a source
+        return False
+
+    def _on_request(self, request: SipRequest, source: Address, transport: str) -> None:
         log.debug("sip.request", method=request.method)
         now = self._loop.time()
-        kind, tx, sends = self.transactions.on_request(request, source, now)
+        kind, tx, sends = self.transactions.on_request(request, source, now, transport)
         self._send_all(sends)
         if kind is Incoming.ABSORBED:
             return
@@ -303,6 +346,9 @@ class UserAgent:
     def _on_invite(self, tx: ServerTransaction, request: SipRequest) -> None:
         if self._draining:
             self._respond(tx, 503, [("Retry-After", "60")])
+            return
+        if not self.overload.admit_call(len(self._calls)):
+            self._respond(tx, 503, [("Retry-After", str(self.settings.overload.retry_after))])
             return
         if not request.uri.lower().startswith(("sip:", "sips:")):
             self._respond(tx, 416)
@@ -349,7 +395,7 @@ class UserAgent:
             self.handler.call_ended(call)
             return
         record_routes = [("Record-Route", route) for route in call.dialog.route_set]  # 12.1.1
-        self._respond(call.invite, 180, [*record_routes, *self._call_headers()])
+        self._respond(call.invite, 180, [*record_routes, *self._call_headers(call)])
         await asyncio.sleep(self.settings.answer_delay)
         if call.state is not CallState.OFFERED:
             return
@@ -361,7 +407,7 @@ class UserAgent:
         call.awaiting_ack = call.invite
         agreement = call.session_agreement
         timer_headers = list(agreement.response_headers) if agreement else []
-        self._respond(call.invite, 200, [*record_routes, *self._call_headers(), *timer_headers], sdp)
+        self._respond(call.invite, 200, [*record_routes, *self._call_headers(call), *timer_headers], sdp)
         now = self._loop.time()
         if agreement is not None:
             call.session_timer = SessionTimer(agreement.interval, agreement.we_refresh, now)
@@ -445,7 +491,7 @@ class UserAgent:
         call.dialog.refresh_target(request.headers)
         if "Allow" in request.headers:
             call.peer_allows_update = _lists(request.headers, "Allow", "UPDATE")
-        headers = [*self._call_headers(), *(timers.response_headers if timers else ())]
+        headers = [*self._call_headers(call), *(timers.response_headers if timers else ())]
         self._respond(tx, 200, headers, sdp)
         if is_invite:
             call.awaiting_ack = tx
@@ -534,7 +580,7 @@ class UserAgent:
             return
         method = "UPDATE" if call.peer_allows_update else "INVITE"
         request = self._in_dialog_request(call, method)
-        for name, value in [*self._call_headers(), *request_headers(timer.ask, self.settings.session_timers)]:
+        for name, value in [*self._call_headers(call), *request_headers(timer.ask, self.settings.session_timers)]:
             request.headers.add(name, value)
         if method == "INVITE":
             request.headers.add("Content-Type", "application/sdp")
@@ -573,7 +619,7 @@ class UserAgent:
             # The ACK for a 2xx is ours to send (13.2.2.4); kept on the transaction for repeated 2xx.
             cseq = int((tx.request.headers.get("CSeq") or "0").split()[0])
             tx.ack = serialize(self._in_dialog_request(call, "ACK", cseq))
-            self._send(Send(tx.ack, tx.dest))
+            self._send(Send(tx.ack, tx.dest, tx.transport))
             before = call.audio
             try:
                 call.media.take_answer(response.body)
@@ -598,19 +644,35 @@ class UserAgent:
             self._send_in_dialog(call, bye, lambda tx, response: None)
         self._end(call, reason)
 
+    def _dialog_transport(self, call: Call) -> tuple[SipTransport, Address | None]:
+        """How our in-dialog requests leave (RFC 3261 18.1.1).
+
+        Over the caller's connection while it is open (returned with its address),
+        else over the transport the next hop's URI asks for, to that hop.
+        """
+        invite = call.invite
+        arrived_on = self.transports[invite.transport]
+        if arrived_on.reliable and arrived_on.has_connection(invite.source):
+            return arrived_on, invite.source
+        name = _next_hop_transport(call.dialog.route_set, call.dialog.remote_target)
+        return self.transports.get(name, arrived_on), None
+
     def _in_dialog_request(self, call: Call, method: str, cseq: int | None = None) -> SipRequest:
-        assert self.transport is not None
-        port = self.transport.local_address[1]
-        return call.dialog.new_request(method, self.settings.advertised_host, port, self.transport.name, cseq)
+        transport, _ = self._dialog_transport(call)
+        port = transport.local_address[1]
+        return call.dialog.new_request(method, self.settings.advertised_host, port, transport.name, cseq)
 
     def _send_in_dialog(
         self, call: Call, request: SipRequest, on_final: FinalHandler
     ) -> ClientTransaction | None:
         """Send to the dialog's next hop; a host name is resolved first (then no transaction is returned)."""
+        transport, connection = self._dialog_transport(call)
+        if connection is not None:
+            return self._start_client(request, connection, transport, on_final)
         next_host, next_port = call.dialog.next_hop()
         if is_ip_address(next_host):
-            return self._start_client(request, (next_host, next_port), on_final)
-        self._spawn(self._resolve_and_send(request, next_host, next_port, call.invite.source, on_final))
+            return self._start_client(request, (next_host, next_port), transport, on_final)
+        self._spawn(self._resolve_and_send(request, next_host, next_port, call.invite.source, transport, on_final))
         return None
 
     async def _resolve_and_send(
@@ -619,6 +681,7 @@ class UserAgent:
         host: str,
         port: int,
         fallback: Address,
+        transport: SipTransport,
         on_final: FinalHandler,
     ) -> None:
         try:
@@ -626,12 +689,12 @@ class UserAgent:
             dest: Address = (str(infos[0][4][0]), int(infos[0][4][1]))
         except OSError:
             dest = fallback  # the address the INVITE came from is our best remaining hope
-        self._start_client(request, dest, on_final)
+        self._start_client(request, dest, transport, on_final)
 
     def _start_client(
-        self, request: SipRequest, dest: Address, on_final: FinalHandler
+        self, request: SipRequest, dest: Address, transport: SipTransport, on_final: FinalHandler
     ) -> ClientTransaction:
-        tx, sends = self.transactions.send_request(request, dest, self._loop.time())
+        tx, sends = self.transactions.send_request(request, dest, self._loop.time(), transport.name)
         self._pending[tx] = on_final
         self._send_all(sends)
         self._reschedule()
@@ -646,7 +709,7 @@ class UserAgent:
         if on_final is not None:
             on_final(tx, response)
         elif tx.ack is not None and response.status < 300:
-            self._send(Send(tx.ack, tx.dest))  # a repeated 2xx to our re-INVITE: our ACK was lost
+            self._send(Send(tx.ack, tx.dest, tx.transport))  # a repeated 2xx to our re-INVITE: our ACK was lost
 
     # -- helpers ---------------------------------------------------------------
 
@@ -672,8 +735,8 @@ class UserAgent:
     def _capabilities(self) -> list[tuple[str, str]]:
         return [("Allow", ALLOWED_METHODS), ("Supported", ", ".join(SUPPORTED_EXTENSIONS))]
 
-    def _call_headers(self) -> list[tuple[str, str]]:
-        return [("Contact", self.contact), *self._capabilities()]
+    def _call_headers(self, call: Call) -> list[tuple[str, str]]:
+        return [("Contact", self.contact_for(call.invite)), *self._capabilities()]
 
     def _respond(
         self,
@@ -694,25 +757,30 @@ class UserAgent:
         self._send_all(self.transactions.respond(tx, _with_server(response), self._loop.time()))
         self._reschedule()  # a final response arms retransmission and cleanup timers
 
-    def _reject_unparsed(self, data: bytes, source: Address, status: int) -> None:
+    def _reject_unparsed(self, data: bytes, source: Address, transport: SipTransport, status: int) -> None:
         """Answer a message the parser refused, when the headers a response needs can be read back."""
         headers = salvage_request_headers(data)
         if headers is None:
             return
         request = SipRequest("INVITE", "sip:invalid", headers)
         try:
+            reply_to = _stamp_via(request, source, transport)
+        except SipParseError:
+            reply_to = source
+        try:
             response = response_to(request, status, to_tag=new_tag())
         except SipParseError:
             return
-        self._send(Send(_serialize_response(response), source))
+        self._send(Send(_serialize_response(response), reply_to, transport.name))
 
     def _send_all(self, sends: Iterable[Send]) -> None:
         for send in sends:
             self._send(send)
 
     def _send(self, send: Send) -> None:
-        if self.transport is not None:
-            self.transport.send(send.data, send.dest)
+        transport = self.transports.get(send.transport)
+        if transport is not None:
+            transport.send(send.data, send.dest)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
@@ -793,6 +861,38 @@ def _dtmf_digit(content_type: str, body: bytes) -> str | None:
         value = next((v for k, _, v in fields if k.strip().lower() == "signal"), "")
     value = value.strip().upper()
     return value if len(value) == 1 and value in DTMF_DIGITS else None
+
+
+def _stamp_via(request: SipRequest, source: Address, transport: SipTransport) -> Address:
+    """Add received/rport to the top Via (RFC 3261 18.2.1, RFC 3581); return where responses go (18.2.2).
+
+    Over TCP and TLS that is the connection the request came on (once it has
+    closed, a new connection to the source host and the sent-by port). Over UDP it is
+    the source address when the client asked for rport, else the source host
+    and the sent-by port.
+    """
+    vias = request.headers.get_all("Via")
+    if not vias:
+        raise SipParseError("missing Via header")
+    top = parse_via(vias[0])
+    if top.host != source[0]:
+        top.params["received"] = source[0]
+    if "rport" in top.params:
+        top.params["rport"] = str(source[1])
+    request.headers.set("Via", ", ".join([str(top), *vias[1:]]))
+    sent_by = source[0], top.port or (5061 if top.transport == "TLS" else DEFAULT_SIP_PORT)
+    if transport.reliable:
+        transport.set_reply_address(source, sent_by)  # should the connection close before we answer
+        return source
+    return source if "rport" in top.params else sent_by
+
+
+def _next_hop_transport(route_set: list[str], remote_target: str) -> str:
+    """The transport a URI asks for (sips: means TLS; else its transport parameter, UDP by default)."""
+    uri = parse_uri(parse_name_addr(route_set[0]).uri if route_set else remote_target)
+    if uri.scheme == "sips":
+        return "TLS"
+    return (uri.params.get("transport") or "udp").upper()
 
 
 def _with_server(response: SipResponse) -> SipResponse:
