@@ -48,6 +48,7 @@ from voiceline.sip.transaction import (
     TransactionLayer,
 )
 from voiceline.sip.transport import Address, SipTransport
+from voiceline.sip.trunks import Admit, Drop, Refuse, RequestPolicy
 
 log = structlog.get_logger("voiceline.sip")
 
@@ -86,6 +87,8 @@ class Call:
     awaiting_ack: ServerTransaction | None = None  # an INVITE whose 2xx is retransmitted until ACKed
     answer_sdp: bytes = b""
     session_id: int = field(default_factory=lambda: secrets.randbelow(1 << 31))
+    trunk: str = ""  # the trunk it came in on (admission policy), "" without a policy
+    line: str = ""  # the line its dialled number reaches
 
 
 class CallHandler(Protocol):
@@ -116,15 +119,17 @@ class SipCounters:
 
 
 class UserAgent:
-    def __init__(self, settings: UserAgentSettings, handler: CallHandler) -> None:
+    def __init__(self, settings: UserAgentSettings, handler: CallHandler, policy: RequestPolicy | None = None) -> None:
         self.settings = settings
         self.handler = handler
+        self.policy = policy
         self.transactions = TransactionLayer(settings.timers)
         self.counters = SipCounters()
         self.transport: SipTransport | None = None
         self._calls: dict[tuple[str, str], Call] = {}  # (Call-ID, our tag) -> call
         self._calls_by_invite: dict[ServerTransaction, Call] = {}
         self._pending_byes: set[ClientTransaction] = set()
+        self._waiters: dict[ClientTransaction, asyncio.Future[SipResponse | None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -221,8 +226,18 @@ class UserAgent:
             self._respond(tx, 483)
             return
         to_tag = parse_name_addr(request.headers.get("To") or "").tag
+        admission = Admit("")
+        if self.policy is not None and to_tag is None and request.method != "CANCEL":
+            verdict = self.policy.check(request, tx.source)
+            if isinstance(verdict, Drop):
+                self.transactions.discard(tx)
+                return
+            if isinstance(verdict, Refuse):
+                self._respond(tx, verdict.status, verdict.headers)
+                return
+            admission = verdict
         if request.method == "INVITE" and to_tag is None:
-            self._on_invite(tx, request)
+            self._on_invite(tx, request, admission)
         elif request.method == "CANCEL":
             self._on_cancel(tx, request)
         elif request.method == "OPTIONS":
@@ -232,7 +247,7 @@ class UserAgent:
         else:
             self._respond(tx, 405, [("Allow", ALLOWED_METHODS)])
 
-    def _on_invite(self, tx: ServerTransaction, request: SipRequest) -> None:
+    def _on_invite(self, tx: ServerTransaction, request: SipRequest, admission: Admit) -> None:
         if self._draining:
             self._respond(tx, 503, [("Retry-After", "60")])
             return
@@ -250,7 +265,8 @@ class UserAgent:
             return
         try:
             offer = parse_sdp(request.body)
-            audio = negotiate(offer, self.settings.codecs)
+            codecs = tuple(c for c in self.settings.codecs if c in admission.codecs or not admission.codecs)
+            audio = negotiate(offer, codecs)
         except NoCommonCodec:
             self._respond(tx, 488)
             return
@@ -258,12 +274,12 @@ class UserAgent:
             self._respond(tx, 400)
             return
         dialog = Dialog.from_invite(request, new_tag())
-        call = Call(new_call_id(), dialog, offer, audio, tx)
+        call = Call(new_call_id(), dialog, offer, audio, tx, trunk=admission.trunk, line=admission.line)
         self._calls[(dialog.call_id, dialog.local_tag)] = call
         self._calls_by_invite[tx] = call
         self.counters.calls += 1
         self._respond(tx, 100)
-        log.info("call.offered", call=call.id, codec=audio.codec)
+        log.info("call.offered", call=call.id, codec=audio.codec, trunk=call.trunk, line=call.line)
         self._spawn(self._answer(call))
 
     async def _answer(self, call: Call) -> None:
@@ -380,16 +396,38 @@ class UserAgent:
             dest = fallback  # the address the INVITE came from is our best remaining hope
         self._start_client(request, dest)
 
-    def _start_client(self, request: SipRequest, dest: Address) -> None:
+    async def request(self, request: SipRequest, dest: Address) -> SipResponse | None:
+        """Send a non-INVITE request (REGISTER, OPTIONS ...) in a client transaction.
+
+        Returns its final response, or None when none came in time (Timer F).
+        The caller builds the request, with a Via carrying a fresh branch.
+        """
+        waiter: asyncio.Future[SipResponse | None] = self._loop.create_future()
+        tx = self._start_client(request, dest)
+        self._waiters[tx] = waiter
+        try:
+            return await waiter
+        finally:
+            self._waiters.pop(tx, None)
+
+    def _start_client(self, request: SipRequest, dest: Address) -> ClientTransaction:
         tx, sends = self.transactions.send_request(request, dest, self._loop.time())
-        self._pending_byes.add(tx)
+        if request.method == "BYE":
+            self._pending_byes.add(tx)
         self._send_all(sends)
         self._reschedule()
+        return tx
 
     def _on_response(self, response: SipResponse) -> None:
         tx = self.transactions.on_response(response, self._loop.time())
         if tx is not None:
             self._pending_byes.discard(tx)
+            self._finish_request(tx, tx.response)
+
+    def _finish_request(self, tx: ClientTransaction, response: SipResponse | None) -> None:
+        waiter = self._waiters.pop(tx, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -482,6 +520,7 @@ class UserAgent:
                 self.hangup(call, "no ACK")
         for client_tx in result.timed_out:
             self._pending_byes.discard(client_tx)
+            self._finish_request(client_tx, None)
         self._reschedule()
 
 
