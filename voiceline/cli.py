@@ -1,4 +1,4 @@
-"""Command line: `voiceline serve` and `voiceline sim call`."""
+"""Command line: `voiceline serve`, `voiceline trunk|line ...` and `voiceline sim call`."""
 
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", metavar="DIR", help="directory for the database (storage.data_dir)")
     serve.add_argument("--log-format", choices=("json", "console"), help="log output format (log.format)")
 
+    from voiceline.provisioning_cli import add_provisioning_parsers
     from voiceline.sim.cli import add_sim_parser
 
+    add_provisioning_parsers(commands)
     add_sim_parser(commands)
     return parser
 
@@ -92,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve_command(args)
+    if args.command in ("trunk", "line"):
+        from voiceline.provisioning_cli import run_provisioning
+
+        return run_provisioning(args)
     from voiceline.sim.cli import run_sim
 
     return run_sim(args)

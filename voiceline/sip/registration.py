@@ -62,7 +62,7 @@ class RegistrationClient:
         self.transport = transport
         self.retry_min = retry_min
         self.retry_max = retry_max
-        self.status = RegistrationStatus(RegState.REGISTERING, next_attempt=0.0)
+        self.status = RegistrationStatus(RegState.REGISTERING)  # no next_attempt: register at once
         self._digest = DigestClient(registration.username, registration.password)
         self._call_id = secrets.token_hex(12)
         self._from_tag = secrets.token_hex(6)
@@ -214,8 +214,9 @@ class RegistrationDriver:
     async def _run(self) -> None:
         self._report(self.trunk, self.client.status)
         while True:
-            next_attempt = self.client.next_attempt or 0.0
-            await asyncio.sleep(max(0.0, next_attempt - self._loop.time()))
+            next_attempt = self.client.next_attempt
+            if next_attempt is not None:
+                await asyncio.sleep(max(0.0, next_attempt - self._loop.time()))
             for _ in range(self.MAX_REQUESTS_PER_ROUND):
                 status = await self._attempt()
                 if status.next_attempt is None or status.next_attempt > self._loop.time():
