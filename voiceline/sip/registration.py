@@ -69,7 +69,10 @@ class RegistrationClient:
         self._cseq = 0
         self._expiry = registration.expiry
         self._failures = 0
-        self._sent_credentials = False
+        # Credentials answering a challenge of the last response: a new challenge to those means
+        # they are wrong. Credentials reusing an older nonce may just have outlived it.
+        self._fresh_challenge = False
+        self._answered_fresh = False
         self._proxy_challenge = False  # the last challenge was a 407: answer with Proxy-Authorization
 
     @property
@@ -104,7 +107,8 @@ class RegistrationClient:
             ]
         )
         authorization = self._digest.authorization("REGISTER", request_uri)
-        self._sent_credentials = authorization is not None
+        self._answered_fresh = authorization is not None and self._fresh_challenge
+        self._fresh_challenge = False
         if authorization is not None:
             headers.add("Proxy-Authorization" if self._proxy_challenge else "Authorization", authorization)
         return SipRequest("REGISTER", request_uri, headers)
@@ -125,10 +129,10 @@ class RegistrationClient:
             challenge = pick_challenge(response.headers.get_all(header))
             if challenge is None:
                 return self._retry_later(RegState.FAILED, f"{status}: no usable digest challenge", now)
-            if self._sent_credentials and not challenge.stale:
-                self._digest.accept(challenge)
-                return self._retry_later(RegState.FAILED, f"{status}: credentials rejected", now)
             self._digest.accept(challenge)
+            if self._answered_fresh and not challenge.stale:
+                return self._retry_later(RegState.FAILED, f"{status}: credentials rejected", now)
+            self._fresh_challenge = True
             self._proxy_challenge = status == 407
             self.status = RegistrationStatus(self._pending_state(), "challenged", next_attempt=now)
             return self.status
