@@ -86,3 +86,21 @@ def test_old_nonce_is_stale_and_foreign_nonce_is_rechallenged() -> None:
 def test_client_never_shows_its_password() -> None:
     client = DigestClient("u", "hunter2-secret")
     assert "hunter2" not in repr(client)
+
+
+def test_server_limited_to_md5_challenges_and_accepts_only_md5() -> None:
+    server = DigestServer("r", algorithms=("MD5",))
+    [value] = server.challenges(now=0.0)
+    challenge = pick_challenge([value])
+    assert challenge is not None and challenge.algorithm == "MD5"
+    client = DigestClient("u", "pw")
+    client.accept(challenge)
+    md5 = client.authorization("INVITE", "sip:x@h")
+    assert md5 is not None and server.check(md5, "INVITE", "u", "pw", now=1.0) is Verdict.OK
+    # Right password, but hashed with an algorithm this server does not offer.
+    response = digest_response("SHA-256", "u", "r", "pw", "INVITE", "sip:x@h", challenge.nonce, "00000002", "c", "auth")
+    sha = (
+        f'Digest username="u", realm="r", nonce="{challenge.nonce}", uri="sip:x@h", response="{response}", '
+        'algorithm=SHA-256, qop=auth, nc=00000002, cnonce="c"'
+    )
+    assert server.check(sha, "INVITE", "u", "pw", now=1.0) is Verdict.CHALLENGE

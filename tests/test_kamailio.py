@@ -222,6 +222,13 @@ def test_wrong_password_shows_failed_and_backs_off(voiceline_server: Callable[..
     waits = [e["next_attempt_in"] for e in registrations(server) if e["state"] == "failed"]
     assert waits[:3] == [1.0, 2.0, 4.0], waits
     assert "not-the-password" not in server.log_text()
+    # `trunk test` reaches the registrar (OPTIONS; this Kamailio answers 404 to it).
+    probe = subprocess.run(
+        [sys.executable, "-m", "voiceline", "trunk", "test", "carrier", "--timeout", "3",
+         "--config", str(server.config_path), "--data-dir", str(server.data_dir)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert probe.returncode == 0 and f"sip:{carrier.host}:{carrier.port}: answered 404" in probe.stdout, probe
 
 
 def test_invite_through_kamailio_reaches_the_line_and_is_paired(

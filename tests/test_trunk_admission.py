@@ -33,14 +33,14 @@ LINES = [{"name": "general", "numbers": ["100", "+4930100"]}, {"name": "language
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: Path, **sip: Any) -> AsyncIterator[VoiceLine]:
+async def running(tmp_path: Path, trunks: list[dict[str, Any]] = TRUNKS, **sip: Any) -> AsyncIterator[VoiceLine]:
     low = next(_next_range)
     config = from_mapping(
         {
             "sip": {"listen": "127.0.0.1:0", "answer_delay": 0.05, **sip},
             "media": {"rtp_ports": f"{low}-{low + 19}"},
             "storage": {"data_dir": str(tmp_path / "data"), "poll_interval": 0.2},
-            "trunks": TRUNKS,
+            "trunks": trunks,
             "lines": LINES,
         }
     )
@@ -122,6 +122,19 @@ async def test_ip_trunk_is_accepted_on_the_dialled_line(tmp_path: Path) -> None:
         assert (await carrier.response(method="BYE")).status == 200
 
 
+async def test_trunk_identified_by_host_name(tmp_path: Path) -> None:
+    """A host-name source is resolved (here `localhost`) and its addresses identify the trunk."""
+    async with running(tmp_path, [{"name": "named", "sources": ["localhost"]}]) as app, peer_at("127.0.0.1") as peer:
+        assert app.policy is not None and "127.0.0.1" in app.policy.directory.resolved["localhost"]
+        dialer, response = await call(app, peer)
+        assert response.status == 200
+        assert app.agent is not None and [c.trunk for c in app.agent.calls] == ["named"]
+        dialer.in_dialog("BYE")
+        await peer.response(method="BYE")
+    async with running(tmp_path, [{"name": "named", "sources": ["localhost"]}]) as app, peer_at("127.0.0.8") as other:
+        assert (await call(app, other))[1].status == 403
+
+
 async def test_unknown_number_gets_404(tmp_path: Path) -> None:
     async with running(tmp_path) as app, peer_at("127.0.0.2") as carrier:
         _, response = await call(app, carrier, number="999")
@@ -198,3 +211,23 @@ async def test_trunks_and_lines_changed_by_the_cli_apply_without_restart(tmp_pat
         await asyncio.to_thread(cli, data_dir, "trunk", "remove", "newcomer")
         assert await until_status(app, "127.0.0.7", 403) == 403
         assert app.agent is not None and app.agent.calls == []
+
+
+async def test_sipp_authenticates_with_md5_on_a_trunk_that_offers_it(tmp_path: Path) -> None:
+    """An independent digest client (SIPp, MD5 only) gets through a trunk configured for MD5."""
+    md5_only = [{**TRUNKS[1], "auth_algorithms": ["MD5"]}]
+    async with running(tmp_path, md5_only) as app:
+        host, port = address(app)
+        scenario = Path(__file__).parent / "sipp" / "uac_digest.xml"
+        sipp = await asyncio.to_thread(
+            subprocess.run,
+            ["sipp", f"{host}:{port}", *("-i", "127.0.0.3", "-p", "0", "-mi", "127.0.0.3", "-mp", "0", "-s", "200"),
+             *("-au", "sbc-in", "-ap", "in-secret", "-sf", str(scenario), "-m", "1"),
+             *("-nostdin", "-timeout", "15s", "-timeout_error")],
+            cwd=tmp_path, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert sipp.returncode == 0, sipp.stdout[-2000:]
+        assert app.agent is not None and app.agent.counters.calls == 1
+        await asyncio.sleep(0.2)
+        assert app.storage is not None
+        assert [(r["line"], r["calls"]) for r in await app.storage.hourly()] == [("language", 1)]

@@ -98,6 +98,7 @@ def test_lines_by_dialled_number_with_wildcard() -> None:
         ({"name": "t", "sources": ("1.2.3.4",), "codecs": ("G729",)}, "codecs"),
         ({"name": "t", "sources": ("1.2.3.4",), "transports": ("sctp",)}, "transports"),
         ({"name": "t", "sources": ("1.2.3.4",), "max_calls": -1}, "max_calls"),
+        ({"name": "t", "sources": ("1.2.3.4",), "auth_algorithms": ("SHA-512",)}, "auth_algorithms"),
     ],
 )
 def test_invalid_trunks_are_refused_by_setting(kwargs: dict[str, object], message: str) -> None:
@@ -192,6 +193,7 @@ def test_unknown_sources_are_logged_at_a_limited_rate(capsys: pytest.CaptureFixt
         p.check(request(), ("198.51.100.1", 5060))
     events = [entry for entry in logs if entry["event"] == "sip.unknown_source"]
     assert [e["refused"] for e in events] == [1, 50]
+    assert {e["source_network"] for e in events} == {"198.51.100.0/24"}  # not the exact address
     assert all("anon" not in str(e) for e in events)  # no From/To content
 
 

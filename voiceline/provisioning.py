@@ -70,6 +70,7 @@ class TrunkChanges:
     username: str | None = None
     password: str | None = None
     realm: str | None = None
+    auth_algorithms: tuple[str, ...] | None = None
     no_auth: bool = False
     registrar: str | None = None
     register_username: str | None = None
@@ -84,7 +85,7 @@ class TrunkChanges:
     def apply(self, name: str, enabled: bool, settings: dict[str, Any]) -> Trunk:
         """The trunk `settings` (as stored) describe, with these changes; TrunkError when invalid."""
         merged = dict(settings)
-        for key in ("sources", "transports", "username", "password", "realm", "codecs", "max_calls"):
+        for key in ("sources", "transports", "username", "password", "realm", "auth_algorithms", "codecs", "max_calls"):
             if getattr(self, key) is not None:
                 merged[key] = getattr(self, key)
         if self.no_auth:

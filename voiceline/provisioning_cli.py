@@ -71,6 +71,8 @@ def _trunk_options(p: argparse.ArgumentParser, adding: bool) -> None:
     p.add_argument("--username", help="inbound digest user: INVITEs from this trunk must authenticate")
     p.add_argument("--password", help="inbound digest password ('-' reads it from stdin)")
     p.add_argument("--realm", help="inbound digest realm (default voiceline)")
+    p.add_argument("--auth-algorithm", action="append", choices=("SHA-256", "MD5"),
+                   help="digest algorithm to challenge with, preferred first; repeat (default SHA-256 then MD5)")  # fmt: skip
     p.add_argument("--register", metavar="URI", dest="registrar", help="register at this registrar, e.g. sip:sip.carrier.net")
     p.add_argument("--register-username", help="registration user name")
     p.add_argument("--register-password", help="registration password ('-' reads it from stdin)")
@@ -128,6 +130,7 @@ def _changes(args: argparse.Namespace) -> TrunkChanges:
         username=args.username,
         password=_secret(args.password, "--password"),
         realm=args.realm,
+        auth_algorithms=tuple(dict.fromkeys(args.auth_algorithm)) if args.auth_algorithm else None,
         no_auth=getattr(args, "no_auth", False),
         registrar=args.registrar,
         register_username=args.register_username,

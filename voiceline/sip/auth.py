@@ -88,6 +88,7 @@ class DigestServer:
     """Stateless nonces (time + HMAC) with a bounded table of the last nonce count seen per nonce."""
 
     realm: str
+    algorithms: tuple[str, ...] = OFFERED  # challenged in this order; others are refused
     nonce_lifetime: float = 300.0
     max_tracked_nonces: int = 4096
 
@@ -101,7 +102,7 @@ class DigestServer:
         extra = ", stale=true" if stale else ""
         return [
             f'Digest realm={_quote(self.realm)}, nonce="{nonce}", algorithm={algorithm}, qop="auth"{extra}'
-            for algorithm in OFFERED
+            for algorithm in self.algorithms
         ]
 
     def check(self, authorization: str, method: str, username: str, password: str, now: float) -> Verdict:
@@ -112,7 +113,7 @@ class DigestServer:
             return Verdict.CHALLENGE
         algorithm = params.get("algorithm", "MD5").upper()
         nonce = params.get("nonce", "")
-        if algorithm not in ALGORITHMS or params.get("realm") != self.realm or "response" not in params:
+        if algorithm not in self.algorithms or params.get("realm") != self.realm or "response" not in params:
             return Verdict.CHALLENGE
         issued = self._nonce_time(nonce)
         if issued is None:

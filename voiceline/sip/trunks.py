@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from voiceline.sip.auth import DigestServer, Verdict
+from voiceline.sip.auth import ALGORITHMS, DigestServer, Verdict
 from voiceline.sip.message import SipParseError, SipRequest, parse_uri, parse_via
 
 log = structlog.get_logger("voiceline.sip.trunks")
@@ -105,6 +105,8 @@ class Trunk:
     username: str = ""  # inbound digest: when set, INVITEs must authenticate
     password: str = field(default="", repr=False)
     realm: str = "voiceline"
+    # Digest algorithms we challenge with, preferred first; ("MD5",) for equipment without SHA-256.
+    auth_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
     registration: Registration | None = None
     codecs: tuple[str, ...] = ()  # empty: every codec of media.codecs
     max_calls: int = 0  # 0: no limit
@@ -121,6 +123,8 @@ class Trunk:
             raise TrunkError("username must be a SIP user name")
         if not self.realm or '"' in self.realm or "\\" in self.realm:
             raise TrunkError("realm must be a non-empty string without quotes or backslashes")
+        if not self.auth_algorithms or any(a not in ALGORITHMS for a in self.auth_algorithms):
+            raise TrunkError(f"auth_algorithms must be among {', '.join(ALGORITHMS)}")
         if any(c not in CODECS for c in self.codecs):
             raise TrunkError(f"codecs must be among {', '.join(CODECS)}")
         if not 0 <= self.max_calls <= 100000:
@@ -241,6 +245,15 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def source_network(host: str) -> str:
+    """The /24 (IPv4) or /48 (IPv6) around an address, for logs."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return "unknown"
+    return str(ipaddress.ip_network(f"{address}/{24 if address.version == 4 else 48}", strict=False))
+
+
 def dialled_number(request_uri: str) -> str | None:
     """The user part of a sip:/sips: Request-URI without user parameters (";phone-context=...")."""
     try:
@@ -351,7 +364,7 @@ class TrunkPolicy:
         self.refused: Counter[str] = Counter()
         self._clock = clock
         self._active_calls = active_calls
-        self._digest: dict[tuple[str, str], DigestServer] = {}
+        self._digest: dict[tuple[str, str, tuple[str, ...]], DigestServer] = {}
         self._unknown_logged_at = float("-inf")
         self._unknown_since_log = 0
 
@@ -381,10 +394,10 @@ class TrunkPolicy:
         return Admit(trunk.name, line.name, trunk.codecs)
 
     def _authenticate(self, trunk: Trunk, request: SipRequest) -> Refuse | None:
-        key = (trunk.name, trunk.realm)
+        key = (trunk.name, trunk.realm, trunk.auth_algorithms)
         server = self._digest.get(key)
         if server is None:
-            server = self._digest[key] = DigestServer(trunk.realm)
+            server = self._digest[key] = DigestServer(trunk.realm, trunk.auth_algorithms)
         now = self._clock()
         credentials = [
             value for value in request.headers.get_all("Authorization") if f'realm="{trunk.realm}"' in value
@@ -406,7 +419,13 @@ class TrunkPolicy:
         self._unknown_since_log += 1
         now = self._clock()
         if now - self._unknown_logged_at >= UNKNOWN_SOURCE_LOG_SECONDS:
-            # The address is what an admin needs to provision a carrier; no header content is logged.
-            log.warning("sip.unknown_source", source=host, refused=self._unknown_since_log, action="drop" if self.drop_unknown else "403")
+            # The network (/24, /48) is what an admin needs to spot a carrier that is not provisioned,
+            # without pinpointing one person's phone; no header content is logged.
+            log.warning(
+                "sip.unknown_source",
+                source_network=source_network(host),
+                refused=self._unknown_since_log,
+                action="drop" if self.drop_unknown else "403",
+            )
             self._unknown_logged_at = now
             self._unknown_since_log = 0
