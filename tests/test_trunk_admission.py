@@ -20,9 +20,10 @@ from rawsip import Dialer, RawPeer
 from voiceline.app import VoiceLine
 from voiceline.config import from_mapping
 from voiceline.sip.auth import DigestClient, pick_challenge
-from voiceline.sip.message import SipResponse, parse_name_addr
+from voiceline.sip.message import Headers, SipRequest, SipResponse, parse_name_addr, response_to, serialize
+from voiceline.sip.transaction import new_branch
 
-_next_range = iter(range(44400, 44600, 20))
+_next_range = iter(range(44400, 45000, 20))
 
 TRUNKS = [
     {"name": "carrier", "sources": ["127.0.0.2"]},
@@ -133,6 +134,28 @@ async def test_trunk_identified_by_host_name(tmp_path: Path) -> None:
         await peer.response(method="BYE")
     async with running(tmp_path, [{"name": "named", "sources": ["localhost"]}]) as app, peer_at("127.0.0.8") as other:
         assert (await call(app, other))[1].status == 403
+
+
+async def test_user_agent_request_returns_the_final_response_or_none(tmp_path: Path) -> None:
+    """`UserAgent.request`: a non-INVITE client transaction; None after Timer F (64*T1) without an answer."""
+    async with running(tmp_path, t1=0.01) as app, peer_at("127.0.0.2") as silent, peer_at("127.0.0.2") as answering:
+        assert app.agent is not None
+        host, port = address(app)
+
+        def options(dest: tuple[str, int]) -> SipRequest:
+            return SipRequest("OPTIONS", f"sip:{dest[0]}:{dest[1]}", Headers([
+                ("Via", f"SIP/2.0/UDP {host}:{port};branch={new_branch()}"), ("From", f"<sip:voiceline@{host}>;tag=x"),
+                ("To", f"<sip:{dest[0]}>"), ("Call-ID", new_branch()), ("CSeq", "1 OPTIONS"), ("Max-Forwards", "70"),
+            ]))  # fmt: skip
+
+        assert await asyncio.wait_for(app.agent.request(options(("127.0.0.2", silent.port)), ("127.0.0.2", silent.port)), 5) is None
+        assert len(silent.raw) > 3  # retransmitted (Timer E) before giving up
+        pending = asyncio.create_task(app.agent.request(options(("127.0.0.2", answering.port)), ("127.0.0.2", answering.port)))
+        request = await answering.request("OPTIONS")
+        answering.send(serialize(response_to(request, 180)), (host, port))
+        answering.send(serialize(response_to(request, 200)), (host, port))
+        response = await asyncio.wait_for(pending, 5)
+        assert response is not None and response.status == 200
 
 
 async def test_unknown_number_gets_404(tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ class VoiceLine:
         self.policy = TrunkPolicy(
             TrunkDirectory((), ()), loop.time, self._calls_on_trunk, drop_unknown=sip.unknown_source == "drop"
         )
-        await self.storage.clear_registration_status(keep=set())
+        await self.storage.clear_registration_status()
         await self._reload_provisioning()  # trunks and lines are in force before the first request
         self.agent = UserAgent(settings, self, self.policy)
         host, port = sip.listen_address

@@ -231,11 +231,9 @@ class Storage:
             (trunk, state, detail, at, expires_at, next_attempt),
         )
 
-    async def clear_registration_status(self, keep: set[str]) -> None:
-        """Forget the status of trunks that no longer register (e.g. at server start)."""
-        for row in await self.registration_status():
-            if row["trunk"] not in keep:
-                await self._db.execute("DELETE FROM registration_status WHERE trunk = ?", (row["trunk"],))
+    async def clear_registration_status(self) -> None:
+        """Forget every reported status (at server start: the drivers report afresh)."""
+        await self._db.execute("DELETE FROM registration_status")
 
     async def registration_status(self) -> list[dict[str, Any]]:
         return await self._rows(
