@@ -99,6 +99,18 @@ def test_errors_classify_as_failed_or_backoff() -> None:
     assert c.stopped().state is RegState.UNREGISTERED
 
 
+def test_configured_realm_must_match_the_challenge() -> None:
+    pinned = RegistrationClient(
+        Registration("sip:127.0.0.3", "line-a", "s3cret", realm="carrier"), ("127.0.0.1", 5070)
+    )
+    foreign = DigestServer("elsewhere").challenges(0.0)
+    status = pinned.on_response(reply(pinned.build(), 401, *(("WWW-Authenticate", v) for v in foreign)), 0.0)
+    assert status.state is RegState.FAILED and status.detail == "401: no usable digest challenge for realm carrier"
+    right = DigestServer("carrier").challenges(1.0)
+    status = pinned.on_response(reply(pinned.build(), 401, *(("WWW-Authenticate", v) for v in foreign + right)), 1.0)
+    assert status.next_attempt == 1.0 and 'realm="carrier"' in (pinned.build().headers.get("Authorization") or "")
+
+
 def test_unregister_asks_for_expiry_zero() -> None:
     assert client().build(expires=0).headers.get("Expires") == "0"
 

@@ -34,7 +34,9 @@ LINES = [{"name": "general", "numbers": ["100", "+4930100"]}, {"name": "language
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: Path, trunks: list[dict[str, Any]] = TRUNKS, **sip: Any) -> AsyncIterator[VoiceLine]:
+async def running(
+    tmp_path: Path, trunks: list[dict[str, Any]] = TRUNKS, lines: list[dict[str, Any]] = LINES, **sip: Any
+) -> AsyncIterator[VoiceLine]:
     low = next(_next_range)
     config = from_mapping(
         {
@@ -42,7 +44,7 @@ async def running(tmp_path: Path, trunks: list[dict[str, Any]] = TRUNKS, **sip: 
             "media": {"rtp_ports": f"{low}-{low + 19}"},
             "storage": {"data_dir": str(tmp_path / "data"), "poll_interval": 0.2},
             "trunks": trunks,
-            "lines": LINES,
+            "lines": lines,
         }
     )
     app = VoiceLine(config)
@@ -190,6 +192,13 @@ async def test_trunk_over_its_call_limit_gets_503(tmp_path: Path) -> None:
         _, second = await call(app, small, number="200")
         assert (first.status, second.status) == (200, 503)
         assert second.headers.get("Retry-After") == "30"
+
+
+async def test_full_line_gets_486_while_other_lines_take_calls(tmp_path: Path) -> None:
+    lines = [{"name": "general", "numbers": ["100"], "max_calls": 1}, {"name": "language", "numbers": ["200"]}]
+    async with running(tmp_path, lines=lines) as app, peer_at("127.0.0.2") as carrier:
+        statuses = [(await call(app, carrier, number))[1].status for number in ("100", "100", "200")]
+        assert statuses == [200, 486, 200]
 
 
 def cli(data_dir: Path, *args: str) -> None:

@@ -170,8 +170,8 @@ class Challenge:
     stale: bool
 
 
-def pick_challenge(values: list[str]) -> Challenge | None:
-    """The strongest usable challenge among WWW-/Proxy-Authenticate values, or None."""
+def pick_challenge(values: list[str], realm: str | None = None) -> Challenge | None:
+    """The strongest usable challenge among WWW-/Proxy-Authenticate values (of `realm`, when given), or None."""
     usable: list[Challenge] = []
     for value in values:
         try:
@@ -181,6 +181,8 @@ def pick_challenge(values: list[str]) -> Challenge | None:
         algorithm = params.get("algorithm", "MD5").upper()
         qops = [q.strip().lower() for q in params.get("qop", "").split(",") if q.strip()]
         if algorithm not in ALGORITHMS or "nonce" not in params or (qops and "auth" not in qops):
+            continue
+        if realm is not None and params.get("realm") != realm:
             continue
         usable.append(
             Challenge(

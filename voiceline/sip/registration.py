@@ -126,9 +126,10 @@ class RegistrationClient:
             return self.status
         if status in (401, 407):
             header = "WWW-Authenticate" if status == 401 else "Proxy-Authenticate"
-            challenge = pick_challenge(response.headers.get_all(header))
+            challenge = pick_challenge(response.headers.get_all(header), self.registration.realm or None)
             if challenge is None:
-                return self._retry_later(RegState.FAILED, f"{status}: no usable digest challenge", now)
+                realm = f" for realm {self.registration.realm}" if self.registration.realm else ""
+                return self._retry_later(RegState.FAILED, f"{status}: no usable digest challenge{realm}", now)
             self._digest.accept(challenge)
             if self._answered_fresh and not challenge.stale:
                 return self._retry_later(RegState.FAILED, f"{status}: credentials rejected", now)
