@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive as independent peers (command -> package).
-TEST_TOOLS := sipp:sip-tester openssl:openssl
+TEST_TOOLS := sipp:sip-tester openssl:openssl kamailio:kamailio
 
 .PHONY: run test bench system-deps clean
 

@@ -79,9 +79,10 @@ class RawPeer(asyncio.DatagramProtocol):
 class Dialer:
     """Builds the requests of one call from a RawPeer."""
 
-    def __init__(self, peer: RawPeer, server: tuple[str, int], from_user: str = "anon") -> None:
+    def __init__(self, peer: RawPeer, server: tuple[str, int], from_user: str = "anon", to_user: str = "line") -> None:
         self.peer = peer
         self.server = server
+        self.to_user = to_user  # the dialled number: Request-URI and To user part
         self.call_id = secrets.token_hex(8)
         self.from_tag = secrets.token_hex(4)
         self.from_user = from_user
@@ -91,7 +92,7 @@ class Dialer:
         self.last_invite = b""
 
     def _headers(self, method: str, branch: str, cseq: int, to_tag: str = "") -> str:
-        to = f"<sip:line@{self.server[0]}:{self.server[1]}>" + (f";tag={to_tag}" if to_tag else "")
+        to = f"<sip:{self.to_user}@{self.server[0]}:{self.server[1]}>" + (f";tag={to_tag}" if to_tag else "")
         return (
             f"Via: SIP/2.0/UDP 127.0.0.1:{self.peer.port};branch={branch};rport\r\n"
             f"From: <sip:{self.from_user}@127.0.0.1>;tag={self.from_tag}\r\n"
@@ -105,20 +106,27 @@ class Dialer:
     def invite(
         self, rtp_port: int | None, formats: str = "0 8 101", contact: bool = True, extra: str = ""
     ) -> None:
-        """An INVITE offering `rtp_port` (None: an offerless INVITE); `extra` adds header lines."""
+        """An INVITE with a fresh branch offering `rtp_port` (None: an offerless INVITE).
+
+        `extra` is added header lines (CRLF-terminated).
+        """
         self.branch = "z9hG4bK" + secrets.token_hex(6)
         body = OFFER.format(port=rtp_port, formats=formats, direction="sendrecv") if rtp_port is not None else ""
         headers = self._headers("INVITE", self.branch, self.cseq) + extra
         if not contact:
             headers = "".join(line + "\r\n" for line in headers.split("\r\n") if line and not line.startswith("Contact:"))
         text = (
-            f"INVITE sip:line@{self.server[0]}:{self.server[1]} SIP/2.0\r\n"
+            f"INVITE {self.request_uri} SIP/2.0\r\n"
             + headers
             + ("Content-Type: application/sdp\r\n" if body else "")
             + f"Content-Length: {len(body)}\r\n\r\n{body}"
         )
         self.last_invite = text.encode()
         self.peer.send(text, self.server)
+
+    @property
+    def request_uri(self) -> str:
+        return f"sip:{self.to_user}@{self.server[0]}:{self.server[1]}"
 
     def resend_invite(self) -> None:
         """A retransmission: the very same bytes, same branch."""
@@ -130,13 +138,13 @@ class Dialer:
         branch = self.branch if for_error else "z9hG4bK" + secrets.token_hex(6)
         body = OFFER.format(port=sdp_port, formats="0", direction=direction) if sdp_port is not None else ""
         kind = "Content-Type: application/sdp\r\n" if body else ""
-        text = f"ACK sip:line@{self.server[0]}:{self.server[1]} SIP/2.0\r\n" + self._headers(
+        text = f"ACK {self.request_uri} SIP/2.0\r\n" + self._headers(
             "ACK", branch, self.cseq, to_tag
         ) + f"{kind}Content-Length: {len(body)}\r\n\r\n{body}"
         self.peer.send(text, self.server)
 
     def cancel(self) -> None:
-        text = f"CANCEL sip:line@{self.server[0]}:{self.server[1]} SIP/2.0\r\n" + self._headers(
+        text = f"CANCEL {self.request_uri} SIP/2.0\r\n" + self._headers(
             "CANCEL", self.branch, self.cseq
         ) + "Content-Length: 0\r\n\r\n"
         self.peer.send(text, self.server)
@@ -167,7 +175,7 @@ class Dialer:
 
     def out_of_dialog(self, method: str) -> None:
         branch = "z9hG4bK" + secrets.token_hex(6)
-        text = f"{method} sip:line@{self.server[0]}:{self.server[1]} SIP/2.0\r\n" + self._headers(
+        text = f"{method} {self.request_uri} SIP/2.0\r\n" + self._headers(
             method, branch, self.cseq
         ) + "Content-Length: 0\r\n\r\n"
         self.peer.send(text, self.server)

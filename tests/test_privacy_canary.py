@@ -39,9 +39,9 @@ def written_files(*roots: Path) -> list[Path]:
     return [path for root in roots for path in root.rglob("*") if path.is_file()]
 
 
-def send_raw(server: object, text: str) -> None:
+def send_raw(server: object, text: str, source: str = "127.0.0.1") -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((source, 0))
         port = sock.getsockname()[1]
         sock.sendto(text.replace("PORT", str(port)).encode(), (server.host, server.port))  # type: ignore[attr-defined]
 
@@ -83,12 +83,25 @@ def bad_requests() -> list[str]:
 def test_canary_number_is_written_nowhere(
     voiceline_server: Callable[..., object], sim_calls: Callable[..., list[CallReport]], tmp_path: Path
 ) -> None:
-    server = voiceline_server({"sip": {"answer_delay": 0.1}, "log": {"level": "debug"}})
+    server = voiceline_server(
+        {
+            "sip": {"answer_delay": 0.1},
+            "log": {"level": "debug"},
+            # 127.0.0.1 calls freely; 127.0.0.2 must authenticate (401 path); others are unknown (403 path).
+            "trunks": [
+                {"name": "local", "sources": ["127.0.0.1"]},
+                {"name": "sbc", "sources": ["127.0.0.2"], "username": "sbc", "password": "pw"},
+            ],
+        }
+    )
     target = f"sip:{CANARY}@{server.host}:{server.port}"  # type: ignore[attr-defined]
 
     for text in bad_requests():
         send_raw(server, text)
         send_raw_tcp(server, text)  # stream framing errors, and the same error paths over TCP
+    for source in ("127.0.0.2", "127.0.0.9"):  # challenged, refused as unknown
+        for text in bad_requests()[:4]:
+            send_raw(server, text, source)
 
     # A SIPp call with the canary in From, Contact, P-Asserted-Identity, Remote-Party-ID and SDP.
     injection = tmp_path / "canary.csv"
@@ -121,6 +134,7 @@ def test_canary_number_is_written_nowhere(
     events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
     assert events.count("call.confirmed") == 3 and "pairing.talking" in events and "pairing.held" in events
     assert "sip.request" in events  # debug lines were written, and are searched too
+    assert "sip.unknown_source" in events  # the 403 path ran
 
     files = written_files(server.data_dir, server.log_path.parent)  # type: ignore[attr-defined]
     assert any(f.name == "voiceline.db" for f in files) and server.log_path in files  # type: ignore[attr-defined]

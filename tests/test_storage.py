@@ -50,23 +50,24 @@ async def test_reopen_does_not_rerun_migrations(tmp_path: Path, monkeypatch: pyt
     assert len(await s.hourly()) == 1
     await s.close()
     # A new migration is applied once, on top of the existing data.
-    monkeypatch.setattr(storage, "MIGRATIONS", (*storage.MIGRATIONS, "CREATE TABLE trunks (name TEXT PRIMARY KEY);"))
+    monkeypatch.setattr(storage, "MIGRATIONS", (*storage.MIGRATIONS, "CREATE TABLE extra (name TEXT PRIMARY KEY);"))
     for _ in range(2):
         s = await Storage.open(tmp_path)
         await s.close()
-    assert query(tmp_path / DB_NAME, "SELECT version FROM schema_version") == [(2,)]
+    assert query(tmp_path / DB_NAME, "SELECT version FROM schema_version") == [(len(storage.MIGRATIONS),)]
     assert query(tmp_path / DB_NAME, "SELECT count(*) FROM hourly_stats") == [(1,)]
 
 
 async def test_failed_migration_is_rolled_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = await Storage.open(tmp_path)
     await s.close()
-    broken = "CREATE TABLE trunks (name TEXT); CREATE TABLE trunks (name TEXT);"
+    broken = "CREATE TABLE extra (name TEXT); CREATE TABLE extra (name TEXT);"
+    current = len(storage.MIGRATIONS)
     monkeypatch.setattr(storage, "MIGRATIONS", (*storage.MIGRATIONS, broken))
     with pytest.raises(StorageError):
         await Storage.open(tmp_path)
-    assert query(tmp_path / DB_NAME, "SELECT version FROM schema_version") == [(1,)]
-    assert query(tmp_path / DB_NAME, "SELECT name FROM sqlite_master WHERE name = 'trunks'") == []
+    assert query(tmp_path / DB_NAME, "SELECT version FROM schema_version") == [(current,)]
+    assert query(tmp_path / DB_NAME, "SELECT name FROM sqlite_master WHERE name = 'extra'") == []
 
 
 async def test_newer_schema_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,3 +158,44 @@ async def test_data_dir_holds_no_canary(tmp_path: Path) -> None:
     assert f"{DB_NAME}-wal" in assert_no_canary(data_dir)
     await s.close()
     assert_no_canary(data_dir)
+
+
+async def test_trunks_and_lines_round_trip_and_refuse_duplicates(store: Storage) -> None:
+    await store.add("trunks", "carrier", {"sources": ["192.0.2.0/24"], "password": "s3cret"}, enabled=False)
+    await store.add("lines", "general", {"numbers": ["100"], "max_calls": 0})
+    with pytest.raises(storage.DuplicateName, match="trunk 'carrier' already exists"):
+        await store.add("trunks", "carrier", {})
+    assert await store.records("trunks") == [
+        {"name": "carrier", "settings": {"sources": ["192.0.2.0/24"], "password": "s3cret"}, "enabled": False}
+    ]
+    await store.set_enabled("carrier", True)
+    await store.update("lines", "general", {"numbers": ["100", "101"], "max_calls": 2})
+    assert (await store.records("trunks"))[0]["enabled"] is True
+    assert (await store.records("lines"))[0]["settings"]["numbers"] == ["100", "101"]
+    for operation in (store.remove("lines", "nope"), store.update("trunks", "nope", {}), store.set_enabled("nope", True)):
+        with pytest.raises(storage.UnknownName):
+            await operation
+    await store.set_registration_status("carrier", "registered", "200 OK", T0, T0 + 3600, T0 + 3540)
+    assert [r["state"] for r in await store.registration_status()] == ["registered"]
+    await store.remove("trunks", "carrier")
+    assert await store.records("trunks") == [] and await store.registration_status() == []
+
+
+async def test_data_version_moves_on_another_connections_write_only(store: Storage, tmp_path: Path) -> None:
+    before = await store.data_version()
+    await store.add("lines", "own", {"numbers": ["1"]})
+    assert await store.data_version() == before  # our own write
+    other = await Storage.open(tmp_path / "data")
+    await other.add("lines", "theirs", {"numbers": ["2"]})
+    await other.close()
+    assert await store.data_version() != before
+
+
+async def test_refusals_are_counted_per_hour_and_reason(store: Storage) -> None:
+    await store.record_refusal("unknown_source", T0)
+    await store.record_refusal("unknown_source", T0 + 10, count=4)
+    await store.record_refusal("unknown_number", T0)
+    assert await store.refusals() == [
+        {"hour": "2023-11-14T22", "reason": "unknown_number", "count": 1},
+        {"hour": "2023-11-14T22", "reason": "unknown_source", "count": 5},
+    ]

@@ -144,11 +144,11 @@ async def test_call_is_answered_hears_hold_audio_and_ends_on_bye(service: VoiceL
         assert len(sink.packets) >= 15  # hold audio paced at 20 ms
         ssrcs = {struct.unpack_from("!I", p, 8)[0] for p in sink.packets}
         assert len(ssrcs) == 1
-        assert service.pairing.waiting == 1
+        assert service.pool("default").waiting == 1
         dialer.in_dialog("BYE")
         assert (await peer.response(method="BYE")).status == 200
         await asyncio.sleep(0.1)
-        assert service.pairing.waiting == 0 and service.media is not None and service.media.legs == 0
+        assert service.pool("default").waiting == 0 and service.media is not None and service.media.legs == 0
         assert service.storage is not None
         [hour] = await service.storage.hourly()  # the call counted anonymously, unpaired
         assert (hour["line"], hour["calls"], hour["paired"]) == ("default", 1, 0) and hour["wait_seconds"] > 0.4
@@ -166,7 +166,7 @@ async def test_invite_retransmission_does_not_make_a_second_call(service: VoiceL
     dialer.ack(parse_name_addr(ok.headers.get("To") or "").tag or "")
     await asyncio.sleep(0.2)
     assert service.agent is not None and service.agent.counters.calls == 1
-    assert len(service.agent.calls) == 1 and service.pairing.waiting == 1
+    assert len(service.agent.calls) == 1 and service.pool("default").waiting == 1
 
 
 async def test_cancel_while_ringing_gets_487(tmp_path: Path, peer: RawPeer) -> None:
@@ -237,7 +237,7 @@ async def test_pcmu_caller_and_pcma_caller_hear_each_other_through_transcoding(
         a_leg = await answered_call(peer, server, a_rtp.get_extra_info("sockname")[1], "0 101")
         await answered_call(peer, server, b_rtp.get_extra_info("sockname")[1], "8 101")
         await asyncio.sleep(0.3)  # both confirmed, paired; B has been hearing hold audio until now
-        assert service.pairing.talking == 2
+        assert service.pool("default").talking == 2
         held = len(b_sink.packets)
         tone = (8000 * np.sin(2 * np.pi * 1000 * np.arange(160 * 50) / 8000)).astype(np.int16)
         for n in range(50):  # one second of PCMU from A, paced like a phone

@@ -1,4 +1,4 @@
-"""Command line: `voiceline serve`, `voiceline drain` and `voiceline sim call`."""
+"""Command line: `voiceline serve`, `voiceline drain`, `voiceline trunk|line ...` and `voiceline sim call`."""
 
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--config", metavar="FILE", help="the service's TOML configuration file")
     drain.add_argument("--data-dir", metavar="DIR", help="the service's data directory (storage.data_dir)")
 
+    from voiceline.provisioning_cli import add_provisioning_parsers
     from voiceline.sim.cli import add_sim_parser
 
+    add_provisioning_parsers(commands)
     add_sim_parser(commands)
     return parser
 
@@ -120,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_command(args)
     if args.command == "drain":
         return drain_command(args)
+    if args.command in ("trunk", "line"):
+        from voiceline.provisioning_cli import run_provisioning
+
+        return run_provisioning(args)
     from voiceline.sim.cli import run_sim
 
     return run_sim(args)

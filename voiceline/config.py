@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from voiceline.sip.overload import SCANNER_USER_AGENTS
+from voiceline.sip.trunks import Line, Trunk, TrunkError
 
 
 class ConfigError(ValueError):
@@ -73,6 +74,13 @@ class SipConfig:
     options_rate: float = 20.0
     options_burst: int = 40
     scanner_user_agents: tuple[str, ...] = SCANNER_USER_AGENTS
+    # A request from a source no trunk matches: "reject" (403) or "drop" (no answer).
+    unknown_source: str = "reject"
+    # Seconds between re-resolving trunk host names.
+    resolve_interval: float = 60.0
+    # Registration retry backoff: first and longest wait after a failure, seconds.
+    register_retry_min: float = 5.0
+    register_retry_max: float = 300.0
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -105,6 +113,8 @@ class MediaConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     data_dir: str = "./var"
+    # Seconds between checks for trunk/line changes made by `voiceline trunk|line`.
+    poll_interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,9 @@ class Config:
     media: MediaConfig = field(default_factory=MediaConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # Trunks and lines from the config file; the database adds more (`voiceline trunk add`).
+    trunks: tuple[Trunk, ...] = (Trunk("loopback", sources=("127.0.0.0/8", "::1")),)
+    lines: tuple[Line, ...] = (Line("default", ("*",)),)
 
     def validate(self) -> Config:
         self.sip.listen_address
@@ -154,6 +167,18 @@ class Config:
         for method in ("invite", "register", "options"):
             if getattr(self.sip, f"{method}_rate") <= 0 or getattr(self.sip, f"{method}_burst") < 1:
                 raise ConfigError(f"sip.{method}_rate and sip.{method}_burst: must be positive")
+        if self.sip.unknown_source not in ("reject", "drop"):
+            raise ConfigError("sip.unknown_source: must be 'reject' or 'drop'")
+        if not 1 <= self.sip.resolve_interval <= 86400:
+            raise ConfigError("sip.resolve_interval: must be between 1 and 86400 seconds")
+        if not 0.1 <= self.sip.register_retry_min <= self.sip.register_retry_max <= 86400:
+            raise ConfigError("sip.register_retry_min/max: need 0.1 <= min <= max <= 86400 seconds")
+        if not 0.1 <= self.storage.poll_interval <= 60:
+            raise ConfigError("storage.poll_interval: must be between 0.1 and 60 seconds")
+        for kind, items in (("trunks", self.trunks), ("lines", self.lines)):
+            names = [item.name for item in items]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"[[{kind}]]: names must be unique")
         if self.log.format not in ("console", "json"):
             raise ConfigError("log.format: must be 'console' or 'json'")
         if self.log.level not in ("debug", "info", "warning", "error"):
@@ -205,9 +230,35 @@ def _section(name: str, cls: Any, values: Any) -> Any:
     return replace(defaults, **kwargs)
 
 
+def _entries(name: str, values: Any) -> tuple[Any, ...]:
+    """`[[trunks]]` or `[[lines]]`: each table needs a name; the rest are its settings."""
+    if not isinstance(values, list) or not all(isinstance(v, dict) for v in values):
+        raise ConfigError(f"{name}: expected [[{name}]] tables")
+    entries: list[Any] = []
+    for index, table in enumerate(values):
+        settings = dict(table)
+        entry_name = settings.pop("name", None)
+        if not isinstance(entry_name, str):
+            raise ConfigError(f"[[{name}]] #{index + 1}: needs a name")
+        try:
+            if name == "trunks":
+                enabled = settings.pop("enabled", True)
+                if not isinstance(enabled, bool):
+                    raise TrunkError("enabled: expected true or false")
+                entries.append(Trunk.from_settings(entry_name, settings, enabled))
+            else:
+                entries.append(Line.from_settings(entry_name, settings))
+        except TrunkError as exc:
+            raise ConfigError(f"[[{name}]] {entry_name}: {exc}") from None
+    return tuple(entries)
+
+
 def from_mapping(data: dict[str, Any]) -> Config:
     sections: dict[str, Any] = {}
     for name, values in data.items():
+        if name in ("trunks", "lines"):
+            sections[name] = _entries(name, values)
+            continue
         if name not in _SECTIONS:
             raise ConfigError(f"[{name}]: unknown section")
         sections[name] = _section(name, _SECTIONS[name], values)

@@ -1,11 +1,16 @@
-"""Storage: anonymous hourly aggregates in SQLite (aiosqlite, WAL, migrations).
+"""Storage in SQLite (aiosqlite, WAL, migrations): provisioning and anonymous aggregates.
 
-The data directory holds aggregates only: never a per-caller row, number, URI,
+Provisioning: trunks and lines (as validated JSON settings, written by the
+`voiceline trunk|line` commands and read by the running server) and the
+registration status the server reports for each trunk.
+
+Statistics: hourly aggregates only, never a per-caller row, number, URI, caller
 IP address or exact call time. The API takes none of these, so it cannot.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 from datetime import UTC, datetime
@@ -30,7 +35,39 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (hour, line)
     );
     """,
+    """
+    -- `settings` is a JSON object validated by voiceline.provisioning; it holds trunk
+    -- passwords, so the database file is as private as the data directory (0700).
+    CREATE TABLE trunks (
+        name TEXT PRIMARY KEY,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        settings TEXT NOT NULL
+    );
+    CREATE TABLE lines (
+        name TEXT PRIMARY KEY,
+        settings TEXT NOT NULL
+    );
+    -- Written by the running server, read by `voiceline trunk show|list`.
+    CREATE TABLE registration_status (
+        trunk TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        updated_at REAL NOT NULL,
+        expires_at REAL,
+        next_attempt REAL
+    );
+    -- Requests refused before a call existed, by reason (unknown_source, unknown_number, ...).
+    CREATE TABLE hourly_refusals (
+        hour TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        count INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (hour, reason)
+    );
+    """,
 )
+
+# The two provisioning tables share their shape: name -> JSON settings.
+PROVISIONING_TABLES = ("trunks", "lines")
 
 # One statement, so concurrent callers need no lock and no read-modify-write.
 _RECORD_CALL = """
@@ -46,6 +83,14 @@ ON CONFLICT (hour, line) DO UPDATE SET
 
 class StorageError(Exception):
     """The data directory or database cannot be used; nothing was deleted."""
+
+
+class DuplicateName(StorageError):
+    """A trunk or line of that name already exists."""
+
+
+class UnknownName(StorageError):
+    """No trunk or line of that name exists."""
 
 
 def hour_of(unix_time: float) -> str:
@@ -121,9 +166,96 @@ class Storage:
         if line is not None:
             query += " WHERE line = ?"
             params = (line,)
-        async with self._db.execute(query + " ORDER BY hour, line", params) as cursor:
+        return await self._rows(query + " ORDER BY hour, line", params)
+
+    async def record_refusal(self, reason: str, at: float, count: int = 1) -> None:
+        """Count `count` requests refused for `reason` (a fixed word, never request content) in `at`'s hour."""
+        await self._db.execute(
+            "INSERT INTO hourly_refusals (hour, reason, count) VALUES (?, ?, ?) "
+            "ON CONFLICT (hour, reason) DO UPDATE SET count = count + excluded.count",
+            (hour_of(at), reason, count),
+        )
+
+    async def refusals(self) -> list[dict[str, Any]]:
+        return await self._rows("SELECT hour, reason, count FROM hourly_refusals ORDER BY hour, reason")
+
+    # -- provisioning ----------------------------------------------------------
+
+    async def add(self, table: str, name: str, settings: dict[str, Any], enabled: bool = True) -> None:
+        self._check_table(table)
+        columns = "name, enabled, settings" if table == "trunks" else "name, settings"
+        values: tuple[Any, ...] = (name, int(enabled), json.dumps(settings)) if table == "trunks" else (name, json.dumps(settings))
+        try:
+            await self._db.execute(f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(values))})", values)
+        except sqlite3.IntegrityError:
+            raise DuplicateName(f"{table[:-1]} {name!r} already exists") from None
+
+    async def update(self, table: str, name: str, settings: dict[str, Any]) -> None:
+        self._check_table(table)
+        cursor = await self._db.execute(f"UPDATE {table} SET settings = ? WHERE name = ?", (json.dumps(settings), name))
+        if cursor.rowcount == 0:
+            raise UnknownName(f"no {table[:-1]} named {name!r}")
+
+    async def set_enabled(self, name: str, enabled: bool) -> None:
+        cursor = await self._db.execute("UPDATE trunks SET enabled = ? WHERE name = ?", (int(enabled), name))
+        if cursor.rowcount == 0:
+            raise UnknownName(f"no trunk named {name!r}")
+
+    async def remove(self, table: str, name: str) -> None:
+        self._check_table(table)
+        cursor = await self._db.execute(f"DELETE FROM {table} WHERE name = ?", (name,))
+        if cursor.rowcount == 0:
+            raise UnknownName(f"no {table[:-1]} named {name!r}")
+        if table == "trunks":
+            await self._db.execute("DELETE FROM registration_status WHERE trunk = ?", (name,))
+
+    async def records(self, table: str) -> list[dict[str, Any]]:
+        """Every row as {name, settings (decoded), and for trunks enabled}, ordered by name."""
+        self._check_table(table)
+        extra = ", enabled" if table == "trunks" else ""
+        rows = await self._rows(f"SELECT name, settings{extra} FROM {table} ORDER BY name")
+        for row in rows:
+            row["settings"] = json.loads(row["settings"])
+            if "enabled" in row:
+                row["enabled"] = bool(row["enabled"])
+        return rows
+
+    async def set_registration_status(
+        self, trunk: str, state: str, detail: str, at: float, expires_at: float | None, next_attempt: float | None
+    ) -> None:
+        await self._db.execute(
+            "INSERT INTO registration_status (trunk, state, detail, updated_at, expires_at, next_attempt) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (trunk) DO UPDATE SET state = excluded.state, "
+            "detail = excluded.detail, updated_at = excluded.updated_at, expires_at = excluded.expires_at, "
+            "next_attempt = excluded.next_attempt",
+            (trunk, state, detail, at, expires_at, next_attempt),
+        )
+
+    async def clear_registration_status(self) -> None:
+        """Forget every reported status (at server start: the drivers report afresh)."""
+        await self._db.execute("DELETE FROM registration_status")
+
+    async def registration_status(self) -> list[dict[str, Any]]:
+        return await self._rows(
+            "SELECT trunk, state, detail, updated_at, expires_at, next_attempt FROM registration_status ORDER BY trunk"
+        )
+
+    async def data_version(self) -> int:
+        """Changes when another connection (e.g. `voiceline trunk add`) commits; our own writes leave it."""
+        async with self._db.execute("PRAGMA data_version") as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def _rows(self, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        async with self._db.execute(query, params) as cursor:
             columns = [c[0] for c in cursor.description]
             return [dict(zip(columns, row)) for row in await cursor.fetchall()]
+
+    @staticmethod
+    def _check_table(table: str) -> None:
+        if table not in PROVISIONING_TABLES:
+            raise ValueError(f"not a provisioning table: {table}")
 
     async def close(self) -> None:
         await self._db.close()

@@ -46,7 +46,8 @@ RTP_BASE_PORT = 30000
 RTP_BLOCK_PORTS = 100
 RTP_BLOCK_COUNT = 27
 
-ConfigOverrides = Mapping[str, Mapping[str, Any]]
+# Tables by name; `trunks` and `lines` take a list of tables ([[trunks]]), which replaces the default list.
+ConfigOverrides = Mapping[str, Any]
 
 
 @dataclass
@@ -131,10 +132,14 @@ def rtp_range_for(sip_port: int) -> tuple[int, int]:
     return low, low + RTP_BLOCK_PORTS - 1
 
 
-def to_toml(tables: Mapping[str, Mapping[str, Any]], prefix: str = "") -> str:
-    """TOML for tables of strings, numbers, booleans, lists and nested tables (all a config needs)."""
+def to_toml(tables: Mapping[str, Any], prefix: str = "") -> str:
+    """TOML for tables (and lists of tables) of strings, numbers, booleans, lists and nested tables."""
     lines: list[str] = []
     for name, values in tables.items():
+        if isinstance(values, list | tuple):
+            for table in values:
+                lines.append(to_toml({name: table}, prefix).replace(f"[{prefix}{name}]", f"[[{prefix}{name}]]", 1))
+            continue
         header = f"{prefix}{name}"
         lines.append(f"[{header}]")
         nested = {key: value for key, value in values.items() if isinstance(value, Mapping)}
@@ -157,8 +162,12 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"no TOML form for {type(value).__name__}")
 
 
-def merge_config(base: ConfigOverrides, overrides: ConfigOverrides) -> dict[str, dict[str, Any]]:
-    return {table: {**base.get(table, {}), **overrides.get(table, {})} for table in {**base, **overrides}}
+def merge_config(base: ConfigOverrides, overrides: ConfigOverrides) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for table in {**base, **overrides}:
+        value = overrides.get(table, base.get(table))
+        merged[table] = value if isinstance(value, list | tuple) else {**base.get(table, {}), **overrides.get(table, {})}
+    return merged
 
 
 def start_server(directory: Path, overrides: ConfigOverrides) -> VoicelineServer:

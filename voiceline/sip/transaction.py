@@ -251,6 +251,10 @@ class TransactionLayer:
             tx.state = State.PROCEEDING
         return [tx.send(data)]
 
+    def discard(self, tx: ServerTransaction) -> None:
+        """Forget a request the TU drops unanswered (a retransmission then counts as new)."""
+        self._terminate_server(tx)
+
     def acknowledged(self, tx: ServerTransaction, now: float) -> None:
         """The dialog saw the ACK for our 2xx: stop retransmitting it.
 

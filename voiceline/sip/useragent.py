@@ -57,6 +57,7 @@ from voiceline.sip.transaction import (
     TransactionLayer,
 )
 from voiceline.sip.transport import Address, SipTransport, StreamTransport
+from voiceline.sip.trunks import Admit, Drop, Refuse, RequestPolicy
 
 log = structlog.get_logger("voiceline.sip")
 
@@ -114,6 +115,8 @@ class Call:
     session_timer: SessionTimer | None = None
     refresh: ClientTransaction | None = None  # our session refresh in progress
     ends_at: float = 0.0  # maximum call duration; 0: none
+    trunk: str = ""  # the trunk it came in on (admission policy), "" without a policy
+    line: str = ""  # the line its dialled number reaches
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
@@ -173,9 +176,10 @@ class SipCounters:
 
 
 class UserAgent:
-    def __init__(self, settings: UserAgentSettings, handler: CallHandler) -> None:
+    def __init__(self, settings: UserAgentSettings, handler: CallHandler, policy: RequestPolicy | None = None) -> None:
         self.settings = settings
         self.handler = handler
+        self.policy = policy
         self.transactions = TransactionLayer(settings.timers)
         self.counters = SipCounters()
         self.overload = OverloadGuard(settings.overload)
@@ -332,8 +336,18 @@ class UserAgent:
             self._respond(tx, 483)
             return
         to_tag = parse_name_addr(request.headers.get("To") or "").tag
+        admission = Admit("")
+        if self.policy is not None and to_tag is None and request.method != "CANCEL":
+            verdict = self.policy.check(request, tx.source)
+            if isinstance(verdict, Drop):
+                self.transactions.discard(tx)
+                return
+            if isinstance(verdict, Refuse):
+                self._respond(tx, verdict.status, verdict.headers)
+                return
+            admission = verdict
         if request.method == "INVITE" and to_tag is None:
-            self._on_invite(tx, request)
+            self._on_invite(tx, request, admission)
         elif request.method == "CANCEL":
             self._on_cancel(tx, request)
         elif request.method == "OPTIONS":
@@ -343,7 +357,7 @@ class UserAgent:
         else:
             self._respond(tx, 405, [("Allow", ALLOWED_METHODS)])
 
-    def _on_invite(self, tx: ServerTransaction, request: SipRequest) -> None:
+    def _on_invite(self, tx: ServerTransaction, request: SipRequest, admission: Admit) -> None:
         if self._draining:
             self._respond(tx, 503, [("Retry-After", "60")])
             return
@@ -356,7 +370,8 @@ class UserAgent:
         _check_required(request)
         offer = _read_offer(request)
         timers = self._session_timers(request)
-        media = OfferAnswer(self.settings.advertised_host, self.settings.codecs)
+        codecs = tuple(c for c in self.settings.codecs if c in admission.codecs or not admission.codecs)
+        media = OfferAnswer(self.settings.advertised_host, codecs)
         audio = None
         if offer is not None:
             try:
@@ -366,7 +381,9 @@ class UserAgent:
             except SdpError:
                 raise _Refused(400) from None
         dialog = Dialog.from_invite(request, new_tag())
-        call = Call(new_call_id(), dialog, media, offer, tx, session_agreement=timers)
+        call = Call(
+            new_call_id(), dialog, media, offer, tx, session_agreement=timers, trunk=admission.trunk, line=admission.line
+        )
         call.peer_allows_update = _lists(request.headers, "Allow", "UPDATE")
         if audio is not None:
             media.audio = audio  # answered in the 200 once the local port is known
@@ -374,7 +391,7 @@ class UserAgent:
         self._calls_by_invite[tx] = call
         self.counters.calls += 1
         self._respond(tx, 100)
-        log.info("call.offered", call=call.id, codec=audio.codec if audio else None)
+        log.info("call.offered", call=call.id, codec=audio.codec if audio else None, trunk=call.trunk, line=call.line)
         self._spawn(self._answer(call))
 
     def _session_timers(self, request: SipRequest) -> Agreement | None:
@@ -690,6 +707,23 @@ class UserAgent:
         except OSError:
             dest = fallback  # the address the INVITE came from is our best remaining hope
         self._start_client(request, dest, transport, on_final)
+
+    async def request(self, request: SipRequest, dest: Address) -> SipResponse | None:
+        """Send a non-INVITE request (REGISTER, OPTIONS ...) in a client transaction.
+
+        Returns its final response, or None when none came in time (Timer F).
+        The caller builds the request, with a Via carrying a fresh branch and
+        the transport it goes on (one we listen on).
+        """
+        waiter: asyncio.Future[SipResponse | None] = self._loop.create_future()
+
+        def finished(tx: ClientTransaction, response: SipResponse | None) -> None:
+            if not waiter.done():  # the caller may have stopped waiting
+                waiter.set_result(response)
+
+        transport = self.transports[parse_via(request.headers.get("Via") or "").transport.upper()]
+        self._start_client(request, dest, transport, finished)
+        return await waiter
 
     def _start_client(
         self, request: SipRequest, dest: Address, transport: SipTransport, on_final: FinalHandler

@@ -1,0 +1,181 @@
+"""`voiceline trunk ...` and `voiceline line ...` as an admin runs them: real processes, a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rawsip import RawPeer
+from voiceline.sip.message import response_to, serialize
+
+SECRET = "pa55-word-in"
+REG_SECRET = "pa55-word-reg"
+
+
+def run(data_dir: Path, *args: str, stdin: str = "", config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    extra = ["--config", str(config)] if config else []
+    return subprocess.run(
+        [sys.executable, "-m", "voiceline", *args, "--data-dir", str(data_dir), *extra],
+        capture_output=True, text=True, timeout=30, input=stdin,
+    )  # fmt: skip
+
+
+def ok(data_dir: Path, *args: str, stdin: str = "", config: Path | None = None) -> str:
+    result = run(data_dir, *args, stdin=stdin, config=config)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def bad(data_dir: Path, *args: str, config: Path | None = None) -> str:
+    result = run(data_dir, *args, config=config)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], result.stderr
+    return lines[0]
+
+
+def test_trunk_lifecycle_with_table_and_json(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    assert "trunk carrier added" in ok(d, "trunk", "add", "carrier", "--source", "192.0.2.0/24", "--source", "sbc.example.net",
+                                      "--codec", "PCMA", "--max-calls", "20")  # fmt: skip
+    ok(d, "trunk", "add", "sbc", "--source", "198.51.100.7", "--username", "sbc", "--password", "-", stdin=SECRET + "\n")
+    ok(d, "trunk", "add", "reg", "--register", "sip:reg.example.net", "--register-username", "line-a",
+       "--register-password", REG_SECRET, "--expiry", "600", "--disabled")  # fmt: skip
+
+    table = ok(d, "trunk", "list")
+    header, *rows = table.splitlines()
+    assert header.split()[:3] == ["NAME", "ORIGIN", "ENABLED"]
+    by_name = {row.split()[0]: row.split() for row in rows}
+    assert set(by_name) == {"loopback", "carrier", "sbc", "reg"}
+    assert by_name["loopback"][1] == "config" and by_name["carrier"][1] == "database"
+    assert by_name["reg"][2] == "no" and by_name["sbc"][4] == "digest"
+
+    listed = {row["name"]: row for row in json.loads(ok(d, "trunk", "list", "--json"))}
+    assert listed["carrier"]["sources"] == ["192.0.2.0/24", "sbc.example.net"]
+    assert listed["carrier"]["codecs"] == ["PCMA"] and listed["carrier"]["max_calls"] == 20
+    assert listed["sbc"]["password"] == "set" and listed["reg"]["registration"]["password"] == "set"
+    assert listed["reg"]["registration_status"]["state"] == "unknown"
+
+    shown = ok(d, "trunk", "show", "reg")
+    assert "registrar: sip:reg.example.net" in shown and "expiry: 600" in shown
+    assert json.loads(ok(d, "trunk", "show", "sbc", "--json"))["username"] == "sbc"
+
+    ok(d, "trunk", "update", "carrier", "--max-calls", "5", "--transport", "udp", "--transport", "tcp")
+    ok(d, "trunk", "update", "sbc", "--no-auth")
+    ok(d, "trunk", "enable", "reg")
+    ok(d, "trunk", "update", "reg", "--expiry", "120", "--contact-user", "inbound")
+    listed = {row["name"]: row for row in json.loads(ok(d, "trunk", "list", "--json"))}
+    assert listed["carrier"]["max_calls"] == 5 and listed["carrier"]["transports"] == ["udp", "tcp"]
+    assert listed["carrier"]["sources"] == ["192.0.2.0/24", "sbc.example.net"]  # untouched
+    assert listed["sbc"]["username"] == "" and listed["sbc"]["password"] == ""
+    assert listed["reg"]["enabled"] and listed["reg"]["registration"]["expiry"] == 120
+    assert listed["reg"]["registration"]["contact_user"] == "inbound"
+    assert listed["reg"]["registration"]["password"] == "set"  # kept across the update
+    assert "trunk carrier disabled" in ok(d, "trunk", "disable", "carrier")
+    assert "trunk sbc removed" in ok(d, "trunk", "remove", "sbc")
+    assert {row["name"] for row in json.loads(ok(d, "trunk", "list", "--json"))} == {"loopback", "carrier", "reg"}
+
+    # Passwords never leave the database through these commands.
+    for args in (("trunk", "list"), ("trunk", "list", "--json"), ("trunk", "show", "reg"), ("trunk", "show", "reg", "--json")):
+        output = run(d, *args)
+        assert REG_SECRET not in output.stdout + output.stderr and SECRET not in output.stdout + output.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("trunk", "add", "x", "--source", "10.0.0.0/33"), "10.0.0.0/33"),
+        (("trunk", "add", "x", "--source", "999.1.1.1"), "999.1.1.1"),
+        (("trunk", "add", "x"), "sources"),
+        (("trunk", "add", "bad name", "--source", "10.0.0.1"), "name"),
+        (("trunk", "add", "x", "--source", "10.0.0.1", "--username", "u"), "password"),
+        (("trunk", "add", "x", "--register", "sip:reg.example.net"), "--register-username"),
+        (("trunk", "add", "x", "--register", "mailto:a", "--register-username", "u"), "registrar"),
+        (("trunk", "add", "x", "--source", "10.0.0.1", "--max-calls", "-1"), "negative"),
+        (("trunk", "add", "x", "--source", "10.0.0.1", "--codec", "G729"), "invalid choice"),
+        (("trunk", "add", "loopback", "--source", "10.0.0.1"), "config file"),
+        (("trunk", "update", "loopback", "--max-calls", "2"), "config file"),
+        (("trunk", "update", "nope", "--max-calls", "2"), "no trunk named 'nope'"),
+        (("trunk", "show", "nope"), "no trunk named 'nope'"),
+        (("trunk", "remove", "nope"), "no trunk named 'nope'"),
+        (("trunk", "enable", "nope"), "no trunk named 'nope'"),
+        (("trunk", "disable", "nope"), "no trunk named 'nope'"),
+        (("trunk", "test", "nope"), "no trunk named 'nope'"),
+        (("trunk", "frobnicate"), "invalid choice"),
+        (("line", "add", "x"), "--number"),
+        (("line", "add", "x", "--number", "1@2"), "number"),
+        (("line", "add", "default", "--number", "5"), "config file"),
+        (("line", "show", "nope"), "no line named 'nope'"),
+        (("line", "remove", "nope"), "no line named 'nope'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    assert message in bad(tmp_path / "data", *args)
+
+
+def test_duplicates_are_refused(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    ok(d, "trunk", "add", "carrier", "--source", "192.0.2.1")
+    assert "trunk 'carrier' already exists" in bad(d, "trunk", "add", "carrier", "--source", "192.0.2.2")
+    ok(d, "line", "add", "general", "--number", "100", "--number", "101")
+    assert "line 'general' already exists" in bad(d, "line", "add", "general", "--number", "102")
+    assert "number '101' already reaches line 'general'" in bad(d, "line", "add", "other", "--number", "101")
+    assert "--no-register cannot be combined" in bad(d, "trunk", "update", "carrier", "--no-register", "--expiry", "60")
+
+
+def test_line_lifecycle(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    assert "line general added" in ok(d, "line", "add", "general", "--number", "+4930100", "--number", "100")
+    ok(d, "line", "add", "language", "--number", "200", "--max-calls", "8")
+    header, *rows = ok(d, "line", "list").splitlines()
+    assert header.split() == ["NAME", "ORIGIN", "NUMBERS", "MAX", "CALLS"]
+    assert [row.split()[:3] for row in rows] == [
+        ["default", "config", "*"], ["general", "database", "+4930100,100"], ["language", "database", "200"]
+    ]
+    assert json.loads(ok(d, "line", "show", "language", "--json")) == {
+        "name": "language", "numbers": ["200"], "max_calls": 8, "origin": "database"
+    }
+    assert "numbers: +4930100, 100" in ok(d, "line", "show", "general")
+    assert "line general removed" in ok(d, "line", "remove", "general")
+    assert [r["name"] for r in json.loads(ok(d, "line", "list", "--json"))] == ["default", "language"]
+
+
+def test_config_file_trunks_are_listed_and_shadow_database_ones(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    ok(d, "trunk", "add", "carrier", "--source", "192.0.2.1")
+    config = tmp_path / "voiceline.toml"
+    config.write_text('[[trunks]]\nname = "carrier"\nsources = ["198.51.100.0/24"]\n')
+    listed = json.loads(ok(d, "trunk", "list", "--json", config=config))
+    assert [(r["name"], r["origin"], r["sources"]) for r in listed] == [("carrier", "config", ["198.51.100.0/24"])]
+    config.write_text('[[trunks]]\nname = "x"\nsources = ["1.2.3.4/77"]\n')
+    assert "1.2.3.4/77" in bad(d, "trunk", "list", config=config)
+
+
+async def test_trunk_test_pings_with_options(tmp_path: Path) -> None:
+    """`trunk test` sends OPTIONS to the trunk's address and reports the answer."""
+    peer = await RawPeer.open("127.0.0.5")
+    try:
+        d = tmp_path / "data"
+        await asyncio.to_thread(ok, d, "trunk", "add", "carrier", "--source", "127.0.0.5", "--source", "127.0.0.0/24")
+        probe = asyncio.create_task(asyncio.to_thread(run, d, "trunk", "test", "carrier", "--port", str(peer.port), "--json"))
+        options = await peer.request("OPTIONS", timeout=15)
+        assert options.uri == f"sip:127.0.0.5:{peer.port}"
+        via = options.headers.get("Via") or ""
+        host_port = via.split()[1].split(";")[0]
+        peer.send(serialize(response_to(options, 200)), (host_port.split(":")[0], int(host_port.split(":")[1])))
+        result = await probe
+        assert result.returncode == 0, result.stderr
+        [report] = json.loads(result.stdout)  # the /24 range is not pinged
+        assert report["target"] == f"sip:127.0.0.5:{peer.port}" and report["status"] == 200
+        # Nobody answers on a closed port: exit 1 and say so.
+        silent = await asyncio.to_thread(run, d, "trunk", "test", "carrier", "--port", "44999", "--timeout", "1")
+        assert silent.returncode == 1 and "no answer within 1 s" in silent.stdout
+    finally:
+        peer.close()
+
+
