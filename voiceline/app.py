@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -110,7 +111,13 @@ class VoiceLine:
         return leg.local_port
 
     def call_confirmed(self, call: Call) -> None:
-        self.pairing.join(CallerLeg(call, self._legs[call]))
+        leg = self._legs[call]
+        self.pairing.join(CallerLeg(call, leg))
+        leg.on_digit = functools.partial(self.pairing.digit, call.id)
+
+    def call_dtmf(self, call: Call, digit: str) -> None:
+        """A digit from SIP INFO (the user agent's side); RTP digits come through `MediaLeg.on_digit`."""
+        self.pairing.digit(call.id, digit)
 
     def call_ended(self, call: Call) -> None:
         leg = self._legs.pop(call, None)

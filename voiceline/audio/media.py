@@ -10,20 +10,28 @@ reused buffer; nothing is queued or logged.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import cast
 
 import numpy as np
 
-from voiceline.audio.g711 import CODECS, translation
+from voiceline.audio.codecs import CODECS, Codec, Coder, Resampler, lookup, new_coder, translation
+from voiceline.audio.dtmf import TelephoneEventReceiver, ToneDetector
 from voiceline.audio.hold import encode_frames
-from voiceline.audio.rtp import HEADER_SIZE, OutboundStream, payload_end, payload_offset
+from voiceline.audio.mixing import JitterBuffer, Prompt
+from voiceline.audio.rtp import HEADER_SIZE, MARKER, OutboundStream, build_packet, payload_end, payload_offset
 
 FRAME_SECONDS = 0.020
 MAX_LATE_FRAMES = 3  # a pacer later than this skips ahead instead of sending a burst
-MAX_PAYLOAD = 1460  # bigger than any sane G.711 packet; larger ones are dropped
+MAX_PAYLOAD = 1460  # bigger than any sane audio packet; larger ones are dropped
+RELATCH_SILENCE_SECONDS = 1.0  # a latched peer silent this long may move (NAT rebinding)
 _NO_PAYLOAD_TYPE = -1
+_TS_MASK = 0xFFFFFFFF
+_SECOND_SEQ_TS = struct.Struct("!xBHI")
+_SSRC = struct.Struct("!8xI")
+_EVENT_TIMESTAMP = struct.Struct("!4xI")
 
 
 class MediaError(Exception):
@@ -38,13 +46,17 @@ class _HoldPacer:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, hold_pcm: np.ndarray) -> None:
         self._loop = loop
-        self._frames = {codec: encode_frames(hold_pcm, codec) for codec in CODECS}
+        self._hold_pcm = hold_pcm
+        self._frames: dict[str, list[bytes]] = {}
         self._legs: set[MediaLeg] = set()
         self._start = 0.0
         self._tick = 0
         self._timer: asyncio.TimerHandle | None = None
 
     def frames(self, codec: str) -> list[bytes]:
+        """The hold pattern in `codec`, encoded the first time a leg in that codec holds."""
+        if codec not in self._frames:
+            self._frames[codec] = encode_frames(self._hold_pcm, codec)
         return self._frames[codec]
 
     def add(self, leg: MediaLeg) -> None:
@@ -70,8 +82,8 @@ class _HoldPacer:
         if now - due > MAX_LATE_FRAMES * FRAME_SECONDS:
             self._tick = int((now - self._start) / FRAME_SECONDS)
             due = self._start + self._tick * FRAME_SECONDS
-        for leg in self._legs:
-            leg._send_hold(due)
+        for leg in list(self._legs):  # a tick may end a prompt, which leaves the pacer
+            leg._tick(due)
         self._tick += 1
         self._timer = self._loop.call_at(self._start + self._tick * FRAME_SECONDS, self._run)
 
@@ -150,6 +162,8 @@ class MediaLeg(asyncio.DatagramProtocol):
     """The media of one call: an RTP socket that hears hold audio or another leg.
 
     Call `start` once the SDP is negotiated; `hold` and `listen_to` need it.
+    Digits the caller presses (RFC 4733 events, or in-band tones when the SDP
+    has no telephone-event) go to `on_digit`; neither reaches the partner.
     """
 
     _transport: asyncio.DatagramTransport  # set by connection_made, before open_leg returns the leg
@@ -166,6 +180,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         self.packets_out = 0
         self.packets_dropped = 0
         self.last_received = 0.0  # loop time (monotonic) of the last valid packet
+        self.on_digit: Callable[[str], None] | None = None
         self._loop = loop
         self._pacer = pacer
         self._on_close = on_close
@@ -174,30 +189,49 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._new_buffer()
         self._remote: tuple[str, int] | None = None
         self._latched = False
-        self._codec = ""
+        self._remote_ssrc = -1
+        self._codec = CODECS["PCMU"]  # replaced by start
+        self._coder: Coder | None = None
         self._audio_pt = _NO_PAYLOAD_TYPE  # matches no packet until started
         self._event_pt = _NO_PAYLOAD_TYPE
+        self._events = TelephoneEventReceiver()
+        self._tones: ToneDetector | None = None
+        # True when received audio must be decoded: in-band DTMF, or a listener that needs PCM.
+        self._decoding = False
         self._translate: bytes | None = None
+        self._transcodes = False  # from our source's codec to ours only through PCM
+        self._resampler: Resampler | None = None
         self._source: MediaLeg | None = None
         self._listeners: list[MediaLeg] = []
         self._holding = False
         self._hold_frames: list[bytes] = []
         self._hold_position = 0
+        self._prompt: Prompt | None = None
+        self._jitter: JitterBuffer | None = None
         self._closed = False
 
     # -- control --------------------------------------------------------------
 
     def start(self, remote: tuple[str, int], codec: str, payload_type: int, telephone_event_pt: int | None) -> None:
         """Send to `remote` (the SDP address, an IP) until the first valid packet received latches
-        the peer's real address; from then on packets from anywhere else are dropped."""
-        if codec not in CODECS:
-            raise ValueError("unsupported codec: expected PCMU or PCMA")
+        the peer's real address; from then on packets from anywhere else are dropped (see `_relatch`)."""
+        spec = lookup(codec)
         if self._remote is not None:
             raise MediaError("media leg already started")
         self._remote = remote
-        self._codec = codec
+        self._codec = spec
+        self._stream = OutboundStream(spec.clock_rate)
         self._audio_pt = payload_type
-        self._event_pt = _NO_PAYLOAD_TYPE if telephone_event_pt is None else telephone_event_pt
+        if telephone_event_pt is None:
+            self._event_pt = _NO_PAYLOAD_TYPE
+            self._tones = ToneDetector(spec.rate)
+        else:
+            self._event_pt = telephone_event_pt
+        self._update_decoding()
+
+    @property
+    def codec(self) -> str:
+        return self._codec.name
 
     def hold(self) -> None:
         """Hear hold audio, from the start of the pattern."""
@@ -206,22 +240,44 @@ class MediaLeg(asyncio.DatagramProtocol):
             return
         self._detach()
         self._holding = True
-        self._hold_frames = self._pacer.frames(self._codec)
+        self._hold_frames = self._pacer.frames(self._codec.name)
         self._hold_position = 0
         self._stream.source_changed()
         self._pacer.add(self)
 
     def listen_to(self, other: MediaLeg) -> None:
-        """Hear what `other` receives, transcoded when the two legs use different codecs."""
+        """Hear what `other` receives: relayed as is for the same codec, else transcoded."""
         self._require_usable()
         other._require_usable()
         if self._source is other:
             return
         self._detach()
         self._source = other
-        self._translate = translation(other._codec, self._codec)
+        try:
+            self._translate, self._transcodes = translation(other._codec, self._codec), False
+        except ValueError:
+            self._translate, self._transcodes = None, True
+        self._resampler = Resampler(other._codec.rate, self._codec.rate)
         other._listeners.append(self)
+        other._update_decoding()
         self._stream.source_changed()
+
+    def play_over(self, pcm: np.ndarray, rate: int = 8000) -> None:
+        """Mix a prompt (int16 at `rate`) into what this leg hears, from now until it ends.
+
+        A partner keeps being heard under it (through a jitter buffer, since
+        our clock now paces the frames); hold audio pauses while it plays.
+        """
+        self._require_usable()
+        if len(pcm) == 0:
+            return
+        samples = Resampler(rate, self._codec.rate).process(np.asarray(pcm, dtype=np.int16))
+        self._prompt = Prompt(samples, self._codec.frame_samples)
+        self._jitter = JitterBuffer(self._codec.frame_samples)
+        self._stream.source_changed()
+        self._pacer.add(self)
+        if self._source is not None:
+            self._source._update_decoding()
 
     def close(self) -> None:
         """Release the ports; anyone listening to this leg goes silent until told otherwise."""
@@ -229,6 +285,7 @@ class MediaLeg(asyncio.DatagramProtocol):
             return
         self._closed = True
         self._detach()
+        self._end_prompt()
         for listener in self._listeners:
             listener._source = None
         self._listeners.clear()
@@ -251,10 +308,44 @@ class MediaLeg(asyncio.DatagramProtocol):
         """Stop hearing anything."""
         if self._holding:
             self._holding = False
-            self._pacer.discard(self)
+            if self._prompt is None:
+                self._pacer.discard(self)
         if self._source is not None:
             self._source._listeners.remove(self)
+            self._source._update_decoding()
             self._source = None
+
+    def _end_prompt(self) -> None:
+        if self._prompt is None:
+            return
+        self._prompt = self._jitter = None
+        if not self._holding:
+            self._pacer.discard(self)
+        if self._source is not None:
+            self._source._update_decoding()
+        self._stream.source_changed()
+
+    def _update_decoding(self) -> None:
+        self._decoding = self._tones is not None or any(
+            listener._transcodes or listener._prompt is not None for listener in self._listeners
+        )
+        if self._decoding and self._coder is None:
+            self._coder = new_coder(self._codec.name)
+
+    def _own_coder(self) -> Coder:
+        if self._coder is None:
+            self._coder = new_coder(self._codec.name)
+        return self._coder
+
+    def _relatch(self, data: bytes, addr: tuple[str, int]) -> bool:
+        """Whether a packet from a new address may take over (NAT rebinding): only once the latched
+        source has gone quiet, and only for the same SSRC. Anything else is injection and dropped."""
+        if self._loop.time() - self.last_received < RELATCH_SILENCE_SECONDS:
+            return False
+        if _SSRC.unpack_from(data)[0] != self._remote_ssrc:
+            return False
+        self._remote = addr
+        return True
 
     # -- per packet -------------------------------------------------------------
 
@@ -277,24 +368,72 @@ class MediaLeg(asyncio.DatagramProtocol):
         if not self._latched:
             self._latched = True
             self._remote = addr  # symmetric RTP: answer where the peer really sends from
-        elif addr != self._remote:
+            self._remote_ssrc = _SSRC.unpack_from(data)[0]
+        elif addr != self._remote and not self._relatch(data, addr):
             self.packets_dropped += 1
             return
         now = self._loop.time()
         self.packets_in += 1
         self.last_received = now
-        if payload_type == self._audio_pt:  # telephone-events are for us, never the partner
+        if payload_type == self._audio_pt:
             end = payload_end(data)
-            for listener in self._listeners:
+            if self._decoding:
+                self._receive_pcm(data, offset, end, now)
+            else:
+                for listener in self._listeners:
+                    listener._relay(data, offset, end, now)
+        else:  # telephone-events are for us, never the partner
+            self._receive_event(data, offset)
+
+    def _receive_event(self, data: bytes, offset: int) -> None:
+        digit = self._events.feed(data[offset : offset + 4], _EVENT_TIMESTAMP.unpack_from(data)[0])
+        if digit is not None and self.on_digit is not None:
+            self.on_digit(digit)
+
+    def _receive_pcm(self, data: bytes, offset: int, end: int, now: float) -> None:
+        """The slow path: decode, look for in-band DTMF (muting it), then relay or hand PCM on."""
+        pcm = self._own_coder().decode(data[offset:end])
+        muted = False
+        if self._tones is not None:
+            digit, muted = self._tones.feed(pcm)
+            if muted:
+                pcm = np.zeros_like(pcm)
+            if digit is not None and self.on_digit is not None:
+                self.on_digit(digit)
+        for listener in self._listeners:
+            if muted or listener._transcodes or listener._prompt is not None:
+                listener._hear_pcm(data, pcm, self._codec, now)
+            else:
                 listener._relay(data, offset, end, now)
+
+    def _hear_pcm(self, packet: bytes, pcm: np.ndarray, codec: Codec, now: float) -> None:
+        """Our source's audio as PCM: into the jitter buffer under a prompt, else encoded in our
+        codec and sent with the packet's own sequence and timestamp (in our clock)."""
+        assert self._resampler is not None  # set with the source
+        pcm = self._resampler.process(pcm)
+        if self._jitter is not None:
+            self._jitter.push(pcm)
+            return
+        second, sequence, timestamp = _SECOND_SEQ_TS.unpack_from(packet)
+        timestamp = timestamp * self._codec.clock_rate // codec.clock_rate & _TS_MASK
+        ours = build_packet(0, sequence, timestamp, 0, self._own_coder().encode(pcm), bool(second & MARKER))
+        self._send(self._stream.relay_into(self._buf, ours, HEADER_SIZE, len(ours), self._audio_pt, now))
 
     def _relay(self, packet: bytes, offset: int, end: int, now: float) -> None:
         size = self._stream.relay_into(self._buf, packet, offset, end, self._audio_pt, now, self._translate)
         self._send(size)
 
-    def _send_hold(self, due: float) -> None:
-        payload = self._hold_frames[self._hold_position]
-        self._hold_position = (self._hold_position + 1) % len(self._hold_frames)
+    def _tick(self, due: float) -> None:
+        """The pacer's 20 ms tick: the next mixed frame under a prompt, else the next hold frame."""
+        if self._prompt is not None:
+            assert self._jitter is not None
+            under = self._jitter.pop() if self._source is not None else np.zeros(self._codec.frame_samples, np.int16)
+            payload = self._own_coder().encode(self._prompt.mix(under))
+            if self._prompt.done:
+                self._end_prompt()
+        else:
+            payload = self._hold_frames[self._hold_position]
+            self._hold_position = (self._hold_position + 1) % len(self._hold_frames)
         self._send(self._stream.next_generated(self._buf, payload, self._audio_pt, due))
 
     def _send(self, size: int) -> None:
