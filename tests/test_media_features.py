@@ -12,6 +12,7 @@ from test_dtmf import dtmf, silence
 from test_media import HOST, PCMU, Phone, eventually, tone_frame
 
 from voiceline.audio import g711
+from voiceline.audio.codecs import new_coder
 from voiceline.audio.dtmf import ToneDetector
 from voiceline.audio.hold import chime_pattern
 from voiceline.audio.media import MediaEngine, MediaLeg
@@ -20,6 +21,12 @@ from voiceline.sim.analysis import goertzel_db
 
 PORTS = (42000, 42099)  # this module's share of the audio test range
 EVENT = 101
+G722_PT = 9
+
+
+def tone(hz: float, seconds: float, rate: int, amplitude: float = 6000.0, start: float = 0.0) -> np.ndarray:
+    t = start + np.arange(round(seconds * rate)) / rate
+    return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.int16)
 
 
 @pytest.fixture
@@ -119,3 +126,101 @@ async def test_inband_digits_are_detected_and_muted_for_the_partner(engine, phon
     assert max(goertzel_db(keys, 8000, hz) for hz in (941, 1477, 770, 1209)) < -60
     assert [payload for _, payload in received[:10]] == sent[:10]
     assert [payload for _, payload in received[-10:]] == sent[-10:]
+
+
+# -- partner changes ----------------------------------------------------------------------
+
+
+class Sender:
+    """A phone's outgoing stream with its own SSRC, sequence and timestamp bases."""
+
+    def __init__(self, phone: Phone, leg: MediaLeg, ssrc: int, sequence: int, timestamp: int) -> None:
+        self.phone, self.leg = phone, leg
+        self.ssrc, self.sequence, self.timestamp = ssrc, sequence, timestamp
+
+    def send(self, payload: bytes, payload_type: int = PCMU, ticks: int = 160) -> None:
+        self.phone.send(self.leg, build_packet(payload_type, self.sequence, self.timestamp, self.ssrc, payload))
+        self.sequence = (self.sequence + 1) % 2**16
+        self.timestamp = (self.timestamp + ticks) % 2**32
+
+
+async def test_hold_talk_and_another_partner_continue_one_stream(engine, phones):
+    phone_a, phone_b, phone_c = phones(), phones(), phones()
+    a, b = await leg_for(engine, phone_a), await leg_for(engine, phone_b)
+    c = await leg_for(engine, phone_c, "G722", G722_PT)
+    from_b = Sender(phone_b, b, 0xB0B0B0B0, 65530, 2**32 - 400)  # both wrap during the test
+    from_c = Sender(phone_c, c, 0xC0C0C0C0, 12345, 777)
+    a.hold()
+    packets = await phone_a.receive_many(5)
+    changes = [0]
+    a.listen_to(b)
+    changes.append(len(packets))
+    tone_b = tone_frame(1000, "PCMU")
+    for _ in range(10):
+        from_b.send(tone_b)
+        packets += [await phone_a.receive()]
+    a.listen_to(c)  # G.722 to PCMU goes through PCM: the same stream rules
+    changes.append(len(packets))
+    encoder = new_coder("G722")
+    for frame in range(10):
+        from_c.send(encoder.encode(tone(500, 0.02, 16000, start=frame * 0.02)), G722_PT)
+        packets += [await phone_a.receive()]
+    a.hold()
+    changes.append(len(packets))
+    packets += await phone_a.receive_many(5)
+
+    headers = [header for header, _ in packets]
+    assert {header.ssrc for header in headers} == {headers[0].ssrc}
+    assert all(header.payload_type == PCMU for header in headers)
+    for earlier, later in zip(headers, headers[1:]):
+        assert later.sequence == (earlier.sequence + 1) % 2**16
+        step = (later.timestamp - earlier.timestamp) % 2**32
+        assert 160 <= step < 8000 and step % 160 == 0 or later.marker and 160 <= step < 8000
+    assert [i for i, header in enumerate(headers) if header.marker] == changes
+    assert [payload for _, payload in packets[changes[1] : changes[2]]] == [tone_b] * 10
+
+
+# -- source filtering and re-latching -------------------------------------------------------
+
+
+async def test_injected_packets_are_dropped_even_with_the_latched_ssrc(engine, phones):
+    phone_a, phone_b, attacker = phones(), phones(), phones()
+    a, b = await leg_for(engine, phone_a), await leg_for(engine, phone_b)
+    await pair(engine, a, b)
+    genuine = Sender(phone_b, b, 0x11111111, 100, 16000)
+    voice, noise = tone_frame(1000, "PCMU"), tone_frame(2000, "PCMU")
+    genuine.send(voice)
+    assert (await phone_a.receive())[1] == voice
+    forged = Sender(attacker, b, 0x11111111, 101, 16160)  # a guessed SSRC does not help while b talks
+    for _ in range(5):
+        forged.send(noise)
+        genuine.send(voice)
+    received = await phone_a.receive_many(5)
+    await phone_a.assert_quiet()
+    assert all(payload == voice for _, payload in received)
+    assert b.packets_dropped == 5
+    b.hold()
+    header, _ = await phone_b.receive()  # b's own audio still goes to the latched address
+    await attacker.assert_quiet()
+
+
+async def test_a_silent_peer_may_move_with_its_ssrc_after_a_nat_rebinding(engine, phones):
+    phone_a, old_port, new_port, stranger = phones(), phones(), phones(), phones()
+    a, b = await leg_for(engine, phone_a), await leg_for(engine, old_port)
+    await pair(engine, a, b)
+    before = Sender(old_port, b, 0x22222222, 500, 80000)
+    voice = tone_frame(1000, "PCMU")
+    before.send(voice)
+    await phone_a.receive()
+    await asyncio.sleep(1.1)  # the latched source falls silent (RELATCH_SILENCE_SECONDS)
+    Sender(stranger, b, 0x33333333, 1, 1).send(voice)  # another SSRC: still not accepted
+    await eventually(lambda: b.packets_dropped == 1)
+    after = Sender(new_port, b, 0x22222222, before.sequence, before.timestamp)
+    after.send(voice)
+    assert (await phone_a.receive())[1] == voice
+    phone_a.send_audio(a, tone_frame(500, "PCMU"))
+    header, payload = await new_port.receive()  # b's stream now goes to the new address
+    assert payload == tone_frame(500, "PCMU")
+    before.send(voice)  # and the old address is the foreign one now
+    await eventually(lambda: b.packets_dropped == 2)
+    await phone_a.assert_quiet()
