@@ -12,7 +12,7 @@ from test_dtmf import dtmf, silence
 from test_media import HOST, PCMU, Phone, eventually, tone_frame
 
 from voiceline.audio import g711
-from voiceline.audio.codecs import new_coder
+from voiceline.audio.codecs import lookup, new_coder
 from voiceline.audio.dtmf import ToneDetector
 from voiceline.audio.hold import chime_pattern
 from voiceline.audio.media import MediaEngine, MediaLeg
@@ -224,3 +224,97 @@ async def test_a_silent_peer_may_move_with_its_ssrc_after_a_nat_rebinding(engine
     before.send(voice)  # and the old address is the foreign one now
     await eventually(lambda: b.packets_dropped == 2)
     await phone_a.assert_quiet()
+
+
+# -- codecs and transcoding ------------------------------------------------------------------
+
+OPUS_PT = 111
+WIDE_HZ = 5000.0  # above the 4 kHz limit of narrowband: survives only a wideband path
+
+
+def tone_frames(codec: str, hz: float, count: int, amplitude: float = 6000.0) -> list[bytes]:
+    """`count` 20 ms frames of a continuous tone, encoded in sequence by one coder."""
+    spec = lookup(codec)
+    pcm = tone(hz, count * 0.02, spec.rate, amplitude)
+    coder = new_coder(codec)
+    size = spec.frame_samples
+    return [coder.encode(pcm[i : i + size]) for i in range(0, len(pcm), size)]
+
+
+def heard(codec: str, payloads: list[bytes]) -> tuple[np.ndarray, int]:
+    """Decode what a phone received, as floats in [-1, 1), and the rate."""
+    coder = new_coder(codec)
+    pcm = np.concatenate([coder.decode(payload) for payload in payloads])
+    return pcm.astype(np.float64) / 32768, lookup(codec).rate
+
+
+def assert_tone(samples: np.ndarray, rate: int, hz: float, others: tuple[float, ...] = (300.0, 1500.0, 2500.0)) -> None:
+    body = samples[len(samples) // 4 :]  # past codec and filter start-up
+    level = goertzel_db(body, rate, hz)
+    assert level > -25, level  # the 6000/32768 tone reads about -15 dB
+    assert all(level - goertzel_db(body, rate, other) > 30 for other in others if other != hz)
+
+
+async def exchange(
+    engine: MediaEngine, phones: Callable[[], Phone], codec_a: str, pt_a: int, codec_b: str, pt_b: int
+) -> tuple[Sender, Phone, Sender, Phone]:
+    phone_a, phone_b = phones(), phones()
+    a, b = await leg_for(engine, phone_a, codec_a, pt_a), await leg_for(engine, phone_b, codec_b, pt_b)
+    await pair(engine, a, b)
+    return Sender(phone_a, a, 0xA, 10, 1000), phone_a, Sender(phone_b, b, 0xB, 20, 2000), phone_b
+
+
+async def send_and_receive(sender: Sender, receiver: Phone, frames: list[bytes], payload_type: int, ticks: int):
+    received = []
+    for frame in frames:
+        sender.send(frame, payload_type, ticks)
+        received.append(await receiver.receive())
+    return received
+
+
+async def test_two_g722_legs_talk_in_wideband_relayed_as_is(engine, phones):
+    from_a, phone_a, from_b, phone_b = await exchange(engine, phones, "G722", G722_PT, "G722", G722_PT)
+    frames = tone_frames("G722", WIDE_HZ, 25)
+    received = await send_and_receive(from_b, phone_a, frames, G722_PT, 160)
+    assert [payload for _, payload in received] == frames  # the fast path: bytes unchanged
+    assert all(header.payload_type == G722_PT for header, _ in received)
+    assert_tone(*heard("G722", [payload for _, payload in received]), WIDE_HZ)
+
+
+@pytest.mark.parametrize(("wide", "wide_pt"), [("G722", G722_PT), ("OPUS", OPUS_PT)])
+async def test_a_wideband_leg_and_a_pcmu_leg_transcode_both_ways(engine, phones, wide, wide_pt):
+    wide_ticks = lookup(wide).frame_ticks
+    from_wide, wide_phone, from_pcmu, pcmu_phone = await exchange(engine, phones, wide, wide_pt, "PCMU", PCMU)
+    into_pcmu = await send_and_receive(from_wide, pcmu_phone, tone_frames(wide, 1000, 25), wide_pt, wide_ticks)
+    assert all(header.payload_type == PCMU for header, _ in into_pcmu)
+    assert all(len(payload) == 160 for _, payload in into_pcmu)
+    assert_tone(*heard("PCMU", [payload for _, payload in into_pcmu]), 1000)
+    into_wide = await send_and_receive(from_pcmu, wide_phone, tone_frames("PCMU", 700, 25), PCMU, 160)
+    headers = [header for header, _ in into_wide]
+    assert all(header.payload_type == wide_pt for header in headers)
+    steps = {(later.timestamp - earlier.timestamp) % 2**32 for earlier, later in zip(headers, headers[1:])}
+    assert steps == {wide_ticks}  # the partner's spacing, in this leg's RTP clock
+    assert_tone(*heard(wide, [payload for _, payload in into_wide]), 700)
+
+
+async def test_opus_and_g722_legs_keep_wideband_through_transcoding(engine, phones):
+    from_opus, opus_phone, from_g722, g722_phone = await exchange(engine, phones, "OPUS", OPUS_PT, "G722", G722_PT)
+    into_g722 = await send_and_receive(from_opus, g722_phone, tone_frames("OPUS", WIDE_HZ, 25), OPUS_PT, 960)
+    assert_tone(*heard("G722", [payload for _, payload in into_g722]), WIDE_HZ)
+    into_opus = await send_and_receive(from_g722, opus_phone, tone_frames("G722", WIDE_HZ, 25), G722_PT, 160)
+    assert_tone(*heard("OPUS", [payload for _, payload in into_opus]), WIDE_HZ)
+
+
+@pytest.mark.parametrize(("codec", "payload_type"), [("G722", G722_PT), ("OPUS", OPUS_PT), ("PCMA", 8)])
+async def test_hold_audio_in_every_codec(engine, phones, codec, payload_type):
+    phone = phones()
+    leg = await leg_for(engine, phone, codec, payload_type)
+    leg.hold()
+    packets = await phone.receive_many(40)
+    headers = [header for header, _ in packets]
+    assert all(header.payload_type == payload_type for header in headers)
+    steps = {(later.timestamp - earlier.timestamp) % 2**32 for earlier, later in zip(headers, headers[1:])}
+    assert steps <= {lookup(codec).frame_ticks * n for n in (1, 2, 3, 4)}
+    samples, rate = heard(codec, [payload for _, payload in packets])
+    chime = goertzel_db(samples[: rate // 2], rate, 523.25)  # the first note of the chime
+    assert chime > goertzel_db(samples[: rate // 2], rate, 1209) + 20

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import structlog
 
+from voiceline.audio.codecs import available as codec_available
 from voiceline.audio.hold import chime_pattern, load_wav
 from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
 from voiceline.config import Config
@@ -67,7 +68,7 @@ class VoiceLine:
             answer_delay=sip.answer_delay,
             timers=Timers(sip.t1, sip.t2, sip.t4),
             max_message_size=sip.max_message_size,
-            codecs=self.config.media.codecs,
+            codecs=self._usable_codecs(),
         )
         self.agent = UserAgent(settings, self)
         host, port = sip.listen_address
@@ -81,6 +82,16 @@ class VoiceLine:
                 advertised=sip.advertised_host,
                 hint="only callers on this machine will have audio; set sip.public_address",
             )
+
+    def _usable_codecs(self) -> tuple[str, ...]:
+        """The configured codecs whose libraries load here (Opus needs libopus)."""
+        usable = tuple(name for name in self.config.media.codecs if codec_available(name))
+        for name in self.config.media.codecs:
+            if name not in usable:
+                log.warning("media.codec_unavailable", codec=name)
+        if not usable:
+            raise MediaError("none of the configured codecs can be used")
+        return usable
 
     async def stop(self) -> None:
         if self.agent is not None:

@@ -62,10 +62,14 @@ class SipConfig:
         return "127.0.0.1" if host == "0.0.0.0" else host
 
 
+# Codecs the media layer implements (voiceline.audio.codecs); Opus needs libopus at run time.
+CODEC_NAMES = ("PCMU", "PCMA", "G722", "OPUS")
+
+
 @dataclass(frozen=True)
 class MediaConfig:
     rtp_ports: str = "20000-29999"
-    codecs: tuple[str, ...] = ("PCMU", "PCMA")
+    codecs: tuple[str, ...] = CODEC_NAMES
     hold_audio: str = ""
 
     @property
@@ -106,9 +110,9 @@ class Config:
                 raise ConfigError(f"sip.{name}: must be between 0 and 60 seconds")
         if not 1024 <= self.sip.max_message_size <= 1 << 20:
             raise ConfigError("sip.max_message_size: must be between 1024 and 1048576")
-        unknown = [c for c in self.media.codecs if c not in ("PCMU", "PCMA")]
+        unknown = [c for c in self.media.codecs if c not in CODEC_NAMES]
         if unknown or not self.media.codecs:
-            raise ConfigError("media.codecs: choose from PCMU, PCMA")
+            raise ConfigError(f"media.codecs: choose from {', '.join(CODEC_NAMES)}")
         if self.media.hold_audio and not Path(self.media.hold_audio).is_file():
             raise ConfigError("media.hold_audio: file not found")
         if self.log.format not in ("console", "json"):
