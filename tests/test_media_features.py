@@ -318,3 +318,66 @@ async def test_hold_audio_in_every_codec(engine, phones, codec, payload_type):
     samples, rate = heard(codec, [payload for _, payload in packets])
     chime = goertzel_db(samples[: rate // 2], rate, 523.25)  # the first note of the chime
     assert chime > goertzel_db(samples[: rate // 2], rate, 1209) + 20
+
+
+# -- prompts mixed over a conversation --------------------------------------------------------
+
+PROMPT_HZ = 1500.0
+
+
+async def test_a_prompt_is_heard_over_the_partner_who_keeps_talking(engine, phones):
+    phone_a, phone_b = phones(), phones()
+    a, b = await leg_for(engine, phone_a), await leg_for(engine, phone_b)
+    await pair(engine, a, b)
+    from_b = Sender(phone_b, b, 0xB, 1, 1)
+    voice = tone_frame(1000, "PCMU")
+    from_b.send(voice)
+    before = [await phone_a.receive()]
+    a.play_over(tone(PROMPT_HZ, 0.5, 8000, 4000))
+
+    async def talk() -> None:  # b keeps talking, one frame per 20 ms, through the prompt and after
+        for _ in range(100):
+            from_b.send(voice)
+            await asyncio.sleep(0.02)
+
+    talking = asyncio.create_task(talk())
+    packets = []
+    try:
+        while not talking.done():
+            packets.append(await phone_a.receive())
+    except asyncio.TimeoutError:
+        pass
+    await talking
+    await asyncio.sleep(0.1)
+    while True:
+        try:
+            packets.append(await phone_a.receive(timeout=0.05))
+        except asyncio.TimeoutError:
+            break
+    headers = [header for header, _ in before + packets]
+    assert {header.ssrc for header in headers} == {headers[0].ssrc}
+    assert all(later.sequence == (earlier.sequence + 1) % 2**16 for earlier, later in zip(headers, headers[1:])), [(i, h.sequence, h.marker) for i, h in enumerate(headers) if i and (h.sequence - headers[i - 1].sequence) % 2**16 != 1]
+    marked = [i for i, header in enumerate(headers) if header.marker]
+    assert marked[0] == 0 and len(marked) == 3  # start of the stream, prompt starts, prompt ends
+    mixed = [payload for _, payload in (before + packets)[marked[1] : marked[2]]]
+    assert 24 <= len(mixed) <= 27  # the prompt's 25 frames, paced by our clock
+    samples = g711.ulaw_decode(b"".join(mixed[3:])).astype(np.float64) / 32768
+    assert goertzel_db(samples, 8000, PROMPT_HZ) > -25 and goertzel_db(samples, 8000, 1000) > -25  # both heard
+    after = [payload for _, payload in (before + packets)[marked[2] :]]
+    assert len(after) > 20 and all(payload == voice for payload in after)  # relayed as is again
+    # b hears none of it.
+    await phone_b.assert_quiet()
+
+
+async def test_a_prompt_over_hold_audio_pauses_the_hold_pattern(engine, phones):
+    phone = phones()
+    leg = await leg_for(engine, phone, "G722", G722_PT)
+    leg.hold()
+    await phone.receive_many(3)
+    leg.play_over(tone(PROMPT_HZ, 0.3, 8000, 4000))
+    packets = await phone.receive_many(15 + 25)
+    samples, rate = heard("G722", [payload for _, payload in packets[:15]])
+    assert_tone(samples, rate, PROMPT_HZ, others=(523.25, 392.0, 330.0))
+    assert packets[0][0].marker and packets[15][0].marker  # prompt in, hold pattern back
+    hold, rate = heard("G722", [payload for _, payload in packets[15:]])
+    assert goertzel_db(hold, rate, 523.25) > goertzel_db(hold, rate, PROMPT_HZ) + 20

@@ -425,16 +425,17 @@ class MediaLeg(asyncio.DatagramProtocol):
 
     def _tick(self, due: float) -> None:
         """The pacer's 20 ms tick: the next mixed frame under a prompt, else the next hold frame."""
-        if self._prompt is not None:
-            assert self._jitter is not None
-            under = self._jitter.pop() if self._source is not None else np.zeros(self._codec.frame_samples, np.int16)
-            payload = self._own_coder().encode(self._prompt.mix(under))
-            if self._prompt.done:
-                self._end_prompt()
-        else:
+        if self._prompt is None:
             payload = self._hold_frames[self._hold_position]
             self._hold_position = (self._hold_position + 1) % len(self._hold_frames)
+            self._send(self._stream.next_generated(self._buf, payload, self._audio_pt, due))
+            return
+        assert self._jitter is not None
+        under = self._jitter.pop() if self._source is not None else np.zeros(self._codec.frame_samples, np.int16)
+        payload = self._own_coder().encode(self._prompt.mix(under))
         self._send(self._stream.next_generated(self._buf, payload, self._audio_pt, due))
+        if self._prompt.done:
+            self._end_prompt()  # after sending: the next packet, from the partner or hold, is marked
 
     def _send(self, size: int) -> None:
         self._transport.sendto(self._view[:size], self._remote)
