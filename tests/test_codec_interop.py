@@ -60,3 +60,9 @@ def test_a_g722_caller_and_a_pcmu_caller_talk_through_transcoding(
     joined = narrow.connected_at - wide.connected_at
     assert_tone_heard(narrow, 1209.0, 0.4, 3.5, LOW_HZ)
     assert_tone_heard(wide, LOW_HZ, joined + 0.4, joined + 3.5, 1209.0)
+    # Each leg's anonymous media figures are logged when its call ends.
+    stats = [event for event in server.log_events() if event.get("event") == "call.media_stats"]  # type: ignore[attr-defined]
+    assert len(stats) == 2
+    for event in stats:
+        assert event["packets_in"] > 100 and event["packets_out"] > 100
+        assert event["loss_fraction"] < 0.02 and event["jitter_ms"] < 20

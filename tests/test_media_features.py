@@ -4,6 +4,7 @@ wideband codecs and transcoding, prompts mixed over a conversation."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import numpy as np
@@ -15,8 +16,10 @@ from voiceline.audio import g711
 from voiceline.audio.codecs import lookup, new_coder
 from voiceline.audio.dtmf import ToneDetector
 from voiceline.audio.hold import chime_pattern
+from voiceline.audio import media
 from voiceline.audio.media import MediaEngine, MediaLeg
-from voiceline.audio.rtp import build_packet
+from voiceline.audio.rtcp import ReceptionStats, build_report, parse
+from voiceline.audio.rtp import build_packet, parse_header
 from voiceline.sim.analysis import goertzel_db
 
 PORTS = (42000, 42099)  # this module's share of the audio test range
@@ -381,3 +384,51 @@ async def test_a_prompt_over_hold_audio_pauses_the_hold_pattern(engine, phones):
     assert packets[0][0].marker and packets[15][0].marker  # prompt in, hold pattern back
     hold, rate = heard("G722", [payload for _, payload in packets[15:]])
     assert goertzel_db(hold, rate, 523.25) > goertzel_db(hold, rate, PROMPT_HZ) + 20
+
+
+# -- RTCP ------------------------------------------------------------------------------------------
+
+RTCP_PHONE_PORT = 42200  # the phone's RTP port; its RTCP socket takes the odd one above
+
+
+async def test_rtcp_reports_stats_and_bye_on_loopback(engine, monkeypatch):
+    monkeypatch.setattr(media, "report_interval", lambda: 0.3)
+    rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rtcp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rtp.bind((HOST, RTCP_PHONE_PORT))
+    rtcp.bind((HOST, RTCP_PHONE_PORT + 1))
+    rtp.setblocking(False)
+    rtcp.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        leg = await engine.open_leg()
+        leg.start((HOST, RTCP_PHONE_PORT), "PCMU", PCMU, EVENT)
+        leg.hold()
+        sequences = [s for s in range(1000, 1050) if s not in (1010, 1020, 1030)]
+        for sequence in sequences:
+            rtp.sendto(build_packet(PCMU, sequence, sequence * 160, 0x5151, tone_frame(1000, "PCMU")), (HOST, leg.local_port))
+        await eventually(lambda: leg.packets_in == len(sequences))
+        our_ssrc = parse_header(await loop.sock_recv(rtp, 2048)).ssrc  # type: ignore[union-attr]
+        # Our report arrives on the RTCP port: an SR (the leg sends hold audio) about the phone's stream.
+        report = parse(await asyncio.wait_for(loop.sock_recv(rtcp, 2048), 2.0), 0x5151)
+        assert report is not None and report.sender_ssrc == our_ssrc and report.sr_ntp_middle is not None
+        assert report.about_us is not None and report.about_us.cumulative_lost == 3
+        # The phone reports on the leg's stream: 7 lost, 160 ticks (20 ms) of jitter.
+        reception = ReceptionStats(8000)
+        for sequence in range(1, 51):
+            if sequence % 7:
+                reception.update(build_packet(PCMU, sequence, 0, our_ssrc), sequence * 0.02)
+        rtcp.sendto(build_report(0x5151, b"phone", reception, 0.0, 0.0, None), (HOST, leg.local_port + 1))
+        await eventually(lambda: leg.stats().peer_lost is not None)
+        stats = leg.stats()
+        assert (stats.packets_in, stats.packets_expected, stats.packets_lost) == (47, 50, 3)
+        assert stats.loss_fraction == 0.06 and stats.peer_lost == 7 and stats.packets_out > 0
+        leg.close()
+        while True:  # the last packet on the RTCP port is a BYE
+            last = await asyncio.wait_for(loop.sock_recv(rtcp, 2048), 2.0)
+            parsed = parse(last, 0x5151)
+            if parsed is not None and parsed.bye:
+                break
+    finally:
+        rtp.close()
+        rtcp.close()

@@ -134,6 +134,7 @@ class VoiceLine:
         leg = self._legs.pop(call, None)
         if leg is not None:
             leg.close()
+            log.info("call.media_stats", call=call.id, **asdict(leg.stats()))
         summary = self.pairing.leave(call.id)
         if summary is not None and self.storage is not None:
             write = asyncio.get_running_loop().create_task(

@@ -1,7 +1,7 @@
 """RTP media: the engine (port allocation, one shared hold-audio pacer) and one leg per call.
 
-A leg owns one RTP socket (plus an RTCP socket whose packets are read and
-discarded for now). It either hears hold audio or listens to another leg,
+A leg owns one RTP socket and an RTCP socket (RFC 3550 reports every ~5 s,
+BYE on close, the peer's reports read for `stats`). It either hears hold audio or listens to another leg,
 whose received packets it re-sends as its own stream. Everything per packet
 runs inside `datagram_received`: validate, then `transport.sendto` from a
 reused buffer; nothing is queued or logged.
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -21,6 +23,7 @@ from voiceline.audio.codecs import CODECS, Codec, Coder, Resampler, lookup, new_
 from voiceline.audio.dtmf import TelephoneEventReceiver, ToneDetector
 from voiceline.audio.hold import encode_frames
 from voiceline.audio.mixing import JitterBuffer, Prompt
+from voiceline.audio.rtcp import ReceptionStats, build_report, new_cname, parse, report_interval
 from voiceline.audio.rtp import HEADER_SIZE, MARKER, OutboundStream, build_packet, payload_end, payload_offset
 
 FRAME_SECONDS = 0.020
@@ -137,7 +140,7 @@ class MediaEngine:
             return None
         try:
             rtcp, _ = await self._loop.create_datagram_endpoint(
-                asyncio.DatagramProtocol, local_addr=(self._bind_host, port + 1)
+                lambda: _RtcpEndpoint(leg), local_addr=(self._bind_host, port + 1)
             )
         except OSError:
             leg.close()
@@ -156,6 +159,32 @@ class MediaEngine:
         for leg in list(self._legs):
             leg.close()
         self._pacer.stop()
+
+
+@dataclass(frozen=True)
+class LegStats:
+    """Anonymous figures of one leg: what it received, sent, and what its peer reported."""
+
+    packets_in: int
+    packets_out: int
+    packets_dropped: int
+    packets_expected: int  # by the peer's sequence numbers
+    packets_lost: int
+    loss_fraction: float  # of packets_expected
+    jitter_ms: float  # interarrival jitter of what we received (RFC 3550 A.8)
+    peer_lost: int | None  # what the peer's last RTCP report said of our stream
+    peer_jitter_ms: float | None
+    concealed_frames: int  # frames made up under a prompt (the mixing path's jitter buffer)
+
+
+class _RtcpEndpoint(asyncio.DatagramProtocol):
+    """The odd port above a leg's RTP port: hands RTCP to the leg."""
+
+    def __init__(self, leg: MediaLeg) -> None:
+        self._leg = leg
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._leg._rtcp_received(data, addr)
 
 
 class MediaLeg(asyncio.DatagramProtocol):
@@ -179,12 +208,20 @@ class MediaLeg(asyncio.DatagramProtocol):
         self.packets_in = 0
         self.packets_out = 0
         self.packets_dropped = 0
+        self.octets_out = 0
         self.last_received = 0.0  # loop time (monotonic) of the last valid packet
         self.on_digit: Callable[[str], None] | None = None
         self._loop = loop
         self._pacer = pacer
         self._on_close = on_close
-        self._rtcp: asyncio.BaseTransport | None = None
+        self._rtcp: asyncio.DatagramTransport | None = None
+        self._rtcp_remote: tuple[str, int] | None = None  # latched like RTP, from the RTP peer's host
+        self._reception = ReceptionStats(8000)  # replaced by start
+        self._peer_report: tuple[int, float] | None = None  # (cumulative lost, jitter seconds)
+        self._cname = new_cname()
+        self._report_timer: asyncio.TimerHandle | None = None
+        self._packets_at_last_report = 0
+        self._concealed_before = 0
         self._stream = OutboundStream()
         self._new_buffer()
         self._remote: tuple[str, int] | None = None
@@ -221,6 +258,8 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._remote = remote
         self._codec = spec
         self._stream = OutboundStream(spec.clock_rate)
+        self._reception = ReceptionStats(spec.clock_rate)
+        self._report_timer = self._loop.call_later(report_interval(), self._send_report)
         self._audio_pt = payload_type
         if telephone_event_pt is None:
             self._event_pt = _NO_PAYLOAD_TYPE
@@ -289,10 +328,59 @@ class MediaLeg(asyncio.DatagramProtocol):
         for listener in self._listeners:
             listener._source = None
         self._listeners.clear()
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._send_report(bye=True)
         self._transport.close()
         if self._rtcp is not None:
             self._rtcp.close()
         self._on_close(self)
+
+    def stats(self) -> LegStats:
+        expected = self._reception.expected
+        lost = max(0, self._reception.lost)
+        peer_lost, peer_jitter = self._peer_report if self._peer_report is not None else (None, None)
+        concealed = self._concealed_before + (self._jitter.concealed_frames if self._jitter is not None else 0)
+        return LegStats(
+            packets_in=self.packets_in,
+            packets_out=self.packets_out,
+            packets_dropped=self.packets_dropped,
+            packets_expected=expected,
+            packets_lost=lost,
+            loss_fraction=round(lost / expected, 4) if expected else 0.0,
+            jitter_ms=round(self._reception.jitter_seconds * 1000, 2),
+            peer_lost=peer_lost,
+            peer_jitter_ms=None if peer_jitter is None else round(peer_jitter * 1000, 2),
+            concealed_frames=concealed,
+        )
+
+    # -- RTCP -------------------------------------------------------------------
+
+    def _send_report(self, bye: bool = False) -> None:
+        """An SR when we sent RTP since the last report, else an RR; BYE when closing."""
+        if self._rtcp is not None and self._remote is not None:
+            sent = self.packets_out != self._packets_at_last_report
+            self._packets_at_last_report = self.packets_out
+            sender = (self._stream.timestamp, self.packets_out, self.octets_out) if sent else None
+            packet = build_report(
+                self._stream.ssrc, self._cname, self._reception, self._loop.time(), time.time(), sender, bye
+            )
+            self._rtcp.sendto(packet, self._rtcp_remote or (self._remote[0], self._remote[1] + 1))
+        if not bye and not self._closed:
+            self._report_timer = self._loop.call_later(report_interval(), self._send_report)
+
+    def _rtcp_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._remote is None or addr[0] != self._remote[0]:
+            return  # only the RTP peer's host may report
+        parsed = parse(data, self._stream.ssrc)
+        if parsed is None:
+            return
+        self._rtcp_remote = addr
+        if parsed.about_us is not None:
+            self._peer_report = (parsed.about_us.cumulative_lost, parsed.about_us.jitter_ticks / self._codec.clock_rate)
+        if parsed.sr_ntp_middle is not None:
+            self._reception.last_sr = parsed.sr_ntp_middle
+            self._reception.last_sr_at = self._loop.time()
 
     def _new_buffer(self) -> None:
         self._buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
@@ -318,6 +406,8 @@ class MediaLeg(asyncio.DatagramProtocol):
     def _end_prompt(self) -> None:
         if self._prompt is None:
             return
+        assert self._jitter is not None
+        self._concealed_before += self._jitter.concealed_frames
         self._prompt = self._jitter = None
         if not self._holding:
             self._pacer.discard(self)
@@ -375,6 +465,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         now = self._loop.time()
         self.packets_in += 1
         self.last_received = now
+        self._reception.update(data, now)
         if payload_type == self._audio_pt:
             end = payload_end(data)
             if self._decoding:
@@ -440,6 +531,7 @@ class MediaLeg(asyncio.DatagramProtocol):
     def _send(self, size: int) -> None:
         self._transport.sendto(self._view[:size], self._remote)
         self.packets_out += 1
+        self.octets_out += size - HEADER_SIZE
         # If the socket was full the packet is queued, and uvloop queues a view of our buffer,
         # not a copy: leave that buffer to the queue and write into a new one. (asyncio's and
         # uvloop's datagram transports both have get_write_buffer_size; the stubs lack it.)
