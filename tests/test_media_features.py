@@ -131,6 +131,24 @@ async def test_inband_digits_are_detected_and_muted_for_the_partner(engine, phon
     assert [payload for _, payload in received[-10:]] == sent[-10:]
 
 
+
+async def test_inband_detection_can_be_turned_off(phones):
+    engine = MediaEngine(HOST, (42100, 42199), chime_pattern(), inband_dtmf=False)
+    try:
+        phone_a, phone_b = phones(), phones()
+        a, b = await leg_for(engine, phone_a, event=None), await leg_for(engine, phone_b, event=None)
+        await pair(engine, a, b)
+        digits: list[str] = []
+        b.on_digit = digits.append
+        sent = frames_of(dtmf("#", 0.2))
+        for payload in sent:
+            phone_b.send_audio(b, payload)
+        received = await phone_a.receive_many(len(sent))
+        assert digits == [] and [payload for _, payload in received] == sent  # relayed untouched
+    finally:
+        engine.close()
+        await asyncio.sleep(0)
+
 # -- partner changes ----------------------------------------------------------------------
 
 

@@ -62,7 +62,9 @@ class VoiceLine:
         self.storage = await Storage.open(Path(self.config.storage.data_dir))
         hold_audio = load_wav(self.config.media.hold_audio) if self.config.media.hold_audio else chime_pattern()
         bind_host = sip.listen_address[0]
-        self.media = MediaEngine(bind_host, self.config.media.port_range, hold_audio)
+        self.media = MediaEngine(
+            bind_host, self.config.media.port_range, hold_audio, inband_dtmf=self.config.media.inband_dtmf
+        )
         settings = UserAgentSettings(
             advertised_host=sip.advertised_host,
             answer_delay=sip.answer_delay,

@@ -71,6 +71,7 @@ class MediaConfig:
     rtp_ports: str = "20000-29999"
     codecs: tuple[str, ...] = CODEC_NAMES
     hold_audio: str = ""
+    inband_dtmf: bool = True
 
     @property
     def port_range(self) -> tuple[int, int]:

@@ -25,6 +25,8 @@ MIN_TONE_SHARE = 0.7  # the two tones carry at least this share of the frame's e
 MIN_PEAK_RATIO_DB = 6.0  # the strongest row (column) over the next strongest
 CONFIRM_FRAMES = 2  # frames in a row with the same digit before it counts (40 ms)
 RELEASE_FRAMES = 2  # frames without it before the same key can count again
+_MAX_TWIST = 10 ** (MAX_TWIST_DB / 10)
+_PEAK_RATIO = 10 ** (MIN_PEAK_RATIO_DB / 10)
 
 
 class TelephoneEventReceiver:
@@ -60,45 +62,52 @@ class ToneDetector:
 
     Each frame is measured at the eight DTMF frequencies (the Goertzel term,
     evaluated for all eight in one matrix product). A frame holds a digit when
-    one row and one column tone stand clear of their neighbours, both are
-    loud enough, their levels are within the allowed twist, and together
-    they carry most of the frame's energy (speech and music spread theirs).
+    one row and one column tone are loud enough, together carry most of the
+    frame's energy (speech and music spread theirs), stand clear of their
+    neighbours, and are within the allowed twist of each other. The cheap
+    tests come first: this runs on every received frame of such a leg.
     """
 
-    def __init__(self, rate: int = 8000, frame_samples: int = 160) -> None:
+    def __init__(self, rate: int = 8000, frame_samples: int | None = None) -> None:
         self.rate = rate
-        self.frame_samples = frame_samples
-        self._probe = _probe_matrix(rate, frame_samples)
-        # |DFT term|^2 of a sine of amplitude A over n samples is (A n / 2)^2.
-        self._min_power = (MIN_TONE_AMPLITUDE * frame_samples / 2) ** 2
+        self.frame_samples = frame_samples or rate // 50
+        self._probes: dict[int, tuple[np.ndarray, float]] = {}  # by frame length (ptime)
         self._candidate: str | None = None
         self._count = 0
         self._reported: str | None = None
         self._absent = 0
 
+    def _probe(self, samples: int) -> tuple[np.ndarray, float]:
+        """The probe matrix for frames of `samples`, and the least power of a loud enough tone."""
+        probe = self._probes.get(samples)
+        if probe is None:
+            # |DFT term|^2 of a sine of amplitude A over n samples is (A n / 2)^2.
+            probe = _probe_matrix(self.rate, samples), (MIN_TONE_AMPLITUDE * samples / 2) ** 2
+            self._probes[samples] = probe
+        return probe
+
     def frame_digit(self, pcm: np.ndarray) -> str | None:
         """The digit this one frame holds, without debouncing (for muting it)."""
-        if len(pcm) != self.frame_samples:
+        size = len(pcm)
+        if size < self.rate // 100 or size > self.rate // 10:  # 10-100 ms frames
             return None
+        matrix, min_power = self._probe(size)
         samples = pcm.astype(np.float64)
-        terms = self._probe @ samples
-        power = terms[:8] ** 2 + terms[8:] ** 2
+        terms = matrix @ samples
+        power = (terms[:8] ** 2 + terms[8:] ** 2).tolist()
         rows, columns = power[:4], power[4:]
-        row, column = int(np.argmax(rows)), int(np.argmax(columns))
-        row_power, column_power = rows[row], columns[column]
-        if row_power < self._min_power or column_power < self._min_power:
-            return None
-        twist = 10 * np.log10(row_power / column_power)
-        if abs(twist) > MAX_TWIST_DB:
-            return None
-        peak_ratio = 10 ** (MIN_PEAK_RATIO_DB / 10)
-        if np.sort(rows)[-2] * peak_ratio > row_power or np.sort(columns)[-2] * peak_ratio > column_power:
+        row_power, column_power = max(rows), max(columns)
+        if row_power < min_power or column_power < min_power:
             return None
         # A tone's energy over the frame is 2 |term|^2 / n.
-        tone_energy = 2 * (row_power + column_power) / self.frame_samples
-        if tone_energy < MIN_TONE_SHARE * float(np.dot(samples, samples)):
+        if 2 * (row_power + column_power) / size < MIN_TONE_SHARE * float(samples @ samples):
             return None
-        return KEYPAD[row][column]
+        twist = row_power / column_power
+        if twist > _MAX_TWIST or twist < 1 / _MAX_TWIST:
+            return None
+        if sorted(rows)[-2] * _PEAK_RATIO > row_power or sorted(columns)[-2] * _PEAK_RATIO > column_power:
+            return None
+        return KEYPAD[rows.index(row_power)][columns.index(column_power)]
 
     def feed(self, pcm: np.ndarray) -> tuple[str | None, bool]:
         """(the digit a key press completes with this frame or None, whether the frame holds DTMF)."""

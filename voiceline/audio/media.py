@@ -94,8 +94,11 @@ class _HoldPacer:
 class MediaEngine:
     """Opens media legs on even ports of a range and drives hold audio for all of them."""
 
-    def __init__(self, bind_host: str, port_range: tuple[int, int], hold_pcm: np.ndarray) -> None:
+    def __init__(
+        self, bind_host: str, port_range: tuple[int, int], hold_pcm: np.ndarray, *, inband_dtmf: bool = True
+    ) -> None:
         """`port_range` is inclusive; each leg takes an even port and the odd one above it.
+        `inband_dtmf`: look for DTMF tones in the audio of legs without telephone-event.
 
         Needs a running event loop (call from within it).
         """
@@ -103,6 +106,7 @@ class MediaEngine:
             raise ValueError("hold audio is empty")
         low, high = port_range
         self._bind_host = bind_host
+        self._inband_dtmf = inband_dtmf
         # Free ports in the order to try them: taken from the left, returned on the right,
         # so a just-freed port is the last to be reused.
         self._free = deque(range(low + low % 2, high, 2))
@@ -133,7 +137,7 @@ class MediaEngine:
         raise MediaError("no free RTP port in the configured range")
 
     async def _bind(self, port: int) -> MediaLeg | None:
-        leg = MediaLeg(self._loop, port, self._pacer, self._release)
+        leg = MediaLeg(self._loop, port, self._pacer, self._release, inband_dtmf=self._inband_dtmf)
         try:
             await self._loop.create_datagram_endpoint(lambda: leg, local_addr=(self._bind_host, port))
         except OSError:
@@ -203,6 +207,8 @@ class MediaLeg(asyncio.DatagramProtocol):
         port: int,
         pacer: _HoldPacer,
         on_close: Callable[[MediaLeg], None],
+        *,
+        inband_dtmf: bool = True,
     ) -> None:
         self.local_port = port
         self.packets_in = 0
@@ -232,6 +238,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._audio_pt = _NO_PAYLOAD_TYPE  # matches no packet until started
         self._event_pt = _NO_PAYLOAD_TYPE
         self._events = TelephoneEventReceiver()
+        self._inband_dtmf = inband_dtmf
         self._tones: ToneDetector | None = None
         # True when received audio must be decoded: in-band DTMF, or a listener that needs PCM.
         self._decoding = False
@@ -261,11 +268,10 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._reception = ReceptionStats(spec.clock_rate)
         self._report_timer = self._loop.call_later(report_interval(), self._send_report)
         self._audio_pt = payload_type
-        if telephone_event_pt is None:
-            self._event_pt = _NO_PAYLOAD_TYPE
-            self._tones = ToneDetector(spec.rate)
-        else:
+        if telephone_event_pt is not None:
             self._event_pt = telephone_event_pt
+        elif self._inband_dtmf:
+            self._tones = ToneDetector(spec.rate)
         self._update_decoding()
 
     @property
