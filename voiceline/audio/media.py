@@ -1,8 +1,10 @@
 """RTP media: the engine (port allocation, one shared hold-audio pacer) and one leg per call.
 
 A leg owns one RTP socket and an RTCP socket (RFC 3550 reports every ~5 s,
-BYE on close, the peer's reports read for `stats`). It either hears hold audio or listens to another leg,
-whose received packets it re-sends as its own stream. Everything per packet
+BYE on close, the peer's reports read for `stats`). It either hears hold
+audio or listens to another leg, whose received packets it re-sends as its
+own stream (relayed, or transcoded through PCM), optionally with a prompt
+mixed over it. Everything per packet
 runs inside `datagram_received`: validate, then `transport.sendto` from a
 reused buffer; nothing is queued or logged.
 """
@@ -318,7 +320,8 @@ class MediaLeg(asyncio.DatagramProtocol):
             return
         samples = Resampler(rate, self._codec.rate).process(np.asarray(pcm, dtype=np.int16))
         self._prompt = Prompt(samples, self._codec.frame_samples)
-        self._jitter = JitterBuffer(self._codec.frame_samples)
+        if self._jitter is None:  # a prompt replacing another keeps the partner's buffered audio
+            self._jitter = JitterBuffer(self._codec.frame_samples)
         self._stream.source_changed()
         self._pacer.add(self)
         if self._source is not None:
@@ -425,8 +428,6 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._decoding = self._tones is not None or any(
             listener._transcodes or listener._prompt is not None for listener in self._listeners
         )
-        if self._decoding and self._coder is None:
-            self._coder = new_coder(self._codec.name)
 
     def _own_coder(self) -> Coder:
         if self._coder is None:
