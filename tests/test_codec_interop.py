@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -10,6 +11,11 @@ from voiceline.sim.analysis import tone_levels
 from voiceline.sim.runner import CallReport, CallSpec
 
 pytestmark = pytest.mark.interop
+
+
+def logged(server: Any, event: str) -> list[dict[str, Any]]:
+    """The server's log events of one kind."""
+    return [entry for entry in server.log_events() if entry.get("event") == event]
 
 WIDE_HZ = 5000.0  # above 4 kHz: only a wideband path carries it
 LOW_HZ = 697.0
@@ -35,7 +41,7 @@ def test_two_g722_callers_hear_each_other_in_wideband(
     )
     for report in (a, b):
         assert report.connected and report.media_started and report.error is None, report
-    offered = [event for event in server.log_events() if event.get("event") == "call.offered"]  # type: ignore[attr-defined]
+    offered = logged(server, "call.offered")
     assert [event["codec"] for event in offered] == ["G722", "G722"]
     joined = b.connected_at - a.connected_at
     assert_tone_heard(b, WIDE_HZ, 0.4, 3.5, LOW_HZ)  # 5 kHz arrives: nothing narrowband on the way
@@ -55,13 +61,13 @@ def test_a_g722_caller_and_a_pcmu_caller_talk_through_transcoding(
     )
     for report in (wide, narrow):
         assert report.connected and report.media_started and report.error is None, report
-    offered = [event for event in server.log_events() if event.get("event") == "call.offered"]  # type: ignore[attr-defined]
+    offered = logged(server, "call.offered")
     assert sorted(event["codec"] for event in offered) == ["G722", "PCMU"]
     joined = narrow.connected_at - wide.connected_at
     assert_tone_heard(narrow, 1209.0, 0.4, 3.5, LOW_HZ)
     assert_tone_heard(wide, LOW_HZ, joined + 0.4, joined + 3.5, 1209.0)
     # Each leg's anonymous media figures are logged when its call ends.
-    stats = [event for event in server.log_events() if event.get("event") == "call.media_stats"]  # type: ignore[attr-defined]
+    stats = logged(server, "call.media_stats")
     assert len(stats) == 2
     for event in stats:
         assert event["packets_in"] > 100 and event["packets_out"] > 100

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from test_codec_interop import logged
 from test_end_to_end import A_HZ, B_HZ, C_HZ, assert_hears, assert_hold_audio
 
 from voiceline.sim.runner import DTMF_DELAY_SECONDS, CallReport, CallSpec
@@ -33,5 +34,5 @@ def test_hash_pairs_the_caller_with_someone_else(
     assert_hears(a, C_HZ, A_HZ, pressed - a.connected_at + 0.5, pressed - a.connected_at + 3.5)
     assert_hears(c, A_HZ, C_HZ, pressed - c.connected_at + 0.5, pressed - c.connected_at + 3.5)
     assert_hold_audio(b, pressed - b.connected_at + 0.5, pressed - b.connected_at + 3.5, not_hz=(A_HZ, B_HZ, C_HZ))
-    events = [event for event in server.log_events() if event.get("event") == "pairing.next_partner_requested"]  # type: ignore[attr-defined]
+    events = logged(server, "pairing.next_partner_requested")
     assert len(events) == 1 and "#" not in str(events[0])

@@ -59,18 +59,30 @@ NARROWBAND = frozenset(g711.CODECS)
 
 
 class Coder(Protocol):
+    def accepts(self, samples: int) -> bool:
+        """Whether `encode` takes a frame of this many samples."""
+        ...
+
     def encode(self, pcm: np.ndarray) -> bytes: ...
 
     def decode(self, payload: bytes) -> np.ndarray: ...
 
 
-class G711Coder:
+class _AnyFrame:
+    """Sample-by-sample codecs (G.711, G.722) encode frames of any non-zero even length."""
+
+    @staticmethod
+    def accepts(samples: int) -> bool:
+        return samples > 0 and samples % 2 == 0
+
+
+class G711Coder(_AnyFrame):
     def __init__(self, name: str) -> None:
         self.encode = g711.encoder(name)
         self.decode = g711.decoder(name)
 
 
-class G722Coder:
+class G722Coder(_AnyFrame):
     """G.722 at 64 kbit/s (mode 1), through the `g722` package (libg722)."""
 
     def __init__(self) -> None:
@@ -90,6 +102,10 @@ class OpusCoder:
     """Opus (RFC 7587) for voice, mono at 16 kHz, through `opuslib-next` and libopus."""
 
     MAX_FRAME_SAMPLES = 16000 * 120 // 1000  # the longest Opus packet, 120 ms
+    FRAME_SAMPLES = frozenset(16000 * tenths // 10000 for tenths in (25, 50, 100, 200, 400, 600))  # 2.5-60 ms
+
+    def accepts(self, samples: int) -> bool:
+        return samples in self.FRAME_SAMPLES
 
     def __init__(self) -> None:
         import opuslib_next as opus  # imported here: needs libopus, only legs in Opus use it

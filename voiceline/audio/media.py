@@ -247,6 +247,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._translate: bytes | None = None
         self._transcodes = False  # from our source's codec to ours only through PCM
         self._resampler: Resampler | None = None
+        self._reframed: np.ndarray | None = None  # samples waiting for a whole frame (see _send_reframed)
         self._source: MediaLeg | None = None
         self._listeners: list[MediaLeg] = []
         self._holding = False
@@ -305,6 +306,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         except ValueError:
             self._translate, self._transcodes = None, True
         self._resampler = Resampler(other._codec.rate, self._codec.rate)
+        self._reframed = None
         other._listeners.append(self)
         other._update_decoding()
         self._stream.source_changed()
@@ -506,16 +508,39 @@ class MediaLeg(asyncio.DatagramProtocol):
 
     def _hear_pcm(self, packet: bytes, pcm: np.ndarray, codec: Codec, now: float) -> None:
         """Our source's audio as PCM: into the jitter buffer under a prompt, else encoded in our
-        codec and sent with the packet's own sequence and timestamp (in our clock)."""
+        codec and sent with the packet's own sequence and timestamp (in our clock), or re-framed
+        into 20 ms frames when our codec cannot take the packet's duration (Opus and 30 ms)."""
         assert self._resampler is not None  # set with the source
         pcm = self._resampler.process(pcm)
         if self._jitter is not None:
             self._jitter.push(pcm)
             return
+        coder = self._own_coder()
+        if not coder.accepts(len(pcm)) or self._reframed is not None:
+            self._send_reframed(pcm, coder, now)
+            return
         second, sequence, timestamp = _SECOND_SEQ_TS.unpack_from(packet)
         timestamp = timestamp * self._codec.clock_rate // codec.clock_rate & _TS_MASK
-        ours = build_packet(0, sequence, timestamp, 0, self._own_coder().encode(pcm), bool(second & MARKER))
+        ours = build_packet(0, sequence, timestamp, 0, coder.encode(pcm), bool(second & MARKER))
         self._send(self._stream.relay_into(self._buf, ours, HEADER_SIZE, len(ours), self._audio_pt, now))
+
+    def _send_reframed(self, pcm: np.ndarray, coder: Coder, now: float) -> None:
+        """Whole 20 ms frames out of whatever durations arrive, paced by arrival (the rare path:
+        a source whose packet duration our codec cannot encode). Leaves it when durations fit."""
+        if self._reframed is None:
+            self._reframed = np.zeros(0, dtype=np.int16)
+            self._stream.source_changed()
+        pending = np.concatenate((self._reframed, pcm))
+        size = self._codec.frame_samples
+        for first in range(0, len(pending) - size + 1, size):
+            payload = coder.encode(pending[first : first + size])
+            self._send(self._stream.next_generated(self._buf, payload, self._audio_pt, now))
+        pending = pending[len(pending) - len(pending) % size :]
+        if len(pending) == 0 and coder.accepts(len(pcm)):
+            self._reframed = None  # back to one packet per packet, with the source's numbering
+            self._stream.source_changed()
+        else:
+            self._reframed = pending
 
     def _relay(self, packet: bytes, offset: int, end: int, now: float) -> None:
         size = self._stream.relay_into(self._buf, packet, offset, end, self._audio_pt, now, self._translate)

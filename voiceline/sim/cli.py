@@ -57,7 +57,11 @@ def add_sim_parser(subparsers: "argparse._SubParsersAction[Any]") -> argparse.Ar
     )
     call.add_argument("--transport", choices=TRANSPORTS, default="udp")
     call.add_argument(
-        "--codec", nargs="+", choices=list(CALLER_CODECS), default=["G711"], help="codec of call i, cycling (default G711)"
+        "--codec",
+        nargs="+",
+        choices=list(CALLER_CODECS),
+        default=["G711"],
+        help="the one codec call i offers, cycling (default G711: PCMU and PCMA)",
     )
     call.add_argument(
         "--record-dir", type=Path, metavar="DIR", help="where to keep recordings (default: a new temporary directory)"
