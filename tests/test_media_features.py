@@ -465,3 +465,27 @@ async def test_30_ms_packets_into_opus_are_reframed_into_20_ms_frames(engine, ph
     assert all(later.sequence == (earlier.sequence + 1) % 2**16 for earlier, later in zip(headers, headers[1:]))
     assert all((later.timestamp - earlier.timestamp) % 2**32 >= 960 for earlier, later in zip(headers, headers[1:]))
     assert_tone(*heard("OPUS", [payload for _, payload in received]), 700)
+
+
+@pytest.mark.parametrize(("codec", "payload_type"), [("OPUS", OPUS_PT), ("G722", G722_PT), ("PCMA", 8)])
+async def test_garbage_payloads_on_the_pcm_path_raise_nothing(engine, phones, codec, payload_type):
+    problems: list[object] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: problems.append(context))
+    rng = np.random.default_rng(7)
+    phone_src, phone_pcmu, phone_wide = phones(), phones(), phones()
+    source = await leg_for(engine, phone_src, codec, payload_type, event=None)  # in-band detection on
+    pcmu = await leg_for(engine, phone_pcmu)
+    wide = await leg_for(engine, phone_wide, "OPUS" if codec != "OPUS" else "G722", OPUS_PT if codec != "OPUS" else 9)
+    pcmu.listen_to(source)
+    wide.listen_to(source)
+    sender = Sender(phone_src, source, 0x77, 0, 0)
+    for _ in range(200):
+        size = int(rng.integers(0, 400))
+        sender.send(rng.integers(0, 256, size, dtype=np.uint8).tobytes(), payload_type, int(rng.integers(0, 2000)))
+    await eventually(lambda: source.packets_in == 200)
+    await asyncio.sleep(0.1)
+    assert problems == []
+    await phone_pcmu.drain(limit=2000)
+    frames = tone_frames(codec, 1000, 25)
+    received = await send_and_receive(sender, phone_pcmu, frames, payload_type, lookup(codec).frame_ticks)
+    assert_tone(*heard("PCMU", [payload for _, payload in received]), 1000)
