@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive as independent peers (command -> package).
 TEST_TOOLS := sipp:sip-tester openssl:openssl kamailio:kamailio
+# Debian shared libraries the service loads (soname -> package): libopus for the Opus codec.
+SYSTEM_LIBS := libopus.so.0:libopus0
 
 .PHONY: run test bench system-deps clean
 
@@ -26,6 +28,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 system-deps:
 	@missing=""; for pair in $(TEST_TOOLS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	for pair in $(SYSTEM_LIBS); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" ldconfig -p | grep -q "$${pair%%:*}" || missing="$$missing $${pair#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

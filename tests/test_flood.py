@@ -28,7 +28,7 @@ INVITE_RATE, INVITE_BURST = 2.0, 5
 
 
 def flood_invite(server: tuple[str, int], port: int) -> bytes:
-    body = OFFER.format(port=9, formats="0")  # discard port: these calls never get media
+    body = OFFER.format(port=9, formats="0", direction="sendrecv")  # discard port: these calls never get media
     return (
         f"INVITE sip:line@{server[0]}:{server[1]} SIP/2.0\r\n"
         f"Via: SIP/2.0/UDP {FLOOD_SOURCE}:{port};branch=z9hG4bK{secrets.token_hex(8)};rport\r\n"

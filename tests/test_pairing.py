@@ -108,6 +108,62 @@ def test_waiting_caller_leaving_empties_pool() -> None:
     assert b.heard == ["hold"]
 
 
+def test_hash_while_talking_finds_someone_else_for_both() -> None:
+    clock = FakeClock()
+    service = PairingService(clock)
+    a, b, c = Ear("a"), Ear("b"), Ear("c")
+    service.join(a)
+    service.join(b)
+    clock.now = 3.0
+    service.join(c)  # waits
+    clock.now = 5.0
+    service.digit("a", "#")
+    # a asked: a meets c, who was waiting; b waits, and is not put back with a.
+    assert a.heard[-1] == "c" and c.heard[-1] == "a" and b.heard[-1] == "hold"
+    assert service.waiting == 1 and service.talking == 2
+    d = Ear("d")
+    service.join(d)
+    assert d.heard == ["b"] and b.heard[-1] == "d"
+    summary = service.leave("b")
+    assert summary is not None and summary.partners == 2 and summary.talked == 5.0
+
+
+def test_after_hash_the_two_wait_apart_until_someone_new_arrives() -> None:
+    service = PairingService(FakeClock())
+    a, b = Ear("a"), Ear("b")
+    service.join(a)
+    service.join(b)
+    service.digit("b", "#")
+    assert a.heard[-1] == "hold" and b.heard[-1] == "hold" and service.waiting == 2
+    c = Ear("c")
+    service.join(c)
+    assert c.heard == ["b"]  # the longest waiter it may meet: b re-entered the pool first
+    service.leave("c")  # b waits again, still not with a
+    assert b.heard[-1] == "hold" and a.heard[-1] == "hold" and service.waiting == 2
+
+
+def test_other_keys_and_hash_while_waiting_change_nothing() -> None:
+    service = PairingService(FakeClock())
+    a, b = Ear("a"), Ear("b")
+    service.join(a)
+    service.digit("a", "#")
+    assert a.heard == ["hold"]
+    service.join(b)
+    for digit in "0123456789*ABCD":
+        service.digit("a", digit)
+    service.digit("nobody", "#")
+    assert a.heard == ["hold", "b"] and b.heard == ["a"]
+
+
+def test_pool_skips_waiters_it_may_not_pair_with() -> None:
+    pool: Pool[str] = Pool()
+    pool.add("a", 0.0)
+    pool.add("b", 1.0, lambda waiter: waiter != "a")
+    assert len(pool) == 2
+    assert pool.add("c", 2.0, lambda waiter: waiter != "a") == "b"
+    assert pool.add("d", 3.0) == "a"
+
+
 def paired_pair() -> tuple[PairingService, Ear, Ear]:
     service = PairingService(FakeClock())
     a, b = Ear("a"), Ear("b")

@@ -315,3 +315,38 @@ def test_answer_keeps_the_offered_rtp_profile() -> None:
     body = offer(audio_section("0", proto="RTP/AVPF"))
     lines = answer_lines(body, negotiated(body))
     assert any(line.startswith("m=audio 40000 RTP/AVPF 0") for line in lines), lines
+
+
+WIDEBAND = ("PCMU", "PCMA", "G722", "OPUS")
+
+
+def test_g722_by_static_payload_type_and_by_its_8000_clock_rtpmap() -> None:
+    assert negotiated(offer(audio_section("9")), WIDEBAND).codec == "G722"
+    audio = negotiated(offer(audio_section("9 0", "rtpmap:9 G722/8000")), WIDEBAND)
+    assert (audio.codec, audio.payload_type) == ("G722", 9)
+    # The rtpmap clock of G.722 is 8000 (RFC 3551) although it samples at 16 kHz.
+    assert negotiated(offer(audio_section("9 0", "rtpmap:9 G722/16000")), WIDEBAND).codec == "PCMU"
+
+
+def test_opus_is_dynamic_at_48000_with_two_channels() -> None:
+    audio = negotiated(offer(audio_section("111 0", "rtpmap:111 opus/48000/2")), WIDEBAND)
+    assert (audio.codec, audio.payload_type) == ("OPUS", 111)
+    assert negotiated(offer(audio_section("111 0", "rtpmap:111 opus/48000")), WIDEBAND).codec == "PCMU"
+    assert negotiated(offer(audio_section("111 0", "rtpmap:111 opus/16000/2")), WIDEBAND).codec == "PCMU"
+
+
+def test_pjsua2_offer_with_every_codec_gets_opus_and_an_opus_answer() -> None:
+    body = PJSUA2_OFFER.encode()
+    audio = negotiated(body, WIDEBAND)
+    assert (audio.codec, audio.payload_type, audio.telephone_event_pt) == ("OPUS", 96, 121)
+    lines = answer_lines(body, audio)
+    assert "m=audio 40000 RTP/AVP 96 121" in lines
+    assert "a=rtpmap:96 opus/48000/2" in lines
+    assert any(line.startswith("a=fmtp:96 maxplaybackrate=16000") for line in lines)
+    assert negotiate(parse_sdp(build_answer(parse_sdp(body), audio, "127.0.0.1", 40000, 7, 8)), WIDEBAND).codec == "OPUS"
+
+
+def test_answer_for_g722() -> None:
+    body = offer(audio_section("9 101", "rtpmap:9 G722/8000", "rtpmap:101 telephone-event/8000"))
+    lines = answer_lines(body, negotiated(body, WIDEBAND))
+    assert "m=audio 40000 RTP/AVP 9 101" in lines and "a=rtpmap:9 G722/8000" in lines

@@ -257,7 +257,7 @@ async def test_a_call_over_tcp_uses_one_connection_both_ways(tmp_path: Path) -> 
         assert port == port_of(app, "UDP")  # one port for UDP and TCP
         peer = await TcpPeer.connect(port)
         call_id = secrets.token_hex(6)
-        peer.send(tcp_request("INVITE", peer.port, port, call_id, body=OFFER.format(port=40998, formats="0")))
+        peer.send(tcp_request("INVITE", peer.port, port, call_id, body=OFFER.format(port=40998, formats="0", direction="sendrecv")))
         statuses = []
         while not statuses or statuses[-1] < 200:
             response = await peer.response()
@@ -412,9 +412,9 @@ async def test_calls_beyond_capacity_get_503_with_retry_after(tmp_path: Path) ->
     async with running(tmp_path, max_calls=1, answer_delay=5.0) as app:
         port = port_of(app, "TCP")
         peer = await TcpPeer.connect(port)
-        peer.send(tcp_request("INVITE", peer.port, port, body=OFFER.format(port=40998, formats="0")))
+        peer.send(tcp_request("INVITE", peer.port, port, body=OFFER.format(port=40998, formats="0", direction="sendrecv")))
         assert (await peer.response()).status == 100
-        peer.send(tcp_request("INVITE", peer.port, port, body=OFFER.format(port=40996, formats="0")))
+        peer.send(tcp_request("INVITE", peer.port, port, body=OFFER.format(port=40996, formats="0", direction="sendrecv")))
         responses = [await peer.response() for _ in range(2)]  # 180 of the first, 503 of the second
         refused = [r for r in responses if r.status >= 300]
         assert [r.status for r in refused] == [503] and refused[0].headers.get("Retry-After") == "30"
@@ -446,7 +446,7 @@ async def test_a_response_after_the_connection_closed_goes_to_the_sent_by_port(t
         server = await asyncio.start_server(listener, "127.0.0.1", 0)
         sent_by_port = server.sockets[0].getsockname()[1]
         peer = await TcpPeer.connect(port)
-        invite = tcp_request("INVITE", sent_by_port, port, body=OFFER.format(port=40998, formats="0"))
+        invite = tcp_request("INVITE", sent_by_port, port, body=OFFER.format(port=40998, formats="0", direction="sendrecv"))
         peer.send(invite)
         assert (await peer.response()).status == 100
         peer.close()  # gone before the 200
@@ -472,7 +472,7 @@ async def test_options_over_tls_and_an_in_dialog_contact_that_says_tls(tmp_path:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
         assert writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
         peer = TcpPeer(reader, writer)
-        text = tcp_request("INVITE", peer.port, port, body=OFFER.format(port=40998, formats="0"))
+        text = tcp_request("INVITE", peer.port, port, body=OFFER.format(port=40998, formats="0", direction="sendrecv"))
         peer.send(text.replace("SIP/2.0/TCP", "SIP/2.0/TLS").replace(";transport=tcp SIP", ";transport=tls SIP"))
         status, response = 0, None
         while status < 200:
@@ -502,7 +502,7 @@ async def test_an_idle_connection_stays_open_while_its_call_lasts(tmp_path: Path
         port = port_of(app, "TCP")
         peer = await TcpPeer.connect(port)
         call_id = secrets.token_hex(6)
-        peer.send(tcp_request("INVITE", peer.port, port, call_id, body=OFFER.format(port=40998, formats="0")))
+        peer.send(tcp_request("INVITE", peer.port, port, call_id, body=OFFER.format(port=40998, formats="0", direction="sendrecv")))
         response = await peer.response()
         while response.status < 200:
             response = await peer.response()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import signal
 import socket
@@ -17,14 +18,15 @@ from typing import Any
 
 import structlog
 
+from voiceline.audio.codecs import available as codec_available
 from voiceline.audio.hold import chime_pattern, load_wav
 from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
 from voiceline.config import Config, SipConfig
 from voiceline.pairing.service import PairingService, Participant
 from voiceline.provisioning import load as load_provisioned
 from voiceline.provisioning import wall_time
-from voiceline.sip.registration import RegistrationClient, RegistrationDriver, RegistrationStatus
 from voiceline.sip.overload import OverloadLimits, RateLimit
+from voiceline.sip.registration import RegistrationClient, RegistrationDriver, RegistrationStatus
 from voiceline.sip.session_timer import SessionTimerPolicy
 from voiceline.sip.transaction import Timers
 from voiceline.sip.transport import (
@@ -95,13 +97,15 @@ class VoiceLine:
         self.storage = await Storage.open(Path(self.config.storage.data_dir))
         hold_audio = load_wav(self.config.media.hold_audio) if self.config.media.hold_audio else chime_pattern()
         bind_host = sip.listen_address[0]
-        self.media = MediaEngine(bind_host, self.config.media.port_range, hold_audio)
+        self.media = MediaEngine(
+            bind_host, self.config.media.port_range, hold_audio, inband_dtmf=self.config.media.inband_dtmf
+        )
         settings = UserAgentSettings(
             advertised_host=sip.advertised_host,
             answer_delay=sip.answer_delay,
             timers=Timers(sip.t1, sip.t2, sip.t4),
             max_message_size=sip.max_message_size,
-            codecs=self.config.media.codecs,
+            codecs=self._usable_codecs(),
             session_timers=SessionTimerPolicy(sip.session_expires, sip.min_session_expires),
             max_call_duration=sip.max_call_duration,
             overload=overload_limits(sip),
@@ -149,6 +153,16 @@ class VoiceLine:
         while self.agent.calls and not stop.is_set() and loop.time() < deadline:
             await asyncio.sleep(0.2)
         log.info("service.drained", calls=len(self.agent.calls))
+
+    def _usable_codecs(self) -> tuple[str, ...]:
+        """The configured codecs whose libraries load here (Opus needs libopus)."""
+        usable = tuple(name for name in self.config.media.codecs if codec_available(name))
+        for name in self.config.media.codecs:
+            if name not in usable:
+                log.warning("media.codec_unavailable", codec=name)
+        if not usable:
+            raise MediaError("none of the configured codecs can be used")
+        return usable
 
     async def stop(self) -> None:
         for task in self._background:
@@ -305,7 +319,9 @@ class VoiceLine:
             _start_media(leg, call)
         self._quiet_since[call] = asyncio.get_running_loop().time()
         leg.set_sending(not call.on_hold)
-        self.pool(call.line).join(CallerLeg(call, leg), held=call.on_hold)
+        pool = self.pool(call.line)
+        pool.join(CallerLeg(call, leg), held=call.on_hold)
+        leg.on_digit = functools.partial(pool.digit, call.id)
 
     def call_media_changed(self, call: Call) -> None:
         leg = self._legs.get(call)
@@ -322,6 +338,7 @@ class VoiceLine:
             self.pool(call.line).resume(call.id)
 
     def call_dtmf(self, call: Call, digit: str) -> None:
+        """A digit from SIP INFO (the user agent's side); RTP digits come through `MediaLeg.on_digit`."""
         self.pool(call.line).digit(call.id, digit)
 
     def call_ended(self, call: Call) -> None:
@@ -329,6 +346,7 @@ class VoiceLine:
         leg = self._legs.pop(call, None)
         if leg is not None:
             leg.close()
+            log.info("call.media_stats", call=call.id, **asdict(leg.stats()))
         summary = self.pool(call.line).leave(call.id)
         if summary is not None and self.storage is not None:
             self._write(
@@ -356,6 +374,8 @@ def _start_media(leg: MediaLeg, call: Call) -> None:
     audio = call.audio
     assert audio is not None
     leg.start((audio.remote_host, audio.remote_port), audio.codec, audio.payload_type, audio.telephone_event_pt)
+
+
 def overload_limits(sip: SipConfig) -> OverloadLimits:
     return OverloadLimits(
         rates={

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from voiceline.sip.overload import SCANNER_USER_AGENTS
+from voiceline.sip.sdp import CODEC_NAMES
 from voiceline.sip.trunks import Line, Trunk, TrunkError
 
 
@@ -101,9 +102,10 @@ class SipConfig:
 @dataclass(frozen=True)
 class MediaConfig:
     rtp_ports: str = "20000-29999"
-    codecs: tuple[str, ...] = ("PCMU", "PCMA")
+    codecs: tuple[str, ...] = CODEC_NAMES  # Opus needs libopus at run time
     hold_audio: str = ""
     inactivity_timeout: float = 60.0
+    inband_dtmf: bool = True
 
     @property
     def port_range(self) -> tuple[int, int]:
@@ -157,9 +159,9 @@ class Config:
             raise ConfigError("sip.drain_timeout: must be positive")
         if not 1024 <= self.sip.max_message_size <= 1 << 20:
             raise ConfigError("sip.max_message_size: must be between 1024 and 1048576")
-        unknown = [c for c in self.media.codecs if c not in ("PCMU", "PCMA")]
+        unknown = [c for c in self.media.codecs if c not in CODEC_NAMES]
         if unknown or not self.media.codecs:
-            raise ConfigError("media.codecs: choose from PCMU, PCMA")
+            raise ConfigError(f"media.codecs: choose from {', '.join(CODEC_NAMES)}")
         if self.media.hold_audio and not Path(self.media.hold_audio).is_file():
             raise ConfigError("media.hold_audio: file not found")
         if self.sip.max_calls < 1:

@@ -22,6 +22,7 @@ from voiceline import config as config_module
 from voiceline.config import Config, ConfigError
 from voiceline.provisioning import Provisioning, ProvisioningError, TrunkChanges
 from voiceline.sip.message import Headers, SipRequest, SipResponse
+from voiceline.sip.sdp import CODEC_NAMES
 from voiceline.sip.transaction import Timers, new_branch
 from voiceline.sip.transport import open_udp
 from voiceline.sip.trunks import Trunk, parse_source
@@ -79,7 +80,7 @@ def _trunk_options(p: argparse.ArgumentParser, adding: bool) -> None:
     p.add_argument("--register-realm", help="expected registrar realm (default: whatever it challenges with)")
     p.add_argument("--expiry", type=int, help="requested registration expiry, seconds (default 3600)")
     p.add_argument("--contact-user", help="user part of our Contact (default: the registration user name)")
-    p.add_argument("--codec", action="append", choices=("PCMU", "PCMA"), help="allowed codec; repeat (default: all)")
+    p.add_argument("--codec", action="append", choices=CODEC_NAMES, help="allowed codec; repeat (default: all)")
     p.add_argument("--max-calls", type=int, help="concurrent calls from this trunk (0: no limit)")
     if adding:
         p.add_argument("--disabled", action="store_true", help="add it disabled")

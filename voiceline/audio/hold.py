@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voiceline.audio.g711 import encoder
+from voiceline.audio.codecs import Resampler, lookup, new_coder
 
 SAMPLE_RATE = 8000
 CYCLE_SECONDS = 3.0
@@ -93,10 +93,16 @@ def load_wav(path: str | Path) -> np.ndarray:
     return np.clip(np.rint(mono), -32768, 32767).astype(np.int16)
 
 
-def encode_frames(pcm: np.ndarray, codec: str, samples_per_frame: int = 160) -> list[bytes]:
-    """`pcm` as encoded payloads of `samples_per_frame` samples each, the last padded with silence."""
-    frames = -(-len(pcm) // samples_per_frame)
-    padded = np.zeros(frames * samples_per_frame, dtype=np.int16)
+def encode_frames(pcm: np.ndarray, codec: str, samples_per_frame: int | None = None) -> list[bytes]:
+    """8 kHz `pcm` as payloads of `codec` (resampled to its rate), `samples_per_frame` 8 kHz samples
+    each (default 20 ms), the last padded with silence. One coder encodes them in sequence, so the
+    frames play back to back."""
+    spec = lookup(codec)
+    size = (samples_per_frame or SAMPLE_RATE // 50) * spec.rate // SAMPLE_RATE
+    if spec.rate != SAMPLE_RATE:
+        pcm = Resampler(SAMPLE_RATE, spec.rate).process(pcm)
+    frames = -(-len(pcm) // size)
+    padded = np.zeros(frames * size, dtype=np.int16)
     padded[: len(pcm)] = pcm
-    data = encoder(codec)(padded)  # G.711: one byte per sample
-    return [data[i : i + samples_per_frame] for i in range(0, len(data), samples_per_frame)]
+    coder = new_coder(spec.name)
+    return [coder.encode(padded[i : i + size]) for i in range(0, len(padded), size)]

@@ -117,6 +117,11 @@ class OutboundStream:
         self._sequence_shift = 0
         self._timestamp_shift = 0
 
+    @property
+    def timestamp(self) -> int:
+        """The RTP timestamp of the newest packet sent (for RTCP sender reports)."""
+        return self._timestamp
+
     def source_changed(self) -> None:
         """The next packet comes from a new source: continue from our last one and set the marker."""
         self._changed = True

@@ -3,6 +3,11 @@
 A caller's session moves waiting -> talking -> waiting ... -> ended. The
 coordinator tells each participant what to hear (hold audio or a partner)
 and keeps only anonymous durations, handed back when the caller leaves.
+
+Keys mean one thing: `#` while talking asks for someone else. Both callers
+go back to waiting, and the two are not paired with each other again for
+the rest of these calls while anyone else can be paired with either (the
+call ids they skipped live in memory with the sessions, nothing else).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
@@ -18,6 +23,9 @@ import structlog
 from voiceline.pairing.pool import Pool
 
 log = structlog.get_logger("voiceline.pairing")
+
+NEXT_PARTNER_KEY = "#"
+MAX_SKIPPED = 32  # skipped partners remembered per call; the oldest is forgotten first
 
 
 class Participant(Protocol):
@@ -47,6 +55,10 @@ class Session:
     talked: float = 0.0
     partners: int = 0
     held: bool = False  # the caller put us on hold: we send it nothing and pair it with nobody new
+    skipped: list[str] = field(default_factory=list)  # call ids not to be paired with again
+
+    def may_pair(self, other: Session) -> bool:
+        return other.participant.id not in self.skipped and self.participant.id not in other.skipped
 
     def enter(self, phase: Phase, now: float) -> None:
         elapsed = now - self.since
@@ -137,16 +149,26 @@ class PairingService:
             partner.participant.hear(session.participant)
 
     def digit(self, participant_id: str, digit: str) -> None:
-        """A DTMF digit from the caller. No feature uses digits yet; the digit itself is not logged."""
-        if participant_id in self._sessions:
-            log.info("pairing.digit", call=participant_id)
+        """A key the caller pressed (RFC 4733, in-band or SIP INFO). Digits are never logged."""
+        session = self._sessions.get(participant_id)
+        if session is None or digit != NEXT_PARTNER_KEY or session.partner is None:
+            return
+        partner = session.partner
+        for one, other in ((session, partner), (partner, session)):
+            one.partner = None
+            one.skipped.append(other.participant.id)
+            del one.skipped[:-MAX_SKIPPED]
+        log.info("pairing.next_partner_requested", call=participant_id)
+        # The one who asked meets the longest waiter first.
+        self._wait(session)
+        self._wait(partner)
 
     def _wait(self, session: Session) -> None:
         now = self._clock()
         session.enter(Phase.WAITING, now)
         if session.held:
             return  # back in the pool on resume
-        partner = self._pool.add(session, now)
+        partner = self._pool.add(session, now, session.may_pair)
         if partner is None:
             session.participant.hear_hold()
             log.info("pairing.waiting", call=session.participant.id, waiting=len(self._pool))

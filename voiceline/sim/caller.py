@@ -34,6 +34,7 @@ import pjsua2 as pj
 
 from voiceline.sim.analysis import goertzel_db, read_wav, rms_dbfs_windows
 from voiceline.sim.runner import (
+    CALLER_CODECS,
     DTMF_DELAY_SECONDS,
     MAX_CALLS_PER_WORKER,
     CallReport,
@@ -42,7 +43,6 @@ from voiceline.sim.runner import (
     hz_key,
 )
 
-CLOCK_RATE = 8000
 # A recorder's WAV header is final only after deletion plus a bridge tick (~300 ms).
 RECORDING_SETTLE_SECONDS = 0.5
 # After hanging up at the deadline, how long to wait for the disconnect before dropping the call.
@@ -53,7 +53,7 @@ SHUTDOWN_PUMP_SECONDS = 0.3
 TONE_SEGMENT_MS = 30000
 EVENT_POLL_MS = 10
 DISPLAY_NAME = "voiceline sim"
-KEPT_CODECS = {"PCMU/8000/1": 200, "PCMA/8000/1": 190}
+KEPT_CODEC_PRIORITY = 200  # the first kept codec; each next one a step lower
 PJ_LOG_LEVEL = 1  # errors only
 REDACTED = "<caller>"
 SIP_TRANSPORTS = {"udp": pj.PJSIP_TRANSPORT_UDP, "tcp": pj.PJSIP_TRANSPORT_TCP, "tls": pj.PJSIP_TRANSPORT_TLS}
@@ -230,8 +230,9 @@ class CallerWorker:
         # libDestroy deletes the writer itself: hand it over so Python does not delete it twice.
         log_writer.__disown__()
         config.logConfig.writer = log_writer
-        config.medConfig.clockRate = CLOCK_RATE
-        config.medConfig.sndClockRate = CLOCK_RATE
+        kept, clock_rate = CALLER_CODECS[self._job.codec]
+        config.medConfig.clockRate = clock_rate
+        config.medConfig.sndClockRate = clock_rate
         config.medConfig.ecTailLen = 0
         config.medConfig.noVad = True
         endpoint.libInit(config)
@@ -241,8 +242,9 @@ class CallerWorker:
             for name in {leg.spec.transport for leg in self._legs}
         }
         endpoint.libStart()
+        priorities = {codec_id: KEPT_CODEC_PRIORITY - 10 * rank for rank, codec_id in enumerate(kept)}
         for codec in endpoint.codecEnum2():
-            endpoint.codecSetPriority(codec.codecId, KEPT_CODECS.get(codec.codecId, 0))
+            endpoint.codecSetPriority(codec.codecId, priorities.get(codec.codecId, 0))
         for user, name in {(leg.spec.from_user, leg.spec.transport) for leg in self._legs}:
             self._accounts[(user, name)] = self._create_account(user, transport_ids[name])
         for leg in self._legs:
@@ -367,8 +369,7 @@ class CallerWorker:
             leg.tone = self._start_tone(leg.spec.tone_hz)
             leg.tone.startTransmit(audio)
 
-    @staticmethod
-    def _start_tone(hz: float) -> pj.ToneGenerator:
+    def _start_tone(self, hz: float) -> pj.ToneGenerator:
         tone = pj.ToneDesc()
         tone.freq1 = round(hz)
         tone.freq2 = 0
@@ -377,7 +378,7 @@ class CallerWorker:
         tones = pj.ToneDescVector()
         tones.append(tone)
         generator = pj.ToneGenerator()
-        generator.createToneGenerator(CLOCK_RATE, 1)
+        generator.createToneGenerator(CALLER_CODECS[self._job.codec][1], 1)
         generator.play(tones, True)
         return generator
 

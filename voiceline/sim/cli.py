@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from voiceline.sim.runner import TRANSPORTS, CallSpec, run_calls
+from voiceline.sim.runner import CALLER_CODECS, TRANSPORTS, CallSpec, run_calls
 
 INSTALL_HINT = "voiceline sim needs pjsua2: install with pip install 'voiceline[sim]'"
 # Beyond the last call's planned end: ringing, answer delay and teardown.
@@ -60,6 +60,13 @@ def add_sim_parser(subparsers: "argparse._SubParsersAction[Any]") -> argparse.Ar
         "--tls-ca-file", default="", metavar="PEM", help="with --transport tls: verify the server against this CA"
     )
     call.add_argument(
+        "--codec",
+        nargs="+",
+        choices=list(CALLER_CODECS),
+        default=["G711"],
+        help="the one codec call i offers, cycling (default G711: PCMU and PCMA)",
+    )
+    call.add_argument(
         "--record-dir", type=Path, metavar="DIR", help="where to keep recordings (default: a new temporary directory)"
     )
     return sim
@@ -73,6 +80,7 @@ def build_specs(args: argparse.Namespace) -> list[CallSpec]:
         raise ValueError("--stagger must not be negative")
     tones = itertools.cycle(args.tone or [None])
     users = itertools.cycle(args.from_users or ["anonymous"])
+    codecs = itertools.cycle(args.codec)
     return [
         CallSpec(
             args.target,
@@ -82,6 +90,7 @@ def build_specs(args: argparse.Namespace) -> list[CallSpec]:
             start_after=index * args.stagger,
             dtmf=args.dtmf,
             transport=args.transport,
+            codec=next(codecs),
         )
         for index in range(args.calls)
     ]

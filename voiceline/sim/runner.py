@@ -1,7 +1,8 @@
 """Run simulated calls: specs in, reports out, across pjsua2 worker processes.
 
-pjsua2 holds at most 4 calls per process, so a batch is split into groups of
-4 and each group runs in its own `python -m voiceline.sim.caller` process. All
+pjsua2 holds at most 4 calls per process, and codec priorities are per
+process too, so a batch is grouped by codec, split into groups of 4, and
+each group runs in its own `python -m voiceline.sim.caller` process. All
 workers share one absolute batch start time (`time.time()`), so `start_after`
 and the report timestamps mean the same thing in every process.
 
@@ -28,8 +29,14 @@ MAX_CALLS_PER_WORKER = 4
 # SIP transports a simulated caller can use; the target URI should name the same
 # (`;transport=tcp` or `;transport=tls`, see VoicelineServer.uri).
 TRANSPORTS = ("udp", "tcp", "tls")
-# Nyquist limit of the 8 kHz telephone clock.
-MAX_TONE_HZ = 4000.0
+# What a simulated caller may offer: pjsua2 codec ids (the rest are disabled) and the clock its
+# audio runs at. "G711" offers both laws, as a PSTN trunk would.
+CALLER_CODECS: dict[str, tuple[tuple[str, ...], int]] = {
+    "G711": (("PCMU/8000/1", "PCMA/8000/1"), 8000),
+    "PCMU": (("PCMU/8000/1",), 8000),
+    "PCMA": (("PCMA/8000/1",), 8000),
+    "G722": (("G722/16000/1",), 16000),
+}
 # DTMF goes out this long after connect, once the media path has settled.
 DTMF_DELAY_SECONDS = 1.0
 WORKER_MODULE = "voiceline.sim.caller"
@@ -68,6 +75,8 @@ class CallSpec:
     # (hold_at, resume_at): seconds after connect to put the call on hold (re-INVITE with
     # sendonly) and to resume it (re-INVITE with sendrecv).
     hold: tuple[float, float] | None = None
+    # The only codec offered (a key of CALLER_CODECS); the tone must fit its clock.
+    codec: str = "G711"
 
     def __post_init__(self) -> None:
         if not self.target.startswith("sip:"):
@@ -75,8 +84,11 @@ class CallSpec:
         _check_loopback_target(self.target)
         if self.seconds < 0 or self.start_after < 0:
             raise ValueError("seconds and start_after must not be negative")
-        if self.tone_hz is not None and not 0 < self.tone_hz < MAX_TONE_HZ:
-            raise ValueError(f"tone_hz must lie between 0 and {MAX_TONE_HZ:g} Hz, got {self.tone_hz:g}")
+        if self.codec not in CALLER_CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CALLER_CODECS)}, got {self.codec!r}")
+        nyquist = CALLER_CODECS[self.codec][1] / 2
+        if self.tone_hz is not None and not 0 < self.tone_hz < nyquist:
+            raise ValueError(f"tone_hz must lie between 0 and {nyquist:g} Hz for {self.codec}, got {self.tone_hz:g}")
         # Deliberately no value in this message: from_user is the caller's identity.
         if not _SIP_USER.fullmatch(self.from_user):
             raise ValueError("from_user must be a non-empty SIP user part (letters, digits, +-_.!~*'()&=$,;?/)")
@@ -151,7 +163,8 @@ class WorkerJob:
     bind_host: str
     record_dir: str
     analyse_hz: tuple[float, ...]
-    calls: tuple[tuple[int, CallSpec], ...]
+    calls: tuple[tuple[int, CallSpec], ...]  # all in one codec
+    codec: str = "G711"
     # PEM CA bundle that TLS callers verify the server with; empty: no verification.
     tls_ca_file: str = ""
 
@@ -192,7 +205,9 @@ def run_calls(
         analyse_hz = sorted({spec.tone_hz for spec in specs if spec.tone_hz is not None})
     now = time.time()
     deadline = time.monotonic() + timeout
-    indexed = list(enumerate(specs))
+    by_codec: dict[str, list[tuple[int, CallSpec]]] = {}
+    for index, spec in enumerate(specs):
+        by_codec.setdefault(spec.codec, []).append((index, spec))
     jobs = [
         WorkerJob(
             batch_start=now + WORKER_STARTUP_SECONDS,
@@ -201,8 +216,10 @@ def run_calls(
             record_dir=str(record_dir.resolve()),
             analyse_hz=tuple(analyse_hz),
             calls=tuple(indexed[first : first + MAX_CALLS_PER_WORKER]),
+            codec=codec,
             tls_ca_file=str(Path(tls_ca_file).resolve()) if tls_ca_file else "",
         )
+        for codec, indexed in by_codec.items()
         for first in range(0, len(indexed), MAX_CALLS_PER_WORKER)
     ]
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="sim-worker") as pool:

@@ -13,11 +13,17 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from voiceline.sip.sdp import NegotiatedAudio, SessionDescription, build_answer, negotiate, parse_sdp
+from voiceline.sip.sdp import (
+    OFFER_PAYLOAD_TYPES,
+    NegotiatedAudio,
+    SessionDescription,
+    build_answer,
+    codec_attributes,
+    negotiate,
+    parse_sdp,
+)
 
-# Static payload types of the codecs we offer (RFC 3551), and our telephone-event type.
-_PAYLOAD_TYPES = {"PCMU": 0, "PCMA": 8}
-_TELEPHONE_EVENT_PT = 101
+_TELEPHONE_EVENT_PT = 101  # the telephone-event payload type we offer
 ON_HOLD_DIRECTIONS = ("recvonly", "inactive")  # the peer sent sendonly or inactive: it put us on hold
 
 
@@ -70,8 +76,8 @@ class OfferAnswer:
             "s=voiceline",
             f"c=IN {family} {self.host}",
             "t=0 0",
-            f"m=audio {self.local_port} RTP/AVP {' '.join(str(_PAYLOAD_TYPES[c]) for c in codecs)} {_TELEPHONE_EVENT_PT}",
-            *(f"a=rtpmap:{_PAYLOAD_TYPES[codec]} {codec}/8000" for codec in codecs),
+            f"m=audio {self.local_port} RTP/AVP {' '.join(str(OFFER_PAYLOAD_TYPES[c]) for c in codecs)} {_TELEPHONE_EVENT_PT}",
+            *(line for codec in codecs for line in codec_attributes(codec, OFFER_PAYLOAD_TYPES[codec])),
             f"a=rtpmap:{_TELEPHONE_EVENT_PT} telephone-event/8000",
             f"a=fmtp:{_TELEPHONE_EVENT_PT} 0-16",
             "a=ptime:20",

@@ -1,6 +1,6 @@
 """SDP (RFC 4566) parsing and the offer/answer exchange (RFC 3264).
 
-We accept one audio stream in G.711 (PCMU or PCMA), with RFC 4733
+We accept one audio stream in PCMU, PCMA, G.722 or Opus, with RFC 4733
 telephone-event when offered, and decline every other stream with port 0.
 Errors carry fixed texts only: an SDP names the caller's addresses.
 """
@@ -52,7 +52,15 @@ class NegotiatedAudio:
 
 
 _RTP_PROFILES = ("RTP/AVP", "RTP/AVPF")
-_STATIC_PAYLOADS = {"0": "PCMU", "8": "PCMA"}
+_STATIC_PAYLOADS = {"0": "PCMU", "8": "PCMA", "9": "G722"}
+# The rtpmap each codec name must carry: "RATE/CHANNELS" (RFC 3551; G.722 keeps an 8000 clock
+# for 16 kHz audio; RFC 7587 writes Opus as 48000/2 whatever it carries).
+_RTPMAP_CLOCKS = {"PCMU": "8000/1", "PCMA": "8000/1", "G722": "8000/1", "OPUS": "48000/2"}
+# The codecs we know, and the payload types we offer them as: static ones (RFC 3551), a dynamic one for Opus.
+OFFER_PAYLOAD_TYPES = {"PCMU": 0, "PCMA": 8, "G722": 9, "OPUS": 111}
+CODEC_NAMES = tuple(OFFER_PAYLOAD_TYPES)
+# What our SDP says of each codec beyond its rtpmap: we decode Opus at 16 kHz, mono.
+_FMTP = {"OPUS": "maxplaybackrate=16000;sprop-maxcapturerate=16000;stereo=0;sprop-stereo=0"}
 _TELEPHONE_EVENT = "TELEPHONE-EVENT/8000"
 # Our direction in the answer, by the offer's direction.
 _MIRRORED = {"sendrecv": "sendrecv", "sendonly": "recvonly", "recvonly": "sendonly", "inactive": "inactive"}
@@ -156,7 +164,7 @@ def _rtpmaps(media: MediaDescription) -> dict[str, str]:
 
 
 def _codec(fmt: str, encodings: dict[str, str]) -> str | None:
-    """The G.711-style codec name of an 8 kHz mono payload type, else None."""
+    """The codec name of a payload type whose rtpmap (or static meaning) is one we know, else None."""
     payload_type = _number(fmt, 3)
     if payload_type is None or payload_type > 127:
         return None
@@ -165,7 +173,7 @@ def _codec(fmt: str, encodings: dict[str, str]) -> str | None:
         return _STATIC_PAYLOADS.get(fmt)
     name, _, rest = encoding.partition("/")
     rate, _, channels = rest.partition("/")
-    return name if rate == "8000" and channels in ("", "1") else None
+    return name if _RTPMAP_CLOCKS.get(name) == f"{rate}/{channels or '1'}" else None
 
 
 def _direction(attributes: list[tuple[str, str | None]]) -> str | None:
@@ -218,10 +226,20 @@ def build_answer(
     return "".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape")
 
 
+def codec_attributes(codec: str, payload_type: int) -> list[str]:
+    """The a=rtpmap line (and a=fmtp, if any) that describe `codec` as `payload_type`."""
+    clock = _RTPMAP_CLOCKS[codec].removesuffix("/1")
+    name = "opus" if codec == "OPUS" else codec  # RFC 7587 spells it in lower case
+    attributes = [f"a=rtpmap:{payload_type} {name}/{clock}"]
+    if codec in _FMTP:
+        attributes.append(f"a=fmtp:{payload_type} {_FMTP[codec]}")
+    return attributes
+
+
 def _answer_audio(audio: NegotiatedAudio, local_port: int, proto: str) -> list[str]:
     """The accepted stream, in the offer's RTP profile (RFC 3264 6.1 keeps the transport)."""
     payload_types = [str(audio.payload_type)]
-    attributes = [f"a=rtpmap:{audio.payload_type} {audio.codec}/8000"]
+    attributes = codec_attributes(audio.codec, audio.payload_type)
     if audio.telephone_event_pt is not None:
         payload_types.append(str(audio.telephone_event_pt))
         attributes.append(f"a=rtpmap:{audio.telephone_event_pt} telephone-event/8000")

@@ -21,11 +21,11 @@ import structlog
 
 from voiceline.sip.auth import ALGORITHMS, DigestServer, Verdict
 from voiceline.sip.message import SipParseError, SipRequest, parse_uri, parse_via
+from voiceline.sip.sdp import CODEC_NAMES
 
 log = structlog.get_logger("voiceline.sip.trunks")
 
 TRANSPORTS = ("udp", "tcp", "tls")
-CODECS = ("PCMU", "PCMA")
 ANY_NUMBER = "*"
 # Unknown sources are logged at most once per this many seconds (with the count since).
 UNKNOWN_SOURCE_LOG_SECONDS = 10.0
@@ -125,8 +125,8 @@ class Trunk:
             raise TrunkError("realm must be a non-empty string without quotes or backslashes")
         if not self.auth_algorithms or any(a not in ALGORITHMS for a in self.auth_algorithms):
             raise TrunkError(f"auth_algorithms must be among {', '.join(ALGORITHMS)}")
-        if any(c not in CODECS for c in self.codecs):
-            raise TrunkError(f"codecs must be among {', '.join(CODECS)}")
+        if any(c not in CODEC_NAMES for c in self.codecs):
+            raise TrunkError(f"codecs must be among {', '.join(CODEC_NAMES)}")
         if not 0 <= self.max_calls <= 100000:
             raise TrunkError("max_calls must be between 0 (no limit) and 100000")
         if not self.sources and self.registration is None:

@@ -1,0 +1,129 @@
+"""DTMF digits from a media leg: RFC 4733 telephone-events and in-band tones (Goertzel).
+
+Sans-I/O: both detectors are fed payloads or PCM frames and return a digit
+(or None); the leg decides what to do with it. Neither keeps anything but
+the state needed to report each key press once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# RFC 4733 section 3.2: events 0-15 are the DTMF keys in this order.
+EVENT_DIGITS = "0123456789*#ABCD"
+DIGITS = frozenset(EVENT_DIGITS)
+_END_BIT = 0x80
+
+ROW_HZ = (697.0, 770.0, 852.0, 941.0)
+COLUMN_HZ = (1209.0, 1336.0, 1477.0, 1633.0)
+KEYPAD = ("123A", "456B", "789C", "*0#D")  # KEYPAD[row][column]
+
+# Detection thresholds (after ITU-T Q.24 in spirit, tuned for 20 ms frames).
+MIN_TONE_AMPLITUDE = 300.0  # each tone's peak, of 32767: about -40 dBFS
+MAX_TWIST_DB = 8.0  # row and column levels may differ this much either way
+MIN_TONE_SHARE = 0.7  # the two tones carry at least this share of the frame's energy
+MIN_PEAK_RATIO_DB = 6.0  # the strongest row (column) over the next strongest
+CONFIRM_FRAMES = 2  # frames in a row with the same digit before it counts (40 ms)
+RELEASE_FRAMES = 2  # frames without it before the same key can count again
+_MAX_TWIST = 10 ** (MAX_TWIST_DB / 10)
+_PEAK_RATIO = 10 ** (MIN_PEAK_RATIO_DB / 10)
+
+
+class TelephoneEventReceiver:
+    """RFC 4733 events to digits, one per key press.
+
+    Every packet of one event carries the event's start timestamp (the end
+    packet is sent three times), so a digit is reported at the first packet
+    seen with a new timestamp; a lost start packet only delays it to the next.
+    """
+
+    def __init__(self) -> None:
+        self._last_timestamp: int | None = None
+
+    def feed(self, payload: bytes, timestamp: int) -> str | None:
+        """The digit this packet starts, or None (a repeat, an end, a non-DTMF event or junk)."""
+        if len(payload) < 4 or payload[0] >= len(EVENT_DIGITS):
+            return None
+        if timestamp == self._last_timestamp:
+            return None
+        self._last_timestamp = timestamp
+        return EVENT_DIGITS[payload[0]]
+
+
+def _probe_matrix(rate: int, samples: int) -> np.ndarray:
+    """Cosine and sine rows at the eight DTMF frequencies: a DFT term per frequency in one matmul."""
+    t = np.arange(samples) / rate
+    freqs = np.array(ROW_HZ + COLUMN_HZ)[:, None]
+    return np.vstack([np.cos(2 * np.pi * freqs * t), np.sin(2 * np.pi * freqs * t)])
+
+
+class ToneDetector:
+    """In-band DTMF on frames of decoded PCM, one digit per key press.
+
+    Each frame is measured at the eight DTMF frequencies (the Goertzel term,
+    evaluated for all eight in one matrix product). A frame holds a digit when
+    one row and one column tone are loud enough, together carry most of the
+    frame's energy (speech and music spread theirs), stand clear of their
+    neighbours, and are within the allowed twist of each other. The cheap
+    tests come first: this runs on every received frame of such a leg.
+    """
+
+    def __init__(self, rate: int = 8000, frame_samples: int | None = None) -> None:
+        self.rate = rate
+        self.frame_samples = frame_samples or rate // 50
+        self._probes: dict[int, tuple[np.ndarray, float]] = {}  # by frame length (ptime)
+        self._candidate: str | None = None
+        self._count = 0
+        self._reported: str | None = None
+        self._absent = 0
+
+    def _probe(self, samples: int) -> tuple[np.ndarray, float]:
+        """The probe matrix for frames of `samples`, and the least power of a loud enough tone."""
+        probe = self._probes.get(samples)
+        if probe is None:
+            # |DFT term|^2 of a sine of amplitude A over n samples is (A n / 2)^2.
+            probe = _probe_matrix(self.rate, samples), (MIN_TONE_AMPLITUDE * samples / 2) ** 2
+            self._probes[samples] = probe
+        return probe
+
+    def frame_digit(self, pcm: np.ndarray) -> str | None:
+        """The digit this one frame holds, without debouncing (for muting it)."""
+        size = len(pcm)
+        if size < self.rate // 100 or size > self.rate // 10:  # 10-100 ms frames
+            return None
+        matrix, min_power = self._probe(size)
+        samples = pcm.astype(np.float64)
+        terms = matrix @ samples
+        power = (terms[:8] ** 2 + terms[8:] ** 2).tolist()
+        rows, columns = power[:4], power[4:]
+        row_power, column_power = max(rows), max(columns)
+        if row_power < min_power or column_power < min_power:
+            return None
+        # A tone's energy over the frame is 2 |term|^2 / n.
+        if 2 * (row_power + column_power) / size < MIN_TONE_SHARE * float(samples @ samples):
+            return None
+        twist = row_power / column_power
+        if twist > _MAX_TWIST or twist < 1 / _MAX_TWIST:
+            return None
+        if sorted(rows)[-2] * _PEAK_RATIO > row_power or sorted(columns)[-2] * _PEAK_RATIO > column_power:
+            return None
+        return KEYPAD[rows.index(row_power)][columns.index(column_power)]
+
+    def feed(self, pcm: np.ndarray) -> tuple[str | None, bool]:
+        """(the digit a key press completes with this frame or None, whether the frame holds DTMF)."""
+        digit = self.frame_digit(pcm)
+        if digit is None or digit != self._candidate:
+            self._candidate, self._count = digit, 0
+        if digit is not None:
+            self._count += 1
+        if digit == self._reported and digit is not None:
+            self._absent = 0
+            return None, True
+        self._absent += 1
+        if self._reported is not None and self._absent >= RELEASE_FRAMES:
+            self._reported = None
+        if digit is not None and self._count >= CONFIRM_FRAMES and self._reported is None:
+            self._reported = digit
+            self._absent = 0
+            return digit, True
+        return None, digit is not None
