@@ -31,7 +31,7 @@ from voiceline.sip.message import SipParseError, SipRequest, parse_message
 SLOTS = 20  # 1 ms slots per 20 ms frame
 SLOT_SECONDS = 0.001
 RTP_HEADER_SIZE = 12  # the server relays with a plain fixed header
-LATE_SECONDS = 0.002  # a slot sent later than this counts as late (the generator fell behind)
+LATE_SECONDS = 0.003  # slots due longer ago than this are skipped (the generator fell behind)
 GRACE_SECONDS = 0.3  # after a window closes, how long its last packets may still arrive
 HEAR_TIMEOUT_SECONDS = 10.0  # how long an answered leg may wait to hear its partner
 HOUSEKEEPING_SECONDS = 0.05  # SIP retransmissions and command deadlines
@@ -125,9 +125,14 @@ class Generator:
         while self._running:
             now = time.monotonic()
             due = start + tick * SLOT_SECONDS
+            if now - due > LATE_SECONDS:
+                # Fallen behind (descheduled): drop the missed frames rather than send them in
+                # a burst no real phone would, which would measure our stall, not the server.
+                late = int((now - due) / SLOT_SECONDS)
+                self._late_slots += late
+                tick += late
+                due += late * SLOT_SECONDS
             while due <= now:
-                if now - due > LATE_SECONDS:
-                    self._late_slots += 1
                 self._send_slot(self._slots[tick % SLOTS])
                 tick += 1
                 due += SLOT_SECONDS
