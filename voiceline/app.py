@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -125,8 +127,23 @@ class VoiceLine:
             write.add_done_callback(self._writes.discard)
 
 
+def tune_process(realtime_priority: int) -> None:
+    """Room for every call's sockets (two per leg), and real-time scheduling when configured."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if realtime_priority:
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(realtime_priority))
+        except OSError as exc:
+            log.warning("process.realtime_unavailable", priority=realtime_priority, error=exc.strerror)
+        else:
+            log.info("process.realtime", policy="SCHED_RR", priority=realtime_priority)
+
+
 async def serve(config: Config) -> int:
     """Run until SIGINT/SIGTERM; then BYE every call and exit 0."""
+    tune_process(config.media.realtime_priority)
     app = VoiceLine(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -67,6 +67,7 @@ class MediaConfig:
     rtp_ports: str = "20000-29999"
     codecs: tuple[str, ...] = ("PCMU", "PCMA")
     hold_audio: str = ""
+    realtime_priority: int = 0
 
     @property
     def port_range(self) -> tuple[int, int]:
@@ -111,6 +112,8 @@ class Config:
             raise ConfigError("media.codecs: choose from PCMU, PCMA")
         if self.media.hold_audio and not Path(self.media.hold_audio).is_file():
             raise ConfigError("media.hold_audio: file not found")
+        if not 0 <= self.media.realtime_priority <= 99:
+            raise ConfigError("media.realtime_priority: must be between 0 (off) and 99")
         if self.log.format not in ("console", "json"):
             raise ConfigError("log.format: must be 'console' or 'json'")
         if self.log.level not in ("debug", "info", "warning", "error"):

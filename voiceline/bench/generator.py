@@ -14,6 +14,7 @@ The process is driven by commands from the bench runner over a pipe:
 
 from __future__ import annotations
 
+import os
 import resource
 import secrets
 import select
@@ -349,7 +350,14 @@ class Generator:
         self._poll.close()
 
 
-def generator_main(control: Connection, server: tuple[str, int], host: str, first_leg_id: int) -> None:
+def generator_main(
+    control: Connection, server: tuple[str, int], host: str, first_leg_id: int, realtime_priority: int
+) -> None:
     """Entry point of a generator process."""
     raise_open_file_limit()
+    if realtime_priority:  # the server's priority, so neither starves the other; the runner reports the policy
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(realtime_priority))
+        except OSError:
+            pass
     Generator(control, server, host, first_leg_id).run()

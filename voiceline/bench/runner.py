@@ -51,6 +51,7 @@ class BenchOptions:
     hold_seconds: float = 8.0
     workers: int = 2
     host: str = LOOPBACK
+    realtime_priority: int = 0  # SCHED_RR for the server and the generator; 0: normal scheduling
 
 
 def cpu_seconds(pid: int) -> float:
@@ -74,14 +75,15 @@ def rss_mb(pid: int) -> float:
 class _Workers:
     """The generator processes and their command pipes."""
 
-    def __init__(self, count: int, server: tuple[str, int], host: str) -> None:
+    def __init__(self, count: int, server: tuple[str, int], host: str, realtime_priority: int) -> None:
         context = multiprocessing.get_context("fork")
         self.pipes: list[Connection] = []
         self.processes: list[multiprocessing.process.BaseProcess] = []
         for index in range(count):
             ours, theirs = context.Pipe()
             process = context.Process(
-                target=generator_main, args=(theirs, server, host, 1 + index * LEG_IDS_PER_WORKER), daemon=True
+                target=generator_main, args=(theirs, server, host, 1 + index * LEG_IDS_PER_WORKER, realtime_priority),
+                daemon=True,
             )
             process.start()
             theirs.close()
@@ -129,10 +131,13 @@ def run_levels(
     server_pid: int | None,
     options: BenchOptions,
     report: Callable[[LevelResult], None] = lambda result: None,
+    on_workers: Callable[[list[int]], None] = lambda pids: None,
 ) -> list[LevelResult]:
     """Ramp through `options.levels` (pair counts, ascending) against a running server."""
     raise_open_file_limit()
-    workers = _Workers(options.workers, server, options.host)
+    workers = _Workers(options.workers, server, options.host, options.realtime_priority)
+    time.sleep(0.2)  # let the generator processes set themselves up
+    on_workers(workers.pids)
     results: list[LevelResult] = []
     pairs = 0
     try:
@@ -204,13 +209,15 @@ def _free_udp_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def start_server(directory: Path, rtp_ports: str, host: str = LOOPBACK) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_server(
+    directory: Path, rtp_ports: str, host: str = LOOPBACK, realtime_priority: int = 0
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     """`voiceline serve` on loopback, answering at once; returns it once it listens."""
     port = _free_udp_port(host)
     config = directory / "voiceline.toml"
     config.write_text(
         f'[sip]\nlisten = "{host}:{port}"\npublic_address = "{host}"\nanswer_delay = 0.0\n\n'
-        f'[media]\nrtp_ports = "{rtp_ports}"\n\n'
+        f'[media]\nrtp_ports = "{rtp_ports}"\nrealtime_priority = {realtime_priority}\n\n'
         f'[storage]\ndata_dir = "{directory / "data"}"\n\n'
         '[log]\nformat = "json"\nlevel = "info"\n',
         encoding="utf-8",
@@ -251,13 +258,14 @@ _COLUMNS = (
 )
 
 
-def format_result(result: LevelResult) -> str:
+def format_result(result: LevelResult, idle_rss_mb: float = 0.0) -> str:
+    """One table row; RSS per 100 pairs is what the server grew beyond `idle_rss_mb`."""
     per_100 = 100 / result.pairs
     return (
         f"{result.pairs:>6} {result.pairs_held:>5} {result.counts.sent:>9} {result.counts.received:>9} "
         f"{100 * result.loss:>7.3f} {result.p50_ms:>7.2f} {result.p99_ms:>7.2f} {result.setup_rate:>8.0f} "
         f"{result.server_cpu:>8.1f} {result.server_cpu * per_100:>6.1f} {result.server_rss_mb:>7.1f} "
-        f"{result.server_rss_mb * per_100:>6.1f} {result.generator_cpu:>8.1f}  {'ok' if result.within_budget else 'MISS'}"
+        f"{(result.server_rss_mb - idle_rss_mb) * per_100:>6.1f} {result.generator_cpu:>8.1f}  {'ok' if result.within_budget else 'MISS'}"
     )
 
 
@@ -266,16 +274,21 @@ def bench(options: BenchOptions, rtp_ports: str) -> int:
     raise_open_file_limit()
     print(f"voiceline bench: {os.cpu_count()} CPUs, load average {_loadavg()}, "
           f"{options.workers} generator processes, {options.hold_seconds:g} s per level")
-    print(f"budget: loss < {100 * LOSS_BUDGET:g} %, p99 added latency < {P99_BUDGET_MS:g} ms "
-          "(packets in = probes sent to the server in the window, out = relayed back; CPU % of one core)")
+    print(f"budget: loss < {100 * LOSS_BUDGET:g} %, p99 added latency < {P99_BUDGET_MS:g} ms")
+    print("pkts in: probes sent to the server in the window; pkts out: those relayed back; CPU % of one core; "
+          "RSS /100p: growth over idle per 100 pairs")
     with tempfile.TemporaryDirectory(prefix="voiceline-bench-") as directory:
-        process, port, log_path = start_server(Path(directory), rtp_ports, options.host)
+        process, port, log_path = start_server(Path(directory), rtp_ports, options.host, options.realtime_priority)
         try:
             idle_rss = rss_mb(process.pid)
-            print(f"server pid {process.pid}, SIP {options.host}:{port}, RTP {rtp_ports}, idle RSS {idle_rss:.1f} MB")
-            print(_COLUMNS, flush=True)
+            print(f"server pid {process.pid}, SIP {options.host}:{port}, RTP {rtp_ports}, idle RSS {idle_rss:.1f} MB, "
+                  f"scheduling {_policy(process.pid)}")
             results = run_levels(
-                (options.host, port), process.pid, options, lambda result: print(format_result(result), flush=True)
+                (options.host, port),
+                process.pid,
+                options,
+                lambda result: print(format_result(result, idle_rss), flush=True),
+                on_workers=lambda pids: print(f"generator scheduling {_policy(pids[0])}\n{_COLUMNS}", flush=True),
             )
         finally:
             status = stop_server(process)
@@ -286,6 +299,15 @@ def bench(options: BenchOptions, rtp_ports: str) -> int:
     print(f"load average {_loadavg()}")
     print(f"largest N within budget (loss < {100 * LOSS_BUDGET:g} %, p99 < {P99_BUDGET_MS:g} ms): {best} pairs")
     return 0
+
+
+def _policy(pid: int) -> str:
+    try:
+        policy = os.sched_getscheduler(pid)
+        priority = os.sched_getparam(pid).sched_priority
+    except OSError:
+        return "unknown"
+    return f"SCHED_RR {priority}" if policy == os.SCHED_RR else "normal (SCHED_OTHER)"
 
 
 def _loadavg() -> str:
