@@ -8,8 +8,12 @@ reaches the server as a steady stream, not a burst every 20 ms. Whatever
 comes back is checked against the probe and the kernel's receive timestamp.
 
 The process is driven by commands from the bench runner over a pipe:
-("calls", n) -> ("ready", ...), ("window", start_ns, end_ns) -> ("stats", ...),
-("hangup",) -> ("hung_up", ...), ("stop",).
+- ("calls", n): place n more calls -> ("ready", answered, failed, started,
+  last_answer, legs_sending, legs_hearing_partner) once all are settled and
+  heard their partners (or HEAR_TIMEOUT_SECONDS passed); times are monotonic;
+- ("window", start_ns, end_ns) -> ("stats", WindowCounts, latency bucket
+  counts) GRACE_SECONDS after the window ends;
+- ("hangup",) -> ("hung_up", calls_still_hanging_up); ("stop",).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import select
 import socket
 import struct
 import time
-from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -106,14 +109,12 @@ class Generator:
         self._calls: dict[str, Leg] = {}  # by Call-ID
         self._pending: set[Leg] = set()  # calls with a request awaiting its final response
         self._slots: list[list[Leg]] = [[] for _ in range(SLOTS)]
-        self._to_place: deque[Leg] = deque()
         self._setup: _Setup | None = None
         self._hangup_deadline = 0.0
         self._window = (0, 0)
         self._window_reported = True
         self._counts = WindowCounts()
         self._latency = [0] * BUCKETS
-        self._late_slots = 0
         self._running = True
 
     # -- the loop ----------------------------------------------------------------
@@ -130,7 +131,6 @@ class Generator:
                 # Fallen behind (descheduled): drop the missed frames rather than send them in
                 # a burst no real phone would, which would measure our stall, not the server.
                 late = int((now - due) / SLOT_SECONDS)
-                self._late_slots += late
                 tick += late
                 due += late * SLOT_SECONDS
             while due <= now:
@@ -267,7 +267,6 @@ class Generator:
             self._window_reported = False
             self._counts = WindowCounts()
             self._latency = [0] * BUCKETS
-            self._late_slots = 0
         elif kind == "hangup":
             for leg in self._calls.values():
                 leg.sending = False
@@ -332,7 +331,7 @@ class Generator:
         if self._window_reported or time.time_ns() < self._window[1] + GRACE_SECONDS * 1e9:
             return
         self._window_reported = True
-        self._control.send(("stats", self._counts, self._latency, self._late_slots))
+        self._control.send(("stats", self._counts, self._latency))
 
     def _report_hangup(self, now: float) -> None:
         if not self._hangup_deadline:

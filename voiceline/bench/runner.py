@@ -184,7 +184,7 @@ def _run_level(workers: _Workers, server_pid: int | None, options: BenchOptions,
     stats = workers.replies("stats", options.hold_seconds + REPLY_MARGIN_SECONDS)
     counts = WindowCounts()
     latency = LatencyHistogram()
-    for _, worker_counts, worker_latency, _ in stats:
+    for _, worker_counts, worker_latency in stats:
         counts.merge(worker_counts)
         latency.merge(LatencyHistogram(worker_latency))
     return LevelResult(
