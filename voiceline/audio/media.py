@@ -269,26 +269,14 @@ class MediaLeg(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         size = len(data)
-        # Nearly every packet of a call: a plain header (version 2, no padding, extension or
-        # CSRC) carrying our audio payload type, from the latched peer. Same outcome as below,
-        # without parsing.
-        if (
-            HEADER_SIZE <= size <= _MAX_PLAIN_PACKET
-            and data[0] == _PLAIN_FIRST_BYTE
-            and data[1] & 0x7F == self._audio_pt
-            and self._latched
-            and addr == self._remote
-        ):
-            now = self._loop.time()
-            self.packets_in += 1
-            self.last_received = now
-            for listener in self._listeners:
-                listener._relay(data, HEADER_SIZE, size, now)
-            return
-        offset = payload_offset(data)
-        if offset < 0 or len(data) - offset > MAX_PAYLOAD:
-            self.packets_dropped += 1
-            return
+        if HEADER_SIZE <= size <= _MAX_PLAIN_PACKET and data[0] == _PLAIN_FIRST_BYTE:
+            offset, end = HEADER_SIZE, size  # nearly every packet: a plain header, nothing to parse
+        else:
+            offset = payload_offset(data)
+            if offset < 0 or size - offset > MAX_PAYLOAD:
+                self.packets_dropped += 1
+                return
+            end = payload_end(data)
         payload_type = data[1] & 0x7F
         if payload_type != self._audio_pt and payload_type != self._event_pt:
             self.packets_dropped += 1
@@ -303,7 +291,6 @@ class MediaLeg(asyncio.DatagramProtocol):
         self.packets_in += 1
         self.last_received = now
         if payload_type == self._audio_pt:  # telephone-events are for us, never the partner
-            end = payload_end(data)
             for listener in self._listeners:
                 listener._relay(data, offset, end, now)
 
