@@ -86,16 +86,18 @@ def test_loss_is_the_share_of_window_probes_that_never_came_back() -> None:
 
 def test_budget_needs_low_loss_low_p99_and_every_pair_held() -> None:
     fast = [0.3] * 990 + [4.0] * 10
-    assert level(100, 100_000, 100_000, fast).within_budget
-    assert not level(100, 100_000, 99_800, fast).within_budget  # 0.2 % lost
-    assert not level(100, 100_000, 100_000, [0.3] * 980 + [6.0] * 20).within_budget  # p99 6 ms
-    assert not level(100, 100_000, 100_000, fast, held=99).within_budget
+    # 100 pairs for 1 s: 200 legs x 50 packets.
+    assert level(100, 10_000, 10_000, fast).within_budget
+    assert not level(100, 10_000, 9_980, fast).within_budget  # 0.2 % lost
+    assert not level(100, 10_000, 10_000, [0.3] * 980 + [6.0] * 20).within_budget  # p99 6 ms
+    assert not level(100, 10_000, 10_000, fast, held=99).within_budget
     assert not level(100, 0, 0, []).within_budget  # nothing measured proves nothing
+    assert not level(100, 9_800, 9_800, fast).within_budget  # the generator fell behind: not the full load
 
 
 def test_largest_within_budget_skips_failed_levels() -> None:
     good, bad = [0.2] * 100, [0.2] * 90 + [20.0] * 10
-    results = [level(100, 10, 10, good), level(200, 10, 10, good), level(300, 10, 10, bad), level(400, 10, 10, good)]
+    results = [level(pairs, 100 * pairs, 100 * pairs, bad if pairs == 300 else good) for pairs in (100, 200, 300, 400)]
     assert largest_within_budget(results) == 400
     assert largest_within_budget(results[2:3]) == 0
 

@@ -40,6 +40,7 @@ GRACE_SECONDS = 1.0  # after a window closes, how long its last packets may stil
 HEAR_TIMEOUT_SECONDS = 10.0  # how long an answered leg may wait to hear its partner
 HOUSEKEEPING_SECONDS = 0.05  # SIP retransmissions and command deadlines
 MAX_INVITING = 32  # calls being set up at once per process
+NICE_WITHOUT_REALTIME = 10
 
 # RTP fixed header (version 2, PCMU) followed by the probe, written in one call.
 _PACKET = struct.Struct("!BBHII" + PROBE.format.lstrip("!"))
@@ -354,9 +355,14 @@ def generator_main(
 ) -> None:
     """Entry point of a generator process."""
     raise_open_file_limit()
-    if realtime_priority:  # the server's priority, so neither starves the other; the runner reports the policy
-        try:
+    # The generator stands in for phones elsewhere: it must not take the CPU from the server.
+    # Under SCHED_RR it shares the server's priority (so neither starves the other); under
+    # normal scheduling it yields. The runner reports the policy in effect.
+    try:
+        if realtime_priority:
             os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(realtime_priority))
-        except OSError:
-            pass
+        else:
+            os.nice(NICE_WITHOUT_REALTIME)
+    except OSError:
+        pass
     Generator(control, server, host, first_leg_id).run()

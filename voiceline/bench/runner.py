@@ -24,6 +24,7 @@ from typing import Any
 from voiceline.bench.generator import generator_main, raise_open_file_limit
 from voiceline.bench.measure import (
     LOSS_BUDGET,
+    MIN_OFFERED,
     P99_BUDGET_MS,
     LatencyHistogram,
     LevelResult,
@@ -253,7 +254,7 @@ def stop_server(process: subprocess.Popen[bytes]) -> int:
 
 
 _COLUMNS = (
-    f"{'pairs':>6} {'held':>5} {'pkts in':>9} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
+    f"{'pairs':>6} {'held':>5} {'load %':>6} {'pkts in':>9} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
     f"{'setup/s':>8} {'srv CPU%':>8} {'/100p':>6} {'RSS MB':>7} {'/100p':>6} {'gen CPU%':>8}  budget"
 )
 
@@ -262,7 +263,7 @@ def format_result(result: LevelResult, idle_rss_mb: float = 0.0) -> str:
     """One table row; RSS per 100 pairs is what the server grew beyond `idle_rss_mb`."""
     per_100 = 100 / result.pairs
     return (
-        f"{result.pairs:>6} {result.pairs_held:>5} {result.counts.sent:>9} {result.counts.received:>9} "
+        f"{result.pairs:>6} {result.pairs_held:>5} {100 * result.offered:>6.1f} {result.counts.sent:>9} {result.counts.received:>9} "
         f"{100 * result.loss:>7.3f} {result.p50_ms:>7.2f} {result.p99_ms:>7.2f} {result.setup_rate:>8.0f} "
         f"{result.server_cpu:>8.1f} {result.server_cpu * per_100:>6.1f} {result.server_rss_mb:>7.1f} "
         f"{(result.server_rss_mb - idle_rss_mb) * per_100:>6.1f} {result.generator_cpu:>8.1f}  {'ok' if result.within_budget else 'MISS'}"
@@ -274,9 +275,11 @@ def bench(options: BenchOptions, rtp_ports: str) -> int:
     raise_open_file_limit()
     print(f"voiceline bench: {os.cpu_count()} CPUs, load average {_loadavg()}, "
           f"{options.workers} generator processes, {options.hold_seconds:g} s per level")
-    print(f"budget: loss < {100 * LOSS_BUDGET:g} %, p99 added latency < {P99_BUDGET_MS:g} ms")
-    print("pkts in: probes sent to the server in the window; pkts out: those relayed back; CPU % of one core; "
-          "RSS /100p: growth over idle per 100 pairs")
+    print(f"budget: loss < {100 * LOSS_BUDGET:g} %, p99 added latency < {P99_BUDGET_MS:g} ms, "
+          f"load >= {100 * MIN_OFFERED:g} %")
+    print("load %: share of the full load (50 packets/s per leg) the generator sent; pkts in: probes sent to "
+          "the server in the window; pkts out: those relayed back; CPU % of one core; RSS /100p: growth over "
+          "idle per 100 pairs")
     with tempfile.TemporaryDirectory(prefix="voiceline-bench-") as directory:
         process, port, log_path = start_server(Path(directory), rtp_ports, options.host, options.realtime_priority)
         try:
@@ -303,11 +306,11 @@ def bench(options: BenchOptions, rtp_ports: str) -> int:
 
 def _policy(pid: int) -> str:
     try:
-        policy = os.sched_getscheduler(pid)
-        priority = os.sched_getparam(pid).sched_priority
+        if os.sched_getscheduler(pid) == os.SCHED_RR:
+            return f"SCHED_RR {os.sched_getparam(pid).sched_priority}"
+        return f"normal (SCHED_OTHER), nice {os.getpriority(os.PRIO_PROCESS, pid)}"
     except OSError:
         return "unknown"
-    return f"SCHED_RR {priority}" if policy == os.SCHED_RR else "normal (SCHED_OTHER)"
 
 
 def _loadavg() -> str:
