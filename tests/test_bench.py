@@ -95,11 +95,12 @@ def test_budget_needs_low_loss_low_p99_and_every_pair_held() -> None:
     assert not level(100, 9_600, 9_600, fast).within_budget  # the generator fell behind: not the full load
 
 
-def test_largest_within_budget_skips_failed_levels() -> None:
+def test_largest_within_budget_stops_at_the_first_failed_level() -> None:
     good, bad = [0.2] * 100, [0.2] * 90 + [20.0] * 10
-    results = [level(pairs, 100 * pairs, 100 * pairs, bad if pairs == 300 else good) for pairs in (100, 200, 300, 400)]
-    assert largest_within_budget(results) == 400
-    assert largest_within_budget(results[2:3]) == 0
+    results = [level(pairs, 100 * pairs, 100 * pairs, bad if pairs == 300 else good) for pairs in (400, 100, 200, 300)]
+    assert largest_within_budget(results) == 200
+    assert largest_within_budget(results[:2]) == 400
+    assert largest_within_budget([level(100, 10_000, 10_000, bad)]) == 0
 
 
 # -- the UAC -------------------------------------------------------------------------

@@ -122,5 +122,11 @@ class LevelResult:
 
 
 def largest_within_budget(results: Iterable[LevelResult]) -> int:
-    """The largest pair count that met the budget (0 when none did)."""
-    return max((result.pairs for result in results if result.within_budget), default=0)
+    """The largest pair count that met the budget with every smaller level meeting it too (0 when
+    the first did not): a lucky pass above a failed level is noise, not capacity."""
+    largest = 0
+    for result in sorted(results, key=lambda result: result.pairs):
+        if not result.within_budget:
+            break
+        largest = result.pairs
+    return largest
