@@ -40,6 +40,10 @@ system-deps:
 run: $(VENV)/.installed
 	$(BIN)/voiceline serve $(ARGS)
 
+# Load test: real calls and RTP through a real server on loopback (see README, Performance).
+bench: $(VENV)/.installed
+	$(BIN)/python -m voiceline.bench $(BENCH_ARGS)
+
 test: $(VENV)/.installed-test system-deps
 	$(BIN)/python -m mypy voiceline
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)

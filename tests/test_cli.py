@@ -51,6 +51,7 @@ def test_bad_flags_give_one_line_and_exit_2(flags: list[str]) -> None:
         "[nosection]\n",
         "[media]\ncodecs = ['G729']\n",
         "[sip]\nanswer_delay = -1\n",
+        "[media]\nrealtime_priority = 100\n",
     ],
 )
 def test_bad_config_file_gives_one_line_and_exit_2(tmp_path: Path, text: str) -> None:

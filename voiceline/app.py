@@ -7,6 +7,7 @@ import contextlib
 import errno
 import functools
 import os
+import resource
 import signal
 import socket
 import time
@@ -429,8 +430,23 @@ async def open_transports(sip: SipConfig, on_message: MessageHandler) -> list[Si
     return opened
 
 
+def tune_process(realtime_priority: int) -> None:
+    """Room for every call's sockets (two per leg), and real-time scheduling when configured."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if realtime_priority:
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(realtime_priority))
+        except OSError as exc:
+            log.warning("process.realtime_unavailable", priority=realtime_priority, error=exc.strerror)
+        else:
+            log.info("process.realtime", policy="SCHED_RR", priority=realtime_priority)
+
+
 async def serve(config: Config) -> int:
     """Run until SIGINT/SIGTERM (BYE every call, exit 0) or a drain (SIGUSR1) has finished."""
+    tune_process(config.media.realtime_priority)
     app = VoiceLine(config)
     stop = asyncio.Event()
     drain = asyncio.Event()

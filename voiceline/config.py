@@ -106,6 +106,7 @@ class MediaConfig:
     hold_audio: str = ""
     inactivity_timeout: float = 60.0
     inband_dtmf: bool = True
+    realtime_priority: int = 0
 
     @property
     def port_range(self) -> tuple[int, int]:
@@ -181,6 +182,8 @@ class Config:
             names = [item.name for item in items]
             if len(set(names)) != len(names):
                 raise ConfigError(f"[[{kind}]]: names must be unique")
+        if not 0 <= self.media.realtime_priority <= 99:
+            raise ConfigError("media.realtime_priority: must be between 0 (off) and 99")
         if self.log.format not in ("console", "json"):
             raise ConfigError("log.format: must be 'console' or 'json'")
         if self.log.level not in ("debug", "info", "warning", "error"):

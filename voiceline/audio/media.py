@@ -37,6 +37,8 @@ _TS_MASK = 0xFFFFFFFF
 _SECOND_SEQ_TS = struct.Struct("!xBHI")
 _SSRC = struct.Struct("!8xI")
 _EVENT_TIMESTAMP = struct.Struct("!4xI")
+_PLAIN_FIRST_BYTE = 0x80  # version 2, no padding, no extension, no CSRC
+_MAX_PLAIN_PACKET = HEADER_SIZE + MAX_PAYLOAD
 
 
 class MediaError(Exception):
@@ -474,10 +476,15 @@ class MediaLeg(asyncio.DatagramProtocol):
         self.close()  # a dead socket must not stay in the pacer or behind a partner
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        offset = payload_offset(data)
-        if offset < 0 or len(data) - offset > MAX_PAYLOAD:
-            self.packets_dropped += 1
-            return
+        size = len(data)
+        if HEADER_SIZE <= size <= _MAX_PLAIN_PACKET and data[0] == _PLAIN_FIRST_BYTE:
+            offset, end = HEADER_SIZE, size  # nearly every packet: a plain header, nothing to parse
+        else:
+            offset = payload_offset(data)
+            if offset < 0 or size - offset > MAX_PAYLOAD:
+                self.packets_dropped += 1
+                return
+            end = payload_end(data)
         payload_type = data[1] & 0x7F
         if payload_type != self._audio_pt and payload_type != self._event_pt:
             self.packets_dropped += 1
@@ -494,7 +501,6 @@ class MediaLeg(asyncio.DatagramProtocol):
         self.last_received = now
         self._reception.update(data, now)
         if payload_type == self._audio_pt:
-            end = payload_end(data)
             if self._decoding:
                 self._receive_pcm(data, offset, end, now)
             else:

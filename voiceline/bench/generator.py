@@ -1,0 +1,368 @@
+"""A generator process: places calls over SIP and runs their RTP legs from one epoll loop.
+
+Each leg has its own non-blocking UDP socket (the server latches every leg to
+its own source address), connected to the server's port once the call is
+answered. Every 20 ms a leg sends one PCMU-sized packet carrying a probe (see
+`measure`); legs are spread over 20 one-millisecond slots so the load
+reaches the server as a steady stream, not a burst every 20 ms. Whatever
+comes back is checked against the probe and the kernel's receive timestamp.
+
+The process is driven by commands from the bench runner over a pipe:
+- ("calls", n): place n more calls -> ("ready", answered, failed, started,
+  last_answer, legs_sending, legs_hearing_partner) once all are settled and
+  heard their partners (or HEAR_TIMEOUT_SECONDS passed); times are monotonic;
+- ("window", start_ns, end_ns) -> ("stats", WindowCounts, latency bucket
+  counts) GRACE_SECONDS after the window ends;
+- ("hangup",) -> ("hung_up", calls_still_hanging_up); ("stop",).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import secrets
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from voiceline.bench.measure import BUCKET_NS, BUCKETS, MAGIC, PAYLOAD_SIZE, PROBE, WindowCounts
+from voiceline.bench.uac import BenchCall, CallState
+from voiceline.sip.message import SipParseError, SipRequest, parse_message
+
+SLOTS = 20  # 1 ms slots per 20 ms frame
+SLOT_SECONDS = 0.001
+RTP_HEADER_SIZE = 12  # the server relays with a plain fixed header
+LATE_SECONDS = 0.003  # slots due longer ago than this are skipped (the generator fell behind)
+GRACE_SECONDS = 1.0  # after a window closes, how long its last packets may still arrive
+HEAR_TIMEOUT_SECONDS = 10.0  # how long an answered leg may wait to hear its partner
+HOUSEKEEPING_SECONDS = 0.05  # SIP retransmissions and command deadlines
+MAX_INVITING = 32  # calls being set up at once per process
+NICE_WITHOUT_REALTIME = 10
+
+# RTP fixed header (version 2, PCMU) followed by the probe, written in one call.
+_PACKET = struct.Struct("!BBHII" + PROBE.format.lstrip("!"))
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python does not export it
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
+_RECEIVE_SIZE = 2048
+
+
+class Leg:
+    """The RTP side of one call."""
+
+    __slots__ = ("id", "sock", "call", "buf", "sequence", "timestamp", "ssrc", "count", "sending", "heard")
+
+    def __init__(self, leg_id: int, host: str) -> None:
+        self.id = leg_id
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        self.sock.bind((host, 0))
+        self.call: BenchCall | None = None
+        self.buf = bytearray(RTP_HEADER_SIZE + PAYLOAD_SIZE)
+        self.sequence = secrets.randbits(16)
+        self.timestamp = secrets.randbits(32)
+        self.ssrc = secrets.randbits(32)
+        self.count = 0  # probes sent
+        self.sending = False
+        self.heard = False  # a probe from the partner arrived
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+
+@dataclass
+class _Setup:
+    """The progress of one ("calls", n) command."""
+
+    started: float
+    remaining: int  # calls not placed yet
+    last_answer: float = 0.0
+    answered: int = 0
+    failed: int = 0
+
+
+def raise_open_file_limit() -> None:
+    """Each leg takes a socket: lift the soft descriptor limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Generator:
+    def __init__(self, control: Connection, server: tuple[str, int], host: str, first_leg_id: int) -> None:
+        self._control = control
+        self._server = server
+        self._host = host
+        self._next_leg_id = first_leg_id
+        self._sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sip.setblocking(False)
+        self._sip.bind((host, 0))
+        self._sip_address = (host, int(self._sip.getsockname()[1]))
+        self._poll = select.epoll()
+        self._poll.register(self._sip.fileno(), select.EPOLLIN)
+        self._poll.register(control.fileno(), select.EPOLLIN)
+        self._legs_by_fd: dict[int, Leg] = {}
+        self._calls: dict[str, Leg] = {}  # by Call-ID
+        self._pending: set[Leg] = set()  # calls with a request awaiting its final response
+        self._slots: list[list[Leg]] = [[] for _ in range(SLOTS)]
+        self._setup: _Setup | None = None
+        self._hangup_deadline = 0.0
+        self._window = (0, 0)
+        self._window_reported = True
+        self._counts = WindowCounts()
+        self._latency = [0] * BUCKETS
+        self._running = True
+
+    # -- the loop ----------------------------------------------------------------
+
+    def run(self) -> None:
+        start = time.monotonic()
+        tick = 0
+        next_housekeeping = start
+        poll = self._poll.poll
+        while self._running:
+            now = time.monotonic()
+            due = start + tick * SLOT_SECONDS
+            if now - due > LATE_SECONDS:
+                # Fallen behind (descheduled): drop the missed frames rather than send them in
+                # a burst no real phone would, which would measure our stall, not the server.
+                late = int((now - due) / SLOT_SECONDS)
+                tick += late
+                due += late * SLOT_SECONDS
+            while due <= now:
+                self._send_slot(self._slots[tick % SLOTS])
+                tick += 1
+                due += SLOT_SECONDS
+            for fd, _ in poll(max(0.0, due - time.monotonic())):
+                leg = self._legs_by_fd.get(fd)
+                if leg is not None:
+                    self._receive(leg)
+                elif fd == self._sip.fileno():
+                    self._receive_sip()
+                else:
+                    self._command(self._control.recv())
+            now = time.monotonic()
+            if now >= next_housekeeping:
+                next_housekeeping = now + HOUSEKEEPING_SECONDS
+                self._housekeeping(now)
+        self._close()
+
+    def _send_slot(self, legs: list[Leg]) -> None:
+        pack_into = _PACKET.pack_into
+        window_start, window_end = self._window
+        in_window = 0
+        for leg in legs:
+            if not leg.sending:
+                continue
+            leg.sequence = sequence = (leg.sequence + 1) & 0xFFFF
+            leg.timestamp = timestamp = (leg.timestamp + PAYLOAD_SIZE) & 0xFFFFFFFF
+            count = leg.count = leg.count + 1
+            sent_ns = time.time_ns()
+            pack_into(leg.buf, 0, 0x80, 0, sequence, timestamp, leg.ssrc, MAGIC, leg.id, count, sent_ns)
+            try:
+                leg.sock.send(leg.buf)
+            except OSError:  # e.g. ICMP port unreachable after the server closed the leg
+                continue
+            if window_start <= sent_ns < window_end:
+                in_window += 1
+        self._counts.sent += in_window
+
+    def _receive(self, leg: Leg) -> None:
+        window_start, window_end = self._window
+        latency = self._latency
+        counts = self._counts
+        unpack_from = PROBE.unpack_from
+        while True:
+            try:
+                data, ancillary, _, _ = leg.sock.recvmsg(_RECEIVE_SIZE, _ANCILLARY_SIZE)
+            except OSError:  # nothing more to read (or a refused port): done for now
+                return
+            if len(data) < RTP_HEADER_SIZE + PROBE.size:
+                counts.foreign += 1
+                continue
+            magic, _, _, sent_ns = unpack_from(data, RTP_HEADER_SIZE)
+            if magic != MAGIC:
+                counts.foreign += 1  # hold audio before the partner came
+                continue
+            leg.heard = True
+            if window_start <= sent_ns < window_end:
+                if ancillary:
+                    seconds, nanoseconds = _TIMESPEC.unpack(ancillary[0][2])
+                    received_ns = seconds * 1_000_000_000 + nanoseconds
+                else:
+                    received_ns = time.time_ns()
+                bucket = (received_ns - sent_ns) // BUCKET_NS
+                latency[0 if bucket < 0 else bucket if bucket < BUCKETS else BUCKETS - 1] += 1
+                counts.received += 1
+
+    def _receive_sip(self) -> None:
+        while True:
+            try:
+                data, source = self._sip.recvfrom(65535)
+            except OSError:
+                return
+            try:
+                message = parse_message(data)
+            except SipParseError:
+                continue
+            leg = self._calls.get(message.headers.get("Call-ID") or "")
+            if leg is None or leg.call is None:
+                continue
+            call = leg.call
+            now = time.monotonic()
+            if isinstance(message, SipRequest):
+                self._sip_send(call.on_request(message), source)
+                if call.state is CallState.ENDED:
+                    leg.sending = False
+                continue
+            was_inviting = call.state is CallState.INVITING
+            reply = call.on_response(message, now)
+            if reply:
+                self._sip_send(reply, self._server)
+            if was_inviting and call.state is not CallState.INVITING:
+                self._call_settled(leg, now)
+            if call.state in (CallState.ENDED, CallState.FAILED):
+                leg.sending = False
+
+    def _call_settled(self, leg: Leg, now: float) -> None:
+        call = leg.call
+        assert call is not None
+        setup = self._setup
+        if call.state is CallState.ANSWERED and call.remote_rtp is not None:
+            try:
+                leg.sock.connect(call.remote_rtp)
+            except OSError:
+                call.state = CallState.FAILED
+            else:
+                leg.sending = True
+        if setup is not None:
+            if call.state is CallState.ANSWERED:
+                setup.answered += 1
+                setup.last_answer = now
+            else:
+                setup.failed += 1
+        self._place_calls(now)
+
+    def _sip_send(self, data: bytes, dest: tuple[str, int]) -> None:
+        try:
+            self._sip.sendto(data, dest)
+        except OSError:
+            pass  # retransmission covers it
+
+    # -- commands and timers -----------------------------------------------------
+
+    def _command(self, command: tuple[object, ...]) -> None:
+        kind = command[0]
+        now = time.monotonic()
+        if kind == "calls":
+            count = int(command[1])  # type: ignore[call-overload]
+            self._setup = _Setup(now, count)
+            self._place_calls(now)
+        elif kind == "window":
+            self._window = (int(command[1]), int(command[2]))  # type: ignore[call-overload]
+            self._window_reported = False
+            self._counts = WindowCounts()
+            self._latency = [0] * BUCKETS
+        elif kind == "hangup":
+            for leg in self._calls.values():
+                leg.sending = False
+                if leg.call is not None:
+                    request = leg.call.hangup(now)
+                    if request is not None:
+                        self._sip_send(request, self._server)
+                        self._pending.add(leg)
+            self._hangup_deadline = now + 10.0
+        elif kind == "stop":
+            self._running = False
+
+    def _place_calls(self, now: float) -> None:
+        setup = self._setup
+        if setup is None:
+            return
+        inviting = self._inviting()
+        while setup.remaining and inviting < MAX_INVITING:
+            leg = Leg(self._next_leg_id, self._host)
+            self._next_leg_id += 1
+            call = leg.call = BenchCall(self._sip_address, self._server, leg.port)
+            self._calls[call.call_id] = leg
+            self._legs_by_fd[leg.sock.fileno()] = leg
+            self._poll.register(leg.sock.fileno(), select.EPOLLIN)
+            self._slots[leg.id % SLOTS].append(leg)
+            self._sip_send(call.invite(now), self._server)
+            self._pending.add(leg)
+            setup.remaining -= 1
+            inviting += 1
+
+    def _inviting(self) -> int:
+        return sum(1 for leg in self._pending if leg.call and leg.call.state is CallState.INVITING)
+
+    def _housekeeping(self, now: float) -> None:
+        for leg in list(self._pending):
+            call = leg.call
+            if call is None or call.state not in (CallState.INVITING, CallState.HANGING_UP):
+                self._pending.discard(leg)
+                continue
+            was_inviting = call.state is CallState.INVITING
+            request = call.due(now)
+            if request is not None:
+                self._sip_send(request, self._server)
+            elif was_inviting and call.state is CallState.FAILED:
+                self._call_settled(leg, now)
+        self._report_setup(now)
+        self._report_window()
+        self._report_hangup(now)
+
+    def _report_setup(self, now: float) -> None:
+        setup = self._setup
+        if setup is None or setup.remaining or self._inviting():
+            return
+        legs = [leg for leg in self._calls.values() if leg.sending]
+        heard = sum(1 for leg in legs if leg.heard)
+        if heard < len(legs) and now - max(setup.last_answer, setup.started) < HEAR_TIMEOUT_SECONDS:
+            return
+        self._setup = None
+        self._control.send(("ready", setup.answered, setup.failed, setup.started, setup.last_answer, len(legs), heard))
+
+    def _report_window(self) -> None:
+        if self._window_reported or time.time_ns() < self._window[1] + GRACE_SECONDS * 1e9:
+            return
+        self._window_reported = True
+        self._control.send(("stats", self._counts, self._latency))
+
+    def _report_hangup(self, now: float) -> None:
+        if not self._hangup_deadline:
+            return
+        busy = sum(1 for leg in self._pending if leg.call and leg.call.state is CallState.HANGING_UP)
+        if busy and now < self._hangup_deadline:
+            return
+        self._hangup_deadline = 0.0
+        self._control.send(("hung_up", busy))
+
+    def _close(self) -> None:
+        for leg in self._calls.values():
+            leg.sock.close()
+        self._sip.close()
+        self._poll.close()
+
+
+def generator_main(
+    control: Connection, server: tuple[str, int], host: str, first_leg_id: int, realtime_priority: int
+) -> None:
+    """Entry point of a generator process."""
+    raise_open_file_limit()
+    # The generator stands in for phones elsewhere: it must not take the CPU from the server.
+    # Under SCHED_RR it shares the server's priority (so neither starves the other); under
+    # normal scheduling it yields. The runner reports the policy in effect.
+    try:
+        if realtime_priority:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(realtime_priority))
+        else:
+            os.nice(NICE_WITHOUT_REALTIME)
+    except OSError:
+        pass
+    Generator(control, server, host, first_leg_id).run()

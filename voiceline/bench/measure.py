@@ -1,0 +1,132 @@
+"""What the bench measures, kept apart from all I/O so it can be tested on its own.
+
+Every generated RTP payload starts with a probe: a magic tag, the sending
+leg's id, its sequence number and the send time (CLOCK_REALTIME ns). The
+receiver compares that time with the kernel's receive timestamp of the same
+packet (SO_TIMESTAMPNS, also CLOCK_REALTIME), so the latency counted is what
+the path through the server added, not the generator's own scheduling delay.
+
+Loss is counted over a measurement window: the packets whose embedded send
+time lies in [start, end) that were sent, against those that arrived.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+PROBE = struct.Struct("!4sIIQ")  # magic, leg id, sequence, send time (ns)
+MAGIC = b"VLB1"
+PAYLOAD_SIZE = 160  # 20 ms of PCMU
+BUCKET_NS = 10_000  # latency histogram resolution: 10 us
+BUCKETS = 10_000  # up to 100 ms; anything later lands in the last bucket
+
+LOSS_BUDGET = 0.001  # < 0.1 %
+P99_BUDGET_MS = 5.0
+PACKETS_PER_SECOND = 50  # per leg
+MIN_OFFERED = 0.97  # a level counts only if the generator sent at least this share of the full load
+
+
+class LatencyHistogram:
+    """Counts of latencies in fixed 10 us buckets: cheap to add to, merge and ship between processes."""
+
+    def __init__(self, counts: Sequence[int] | None = None) -> None:
+        self.counts = list(counts) if counts is not None else [0] * BUCKETS
+
+    def add(self, latency_ns: int) -> None:
+        bucket = latency_ns // BUCKET_NS
+        if bucket < 0:
+            bucket = 0
+        elif bucket >= BUCKETS:
+            bucket = BUCKETS - 1
+        self.counts[bucket] += 1
+
+    def merge(self, other: LatencyHistogram) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def percentile_ms(self, fraction: float) -> float:
+        """The upper edge of the bucket holding the `fraction` quantile, in ms (0.0 when empty)."""
+        total = self.total
+        if total == 0:
+            return 0.0
+        rank = fraction * total
+        seen = 0
+        for bucket, count in enumerate(self.counts):
+            seen += count
+            if count and seen >= rank:
+                return (bucket + 1) * BUCKET_NS / 1e6
+        return BUCKETS * BUCKET_NS / 1e6
+
+
+@dataclass
+class WindowCounts:
+    """One generator process's share of a measurement window."""
+
+    sent: int = 0  # probes sent with a send time inside the window
+    received: int = 0  # of those, how many came back through the server
+    foreign: int = 0  # packets received that carried no probe (e.g. hold audio)
+
+    def merge(self, other: WindowCounts) -> None:
+        self.sent += other.sent
+        self.received += other.received
+        self.foreign += other.foreign
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    """The figures of one load level."""
+
+    pairs: int  # pairs requested
+    pairs_held: int  # pairs whose both legs were up and hearing each other during the window
+    counts: WindowCounts
+    latency: LatencyHistogram
+    setup_rate: float  # calls answered per second while this level was being set up
+    server_cpu: float  # % of one core
+    server_rss_mb: float
+    generator_cpu: float  # % of one core, all generator processes together
+    seconds: float  # window length
+
+    @property
+    def loss(self) -> float:
+        """The fraction of window probes that never came back (0.0 when none were sent)."""
+        if self.counts.sent == 0:
+            return 0.0
+        return max(0, self.counts.sent - self.counts.received) / self.counts.sent
+
+    @property
+    def offered(self) -> float:
+        """The share of the full load (every leg of every pair, 50 packets a second) the generator sent."""
+        return self.counts.sent / (2 * self.pairs * PACKETS_PER_SECOND * self.seconds)
+
+    @property
+    def p50_ms(self) -> float:
+        return self.latency.percentile_ms(0.50)
+
+    @property
+    def p99_ms(self) -> float:
+        return self.latency.percentile_ms(0.99)
+
+    @property
+    def within_budget(self) -> bool:
+        return (
+            self.offered >= MIN_OFFERED
+            and self.pairs_held == self.pairs
+            and self.loss < LOSS_BUDGET
+            and self.p99_ms < P99_BUDGET_MS
+        )
+
+
+def largest_within_budget(results: Iterable[LevelResult]) -> int:
+    """The largest pair count that met the budget with every smaller level meeting it too (0 when
+    the first did not): a lucky pass above a failed level is noise, not capacity."""
+    largest = 0
+    for result in sorted(results, key=lambda result: result.pairs):
+        if not result.within_budget:
+            break
+        largest = result.pairs
+    return largest

@@ -1,0 +1,322 @@
+"""The bench run: start a server, ramp the pair count level by level, report each level.
+
+Levels add pairs to those already up (calls are placed once and held), so a
+run also measures how fast calls are set up. After a level's calls are up
+and every leg hears its partner, a window of `hold_seconds` is measured.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from voiceline.bench.generator import generator_main, raise_open_file_limit
+from voiceline.bench.measure import (
+    LOSS_BUDGET,
+    MIN_OFFERED,
+    P99_BUDGET_MS,
+    LatencyHistogram,
+    LevelResult,
+    WindowCounts,
+    largest_within_budget,
+)
+
+LOOPBACK = "127.0.0.1"
+LEG_IDS_PER_WORKER = 1_000_000
+SETUP_TIMEOUT_SECONDS = 120.0
+SETTLE_SECONDS = 1.0  # after setup, before measuring: let the new calls' first packets pass
+WINDOW_DELAY_SECONDS = 0.2  # every worker has the window before it starts
+REPLY_MARGIN_SECONDS = 15.0
+SERVER_READY_SECONDS = 15.0
+SERVER_STOP_SECONDS = 15.0
+GIVE_UP_LOSS = 0.05  # a level this bad means higher levels only waste time
+BENCH_MAX_CALLS = 10_000  # the server's sip.max_calls for a bench: never the limit measured
+BENCH_INVITE_RATE = 10_000  # its per-source INVITE rate and burst
+GIVE_UP_P99_MS = 50.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    levels: Sequence[int]
+    hold_seconds: float = 8.0
+    workers: int = 2
+    host: str = LOOPBACK
+    realtime_priority: int = 0  # SCHED_RR for the server and the generator; 0: normal scheduling
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0.0 when it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except OSError:
+        return 0.0
+    return pages * _PAGE_BYTES / 2**20
+
+
+class _Workers:
+    """The generator processes and their command pipes."""
+
+    def __init__(self, count: int, server: tuple[str, int], host: str, realtime_priority: int) -> None:
+        context = multiprocessing.get_context("fork")
+        self.pipes: list[Connection] = []
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        for index in range(count):
+            ours, theirs = context.Pipe()
+            process = context.Process(
+                target=generator_main, args=(theirs, server, host, 1 + index * LEG_IDS_PER_WORKER, realtime_priority),
+                daemon=True,
+            )
+            process.start()
+            theirs.close()
+            self.pipes.append(ours)
+            self.processes.append(process)
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes if process.pid is not None]
+
+    def send(self, commands: Sequence[tuple[Any, ...]]) -> None:
+        for pipe, command in zip(self.pipes, commands):
+            pipe.send(command)
+
+    def broadcast(self, command: tuple[Any, ...]) -> None:
+        self.send([command] * len(self.pipes))
+
+    def replies(self, kind: str, timeout: float) -> list[tuple[Any, ...]]:
+        deadline = time.monotonic() + timeout
+        replies = []
+        for pipe in self.pipes:
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"a generator process sent no {kind!r} within {timeout:g} s")
+            reply = pipe.recv()
+            if reply[0] != kind:
+                raise RuntimeError(f"a generator process answered {reply[0]!r}, expected {kind!r}")
+            replies.append(reply)
+        return replies
+
+    def stop(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(("stop",))
+            except OSError:
+                pass
+        for process in self.processes:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def run_levels(
+    server: tuple[str, int],
+    server_pid: int | None,
+    options: BenchOptions,
+    report: Callable[[LevelResult], None] = lambda result: None,
+    on_workers: Callable[[list[int]], None] = lambda pids: None,
+) -> list[LevelResult]:
+    """Ramp through `options.levels` (pair counts, ascending) against a running server."""
+    raise_open_file_limit()
+    workers = _Workers(options.workers, server, options.host, options.realtime_priority)
+    time.sleep(0.2)  # let the generator processes set themselves up
+    on_workers(workers.pids)
+    results: list[LevelResult] = []
+    pairs = 0
+    try:
+        for level in options.levels:
+            if level <= pairs:
+                continue
+            result = _run_level(workers, server_pid, options, level, 2 * (level - pairs))
+            pairs = level
+            results.append(result)
+            report(result)
+            if result.loss > GIVE_UP_LOSS or result.p99_ms > GIVE_UP_P99_MS or result.pairs_held < level:
+                break
+        workers.broadcast(("hangup",))
+        workers.replies("hung_up", REPLY_MARGIN_SECONDS)
+    finally:
+        workers.stop()
+    return results
+
+
+def _run_level(workers: _Workers, server_pid: int | None, options: BenchOptions, level: int, calls: int) -> LevelResult:
+    count = len(workers.pipes)
+    workers.send([("calls", calls // count + (1 if index < calls % count else 0)) for index in range(count)])
+    ready = workers.replies("ready", SETUP_TIMEOUT_SECONDS)
+    answered = sum(reply[1] for reply in ready)
+    started = min(reply[3] for reply in ready)
+    last_answer = max(reply[4] for reply in ready)
+    setup_rate = answered / (last_answer - started) if answered and last_answer > started else 0.0
+    legs_heard = sum(reply[6] for reply in ready)
+    time.sleep(SETTLE_SECONDS)
+
+    window_start = time.time_ns() + int(WINDOW_DELAY_SECONDS * 1e9)
+    window_end = window_start + int(options.hold_seconds * 1e9)
+    workers.broadcast(("window", window_start, window_end))
+    time.sleep(max(0.0, (window_start - time.time_ns()) / 1e9))
+    server_before = cpu_seconds(server_pid) if server_pid else 0.0
+    generator_before = sum(cpu_seconds(pid) for pid in workers.pids)
+    wall_before = time.monotonic()
+    time.sleep(max(0.0, (window_end - time.time_ns()) / 1e9))
+    wall = time.monotonic() - wall_before
+    server_cpu = 100 * (cpu_seconds(server_pid) - server_before) / wall if server_pid else 0.0
+    generator_cpu = 100 * (sum(cpu_seconds(pid) for pid in workers.pids) - generator_before) / wall
+    server_rss = rss_mb(server_pid) if server_pid else 0.0
+
+    stats = workers.replies("stats", options.hold_seconds + REPLY_MARGIN_SECONDS)
+    counts = WindowCounts()
+    latency = LatencyHistogram()
+    for _, worker_counts, worker_latency in stats:
+        counts.merge(worker_counts)
+        latency.merge(LatencyHistogram(worker_latency))
+    return LevelResult(
+        pairs=level,
+        pairs_held=min(level, legs_heard // 2),
+        counts=counts,
+        latency=latency,
+        setup_rate=setup_rate,
+        server_cpu=server_cpu,
+        server_rss_mb=server_rss,
+        generator_cpu=generator_cpu,
+        seconds=options.hold_seconds,
+    )
+
+
+# -- the server and the report ----------------------------------------------------
+
+
+def _free_udp_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def start_server(
+    directory: Path, rtp_ports: str, host: str = LOOPBACK, realtime_priority: int = 0
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """`voiceline serve` on loopback, answering at once; returns it once it listens."""
+    port = _free_udp_port(host)
+    config = directory / "voiceline.toml"
+    config.write_text(
+        f'[sip]\nlisten = "{host}:{port}"\npublic_address = "{host}"\nanswer_delay = 0.0\ntransports = ["udp"]\n'
+        # Every generated call comes from one address, as from one carrier: room for all of them.
+        f"max_calls = {BENCH_MAX_CALLS}\ninvite_rate = {BENCH_INVITE_RATE}\ninvite_burst = {BENCH_INVITE_RATE}\n\n"
+        f'[media]\nrtp_ports = "{rtp_ports}"\nrealtime_priority = {realtime_priority}\n\n'
+        f'[storage]\ndata_dir = "{directory / "data"}"\n\n'
+        '[log]\nformat = "json"\nlevel = "info"\n',
+        encoding="utf-8",
+    )
+    log_path = directory / "server.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "voiceline", "serve", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    deadline = time.monotonic() + SERVER_READY_SECONDS
+    while b'"sip.listening"' not in log_path.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise RuntimeError(f"voiceline serve did not start; see {log_path}")
+        time.sleep(0.05)
+    return process, port, log_path
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(SERVER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+_COLUMNS = (
+    f"{'pairs':>6} {'held':>5} {'load %':>6} {'pkts in':>9} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
+    f"{'setup/s':>8} {'srv CPU%':>8} {'/100p':>6} {'RSS MB':>7} {'/100p':>6} {'gen CPU%':>8}  budget"
+)
+
+
+def format_result(result: LevelResult, idle_rss_mb: float = 0.0) -> str:
+    """One table row; RSS per 100 pairs is what the server grew beyond `idle_rss_mb`."""
+    per_100 = 100 / result.pairs
+    return (
+        f"{result.pairs:>6} {result.pairs_held:>5} {100 * result.offered:>6.1f} {result.counts.sent:>9} {result.counts.received:>9} "
+        f"{100 * result.loss:>7.3f} {result.p50_ms:>7.2f} {result.p99_ms:>7.2f} {result.setup_rate:>8.0f} "
+        f"{result.server_cpu:>8.1f} {result.server_cpu * per_100:>6.1f} {result.server_rss_mb:>7.1f} "
+        f"{(result.server_rss_mb - idle_rss_mb) * per_100:>6.1f} {result.generator_cpu:>8.1f}  {'ok' if result.within_budget else 'MISS'}"
+    )
+
+
+def bench(options: BenchOptions, rtp_ports: str) -> int:
+    """`make bench`: the whole run with its printed report. Returns the exit status."""
+    raise_open_file_limit()
+    print(f"voiceline bench: {os.cpu_count()} CPUs, load average {_loadavg()}, "
+          f"{options.workers} generator processes, {options.hold_seconds:g} s per level")
+    print(f"budget: loss < {100 * LOSS_BUDGET:g} %, p99 added latency < {P99_BUDGET_MS:g} ms, "
+          f"load >= {100 * MIN_OFFERED:g} %")
+    print("load %: share of the full load (50 packets/s per leg) the generator sent; pkts in: probes sent to "
+          "the server in the window; pkts out: those relayed back; CPU % of one core; RSS /100p: growth over "
+          "idle per 100 pairs")
+    with tempfile.TemporaryDirectory(prefix="voiceline-bench-") as directory:
+        process, port, log_path = start_server(Path(directory), rtp_ports, options.host, options.realtime_priority)
+        try:
+            idle_rss = rss_mb(process.pid)
+            print(f"server pid {process.pid}, SIP {options.host}:{port}, RTP {rtp_ports}, idle RSS {idle_rss:.1f} MB, "
+                  f"scheduling {_policy(process.pid)}")
+            results = run_levels(
+                (options.host, port),
+                process.pid,
+                options,
+                lambda result: print(format_result(result, idle_rss), flush=True),
+                on_workers=lambda pids: print(f"generator scheduling {_policy(pids[0])}\n{_COLUMNS}", flush=True),
+            )
+        finally:
+            status = stop_server(process)
+        if status != 0:
+            print(f"voiceline serve exited with status {status}; log:\n{log_path.read_text()[-3000:]}")
+            return 1
+    best = largest_within_budget(results)
+    print(f"load average {_loadavg()}")
+    print(f"largest N within budget (loss < {100 * LOSS_BUDGET:g} %, p99 < {P99_BUDGET_MS:g} ms, "
+          f"every level up to it too): {best} pairs")
+    return 0
+
+
+def _policy(pid: int) -> str:
+    try:
+        if os.sched_getscheduler(pid) == os.SCHED_RR:
+            return f"SCHED_RR {os.sched_getparam(pid).sched_priority}"
+        return f"normal (SCHED_OTHER), nice {os.getpriority(os.PRIO_PROCESS, pid)}"
+    except OSError:
+        return "unknown"
+
+
+def _loadavg() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
