@@ -10,7 +10,7 @@ TEST_TOOLS := sipp:sip-tester openssl:openssl kamailio:kamailio
 # Debian shared libraries the service loads (soname -> package): libopus for the Opus codec.
 SYSTEM_LIBS := libopus.so.0:libopus0
 
-.PHONY: run test bench system-deps clean
+.PHONY: run test bench system-libs system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -25,23 +25,30 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-system-deps:
-	@missing=""; for pair in $(TEST_TOOLS); do \
-	  command -v $${pair%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+# $(call install-missing,COMMANDS,LIBRARIES): apt-get install the packages (command:package,
+# soname:package) whose command or shared library is not on this machine.
+install-missing = missing=""; for pair in $(1); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair\#*:}"; \
 	done; \
-	for pair in $(SYSTEM_LIBS); do \
-	  PATH="$$PATH:/usr/sbin:/sbin" ldconfig -p | grep -q "$${pair%%:*}" || missing="$$missing $${pair#*:}"; \
+	for pair in $(2); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" ldconfig -p | grep -q "$${pair%%:*}" || missing="$$missing $${pair\#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-run: $(VENV)/.installed
+system-libs:
+	@$(call install-missing,,$(SYSTEM_LIBS))
+
+system-deps:
+	@$(call install-missing,$(TEST_TOOLS),$(SYSTEM_LIBS))
+
+run: $(VENV)/.installed system-libs
 	$(BIN)/voiceline serve $(ARGS)
 
 # Load test: real calls and RTP through a real server on loopback (see README, Performance).
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed system-libs
 	$(BIN)/python -m voiceline.bench $(BENCH_ARGS)
 
 test: $(VENV)/.installed-test system-deps
