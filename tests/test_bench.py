@@ -120,11 +120,11 @@ def answer(invite: SipRequest, status: int, body: bytes = ANSWER) -> SipResponse
     return response_to(invite, status, to_tag="srv1", headers=extra, body=body if status < 300 else b"")
 
 
-def test_invite_offers_pcmu_at_the_leg_port() -> None:
+def test_invite_offers_pcmu_and_telephone_event_at_the_leg_port() -> None:
     invite = sent_request(BenchCall(LOCAL, SERVER, 40002).invite(0.0))
     assert invite.method == "INVITE" and invite.headers.get("CSeq") == "1 INVITE"
     media = parse_sdp(invite.body).media[0]
-    assert (media.port, media.formats) == (40002, ["0"])
+    assert (media.port, media.formats) == (40002, ["0", "101"])
 
 
 def test_answer_is_acked_in_the_dialog_and_gives_the_server_rtp_address() -> None:

@@ -164,7 +164,7 @@ async def test_reinvite_hold_plays_hold_audio_to_the_partner_and_resume_restores
         a.speak(TONE_HZ)
         b.speak(TONE_HZ)
         await asyncio.sleep(0.3)
-        assert service.pairing.talking == 2
+        assert service.pool("default").talking == 2
         assert is_tone(await b.listen(0.6), TONE_HZ)  # talking: B hears A
 
         dialer_a.in_dialog("INVITE", sdp_port=a.port, direction="sendonly")  # A puts the line on hold
@@ -174,7 +174,7 @@ async def test_reinvite_hold_plays_hold_audio_to_the_partner_and_resume_restores
         await asyncio.sleep(0.2)
         assert is_hold_audio(await b.listen(0.8))  # the partner hears hold audio, still paired
         assert len(await a.listen(0.5)) == 0  # and nothing is sent to the held caller
-        assert service.pairing.talking == 2 and service.pairing.waiting == 0
+        assert service.pool("default").talking == 2 and service.pool("default").waiting == 0
 
         dialer_a.in_dialog("INVITE", sdp_port=a.port, direction="sendrecv")  # resume
         resumed = await peer.response(method="INVITE")
@@ -202,7 +202,7 @@ async def test_inactive_update_holds_and_reinvite_without_sdp_offers_in_the_200(
         assert update.status == 200 and direction(update.body) == "inactive"
         await asyncio.sleep(0.1)
         assert len(await phone.listen(0.4)) == 0 and the_call(service).on_hold
-        assert service.pairing.waiting == 0  # a held caller is paired with nobody
+        assert service.pool("default").waiting == 0  # a held caller is paired with nobody
 
         dialer.in_dialog("INVITE")  # no SDP: we offer, the ACK answers
         offer = await peer.response(method="INVITE")
@@ -210,7 +210,7 @@ async def test_inactive_update_holds_and_reinvite_without_sdp_offers_in_the_200(
         assert parse_sdp(offer.body).media[0].formats[0] == "0"  # the call's codec
         dialer.ack(dialer.to_tag, sdp_port=phone.port, direction="sendrecv")
         await asyncio.sleep(0.1)
-        assert not the_call(service).on_hold and service.pairing.waiting == 1
+        assert not the_call(service).on_hold and service.pool("default").waiting == 1
         assert is_hold_audio(await phone.listen(0.8))  # waiting again, hearing hold audio
     finally:
         phone.close()
@@ -238,10 +238,11 @@ async def test_offerless_invite_gets_our_offer_and_the_ack_answers(service: Voic
         dialer.invite(rtp_port=None)
         ok = await peer.response(status=200)
         offer = parse_sdp(ok.body)
-        assert offer.media[0].formats == ["0", "8", "101"] and direction(ok.body) == "sendrecv"
+        assert offer.media[0].formats == ["0", "8", "9", "111", "101"] and direction(ok.body) == "sendrecv"
+        assert b"a=rtpmap:9 G722/8000\r\n" in ok.body and b"a=rtpmap:111 opus/48000/2\r\n" in ok.body
         dialer.ack(tag_of(ok), sdp_port=phone.port)
         await asyncio.sleep(0.2)
-        assert service.pairing.waiting == 1
+        assert service.pool("default").waiting == 1
         assert is_hold_audio(await phone.listen(0.8))
     finally:
         phone.close()
@@ -285,7 +286,7 @@ async def test_reinvite_with_another_codec_gets_488_and_the_session_goes_on(serv
 
 async def test_info_dtmf_relay_reaches_the_handler(service: VoiceLine, peer: RawPeer) -> None:
     digits: list[tuple[str, str]] = []
-    service.pairing.digit = lambda call_id, digit: digits.append((call_id, digit))  # type: ignore[method-assign]
+    service.pool("default").digit = lambda call_id, digit: digits.append((call_id, digit))  # type: ignore[method-assign]
     dialer, _ = await call_in(peer, address(service), await Phone.open())
     await asyncio.sleep(0.1)
     dialer.in_dialog("INFO", body="Signal=5\r\nDuration=160\r\n", content_type="application/dtmf-relay")
@@ -453,12 +454,12 @@ async def test_caller_answering_our_offer_with_sendonly_joins_on_hold(service: V
         ok = await peer.response(status=200)
         dialer.ack(tag_of(ok), sdp_port=phone.port, direction="sendonly")
         await asyncio.sleep(0.1)
-        assert the_call(service).on_hold and service.pairing.waiting == 0
+        assert the_call(service).on_hold and service.pool("default").waiting == 0
         assert len(await phone.listen(0.4)) == 0
         dialer.in_dialog("INVITE", sdp_port=phone.port)  # resume
         assert direction((await peer.response(status=200, method="INVITE")).body) == "sendrecv"
         dialer.ack(dialer.to_tag)
-        assert is_hold_audio(await phone.listen(0.8)) and service.pairing.waiting == 1
+        assert is_hold_audio(await phone.listen(0.8)) and service.pool("default").waiting == 1
     finally:
         phone.close()
 

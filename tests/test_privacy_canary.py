@@ -89,7 +89,7 @@ def test_canary_number_is_written_nowhere(
             "log": {"level": "debug"},
             # 127.0.0.1 calls freely; 127.0.0.2 must authenticate (401 path); others are unknown (403 path).
             "trunks": [
-                {"name": "local", "sources": ["127.0.0.1"]},
+                {"name": "local", "sources": ["127.0.0.1"], "transports": ["udp", "tcp"]},
                 {"name": "sbc", "sources": ["127.0.0.2"], "username": "sbc", "password": "pw"},
             ],
         }
@@ -100,8 +100,8 @@ def test_canary_number_is_written_nowhere(
         send_raw(server, text)
         send_raw_tcp(server, text)  # stream framing errors, and the same error paths over TCP
     for source in ("127.0.0.2", "127.0.0.9"):  # challenged, refused as unknown
-        for text in bad_requests()[:4]:
-            send_raw(server, text, source)
+        for text in bad_requests()[:4]:  # new Call-IDs: else they would be merged requests (482)
+            send_raw(server, text.replace("Call-ID: canary-", f"Call-ID: canary-{source}-"), source)
 
     # A SIPp call with the canary in From, Contact, P-Asserted-Identity, Remote-Party-ID and SDP.
     injection = tmp_path / "canary.csv"

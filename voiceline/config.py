@@ -133,7 +133,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Trunks and lines from the config file; the database adds more (`voiceline trunk add`).
-    trunks: tuple[Trunk, ...] = (Trunk("loopback", sources=("127.0.0.0/8", "::1")),)
+    trunks: tuple[Trunk, ...] = (Trunk("loopback", sources=("127.0.0.0/8", "::1"), transports=("udp", "tcp", "tls")),)
     lines: tuple[Line, ...] = (Line("default", ("*",)),)
 
     def validate(self) -> Config:
