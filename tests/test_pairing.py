@@ -224,3 +224,12 @@ def test_caller_joining_on_hold_is_paired_only_after_resume() -> None:
     assert b.heard == [] and a.heard == ["hold"] and service.waiting == 1
     service.resume("b")
     assert a.heard[-1] == "b" and b.heard == ["a"]
+
+
+def test_hash_while_the_partner_is_on_hold_frees_both_and_they_stay_apart() -> None:
+    service, a, b = paired_pair()
+    service.hold("b")
+    service.digit("a", "#")
+    assert a.heard[-1] == "hold" and service.waiting == 1  # a waits; held b stays out of the pool
+    service.resume("b")
+    assert service.waiting == 2 and b.heard[-1] == "hold"  # b waits too, not put back with a
