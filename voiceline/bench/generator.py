@@ -356,8 +356,8 @@ def generator_main(
     """Entry point of a generator process."""
     raise_open_file_limit()
     # The generator stands in for phones elsewhere: it must not take the CPU from the server.
-    # Under SCHED_RR it shares the server's priority (so neither starves the other); under
-    # normal scheduling it yields. The runner reports the policy in effect.
+    # Under SCHED_RR it runs one priority below the server (the runner passes that priority);
+    # under normal scheduling it yields. The runner reports the policy in effect.
     try:
         if realtime_priority:
             os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(realtime_priority))
