@@ -29,10 +29,10 @@ class Clock:
         return self.now
 
 
-def request(method: str = "INVITE", uri: str = "sip:100@127.0.0.1", transport: str = "UDP", auth: str = "") -> SipRequest:
+def request(method: str = "INVITE", uri: str = "sip:100@127.0.0.1", auth: str = "") -> SipRequest:
     headers = Headers(
         [
-            ("Via", f"SIP/2.0/{transport} 192.0.2.1:5060;branch=z9hG4bKx"),
+            ("Via", "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKx"),
             ("From", "<sip:anon@192.0.2.1>;tag=a"),
             ("To", f"<{uri}>"),
             ("Call-ID", "c"),
@@ -137,27 +137,27 @@ def policy(d: TrunkDirectory, clock: Clock | None = None, active: int = 0, drop:
 def test_unknown_source_is_refused_or_dropped_and_counted() -> None:
     d = directory(Trunk("carrier", sources=("192.0.2.0/24",)))
     reject = policy(d)
-    assert reject.check(request(), ("198.51.100.1", 5060)) == Refuse(403)
-    assert reject.check(request("OPTIONS"), ("198.51.100.1", 5060)) == Refuse(403)
+    assert reject.check(request(), ("198.51.100.1", 5060), "UDP") == Refuse(403)
+    assert reject.check(request("OPTIONS"), ("198.51.100.1", 5060), "UDP") == Refuse(403)
     assert reject.refused["unknown_source"] == 2
     drop = policy(d, drop=True)
-    assert drop.check(request(), ("198.51.100.1", 5060)) == Drop()
+    assert drop.check(request(), ("198.51.100.1", 5060), "UDP") == Drop()
     assert drop.refused["unknown_source"] == 1
 
 
 def test_trunk_admits_to_the_dialled_line_with_its_codecs() -> None:
     p = policy(directory(Trunk("carrier", sources=("192.0.2.0/24",), codecs=("PCMA",))))
-    assert p.check(request(uri="sip:200@10.0.0.1"), ("192.0.2.1", 5060)) == Admit("carrier", "language", ("PCMA",))
-    assert p.check(request("OPTIONS"), ("192.0.2.1", 5060)) == Admit("carrier")
-    assert p.check(request(uri="sip:300@10.0.0.1"), ("192.0.2.1", 5060)) == Refuse(404)
-    assert p.check(request(transport="TCP"), ("192.0.2.1", 5060)) == Refuse(403)
+    assert p.check(request(uri="sip:200@10.0.0.1"), ("192.0.2.1", 5060), "UDP") == Admit("carrier", "language", ("PCMA",))
+    assert p.check(request("OPTIONS"), ("192.0.2.1", 5060), "UDP") == Admit("carrier")
+    assert p.check(request(uri="sip:300@10.0.0.1"), ("192.0.2.1", 5060), "UDP") == Refuse(404)
+    assert p.check(request(), ("192.0.2.1", 5060), "TCP") == Refuse(403)
     assert p.refused == {"unknown_number": 1, "unknown_source": 1}
 
 
 def test_trunk_at_its_call_limit_gets_503() -> None:
     d = directory(Trunk("carrier", sources=("192.0.2.0/24",), max_calls=2))
-    assert isinstance(policy(d, active=1).check(request(), ("192.0.2.1", 5060)), Admit)
-    busy = policy(d, active=2).check(request(), ("192.0.2.1", 5060))
+    assert isinstance(policy(d, active=1).check(request(), ("192.0.2.1", 5060), "UDP"), Admit)
+    busy = policy(d, active=2).check(request(), ("192.0.2.1", 5060), "UDP")
     assert isinstance(busy, Refuse) and busy.status == 503 and ("Retry-After", "30") in busy.headers
 
 
@@ -165,7 +165,7 @@ def test_digest_trunk_is_challenged_then_admitted_and_wrong_password_refused() -
     clock = Clock()
     p = policy(directory(Trunk("sbc", sources=("192.0.2.9",), username="sbc", password="pw", realm="vl")), clock)
     source = ("192.0.2.9", 5060)
-    challenge = p.check(request(), source)
+    challenge = p.check(request(), source, "UDP")
     assert isinstance(challenge, Refuse) and challenge.status == 401
     values = [value for name, value in challenge.headers if name == "WWW-Authenticate"]
     assert len(values) == 2 and all('realm="vl"' in v and 'qop="auth"' in v for v in values)
@@ -173,11 +173,11 @@ def test_digest_trunk_is_challenged_then_admitted_and_wrong_password_refused() -
     for client in (good, bad):
         client.accept(pick_challenge(values))  # type: ignore[arg-type]
     uri = "sip:100@127.0.0.1"
-    assert p.check(request(auth=good.authorization("INVITE", uri) or ""), source) == Admit("sbc", "general", ())
-    assert p.check(request(auth=bad.authorization("INVITE", uri) or ""), source) == Refuse(403)
+    assert p.check(request(auth=good.authorization("INVITE", uri) or ""), source, "UDP") == Admit("sbc", "general", ())
+    assert p.check(request(auth=bad.authorization("INVITE", uri) or ""), source, "UDP") == Refuse(403)
     assert p.refused["auth_failed"] == 1
     clock.now += 3600  # the nonce grew old: a fresh challenge saying stale=true
-    stale = p.check(request(auth=good.authorization("INVITE", uri) or ""), source)
+    stale = p.check(request(auth=good.authorization("INVITE", uri) or ""), source, "UDP")
     assert isinstance(stale, Refuse) and stale.status == 401 and "stale=true" in stale.headers[0][1]
 
 
@@ -188,9 +188,9 @@ def test_unknown_sources_are_logged_at_a_limited_rate(capsys: pytest.CaptureFixt
     p = policy(directory(Trunk("carrier", sources=("192.0.2.0/24",))), clock)
     with capture_logs() as logs:
         for _ in range(50):
-            p.check(request(), ("198.51.100.1", 5060))
+            p.check(request(), ("198.51.100.1", 5060), "UDP")
         clock.now += 11
-        p.check(request(), ("198.51.100.1", 5060))
+        p.check(request(), ("198.51.100.1", 5060), "UDP")
     events = [entry for entry in logs if entry["event"] == "sip.unknown_source"]
     assert [e["refused"] for e in events] == [1, 50]
     assert {e["source_network"] for e in events} == {"198.51.100.0/24"}  # not the exact address

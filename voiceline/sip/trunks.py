@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import structlog
 
 from voiceline.sip.auth import ALGORITHMS, DigestServer, Verdict
-from voiceline.sip.message import SipParseError, SipRequest, parse_uri, parse_via
+from voiceline.sip.message import SipParseError, SipRequest, parse_uri
 from voiceline.sip.sdp import CODEC_NAMES
 
 log = structlog.get_logger("voiceline.sip.trunks")
@@ -341,7 +341,9 @@ Admission = Admit | Refuse | Drop
 class RequestPolicy(Protocol):
     """Checked once per new out-of-dialog request, before the user agent acts on it."""
 
-    def check(self, request: SipRequest, source: tuple[str, int]) -> Admission: ...
+    def check(self, request: SipRequest, source: tuple[str, int], transport: str) -> Admission:
+        """`transport`: the one the request came on ("UDP", "TCP", "TLS")."""
+        ...
 
 
 class TrunkPolicy:
@@ -368,12 +370,8 @@ class TrunkPolicy:
         self._unknown_logged_at = float("-inf")
         self._unknown_since_log = 0
 
-    def check(self, request: SipRequest, source: tuple[str, int]) -> Admission:
-        try:
-            transport = parse_via(request.headers.get("Via") or "").transport.lower()
-        except SipParseError:
-            transport = "udp"
-        trunk = self.directory.identify(source[0], transport)
+    def check(self, request: SipRequest, source: tuple[str, int], transport: str) -> Admission:
+        trunk = self.directory.identify(source[0], transport.lower())
         if trunk is None:
             self._unknown_source(source[0])
             return Drop() if self.drop_unknown else Refuse(403)

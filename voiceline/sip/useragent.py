@@ -338,7 +338,7 @@ class UserAgent:
         to_tag = parse_name_addr(request.headers.get("To") or "").tag
         admission = Admit("")
         if self.policy is not None and to_tag is None and request.method != "CANCEL":
-            verdict = self.policy.check(request, tx.source)
+            verdict = self.policy.check(request, tx.source, tx.transport)
             if isinstance(verdict, Drop):
                 self.transactions.discard(tx)
                 return
