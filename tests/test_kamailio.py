@@ -7,14 +7,17 @@ voiceline registers there and takes the calls Kamailio forwards to it.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from datetime import datetime
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +125,7 @@ def kamailio(tmp_path: Path) -> Iterator[Callable[..., Kamailio]]:
             process = subprocess.Popen(
                 ["kamailio", "-f", str(cfg), "-DD", "-E", "-w", str(directory), "-P", str(directory / "kamailio.pid")],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopping it stops its workers too
             )  # fmt: skip
         carrier = Kamailio(CARRIER_HOST, port, log_path, process)
         started.append(carrier)
@@ -134,12 +138,14 @@ def kamailio(tmp_path: Path) -> Iterator[Callable[..., Kamailio]]:
 
     yield start
     for carrier in started:
-        carrier.process.terminate()
+        os.killpg(carrier.process.pid, signal.SIGTERM)
         try:
             carrier.process.wait(timeout=STOP_SECONDS)
         except subprocess.TimeoutExpired:
-            carrier.process.kill()
-            carrier.process.wait()
+            pass
+        with contextlib.suppress(ProcessLookupError):  # workers that outlived the main process
+            os.killpg(carrier.process.pid, signal.SIGKILL)
+        carrier.process.wait()
 
 
 def carrier_config(carrier: Kamailio, password: str = PASSWORD, expiry: int = 3600) -> dict[str, Any]:

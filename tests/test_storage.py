@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from voiceline import storage
-from voiceline.storage import DB_NAME, Storage, StorageError, hour_of
+from voiceline.storage import DB_NAME, CallAudio, Storage, StorageError, hour_of
 
 CANARY = "+15550001234"
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -34,7 +34,9 @@ async def test_open_creates_private_dir_schema_and_version(tmp_path: Path) -> No
     db_path = data_dir / DB_NAME
     assert query(db_path, "SELECT version FROM schema_version") == [(len(storage.MIGRATIONS),)]
     columns = {row[1] for row in query(db_path, "PRAGMA table_info(hourly_stats)")}
-    assert columns == {"hour", "line", "calls", "paired", "wait_seconds", "talk_seconds"}
+    assert columns == {
+        "hour", "line", "calls", "paired", "wait_seconds", "talk_seconds", "packets_expected", "packets_lost", "jitter_ms_max",
+    }  # fmt: skip
 
 
 async def test_wal_mode(store: Storage, tmp_path: Path) -> None:
@@ -84,14 +86,48 @@ async def test_record_call_aggregates_per_hour_and_line(store: Storage) -> None:
     await store.record_call("main", T0 + 3600, 1.0, 2.0, True)
     await store.record_call("night", T0, 3.0, 4.0, True)
     assert await store.hourly("main") == [
-        {"hour": "2023-11-14T22", "line": "main", "calls": 2, "paired": 1, "wait_seconds": 15.5, "talk_seconds": 60.0},
-        {"hour": "2023-11-14T23", "line": "main", "calls": 1, "paired": 1, "wait_seconds": 1.0, "talk_seconds": 2.0},
-    ]
+        {"hour": "2023-11-14T22", "line": "main", "calls": 2, "paired": 1, "wait_seconds": 15.5, "talk_seconds": 60.0,
+         "packets_expected": 0, "packets_lost": 0, "jitter_ms_max": 0.0},
+        {"hour": "2023-11-14T23", "line": "main", "calls": 1, "paired": 1, "wait_seconds": 1.0, "talk_seconds": 2.0,
+         "packets_expected": 0, "packets_lost": 0, "jitter_ms_max": 0.0},
+    ]  # fmt: skip
     assert [(r["hour"], r["line"]) for r in await store.hourly()] == [
         ("2023-11-14T22", "main"),
         ("2023-11-14T22", "night"),
         ("2023-11-14T23", "main"),
     ]
+
+
+async def test_call_audio_adds_packets_and_keeps_the_worst_jitter(store: Storage) -> None:
+    await store.record_call("main", T0, 1.0, 60.0, True, CallAudio(3000, 30, 4.5))
+    await store.record_call("main", T0 + 60, 1.0, 60.0, True, CallAudio(2000, 0, 12.25))
+    await store.record_call("main", T0 + 120, 1.0, 0.0, False)  # ended before any media
+    (row,) = await store.hourly()
+    assert (row["calls"], row["packets_expected"], row["packets_lost"], row["jitter_ms_max"]) == (3, 5000, 30, 12.25)
+
+
+@pytest.mark.parametrize("audio", [CallAudio(10, 11, 0.0), CallAudio(10, -1, 0.0), CallAudio(10, 0, float("nan"))])
+async def test_impossible_call_audio_is_refused(store: Storage, audio: CallAudio) -> None:
+    with pytest.raises(ValueError):
+        await store.record_call("main", T0, 1.0, 1.0, True, audio)
+    assert await store.hourly() == []
+
+
+async def test_upgrade_keeps_the_hours_recorded_before_audio_was_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as before:
+        before.setattr(storage, "MIGRATIONS", storage.MIGRATIONS[:2])
+        s = await Storage.open(tmp_path)
+        await s.close()
+    with sqlite3.connect(tmp_path / DB_NAME) as db:  # an hour recorded by the version before
+        db.execute(
+            "INSERT INTO hourly_stats (hour, line, calls, paired, wait_seconds, talk_seconds) VALUES (?, 'main', 1, 1, 8.0, 90.0)",
+            (hour_of(T0),),
+        )
+    s = await Storage.open(tmp_path)
+    await s.record_call("main", T0, 1.0, 10.0, True, CallAudio(500, 5, 2.0))
+    (row,) = await s.hourly()
+    await s.close()
+    assert (row["calls"], row["talk_seconds"], row["packets_expected"], row["packets_lost"]) == (2, 100.0, 500, 5)
 
 
 def test_hour_is_utc() -> None:

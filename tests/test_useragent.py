@@ -140,6 +140,9 @@ async def test_call_is_answered_hears_hold_audio_and_ends_on_bye(service: VoiceL
         answer = parse_sdp(ok.body)
         assert answer.media[0].formats[0] == "0" and answer.connection == "127.0.0.1"
         dialer.ack(tag)
+        server_rtp = (answer.connection, answer.media[0].port)
+        for sequence in (*range(1, 11), *range(16, 26)):  # 5 of 25 lost on the way
+            rtp.sendto(struct.pack("!BBHII", 0x80, 0, sequence, sequence * 160, 0x1234) + bytes(160), server_rtp)
         await asyncio.sleep(0.5)
         assert len(sink.packets) >= 15  # hold audio paced at 20 ms
         ssrcs = {struct.unpack_from("!I", p, 8)[0] for p in sink.packets}
@@ -152,6 +155,7 @@ async def test_call_is_answered_hears_hold_audio_and_ends_on_bye(service: VoiceL
         assert service.storage is not None
         [hour] = await service.storage.hourly()  # the call counted anonymously, unpaired
         assert (hour["line"], hour["calls"], hour["paired"]) == ("default", 1, 0) and hour["wait_seconds"] > 0.4
+        assert (hour["packets_expected"], hour["packets_lost"]) == (25, 5) and hour["jitter_ms_max"] >= 0
     finally:
         rtp.close()
 

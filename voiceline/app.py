@@ -44,7 +44,7 @@ from voiceline.sip.transport import (
 )
 from voiceline.sip.trunks import Trunk, TrunkDirectory, TrunkPolicy
 from voiceline.sip.useragent import Call, CallRejected, CallState, UserAgent, UserAgentSettings
-from voiceline.storage import Storage
+from voiceline.storage import CallAudio, Storage
 
 log = structlog.get_logger("voiceline.app")
 
@@ -346,14 +346,16 @@ class VoiceLine:
     def call_ended(self, call: Call) -> None:
         self._quiet_since.pop(call, None)
         leg = self._legs.pop(call, None)
+        audio = CallAudio()
         if leg is not None:
             leg.close()
-            log.info("call.media_stats", call=call.id, **asdict(leg.stats()))
+            stats = leg.stats()
+            log.info("call.media_stats", call=call.id, **asdict(stats))
+            audio = CallAudio(stats.packets_expected, stats.packets_lost, stats.jitter_ms)
         summary = self.pool(call.line).leave(call.id)
         if summary is not None and self.storage is not None:
-            self._write(
-                self.storage.record_call(call.line, time.time(), summary.waited, summary.talked, summary.partners > 0)
-            )
+            paired = summary.partners > 0
+            self._write(self.storage.record_call(call.line, time.time(), summary.waited, summary.talked, paired, audio))
 
     async def _reap_silent_calls(self) -> None:
         """End calls whose caller sent no RTP for media.inactivity_timeout while not on hold."""

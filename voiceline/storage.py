@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,13 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (hour, reason)
     );
     """,
+    """
+    -- Audio quality per hour and line, from each call's RTP reception statistics (RFC 3550):
+    -- loss is packets_lost / packets_expected; jitter_ms_max is the worst call's jitter.
+    ALTER TABLE hourly_stats ADD COLUMN packets_expected INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN packets_lost INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN jitter_ms_max REAL NOT NULL DEFAULT 0;
+    """,
 )
 
 # The two provisioning tables share their shape: name -> JSON settings.
@@ -71,14 +79,30 @@ PROVISIONING_TABLES = ("trunks", "lines")
 
 # One statement, so concurrent callers need no lock and no read-modify-write.
 _RECORD_CALL = """
-INSERT INTO hourly_stats (hour, line, calls, paired, wait_seconds, talk_seconds)
-VALUES (?, ?, 1, ?, ?, ?)
+INSERT INTO hourly_stats
+    (hour, line, calls, paired, wait_seconds, talk_seconds, packets_expected, packets_lost, jitter_ms_max)
+VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (hour, line) DO UPDATE SET
     calls = calls + 1,
     paired = paired + excluded.paired,
     wait_seconds = wait_seconds + excluded.wait_seconds,
-    talk_seconds = talk_seconds + excluded.talk_seconds
+    talk_seconds = talk_seconds + excluded.talk_seconds,
+    packets_expected = packets_expected + excluded.packets_expected,
+    packets_lost = packets_lost + excluded.packets_lost,
+    jitter_ms_max = max(jitter_ms_max, excluded.jitter_ms_max)
 """
+_HOURLY_COLUMNS = (
+    "hour, line, calls, paired, wait_seconds, talk_seconds, packets_expected, packets_lost, jitter_ms_max"
+)
+
+
+@dataclass(frozen=True)
+class CallAudio:
+    """What a call's media leg received: RTP packets expected and lost, interarrival jitter."""
+
+    packets_expected: int = 0
+    packets_lost: int = 0
+    jitter_ms: float = 0.0
 
 
 class StorageError(Exception):
@@ -151,17 +175,27 @@ class Storage:
             raise
         return cls(db)
 
-    async def record_call(self, line: str, ended_at: float, waited: float, talked: float, paired: bool) -> None:
+    async def record_call(
+        self, line: str, ended_at: float, waited: float, talked: float, paired: bool, audio: CallAudio = CallAudio()
+    ) -> None:
         """Add one finished call to its hour's aggregate for `line`.
 
         `ended_at` is unix time; only its UTC hour is kept.
         """
-        if not all(math.isfinite(s) and s >= 0 for s in (waited, talked)):
-            raise ValueError("waited and talked must be finite and non-negative")
-        await self._db.execute(_RECORD_CALL, (hour_of(ended_at), line, int(paired), waited, talked))
+        if not all(math.isfinite(s) and s >= 0 for s in (waited, talked, audio.jitter_ms)):
+            raise ValueError("waited, talked and jitter must be finite and non-negative")
+        if not 0 <= audio.packets_lost <= audio.packets_expected:
+            raise ValueError("packets lost must be between 0 and the packets expected")
+        await self._db.execute(
+            _RECORD_CALL,
+            (
+                hour_of(ended_at), line, int(paired), waited, talked,
+                audio.packets_expected, audio.packets_lost, audio.jitter_ms,
+            ),  # fmt: skip
+        )
 
     async def hourly(self, line: str | None = None) -> list[dict[str, Any]]:
-        query = "SELECT hour, line, calls, paired, wait_seconds, talk_seconds FROM hourly_stats"
+        query = f"SELECT {_HOURLY_COLUMNS} FROM hourly_stats"
         params: tuple[str, ...] = ()
         if line is not None:
             query += " WHERE line = ?"
