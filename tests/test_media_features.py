@@ -404,6 +404,20 @@ async def test_a_prompt_over_hold_audio_pauses_the_hold_pattern(engine, phones):
     assert goertzel_db(hold, rate, 523.25) > goertzel_db(hold, rate, PROMPT_HZ) + 20
 
 
+async def test_a_leg_whose_peer_holds_it_sends_nothing_not_even_a_prompt(engine, phones):
+    phone = phones()
+    leg = await leg_for(engine, phone, "G722", G722_PT)
+    leg.hold()
+    await phone.receive_many(3)
+    leg.set_sending(False)  # the caller put us on hold (sendonly/inactive)
+    await phone.drain()  # hold audio still in flight
+    leg.play_over(tone(PROMPT_HZ, 0.3, 8000, 4000))
+    await phone.assert_quiet()
+    leg.set_sending(True)
+    leg.hold()  # pairing tells it what to hear again
+    assert len(await phone.receive_many(5)) == 5
+
+
 # -- RTCP ------------------------------------------------------------------------------------------
 
 RTCP_PHONE_PORT = 42200  # the phone's RTP port; its RTCP socket takes the odd one above

@@ -579,14 +579,14 @@ class MediaLeg(asyncio.DatagramProtocol):
             return
         assert self._jitter is not None
         under = self._jitter.pop() if self._source is not None else np.zeros(self._codec.frame_samples, np.int16)
-        payload = self._own_coder().encode(self._prompt.mix(under))
-        self._send(self._stream.next_generated(self._buf, payload, self._audio_pt, due))
+        mixed = self._prompt.mix(under)
+        if self.sending:  # else the peer holds us: the prompt runs on, unheard
+            payload = self._own_coder().encode(mixed)
+            self._send(self._stream.next_generated(self._buf, payload, self._audio_pt, due))
         if self._prompt.done:
             self._end_prompt()  # after sending: the next packet, from the partner or hold, is marked
 
     def _send(self, size: int) -> None:
-        if not self.sending:
-            return  # the peer holds us: a prompt runs on unheard
         self._transport.sendto(self._view[:size], self._remote)
         self.packets_out += 1
         self.octets_out += size - HEADER_SIZE
