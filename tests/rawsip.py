@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+from collections.abc import AsyncIterator
 
-from voiceline.sip.message import SipMessage, SipParseError, SipRequest, SipResponse, parse_message
+from voiceline.app import VoiceLine
+from voiceline.config import Config
+from voiceline.sip.message import SipMessage, SipParseError, SipRequest, SipResponse, parse_message, parse_name_addr
 
 OFFER = (
     "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
@@ -13,6 +17,27 @@ OFFER = (
     "a=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
     "a=fmtp:101 0-16\r\na={direction}\r\n"
 )
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[VoiceLine]:
+    """The whole service, in this process, for the length of the block."""
+    app = VoiceLine(config)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+def address(app: VoiceLine) -> tuple[str, int]:
+    """Where the running service takes SIP over UDP."""
+    assert app.agent is not None and app.agent.transport is not None
+    return app.agent.transport.local_address
+
+
+def to_tag(response: SipResponse) -> str:
+    return parse_name_addr(response.headers.get("To") or "").tag or ""
 
 
 class RawPeer(asyncio.DatagramProtocol):

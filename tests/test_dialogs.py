@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rawsip import Dialer, RawPeer
+from rawsip import Dialer, RawPeer, address, serving, to_tag
 from voiceline.app import VoiceLine
 from voiceline.audio.g711 import ulaw_decode, ulaw_encode
 from voiceline.audio.hold import PAD_HZ
 from voiceline.audio.rtp import build_packet
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sim.analysis import goertzel_db
-from voiceline.sip.message import SipResponse, parse_name_addr, parse_via, response_to, serialize
+from voiceline.sip.message import SipResponse, parse_via, response_to, serialize
 from voiceline.sip.sdp import parse_sdp
 from voiceline.sip.useragent import Call
 
@@ -41,14 +41,10 @@ def make_config(tmp_path: Path, media: dict[str, object] | None = None, **sip: o
     ).validate()
 
 
-@contextlib.asynccontextmanager
-async def running(tmp_path: Path, media: dict[str, object] | None = None, **sip: object) -> AsyncIterator[VoiceLine]:
-    app = VoiceLine(make_config(tmp_path, media, **sip))
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.stop()
+def running(
+    tmp_path: Path, media: dict[str, object] | None = None, **sip: object
+) -> contextlib.AbstractAsyncContextManager[VoiceLine]:
+    return serving(make_config(tmp_path, media, **sip))
 
 
 @pytest.fixture
@@ -62,15 +58,6 @@ async def peer() -> AsyncIterator[RawPeer]:
     p = await RawPeer.open()
     yield p
     p.close()
-
-
-def address(app: VoiceLine) -> tuple[str, int]:
-    assert app.agent is not None and app.agent.transport is not None
-    return app.agent.transport.local_address
-
-
-def tag_of(response: SipResponse) -> str:
-    return parse_name_addr(response.headers.get("To") or "").tag or ""
 
 
 def the_call(app: VoiceLine) -> Call:
@@ -134,7 +121,7 @@ async def call_in(peer: RawPeer, server: tuple[str, int], phone: Phone, extra: s
     dialer = Dialer(peer, server)
     dialer.invite(rtp_port=phone.port, formats="0 101", extra=extra)
     ok = await peer.response(status=200, method="INVITE")
-    dialer.ack(tag_of(ok))
+    dialer.ack(to_tag(ok))
     phone.server_port = parse_sdp(ok.body).media[0].port
     return dialer, ok
 
@@ -240,7 +227,7 @@ async def test_offerless_invite_gets_our_offer_and_the_ack_answers(service: Voic
         offer = parse_sdp(ok.body)
         assert offer.media[0].formats == ["0", "8", "9", "111", "101"] and direction(ok.body) == "sendrecv"
         assert b"a=rtpmap:9 G722/8000\r\n" in ok.body and b"a=rtpmap:111 opus/48000/2\r\n" in ok.body
-        dialer.ack(tag_of(ok), sdp_port=phone.port)
+        dialer.ack(to_tag(ok), sdp_port=phone.port)
         await asyncio.sleep(0.2)
         assert service.pool("default").waiting == 1
         assert is_hold_audio(await phone.listen(0.8))
@@ -252,7 +239,7 @@ async def test_offerless_invite_whose_ack_has_no_answer_is_ended_with_bye(servic
     dialer = Dialer(peer, address(service))
     dialer.invite(rtp_port=None)
     ok = await peer.response(status=200)
-    dialer.ack(tag_of(ok))
+    dialer.ack(to_tag(ok))
     bye = await peer.request("BYE")
     assert bye.headers.get("Call-ID") == dialer.call_id
     assert service.agent is not None and service.agent.calls == []
@@ -278,7 +265,7 @@ async def test_reinvite_with_another_codec_gets_488_and_the_session_goes_on(serv
                          f"m=audio {phone.port} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n", content_type="application/sdp")
         refused = await peer.response(method="INVITE")
         assert refused.status == 488
-        dialer.ack(tag_of(refused), for_error=True)
+        dialer.ack(to_tag(refused), for_error=True)
         assert len(await phone.listen(0.3)) > 5 and the_call(service).audio.codec == "PCMU"  # type: ignore[union-attr]
     finally:
         phone.close()
@@ -326,7 +313,7 @@ async def test_record_route_is_echoed_and_our_bye_follows_the_route_set(tmp_path
             dialer.invite(rtp_port=4000, extra=f"Record-Route: {route}\r\n")
             ok = await peer.response(status=200)
             assert ok.headers.get_all("Record-Route") == [route]
-            dialer.ack(tag_of(ok))
+            dialer.ack(to_tag(ok))
             bye = await proxy.request("BYE")  # maximum duration reached: the BYE goes via the route
             assert bye.headers.get_all("Route") == [route] and bye.uri.endswith(f":{peer.port}")
     finally:
@@ -358,7 +345,7 @@ async def test_unrefreshed_session_is_ended_with_bye(tmp_path: Path, peer: RawPe
         dialer.invite(rtp_port=4000, extra="Supported: timer\r\nSession-Expires: 3;refresher=uac\r\n")
         ok = await peer.response(status=200)
         assert ok.headers.get("Session-Expires") == "3;refresher=uac" and ok.headers.get("Require") == "timer"
-        dialer.ack(tag_of(ok))
+        dialer.ack(to_tag(ok))
         start = asyncio.get_running_loop().time()
         dialer.in_dialog("UPDATE", extra="Supported: timer\r\nSession-Expires: 3;refresher=uac\r\n")  # one refresh
         assert (await peer.response(method="UPDATE")).headers.get("Session-Expires") == "3;refresher=uac"
@@ -389,7 +376,7 @@ async def test_we_refresh_a_peer_without_timer_support(tmp_path: Path, peer: Raw
         dialer.invite(rtp_port=4000, extra=allow)
         ok = await peer.response(status=200)
         assert ok.headers.get("Session-Expires") == "3;refresher=uas"
-        dialer.ack(tag_of(ok))
+        dialer.ack(to_tag(ok))
         await answer_refresh(peer, method)  # at half the interval
         if method == "INVITE":
             ack = await peer.request("ACK")  # we ACK the 2xx to our re-INVITE
@@ -452,7 +439,7 @@ async def test_caller_answering_our_offer_with_sendonly_joins_on_hold(service: V
         dialer = Dialer(peer, address(service))
         dialer.invite(rtp_port=None)
         ok = await peer.response(status=200)
-        dialer.ack(tag_of(ok), sdp_port=phone.port, direction="sendonly")
+        dialer.ack(to_tag(ok), sdp_port=phone.port, direction="sendonly")
         await asyncio.sleep(0.1)
         assert the_call(service).on_hold and service.pool("default").waiting == 0
         assert len(await phone.listen(0.4)) == 0
@@ -468,7 +455,7 @@ async def test_our_refresh_refused_422_is_sent_again_with_the_peers_min_se(tmp_p
     async with running(tmp_path, session_expires=3, min_session_expires=1) as service:
         dialer = Dialer(peer, address(service))
         dialer.invite(rtp_port=4000, extra="Allow: INVITE, ACK, BYE, UPDATE\r\n")
-        dialer.ack(tag_of(await peer.response(status=200)))
+        dialer.ack(to_tag(await peer.response(status=200)))
         first = await peer.request("UPDATE", timeout=5)
         assert (first.headers.get("Session-Expires") or "").startswith("3;")
         via = parse_via(first.headers.get("Via") or "")

@@ -14,7 +14,7 @@ import pytest
 
 from rawsip import OFFER
 from test_end_to_end import A_HZ, assert_hold_audio
-from voiceline.sim.runner import CallReport, CallSpec, run_calls
+from voiceline.sim.runner import CallSpec, run_calls
 
 pytestmark = pytest.mark.interop
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
 from test_dtmf import dtmf, silence
-from test_media import HOST, PCMU, Phone, eventually, tone_frame
+from test_media import HOST, PCMU, Phone, eventually, phones, tone_frame  # phones: the fixture, shared
 
 from voiceline.audio import g711
 from voiceline.audio.codecs import lookup, new_coder
@@ -38,19 +38,6 @@ async def engine() -> AsyncIterator[MediaEngine]:
     yield engine
     engine.close()
     await asyncio.sleep(0)
-
-
-@pytest.fixture
-def phones() -> Iterator[Callable[[], Phone]]:
-    made: list[Phone] = []
-
-    def make() -> Phone:
-        made.append(Phone())
-        return made[-1]
-
-    yield make
-    for phone in made:
-        phone.sock.close()
 
 
 async def leg_for(

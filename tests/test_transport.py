@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import secrets
 import ssl
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rawsip import OFFER, RawPeer
+from rawsip import OFFER, RawPeer, serving
 from voiceline.app import VoiceLine
 from voiceline.config import Config, ConfigError, MediaConfig, SipConfig, StorageConfig
 from voiceline.sip.message import SipRequest, SipResponse, parse_message, parse_name_addr, parse_via
@@ -169,20 +168,14 @@ def test_client_transaction_over_tcp_has_no_timer_e_and_no_timer_k() -> None:
 _rtp_blocks = iter(range(46000, 46800, 20))
 
 
-@contextlib.asynccontextmanager
-async def running(tmp_path: Path, **sip: object) -> AsyncIterator[VoiceLine]:
+def running(tmp_path: Path, **sip: object) -> contextlib.AbstractAsyncContextManager[VoiceLine]:
     low = next(_rtp_blocks)
     config = Config(
         sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05), **sip),  # type: ignore[arg-type]
         media=MediaConfig(rtp_ports=f"{low}-{low + 19}"),
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
     ).validate()
-    app = VoiceLine(config)
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.stop()
+    return serving(config)
 
 
 def port_of(app: VoiceLine, name: str) -> int:

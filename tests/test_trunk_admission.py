@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from rawsip import Dialer, RawPeer
+from rawsip import Dialer, RawPeer, address, serving, to_tag
 from voiceline.app import VoiceLine
 from voiceline.config import from_mapping
 from voiceline.sip.auth import DigestClient, pick_challenge
-from voiceline.sip.message import Headers, SipRequest, SipResponse, parse_name_addr, response_to, serialize
+from voiceline.sip.message import Headers, SipRequest, SipResponse, response_to, serialize
 from voiceline.sip.transaction import new_branch
 
 _next_range = iter(range(44400, 45000, 20))
@@ -33,10 +33,9 @@ TRUNKS = [
 LINES = [{"name": "general", "numbers": ["100", "+4930100"]}, {"name": "language", "numbers": ["200"]}]
 
 
-@contextlib.asynccontextmanager
-async def running(
+def running(
     tmp_path: Path, trunks: list[dict[str, Any]] = TRUNKS, lines: list[dict[str, Any]] = LINES, **sip: Any
-) -> AsyncIterator[VoiceLine]:
+) -> contextlib.AbstractAsyncContextManager[VoiceLine]:
     low = next(_next_range)
     config = from_mapping(
         {
@@ -47,12 +46,7 @@ async def running(
             "lines": lines,
         }
     )
-    app = VoiceLine(config)
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.stop()
+    return serving(config)
 
 
 @contextlib.asynccontextmanager
@@ -62,15 +56,6 @@ async def peer_at(host: str) -> AsyncIterator[RawPeer]:
         yield peer
     finally:
         peer.close()
-
-
-def address(app: VoiceLine) -> tuple[str, int]:
-    assert app.agent is not None and app.agent.transport is not None
-    return app.agent.transport.local_address
-
-
-def to_tag(response: SipResponse) -> str:
-    return parse_name_addr(response.headers.get("To") or "").tag or ""
 
 
 async def final(peer: RawPeer, timeout: float = 3.0) -> SipResponse:

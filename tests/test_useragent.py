@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rawsip import Dialer, RawPeer
+from rawsip import Dialer, RawPeer, address, serving
 from voiceline.app import VoiceLine
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sip.message import parse_name_addr
@@ -30,14 +30,8 @@ def make_config(tmp_path: Path, rtp_ports: int = 20, **sip: object) -> Config:
     ).validate()
 
 
-@contextlib.asynccontextmanager
-async def running(tmp_path: Path, rtp_ports: int = 20, **sip: object) -> AsyncIterator[VoiceLine]:
-    app = VoiceLine(make_config(tmp_path, rtp_ports, **sip))
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.stop()
+def running(tmp_path: Path, rtp_ports: int = 20, **sip: object) -> contextlib.AbstractAsyncContextManager[VoiceLine]:
+    return serving(make_config(tmp_path, rtp_ports, **sip))
 
 
 @pytest.fixture
@@ -51,11 +45,6 @@ async def peer() -> AsyncIterator[RawPeer]:
     p = await RawPeer.open()
     yield p
     p.close()
-
-
-def address(app: VoiceLine) -> tuple[str, int]:
-    assert app.agent is not None and app.agent.transport is not None
-    return app.agent.transport.local_address
 
 
 class RtpSink(asyncio.DatagramProtocol):

@@ -88,8 +88,23 @@ def _server_key(request: SipRequest, method: str) -> tuple[str, ...]:
     return ("2543", request.headers.get("Call-ID") or "", from_tag, str(cseq), str(via), method)
 
 
+class _Kind:
+    """What both transaction sides derive from their request and transport."""
+
+    request: SipRequest
+    transport: str
+
+    @property
+    def is_invite(self) -> bool:
+        return self.request.method == "INVITE"
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport in RELIABLE_TRANSPORTS
+
+
 @dataclass(eq=False)
-class ServerTransaction:
+class ServerTransaction(_Kind):
     key: tuple[str, ...]
     request: SipRequest
     source: Address  # where responses go (RFC 3261 18.2.2)
@@ -101,20 +116,12 @@ class ServerTransaction:
     deadlines: dict[str, float] = field(default_factory=dict)
     merge_key: tuple[str, ...] | None = None
 
-    @property
-    def is_invite(self) -> bool:
-        return self.request.method == "INVITE"
-
-    @property
-    def reliable(self) -> bool:
-        return self.transport in RELIABLE_TRANSPORTS
-
     def send(self, data: bytes) -> Send:
         return Send(data, self.source, self.transport)
 
 
 @dataclass(eq=False)
-class ClientTransaction:
+class ClientTransaction(_Kind):
     key: tuple[str, ...]
     request: SipRequest
     data: bytes
@@ -128,14 +135,6 @@ class ClientTransaction:
     # Our ACK for an INVITE's final response: sent by the transaction for a non-2xx, by the
     # TU for a 2xx (kept here so a repeated 2xx gets the same ACK until Timer M).
     ack: bytes | None = None
-
-    @property
-    def is_invite(self) -> bool:
-        return self.request.method == "INVITE"
-
-    @property
-    def reliable(self) -> bool:
-        return self.transport in RELIABLE_TRANSPORTS
 
     def send(self) -> Send:
         return Send(self.data, self.dest, self.transport)
