@@ -53,6 +53,7 @@ bench: $(VENV)/.installed system-libs
 
 test: $(VENV)/.installed-test system-deps
 	$(BIN)/python -m mypy voiceline
+	$(BIN)/lint-imports
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
