@@ -27,8 +27,9 @@ MILLISECONDS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 @pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
-    level = root.level
+    level, last_resort = root.level, logging.lastResort
     yield
+    logging.lastResort = last_resort
     for handler in [h for h in root.handlers if h.get_name() == logs.HANDLER_NAME]:
         root.removeHandler(handler)
     root.setLevel(level)
@@ -153,6 +154,20 @@ def test_library_loggers_stay_at_info_unless_asked() -> None:
     logging.getLogger("aiosqlite").info("hidden")
     logs.get_logger("voiceline.t").info("hidden too")
     assert stream.getvalue() == ""
+
+
+def test_a_logger_that_does_not_propagate_is_redacted_too(capsys: pytest.CaptureFixture[str]) -> None:
+    stream = io.StringIO()
+    logs.configure_logging("json", "info", stream)
+    lonely = logging.getLogger("lonelylibrary")
+    lonely.propagate = False
+    try:
+        lonely.warning("caller %s", CANARY)  # no handler anywhere: the stdlib's last resort writes it
+    finally:
+        lonely.propagate = True
+    assert capsys.readouterr().err == ""
+    (line,) = json_lines(stream)
+    assert line["event"] == "caller [redacted]" and line["logger"] == "lonelylibrary"
 
 
 async def test_aiosqlite_statements_are_not_logged_at_our_debug_level(tmp_path: Path) -> None:

@@ -130,6 +130,8 @@ def configure_logging(
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
+    # A logger that does not propagate and has no handler of its own would print raw to stderr.
+    logging.lastResort = handler
     root.setLevel(library_levelno)
     logging.getLogger(OUR_LOGGER).setLevel(levelno)
 
