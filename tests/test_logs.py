@@ -375,7 +375,8 @@ async def test_no_line_links_partners_at_info(tmp_path: Path, level: str) -> Non
     events = [line["event"] for line in lines]
     assert events.count("pairing.next_partner_requested") == 1
     pair_lines = [line for line in lines if line["event"] in ("pairing.talking", "pairing.waiting")]
-    assert len(pair_lines) == 4 and all(set(line) == {"event", "waiting", "level", "logger", "timestamp"} for line in pair_lines)
+    assert len(pair_lines) == 4
+    assert all(set(line) == {"event", "waiting", "level", "logger", "timestamp"} for line in pair_lines)
     detail = [line for line in lines if line["event"] == "pairing.partners"]
     if level == "info":
         for line in lines:

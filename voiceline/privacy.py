@@ -53,13 +53,13 @@ MAX_SEPARATORS = 4  # "(555) - 000": at most this many separators between two di
 _ESCAPES = re.compile(_ESCAPE)
 
 # Digit shapes logs need, tried before a number at the same position: ISO dates
-# and times (a fraction of at most 6 digits) and IPv4 addresses or networks
+# and times (a fraction of at most 3 digits: milliseconds) and IPv4 addresses or networks
 # (octets 0-255 without leading zeros, so "15.550.001.234" is a number). Either
 # is kept only when no further digits follow it: "2024-01-02 1234" is a number.
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _ISO_TIME = (
     r"(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
-    r"(?:[T ](?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:[.,]\d{1,6})?)?)?"
+    r"(?:[T ](?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:[.,]\d{1,3})?)?)?"
     rf"(?!{_SEPARATOR}{{0,{MAX_SEPARATORS}}}\d)"
 )
 _IPV4 = (
