@@ -2,25 +2,38 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import Iterator
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import aiosqlite
 import pytest
 import structlog
+from rawsip import Dialer, RawPeer, address, serving, to_tag
 
 from voiceline import logs
+from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 
 CANARY = "+15550001234"
 CANARY_DIGITS = "15550001234"
+CALL_ID = re.compile(r"c-[a-z]{12}")
+WHOLE_SECONDS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+MILLISECONDS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 @pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
-    level = root.level
+    level, last_resort = root.level, logging.lastResort
     yield
+    logging.lastResort = last_resort
     for handler in [h for h in root.handlers if h.get_name() == logs.HANDLER_NAME]:
         root.removeHandler(handler)
     root.setLevel(level)
+    logging.getLogger(logs.OUR_LOGGER).setLevel(logging.NOTSET)
     structlog.reset_defaults()
 
 
@@ -78,10 +91,100 @@ def test_console_lines_are_redacted() -> None:
 def test_what_logs_need_survives() -> None:
     stream = io.StringIO()
     logs.configure_logging("json", "info", stream)
-    logs.get_logger("t").info("media.ready", rtp="127.0.0.1:20000", ports="20000-29999", ssrc=3735928559, jitter=0.02)
+    logs.get_logger("t").info(
+        "media.ready", call="c-bcdfghjkmnpq", rtp="127.0.0.1:20000", network="198.51.100.0/24", ssrc=3735928559, jitter=0.02
+    )
     (line,) = json_lines(stream)
-    assert line["rtp"] == "127.0.0.1:20000" and line["ports"] == "20000-29999"
-    assert line["ssrc"] == 3735928559 and line["jitter"] == 0.02
+    assert line["call"] == "c-bcdfghjkmnpq" and line["rtp"] == "127.0.0.1:20000" and line["network"] == "198.51.100.0/24"
+    assert line["ssrc"] == 3735928559 and line["jitter"] == 0.02  # numbers stay numbers
+    assert WHOLE_SECONDS.fullmatch(line["timestamp"])
+
+
+def test_times_are_whole_seconds_at_info_and_milliseconds_only_at_debug() -> None:
+    for level, shape in (("info", WHOLE_SECONDS), ("warning", WHOLE_SECONDS), ("debug", MILLISECONDS)):
+        stream = io.StringIO()
+        logs.configure_logging("json", level, stream)
+        logs.get_logger("voiceline.t").warning("ours")
+        logging.getLogger("asyncio").warning("a library's")
+        stamps = [line["timestamp"] for line in json_lines(stream)]
+        assert len(stamps) == 2 and all(shape.fullmatch(stamp) for stamp in stamps), (level, stamps)
+
+
+def test_exception_text_is_redacted_after_formatting() -> None:
+    stream = io.StringIO()
+    logs.configure_logging("console", "info", stream)
+    nbsp = CANARY.replace("555", "\u00a0555\u00a0").replace("0001", "000\u00a01")
+    try:
+        try:
+            raise KeyError(nbsp)  # str(KeyError) is the repr: "\xa0" escapes
+        except KeyError as exc:
+            exc.add_note(f"while talking to mailto:{CANARY}@example.org")
+            raise RuntimeError(f"caller {CANARY[:5]} {CANARY[5:]}") from exc
+    except RuntimeError:
+        logs.get_logger("voiceline.t").exception("call.failed", stack_info=True)
+        error = sys.exc_info()
+    # A record another handler already formatted carries its raw traceback in exc_text.
+    record = logging.makeLogRecord({"name": "aiosqlite", "msg": "boom", "levelno": logging.ERROR, "levelname": "ERROR"})
+    record.exc_info, record.exc_text = error, f"Traceback: caller {CANARY}"
+    (handler,) = [h for h in logging.getLogger().handlers if h.get_name() == logs.HANDLER_NAME]
+    handler.handle(record)
+    output = stream.getvalue()
+    assert_no_canary(output)
+    assert "\\xa0555" not in output and "xa0000" not in output
+    assert output.count("KeyError: '[redacted]'") == 2 and output.count("RuntimeError: caller [redacted]") == 2
+    assert "while talking to mailto:[redacted]@example.org" in output and "Stack (most recent call last)" in output
+
+
+def test_library_loggers_stay_at_info_unless_asked() -> None:
+    stream = io.StringIO()
+    logs.configure_logging("json", "debug", stream)
+    logs.get_logger("voiceline.t").debug("ours")
+    logging.getLogger("aiosqlite").debug("executing %r", CANARY)
+    logging.getLogger("asyncio").info("a library's info")
+    assert [line["event"] for line in json_lines(stream)] == ["ours", "a library's info"]
+
+    stream = io.StringIO()
+    logs.configure_logging("json", "debug", stream, library_level="debug")
+    logging.getLogger("aiosqlite").debug("executing %r", CANARY)
+    (line,) = json_lines(stream)
+    assert line["event"] == "executing '[redacted]'"
+
+    stream = io.StringIO()  # never below our own level
+    logs.configure_logging("json", "warning", stream, library_level="debug")
+    logging.getLogger("aiosqlite").info("hidden")
+    logs.get_logger("voiceline.t").info("hidden too")
+    assert stream.getvalue() == ""
+
+
+def test_a_logger_that_does_not_propagate_is_redacted_too(capsys: pytest.CaptureFixture[str]) -> None:
+    stream = io.StringIO()
+    logs.configure_logging("json", "info", stream)
+    lonely = logging.getLogger("lonelylibrary")
+    lonely.propagate = False
+    try:
+        lonely.warning("caller %s", CANARY)  # no handler anywhere: the stdlib's last resort writes it
+    finally:
+        lonely.propagate = True
+    assert capsys.readouterr().err == ""
+    (line,) = json_lines(stream)
+    assert line["event"] == "caller [redacted]" and line["logger"] == "lonelylibrary"
+
+
+async def test_aiosqlite_statements_are_not_logged_at_our_debug_level(tmp_path: Path) -> None:
+    async def insert_canary() -> str:
+        stream = io.StringIO()
+        logs.configure_logging("json", "debug", stream, library_level=library_level)
+        async with aiosqlite.connect(tmp_path / "t.db") as db:
+            await db.execute("CREATE TABLE IF NOT EXISTS t (caller TEXT)")
+            await db.execute("INSERT INTO t VALUES (?)", (CANARY,))
+        return stream.getvalue()
+
+    library_level = "info"
+    assert "aiosqlite" not in await insert_canary()
+    library_level = "debug"  # asked for: every statement is there, its parameters redacted
+    output = await insert_canary()
+    assert "INSERT INTO t VALUES" in output and "[redacted]" in output
+    assert_no_canary(output)
 
 
 def test_context_variables_are_merged_and_redacted() -> None:
@@ -112,7 +215,7 @@ def test_reconfigure_replaces_the_handler() -> None:
     logs.configure_logging("json", "debug", second)
     ours = [h for h in logging.getLogger().handlers if h.get_name() == logs.HANDLER_NAME]
     assert len(ours) == 1
-    logs.get_logger("t").debug("once")
+    logs.get_logger("voiceline.t").debug("once")
     assert first.getvalue() == ""
     assert [line["event"] for line in json_lines(second)] == ["once"]
 
@@ -158,3 +261,129 @@ async def test_loop_exception_handler_logs_type_and_redacted_message() -> None:
     assert without_exc["event"] == "loop.error"
     assert without_exc["message"] == "Task was destroyed but it is pending!"
     assert "task" not in without_exc
+
+
+SERVE_THAT_CRASHES = textwrap.dedent(
+    """
+    import asyncio, logging, sys, threading, warnings
+    import voiceline.app
+    from voiceline import cli
+
+    CANARY = sys.argv[1]
+
+    class Leaky:
+        def __del__(self):
+            raise ValueError(f"dropped caller {CANARY}")
+
+    def on_datagram(data):
+        raise ValueError(f"bad From {CANARY}")
+
+    def worker():
+        raise ValueError(f"thread saw {CANARY}")
+
+    async def serve(config):
+        warnings.warn(f"odd caller {CANARY}")
+        logging.getLogger("somelibrary").error("caller %s", CANARY)
+        thread = threading.Thread(target=worker, name=f"for {CANARY}")
+        thread.start()
+        thread.join()
+        Leaky()
+        asyncio.get_running_loop().call_soon(on_datagram, CANARY.encode())
+        await asyncio.sleep(0)
+        raise RuntimeError(f"crashed on caller {CANARY}")
+
+    voiceline.app.serve = serve
+    sys.exit(cli.main(["serve", "--data-dir", sys.argv[2], "--listen", "127.0.0.1:0", "--log-format", "json"]))
+    """
+)
+
+
+def test_a_crashing_service_writes_nothing_unredacted(tmp_path: Path) -> None:
+    """Everything Python itself would print raw goes through the redacting log pipeline."""
+    result = subprocess.run(
+        [sys.executable, "-c", SERVE_THAT_CRASHES, CANARY, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stderr == ""
+    assert_no_canary(result.stdout)
+    lines = {line["event"]: line for line in map(json.loads, result.stdout.splitlines())}
+    warning = next(line for line in lines.values() if line["logger"] == "py.warnings")
+    assert "UserWarning: odd caller [redacted]" in warning["event"]
+    assert lines["caller [redacted]"]["logger"] == "somelibrary"
+    assert "ValueError: thread saw [redacted]" in lines["thread.uncaught_exception"]["exception"]
+    assert lines["thread.uncaught_exception"]["thread"] == "for [redacted]"
+    assert "ValueError: dropped caller [redacted]" in lines["process.unraisable"]["exception"]
+    assert lines["process.unraisable"]["object_type"] == "function"  # Leaky.__del__, never its repr
+    assert lines["loop.error"]["error"] == "bad From [redacted]"
+    crash = lines["process.uncaught_exception"]
+    assert crash["level"] == "critical" and "RuntimeError: crashed on caller [redacted]" in crash["exception"]
+
+
+PAIRING_RTP_PORTS = "27730-27749"
+
+
+async def dial(peer: RawPeer, server: tuple[str, int]) -> Dialer:
+    """A confirmed call from `peer` (no media: pairing needs none)."""
+    dialer = Dialer(peer, server)
+    dialer.invite(rtp_port=4000)
+    dialer.ack(to_tag(await peer.response(status=200)))
+    return dialer
+
+
+async def logged(stream: io.StringIO, condition: Callable[[list[dict]], bool], attempts: int = 300) -> list[dict]:
+    """The log lines so far, once `condition` holds for them."""
+    for _ in range(attempts):
+        lines = json_lines(stream)
+        if condition(lines):
+            return lines
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never logged: {[line['event'] for line in json_lines(stream)]}")
+
+
+def count(event: str, at_least: int) -> Callable[[list[dict]], bool]:
+    return lambda lines: sum(line["event"] == event for line in lines) >= at_least
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+async def test_no_line_links_partners_at_info(tmp_path: Path, level: str) -> None:
+    """Two callers pair, one presses '#', then hangs up: each step a partner causes is logged without ids."""
+    stream = io.StringIO()
+    logs.configure_logging("json", level, stream)
+    config = Config(
+        sip=SipConfig(listen="127.0.0.1:0", answer_delay=0.01),
+        media=MediaConfig(rtp_ports=PAIRING_RTP_PORTS),
+        storage=StorageConfig(data_dir=str(tmp_path / "data")),
+    ).validate()
+    peer = await RawPeer.open()
+    try:
+        async with serving(config) as app:
+            server = address(app)
+            first = await dial(peer, server)
+            second = await dial(peer, server)
+            await logged(stream, count("pairing.talking", 1))
+            first.in_dialog("INFO", body="Signal=#\r\nDuration=160\r\n", content_type="application/dtmf-relay")
+            await logged(stream, count("pairing.waiting", 3))
+            first.in_dialog("BYE")
+            lines = await logged(stream, count("call.ended", 1))
+            second.in_dialog("BYE")  # else stopping waits for our answer to its BYE
+            await logged(stream, count("call.ended", 2))
+    finally:
+        peer.close()
+
+    calls = sorted({line["call"] for line in lines if line["event"] == "call.offered"})
+    assert len(calls) == 2
+    events = [line["event"] for line in lines]
+    assert events.count("pairing.next_partner_requested") == 1
+    pair_lines = [line for line in lines if line["event"] in ("pairing.talking", "pairing.waiting")]
+    assert len(pair_lines) == 4
+    assert all(set(line) == {"event", "waiting", "level", "logger", "timestamp"} for line in pair_lines)
+    detail = [line for line in lines if line["event"] == "pairing.partners"]
+    if level == "info":
+        for line in lines:
+            assert len(set(CALL_ID.findall(json.dumps(line)))) <= 1, line
+            assert WHOLE_SECONDS.fullmatch(line["timestamp"])
+        assert detail == []
+    else:  # debug names partners, and says so in the README
+        (partners,) = detail
+        assert sorted([partners["call"], partners["partner"]]) == calls
+        assert all(MILLISECONDS.fullmatch(line["timestamp"]) for line in lines)

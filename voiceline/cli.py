@@ -78,10 +78,13 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
 
     from voiceline.app import serve
-    from voiceline.logs import configure_logging, install_loop_exception_handler
+    from voiceline.logs import configure_logging, install_loop_exception_handler, install_process_hooks
+    from voiceline.privacy import redact
     from voiceline.storage import StorageError
 
-    configure_logging(cfg.log.format, cfg.log.level)
+    configure_logging(cfg.log.format, cfg.log.level, library_level=cfg.log.library_level)
+    # From here on a crash is a redacted log line on stdout, never a raw traceback on stderr.
+    install_process_hooks()
 
     async def main() -> int:
         install_loop_exception_handler(asyncio.get_running_loop())
@@ -90,10 +93,10 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         return run_async(main)
     except OSError as exc:
-        print(f"voiceline: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        print(f"voiceline: cannot start: {redact(str(exc.strerror or exc))}", file=sys.stderr)
         return 1
     except StorageError as exc:
-        print(f"voiceline: cannot open storage: {exc}", file=sys.stderr)
+        print(f"voiceline: cannot open storage: {redact(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -124,6 +124,7 @@ class StorageConfig:
 class LogConfig:
     format: str = "console"
     level: str = "info"
+    library_level: str = "info"  # other libraries' loggers: never below `level`
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,9 @@ class Config:
             raise ConfigError("media.realtime_priority: must be between 0 (off) and 99")
         if self.log.format not in ("console", "json"):
             raise ConfigError("log.format: must be 'console' or 'json'")
-        if self.log.level not in ("debug", "info", "warning", "error"):
-            raise ConfigError("log.level: must be debug, info, warning or error")
+        for key in ("level", "library_level"):
+            if getattr(self.log, key) not in ("debug", "info", "warning", "error"):
+                raise ConfigError(f"log.{key}: must be debug, info, warning or error")
         return self
 
 

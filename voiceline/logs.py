@@ -2,7 +2,13 @@
 
 Every line, ours or a library's (asyncio, aiosqlite), is rendered by the same
 `ProcessorFormatter` on one root handler; `privacy.redact` runs over it last
-before rendering, so exception text and stack traces are covered too.
+before rendering, after exceptions and stacks are formatted, so their text is
+covered too. `install_process_hooks` sends what Python would print to stderr
+itself (uncaught exceptions in any thread, unraisable errors, warnings) through
+the same pipeline.
+
+At the default level times are whole seconds: per-call lines with milliseconds
+could be matched against a carrier's call records.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any, TextIO
 
 import structlog
@@ -20,12 +28,18 @@ from voiceline.privacy import redact
 
 HANDLER_NAME = "voiceline"
 FORMATS = ("console", "json")
+OUR_LOGGER = "voiceline"  # our loggers' common parent; every other logger is a library's
 
 
-def _timestamp(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    # Milliseconds, not microseconds: a 6-digit fraction would be redacted.
-    event_dict["timestamp"] = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return event_dict
+class _Timestamper:
+    """ISO 8601 UTC time: whole seconds, milliseconds only when logging at debug."""
+
+    def __init__(self, timespec: str) -> None:
+        self._timespec = timespec
+
+    def __call__(self, _: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+        event_dict["timestamp"] = datetime.now(UTC).isoformat(timespec=self._timespec).replace("+00:00", "Z")
+        return event_dict
 
 
 def _scrub(value: Any) -> Any:
@@ -55,8 +69,11 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         note = logging.makeLogRecord(
             {"name": record.name, "msg": "log.format_error", "levelno": logging.ERROR, "levelname": "ERROR"}
         )
-        self.stream.write(self.format(note) + self.terminator)
-        self.flush()
+        try:
+            self.stream.write(self.format(note) + self.terminator)
+            self.flush()
+        except Exception:
+            pass  # the stream itself is broken (a closed pipe): lose the line, never raise into the caller
 
 
 def _renderer(format: str) -> Processor:
@@ -65,23 +82,34 @@ def _renderer(format: str) -> Processor:
     return structlog.dev.ConsoleRenderer(colors=False)
 
 
-def configure_logging(format: str = "console", level: str = "info", stream: TextIO = sys.stdout) -> None:
-    """Send structlog and stdlib logging to `stream`, one redacted line per event.
-
-    Calling it again replaces the previous set-up instead of adding to it.
-    """
-    if format not in FORMATS:
-        raise ValueError(f"log format must be one of {', '.join(FORMATS)}")
+def _level_number(level: str) -> int:
     levelno = logging.getLevelNamesMapping().get(level.upper())
     if levelno is None:
         raise ValueError(f"unknown log level {level!r}")
+    return levelno
+
+
+def configure_logging(
+    format: str = "console", level: str = "info", stream: TextIO = sys.stdout, library_level: str = "info"
+) -> None:
+    """Send structlog and stdlib logging to `stream`, one redacted line per event.
+
+    Our loggers log at `level`; every other logger (asyncio, aiosqlite, which at
+    debug writes each SQL statement with its parameters) at `library_level` or
+    `level`, whichever is higher. Calling it again replaces the previous set-up
+    instead of adding to it.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}")
+    levelno = _level_number(level)
+    library_levelno = max(levelno, _level_number(library_level))
 
     # Run for both structlog events and foreign (stdlib) records.
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        _timestamp,
+        _Timestamper("milliseconds" if levelno <= logging.DEBUG else "seconds"),
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,
     ]
@@ -102,7 +130,10 @@ def configure_logging(format: str = "console", level: str = "info", stream: Text
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
-    root.setLevel(levelno)
+    # A logger that does not propagate and has no handler of its own would print raw to stderr.
+    logging.lastResort = handler
+    root.setLevel(library_levelno)
+    logging.getLogger(OUR_LOGGER).setLevel(levelno)
 
     structlog.configure(
         processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -135,3 +166,63 @@ def _on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> 
 def install_loop_exception_handler(loop: asyncio.AbstractEventLoop) -> None:
     """Route the loop's unhandled errors to structlog as `loop.error` events."""
     loop.set_exception_handler(_on_loop_error)
+
+
+_process_log = get_logger("voiceline.process")
+
+
+def _report_unloggable(exc_type: type[BaseException]) -> None:
+    # Logging itself failed: the type name is all that may reach stderr.
+    try:
+        sys.__stderr__.write(f"voiceline: uncaught {exc_type.__name__}\n")  # type: ignore[union-attr]
+    except Exception:
+        pass
+
+
+def _on_uncaught(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    try:
+        _process_log.critical("process.uncaught_exception", error_type=exc_type.__name__, exc_info=(exc_type, exc, tb))
+    except Exception:
+        _report_unloggable(exc_type)
+
+
+def _on_thread_uncaught(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # as the stdlib hook: a thread's SystemExit is silent
+    try:
+        _process_log.critical(
+            "thread.uncaught_exception",
+            thread=args.thread.name if args.thread else None,
+            error_type=args.exc_type.__name__,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )
+    except Exception:
+        _report_unloggable(args.exc_type)
+
+
+def _on_unraisable(args: sys.UnraisableHookArgs) -> None:
+    # An error Python can only ignore (in __del__, a weakref or atexit callback).
+    # Never render `args.object`: its repr may carry call data.
+    try:
+        exc_info = (args.exc_type, args.exc_value, args.exc_traceback) if args.exc_value is not None else None
+        _process_log.error(
+            "process.unraisable",
+            message=args.err_msg or "Exception ignored",
+            object_type=type(args.object).__qualname__,
+            error_type=args.exc_type.__name__,
+            exc_info=exc_info,
+        )
+    except Exception:
+        _report_unloggable(args.exc_type)
+
+
+def install_process_hooks() -> None:
+    """Route what Python itself would print to stderr through the redacting pipeline.
+
+    Uncaught exceptions (main thread and other threads), unraisable errors and
+    warnings become log lines; their tracebacks are redacted like any other.
+    """
+    logging.captureWarnings(True)
+    sys.excepthook = _on_uncaught
+    threading.excepthook = _on_thread_uncaught
+    sys.unraisablehook = _on_unraisable

@@ -8,6 +8,9 @@ Keys mean one thing: `#` while talking asks for someone else. Both callers
 go back to waiting, and the two are not paired with each other again for
 the rest of these calls while anyone else can be paired with either (the
 call ids they skipped live in memory with the sessions, nothing else).
+
+Logs never link two calls at info: lines a partner causes (paired, back to
+waiting) carry only the pool's size; which calls, and who with, is debug.
 """
 
 from __future__ import annotations
@@ -171,7 +174,8 @@ class PairingService:
         partner = self._pool.add(session, now, session.may_pair)
         if partner is None:
             session.participant.hear_hold()
-            log.info("pairing.waiting", call=session.participant.id, waiting=len(self._pool))
+            log.info("pairing.waiting", waiting=len(self._pool))
+            log.debug("pairing.call_waiting", call=session.participant.id)
             return
         for one, other in ((session, partner), (partner, session)):
             one.enter(Phase.TALKING, now)
@@ -179,4 +183,11 @@ class PairingService:
             one.partners += 1
             # Neither is held: held callers are never in the pool.
             one.participant.hear(other.participant)
-            log.info("pairing.talking", call=one.participant.id, waited=round(one.waited, 1))
+        log.info("pairing.talking", waiting=len(self._pool))
+        log.debug(
+            "pairing.partners",
+            call=session.participant.id,
+            partner=partner.participant.id,
+            waited=round(session.waited, 1),
+            partner_waited=round(partner.waited, 1),
+        )
