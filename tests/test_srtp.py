@@ -387,12 +387,18 @@ async def service(tmp_path: Path, policy: str, log_level: str = "info") -> Async
         yield app
 
 
-def send_invite(dialer: Dialer, body: bytes) -> None:
-    """An INVITE carrying `body` as its offer (Dialer.invite writes plain offers only)."""
-    dialer.branch = "z9hG4bK" + secrets.token_hex(6)
-    head = dialer._headers("INVITE", dialer.branch, dialer.cseq)
-    text = f"INVITE {dialer.request_uri} SIP/2.0\r\n{head}Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n"
+def send_sdp(dialer: Dialer, method: str, body: bytes) -> None:
+    """An INVITE with `body` as its offer, or an ACK with it as the answer (Dialer writes plain SDP only)."""
+    branch = "z9hG4bK" + secrets.token_hex(6)
+    if method == "INVITE":
+        dialer.branch = branch
+    head = dialer._headers(method, branch, dialer.cseq, dialer.to_tag)
+    text = f"{method} {dialer.request_uri} SIP/2.0\r\n{head}Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n"
     dialer.peer.send(text.encode() + body, dialer.server)
+
+
+def send_invite(dialer: Dialer, body: bytes) -> None:
+    send_sdp(dialer, "INVITE", body)
 
 
 @pytest.mark.parametrize(
@@ -455,6 +461,30 @@ async def test_an_srtp_caller_hears_hold_audio_under_the_answers_key_and_rekeys(
             rekeyed = peer_session(new_key, outbound=True)
             rtp.sendto(rekeyed.protect(build_packet(PCMU, 4, 640, 7, bytes(160))), server_rtp)
             await eventually(lambda: leg.packets_in == 4)
+            dialer.in_dialog("BYE")
+            await peer.response(200, "BYE")
+        finally:
+            rtp.close()
+            peer.close()
+
+
+async def test_a_required_trunk_offers_srtp_in_its_own_offer(tmp_path: Path) -> None:
+    async with service(tmp_path, "required") as app:
+        peer = await RawPeer.open()
+        rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            rtp.bind((HOST, 0))
+            rtp.setblocking(False)
+            dialer = Dialer(peer, address(app))
+            dialer.invite(None)  # no offer: ours comes in the 200, the answer in the ACK
+            offer = await peer.response(200)
+            proto, ours = answer_crypto(offer.body)
+            assert proto == "RTP/SAVP" and (ours.tag, ours.suite) == (1, SUITE_80)
+            dialer.to_tag = to_tag(offer)
+            send_sdp(dialer, "ACK", sdp(port=rtp.getsockname()[1]))
+            receive = peer_session(ours.key, outbound=False)  # hold audio under the key we offered
+            packet = receive.unprotect(await asyncio.wait_for(asyncio.get_running_loop().sock_recv(rtp, 2048), 2.0))
+            assert parse_header(packet) is not None
             dialer.in_dialog("BYE")
             await peer.response(200, "BYE")
         finally:
