@@ -397,10 +397,6 @@ def send_sdp(dialer: Dialer, method: str, body: bytes) -> None:
     dialer.peer.send(text.encode() + body, dialer.server)
 
 
-def send_invite(dialer: Dialer, body: bytes) -> None:
-    send_sdp(dialer, "INVITE", body)
-
-
 @pytest.mark.parametrize(
     ("policy", "offer", "status"),
     [("required", plain_sdp(), 488), ("off", sdp(), 488), ("optional", sdp(), 200), ("optional", plain_sdp(), 200)],
@@ -410,7 +406,7 @@ async def test_the_service_answers_offers_by_trunk_policy(tmp_path: Path, policy
         peer = await RawPeer.open()
         try:
             dialer = Dialer(peer, address(app))
-            send_invite(dialer, offer)
+            send_sdp(dialer, "INVITE", offer)
             response = await peer.response()
             while response.status < 200:
                 response = await peer.response()
@@ -434,7 +430,7 @@ async def test_an_srtp_caller_hears_hold_audio_under_the_answers_key_and_rekeys(
             rtp.bind((HOST, 0))
             rtp.setblocking(False)
             dialer = Dialer(peer, address(app))
-            send_invite(dialer, sdp(port=rtp.getsockname()[1]))
+            send_sdp(dialer, "INVITE", sdp(port=rtp.getsockname()[1]))
             answer = await peer.response(200)
             dialer.ack(to_tag(answer))
             _, ours = answer_crypto(answer.body)
@@ -517,7 +513,7 @@ async def test_srtp_keys_are_written_nowhere(voiceline_server: Callable[..., Any
         rtp.bind((HOST, 0))
         port = rtp.getsockname()[1]
         dialer = Dialer(peer, (server.host, server.port))
-        send_invite(dialer, sdp(crypto=(f"1 {SUITE_80} inline:{inline[0]}",), port=port))
+        send_sdp(dialer, "INVITE", sdp(crypto=(f"1 {SUITE_80} inline:{inline[0]}",), port=port))
         answer = await peer.response(200)
         dialer.ack(to_tag(answer))
         _, ours = answer_crypto(answer.body)
@@ -535,7 +531,7 @@ async def test_srtp_keys_are_written_nowhere(voiceline_server: Callable[..., Any
         await peer.response(488, "INVITE")
         dialer.ack(dialer.to_tag, for_error=True)
         refused = Dialer(peer, (server.host, server.port))
-        send_invite(refused, sdp(crypto=(f"1 {SUITE_80} inline:{inline[2]}|2^20|1:4",), port=port))
+        send_sdp(refused, "INVITE", sdp(crypto=(f"1 {SUITE_80} inline:{inline[2]}|2^20|1:4",), port=port))
         refused.ack(to_tag(await peer.response(488, "INVITE")), for_error=True)
         dialer.in_dialog("BYE")
         await peer.response(200, "BYE")
