@@ -145,7 +145,7 @@ class CallHandler(Protocol):
     def call_confirmed(self, call: Call) -> None: ...
 
     def call_media_changed(self, call: Call) -> None:
-        """A re-INVITE or UPDATE changed the direction (`call.on_hold`) or the remote address."""
+        """A re-INVITE or UPDATE changed the direction (`call.on_hold`), the remote address or the SRTP key."""
         ...
 
     def call_dtmf(self, call: Call, digit: str) -> None:
