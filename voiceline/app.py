@@ -23,6 +23,7 @@ import structlog
 from voiceline.audio.codecs import available as codec_available
 from voiceline.audio.hold import chime_pattern, load_wav
 from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
+from voiceline.audio.srtp import SrtpKeys
 from voiceline.config import Config, SipConfig
 from voiceline.pairing.service import PairingService, Participant
 from voiceline.provisioning import load as load_provisioned
@@ -331,6 +332,9 @@ class VoiceLine:
             return
         remote = (call.audio.remote_host, call.audio.remote_port)
         leg.update_remote(remote)
+        keys = _srtp_keys(call)
+        if keys is not None:  # a re-offer keeps SRTP or plain RTP as the call began
+            leg.rekey(keys)
         self._quiet_since[call] = asyncio.get_running_loop().time()
         if call.on_hold:
             leg.set_sending(False)
@@ -377,7 +381,16 @@ class VoiceLine:
 def _start_media(leg: MediaLeg, call: Call) -> None:
     audio = call.audio
     assert audio is not None
-    leg.start((audio.remote_host, audio.remote_port), audio.codec, audio.payload_type, audio.telephone_event_pt)
+    remote = (audio.remote_host, audio.remote_port)
+    leg.start(remote, audio.codec, audio.payload_type, audio.telephone_event_pt, _srtp_keys(call))
+
+
+def _srtp_keys(call: Call) -> SrtpKeys | None:
+    """The negotiated SDES keys: ours (what we send) and the caller's; None for plain RTP."""
+    ours = call.media.local_crypto
+    if ours is None or call.audio is None or call.audio.crypto is None:
+        return None
+    return SrtpKeys(ours.suite, send_key=ours.key, receive_key=call.audio.crypto.key)
 
 
 def overload_limits(sip: SipConfig) -> OverloadLimits:

@@ -81,11 +81,12 @@ class TrunkChanges:
     no_register: bool = False
     codecs: tuple[str, ...] | None = None
     max_calls: int | None = None
+    srtp: str | None = None
 
     def apply(self, name: str, enabled: bool, settings: dict[str, Any]) -> Trunk:
         """The trunk `settings` (as stored) describe, with these changes; TrunkError when invalid."""
         merged = dict(settings)
-        for key in ("sources", "transports", "username", "password", "realm", "auth_algorithms", "codecs", "max_calls"):
+        for key in ("sources", "transports", "username", "password", "realm", "auth_algorithms", "codecs", "max_calls", "srtp"):
             if getattr(self, key) is not None:
                 merged[key] = getattr(self, key)
         if self.no_auth:

@@ -22,7 +22,7 @@ from voiceline import config as config_module
 from voiceline.config import Config, ConfigError
 from voiceline.provisioning import Provisioning, ProvisioningError, TrunkChanges
 from voiceline.sip.message import Headers, SipRequest, SipResponse
-from voiceline.sip.sdp import CODEC_NAMES
+from voiceline.sip.sdp import CODEC_NAMES, SRTP_POLICIES
 from voiceline.sip.transaction import Timers, new_branch
 from voiceline.sip.transport import open_udp
 from voiceline.sip.trunks import Trunk, parse_source
@@ -82,6 +82,7 @@ def _trunk_options(p: argparse.ArgumentParser, adding: bool) -> None:
     p.add_argument("--contact-user", help="user part of our Contact (default: the registration user name)")
     p.add_argument("--codec", action="append", choices=CODEC_NAMES, help="allowed codec; repeat (default: all)")
     p.add_argument("--max-calls", type=int, help="concurrent calls from this trunk (0: no limit)")
+    p.add_argument("--srtp", choices=SRTP_POLICIES, help="SRTP policy: off (default), optional or required")
     if adding:
         p.add_argument("--disabled", action="store_true", help="add it disabled")
     else:
@@ -142,6 +143,7 @@ def _changes(args: argparse.Namespace) -> TrunkChanges:
         no_register=getattr(args, "no_register", False),
         codecs=tuple(dict.fromkeys(args.codec)) if args.codec else None,
         max_calls=args.max_calls,
+        srtp=args.srtp,
     )
 
 
@@ -188,10 +190,11 @@ async def _trunk_list(p: Provisioning, args: argparse.Namespace) -> int:
             _registration_summary(row),
             ",".join(row["codecs"]) or "all",
             str(row["max_calls"] or "-"),
+            row["srtp"],
         ]
         for row in rows
     ]
-    _print_table(["NAME", "ORIGIN", "ENABLED", "SOURCES", "AUTH", "REGISTRATION", "CODECS", "MAX CALLS"], table)
+    _print_table(["NAME", "ORIGIN", "ENABLED", "SOURCES", "AUTH", "REGISTRATION", "CODECS", "MAX CALLS", "SRTP"], table)
     return 0
 
 

@@ -6,7 +6,10 @@ audio or listens to another leg, whose received packets it re-sends as its
 own stream (relayed, or transcoded through PCM), optionally with a prompt
 mixed over it. Everything per packet
 runs inside `datagram_received`: validate, then `transport.sendto` from a
-reused buffer; nothing is queued or logged.
+reused buffer; nothing is queued or logged. An SRTP leg (see srtp.py)
+unprotects what it receives first and protects what it sends last, so the
+relay in between only ever sees plain RTP: an SRTP leg and a plain one relay
+to each other, each with its own keys.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from voiceline.audio.hold import encode_frames
 from voiceline.audio.mixing import JitterBuffer, Prompt
 from voiceline.audio.rtcp import ReceptionStats, build_report, new_cname, parse, report_interval
 from voiceline.audio.rtp import HEADER_SIZE, MARKER, OutboundStream, build_packet, payload_end, payload_offset
+from voiceline.audio.srtp import SrtpContext, SrtpKeys
 
 FRAME_SECONDS = 0.020
 MAX_LATE_FRAMES = 3  # a pacer later than this skips ahead instead of sending a burst
@@ -183,6 +187,8 @@ class LegStats:
     peer_lost: int | None  # what the peer's last RTCP report said of our stream
     peer_jitter_ms: float | None
     concealed_frames: int  # frames made up under a prompt (the mixing path's jitter buffer)
+    srtp_suite: str | None  # the SRTP crypto-suite; None for plain RTP
+    srtp_auth_failures: int  # received SRTP/SRTCP packets dropped: failed authentication or replayed
 
 
 class _RtcpEndpoint(asyncio.DatagramProtocol):
@@ -230,6 +236,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._reception = ReceptionStats(8000)  # replaced by start
         self._peer_report: tuple[int, float] | None = None  # (cumulative lost, jitter seconds)
         self._cname = new_cname()
+        self._srtp: SrtpContext | None = None  # set by start for an SRTP stream
         self._report_timer: asyncio.TimerHandle | None = None
         self._packets_at_last_report = 0
         self._concealed_before = 0
@@ -262,12 +269,22 @@ class MediaLeg(asyncio.DatagramProtocol):
 
     # -- control --------------------------------------------------------------
 
-    def start(self, remote: tuple[str, int], codec: str, payload_type: int, telephone_event_pt: int | None) -> None:
+    def start(
+        self,
+        remote: tuple[str, int],
+        codec: str,
+        payload_type: int,
+        telephone_event_pt: int | None,
+        srtp: SrtpKeys | None = None,
+    ) -> None:
         """Send to `remote` (the SDP address, an IP) until the first valid packet received latches
-        the peer's real address; from then on packets from anywhere else are dropped (see `_relatch`)."""
+        the peer's real address; from then on packets from anywhere else are dropped (see `_relatch`).
+        With `srtp` the stream is SRTP both ways; a packet that fails authentication is dropped."""
         spec = lookup(codec)
         if self._remote is not None:
             raise MediaError("media leg already started")
+        if srtp is not None:
+            self._srtp = SrtpContext(srtp)
         self._remote = remote
         self._codec = spec
         self._stream = OutboundStream(spec.clock_rate)
@@ -279,6 +296,12 @@ class MediaLeg(asyncio.DatagramProtocol):
         elif self._inband_dtmf:
             self._tones = ToneDetector(spec.rate)
         self._update_decoding()
+
+    def rekey(self, srtp: SrtpKeys) -> None:
+        """New SRTP keys from a re-offer (a direction whose key is unchanged carries on as it was)."""
+        if self._srtp is None:
+            raise MediaError("media leg is not SRTP")
+        self._srtp.rekey(srtp)
 
     @property
     def codec(self) -> str:
@@ -383,6 +406,8 @@ class MediaLeg(asyncio.DatagramProtocol):
             peer_lost=peer_lost,
             peer_jitter_ms=None if peer_jitter is None else round(peer_jitter * 1000, 2),
             concealed_frames=concealed,
+            srtp_suite=self._srtp.keys.suite if self._srtp is not None else None,
+            srtp_auth_failures=self._srtp.auth_failures if self._srtp is not None else 0,
         )
 
     # -- RTCP -------------------------------------------------------------------
@@ -396,13 +421,20 @@ class MediaLeg(asyncio.DatagramProtocol):
             packet = build_report(
                 self._stream.ssrc, self._cname, self._reception, self._loop.time(), time.time(), sender, bye
             )
-            self._rtcp.sendto(packet, self._rtcp_remote or (self._remote[0], self._remote[1] + 1))
+            outgoing = packet if self._srtp is None else self._srtp.protect_rtcp(packet)
+            if outgoing is not None:
+                self._rtcp.sendto(outgoing, self._rtcp_remote or (self._remote[0], self._remote[1] + 1))
         if not bye and not self._closed:
             self._report_timer = self._loop.call_later(report_interval(), self._send_report)
 
     def _rtcp_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._remote is None or addr[0] != self._remote[0]:
             return  # only the RTP peer's host may report
+        if self._srtp is not None:
+            plain = self._srtp.unprotect_rtcp(data)
+            if plain is None:
+                return
+            data = plain
         parsed = parse(data, self._stream.ssrc)
         if parsed is None:
             return
@@ -476,6 +508,12 @@ class MediaLeg(asyncio.DatagramProtocol):
         self.close()  # a dead socket must not stay in the pacer or behind a partner
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._srtp is not None:
+            plain = self._srtp.unprotect(data)
+            if plain is None:  # forged, corrupted or replayed: never reaches the latch or a listener
+                self.packets_dropped += 1
+                return
+            data = plain
         size = len(data)
         if HEADER_SIZE <= size <= _MAX_PLAIN_PACKET and data[0] == _PLAIN_FIRST_BYTE:
             offset, end = HEADER_SIZE, size  # nearly every packet: a plain header, nothing to parse
@@ -587,7 +625,13 @@ class MediaLeg(asyncio.DatagramProtocol):
             self._end_prompt()  # after sending: the next packet, from the partner or hold, is marked
 
     def _send(self, size: int) -> None:
-        self._transport.sendto(self._view[:size], self._remote)
+        if self._srtp is None:
+            self._transport.sendto(self._view[:size], self._remote)
+        else:
+            packet = self._srtp.protect(bytes(self._view[:size]))  # a new object: the buffer stays ours
+            if packet is None:
+                return
+            self._transport.sendto(packet, self._remote)
         self.packets_out += 1
         self.octets_out += size - HEADER_SIZE
         # If the socket was full the packet is queued, and uvloop queues a view of our buffer,

@@ -182,7 +182,7 @@ class CallerWorker:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_order = itertools.count()
         self._legs = [Leg(spec, CallReport(index=index)) for index, spec in job.calls]
-        self._accounts: dict[tuple[str, str], pj.Account] = {}  # (from_user, transport) -> account
+        self._accounts: dict[tuple[str, str, bool], pj.Account] = {}  # (from_user, transport, srtp) -> account
         self._stop_reason: str | None = None
 
     @property
@@ -245,8 +245,8 @@ class CallerWorker:
         priorities = {codec_id: KEPT_CODEC_PRIORITY - 10 * rank for rank, codec_id in enumerate(kept)}
         for codec in endpoint.codecEnum2():
             endpoint.codecSetPriority(codec.codecId, priorities.get(codec.codecId, 0))
-        for user, name in {(leg.spec.from_user, leg.spec.transport) for leg in self._legs}:
-            self._accounts[(user, name)] = self._create_account(user, transport_ids[name])
+        for user, name, srtp in {(leg.spec.from_user, leg.spec.transport, leg.spec.srtp) for leg in self._legs}:
+            self._accounts[(user, name, srtp)] = self._create_account(user, transport_ids[name], srtp)
         for leg in self._legs:
             self._call_at(self._job.batch_start + leg.spec.start_after, leg, functools.partial(self._dial, leg))
         self._call_at(self._job.end_by, None, lambda: self._stop("batch timeout reached"))
@@ -267,11 +267,17 @@ class CallerWorker:
             transport.tlsConfig.verifyServer = True
         return transport
 
-    def _create_account(self, user: str, transport_id: int) -> pj.Account:
+    def _create_account(self, user: str, transport_id: int, srtp: bool) -> pj.Account:
         config = pj.AccountConfig()
         config.idUri = f'"{DISPLAY_NAME}" <sip:{user}@{self._job.bind_host}>'
         config.sipConfig.transportId = transport_id
         config.mediaConfig.transportConfig = self._loopback_transport()
+        if srtp:  # RTP/SAVP with SDES keys only; the test chooses the signalling transport
+            config.mediaConfig.srtpUse = pj.PJMEDIA_SRTP_MANDATORY
+            config.mediaConfig.srtpSecureSignaling = 0
+            keyings = pj.IntVector()
+            keyings.append(pj.PJMEDIA_SRTP_KEYING_SDES)
+            config.mediaConfig.srtpOpt.keyings = keyings
         # No re-INVITE to lock the codec: the only INVITE is the one final_status reports on.
         config.mediaConfig.lockCodecEnabled = False
         account = pj.Account()
@@ -313,7 +319,7 @@ class CallerWorker:
     def _dial(self, leg: Leg) -> None:
         if leg.finished:
             return
-        leg.call = SimCall(self._accounts[(leg.spec.from_user, leg.spec.transport)], self, leg)
+        leg.call = SimCall(self._accounts[(leg.spec.from_user, leg.spec.transport, leg.spec.srtp)], self, leg)
         try:
             leg.call.makeCall(leg.spec.target, pj.CallOpParam(True))
         except pj.Error as exc:

@@ -66,6 +66,7 @@ def add_sim_parser(subparsers: "argparse._SubParsersAction[Any]") -> argparse.Ar
         default=["G711"],
         help="the one codec call i offers, cycling (default G711: PCMU and PCMA)",
     )
+    call.add_argument("--srtp", action="store_true", help="offer SRTP only (RTP/SAVP keyed by SDES a=crypto)")
     call.add_argument(
         "--record-dir", type=Path, metavar="DIR", help="where to keep recordings (default: a new temporary directory)"
     )
@@ -91,6 +92,7 @@ def build_specs(args: argparse.Namespace) -> list[CallSpec]:
             dtmf=args.dtmf,
             transport=args.transport,
             codec=next(codecs),
+            srtp=args.srtp,
         )
         for index in range(args.calls)
     ]

@@ -77,6 +77,8 @@ class CallSpec:
     hold: tuple[float, float] | None = None
     # The only codec offered (a key of CALLER_CODECS); the tone must fit its clock.
     codec: str = "G711"
+    # Offer SRTP only (RTP/SAVP keyed by SDES a=crypto, RFC 4568) and refuse plain RTP.
+    srtp: bool = False
 
     def __post_init__(self) -> None:
         if not self.target.startswith("sip:"):

@@ -2,12 +2,17 @@
 
 We accept one audio stream in PCMU, PCMA, G.722 or Opus, with RFC 4733
 telephone-event when offered, and decline every other stream with port 0.
-Errors carry fixed texts only: an SDP names the caller's addresses.
+The stream is plain RTP (RTP/AVP) or SRTP keyed by SDES (RTP/SAVP with
+a=crypto, RFC 4568), as the trunk's SRTP policy allows. Errors carry fixed
+texts only: an SDP names the caller's addresses, and its a=crypto lines keys.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,7 +32,7 @@ class MediaDescription:
     proto: str
     formats: list[str]
     connection: str | None = None
-    attributes: list[tuple[str, str | None]] = field(default_factory=list)
+    attributes: list[tuple[str, str | None]] = field(default_factory=list, repr=False)  # a=crypto holds keys
 
 
 @dataclass
@@ -40,6 +45,18 @@ class SessionDescription:
 
 
 @dataclass(frozen=True)
+class Crypto:
+    """One SDES a=crypto line (RFC 4568): its tag, crypto-suite and the sender's master key || salt."""
+
+    tag: int
+    suite: str
+    key: bytes = field(repr=False)
+
+    def attribute(self) -> str:
+        return f"a=crypto:{self.tag} {self.suite} inline:{base64.b64encode(self.key).decode()}"
+
+
+@dataclass(frozen=True)
 class NegotiatedAudio:
     codec: str
     payload_type: int
@@ -49,9 +66,19 @@ class NegotiatedAudio:
     direction: str
     ptime: int
     media_index: int
+    crypto: Crypto | None = None  # the peer's a=crypto line of an SRTP stream; None for plain RTP
 
 
 _RTP_PROFILES = ("RTP/AVP", "RTP/AVPF")
+_SRTP_PROFILES = ("RTP/SAVP", "RTP/SAVPF")
+# A trunk's SRTP policy: "off" takes and offers plain RTP only, "optional" answers each in kind
+# (and offers plain), "required" takes and offers SRTP only.
+SRTP_POLICIES = ("off", "optional", "required")
+# SDES crypto-suites we do, preferred first (the media side maps the same names to libsrtp).
+CRYPTO_SUITES = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
+CRYPTO_KEY_LENGTH = 30  # both suites: a 16-byte master key and a 14-byte master salt
+# "inline:" key-info of RFC 4568 9.1: key||salt in base64, an optional lifetime, an optional MKI.
+_INLINE_KEY = re.compile(r"inline:([A-Za-z0-9+/]+={0,2})(?:\|(?:2\^)?[0-9]{1,20})?(\|[0-9]+:[0-9]+)?")
 _STATIC_PAYLOADS = {"0": "PCMU", "8": "PCMA", "9": "G722"}
 # The rtpmap each codec name must carry: "RATE/CHANNELS" (RFC 3551; G.722 keeps an 8000 clock
 # for 16 kHz audio; RFC 7587 writes Opus as 48000/2 whatever it carries).
@@ -123,9 +150,28 @@ def _parse_attribute(value: str) -> tuple[str, str | None]:
     return name, attribute_value if colon else None
 
 
-def negotiate(offer: SessionDescription, supported: Sequence[str]) -> NegotiatedAudio:
-    """Accept the offer's first usable audio stream with its first codec we support."""
-    index, media = _audio_stream(offer)
+def parse_crypto(value: str) -> Crypto | None:
+    """An a=crypto value we can use, else None: an unknown suite, an MKI or several keys (we key by
+    SDP alone), session parameters (none of them is ours to honour), or a malformed line."""
+    parts = value.split()
+    if len(parts) != 3 or _number(parts[0], 9) is None or parts[1] not in CRYPTO_SUITES:
+        return None
+    match = _INLINE_KEY.fullmatch(parts[2])
+    if match is None or match.group(2) is not None:
+        return None
+    try:
+        key = base64.b64decode(match.group(1), validate=True)
+    except binascii.Error:
+        return None
+    if len(key) != CRYPTO_KEY_LENGTH:
+        return None
+    return Crypto(int(parts[0]), parts[1], key)
+
+
+def negotiate(offer: SessionDescription, supported: Sequence[str], srtp: str = "off") -> NegotiatedAudio:
+    """Accept the offer's first audio stream that `srtp` (a policy of SRTP_POLICIES) allows, with its
+    first codec we support and, for SRTP, its first a=crypto line we can use."""
+    index, media, crypto = _audio_stream(offer, srtp)
     encodings = _rtpmaps(media)
     wanted = {codec.upper() for codec in supported}
     chosen = next(((fmt, codec) for fmt in media.formats if (codec := _codec(fmt, encodings)) in wanted), None)
@@ -143,13 +189,24 @@ def negotiate(offer: SessionDescription, supported: Sequence[str]) -> Negotiated
         direction=_MIRRORED[direction],
         ptime=_ptime(media.attributes) or _ptime(offer.attributes) or _DEFAULT_PTIME,
         media_index=index,
+        crypto=crypto,
     )
 
 
-def _audio_stream(offer: SessionDescription) -> tuple[int, MediaDescription]:
+def _audio_stream(offer: SessionDescription, srtp: str) -> tuple[int, MediaDescription, Crypto | None]:
+    """The first audio stream the policy takes. A plain stream's a=crypto lines are ignored (RFC 4568
+    defines them for SAVP only); an SRTP stream without a usable one is declined (section 7.1.2)."""
     for index, media in enumerate(offer.media):
-        if media.media == "audio" and media.port != 0 and media.proto.upper() in _RTP_PROFILES:
-            return index, media
+        if media.media != "audio" or media.port == 0:
+            continue
+        proto = media.proto.upper()
+        if proto in _RTP_PROFILES and srtp != "required":
+            return index, media, None
+        if proto in _SRTP_PROFILES and srtp != "off":
+            usable = (parse_crypto(value) for name, value in media.attributes if name == "crypto" and value)
+            crypto = next((crypto for crypto in usable if crypto is not None), None)
+            if crypto is not None:
+                return index, media, crypto
     raise NoCommonCodec("no usable audio stream")
 
 
@@ -208,8 +265,10 @@ def build_answer(
     local_port: int,
     session_id: int,
     session_version: int,
+    local_crypto: Crypto | None = None,
 ) -> bytes:
-    """The RFC 3264 answer: one m= line per offered stream, all but the audio one declined."""
+    """The RFC 3264 answer: one m= line per offered stream, all but the audio one declined.
+    An SRTP stream carries `local_crypto`: the offer's tag and suite with our own key (RFC 4568 7.1.2)."""
     family = "IP6" if ":" in local_host else "IP4"
     lines = [
         "v=0",
@@ -221,6 +280,8 @@ def build_answer(
     for index, media in enumerate(offer.media):
         if index == audio.media_index:
             lines.extend(_answer_audio(audio, local_port, media.proto))
+            if local_crypto is not None:
+                lines.append(local_crypto.attribute())
         else:
             lines.append(f"m={media.media} 0 {media.proto} {media.formats[0]}")
     return "".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape")

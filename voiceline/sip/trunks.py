@@ -21,7 +21,7 @@ import structlog
 
 from voiceline.sip.auth import ALGORITHMS, DigestServer, Verdict
 from voiceline.sip.message import SipParseError, SipRequest, parse_uri
-from voiceline.sip.sdp import CODEC_NAMES
+from voiceline.sip.sdp import CODEC_NAMES, SRTP_POLICIES
 
 log = structlog.get_logger("voiceline.sip.trunks")
 
@@ -110,9 +110,12 @@ class Trunk:
     registration: Registration | None = None
     codecs: tuple[str, ...] = ()  # empty: every codec of media.codecs
     max_calls: int = 0  # 0: no limit
+    srtp: str = "off"  # one of SRTP_POLICIES: plain RTP only, either, SRTP only
 
     def __post_init__(self) -> None:
         check_name(self.name, "trunk")
+        if self.srtp not in SRTP_POLICIES:
+            raise TrunkError(f"srtp must be one of {', '.join(SRTP_POLICIES)}")
         if not self.transports or any(t not in TRANSPORTS for t in self.transports):
             raise TrunkError(f"trunk transports must be among {', '.join(TRANSPORTS)}")
         for source in self.sources:
@@ -322,6 +325,7 @@ class Admit:
     trunk: str
     line: str = ""  # empty for requests that reach no line (OPTIONS)
     codecs: tuple[str, ...] = ()  # the trunk's allowed codecs; empty: all configured
+    srtp: str = "off"  # the trunk's SRTP policy
 
 
 @dataclass(frozen=True)
@@ -389,7 +393,7 @@ class TrunkPolicy:
             self.refused["trunk_busy"] += 1
             log.info("trunk.busy", trunk=trunk.name, max_calls=trunk.max_calls)
             return Refuse(503, (("Retry-After", "30"),))
-        return Admit(trunk.name, line.name, trunk.codecs)
+        return Admit(trunk.name, line.name, trunk.codecs, trunk.srtp)
 
     def _authenticate(self, trunk: Trunk, request: SipRequest) -> Refuse | None:
         key = (trunk.name, trunk.realm, trunk.auth_algorithms)

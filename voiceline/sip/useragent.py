@@ -145,7 +145,7 @@ class CallHandler(Protocol):
     def call_confirmed(self, call: Call) -> None: ...
 
     def call_media_changed(self, call: Call) -> None:
-        """A re-INVITE or UPDATE changed the direction (`call.on_hold`) or the remote address."""
+        """A re-INVITE or UPDATE changed the direction (`call.on_hold`), the remote address or the SRTP key."""
         ...
 
     def call_dtmf(self, call: Call, digit: str) -> None:
@@ -371,7 +371,7 @@ class UserAgent:
         offer = _read_offer(request)
         timers = self._session_timers(request)
         codecs = tuple(c for c in self.settings.codecs if c in admission.codecs or not admission.codecs)
-        media = OfferAnswer(self.settings.advertised_host, codecs)
+        media = OfferAnswer(self.settings.advertised_host, codecs, srtp=admission.srtp)
         audio = None
         if offer is not None:
             try:
@@ -538,7 +538,7 @@ class UserAgent:
         if audio is None or before is None:
             return
         moved = (audio.remote_host, audio.remote_port) != (before.remote_host, before.remote_port)
-        if moved or audio.direction != before.direction:
+        if moved or audio.direction != before.direction or audio.crypto != before.crypto:
             log.info("call.media_changed", call=call.id, on_hold=call.on_hold, moved=moved)
             if call.state is CallState.CONFIRMED:
                 self.handler.call_media_changed(call)
