@@ -220,7 +220,7 @@ async def test_a_silent_peer_may_move_with_its_ssrc_after_a_nat_rebinding(engine
     voice = tone_frame(1000, "PCMU")
     before.send(voice)
     await phone_a.receive()
-    await asyncio.sleep(1.1)  # the latched source falls silent (RELATCH_SILENCE_SECONDS)
+    await asyncio.sleep(0.6)  # the latched source falls silent (latch.REBIND_SILENCE_SECONDS)
     Sender(stranger, b, 0x33333333, 1, 1).send(voice)  # another SSRC: still not accepted
     await eventually(lambda: b.packets_dropped == 1)
     after = Sender(new_port, b, 0x22222222, before.sequence, before.timestamp)
@@ -229,7 +229,11 @@ async def test_a_silent_peer_may_move_with_its_ssrc_after_a_nat_rebinding(engine
     phone_a.send_audio(a, tone_frame(500, "PCMU"))
     header, payload = await new_port.receive()  # b's stream now goes to the new address
     assert payload == tone_frame(500, "PCMU")
-    before.send(voice)  # and the old address is the foreign one now
+    before.send(voice)  # the old address speaks again: never locked out, it takes the stream back
+    assert (await phone_a.receive())[1] == voice
+    phone_a.send_audio(a, tone_frame(600, "PCMU"))
+    assert (await old_port.receive())[1] == tone_frame(600, "PCMU")
+    after.send(voice)  # and the new one, not silent long enough, is the foreign one now
     await eventually(lambda: b.packets_dropped == 2)
     await phone_a.assert_quiet()
 

@@ -301,7 +301,7 @@ async def srtp_and_plain_legs(
     leg_key = secrets.token_bytes(30)
     secure_phone, plain_phone = SrtpPhone(phones(), leg_key), phones()
     secure, plain = await engine.open_leg(), await engine.open_leg()
-    secure.start(secure_phone.phone.address, "PCMU", PCMU, 101, SrtpKeys(SUITE_80, leg_key, CALLER_KEY))
+    secure.start(secure_phone.phone.address, "PCMU", PCMU, 101, srtp=SrtpKeys(SUITE_80, leg_key, CALLER_KEY))
     plain.start(plain_phone.address, "PCMU", PCMU, 101)
     secure.listen_to(plain)
     plain.listen_to(secure)
@@ -348,8 +348,11 @@ async def test_srtcp_reports_both_ways(engine, monkeypatch) -> None:
         rtcp.bind((HOST, RTCP_PHONE_PORT + 1))
         rtcp.setblocking(False)
         leg = await engine.open_leg()
-        leg.start((HOST, RTCP_PHONE_PORT), "PCMU", PCMU, 101, SrtpKeys(SUITE_80, leg_key, CALLER_KEY))
+        leg.start((HOST, RTCP_PHONE_PORT), "PCMU", PCMU, 101, srtp=SrtpKeys(SUITE_80, leg_key, CALLER_KEY))
         leg.hold()  # it sends (hold audio), so its reports are SRs
+        caller = peer_session(CALLER_KEY, outbound=True)
+        rtp.sendto(caller.protect(build_packet(PCMU, 1, 0, 0x5151)), (HOST, leg.local_port))  # RTCP counts once RTP latched
+        await eventually(lambda: leg.packets_in == 1)
         receive = peer_session(leg_key, outbound=False)
         report = parse(receive.unprotect_rtcp(await asyncio.wait_for(loop.sock_recv(rtcp, 2048), 2.0)), 0)
         assert report is not None and report.sr_ntp_middle is not None
@@ -360,7 +363,7 @@ async def test_srtcp_reports_both_ways(engine, monkeypatch) -> None:
                 reception.update(build_packet(PCMU, sequence, 0, report.sender_ssrc), sequence * 0.02)
         phone_report = build_report(0x5151, b"phone", reception, 0.0, 0.0, None)
         rtcp.sendto(phone_report, (HOST, leg.local_port + 1))
-        rtcp.sendto(peer_session(CALLER_KEY, outbound=True).protect_rtcp(phone_report), (HOST, leg.local_port + 1))
+        rtcp.sendto(caller.protect_rtcp(phone_report), (HOST, leg.local_port + 1))
         await eventually(lambda: leg.stats().peer_lost is not None)
         assert leg.stats().peer_lost == 9 and leg.stats().srtp_auth_failures == 1  # 5, 10 ... 45 missing
     finally:

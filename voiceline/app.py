@@ -22,6 +22,7 @@ import structlog
 
 from voiceline.audio.codecs import available as codec_available
 from voiceline.audio.hold import chime_pattern, load_wav
+from voiceline.audio.latch import Learning
 from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
 from voiceline.audio.srtp import SrtpKeys
 from voiceline.config import Config, SipConfig
@@ -101,7 +102,11 @@ class VoiceLine:
         hold_audio = load_wav(self.config.media.hold_audio) if self.config.media.hold_audio else chime_pattern()
         bind_host = sip.listen_address[0]
         self.media = MediaEngine(
-            bind_host, self.config.media.port_range, hold_audio, inband_dtmf=self.config.media.inband_dtmf
+            bind_host,
+            self.config.media.port_range,
+            hold_audio,
+            inband_dtmf=self.config.media.inband_dtmf,
+            learning=Learning(self.config.media.learning_packets, self.config.media.learning_seconds),
         )
         settings = UserAgentSettings(
             advertised_host=sip.advertised_host,
@@ -381,8 +386,16 @@ class VoiceLine:
 def _start_media(leg: MediaLeg, call: Call) -> None:
     audio = call.audio
     assert audio is not None
-    remote = (audio.remote_host, audio.remote_port)
-    leg.start(remote, audio.codec, audio.payload_type, audio.telephone_event_pt, _srtp_keys(call))
+    # The INVITE's source host is trusted for RTP too: a caller behind NAT sends both from its NAT.
+    signalling_host = call.invite.source[0]
+    leg.start(
+        (audio.remote_host, audio.remote_port),
+        audio.codec,
+        audio.payload_type,
+        audio.telephone_event_pt,
+        signalling_host=signalling_host,
+        srtp=_srtp_keys(call),
+    )
 
 
 def _srtp_keys(call: Call) -> SrtpKeys | None:

@@ -107,6 +107,8 @@ class MediaConfig:
     inactivity_timeout: float = 60.0
     inband_dtmf: bool = True
     realtime_priority: int = 0
+    learning_packets: int = 4
+    learning_seconds: float = 1.5
 
     @property
     def port_range(self) -> tuple[int, int]:
@@ -183,6 +185,10 @@ class Config:
             names = [item.name for item in items]
             if len(set(names)) != len(names):
                 raise ConfigError(f"[[{kind}]]: names must be unique")
+        if not 2 <= self.media.learning_packets <= 50:
+            raise ConfigError("media.learning_packets: must be between 2 and 50")
+        if not 0 <= self.media.learning_seconds <= 10:
+            raise ConfigError("media.learning_seconds: must be between 0 and 10 seconds")
         if not 0 <= self.media.realtime_priority <= 99:
             raise ConfigError("media.realtime_priority: must be between 0 (off) and 99")
         if self.log.format not in ("console", "json"):

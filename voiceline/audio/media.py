@@ -15,6 +15,7 @@ to each other, each with its own keys.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import struct
 import time
 from collections import deque
@@ -27,6 +28,7 @@ import numpy as np
 from voiceline.audio.codecs import CODECS, Codec, Coder, Resampler, lookup, new_coder, translation
 from voiceline.audio.dtmf import TelephoneEventReceiver, ToneDetector
 from voiceline.audio.hold import encode_frames
+from voiceline.audio.latch import Heard, Learning, SourceFilter
 from voiceline.audio.mixing import JitterBuffer, Prompt
 from voiceline.audio.rtcp import ReceptionStats, build_report, new_cname, parse, report_interval
 from voiceline.audio.rtp import HEADER_SIZE, MARKER, OutboundStream, build_packet, payload_end, payload_offset
@@ -35,11 +37,11 @@ from voiceline.audio.srtp import SrtpContext, SrtpKeys
 FRAME_SECONDS = 0.020
 MAX_LATE_FRAMES = 3  # a pacer later than this skips ahead instead of sending a burst
 MAX_PAYLOAD = 1460  # bigger than any sane audio packet; larger ones are dropped
-RELATCH_SILENCE_SECONDS = 1.0  # a latched peer silent this long may move (NAT rebinding)
+PORT_REST_SECONDS = 30.0  # a freed port waits this long (late packets of its last call) unless none other is free
 _NO_PAYLOAD_TYPE = -1
 _TS_MASK = 0xFFFFFFFF
 _SECOND_SEQ_TS = struct.Struct("!xBHI")
-_SSRC = struct.Struct("!8xI")
+_SEQ_SSRC = struct.Struct("!2xH4xI")
 _EVENT_TIMESTAMP = struct.Struct("!4xI")
 _PLAIN_FIRST_BYTE = 0x80  # version 2, no padding, no extension, no CSRC
 _MAX_PLAIN_PACKET = HEADER_SIZE + MAX_PAYLOAD
@@ -103,10 +105,17 @@ class MediaEngine:
     """Opens media legs on even ports of a range and drives hold audio for all of them."""
 
     def __init__(
-        self, bind_host: str, port_range: tuple[int, int], hold_pcm: np.ndarray, *, inband_dtmf: bool = True
+        self,
+        bind_host: str,
+        port_range: tuple[int, int],
+        hold_pcm: np.ndarray,
+        *,
+        inband_dtmf: bool = True,
+        learning: Learning = Learning(),
     ) -> None:
         """`port_range` is inclusive; each leg takes an even port and the odd one above it.
         `inband_dtmf`: look for DTMF tones in the audio of legs without telephone-event.
+        `learning`: how a source other than the SDP's or the signalling's host proves itself.
 
         Needs a running event loop (call from within it).
         """
@@ -115,9 +124,11 @@ class MediaEngine:
         low, high = port_range
         self._bind_host = bind_host
         self._inband_dtmf = inband_dtmf
-        # Free ports in the order to try them: taken from the left, returned on the right,
-        # so a just-freed port is the last to be reused.
-        self._free = deque(range(low + low % 2, high, 2))
+        self._learning = learning
+        # Ports are drawn at random from `_free`, so nobody can guess the next call's port and
+        # spray it; a freed port rests (oldest first) before it is drawn again.
+        self._free = list(range(low + low % 2, high, 2))
+        self._resting: deque[tuple[float, int]] = deque()  # (freed at, port)
         self._loop = asyncio.get_running_loop()
         self._pacer = _HoldPacer(self._loop, hold_pcm)
         self._legs: set[MediaLeg] = set()
@@ -129,23 +140,46 @@ class MediaEngine:
         return len(self._legs)
 
     async def open_leg(self) -> MediaLeg:
-        for _ in range(len(self._free)):
-            if self._closed or not self._free:  # another open_leg may have taken the rest
-                break
-            port = self._free.popleft()
-            leg = await self._bind(port)
-            if leg is None:
-                self._free.append(port)
-                continue
-            if self._closed:  # closed while we were binding
-                leg.close()
-                break
-            self._legs.add(leg)
-            return leg
+        unbindable: list[int] = []  # taken by someone else: not tried again by this call
+        try:
+            while not self._closed:
+                port = self._draw()
+                if port is None:  # another open_leg may have taken the rest
+                    break
+                leg = await self._bind(port)
+                if leg is None:
+                    unbindable.append(port)
+                    continue
+                if self._closed:  # closed while we were binding
+                    leg.close()
+                    break
+                self._legs.add(leg)
+                return leg
+        finally:
+            for port in unbindable:
+                self._rest(port)
         raise MediaError("no free RTP port in the configured range")
 
+    def _draw(self) -> int | None:
+        """A random free port; a resting one only when no other is free."""
+        now = self._loop.time()
+        while self._resting and now - self._resting[0][0] >= PORT_REST_SECONDS:
+            self._free.append(self._resting.popleft()[1])
+        if not self._free:
+            if not self._resting:
+                return None
+            self._free.append(self._resting.popleft()[1])
+        index = secrets.randbelow(len(self._free))
+        self._free[index], self._free[-1] = self._free[-1], self._free[index]
+        return self._free.pop()
+
+    def _rest(self, port: int) -> None:
+        self._resting.append((self._loop.time(), port))
+
     async def _bind(self, port: int) -> MediaLeg | None:
-        leg = MediaLeg(self._loop, port, self._pacer, self._release, inband_dtmf=self._inband_dtmf)
+        leg = MediaLeg(
+            self._loop, port, self._pacer, self._release, inband_dtmf=self._inband_dtmf, learning=self._learning
+        )
         try:
             await self._loop.create_datagram_endpoint(lambda: leg, local_addr=(self._bind_host, port))
         except OSError:
@@ -163,7 +197,7 @@ class MediaEngine:
     def _release(self, leg: MediaLeg) -> None:
         if leg in self._legs:
             self._legs.discard(leg)
-            self._free.append(leg.local_port)
+            self._rest(leg.local_port)
 
     def close(self) -> None:
         """Close every leg and stop the pacer. Sockets close on the loop's next iteration."""
@@ -219,6 +253,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         on_close: Callable[[MediaLeg], None],
         *,
         inband_dtmf: bool = True,
+        learning: Learning = Learning(),
     ) -> None:
         self.local_port = port
         self.packets_in = 0
@@ -232,7 +267,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._pacer = pacer
         self._on_close = on_close
         self._rtcp: asyncio.DatagramTransport | None = None
-        self._rtcp_remote: tuple[str, int] | None = None  # latched like RTP, from the RTP peer's host
+        self._rtcp_remote: tuple[str, int] | None = None  # where the peer's RTCP came from (the peer's host)
         self._reception = ReceptionStats(8000)  # replaced by start
         self._peer_report: tuple[int, float] | None = None  # (cumulative lost, jitter seconds)
         self._cname = new_cname()
@@ -242,9 +277,10 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._concealed_before = 0
         self._stream = OutboundStream()
         self._new_buffer()
-        self._remote: tuple[str, int] | None = None
-        self._latched = False
-        self._remote_ssrc = -1
+        self._remote: tuple[str, int] | None = None  # where we send: the peer, else the SDP address
+        self._peer: tuple[str, int] | None = None  # the latched source; packets from it pass at once
+        self._learning = learning
+        self._sources: SourceFilter | None = None  # the latch rules, from start
         self._codec = CODECS["PCMU"]  # replaced by start
         self._coder: Coder | None = None
         self._audio_pt = _NO_PAYLOAD_TYPE  # matches no packet until started
@@ -275,10 +311,12 @@ class MediaLeg(asyncio.DatagramProtocol):
         codec: str,
         payload_type: int,
         telephone_event_pt: int | None,
+        signalling_host: str | None = None,
         srtp: SrtpKeys | None = None,
     ) -> None:
-        """Send to `remote` (the SDP address, an IP) until the first valid packet received latches
-        the peer's real address; from then on packets from anywhere else are dropped (see `_relatch`).
+        """Send to `remote` (the SDP address, an IP) until a source latches: one on the SDP's host
+        or on `signalling_host` (where the call's SIP came from) at once, any other only after
+        proving itself; packets from anywhere but the latched peer are dropped (see latch.py).
         With `srtp` the stream is SRTP both ways; a packet that fails authentication is dropped."""
         spec = lookup(codec)
         if self._remote is not None:
@@ -286,6 +324,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         if srtp is not None:
             self._srtp = SrtpContext(srtp)
         self._remote = remote
+        self._sources = SourceFilter(remote, signalling_host, self._loop.time(), self._learning)
         self._codec = spec
         self._stream = OutboundStream(spec.clock_rate)
         self._reception = ReceptionStats(spec.clock_rate)
@@ -348,11 +387,15 @@ class MediaLeg(asyncio.DatagramProtocol):
             self._detach()
 
     def update_remote(self, remote: tuple[str, int]) -> None:
-        """The peer moved its media (a re-INVITE with a new address): send there and re-latch."""
+        """The SDP address of a new offer or answer: a new one is sent to and learnt afresh;
+        the same one (hold, resume, a refresh) keeps the latched peer."""
         self._require_usable()
+        assert self._sources is not None  # set with _remote
+        if remote == self._sources.announced:
+            return
+        self._sources.restart(remote, self._loop.time())
         self._remote = remote
-        self._rtcp_remote = None
-        self._latched = False
+        self._peer = self._rtcp_remote = None
 
     def play_over(self, pcm: np.ndarray, rate: int = 8000) -> None:
         """Mix a prompt (int16 at `rate`) into what this leg hears, from now until it ends.
@@ -428,8 +471,8 @@ class MediaLeg(asyncio.DatagramProtocol):
             self._report_timer = self._loop.call_later(report_interval(), self._send_report)
 
     def _rtcp_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self._remote is None or addr[0] != self._remote[0]:
-            return  # only the RTP peer's host may report
+        if self._peer is None or addr[0] != self._peer[0]:
+            return  # only the latched RTP peer's host may report
         if self._srtp is not None:
             plain = self._srtp.unprotect_rtcp(data)
             if plain is None:
@@ -488,14 +531,16 @@ class MediaLeg(asyncio.DatagramProtocol):
             self._coder = new_coder(self._codec.name)
         return self._coder
 
-    def _relatch(self, data: bytes, addr: tuple[str, int]) -> bool:
-        """Whether a packet from a new address may take over (NAT rebinding): only once the latched
-        source has gone quiet, and only for the same SSRC. Anything else is injection and dropped."""
-        if self._loop.time() - self.last_received < RELATCH_SILENCE_SECONDS:
+    def _admit(self, data: bytes, addr: tuple[str, int]) -> bool:
+        """A packet from anywhere but the latched peer: the source filter decides whether it
+        latches (or moves) the peer, else it is dropped as injection."""
+        assert self._sources is not None  # before start no payload type matches
+        sequence, ssrc = _SEQ_SSRC.unpack_from(data)
+        heard = Heard(self._reception.ssrc, self._reception.highest_sequence, self.last_received)
+        if not self._sources.admit(addr, ssrc, sequence, self._loop.time(), heard):
             return False
-        if _SSRC.unpack_from(data)[0] != self._remote_ssrc:
-            return False
-        self._remote = addr
+        self._peer = self._remote = addr  # symmetric RTP: answer where the peer really sends from
+        self._rtcp_remote = None
         return True
 
     # -- per packet -------------------------------------------------------------
@@ -527,11 +572,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         if payload_type != self._audio_pt and payload_type != self._event_pt:
             self.packets_dropped += 1
             return
-        if not self._latched:
-            self._latched = True
-            self._remote = addr  # symmetric RTP: answer where the peer really sends from
-            self._remote_ssrc = _SSRC.unpack_from(data)[0]
-        elif addr != self._remote and not self._relatch(data, addr):
+        if addr != self._peer and not self._admit(data, addr):
             self.packets_dropped += 1
             return
         now = self._loop.time()

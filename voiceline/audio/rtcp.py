@@ -85,6 +85,10 @@ class ReceptionStats:
         self._transit = transit
 
     @property
+    def highest_sequence(self) -> int:
+        return self._max
+
+    @property
     def extended_max(self) -> int:
         return self._cycles + self._max
 
