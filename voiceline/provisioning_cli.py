@@ -20,12 +20,12 @@ from typing import Any
 
 from voiceline import config as config_module
 from voiceline.config import Config, ConfigError
-from voiceline.provisioning import Provisioning, ProvisioningError, TrunkChanges
+from voiceline.provisioning import Provisioning, ProvisioningError, TrunkChanges, load
 from voiceline.sip.message import Headers, SipRequest, SipResponse
 from voiceline.sip.sdp import CODEC_NAMES
 from voiceline.sip.transaction import Timers, new_branch
 from voiceline.sip.transport import open_udp
-from voiceline.sip.trunks import Trunk, parse_source
+from voiceline.sip.trunks import Trunk, TrunkDirectory, parse_source
 from voiceline.sip.useragent import Call, CallRejected, UserAgent, UserAgentSettings
 from voiceline.storage import Storage, StorageError
 
@@ -74,6 +74,8 @@ def _trunk_options(p: argparse.ArgumentParser, adding: bool) -> None:
     p.add_argument("--realm", help="inbound digest realm (default voiceline)")
     p.add_argument("--auth-algorithm", action="append", choices=("SHA-256", "MD5"),
                    help="digest algorithm to challenge with, preferred first; repeat (default SHA-256 then MD5)")  # fmt: skip
+    p.add_argument("--auth-allow-rfc2069", action=argparse.BooleanOptionalAction, default=None,
+                   help="accept digest answers without qop (old equipment; one request per challenge); default no")  # fmt: skip
     p.add_argument("--register", metavar="URI", dest="registrar", help="register at this registrar, e.g. sip:sip.carrier.net")
     p.add_argument("--register-username", help="registration user name")
     p.add_argument("--register-password", help="registration password ('-' reads it from stdin)")
@@ -105,7 +107,7 @@ def run_provisioning(args: argparse.Namespace) -> int:
 
 
 async def _with_storage(cfg: Config, work: Callable[[Provisioning], Awaitable[int]]) -> int:
-    storage = await Storage.open(Path(cfg.storage.data_dir))
+    storage = await Storage.open(Path(cfg.storage.data_dir), cfg.storage.key_file)
     try:
         return await work(Provisioning(cfg, storage))
     finally:
@@ -132,6 +134,7 @@ def _changes(args: argparse.Namespace) -> TrunkChanges:
         password=_secret(args.password, "--password"),
         realm=args.realm,
         auth_algorithms=tuple(dict.fromkeys(args.auth_algorithm)) if args.auth_algorithm else None,
+        auth_allow_rfc2069=args.auth_allow_rfc2069,
         no_auth=getattr(args, "no_auth", False),
         registrar=args.registrar,
         register_username=args.register_username,
@@ -212,6 +215,12 @@ async def _trunk_test(p: Provisioning, args: argparse.Namespace) -> int:
     if not targets:
         raise ProvisioningError(f"trunk {trunk.name!r} has no single address to test (only ranges)")
     results = await _probe(p.config, targets, args.timeout)
+    # Requests from an address are taken by its most specific trunk only: say when that is another one.
+    directory = TrunkDirectory((await load(p.config, p.storage)).trunks, ())
+    for result, (host, _) in zip(results, targets):
+        owners = [other.name for other in directory.source_trunks(host)]
+        if owners and trunk.name not in owners:
+            result["requests_go_to"] = owners[0]
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -220,6 +229,8 @@ async def _trunk_test(p: Provisioning, args: argparse.Namespace) -> int:
                 f"answered {result['status']} {result['reason']} in {result['ms']:.1f} ms"
                 if result["status"] else result["error"]
             )  # fmt: skip
+            if "requests_go_to" in result:
+                outcome += f" (requests from it go to trunk {result['requests_go_to']}, a more specific source)"
             print(f"{result['target']}: {outcome}")
     return 0 if any(result["status"] for result in results) else 1
 
