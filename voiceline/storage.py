@@ -170,7 +170,8 @@ async def _schema_version(db: aiosqlite.Connection) -> int:
     return int(row[0])
 
 
-async def _migrate(db: aiosqlite.Connection, keys: KeyFile) -> None:
+async def _migrate(db: aiosqlite.Connection, keys: KeyFile) -> int:
+    """Apply the migrations this database lacks; how many."""
     current = await _schema_version(db)
     if current > len(MIGRATIONS):
         raise StorageError(f"database schema version {current} is newer than this voiceline ({len(MIGRATIONS)})")
@@ -187,6 +188,7 @@ async def _migrate(db: aiosqlite.Connection, keys: KeyFile) -> None:
             if db.in_transaction:
                 await db.rollback()
             raise
+    return len(MIGRATIONS) - current
 
 
 def _registration_context(trunk: str) -> str:
@@ -269,7 +271,11 @@ class Storage:
                 await db.execute("PRAGMA journal_mode=WAL")
                 await db.execute("PRAGMA synchronous=NORMAL")
                 await db.execute("PRAGMA foreign_keys=ON")
-                await _migrate(db, keys)
+                # Overwritten and deleted rows (a replaced password, say) are zeroed, not left in free space.
+                await db.execute("PRAGMA secure_delete=ON")
+                if await _migrate(db, keys):
+                    # Old page images (plain passwords before migration 4) leave the -wal file too.
+                    await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 await db.close()
                 raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from None
