@@ -20,12 +20,12 @@ from typing import Any
 
 from voiceline import config as config_module
 from voiceline.config import Config, ConfigError
-from voiceline.provisioning import Provisioning, ProvisioningError, TrunkChanges, load
+from voiceline.provisioning import Provisioning, ProvisioningError, TrunkChanges
 from voiceline.sip.message import Headers, SipRequest, SipResponse
 from voiceline.sip.sdp import CODEC_NAMES
 from voiceline.sip.transaction import Timers, new_branch
 from voiceline.sip.transport import open_udp
-from voiceline.sip.trunks import Trunk, TrunkDirectory, parse_source
+from voiceline.sip.trunks import Trunk, parse_source
 from voiceline.sip.useragent import Call, CallRejected, UserAgent, UserAgentSettings
 from voiceline.storage import Storage, StorageError
 
@@ -215,12 +215,6 @@ async def _trunk_test(p: Provisioning, args: argparse.Namespace) -> int:
     if not targets:
         raise ProvisioningError(f"trunk {trunk.name!r} has no single address to test (only ranges)")
     results = await _probe(p.config, targets, args.timeout)
-    # Requests from an address are taken by its most specific trunk only: say when that is another one.
-    directory = TrunkDirectory((await load(p.config, p.storage)).trunks, ())
-    for result, (host, _) in zip(results, targets):
-        owners = [other.name for other in directory.source_trunks(host)]
-        if owners and trunk.name not in owners:
-            result["requests_go_to"] = owners[0]
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -229,8 +223,6 @@ async def _trunk_test(p: Provisioning, args: argparse.Namespace) -> int:
                 f"answered {result['status']} {result['reason']} in {result['ms']:.1f} ms"
                 if result["status"] else result["error"]
             )  # fmt: skip
-            if "requests_go_to" in result:
-                outcome += f" (requests from it go to trunk {result['requests_go_to']}, a more specific source)"
             print(f"{result['target']}: {outcome}")
     return 0 if any(result["status"] for result in results) else 1
 
