@@ -84,8 +84,10 @@ class KeyFile:
             text = self.path.read_text(encoding="ascii").strip()
         except FileNotFoundError:
             raise KeyFileError(f"key file {self.path} is missing") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KeyFileError(f"cannot read key file {self.path}: {getattr(exc, 'strerror', None) or 'not text'}") from None
+        except OSError as exc:
+            raise KeyFileError(f"cannot read key file {self.path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            text = ""  # reported below as not holding a key
         try:
             key = bytes.fromhex(text)
         except ValueError:

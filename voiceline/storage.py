@@ -57,7 +57,8 @@ async def _keep_no_trunk_passwords(db: aiosqlite.Connection, keys: KeyFile) -> N
             settings.pop("password", None)  # never loaded as it is; keeps no password either way
         if isinstance(settings.get("registration"), dict) and settings["registration"].get("password"):
             await asyncio.to_thread(keys.load, True)
-        await db.execute("UPDATE trunks SET settings = ? WHERE name = ?", (json.dumps(_sealed(keys, name, settings)), name))
+        stored = json.dumps(_sealed(keys, name, settings))
+        await db.execute("UPDATE trunks SET settings = ? WHERE name = ?", (stored, name))
 
 
 # Applied in order, each in its own transaction; entry N brings the schema to
@@ -202,15 +203,6 @@ def _sealed(keys: KeyFile, trunk: str, settings: dict[str, Any]) -> dict[str, An
         return settings
     registration = dict(registration)
     registration["password_sealed"] = keys.seal(str(registration.pop("password")), _registration_context(trunk))
-    return {**settings, "registration": registration}
-
-
-def _unsealed(keys: KeyFile, trunk: str, settings: dict[str, Any]) -> dict[str, Any]:
-    registration = settings.get("registration")
-    if not isinstance(registration, dict) or "password_sealed" not in registration:
-        return settings
-    registration = dict(registration)
-    registration["password"] = keys.unseal(str(registration.pop("password_sealed")), _registration_context(trunk))
     return {**settings, "registration": registration}
 
 
@@ -370,13 +362,23 @@ class Storage:
             row["settings"] = json.loads(row["settings"])
             if "enabled" in row:
                 row["enabled"] = bool(row["enabled"])
-                if isinstance(row["settings"], dict) and "password_sealed" in (row["settings"].get("registration") or {}):
-                    try:
-                        await asyncio.to_thread(self._keys.load, False)
-                        row["settings"] = _unsealed(self._keys, row["name"], row["settings"])
-                    except KeyFileError as exc:
-                        raise StorageError(f"cannot decrypt the registration password of trunk {row['name']!r}: {exc}") from None
+                row["settings"] = await self._opened(row["name"], row["settings"])
         return rows
+
+    async def _opened(self, trunk: str, settings: Any) -> Any:
+        """Trunk settings with the registration password decrypted."""
+        registration = settings.get("registration") if isinstance(settings, dict) else None
+        if not isinstance(registration, dict) or "password_sealed" not in registration:
+            return settings
+        registration = dict(registration)
+        try:
+            await asyncio.to_thread(self._keys.load, False)
+            registration["password"] = self._keys.unseal(
+                str(registration.pop("password_sealed")), _registration_context(trunk)
+            )
+        except KeyFileError as exc:
+            raise StorageError(f"cannot decrypt the registration password of trunk {trunk!r}: {exc}") from None
+        return {**settings, "registration": registration}
 
     async def _stored(self, table: str, name: str, settings: dict[str, Any]) -> dict[str, Any]:
         if table != "trunks" or not (settings.get("registration") or {}).get("password"):
