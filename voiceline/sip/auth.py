@@ -1,8 +1,9 @@
 """HTTP digest authentication for SIP (RFC 3261 section 22, RFC 7616/8760): MD5 and SHA-256, qop=auth.
 
-Sans-I/O: `DigestServer` issues challenges and checks credentials against a
-clock it is given; `DigestClient` answers challenges. Neither logs, and neither
-puts a password or a response hash into an exception.
+Sans-I/O: `DigestServer` issues challenges bound to the requester and checks
+answers against stored HA1 values (never a password) on a clock it is given;
+`DigestClient` answers challenges. Neither logs, and neither puts a password
+or a response hash into an exception.
 """
 
 from __future__ import annotations
