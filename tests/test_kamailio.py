@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 
 from voiceline.sim.analysis import tone_levels
+from voiceline.storage import DB_NAME, MIGRATIONS
 from voiceline.sim.runner import CallReport, CallSpec
 
 pytestmark = pytest.mark.interop
@@ -259,3 +262,50 @@ def test_invite_through_kamailio_reaches_the_line_and_is_paired(
     assert carrier.count("forwarding INVITE") >= 2
     offered = [e for e in server.log_events() if e.get("event") == "call.offered"]
     assert [(e["trunk"], e["line"]) for e in offered] == [("carrier", "carrier-line")] * 2
+
+
+def old_database(data_dir: Path, trunks: dict[str, dict[str, Any]]) -> None:
+    """A database as voiceline wrote it before migration 4: schema 3, trunk passwords in the clear."""
+    data_dir.mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(data_dir / DB_NAME)) as db, db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version (version) VALUES (3)")
+        for script in MIGRATIONS[:3]:
+            assert isinstance(script, str)
+            db.executescript(script)
+        for name, settings in trunks.items():
+            db.execute("INSERT INTO trunks (name, enabled, settings) VALUES (?, 1, ?)", (name, json.dumps(settings)))
+
+
+def test_registration_stored_in_plain_text_by_an_older_version_still_registers_after_migration(
+    voiceline_server: Callable[..., Any], kamailio: Callable[..., Kamailio], tmp_path: Path
+) -> None:
+    """The password Kamailio checks is the one migrated into ciphertext and read back through the key file."""
+    carrier = kamailio()
+    registration = {
+        "registrar": f"sip:{carrier.host}:{carrier.port}", "username": USERNAME, "password": PASSWORD,
+        "realm": "", "expiry": 3600, "contact_user": "",
+    }  # fmt: skip
+    stored = {
+        "transports": ["udp"], "sources": [], "username": "", "password": "", "realm": "voiceline",
+        "auth_algorithms": ["SHA-256", "MD5"], "registration": registration, "codecs": [], "max_calls": 0,
+    }  # fmt: skip
+    data_dir = tmp_path / "voiceline-server-0" / "data"  # where the fixture's first server keeps its data
+    old_database(data_dir, {"carrier": stored})
+    key_file = tmp_path / "keys" / "voiceline.key"  # kept away from the database, as the README advises
+    key_file.parent.mkdir(mode=0o700)
+    config = carrier_config(carrier)
+    del config["trunks"]  # the carrier trunk comes from the database only
+    config["storage"]["secret_key_file"] = str(key_file)
+    server = voiceline_server(config)
+    assert server.data_dir == data_dir
+    assert wait_for(lambda: carrier.count("registered") >= 1, 10), carrier.log()[-2000:]
+    shown = trunk_show(server)  # the CLI reads the key file named in the config too
+    assert shown["origin"] == "database" and shown["registration"]["password"] == "set"
+    assert wait_for(lambda: trunk_show(server)["registration_status"]["state"] == "registered", 5)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    for path in data_dir.iterdir():  # the database, its -wal and -shm: no password, no key
+        assert PASSWORD.encode() not in path.read_bytes(), path.name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+    assert PASSWORD not in server.log_text()

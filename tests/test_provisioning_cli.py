@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +181,26 @@ async def test_trunk_test_pings_with_options(tmp_path: Path) -> None:
         peer.close()
 
 
+
+
+def test_inbound_credentials_are_stored_as_digest_hashes_and_a_new_realm_needs_the_password(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    ok(d, "trunk", "add", "sbc", "--source", "198.51.100.7", "--username", "sbc", "--password", "-", "--realm", "carrier",
+       "--auth-allow-rfc2069", stdin=SECRET + "\n")  # fmt: skip
+    shown = json.loads(ok(d, "trunk", "show", "sbc", "--json"))
+    assert shown["password"] == "set" and shown["auth_allow_rfc2069"] is True
+    assert not any(key.startswith("ha1") for key in shown)  # the hashes are not shown either
+    with sqlite3.connect(d / "voiceline.db") as db:
+        [(stored,)] = db.execute("SELECT settings FROM trunks WHERE name = 'sbc'").fetchall()
+    settings = json.loads(stored)
+    assert SECRET not in stored and "password" not in settings
+    assert settings["ha1_sha256"] == hashlib.sha256(f"sbc:carrier:{SECRET}".encode()).hexdigest()
+    # HA1 covers user and realm: changing either without the password cannot work, and says so.
+    assert "--realm needs --password again" in bad(d, "trunk", "update", "sbc", "--realm", "other")
+    assert "--username needs --password again" in bad(d, "trunk", "update", "sbc", "--username", "sbc2")
+    ok(d, "trunk", "update", "sbc", "--realm", "other", "--password", "-", "--no-auth-allow-rfc2069", stdin=SECRET + "\n")
+    shown = json.loads(ok(d, "trunk", "show", "sbc", "--json"))
+    assert (shown["realm"], shown["auth_allow_rfc2069"], shown["password"]) == ("other", False, "set")
+    ok(d, "trunk", "update", "sbc", "--max-calls", "3")  # other settings need no password
+    ok(d, "trunk", "update", "sbc", "--auth-algorithm", "SHA-256")  # dropping MD5 keeps SHA-256's hash
+    assert "MD5 needs the password again" in bad(d, "trunk", "update", "sbc", "--auth-algorithm", "MD5")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from voiceline.sip.auth import DigestServer, Verdict
+from voiceline.sip.auth import DigestServer, Verdict, digest_ha1
 from voiceline.sip.message import SipRequest, SipResponse, parse_message, response_to, serialize
 from voiceline.sip.registration import RegistrationClient, RegState
 from voiceline.sip.trunks import Registration
@@ -40,13 +40,14 @@ def test_challenge_is_answered_and_verifies_on_a_digest_server() -> None:
     server = DigestServer("carrier")
     c = client()
     first = c.build()
-    challenge = reply(first, 401, *(("WWW-Authenticate", v) for v in server.challenges(now=0.0)))
+    challenge = reply(first, 401, *(("WWW-Authenticate", v) for v in server.challenges(0.0, "127.0.0.1")))
     status = c.on_response(challenge, now=1.0)
     assert status.state is RegState.REGISTERING and status.next_attempt == 1.0  # at once
     second = c.build()
     authorization = second.headers.get("Authorization")
     assert authorization is not None and "algorithm=SHA-256" in authorization and "s3cret" not in authorization
-    assert server.check(authorization, "REGISTER", "line-a", "s3cret", now=1.0) is Verdict.OK
+    ha1 = {"SHA-256": digest_ha1("SHA-256", "line-a", "carrier", "s3cret")}
+    assert server.check(authorization, "REGISTER", second.uri, "line-a", ha1, now=1.0, bound_to="127.0.0.1") is Verdict.OK
     assert c.on_response(reply(second, 200), now=1.1).state is RegState.REGISTERED
 
 
@@ -56,8 +57,8 @@ def test_wrong_password_fails_with_doubling_backoff() -> None:
     waits = []
     now = 0.0
     for _ in range(5):
-        c.on_response(reply(c.build(), 401, *(("WWW-Authenticate", v) for v in server.challenges(now))), now)
-        status = c.on_response(reply(c.build(), 401, *(("WWW-Authenticate", v) for v in server.challenges(now))), now)
+        c.on_response(reply(c.build(), 401, *(("WWW-Authenticate", v) for v in server.challenges(now, "127.0.0.1"))), now)
+        status = c.on_response(reply(c.build(), 401, *(("WWW-Authenticate", v) for v in server.challenges(now, "127.0.0.1"))), now)
         assert status.state is RegState.FAILED and "credentials rejected" in status.detail
         assert status.next_attempt is not None
         waits.append(status.next_attempt - now)
@@ -72,9 +73,9 @@ def test_wrong_password_fails_with_doubling_backoff() -> None:
 def test_stale_nonce_is_retried_without_failing() -> None:
     server = DigestServer("carrier")
     c = client()
-    c.on_response(reply(c.build(), 401, ("WWW-Authenticate", server.challenges(0.0)[0])), 0.0)
+    c.on_response(reply(c.build(), 401, ("WWW-Authenticate", server.challenges(0.0, "127.0.0.1")[0])), 0.0)
     c.on_response(reply(c.build(), 200), 0.0)
-    stale = reply(c.build(), 401, ("WWW-Authenticate", server.challenges(500.0, stale=True)[0]))
+    stale = reply(c.build(), 401, ("WWW-Authenticate", server.challenges(500.0, "127.0.0.1", stale=True)[0]))
     status = c.on_response(stale, 500.0)
     assert status.state is RegState.REGISTERED and status.next_attempt == 500.0
     assert c.build().headers.get("Authorization") is not None
@@ -83,7 +84,7 @@ def test_stale_nonce_is_retried_without_failing() -> None:
 def test_proxy_challenge_uses_proxy_authorization_and_423_raises_expiry() -> None:
     server = DigestServer("carrier")
     c = client()
-    c.on_response(reply(c.build(), 407, ("Proxy-Authenticate", server.challenges(0.0)[1])), 0.0)
+    c.on_response(reply(c.build(), 407, ("Proxy-Authenticate", server.challenges(0.0, "127.0.0.1")[1])), 0.0)
     request = c.build()
     assert request.headers.get("Proxy-Authorization") is not None and "Authorization" not in request.headers
     status = c.on_response(reply(request, 423, ("Min-Expires", "1800")), 1.0)
@@ -103,10 +104,10 @@ def test_configured_realm_must_match_the_challenge() -> None:
     pinned = RegistrationClient(
         Registration("sip:127.0.0.3", "line-a", "s3cret", realm="carrier"), ("127.0.0.1", 5070)
     )
-    foreign = DigestServer("elsewhere").challenges(0.0)
+    foreign = DigestServer("elsewhere").challenges(0.0, "127.0.0.1")
     status = pinned.on_response(reply(pinned.build(), 401, *(("WWW-Authenticate", v) for v in foreign)), 0.0)
     assert status.state is RegState.FAILED and status.detail == "401: no usable digest challenge for realm carrier"
-    right = DigestServer("carrier").challenges(1.0)
+    right = DigestServer("carrier").challenges(1.0, "127.0.0.1")
     status = pinned.on_response(reply(pinned.build(), 401, *(("WWW-Authenticate", v) for v in foreign + right)), 1.0)
     assert status.next_attempt == 1.0 and 'realm="carrier"' in (pinned.build().headers.get("Authorization") or "")
 

@@ -1,14 +1,22 @@
 import asyncio
+import base64
+import contextlib
 import hashlib
+import os
+import shutil
 import sqlite3
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from voiceline import storage
-from voiceline.storage import DB_NAME, CallAudio, Storage, StorageError, hour_of
+from voiceline.config import Config, StorageConfig
+from voiceline.keyfile import KEY_FILE_NAME
+from voiceline.provisioning import Provisioning, TrunkChanges, load
+from voiceline.sip.auth import digest_ha1
+from voiceline.storage import DB_FILES, DB_NAME, CallAudio, Storage, StorageError, hour_of
 
 CANARY = "+15550001234"
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -235,3 +243,160 @@ async def test_refusals_are_counted_per_hour_and_reason(store: Storage) -> None:
         {"hour": "2023-11-14T22", "reason": "unknown_number", "count": 1},
         {"hour": "2023-11-14T22", "reason": "unknown_source", "count": 5},
     ]
+
+
+# -- secrets at rest ---------------------------------------------------------------
+
+INBOUND_SECRET = "in-Pa55word-7f3a"
+REGISTRATION_SECRET = "reg-Pa55word-91c2"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """The usual umask 022: what we create must be private anyway."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def secret_forms(secret: str) -> list[bytes]:
+    """The secret and its unsalted hashes: none may be in a copied file."""
+    forms = [secret.encode(), secret.encode("utf-16-le"), base64.b64encode(secret.encode())]
+    for algorithm in ("md5", "sha1", "sha256"):
+        digest = hashlib.new(algorithm, secret.encode())
+        forms += [digest.hexdigest().encode(), digest.digest()]
+    return forms
+
+
+def assert_no_secret(data_dir: Path, *secrets: str) -> None:
+    files = [p for p in data_dir.iterdir() if p.is_file()]
+    assert any(p.name == DB_NAME for p in files)
+    for path in files:
+        content = path.read_bytes()
+        for secret in secrets:
+            assert not any(form in content for form in secret_forms(secret)), f"a password in {path.name}"
+
+
+async def test_new_data_dir_and_every_database_file_are_private(tmp_path: Path, open_umask: None) -> None:
+    data_dir = tmp_path / "data"
+    s = await Storage.open(data_dir)
+    await s.record_call("main", T0, 1.0, 2.0, True)
+    assert mode(data_dir) == 0o700
+    assert {p.name: mode(p) for p in data_dir.iterdir()} == {name: 0o600 for name in DB_FILES[:3]}
+    await s.close()
+    # A later writer (the CLI after the server stopped) creates the -wal and -shm afresh: private too.
+    assert not (data_dir / f"{DB_NAME}-wal").exists()
+    s = await Storage.open(data_dir)
+    await s.add("trunks", "reg", {"registration": {"registrar": "sip:r.example.net", "password": REGISTRATION_SECRET}})
+    assert {p.name: mode(p) for p in data_dir.iterdir()} == {name: 0o600 for name in (*DB_FILES[:3], KEY_FILE_NAME)}
+    await s.close()
+
+
+async def test_existing_open_data_dir_and_files_are_made_private(tmp_path: Path, open_umask: None) -> None:
+    """A data dir from an older version: 0755, and a database in use whose files are 0644."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o755)
+    older = sqlite3.connect(data_dir / DB_NAME, isolation_level=None)
+    try:
+        older.execute("PRAGMA journal_mode=WAL")
+        older.execute("CREATE TABLE t (x)")
+        older.execute("INSERT INTO t VALUES (1)")
+        before = {p.name: mode(p) for p in data_dir.iterdir()}
+        assert before == {name: 0o644 for name in DB_FILES[:3]} and mode(data_dir) == 0o755
+        s = await Storage.open(data_dir)
+        await s.record_call("main", T0, 1.0, 2.0, True)
+        assert mode(data_dir) == 0o700
+        assert {p.name: mode(p) for p in data_dir.iterdir()} == {name: 0o600 for name in DB_FILES[:3]}
+        await s.close()
+    finally:
+        older.close()
+
+
+@contextlib.asynccontextmanager
+async def provisioned(data_dir: Path) -> AsyncIterator[Provisioning]:
+    config = Config(storage=StorageConfig(data_dir=str(data_dir)))
+    s = await Storage.open(data_dir, config.storage.key_file)
+    try:
+        yield Provisioning(config, s)
+    finally:
+        await s.close()
+
+
+async def test_a_copied_database_reveals_no_password(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    async with provisioned(data_dir) as p:
+        await p.add_trunk("sbc", TrunkChanges(sources=("192.0.2.9",), username="sbc", password=INBOUND_SECRET))
+        await p.add_trunk(
+            "reg", TrunkChanges(registrar="sip:r.example.net", register_username="u", register_password=REGISTRATION_SECRET)
+        )
+        # While the server has it open, the rows are still in the -wal file: both are searched.
+        assert_no_secret(data_dir, INBOUND_SECRET, REGISTRATION_SECRET)
+        assert (await p.trunk("sbc")).ha1["SHA-256"] == digest_ha1("SHA-256", "sbc", "voiceline", INBOUND_SECRET)
+        registration = (await p.trunk("reg")).registration
+        assert registration is not None and registration.password == REGISTRATION_SECRET  # read back through the key
+    assert_no_secret(data_dir, INBOUND_SECRET, REGISTRATION_SECRET)
+    # The database copied without the key file: the registration password cannot be opened.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(data_dir / DB_NAME, copy / DB_NAME)
+    async with provisioned(copy) as stolen:
+        with pytest.raises(StorageError, match="cannot decrypt the registration password of trunk 'reg'.*missing"):
+            await stolen.storage.records("trunks")
+    # Nor with another key.
+    (copy / KEY_FILE_NAME).write_text(os.urandom(32).hex() + "\n")
+    async with provisioned(copy) as stolen:
+        with pytest.raises(StorageError, match="does not open it"):
+            await stolen.storage.records("trunks")
+
+
+async def test_key_file_can_live_outside_the_data_dir(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys" / "voiceline.key"
+    key_file.parent.mkdir()
+    s = await Storage.open(tmp_path / "data", key_file)
+    try:
+        await s.add("trunks", "reg", {"registration": {"registrar": "sip:r.example.net", "password": REGISTRATION_SECRET}})
+        [row] = await s.records("trunks")
+    finally:
+        await s.close()
+    assert row["settings"]["registration"]["password"] == REGISTRATION_SECRET
+    assert mode(key_file) == 0o600 and not (tmp_path / "data" / KEY_FILE_NAME).exists()
+
+
+# What `trunk add` stored before migration 4: both passwords in the clear.
+OLD_TRUNKS = {
+    "sbc": {
+        "transports": ["udp"], "sources": ["192.0.2.9"], "username": "sbc", "password": INBOUND_SECRET, "realm": "vl",
+        "auth_algorithms": ["SHA-256", "MD5"], "registration": None, "codecs": [], "max_calls": 0,
+    },
+    "reg": {
+        "transports": ["udp"], "sources": [], "username": "", "password": "", "realm": "voiceline",
+        "auth_algorithms": ["SHA-256", "MD5"], "codecs": [], "max_calls": 0,
+        "registration": {"registrar": "sip:r.example.net", "username": "u", "password": REGISTRATION_SECRET,
+                         "realm": "", "expiry": 600, "contact_user": ""},
+    },
+    "broken": {"sources": ["not an address"], "username": "x", "password": INBOUND_SECRET},
+}  # fmt: skip
+
+
+async def test_migration_turns_stored_passwords_into_hashes_and_ciphertext(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir = tmp_path / "data"
+    with monkeypatch.context() as before:
+        before.setattr(storage, "MIGRATIONS", storage.MIGRATIONS[:3])
+        s = await Storage.open(data_dir)
+        for name, settings in OLD_TRUNKS.items():
+            await s.add("trunks", name, settings)
+        await s.close()
+    assert INBOUND_SECRET.encode() in (data_dir / DB_NAME).read_bytes()  # what there was to convert
+    async with provisioned(data_dir) as p:
+        assert query(data_dir / DB_NAME, "SELECT version FROM schema_version") == [(len(storage.MIGRATIONS),)]
+        assert_no_secret(data_dir, INBOUND_SECRET, REGISTRATION_SECRET)
+        loaded = await load(p.config, p.storage)
+    trunks = {t.name: t for t in loaded.trunks}
+    assert trunks["sbc"].ha1 == {a: digest_ha1(a, "sbc", "vl", INBOUND_SECRET) for a in ("SHA-256", "MD5")}
+    assert trunks["reg"].registration is not None and trunks["reg"].registration.password == REGISTRATION_SECRET
+    assert loaded.shadowed == ["trunk broken (invalid)"]
+    assert_no_secret(data_dir, INBOUND_SECRET, REGISTRATION_SECRET)

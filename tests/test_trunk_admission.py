@@ -19,8 +19,9 @@ import pytest
 from rawsip import Dialer, RawPeer, address, serving, to_tag
 from voiceline.app import VoiceLine
 from voiceline.config import from_mapping
-from voiceline.sip.auth import DigestClient, pick_challenge
-from voiceline.sip.message import Headers, SipRequest, SipResponse, response_to, serialize
+from test_transport import TcpPeer
+from voiceline.sip.auth import DigestClient, digest_response, parse_digest, pick_challenge
+from voiceline.sip.message import Headers, SipRequest, SipResponse, parse_message, response_to, serialize
 from voiceline.sip.transaction import new_branch
 
 _next_range = iter(range(44400, 45000, 20))
@@ -240,6 +241,8 @@ async def test_sipp_authenticates_with_md5_on_a_trunk_that_offers_it(tmp_path: P
             subprocess.run,
             ["sipp", f"{host}:{port}", *("-i", "127.0.0.3", "-p", "0", "-mi", "127.0.0.3", "-mp", "0", "-s", "200"),
              *("-au", "sbc-in", "-ap", "in-secret", "-sf", str(scenario), "-m", "1"),
+             # The digest uri must be the Request-URI; SIPp would sign sip:host:port by default (it adds "sip:").
+             *("-auth_uri", f"200@{host}:{port}"),
              *("-nostdin", "-timeout", "15s", "-timeout_error")],
             cwd=tmp_path, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
@@ -248,3 +251,84 @@ async def test_sipp_authenticates_with_md5_on_a_trunk_that_offers_it(tmp_path: P
         await asyncio.sleep(0.2)
         assert app.storage is not None
         assert [(r["line"], r["calls"]) for r in await app.storage.hourly()] == [("language", 1)]
+
+
+def authorization(offered: list[str], password: str, uri: str) -> str:
+    client = DigestClient("sbc-in", password)
+    client.accept(pick_challenge(offered))  # type: ignore[arg-type]
+    return client.authorization("INVITE", uri) or ""
+
+
+async def test_captured_digest_answer_replayed_with_new_call_ids_and_numbers_is_refused(tmp_path: Path) -> None:
+    """Attack 4: a good authenticated INVITE, captured and sent again as new calls to other numbers."""
+    trunks = [{**TRUNKS[1], "sources": ["127.0.0.3", "127.0.0.11"]}]
+    async with running(tmp_path, trunks) as app, peer_at("127.0.0.3") as sbc, peer_at("127.0.0.11") as neighbour:
+        assert app.agent is not None
+        dialer, challenge = await call(app, sbc)
+        assert challenge.status == 401
+        offered = challenge.headers.get_all("WWW-Authenticate")
+        captured = authorization(offered, "in-secret", dialer.request_uri)
+        dialer.cseq += 1
+        dialer.invite(rtp_port=4000, extra=f"Authorization: {captured}\r\n")
+        admitted = await final(sbc)
+        dialer.ack(to_tag(admitted))
+        assert admitted.status == 200
+        for number in ("100", "200", "+4930100", "200", "100"):  # new Call-IDs each time
+            _, replayed = await call(app, sbc, number, extra=f"Authorization: {captured}\r\n")
+            assert replayed.status == 401, number
+            assert "stale=true" not in " ".join(replayed.headers.get_all("WWW-Authenticate"))
+        # An answer without qop (RFC 2069), right password: this trunk does not take those.
+        nonce = parse_digest(offered[-1])["nonce"]
+        replay = Dialer(sbc, address(app), to_user="100")
+        response = digest_response("MD5", "sbc-in", "voiceline.test", "in-secret", "INVITE", replay.request_uri, nonce)
+        old_style = (
+            f'Digest username="sbc-in", realm="voiceline.test", nonce="{nonce}", uri="{replay.request_uri}", '
+            f'response="{response}", algorithm=MD5'
+        )
+        replay.invite(rtp_port=4000, extra=f"Authorization: {old_style}\r\n")
+        assert (await final(sbc)).status == 401
+        # A fresh answer to the nonce 127.0.0.3 was sent, from another address of the same trunk.
+        moved = Dialer(neighbour, address(app), to_user="100")
+        moved.invite(rtp_port=4000, extra=f"Authorization: {authorization(offered, 'in-secret', moved.request_uri)}\r\n")
+        assert (await final(neighbour)).status == 401
+        assert len(app.agent.calls) == 1 and app.agent.counters.calls == 1
+        assert app.policy is not None and app.policy.refused["auth_replayed"] == 5
+
+
+class _TcpDialPeer:
+    """A TCP connection standing in for RawPeer under a Dialer: the same requests, over TCP."""
+
+    def __init__(self, tcp: TcpPeer) -> None:
+        self.tcp = tcp
+        self.port = tcp.port
+
+    def send(self, data: str, dest: tuple[str, int]) -> None:
+        self.tcp.send(data.replace("SIP/2.0/UDP", "SIP/2.0/TCP"))
+
+    async def final(self) -> SipResponse:
+        while True:
+            message = parse_message(await self.tcp.receive())
+            if isinstance(message, SipResponse) and message.status >= 200:
+                return message
+
+
+async def invite_over_tcp(app: VoiceLine, host: str) -> int:
+    assert app.agent is not None
+    tcp = await TcpPeer.connect(app.agent.transports["TCP"].local_address[1], host)
+    try:
+        peer = _TcpDialPeer(tcp)
+        Dialer(peer, address(app), to_user="100").invite(rtp_port=4000)  # type: ignore[arg-type]
+        return (await peer.final()).status
+    finally:
+        tcp.writer.close()
+
+
+async def test_tcp_from_a_udp_digest_trunk_does_not_fall_through_to_a_broader_trunk(tmp_path: Path) -> None:
+    """Attack 5: 127.0.0.3 is a UDP-only digest trunk inside an open UDP+TCP /24; TCP without credentials."""
+    trunks = [TRUNKS[1], {"name": "wide", "sources": ["127.0.0.0/24"], "transports": ["udp", "tcp"]}]
+    async with running(tmp_path, trunks) as app, peer_at("127.0.0.3") as sbc:
+        assert await invite_over_tcp(app, "127.0.0.3") == 403
+        assert (await call(app, sbc))[1].status == 401  # over UDP it is the digest trunk, as configured
+        assert await invite_over_tcp(app, "127.0.0.12") == 200  # the broad trunk itself takes TCP
+        assert app.agent is not None and [c.trunk for c in app.agent.calls] == ["wide"]
+        assert app.policy is not None and app.policy.refused["wrong_transport"] == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from voiceline import config
-from voiceline.sip.auth import DigestClient, pick_challenge
+from voiceline.sip.auth import DigestClient, digest_ha1, digest_response, parse_digest, pick_challenge
 from voiceline.sip.message import Headers, SipRequest
 from voiceline.sip.trunks import (
     Admit,
@@ -65,6 +65,19 @@ def test_most_specific_source_wins_and_disabled_trunks_match_nothing() -> None:
     assert d.identify("2001:db8::1", "udp").name == "v6"  # type: ignore[union-attr]
     assert d.identify("192.0.2.1", "udp") is None
     assert d.identify("10.1.2.3", "tcp") is None  # udp only by default
+
+
+def test_most_specific_trunk_decides_even_when_its_transport_does_not_fit() -> None:
+    d = directory(
+        Trunk("wide", sources=("10.0.0.0/8",), transports=("udp", "tcp")),
+        Trunk("sbc", sources=("10.1.2.0/24",), username="sbc", password="pw"),  # udp only, digest
+        Trunk("sbc-tls", sources=("10.1.2.0/24",), transports=("tls",)),  # as specific: a peer, not a fallback
+    )
+    assert [t.name for t in d.source_trunks("10.1.2.3")] == ["sbc", "sbc-tls"]
+    assert d.identify("10.1.2.3", "udp").name == "sbc"  # type: ignore[union-attr]
+    assert d.identify("10.1.2.3", "tls").name == "sbc-tls"  # type: ignore[union-attr]
+    assert d.identify("10.1.2.3", "tcp") is None  # never handed to the broader "wide"
+    assert d.identify("10.9.9.9", "tcp").name == "wide"  # type: ignore[union-attr]
 
 
 def test_host_names_match_once_resolved_and_registrar_ip_identifies() -> None:
@@ -151,7 +164,7 @@ def test_trunk_admits_to_the_dialled_line_with_its_codecs() -> None:
     assert p.check(request("OPTIONS"), ("192.0.2.1", 5060), "UDP") == Admit("carrier")
     assert p.check(request(uri="sip:300@10.0.0.1"), ("192.0.2.1", 5060), "UDP") == Refuse(404)
     assert p.check(request(), ("192.0.2.1", 5060), "TCP") == Refuse(403)
-    assert p.refused == {"unknown_number": 1, "unknown_source": 1}
+    assert p.refused == {"unknown_number": 1, "wrong_transport": 1}
 
 
 def test_trunk_at_its_call_limit_gets_503() -> None:
@@ -224,3 +237,83 @@ def test_config_file_trunks_and_lines(tmp_path: object) -> None:
     ):
         with pytest.raises(config.ConfigError, match=message):
             config.from_mapping(bad)  # type: ignore[arg-type]
+
+
+def test_fall_through_to_a_broader_trunk_without_credentials_is_refused() -> None:
+    """Attack 5: a UDP-only digest trunk inside a broader open trunk; TCP without credentials from its range."""
+    p = policy(
+        directory(
+            Trunk("sbc", sources=("192.0.2.8/29",), username="sbc", password="pw"),
+            Trunk("wide", sources=("192.0.2.0/24",), transports=("udp", "tcp")),
+        )
+    )
+    assert p.check(request(), ("192.0.2.9", 5060), "TCP") == Refuse(403)
+    assert p.check(request("OPTIONS"), ("192.0.2.9", 5060), "TCP") == Refuse(403)
+    assert p.refused == {"wrong_transport": 2}
+    challenge = p.check(request(), ("192.0.2.9", 5060), "UDP")
+    assert isinstance(challenge, Refuse) and challenge.status == 401
+    assert p.check(request(), ("192.0.2.1", 5060), "TCP") == Admit("wide", "general", ())
+
+
+def challenged(p: TrunkPolicy, source: tuple[str, int], password: str = "pw") -> DigestClient:
+    challenge = p.check(request(), source, "UDP")
+    assert isinstance(challenge, Refuse) and challenge.status == 401
+    client = DigestClient("sbc", password)
+    client.accept(pick_challenge([value for name, value in challenge.headers if name == "WWW-Authenticate"]))  # type: ignore[arg-type]
+    return client
+
+
+def test_replayed_or_moved_answers_get_a_fresh_challenge_never_admission() -> None:
+    p = policy(directory(Trunk("sbc", sources=("192.0.2.8/29",), username="sbc", password="pw")))
+    source = ("192.0.2.9", 5060)
+    client = challenged(p, source)
+    captured = client.authorization("INVITE", "sip:100@127.0.0.1") or ""
+    assert p.check(request(auth=captured), source, "UDP") == Admit("sbc", "general", ())
+    for replay in (
+        request(auth=captured),  # the same request again
+        request(uri="sip:200@127.0.0.1", auth=captured),  # another number
+    ):
+        refused = p.check(replay, source, "UDP")
+        assert isinstance(refused, Refuse) and refused.status == 401
+        assert "stale" not in refused.headers[0][1]
+    # The nonce was issued to 192.0.2.9: from another address of the same trunk it is worthless.
+    fresh = client.authorization("INVITE", "sip:100@127.0.0.1") or ""
+    moved = p.check(request(auth=fresh), ("192.0.2.10", 5060), "UDP")
+    assert isinstance(moved, Refuse) and moved.status == 401
+    assert p.refused == {"auth_replayed": 2}
+
+
+def test_answer_without_qop_is_admitted_only_where_the_trunk_allows_it() -> None:
+    for allow in (False, True):
+        trunk = Trunk("sbc", sources=("192.0.2.9",), username="sbc", password="pw", auth_algorithms=("MD5",),
+                      auth_allow_rfc2069=allow)  # fmt: skip
+        p = policy(directory(trunk))
+        source = ("192.0.2.9", 5060)
+        challenge = p.check(request(), source, "UDP")
+        assert isinstance(challenge, Refuse)
+        nonce = parse_digest(challenge.headers[0][1])["nonce"]
+        uri = "sip:100@127.0.0.1"
+        response = digest_response("MD5", "sbc", "voiceline", "pw", "INVITE", uri, nonce)
+        value = f'Digest username="sbc", realm="voiceline", nonce="{nonce}", uri="{uri}", response="{response}"'
+        verdict = p.check(request(auth=value), source, "UDP")
+        assert verdict == Admit("sbc", "general", ()) if allow else isinstance(verdict, Refuse) and verdict.status == 401
+        if allow:  # one request per RFC 2069 nonce
+            again = p.check(request(auth=value), source, "UDP")
+            assert isinstance(again, Refuse) and again.status == 401
+
+
+def test_inbound_password_is_kept_only_as_ha1_per_offered_algorithm() -> None:
+    trunk = Trunk("sbc", sources=("192.0.2.9",), username="sbc", password="inbound-secret", realm="vl")
+    stored = trunk.settings()
+    assert "password" not in stored and "inbound-secret" not in str(stored) + repr(trunk)
+    assert stored["ha1_sha256"] == digest_ha1("SHA-256", "sbc", "vl", "inbound-secret")
+    assert stored["ha1_md5"] == digest_ha1("MD5", "sbc", "vl", "inbound-secret")
+    assert Trunk.from_settings("sbc", stored) == trunk
+    assert "ha1_md5" not in trunk.public() and trunk.public()["password"] == "set"
+    sha_only = Trunk.from_settings("s", {"sources": ["192.0.2.9"], "username": "u", "password": "x", "auth_algorithms": ["SHA-256"]})
+    assert sha_only.ha1_md5 == "" and len(sha_only.ha1_sha256) == 64
+    # Offering MD5 later needs the password again: its HA1 was never kept.
+    with pytest.raises(TrunkError, match="MD5 needs the password again"):
+        Trunk.from_settings("s", {**sha_only.settings(), "auth_algorithms": ["SHA-256", "MD5"]})
+    with pytest.raises(TrunkError, match="not both"):
+        Trunk.from_settings("s", {**stored, "password": "x"})

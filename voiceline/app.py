@@ -46,7 +46,7 @@ from voiceline.sip.transport import (
 )
 from voiceline.sip.trunks import Trunk, TrunkDirectory, TrunkPolicy
 from voiceline.sip.useragent import Call, CallRejected, CallState, UserAgent, UserAgentSettings
-from voiceline.storage import CallAudio, Storage
+from voiceline.storage import CallAudio, Storage, write_private
 
 log = structlog.get_logger("voiceline.app")
 
@@ -98,7 +98,7 @@ class VoiceLine:
 
     async def start(self) -> None:
         sip = self.config.sip
-        self.storage = await Storage.open(Path(self.config.storage.data_dir))
+        self.storage = await Storage.open(Path(self.config.storage.data_dir), self.config.storage.key_file)
         hold_audio = load_wav(self.config.media.hold_audio) if self.config.media.hold_audio else chime_pattern()
         bind_host = sip.listen_address[0]
         self.media = MediaEngine(
@@ -489,7 +489,7 @@ async def serve(config: Config) -> int:
         # What start-up built (modules, config, engines) lives as long as the process: keep it out of
         # the cyclic collector, whose full passes would otherwise stall the relay for tens of ms.
         gc.freeze()
-        pid_file.write_text(f"{os.getpid()}\n", encoding="ascii")
+        write_private(pid_file, f"{os.getpid()}\n")
         stopped, draining = loop.create_task(stop.wait()), loop.create_task(drain.wait())
         await asyncio.wait((stopped, draining), return_when=asyncio.FIRST_COMPLETED)
         draining.cancel()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from voiceline.keyfile import KEY_FILE_NAME
 from voiceline.sip.overload import SCANNER_USER_AGENTS
 from voiceline.sip.sdp import CODEC_NAMES
 from voiceline.sip.trunks import Line, Trunk, TrunkError
@@ -120,6 +121,12 @@ class StorageConfig:
     data_dir: str = "./var"
     # Seconds between checks for trunk/line changes made by `voiceline trunk|line`.
     poll_interval: float = 1.0
+    # Key that encrypts stored registration passwords; empty: secret.key in data_dir.
+    secret_key_file: str = ""
+
+    @property
+    def key_file(self) -> Path:
+        return Path(self.secret_key_file) if self.secret_key_file else Path(self.data_dir) / KEY_FILE_NAME
 
 
 @dataclass(frozen=True)

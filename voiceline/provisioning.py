@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from voiceline.config import Config
-from voiceline.sip.trunks import Line, Trunk, TrunkError, check_name
+from voiceline.sip.trunks import HA1_FIELDS, Line, Trunk, TrunkError, check_name
 from voiceline.storage import Storage, StorageError, UnknownName
 
 
@@ -71,6 +71,7 @@ class TrunkChanges:
     password: str | None = None
     realm: str | None = None
     auth_algorithms: tuple[str, ...] | None = None
+    auth_allow_rfc2069: bool | None = None
     no_auth: bool = False
     registrar: str | None = None
     register_username: str | None = None
@@ -86,11 +87,26 @@ class TrunkChanges:
     def apply(self, name: str, enabled: bool, settings: dict[str, Any]) -> Trunk:
         """The trunk `settings` (as stored) describe, with these changes; TrunkError when invalid."""
         merged = dict(settings)
-        for key in ("sources", "transports", "username", "password", "realm", "auth_algorithms", "codecs", "max_calls", "srtp"):
+        if self.password is not None:
+            for key in HA1_FIELDS.values():  # the new password replaces the stored hashes
+                merged.pop(key, None)
+        elif merged.get("username") and not self.no_auth:
+            renamed = [
+                option for option, key in (("--username", "username"), ("--realm", "realm"))
+                if getattr(self, key) is not None and getattr(self, key) != merged.get(key)
+            ]  # fmt: skip
+            if renamed:
+                raise ProvisioningError(
+                    f"changing {' and '.join(renamed)} needs --password again: only digest hashes of "
+                    "user:realm:password are stored"
+                )
+        for key in ("sources", "transports", "username", "password", "realm", "auth_algorithms",
+                    "auth_allow_rfc2069", "codecs", "max_calls", "srtp"):  # fmt: skip
             if getattr(self, key) is not None:
                 merged[key] = getattr(self, key)
         if self.no_auth:
-            merged.update(username="", password="")
+            merged.update(username="", **{key: "" for key in HA1_FIELDS.values()})
+            merged.pop("password", None)
         given = {
             key: value
             for key, value in (

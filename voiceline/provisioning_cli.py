@@ -74,6 +74,8 @@ def _trunk_options(p: argparse.ArgumentParser, adding: bool) -> None:
     p.add_argument("--realm", help="inbound digest realm (default voiceline)")
     p.add_argument("--auth-algorithm", action="append", choices=("SHA-256", "MD5"),
                    help="digest algorithm to challenge with, preferred first; repeat (default SHA-256 then MD5)")  # fmt: skip
+    p.add_argument("--auth-allow-rfc2069", action=argparse.BooleanOptionalAction, default=None,
+                   help="accept digest answers without qop (old equipment; one request per challenge); default no")  # fmt: skip
     p.add_argument("--register", metavar="URI", dest="registrar", help="register at this registrar, e.g. sip:sip.carrier.net")
     p.add_argument("--register-username", help="registration user name")
     p.add_argument("--register-password", help="registration password ('-' reads it from stdin)")
@@ -106,7 +108,7 @@ def run_provisioning(args: argparse.Namespace) -> int:
 
 
 async def _with_storage(cfg: Config, work: Callable[[Provisioning], Awaitable[int]]) -> int:
-    storage = await Storage.open(Path(cfg.storage.data_dir))
+    storage = await Storage.open(Path(cfg.storage.data_dir), cfg.storage.key_file)
     try:
         return await work(Provisioning(cfg, storage))
     finally:
@@ -133,6 +135,7 @@ def _changes(args: argparse.Namespace) -> TrunkChanges:
         password=_secret(args.password, "--password"),
         realm=args.realm,
         auth_algorithms=tuple(dict.fromkeys(args.auth_algorithm)) if args.auth_algorithm else None,
+        auth_allow_rfc2069=args.auth_allow_rfc2069,
         no_auth=getattr(args, "no_auth", False),
         registrar=args.registrar,
         register_username=args.register_username,

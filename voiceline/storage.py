@@ -2,7 +2,12 @@
 
 Provisioning: trunks and lines (as validated JSON settings, written by the
 `voiceline trunk|line` commands and read by the running server) and the
-registration status the server reports for each trunk.
+registration status the server reports for each trunk. No password is stored:
+inbound credentials are digest HA1 values, and registration passwords are
+sealed with the key file (voiceline.keyfile), which is not in the database.
+
+The data directory is made 0700 and every database file 0600 at each open,
+also when they already exist.
 
 Statistics: hourly aggregates only, never a per-caller row, number, URI, caller
 IP address or exact call time. The API takes none of these, so it cannot.
@@ -10,9 +15,13 @@ IP address or exact call time. The API takes none of these, so it cannot.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
+import os
 import sqlite3
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,11 +29,41 @@ from typing import Any
 
 import aiosqlite
 
+from voiceline.keyfile import KEY_FILE_NAME, KeyFile, KeyFileError
+from voiceline.sip.trunks import Trunk, TrunkError
+
 DB_NAME = "voiceline.db"
+# The database and the files SQLite keeps beside it.
+DB_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal")
+
+# A migration SQL cannot express: run inside the migration's transaction.
+PythonMigration = Callable[[aiosqlite.Connection, KeyFile], Awaitable[None]]
+
+
+async def _keep_no_trunk_passwords(db: aiosqlite.Connection, keys: KeyFile) -> None:
+    """Stored inbound passwords become HA1 values, registration passwords ciphertext (schema 4)."""
+    async with db.execute("SELECT name, enabled, settings FROM trunks") as cursor:
+        rows = await cursor.fetchall()
+    for name, enabled, text in rows:
+        try:
+            settings = json.loads(text)
+        except ValueError:
+            continue
+        if not isinstance(settings, dict):
+            continue
+        try:
+            settings = Trunk.from_settings(name, settings, bool(enabled)).settings()
+        except TrunkError:
+            settings.pop("password", None)  # never loaded as it is; keeps no password either way
+        if isinstance(settings.get("registration"), dict) and settings["registration"].get("password"):
+            await asyncio.to_thread(keys.load, True)
+        stored = json.dumps(_sealed(keys, name, settings))
+        await db.execute("UPDATE trunks SET settings = ? WHERE name = ?", (stored, name))
+
 
 # Applied in order, each in its own transaction; entry N brings the schema to
-# version N + 1. Add a migration by appending a script; never edit an old one.
-MIGRATIONS: tuple[str, ...] = (
+# version N + 1. Add a migration by appending one; never edit an old one.
+MIGRATIONS: tuple[str | PythonMigration, ...] = (
     """
     CREATE TABLE hourly_stats (
         hour TEXT NOT NULL,  -- 'YYYY-MM-DDTHH', UTC
@@ -37,8 +76,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     """
-    -- `settings` is a JSON object validated by voiceline.provisioning; it holds trunk
-    -- passwords, so the database file is as private as the data directory (0700).
+    -- `settings` is a JSON object validated by voiceline.provisioning; it held trunk
+    -- passwords in the clear until migration 4.
     CREATE TABLE trunks (
         name TEXT PRIMARY KEY,
         enabled INTEGER NOT NULL DEFAULT 1,
@@ -72,6 +111,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE hourly_stats ADD COLUMN packets_lost INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE hourly_stats ADD COLUMN jitter_ms_max REAL NOT NULL DEFAULT 0;
     """,
+    _keep_no_trunk_passwords,
 )
 
 # The two provisioning tables share their shape: name -> JSON settings.
@@ -131,49 +171,113 @@ async def _schema_version(db: aiosqlite.Connection) -> int:
     return int(row[0])
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
+async def _migrate(db: aiosqlite.Connection, keys: KeyFile) -> int:
+    """Apply the migrations this database lacks; how many."""
     current = await _schema_version(db)
     if current > len(MIGRATIONS):
         raise StorageError(f"database schema version {current} is newer than this voiceline ({len(MIGRATIONS)})")
-    for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+    for version, step in enumerate(MIGRATIONS[current:], start=current + 1):
         try:
-            await db.executescript(f"BEGIN;\n{script}\nUPDATE schema_version SET version = {version};\nCOMMIT;")
-        except sqlite3.Error:
+            if isinstance(step, str):
+                await db.executescript(f"BEGIN;\n{step}\nUPDATE schema_version SET version = {version};\nCOMMIT;")
+                continue
+            await db.execute("BEGIN")
+            await step(db, keys)
+            await db.execute(f"UPDATE schema_version SET version = {version}")
+            await db.execute("COMMIT")
+        except BaseException:
             if db.in_transaction:
                 await db.rollback()
             raise
+    return len(MIGRATIONS) - current
+
+
+def _registration_context(trunk: str) -> str:
+    return f"trunk {trunk} registration password"
+
+
+def _sealed(keys: KeyFile, trunk: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Trunk settings as stored: the registration password replaced by its ciphertext."""
+    registration = settings.get("registration")
+    if not isinstance(registration, dict) or not registration.get("password"):
+        return settings
+    registration = dict(registration)
+    registration["password_sealed"] = keys.seal(str(registration.pop("password")), _registration_context(trunk))
+    return {**settings, "registration": registration}
+
+
+def _make_private(data_dir: Path) -> None:
+    """The data directory 0700 and the database files 0600, whether new or left by an older version."""
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data_dir.chmod(0o700)
+    except OSError as exc:
+        raise StorageError(f"cannot create data directory {data_dir}: {exc.strerror}") from None
+    try:
+        os.close(os.open(data_dir / DB_NAME, os.O_WRONLY | os.O_CREAT, 0o600))
+        for name in DB_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (data_dir / name).chmod(0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot make the database in {data_dir} private: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def _private_umask() -> Iterator[None]:
+    """Files created meanwhile (SQLite's -wal and -shm) get no group or other permissions."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a small file in the data directory, 0600 like the database."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
 
 
 class Storage:
     """One aiosqlite connection; every write is a single autocommitted statement."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, keys: KeyFile) -> None:
         self._db = db
+        self._keys = keys
 
     @classmethod
-    async def open(cls, data_dir: Path) -> Storage:
-        try:
-            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f"cannot create data directory {data_dir}: {exc.strerror}") from None
+    async def open(cls, data_dir: Path, key_file: Path | None = None) -> Storage:
+        """`key_file`: where the key sealing registration passwords lives (default: secret.key in `data_dir`)."""
+        keys = KeyFile(key_file or data_dir / KEY_FILE_NAME)
+        await asyncio.to_thread(_make_private, data_dir)
         path = data_dir / DB_NAME
-        try:
-            # isolation_level=None: no implicit transactions; migrations BEGIN their own.
-            db = await aiosqlite.connect(path, isolation_level=None)
-        except sqlite3.Error:
-            raise StorageError(f"cannot open database {path}; it was left untouched") from None
-        try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute("PRAGMA foreign_keys=ON")
-            await _migrate(db)
-        except sqlite3.Error:
-            await db.close()
-            raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from None
-        except BaseException:
-            await db.close()
-            raise
-        return cls(db)
+        with _private_umask():
+            try:
+                # isolation_level=None: no implicit transactions; migrations BEGIN their own.
+                db = await aiosqlite.connect(path, isolation_level=None)
+            except sqlite3.Error:
+                raise StorageError(f"cannot open database {path}; it was left untouched") from None
+            try:
+                await db.execute("PRAGMA journal_mode=WAL")
+                await db.execute("PRAGMA synchronous=NORMAL")
+                await db.execute("PRAGMA foreign_keys=ON")
+                # Overwritten and deleted rows (a replaced password, say) are zeroed, not left in free space.
+                await db.execute("PRAGMA secure_delete=ON")
+                if await _migrate(db, keys):
+                    # Old page images (plain passwords before migration 4) leave the -wal file too.
+                    await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                await db.close()
+                raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from None
+            except KeyFileError as exc:
+                await db.close()
+                raise StorageError(f"cannot upgrade {path}: {exc}; it was left untouched") from None
+            except BaseException:
+                await db.close()
+                raise
+        return cls(db, keys)
 
     async def record_call(
         self, line: str, ended_at: float, waited: float, talked: float, paired: bool, audio: CallAudio = CallAudio()
@@ -216,7 +320,9 @@ class Storage:
     # -- provisioning ----------------------------------------------------------
 
     async def add(self, table: str, name: str, settings: dict[str, Any], enabled: bool = True) -> None:
+        """Trunk settings may carry a registration password: it is stored sealed."""
         self._check_table(table)
+        settings = await self._stored(table, name, settings)
         columns = "name, enabled, settings" if table == "trunks" else "name, settings"
         values: tuple[Any, ...] = (name, int(enabled), json.dumps(settings)) if table == "trunks" else (name, json.dumps(settings))
         try:
@@ -226,6 +332,7 @@ class Storage:
 
     async def update(self, table: str, name: str, settings: dict[str, Any]) -> None:
         self._check_table(table)
+        settings = await self._stored(table, name, settings)
         cursor = await self._db.execute(f"UPDATE {table} SET settings = ? WHERE name = ?", (json.dumps(settings), name))
         if cursor.rowcount == 0:
             raise UnknownName(f"no {table[:-1]} named {name!r}")
@@ -244,7 +351,10 @@ class Storage:
             await self._db.execute("DELETE FROM registration_status WHERE trunk = ?", (name,))
 
     async def records(self, table: str) -> list[dict[str, Any]]:
-        """Every row as {name, settings (decoded), and for trunks enabled}, ordered by name."""
+        """Every row as {name, settings (decoded, registration password opened), and for trunks enabled}.
+
+        StorageError when a sealed password cannot be opened (key file missing or another key).
+        """
         self._check_table(table)
         extra = ", enabled" if table == "trunks" else ""
         rows = await self._rows(f"SELECT name, settings{extra} FROM {table} ORDER BY name")
@@ -252,7 +362,32 @@ class Storage:
             row["settings"] = json.loads(row["settings"])
             if "enabled" in row:
                 row["enabled"] = bool(row["enabled"])
+                row["settings"] = await self._opened(row["name"], row["settings"])
         return rows
+
+    async def _opened(self, trunk: str, settings: Any) -> Any:
+        """Trunk settings with the registration password decrypted."""
+        registration = settings.get("registration") if isinstance(settings, dict) else None
+        if not isinstance(registration, dict) or "password_sealed" not in registration:
+            return settings
+        registration = dict(registration)
+        try:
+            await asyncio.to_thread(self._keys.load, False)
+            registration["password"] = self._keys.unseal(
+                str(registration.pop("password_sealed")), _registration_context(trunk)
+            )
+        except KeyFileError as exc:
+            raise StorageError(f"cannot decrypt the registration password of trunk {trunk!r}: {exc}") from None
+        return {**settings, "registration": registration}
+
+    async def _stored(self, table: str, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        if table != "trunks" or not (settings.get("registration") or {}).get("password"):
+            return settings
+        try:
+            await asyncio.to_thread(self._keys.load, True)
+        except KeyFileError as exc:
+            raise StorageError(str(exc)) from None
+        return _sealed(self._keys, name, settings)
 
     async def set_registration_status(
         self, trunk: str, state: str, detail: str, at: float, expires_at: float | None, next_attempt: float | None

@@ -171,8 +171,9 @@ def merge_config(base: ConfigOverrides, overrides: ConfigOverrides) -> dict[str,
 
 
 def start_server(directory: Path, overrides: ConfigOverrides) -> VoicelineServer:
-    """Start `voiceline serve` with its files under `directory`; fail the test unless it gets ready."""
-    directory.mkdir(parents=True)
+    """Start `voiceline serve` with its files under `directory` (its `data` may be prepared already);
+    fail the test unless it gets ready."""
+    directory.mkdir(parents=True, exist_ok=True)
     port = free_udp_port()
     low, high = rtp_range_for(port)
     config_path = directory / "voiceline.toml"

@@ -1,8 +1,9 @@
 """HTTP digest authentication for SIP (RFC 3261 section 22, RFC 7616/8760): MD5 and SHA-256, qop=auth.
 
-Sans-I/O: `DigestServer` issues challenges and checks credentials against a
-clock it is given; `DigestClient` answers challenges. Neither logs, and neither
-puts a password or a response hash into an exception.
+Sans-I/O: `DigestServer` issues challenges bound to the requester and checks
+answers against stored HA1 values (never a password) on a clock it is given;
+`DigestClient` answers challenges. Neither logs, and neither puts a password
+or a response hash into an exception.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import secrets
 import struct
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 ALGORITHMS = {"MD5": "md5", "SHA-256": "sha256"}
@@ -50,6 +52,20 @@ def _hash(algorithm: str, text: str) -> str:
     return hashlib.new(ALGORITHMS[algorithm], text.encode("utf-8")).hexdigest()
 
 
+def digest_ha1(algorithm: str, username: str, realm: str, password: str) -> str:
+    """H(username:realm:password): what a server keeps instead of the password (RFC 7616 section 3.4.2)."""
+    return _hash(algorithm, f"{username}:{realm}:{password}")
+
+
+def response_from_ha1(
+    algorithm: str, ha1: str, method: str, uri: str, nonce: str, nc: str = "", cnonce: str = "", qop: str = ""
+) -> str:
+    ha2 = _hash(algorithm, f"{method}:{uri}")
+    if qop:
+        return _hash(algorithm, f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
+    return _hash(algorithm, f"{ha1}:{nonce}:{ha2}")
+
+
 def digest_response(
     algorithm: str,
     username: str,
@@ -62,11 +78,8 @@ def digest_response(
     cnonce: str = "",
     qop: str = "",
 ) -> str:
-    ha1 = _hash(algorithm, f"{username}:{realm}:{password}")
-    ha2 = _hash(algorithm, f"{method}:{uri}")
-    if qop:
-        return _hash(algorithm, f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
-    return _hash(algorithm, f"{ha1}:{nonce}:{ha2}")
+    ha1 = digest_ha1(algorithm, username, realm, password)
+    return response_from_ha1(algorithm, ha1, method, uri, nonce, nc, cnonce, qop)
 
 
 def _quote(text: str) -> str:
@@ -78,81 +91,123 @@ def _quote(text: str) -> str:
 
 class Verdict(enum.Enum):
     OK = "ok"
-    CHALLENGE = "challenge"  # no or unusable credentials: send a fresh challenge
-    STALE = "stale"  # right password, old nonce: challenge again with stale=true
-    FAILED = "failed"  # wrong username or password, or a replayed nonce count
+    CHALLENGE = "challenge"  # no or unusable credentials, or a nonce not issued to this requester: challenge afresh
+    STALE = "stale"  # right password, expired nonce: challenge again with stale=true
+    FAILED = "failed"  # wrong username or password
+    REPLAYED = "replayed"  # right password, but a nonce count already seen or a uri not this request's
+
+
+# A nonce: issue time (8 bytes) + random (8) + HMAC over those and what it was issued for (16).
+_STAMP_BYTES = 16
+_NONCE_BYTES = 32
+_NC = re.compile(r"[0-9a-fA-F]{8}")
+# The nonce count an RFC 2069 answer (no nc) is recorded with: such a nonce is good for one request.
+_SINGLE_USE = 1 << 32
 
 
 @dataclass
 class DigestServer:
-    """Stateless nonces (time + HMAC) with a bounded table of the last nonce count seen per nonce."""
+    """Stateless nonces bound to their requester, with a bounded table of the nonce counts seen.
+
+    A nonce carries its issue time and an HMAC (key random per process, never
+    stored) over that time, the realm and `bound_to` (the requester's source
+    address), so it can be neither forged nor used from elsewhere. Each
+    answer's nonce count must exceed the last one seen for its nonce; when the
+    table is full the oldest entries go, and every nonce issued up to the
+    newest one that went is then answered as stale, so dropping state never
+    reopens a replay.
+    """
 
     realm: str
     algorithms: tuple[str, ...] = OFFERED  # challenged in this order; others are refused
     nonce_lifetime: float = 300.0
     max_tracked_nonces: int = 4096
+    allow_rfc2069: bool = False  # accept answers without qop (each nonce then serves one request)
 
     def __post_init__(self) -> None:
         self._key = secrets.token_bytes(32)
-        self._counts: OrderedDict[str, int] = OrderedDict()
+        self._counts: OrderedDict[str, tuple[float, int]] = OrderedDict()  # nonce -> (issued, last nc)
+        self._forgotten_up_to = float("-inf")  # issue time of the newest nonce dropped from the table
 
-    def challenges(self, now: float, stale: bool = False) -> list[str]:
+    def challenges(self, now: float, bound_to: str, stale: bool = False) -> list[str]:
         """WWW-Authenticate (or Proxy-Authenticate) values, one per algorithm, sharing one nonce."""
-        nonce = self._new_nonce(now)
+        nonce = self._new_nonce(now, bound_to)
         extra = ", stale=true" if stale else ""
         return [
             f'Digest realm={_quote(self.realm)}, nonce="{nonce}", algorithm={algorithm}, qop="auth"{extra}'
             for algorithm in self.algorithms
         ]
 
-    def check(self, authorization: str, method: str, username: str, password: str, now: float) -> Verdict:
-        """A Verdict for one Authorization header value against the expected credentials."""
+    def check(
+        self, authorization: str, method: str, uri: str, username: str, ha1: Mapping[str, str], now: float, bound_to: str
+    ) -> Verdict:
+        """A Verdict for one Authorization value of a request (`method`, Request-URI `uri`) from `bound_to`.
+
+        `ha1`: the expected credentials as H(username:realm:password) per algorithm.
+        """
         try:
             params = parse_digest(authorization)
         except DigestError:
             return Verdict.CHALLENGE
         algorithm = params.get("algorithm", "MD5").upper()
         nonce = params.get("nonce", "")
-        if algorithm not in self.algorithms or params.get("realm") != self.realm or "response" not in params:
+        if algorithm not in self.algorithms or algorithm not in ha1 or params.get("realm") != self.realm:
             return Verdict.CHALLENGE
-        issued = self._nonce_time(nonce)
+        if "response" not in params:
+            return Verdict.CHALLENGE
+        issued = self._nonce_time(nonce, bound_to)
         if issued is None:
             return Verdict.CHALLENGE
-        qop = params.get("qop", "")
-        nc = params.get("nc", "")
-        if qop not in ("", "auth") or (qop and not re.fullmatch(r"[0-9a-fA-F]{8}", nc)):
+        qop, nc, cnonce = params.get("qop", ""), params.get("nc", ""), params.get("cnonce", "")
+        if qop:
+            if qop != "auth" or not _NC.fullmatch(nc) or not cnonce:
+                return Verdict.CHALLENGE
+        elif not self.allow_rfc2069:
             return Verdict.CHALLENGE
-        expected = digest_response(
-            algorithm, username, self.realm, password, method, params.get("uri", ""), nonce, nc, params.get("cnonce", ""), qop
-        )
+        signed_uri = params.get("uri", "")
+        expected = response_from_ha1(algorithm, ha1[algorithm], method, signed_uri, nonce, nc, cnonce, qop)
         if params.get("username") != username or not hmac.compare_digest(expected, params["response"].lower()):
             return Verdict.FAILED
-        if now - issued > self.nonce_lifetime:
+        if now - issued > self.nonce_lifetime or issued <= self._forgotten_up_to:
             return Verdict.STALE
-        if qop:
-            count = int(nc, 16)
-            if count <= self._counts.get(nonce, 0):
-                return Verdict.FAILED  # a replayed (or reordered) request
-            self._counts[nonce] = count
-            self._counts.move_to_end(nonce)
-            while len(self._counts) > self.max_tracked_nonces:
-                self._counts.popitem(last=False)
+        if signed_uri != uri:
+            return Verdict.REPLAYED  # an answer captured for another request
+        count = int(nc, 16) if qop else _SINGLE_USE
+        last = self._counts.get(nonce)
+        if last is not None and (not qop or count <= last[1]):
+            return Verdict.REPLAYED
+        self._remember(nonce, issued, count, now)
         return Verdict.OK
 
-    def _new_nonce(self, now: float) -> str:
-        stamp = struct.pack(">d", now) + secrets.token_bytes(8)
-        mac = hmac.new(self._key, stamp, hashlib.sha256).digest()[:16]
-        return base64.urlsafe_b64encode(stamp + mac).decode().rstrip("=")
+    def _remember(self, nonce: str, issued: float, count: int, now: float) -> None:
+        self._counts[nonce] = (issued, count)
+        self._counts.move_to_end(nonce)
+        # Expired nonces are refused by time anyway; beyond the bound, the oldest go.
+        while self._counts:
+            oldest, (oldest_issued, _) = next(iter(self._counts.items()))
+            if len(self._counts) > self.max_tracked_nonces:
+                self._forgotten_up_to = max(self._forgotten_up_to, oldest_issued)
+            elif now - oldest_issued <= self.nonce_lifetime:
+                break
+            del self._counts[oldest]
 
-    def _nonce_time(self, nonce: str) -> float | None:
+    def _mac(self, stamp: bytes, bound_to: str) -> bytes:
+        message = stamp + b"\0" + self.realm.encode() + b"\0" + bound_to.encode()
+        return hmac.new(self._key, message, hashlib.sha256).digest()[: _NONCE_BYTES - _STAMP_BYTES]
+
+    def _new_nonce(self, now: float, bound_to: str) -> str:
+        stamp = struct.pack(">d", now) + secrets.token_bytes(_STAMP_BYTES - 8)
+        return base64.urlsafe_b64encode(stamp + self._mac(stamp, bound_to)).decode().rstrip("=")
+
+    def _nonce_time(self, nonce: str, bound_to: str) -> float | None:
         try:
             raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
         except ValueError:
             return None
-        if len(raw) != 32:
+        if len(raw) != _NONCE_BYTES:
             return None
-        stamp, mac = raw[:16], raw[16:]
-        if not hmac.compare_digest(mac, hmac.new(self._key, stamp, hashlib.sha256).digest()[:16]):
+        stamp, mac = raw[:_STAMP_BYTES], raw[_STAMP_BYTES:]
+        if not hmac.compare_digest(mac, self._mac(stamp, bound_to)):
             return None
         return float(struct.unpack(">d", stamp[:8])[0])
 

@@ -14,12 +14,12 @@ import ipaddress
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Any, Protocol
 
 import structlog
 
-from voiceline.sip.auth import ALGORITHMS, DigestServer, Verdict
+from voiceline.sip.auth import ALGORITHMS, DigestError, DigestServer, Verdict, digest_ha1, parse_digest
 from voiceline.sip.message import SipParseError, SipRequest, parse_uri
 from voiceline.sip.sdp import CODEC_NAMES, SRTP_POLICIES
 
@@ -35,6 +35,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9\-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9\-]{0,62}))*\.?")
 _NUMBER = re.compile(r"[A-Za-z0-9+*#\-_.!~'()%]{1,64}")
 _USER = re.compile(r"[A-Za-z0-9\-_.!~*'()%&=+$,;?/]{1,64}")
+# Inbound credentials are kept as H(username:realm:password) per digest algorithm, never the password.
+HA1_FIELDS = {"SHA-256": "ha1_sha256", "MD5": "ha1_md5"}
+_HA1_HEX = {"SHA-256": re.compile(r"[0-9a-f]{64}"), "MD5": re.compile(r"[0-9a-f]{32}")}
 
 
 class TrunkError(ValueError):
@@ -103,16 +106,21 @@ class Trunk:
     transports: tuple[str, ...] = ("udp",)
     sources: tuple[str, ...] = ()  # IPs, CIDRs, host names
     username: str = ""  # inbound digest: when set, INVITEs must authenticate
-    password: str = field(default="", repr=False)
+    # Given (config file, `trunk add`) and turned into the HA1 values at once; never kept.
+    password: InitVar[str] = ""
     realm: str = "voiceline"
     # Digest algorithms we challenge with, preferred first; ("MD5",) for equipment without SHA-256.
     auth_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
+    ha1_sha256: str = field(default="", repr=False)
+    ha1_md5: str = field(default="", repr=False)
+    # Accept digest answers without qop (RFC 2069): each nonce then serves one request.
+    auth_allow_rfc2069: bool = False
     registration: Registration | None = None
     codecs: tuple[str, ...] = ()  # empty: every codec of media.codecs
     max_calls: int = 0  # 0: no limit
     srtp: str = "off"  # one of SRTP_POLICIES: plain RTP only, either, SRTP only
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, password: str) -> None:
         check_name(self.name, "trunk")
         if self.srtp not in SRTP_POLICIES:
             raise TrunkError(f"srtp must be one of {', '.join(SRTP_POLICIES)}")
@@ -120,20 +128,46 @@ class Trunk:
             raise TrunkError(f"trunk transports must be among {', '.join(TRANSPORTS)}")
         for source in self.sources:
             parse_source(source)
-        if bool(self.username) != bool(self.password):
-            raise TrunkError("inbound auth needs both username and password")
         if self.username and not _USER.fullmatch(self.username):
             raise TrunkError("username must be a SIP user name")
         if not self.realm or '"' in self.realm or "\\" in self.realm:
             raise TrunkError("realm must be a non-empty string without quotes or backslashes")
         if not self.auth_algorithms or any(a not in ALGORITHMS for a in self.auth_algorithms):
             raise TrunkError(f"auth_algorithms must be among {', '.join(ALGORITHMS)}")
+        self._set_credentials(password)
         if any(c not in CODEC_NAMES for c in self.codecs):
             raise TrunkError(f"codecs must be among {', '.join(CODEC_NAMES)}")
         if not 0 <= self.max_calls <= 100000:
             raise TrunkError("max_calls must be between 0 (no limit) and 100000")
         if not self.sources and self.registration is None:
             raise TrunkError("a trunk needs sources (IPs, CIDRs, host names) or a registration")
+
+    def _set_credentials(self, password: str) -> None:
+        """Hash a given password into the HA1 of each offered algorithm; keep no HA1 of others."""
+        given = {algorithm: getattr(self, name) for algorithm, name in HA1_FIELDS.items()}
+        if password and any(given.values()):
+            raise TrunkError("give either a password or its HA1 values, not both")
+        if bool(self.username) != bool(password or any(given.values())):
+            raise TrunkError("inbound auth needs both username and password")
+        for algorithm, name in HA1_FIELDS.items():
+            if algorithm not in self.auth_algorithms:
+                value = ""
+            elif password:
+                value = digest_ha1(algorithm, self.username, self.realm, password)
+            else:
+                value = given[algorithm]
+            object.__setattr__(self, name, value)
+            if self.username and algorithm in self.auth_algorithms and not _HA1_HEX[algorithm].fullmatch(value):
+                raise TrunkError(
+                    f"auth_algorithms: {algorithm} needs the password again (only digest hashes are stored)"
+                )
+
+    @property
+    def ha1(self) -> dict[str, str]:
+        """H(username:realm:password) per offered algorithm; empty without inbound auth."""
+        if not self.username:
+            return {}
+        return {algorithm: getattr(self, HA1_FIELDS[algorithm]) for algorithm in self.auth_algorithms}
 
     @property
     def networks(self) -> list[NetworkType]:
@@ -156,10 +190,17 @@ class Trunk:
 
     @classmethod
     def from_settings(cls, name: str, settings: Mapping[str, Any], enabled: bool = True) -> Trunk:
-        """From a config table or stored JSON; TrunkError for unknown keys or wrong types."""
+        """From a config table or stored JSON; TrunkError for unknown keys or wrong types.
+
+        Inbound credentials come as `password` (hashed here) or as the stored HA1 values.
+        """
         data = dict(settings)
         registration = data.pop("registration", None)
+        password = data.pop("password", "")
+        if not isinstance(password, str):
+            raise TrunkError("trunk.password: expected a string")
         kwargs = _typed(cls, data, skip={"name", "enabled", "registration"}, what="trunk")
+        kwargs["password"] = password
         if registration is not None:
             if not isinstance(registration, Mapping):
                 raise TrunkError("registration must be a table")
@@ -167,7 +208,7 @@ class Trunk:
         return cls(name=name, enabled=enabled, **kwargs)
 
     def settings(self) -> dict[str, Any]:
-        """Everything but name and enabled, as stored (with secrets)."""
+        """Everything but name and enabled, as stored: HA1 values, the registration password in the clear."""
         data: dict[str, Any] = {}
         for f in fields(self):
             if f.name in ("name", "enabled"):
@@ -182,8 +223,13 @@ class Trunk:
 
     def public(self) -> dict[str, Any]:
         """For `list`/`show`: every setting with passwords replaced by whether one is set."""
-        data = {"name": self.name, "enabled": self.enabled, **self.settings()}
-        data["password"] = "set" if self.password else ""
+        data: dict[str, Any] = {"name": self.name, "enabled": self.enabled}
+        for key, value in self.settings().items():
+            if key in HA1_FIELDS.values():
+                continue
+            data[key] = value
+            if key == "username":
+                data["password"] = "set" if self.username else ""
         if data["registration"] is not None:
             data["registration"]["password"] = "set" if self.registration and self.registration.password else ""
         return data
@@ -299,17 +345,26 @@ class TrunkDirectory:
     def hostnames(self) -> set[str]:
         return {name for trunk in self.trunks.values() if trunk.enabled for name in trunk.hostnames}
 
-    def identify(self, host: str, transport: str) -> Trunk | None:
+    def source_trunks(self, host: str) -> list[Trunk]:
+        """The trunks of the most specific network holding `host`; broader matches never count."""
         try:
             address = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
-            return None
+            return []
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
-        for network, trunk in self._networks:
-            if address.version == network.version and address in network and transport in trunk.transports:
-                return trunk
-        return None
+        found: list[Trunk] = []
+        for network, trunk in self._networks:  # most specific first
+            if found and network.prefixlen < found_prefix:
+                break
+            if address.version == network.version and address in network:
+                found_prefix: int = network.prefixlen
+                found.append(trunk)
+        return found
+
+    def identify(self, host: str, transport: str) -> Trunk | None:
+        """The trunk requests from `host` over `transport` belong to: one of the most specific match, or none."""
+        return next((trunk for trunk in self.source_trunks(host) if transport in trunk.transports), None)
 
     def line_for(self, number: str | None) -> Line | None:
         if number is not None and number in self._numbers:
@@ -342,6 +397,17 @@ class Drop:
 Admission = Admit | Refuse | Drop
 
 
+def _credentials_for(realm: str, values: list[str]) -> str | None:
+    """The first Authorization value answering `realm`."""
+    for value in values:
+        try:
+            if parse_digest(value).get("realm") == realm:
+                return value
+        except DigestError:
+            continue
+    return None
+
+
 class RequestPolicy(Protocol):
     """Checked once per new out-of-dialog request, before the user agent acts on it."""
 
@@ -370,19 +436,24 @@ class TrunkPolicy:
         self.refused: Counter[str] = Counter()
         self._clock = clock
         self._active_calls = active_calls
-        self._digest: dict[tuple[str, str, tuple[str, ...]], DigestServer] = {}
+        self._digest: dict[tuple[str, str, tuple[str, ...], bool], DigestServer] = {}
         self._unknown_logged_at = float("-inf")
         self._unknown_since_log = 0
 
     def check(self, request: SipRequest, source: tuple[str, int], transport: str) -> Admission:
-        trunk = self.directory.identify(source[0], transport.lower())
-        if trunk is None:
+        candidates = self.directory.source_trunks(source[0])
+        if not candidates:
             self._unknown_source(source[0])
             return Drop() if self.drop_unknown else Refuse(403)
+        trunk = next((t for t in candidates if transport.lower() in t.transports), None)
+        if trunk is None:  # the most specific trunk decides: a broader one never takes over
+            self.refused["wrong_transport"] += 1
+            log.warning("trunk.wrong_transport", trunk=candidates[0].name, transport=transport.lower())
+            return Refuse(403)
         if request.method != "INVITE":
             return Admit(trunk.name)
         if trunk.username:
-            refusal = self._authenticate(trunk, request)
+            refusal = self._authenticate(trunk, request, source[0])
             if refusal is not None:
                 return refusal
         line = self.directory.line_for(dialled_number(request.uri))
@@ -395,26 +466,31 @@ class TrunkPolicy:
             return Refuse(503, (("Retry-After", "30"),))
         return Admit(trunk.name, line.name, trunk.codecs, trunk.srtp)
 
-    def _authenticate(self, trunk: Trunk, request: SipRequest) -> Refuse | None:
-        key = (trunk.name, trunk.realm, trunk.auth_algorithms)
+    def _authenticate(self, trunk: Trunk, request: SipRequest, host: str) -> Refuse | None:
+        key = (trunk.name, trunk.realm, trunk.auth_algorithms, trunk.auth_allow_rfc2069)
         server = self._digest.get(key)
         if server is None:
-            server = self._digest[key] = DigestServer(trunk.realm, trunk.auth_algorithms)
+            server = self._digest[key] = DigestServer(
+                trunk.realm, trunk.auth_algorithms, allow_rfc2069=trunk.auth_allow_rfc2069
+            )
         now = self._clock()
-        credentials = [
-            value for value in request.headers.get_all("Authorization") if f'realm="{trunk.realm}"' in value
-        ] or request.headers.get_all("Authorization")
+        # A nonce is good only from the address it was sent to.
         verdict = Verdict.CHALLENGE
-        if credentials:
-            verdict = server.check(credentials[0], request.method, trunk.username, trunk.password, now)
+        credentials = _credentials_for(trunk.realm, request.headers.get_all("Authorization"))
+        if credentials is not None:
+            verdict = server.check(credentials, request.method, request.uri, trunk.username, trunk.ha1, now, host)
         if verdict is Verdict.OK:
             return None
         if verdict is Verdict.FAILED:
             self.refused["auth_failed"] += 1
             log.warning("trunk.auth_failed", trunk=trunk.name)
             return Refuse(403)
+        if verdict is Verdict.REPLAYED:
+            self.refused["auth_replayed"] += 1
+            log.warning("trunk.auth_replayed", trunk=trunk.name)
         stale = verdict is Verdict.STALE
-        return Refuse(401, tuple(("WWW-Authenticate", value) for value in server.challenges(now, stale=stale)))
+        challenges = server.challenges(now, host, stale=stale)
+        return Refuse(401, tuple(("WWW-Authenticate", value) for value in challenges))
 
     def _unknown_source(self, host: str) -> None:
         self.refused["unknown_source"] += 1
