@@ -370,9 +370,12 @@ async def test_a_prompt_is_heard_over_the_partner_who_keeps_talking(engine, phon
     mixed = [payload for _, payload in (before + packets)[marked[1] : marked[2]]]
     assert 24 <= len(mixed) <= 27  # the prompt's 25 frames, paced by our clock
     samples = g711.ulaw_decode(b"".join(mixed[3:])).astype(np.float64) / 32768
-    assert goertzel_db(samples, 8000, PROMPT_HZ) > -25 and goertzel_db(samples, 8000, 1000) > -25  # both heard
+    partner_under = goertzel_db(samples, 8000, 1000)
+    assert goertzel_db(samples, 8000, PROMPT_HZ) > -25 and partner_under > -32  # both heard
     after = [payload for _, payload in (before + packets)[marked[2] :]]
     assert len(after) > 20 and all(payload == voice for payload in after)  # relayed as is again
+    partner_alone = goertzel_db(g711.ulaw_decode(b"".join(after)).astype(np.float64) / 32768, 8000, 1000)
+    assert 8 < partner_alone - partner_under < 13  # ducked under the prompt (12 dB, less its ramps)
     # b hears none of it.
     await phone_b.assert_quiet()
 
