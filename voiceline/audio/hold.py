@@ -97,7 +97,7 @@ def _pad_note(frequency: float, seconds: float, rate: int) -> np.ndarray:
     return 0.5 * voices * envelope
 
 
-def _melody_note(frequency: float, seconds: float, rate: int) -> np.ndarray:
+def soft_note(frequency: float, seconds: float, rate: int) -> np.ndarray:
     """A soft struck note: smooth attack, slow exponential decay, a smooth end at exactly zero."""
     t = np.arange(int(seconds * rate)) / rate
     attack = np.sin(0.5 * np.pi * np.minimum(t / _MELODY_ATTACK_SECONDS, 1.0)) ** 2
@@ -124,7 +124,7 @@ def _music(rate: int) -> np.ndarray:
     for bar, beat, midi, beats in MELODY:
         start = int((bar * BAR_SECONDS + beat * BEAT_SECONDS) * rate)
         seconds = beats * BEAT_SECONDS + 1.0  # rings on a little into the next note
-        _add_circular(loop, _LEVELS["melody"] * _melody_note(note_hz(midi), seconds, rate), start)
+        _add_circular(loop, _LEVELS["melody"] * soft_note(note_hz(midi), seconds, rate), start)
     peak = _FULL_SCALE * 10 ** (PEAK_DBFS / 20)
     music = np.rint(loop * (peak / np.max(np.abs(loop)))).astype(np.int16)
     music.flags.writeable = False  # shared by every caller of hold_music
