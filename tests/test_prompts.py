@@ -239,6 +239,10 @@ def _silent(path: Path) -> None:
     write_wav(path, np.zeros(8000, dtype=np.int16), 8000)
 
 
+def _too_short(path: Path) -> None:
+    write_wav(path, np.array([8000, -8000, 8000], dtype=np.int16), 8000)
+
+
 def _too_long(path: Path) -> None:
     write_wav(path, syllables(4000, MAX_PROMPT_SECONDS + 1), 4000)
 
@@ -256,6 +260,7 @@ def _truncated(path: Path) -> None:
         (_three_channels, "neither mono nor stereo"),
         (_empty, "no audio"),
         (_silent, "silent"),
+        (_too_short, "s long, too short"),
         (_too_long, "s long, over the 120 s"),
         (_truncated, "not a PCM WAV file"),
     ],

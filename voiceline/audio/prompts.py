@@ -26,7 +26,7 @@ from voiceline.audio.wavfile import decode_wav, resample
 BUILT_IN = Path(__file__).resolve().parent / "prompt_audio"
 PROMPT_RATE = 16000  # wideband, for G.722 and Opus legs
 CONNECT_CUE = "connect_cue"  # the one prompt that is not speech: a short sound before "you're connected"
-MAX_PROMPT_SECONDS = 120.0
+MIN_PROMPT_SECONDS, MAX_PROMPT_SECONDS = 0.1, 120.0
 ACTIVE_LEVEL_DBFS = -24.0  # speech in the telephone band (its pauses left out): one loudness on any phone
 TELEPHONE_BAND_HZ = (300.0, 3400.0)
 KNEE_DBFS, LIMIT_DBFS = -9.0, -3.0  # peaks above the knee bend smoothly towards the limit
@@ -80,9 +80,12 @@ def decode_prompt(data: bytes, name: str) -> np.ndarray:
     seconds = len(samples) / rate
     if seconds > MAX_PROMPT_SECONDS:
         raise PromptError(f"prompt file {name}: {seconds:.0f} s long, over the {MAX_PROMPT_SECONDS:.0f} s a prompt may last")
-    if not np.any(samples):
+    if seconds < MIN_PROMPT_SECONDS:
+        raise PromptError(f"prompt file {name}: {seconds:.3f} s long, too short to say anything")
+    resampled = resample(samples, rate, PROMPT_RATE)
+    if not np.any(resampled):
         raise PromptError(f"prompt file {name}: silent")
-    pcm = level_speech(resample(samples, rate, PROMPT_RATE), PROMPT_RATE)
+    pcm = level_speech(resampled, PROMPT_RATE)
     pcm.flags.writeable = False  # shared by every leg that plays it
     return pcm
 
