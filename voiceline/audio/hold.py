@@ -60,7 +60,7 @@ _PAD_FADE_SECONDS = 1.5  # pads swell in and out, overlapping the next chord
 _MELODY_ATTACK_SECONDS = 0.06
 _MELODY_DECAY_SECONDS = 1.2
 _PEDAL_SWELL_BARS = 1  # the pedal breathes once a bar
-_LEVELS = {"pedal": 0.16, "pad": 0.11, "melody": 0.3}
+_PEDAL_LEVEL, _PAD_LEVEL, _MELODY_LEVEL = 0.16, 0.11, 0.3  # before the whole is scaled to PEAK_DBFS
 _FULL_SCALE = 32767.0
 
 _UNSUPPORTED_WAV = "hold audio must be a non-empty 16-bit PCM WAV file, mono or stereo"
@@ -116,15 +116,15 @@ def _music(rate: int) -> np.ndarray:
     loop = np.zeros(int(LOOP_SECONDS * rate))
     t = np.arange(len(loop)) / rate
     swell_period = _PEDAL_SWELL_BARS * BAR_SECONDS  # whole swells per loop, so the pedal joins too
-    loop += _LEVELS["pedal"] * (0.8 + 0.2 * np.cos(2 * np.pi * t / swell_period)) * np.sin(2 * np.pi * PAD_HZ * t)
+    loop += _PEDAL_LEVEL * (0.8 + 0.2 * np.cos(2 * np.pi * t / swell_period)) * np.sin(2 * np.pi * PAD_HZ * t)
     for bar, chord in enumerate(CHORDS):
         start = int((bar * BAR_SECONDS - _PAD_FADE_SECONDS / 2) * rate) % len(loop)
         for midi in chord:
-            _add_circular(loop, _LEVELS["pad"] * _pad_note(note_hz(midi), BAR_SECONDS + _PAD_FADE_SECONDS, rate), start)
+            _add_circular(loop, _PAD_LEVEL * _pad_note(note_hz(midi), BAR_SECONDS + _PAD_FADE_SECONDS, rate), start)
     for bar, beat, midi, beats in MELODY:
         start = int((bar * BAR_SECONDS + beat * BEAT_SECONDS) * rate)
         seconds = beats * BEAT_SECONDS + 1.0  # rings on a little into the next note
-        _add_circular(loop, _LEVELS["melody"] * soft_note(note_hz(midi), seconds, rate), start)
+        _add_circular(loop, _MELODY_LEVEL * soft_note(note_hz(midi), seconds, rate), start)
     peak = _FULL_SCALE * 10 ** (PEAK_DBFS / 20)
     music = np.rint(loop * (peak / np.max(np.abs(loop)))).astype(np.int16)
     music.flags.writeable = False  # shared by every caller of hold_music
