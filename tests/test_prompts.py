@@ -62,8 +62,10 @@ JOURNEY = (
     "cooldown",
     "stepped_away",
     "closed",
-    *(f"key_{key}" for key in (*"0123456789", "star", "hash")),
-    *(f"number_{hour}" for hour in range(1, 13)),
+    "key_star",
+    "key_hash",
+    *(f"number_{number}" for number in range(13)),  # the digit keys, and hours
+
     *(f"hour_{hour}" for hour in range(24)),
 )
 
