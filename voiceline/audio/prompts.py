@@ -51,7 +51,9 @@ def telephone_band(samples: np.ndarray, rate: int) -> np.ndarray:
 def active_level(samples: np.ndarray, rate: int) -> float:
     """The RMS of the speech: the 10 ms frames within ACTIVE_WITHIN_DB of the loudest one."""
     size = rate // 100
-    frames = np.asarray(samples, dtype=np.float64)[: max(1, len(samples) // size) * size].reshape(-1, size)
+    padded = np.zeros(-(-len(samples) // size) * size)  # the last frame filled up with silence
+    padded[: len(samples)] = samples
+    frames = padded.reshape(-1, size)
     levels = np.sqrt(np.mean(frames**2, axis=1))
     active = levels[levels >= np.max(levels) * 10 ** (-ACTIVE_WITHIN_DB / 20)]
     return float(np.sqrt(np.mean(active**2)))
