@@ -9,8 +9,11 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TEST_TOOLS := sipp:sip-tester openssl:openssl kamailio:kamailio
 # Debian shared libraries the service loads (soname -> package): libopus for the Opus codec.
 SYSTEM_LIBS := libopus.so.0:libopus0
+# Debian packages that render the default prompts (`make prompts`; neither test nor run needs them):
+# festival with the slt HTS voice (the default), and flite (its slt voice, the alternative).
+PROMPT_TOOLS := festival festvox-us-slt-hts flite
 
-.PHONY: run test bench system-libs system-deps clean
+.PHONY: run test bench prompts prompts-measure system-libs system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -23,6 +26,10 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-prompts: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[prompts]'
 	touch $@
 
 # $(call install-missing,COMMANDS,LIBRARIES): apt-get install the packages (command:package,
@@ -55,6 +62,17 @@ test: $(VENV)/.installed-test system-deps
 	$(BIN)/python -m mypy voiceline
 	$(BIN)/lint-imports
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Default prompts: render prompts/<language>.toml into voiceline/audio/prompt_audio/ (commit the
+# result). PROMPTS_ARGS passes options and prompt ids, e.g. PROMPTS_ARGS="welcome goodbye".
+prompts: $(VENV)/.installed
+	@dpkg -s $(PROMPT_TOOLS) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(PROMPT_TOOLS); }
+	$(BIN)/python prompts/render.py $(PROMPTS_ARGS)
+
+# How a narrowband caller would understand the rendered prompts: an offline recogniser transcribes them.
+prompts-measure: $(VENV)/.installed-prompts
+	$(BIN)/python prompts/measure.py $(PROMPTS_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from voiceline.audio.dtmf import COLUMN_HZ, KEYPAD, ROW_HZ, TelephoneEventReceiver, ToneDetector
-from voiceline.audio.hold import chime_pattern
+from voiceline.audio.hold import hold_music
 
 RATE = 8000
 FRAME = 160
@@ -134,8 +134,8 @@ def test_no_false_digit_on_speech_like_audio() -> None:
         assert detect(ToneDetector(), speech_like(5.0, seed))[0] == ""
 
 
-def test_no_false_digit_on_the_hold_chime() -> None:
-    assert detect(ToneDetector(), np.tile(chime_pattern(), 3)) == ("", 0)
+def test_no_false_digit_on_the_hold_music() -> None:
+    assert detect(ToneDetector(), np.tile(hold_music(), 3)) == ("", 0)
 
 
 def test_a_press_over_speech_is_still_found() -> None:

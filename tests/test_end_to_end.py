@@ -12,14 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from voiceline.audio.hold import PAD_HZ
 from voiceline.sim.analysis import read_wav, rms_dbfs_windows, tone_levels
 from voiceline.sim.runner import CallReport, CallSpec
 
 pytestmark = pytest.mark.interop
 
 A_HZ, B_HZ, C_HZ = 697.0, 1209.0, 1477.0
-# The built-in hold chime's notes and pad (voiceline.audio.hold).
-HOLD_HZ = (392.0, 523.25, 330.0)
+HOLD_HZ = (PAD_HZ,)  # the built-in hold music's steady pedal note
 # How far a partner's tone must stand above one's own echo in a recording.
 SEPARATION_DB = 30.0
 SILENCE_DBFS = -50.0
@@ -35,7 +35,7 @@ def assert_hears(report: CallReport, partner_hz: float, own_hz: float, start: fl
 
 
 def assert_hold_audio(report: CallReport, start: float, end: float, not_hz: tuple[float, ...]) -> None:
-    """Non-silent hold audio in [start, end): loud enough, chime notes present, no caller tone."""
+    """Non-silent hold audio in [start, end): loud enough, the pedal note present, no caller tone."""
     samples, rate = read_wav(report.recording)
     window = samples[int(start * rate) : int(end * rate)]
     assert len(window) > 0.2 * rate

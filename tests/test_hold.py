@@ -6,16 +6,16 @@ import pytest
 
 from voiceline.audio import g711
 from voiceline.audio.hold import (
-    CHIME_HZ,
-    CYCLE_SECONDS,
+    AVOIDED_HZ,
+    LOOP_SECONDS,
     PAD_HZ,
     SAMPLE_RATE,
-    chime_pattern,
     encode_frames,
+    hold_music,
     load_wav,
 )
 
-DTMF_AND_TEST_TONES_HZ = (697, 770, 852, 941, 1209, 1336, 1477)
+DTMF_AND_TEST_TONES_HZ = (697, 770, 852, 941, 1209, 1336, 1477, 1000, 1500)
 
 
 def band_energy(samples: np.ndarray, rate: int, centre: float, half_width: float) -> float:
@@ -39,52 +39,87 @@ def tone(frequency: float, seconds: float, rate: int, amplitude: float = 8000.0)
     return np.rint(amplitude * np.sin(2 * np.pi * frequency * t)).astype(np.int16)
 
 
-# -- the chime pattern -----------------------------------------------------------
+def dbfs(level: float) -> float:
+    return float(20 * np.log10(level / 32767))
 
 
-def test_pattern_is_one_cycle_of_int16_peaking_near_minus_16_dbfs():
-    pattern = chime_pattern()
-    assert pattern.dtype == np.int16
-    assert len(pattern) == int(CYCLE_SECONDS * SAMPLE_RATE)
-    peak_dbfs = 20 * np.log10(np.max(np.abs(pattern.astype(np.int32))) / 32767)
-    assert -17 < peak_dbfs < -15
+def windowed_rms(samples: np.ndarray, window: int, step: int) -> np.ndarray:
+    floats = samples.astype(np.float64)
+    return np.array([np.sqrt(np.mean(floats[s : s + window] ** 2)) for s in range(0, len(floats) - window, step)])
 
 
-def test_pattern_is_never_silent_for_a_second():
-    looped = np.tile(chime_pattern(), 3).astype(np.float64)
-    window = SAMPLE_RATE
-    rms = [np.sqrt(np.mean(looped[s : s + window] ** 2)) for s in range(0, len(looped) - window, 160)]
-    assert min(rms) > 100  # about -50 dBFS: soft, but clearly there
+# -- the built-in music ------------------------------------------------------------
 
 
-def test_pattern_has_quiet_between_chimes():
-    pattern = chime_pattern().astype(np.float64)
-    loudest = np.max(np.abs(pattern))
-    last_half_second = pattern[-SAMPLE_RATE // 2 :]
-    assert np.max(np.abs(last_half_second)) < loudest / 4
+def test_music_is_one_long_loop_of_int16():
+    music = hold_music()
+    assert music.dtype == np.int16
+    assert 30 <= LOOP_SECONDS <= 60
+    assert len(music) == int(LOOP_SECONDS * SAMPLE_RATE)
 
 
-def test_pattern_loops_without_a_click():
-    pattern = chime_pattern().astype(np.int32)
-    largest_step = np.max(np.abs(np.diff(pattern)))
-    assert abs(pattern[0] - pattern[-1]) <= largest_step
+def test_no_stretch_repeats_before_the_loop_does():
+    # The old chime repeated every 3 s exactly (autocorrelation 1.0 there). Circular, as it is played.
+    music = hold_music().astype(np.float64)
+    power = np.abs(np.fft.rfft(music)) ** 2
+    correlation = np.fft.irfft(power, len(music))
+    correlation /= correlation[0]
+    lags = np.arange(len(music))
+    away_from_zero = (lags >= SAMPLE_RATE) & (lags <= len(music) - SAMPLE_RATE)
+    assert np.max(correlation[away_from_zero]) < 0.75
+    assert correlation[3 * SAMPLE_RATE] < 0.5
 
 
-def test_tones_keep_away_from_dtmf():
-    for frequency in (*CHIME_HZ, PAD_HZ):
-        assert min(abs(frequency - dtmf) for dtmf in DTMF_AND_TEST_TONES_HZ) >= 60
+def test_level_is_soft_and_steady_well_below_speech():
+    music = hold_music()
+    peak = dbfs(np.max(np.abs(music.astype(np.int32))))
+    overall = dbfs(np.sqrt(np.mean(music.astype(np.float64) ** 2)))
+    assert -21 < peak < -19
+    assert -36 < overall < -28  # prompts speak at about -20 dBFS over it
+    quietest = dbfs(np.min(windowed_rms(np.tile(music, 2), SAMPLE_RATE // 10, SAMPLE_RATE // 50)))
+    assert quietest > -45  # never silent, even for 100 ms: the line is plainly alive
 
 
-def test_energy_is_at_the_chime_frequencies_not_the_dtmf_ones():
-    pattern = chime_pattern()
-    near_tones = sum(band_energy(pattern, SAMPLE_RATE, f, 25) for f in (*CHIME_HZ, PAD_HZ))
-    assert near_tones > 0.95
-    for dtmf in DTMF_AND_TEST_TONES_HZ:
-        assert band_energy(pattern, SAMPLE_RATE, dtmf, 20) < 1e-4
+def worst_click(samples: np.ndarray, window: int = SAMPLE_RATE // 20) -> float:
+    """The largest share of a 50 ms window's energy above the telephone band (3.4-4 kHz).
+    The music has none there; a click (any sudden step) spreads energy over every frequency."""
+    worst = 0.0
+    for start in range(0, len(samples) - window, window // 2):
+        spectrum = np.abs(np.fft.rfft(samples[start : start + window] * np.hanning(window))) ** 2
+        above = spectrum[np.fft.rfftfreq(window, 1 / SAMPLE_RATE) > 3400].sum()
+        worst = max(worst, float(above / spectrum.sum()))
+    return worst
 
 
-def test_pattern_at_another_rate_has_the_same_duration():
-    assert len(chime_pattern(16000)) == int(CYCLE_SECONDS * 16000)
+def test_no_click_anywhere_nor_at_the_loop_seam():
+    music = hold_music().astype(np.float64)
+    assert worst_click(np.tile(music, 2)) < 1e-6  # two loops: notes starting, ending, and the seam
+    # The check sees a click: a step of 5 % of the peak.
+    stepped = music + np.where(np.arange(len(music)) > len(music) // 2, 0.05 * np.max(np.abs(music)), 0.0)
+    assert worst_click(stepped) > 1e-6
+
+
+def test_music_stays_in_the_telephone_band():
+    music = hold_music()
+    assert band_energy(music, SAMPLE_RATE, 1850, 1550) > 0.999  # 300-3400 Hz
+
+
+def test_music_keeps_clear_of_dtmf_and_test_tones():
+    music = hold_music()
+    for frequency in DTMF_AND_TEST_TONES_HZ:
+        assert frequency in AVOIDED_HZ
+        assert band_energy(music, SAMPLE_RATE, frequency, 20) < 1e-4
+
+
+def test_the_pedal_sounds_throughout():
+    music = hold_music()
+    for second in range(int(LOOP_SECONDS)):
+        window = music[second * SAMPLE_RATE : (second + 1) * SAMPLE_RATE]
+        assert band_energy(window, SAMPLE_RATE, PAD_HZ, 3) > 0.05
+
+
+def test_music_at_another_rate_has_the_same_duration():
+    assert len(hold_music(16000)) == int(LOOP_SECONDS * 16000)
 
 
 # -- WAV files ---------------------------------------------------------------------
@@ -160,9 +195,9 @@ def test_encode_frames_cuts_20ms_payloads_and_pads_the_last(codec):
     assert np.all(np.abs(g711.decoder(codec)(frames[-1][80:])) <= 8)  # silence (A-law has no exact zero)
 
 
-def test_encode_frames_of_the_chime_cover_the_cycle():
-    frames = encode_frames(chime_pattern(), "PCMU")
-    assert len(frames) == int(CYCLE_SECONDS * 50)
+def test_encode_frames_of_the_music_cover_the_loop():
+    frames = encode_frames(hold_music(), "PCMU")
+    assert len(frames) == int(LOOP_SECONDS * 50)
 
 
 def test_encode_frames_with_other_frame_sizes():

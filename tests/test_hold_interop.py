@@ -6,13 +6,13 @@ from collections.abc import Callable
 
 import pytest
 
+from voiceline.audio.hold import PAD_HZ
 from voiceline.sim.analysis import read_wav, rms_dbfs_windows, tone_levels
 from voiceline.sim.runner import CallReport, CallSpec
 
 pytestmark = pytest.mark.interop
 
 A_HZ, B_HZ = 697.0, 1209.0
-PAD_HZ = 330.0  # the built-in hold audio's steady pad (voiceline.audio.hold)
 SEPARATION_DB = 25.0
 HOLD_AT, RESUME_AT = 2.5, 5.0  # seconds after A connects
 

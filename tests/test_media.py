@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from voiceline.audio import g711
-from voiceline.audio.hold import chime_pattern, encode_frames
+from voiceline.audio.hold import encode_frames, hold_music
 from voiceline.audio.media import MAX_PAYLOAD, MediaEngine, MediaError, MediaLeg
 from voiceline.audio.rtp import RtpHeader, build_packet, parse_header
 
@@ -109,7 +109,7 @@ def assert_continuous(headers: list[RtpHeader], ssrc: int) -> None:
 
 @pytest.fixture
 async def engine() -> AsyncIterator[MediaEngine]:
-    engine = MediaEngine(HOST, PORTS, chime_pattern())
+    engine = MediaEngine(HOST, PORTS, hold_music())
     yield engine
     engine.close()
     await asyncio.sleep(0)  # let the transports close their sockets
@@ -166,7 +166,7 @@ async def test_hold_audio_arrives_every_frame_with_one_ssrc(engine, phones):
     assert all(step > 0 and step % 160 == 0 for step in steps)
     assert elapsed > 0.5  # paced over about a second, not a burst
     # The pattern from its start, and audibly not silent.
-    assert [payload for _, payload in packets] == encode_frames(chime_pattern(), "PCMU")[:50]
+    assert [payload for _, payload in packets] == encode_frames(hold_music(), "PCMU")[:50]
     audio = g711.ulaw_decode(b"".join(payload for _, payload in packets)).astype(np.float64)
     assert np.sqrt(np.mean(audio**2)) > 100
     assert leg.packets_out >= 50
@@ -180,7 +180,7 @@ async def test_legs_share_the_pacer_each_from_the_start_in_its_own_codec(engine,
     await phone_u.receive_many(10)
     alaw_leg.hold()
     received = await phone_a.receive_many(5)
-    assert [payload for _, payload in received] == encode_frames(chime_pattern(), "PCMA")[:5]
+    assert [payload for _, payload in received] == encode_frames(hold_music(), "PCMA")[:5]
     assert all(header.payload_type == PCMA for header, _ in received)
     ulaw_headers = [header for header, _ in await phone_u.receive_many(20)]
     assert_continuous(ulaw_headers, ulaw_headers[0].ssrc)  # undisturbed by the second leg
@@ -362,7 +362,7 @@ def can_bind(port: int) -> bool:
 
 
 async def test_port_range_exhaustion_raises_media_error():
-    engine = MediaEngine(HOST, (40100, 40103), chime_pattern())
+    engine = MediaEngine(HOST, (40100, 40103), hold_music())
     try:
         legs = [await engine.open_leg(), await engine.open_leg()]
         assert sorted(leg.local_port for leg in legs) == [40100, 40102]
@@ -376,7 +376,7 @@ async def test_port_range_exhaustion_raises_media_error():
 
 
 async def test_freed_ports_rest_and_close_releases_them():
-    engine = MediaEngine(HOST, (40111, 40117), chime_pattern())  # odd start: even ports 40112-40116
+    engine = MediaEngine(HOST, (40111, 40117), hold_music())  # odd start: even ports 40112-40116
     try:
         first, second = await engine.open_leg(), await engine.open_leg()
         assert {first.local_port, second.local_port} < {40112, 40114, 40116}
@@ -401,7 +401,7 @@ async def test_freed_ports_rest_and_close_releases_them():
 async def test_a_port_taken_by_someone_else_is_skipped():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
         squatter.bind((HOST, 40121))  # the RTCP half of the first pair
-        engine = MediaEngine(HOST, (40120, 40123), chime_pattern())
+        engine = MediaEngine(HOST, (40120, 40123), hold_music())
         try:
             assert (await engine.open_leg()).local_port == 40122
             with pytest.raises(MediaError):

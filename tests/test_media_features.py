@@ -15,7 +15,7 @@ from test_media import HOST, PCMU, Phone, eventually, phones, tone_frame  # phon
 from voiceline.audio import g711
 from voiceline.audio.codecs import lookup, new_coder
 from voiceline.audio.dtmf import ToneDetector
-from voiceline.audio.hold import chime_pattern
+from voiceline.audio.hold import PAD_HZ, hold_music
 from voiceline.audio import media
 from voiceline.audio.media import MediaEngine, MediaLeg
 from voiceline.audio.rtcp import ReceptionStats, build_report, parse
@@ -34,7 +34,7 @@ def tone(hz: float, seconds: float, rate: int, amplitude: float = 6000.0, start:
 
 @pytest.fixture
 async def engine() -> AsyncIterator[MediaEngine]:
-    engine = MediaEngine(HOST, PORTS, chime_pattern())
+    engine = MediaEngine(HOST, PORTS, hold_music())
     yield engine
     engine.close()
     await asyncio.sleep(0)
@@ -120,7 +120,7 @@ async def test_inband_digits_are_detected_and_muted_for_the_partner(engine, phon
 
 
 async def test_inband_detection_can_be_turned_off(phones):
-    engine = MediaEngine(HOST, (42100, 42199), chime_pattern(), inband_dtmf=False)
+    engine = MediaEngine(HOST, (42100, 42199), hold_music(), inband_dtmf=False)
     try:
         phone_a, phone_b = phones(), phones()
         a, b = await leg_for(engine, phone_a, event=None), await leg_for(engine, phone_b, event=None)
@@ -328,8 +328,8 @@ async def test_hold_audio_in_every_codec(engine, phones, codec, payload_type):
     steps = {(later.timestamp - earlier.timestamp) % 2**32 for earlier, later in zip(headers, headers[1:])}
     assert steps <= {lookup(codec).frame_ticks * n for n in (1, 2, 3, 4)}
     samples, rate = heard(codec, [payload for _, payload in packets])
-    chime = goertzel_db(samples[: rate // 2], rate, 523.25)  # the first note of the chime
-    assert chime > goertzel_db(samples[: rate // 2], rate, 1209) + 20
+    pedal = goertzel_db(samples[: rate // 2], rate, PAD_HZ)  # the music's steady pedal note
+    assert pedal > goertzel_db(samples[: rate // 2], rate, 1209) + 20
 
 
 # -- prompts mixed over a conversation --------------------------------------------------------
@@ -374,9 +374,12 @@ async def test_a_prompt_is_heard_over_the_partner_who_keeps_talking(engine, phon
     mixed = [payload for _, payload in (before + packets)[marked[1] : marked[2]]]
     assert 24 <= len(mixed) <= 27  # the prompt's 25 frames, paced by our clock
     samples = g711.ulaw_decode(b"".join(mixed[3:])).astype(np.float64) / 32768
-    assert goertzel_db(samples, 8000, PROMPT_HZ) > -25 and goertzel_db(samples, 8000, 1000) > -25  # both heard
+    partner_under = goertzel_db(samples, 8000, 1000)
+    assert goertzel_db(samples, 8000, PROMPT_HZ) > -25 and partner_under > -32  # both heard
     after = [payload for _, payload in (before + packets)[marked[2] :]]
     assert len(after) > 20 and all(payload == voice for payload in after)  # relayed as is again
+    partner_alone = goertzel_db(g711.ulaw_decode(b"".join(after)).astype(np.float64) / 32768, 8000, 1000)
+    assert 8 < partner_alone - partner_under < 13  # ducked under the prompt (12 dB, less its ramps)
     # b hears none of it.
     await phone_b.assert_quiet()
 
@@ -389,10 +392,10 @@ async def test_a_prompt_over_hold_audio_pauses_the_hold_pattern(engine, phones):
     leg.play_over(tone(PROMPT_HZ, 0.3, 8000, 4000))
     packets = await phone.receive_many(15 + 25)
     samples, rate = heard("G722", [payload for _, payload in packets[:15]])
-    assert_tone(samples, rate, PROMPT_HZ, others=(523.25, 392.0, 330.0))
+    assert_tone(samples, rate, PROMPT_HZ, others=(PAD_HZ,))
     assert packets[0][0].marker and packets[15][0].marker  # prompt in, hold pattern back
     hold, rate = heard("G722", [payload for _, payload in packets[15:]])
-    assert goertzel_db(hold, rate, 523.25) > goertzel_db(hold, rate, PROMPT_HZ) + 20
+    assert goertzel_db(hold, rate, PAD_HZ) > goertzel_db(hold, rate, PROMPT_HZ) + 20
 
 
 async def test_a_leg_whose_peer_holds_it_sends_nothing_not_even_a_prompt(engine, phones):

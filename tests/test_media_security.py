@@ -18,7 +18,7 @@ from rawsip import Dialer, RawPeer, address, serving, to_tag
 from test_media import HOST, PCMU, eventually
 from voiceline.app import VoiceLine
 from voiceline.audio.g711 import ulaw_decode, ulaw_encode
-from voiceline.audio.hold import chime_pattern
+from voiceline.audio.hold import hold_music
 from voiceline.audio.media import MediaEngine
 from voiceline.audio.rtcp import ReceptionStats, build_report
 from voiceline.audio.rtp import build_packet, parse_header
@@ -293,7 +293,7 @@ async def test_a_caller_whose_media_comes_from_another_host_talks_after_probatio
 
 
 async def test_rtcp_is_taken_only_from_the_latched_peers_host() -> None:
-    engine = MediaEngine(HOST, (31990, 31999), chime_pattern())
+    engine = MediaEngine(HOST, (31990, 31999), hold_music())
     phone, stranger = await Phone.open(), await Phone.open(ATTACKER)
     try:
         leg = await engine.open_leg()

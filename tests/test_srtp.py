@@ -22,7 +22,7 @@ from rawsip import Dialer, RawPeer, address, serving, to_tag
 from test_media import HOST, PCMU, Phone, eventually, goertzel_power, tone_frame
 from test_privacy_canary import written_files
 from voiceline.audio import g711, media, srtp
-from voiceline.audio.hold import chime_pattern
+from voiceline.audio.hold import hold_music
 from voiceline.audio.media import MediaEngine, MediaLeg
 from voiceline.audio.rtcp import ReceptionStats, build_report, parse
 from voiceline.audio.rtp import build_packet, parse_header
@@ -276,7 +276,7 @@ def assert_tone(pcm: np.ndarray, hz: float, other: float) -> None:
 
 @pytest.fixture
 async def engine() -> AsyncIterator[MediaEngine]:
-    engine = MediaEngine(HOST, LEG_PORTS, chime_pattern())
+    engine = MediaEngine(HOST, LEG_PORTS, hold_music())
     yield engine
     engine.close()
     await asyncio.sleep(0)

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from voiceline.audio.codecs import available as codec_available
-from voiceline.audio.hold import chime_pattern, load_wav
+from voiceline.audio.hold import hold_music, load_wav
 from voiceline.audio.latch import Learning
 from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
 from voiceline.audio.srtp import SrtpKeys
@@ -99,7 +99,7 @@ class VoiceLine:
     async def start(self) -> None:
         sip = self.config.sip
         self.storage = await Storage.open(Path(self.config.storage.data_dir), self.config.storage.key_file)
-        hold_audio = load_wav(self.config.media.hold_audio) if self.config.media.hold_audio else chime_pattern()
+        hold_audio = load_wav(self.config.media.hold_audio) if self.config.media.hold_audio else hold_music()
         bind_host = sip.listen_address[0]
         self.media = MediaEngine(
             bind_host,
