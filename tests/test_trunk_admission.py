@@ -231,6 +231,22 @@ async def test_trunks_and_lines_changed_by_the_cli_apply_without_restart(tmp_pat
         assert app.agent is not None and app.agent.calls == []
 
 
+async def test_a_call_keeps_its_dialog_when_its_trunk_goes_away(tmp_path: Path) -> None:
+    """Removing a trunk stops new calls from it; a call already up still hangs up normally from its own peer."""
+    async with running(tmp_path) as app, peer_at("127.0.0.7") as carrier:
+        data_dir = tmp_path / "data"
+        await asyncio.to_thread(cli, data_dir, "trunk", "add", "leaving", "--source", "127.0.0.7")
+        assert await until_status(app, "127.0.0.7", 200) == 200
+        dialer, answered = await call(app, carrier)
+        assert answered.status == 200
+        await asyncio.to_thread(cli, data_dir, "trunk", "remove", "leaving")
+        assert await until_status(app, "127.0.0.7", 403) == 403  # the trunk is gone for new calls
+        assert app.agent is not None and len(app.agent.calls) == 1
+        dialer.in_dialog("BYE")
+        assert (await carrier.response(method="BYE")).status == 200
+        assert app.agent.calls == []
+
+
 async def test_sipp_authenticates_with_md5_on_a_trunk_that_offers_it(tmp_path: Path) -> None:
     """An independent digest client (SIPp, MD5 only) gets through a trunk configured for MD5."""
     md5_only = [{**TRUNKS[1], "auth_algorithms": ["MD5"]}]

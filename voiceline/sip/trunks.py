@@ -409,10 +409,21 @@ def _credentials_for(realm: str, values: list[str]) -> str | None:
 
 
 class RequestPolicy(Protocol):
-    """Checked once per new out-of-dialog request, before the user agent acts on it."""
+    """What the user agent asks before it acts on a request: `check_source` for every one, `check` for new ones."""
 
     def check(self, request: SipRequest, source: tuple[str, int], transport: str) -> Admission:
         """`transport`: the one the request came on ("UDP", "TCP", "TLS")."""
+        ...
+
+    def check_source(self, source: tuple[str, int], transport: str, count: bool = True) -> Admission:
+        """Source admission alone, for every request (in-dialog ones and CANCEL too): Admit(trunk) or the refusal.
+
+        `count`: whether an unknown source counts as a refusal (not for an ACK, which ends an exchange already counted).
+        """
+        ...
+
+    def trunk_address(self, trunk: str, host: str) -> str | None:
+        """The last resolved address of `host` when it is a name from `trunk`'s own configuration, else None."""
         ...
 
 
@@ -441,17 +452,10 @@ class TrunkPolicy:
         self._unknown_since_log = 0
 
     def check(self, request: SipRequest, source: tuple[str, int], transport: str) -> Admission:
-        candidates = self.directory.source_trunks(source[0])
-        if not candidates:
-            self._unknown_source(source[0])
-            return Drop() if self.drop_unknown else Refuse(403)
-        trunk = next((t for t in candidates if transport.lower() in t.transports), None)
-        if trunk is None:  # the most specific trunk decides: a broader one never takes over
-            self.refused["wrong_transport"] += 1
-            log.warning("trunk.wrong_transport", trunk=candidates[0].name, transport=transport.lower())
-            return Refuse(403)
-        if request.method != "INVITE":
-            return Admit(trunk.name)
+        admitted = self.check_source(source, transport)
+        if not isinstance(admitted, Admit) or request.method != "INVITE":
+            return admitted
+        trunk = self.directory.trunks[admitted.trunk]
         if trunk.username:
             refusal = self._authenticate(trunk, request, source[0])
             if refusal is not None:
@@ -465,6 +469,28 @@ class TrunkPolicy:
             log.info("trunk.busy", trunk=trunk.name, max_calls=trunk.max_calls)
             return Refuse(503, (("Retry-After", "30"),))
         return Admit(trunk.name, line.name, trunk.codecs, trunk.srtp)
+
+    def check_source(self, source: tuple[str, int], transport: str, count: bool = True) -> Admission:
+        candidates = self.directory.source_trunks(source[0])
+        if not candidates:
+            if count:
+                self._unknown_source(source[0])
+            return Drop() if self.drop_unknown else Refuse(403)
+        trunk = next((t for t in candidates if transport.lower() in t.transports), None)
+        if trunk is None:  # the most specific trunk decides: a broader one never takes over
+            if count:
+                self.refused["wrong_transport"] += 1
+                log.warning("trunk.wrong_transport", trunk=candidates[0].name, transport=transport.lower())
+            return Refuse(403)
+        return Admit(trunk.name)
+
+    def trunk_address(self, trunk: str, host: str) -> str | None:
+        configured = self.directory.trunks.get(trunk)
+        name = host.lower().rstrip(".")
+        if configured is None or name not in configured.hostnames:
+            return None  # a name the caller chose: never resolved
+        addresses = self.directory.resolved.get(name, ())
+        return addresses[0] if addresses else None
 
     def _authenticate(self, trunk: Trunk, request: SipRequest, host: str) -> Refuse | None:
         key = (trunk.name, trunk.realm, trunk.auth_algorithms, trunk.auth_allow_rfc2069)
