@@ -25,7 +25,7 @@ from typing import cast
 
 import numpy as np
 
-from voiceline.audio.codecs import CODECS, Codec, Coder, Resampler, lookup, new_coder, translation
+from voiceline.audio.codecs import Coder, Resampler, new_coder, translation
 from voiceline.audio.dtmf import TelephoneEventReceiver, ToneDetector
 from voiceline.audio.hold import encode_frames
 from voiceline.audio.latch import Heard, Learning, SourceFilter
@@ -33,6 +33,7 @@ from voiceline.audio.mixing import JitterBuffer, Prompt
 from voiceline.audio.rtcp import ReceptionStats, build_report, new_cname, parse, report_interval
 from voiceline.audio.rtp import HEADER_SIZE, MARKER, OutboundStream, build_packet, payload_end, payload_offset
 from voiceline.audio.srtp import SrtpContext, SrtpKeys
+from voiceline.codec_table import PCMU, Codec
 
 FRAME_SECONDS = 0.020
 MAX_LATE_FRAMES = 3  # a pacer later than this skips ahead instead of sending a burst
@@ -60,13 +61,13 @@ class _HoldPacer:
     def __init__(self, loop: asyncio.AbstractEventLoop, hold_pcm: np.ndarray) -> None:
         self._loop = loop
         self._hold_pcm = hold_pcm
-        self._frames: dict[str, list[bytes]] = {}
+        self._frames: dict[Codec, list[bytes]] = {}
         self._legs: set[MediaLeg] = set()
         self._start = 0.0
         self._tick = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def frames(self, codec: str) -> list[bytes]:
+    def frames(self, codec: Codec) -> list[bytes]:
         """The hold pattern in `codec`, encoded the first time a leg in that codec holds."""
         if codec not in self._frames:
             self._frames[codec] = encode_frames(self._hold_pcm, codec)
@@ -281,7 +282,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._peer: tuple[str, int] | None = None  # the latched source; packets from it pass at once
         self._learning = learning
         self._sources: SourceFilter | None = None  # the latch rules, from start
-        self._codec = CODECS["PCMU"]  # replaced by start
+        self._codec = PCMU  # replaced by start
         self._coder: Coder | None = None
         self._audio_pt = _NO_PAYLOAD_TYPE  # matches no packet until started
         self._event_pt = _NO_PAYLOAD_TYPE
@@ -308,7 +309,7 @@ class MediaLeg(asyncio.DatagramProtocol):
     def start(
         self,
         remote: tuple[str, int],
-        codec: str,
+        codec: Codec,
         payload_type: int,
         telephone_event_pt: int | None,
         signalling_host: str | None = None,
@@ -318,7 +319,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         or on `signalling_host` (where the call's SIP came from) at once, any other only after
         proving itself; packets from anywhere but the latched peer are dropped (see latch.py).
         With `srtp` the stream is SRTP both ways; a packet that fails authentication is dropped."""
-        spec = lookup(codec)
+        spec = codec
         if self._remote is not None:
             raise MediaError("media leg already started")
         if srtp is not None:
@@ -343,8 +344,8 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._srtp.rekey(srtp)
 
     @property
-    def codec(self) -> str:
-        return self._codec.name
+    def codec(self) -> Codec:
+        return self._codec
 
     def hold(self) -> None:
         """Hear hold audio, from the start of the pattern."""
@@ -353,7 +354,7 @@ class MediaLeg(asyncio.DatagramProtocol):
             return
         self._detach()
         self._holding = True
-        self._hold_frames = self._pacer.frames(self._codec.name)
+        self._hold_frames = self._pacer.frames(self._codec)
         self._hold_position = 0
         self._stream.source_changed()
         self._pacer.add(self)
@@ -528,7 +529,7 @@ class MediaLeg(asyncio.DatagramProtocol):
 
     def _own_coder(self) -> Coder:
         if self._coder is None:
-            self._coder = new_coder(self._codec.name)
+            self._coder = new_coder(self._codec)
         return self._coder
 
     def _admit(self, data: bytes, addr: tuple[str, int]) -> bool:
