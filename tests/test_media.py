@@ -11,8 +11,8 @@ import pytest
 
 from voiceline.audio import g711
 from voiceline.audio.hold import chime_pattern, encode_frames
-from voiceline.audio.media import MAX_PAYLOAD, MediaEngine, MediaError, MediaLeg
-from voiceline.audio.rtp import RtpHeader, build_packet, parse_header
+from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
+from voiceline.audio.rtp import MAX_PAYLOAD, RtpHeader, build_packet, parse_header
 from voiceline.codec_table import lookup
 
 HOST = "127.0.0.1"
