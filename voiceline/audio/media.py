@@ -239,13 +239,18 @@ class _RtcpEndpoint(asyncio.DatagramProtocol):
 class MediaLeg(asyncio.DatagramProtocol):
     """The media of one call: an RTP socket that hears hold audio or another leg.
 
-    Call `start` once the SDP is negotiated; `hold` and `listen_to` need it.
+    The asyncio edge of its `receiver` and `sender`: it feeds the receiver each
+    datagram with the loop's time and relays what it says arrived to whoever
+    the bridge says hears this leg. Call `start` once the SDP is negotiated;
+    `hold` and `listen_to` need it.
     Digits the caller presses (RFC 4733 events, or in-band tones when the SDP
     has no telephone-event) go to `on_digit`; neither reaches the partner.
     """
 
-    sender: Sender  # set by connection_made, with the socket, before open_leg returns the leg
+    # Set by connection_made, with the socket, before open_leg returns the leg.
+    sender: Sender
     _transport: asyncio.DatagramTransport
+    _listeners: list[Sender]  # who hears this leg (the bridge keeps the list up to date)
 
     def __init__(
         self,
@@ -266,7 +271,6 @@ class MediaLeg(asyncio.DatagramProtocol):
         # Bound once: the per-packet path looks nothing up it need not.
         self._time = loop.time
         self._receive = receiver.receive
-        self._listeners = bridge.listeners(receiver)
         self._srtp: SrtpContext | None = None
         self._rtcp: asyncio.DatagramTransport | None = None
         self._cname = new_cname()
@@ -458,6 +462,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         # stubs lack the get_write_buffer_size that asyncio's and uvloop's both have).
         self._transport = cast(asyncio.DatagramTransport, transport)
         self.sender = Sender(cast(DatagramSocket, transport))
+        self._listeners = self._bridge.listeners(self.receiver)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()  # a dead socket must not stay in the pacer or behind a partner
