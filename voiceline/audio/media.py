@@ -310,10 +310,6 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._srtp.rekey(srtp)
 
     @property
-    def codec(self) -> Codec:
-        return self.sender.codec
-
-    @property
     def packets_in(self) -> int:
         return self.receiver.packets_in
 
