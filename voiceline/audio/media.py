@@ -32,9 +32,8 @@ from voiceline.audio.receiver import AUDIO, DIGIT, LATCHED, PCM, Receiver
 from voiceline.audio.rtcp import build_report, new_cname, report_interval
 from voiceline.audio.sender import DatagramSocket, Sender
 from voiceline.audio.srtp import SrtpContext, SrtpKeys
-from voiceline.codec_table import Codec
+from voiceline.codec_table import FRAME_SECONDS, Codec
 
-FRAME_SECONDS = 0.020
 MAX_LATE_FRAMES = 3  # a pacer later than this skips ahead instead of sending a burst
 PORT_REST_SECONDS = 30.0  # a freed port waits this long (late packets of its last call) unless none other is free
 

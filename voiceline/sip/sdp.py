@@ -86,11 +86,11 @@ _INLINE_KEY = re.compile(r"inline:([A-Za-z0-9+/]+={0,2})(?:\|(?:2\^)?[0-9]{1,20}
 _STATIC_PAYLOADS = {str(codec.payload_type): codec for codec in CODECS.values() if codec.payload_type is not None}
 # An rtpmap names a codec of ours when its "NAME/RATE/CHANNELS" (upper case, channels 1 when left out) matches.
 _RTPMAPS = {(codec.encoding.upper(), codec.clock_rate, codec.channels): codec for codec in CODECS.values()}
-FIRST_DYNAMIC_PAYLOAD_TYPE = 111  # what we offer a codec without a static payload type as (Opus), counting up
+_FIRST_DYNAMIC_PAYLOAD_TYPE = 111  # what we offer a codec without a static payload type as (Opus), counting up
 
 
 def _offer_payload_types() -> dict[Codec, int]:
-    dynamic = itertools.count(FIRST_DYNAMIC_PAYLOAD_TYPE)
+    dynamic = itertools.count(_FIRST_DYNAMIC_PAYLOAD_TYPE)
     return {codec: next(dynamic) if codec.payload_type is None else codec.payload_type for codec in CODECS.values()}
 
 
