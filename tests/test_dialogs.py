@@ -266,7 +266,7 @@ async def test_reinvite_with_another_codec_gets_488_and_the_session_goes_on(serv
         refused = await peer.response(method="INVITE")
         assert refused.status == 488
         dialer.ack(to_tag(refused), for_error=True)
-        assert len(await phone.listen(0.3)) > 5 and the_call(service).audio.codec == "PCMU"  # type: ignore[union-attr]
+        assert len(await phone.listen(0.3)) > 5 and the_call(service).audio.codec.name == "PCMU"  # type: ignore[union-attr]
     finally:
         phone.close()
 

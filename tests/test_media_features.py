@@ -13,13 +13,14 @@ from test_dtmf import dtmf, silence
 from test_media import HOST, PCMU, Phone, eventually, phones, tone_frame  # phones: the fixture, shared
 
 from voiceline.audio import g711
-from voiceline.audio.codecs import lookup, new_coder
+from voiceline.audio.codecs import new_coder
 from voiceline.audio.dtmf import ToneDetector
 from voiceline.audio.hold import PAD_HZ, hold_music
 from voiceline.audio import media
 from voiceline.audio.media import MediaEngine, MediaLeg
 from voiceline.audio.rtcp import ReceptionStats, build_report, parse
 from voiceline.audio.rtp import build_packet, parse_header
+from voiceline.codec_table import lookup
 from voiceline.sim.analysis import goertzel_db
 
 PORTS = (42000, 42099)  # this module's share of the audio test range
@@ -44,7 +45,7 @@ async def leg_for(
     engine: MediaEngine, phone: Phone, codec: str = "PCMU", payload_type: int = PCMU, event: int | None = EVENT
 ) -> MediaLeg:
     leg = await engine.open_leg()
-    leg.start(phone.address, codec, payload_type, event)
+    leg.start(phone.address, lookup(codec), payload_type, event)
     return leg
 
 
@@ -169,7 +170,7 @@ async def test_hold_talk_and_another_partner_continue_one_stream(engine, phones)
         packets += [await phone_a.receive()]
     a.listen_to(c)  # G.722 to PCMU goes through PCM: the same stream rules
     changes.append(len(packets))
-    encoder = new_coder("G722")
+    encoder = new_coder(lookup("G722"))
     for frame in range(10):
         from_c.send(encoder.encode(tone(500, 0.02, 16000, start=frame * 0.02)), G722_PT)
         packets += [await phone_a.receive()]
@@ -248,14 +249,14 @@ def tone_frames(codec: str, hz: float, count: int, amplitude: float = 6000.0) ->
     """`count` 20 ms frames of a continuous tone, encoded in sequence by one coder."""
     spec = lookup(codec)
     pcm = tone(hz, count * 0.02, spec.rate, amplitude)
-    coder = new_coder(codec)
+    coder = new_coder(spec)
     size = spec.frame_samples
     return [coder.encode(pcm[i : i + size]) for i in range(0, len(pcm), size)]
 
 
 def heard(codec: str, payloads: list[bytes]) -> tuple[np.ndarray, int]:
     """Decode what a phone received, as floats in [-1, 1), and the rate."""
-    coder = new_coder(codec)
+    coder = new_coder(lookup(codec))
     pcm = np.concatenate([coder.decode(payload) for payload in payloads])
     return pcm.astype(np.float64) / 32768, lookup(codec).rate
 
@@ -428,7 +429,7 @@ async def test_rtcp_reports_stats_and_bye_on_loopback(engine, monkeypatch):
     loop = asyncio.get_running_loop()
     try:
         leg = await engine.open_leg()
-        leg.start((HOST, RTCP_PHONE_PORT), "PCMU", PCMU, EVENT)
+        leg.start((HOST, RTCP_PHONE_PORT), lookup("PCMU"), PCMU, EVENT)
         leg.hold()
         sequences = [s for s in range(1000, 1050) if s not in (1010, 1020, 1030)]
         for sequence in sequences:

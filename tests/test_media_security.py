@@ -22,6 +22,7 @@ from voiceline.audio.hold import hold_music
 from voiceline.audio.media import MediaEngine
 from voiceline.audio.rtcp import ReceptionStats, build_report
 from voiceline.audio.rtp import build_packet, parse_header
+from voiceline.codec_table import PCMU as PCMU_CODEC
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sim.analysis import goertzel_db
 from voiceline.sip.sdp import parse_sdp
@@ -297,7 +298,7 @@ async def test_rtcp_is_taken_only_from_the_latched_peers_host() -> None:
     phone, stranger = await Phone.open(), await Phone.open(ATTACKER)
     try:
         leg = await engine.open_leg()
-        leg.start(phone.address, "PCMU", PCMU, None)
+        leg.start(phone.address, PCMU_CODEC, PCMU, None)
         leg.hold()
         await eventually(lambda: bool(phone.packets))
         header = parse_header(phone.packets[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from voiceline.codec_table import PCMA, PCMU
 from voiceline.sip.dialog import Dialog
 from voiceline.sip.message import Headers, SipRequest, parse_message
 from voiceline.sip.offer_answer import OfferAnswer
@@ -22,7 +23,7 @@ def version(sdp: bytes) -> int:
 
 
 def established(first: bytes = offer()) -> OfferAnswer:
-    session = OfferAnswer("127.0.0.1", ("PCMU", "PCMA"), local_port=20000)
+    session = OfferAnswer("127.0.0.1", (PCMU, PCMA), local_port=20000)
     remote = parse_sdp(first)
     session.answer(remote, session.negotiate_offer(remote))
     return session
@@ -42,19 +43,19 @@ def test_answer_version_rises_only_when_the_answer_changes() -> None:
 
 def test_reoffer_keeps_the_codec_or_is_refused() -> None:
     session = established(offer(formats="8 0"))  # PCMA chosen, the offerer's preference
-    assert session.audio is not None and session.audio.codec == "PCMA"
+    assert session.audio is not None and session.audio.codec == PCMA
     again = parse_sdp(offer(formats="0 8"))
-    assert session.negotiate_offer(again).codec == "PCMA"  # still offered: kept
+    assert session.negotiate_offer(again).codec == PCMA  # still offered: kept
     with pytest.raises(NoCommonCodec):
         session.negotiate_offer(parse_sdp(offer(formats="0")))
 
 
 def test_our_offer_and_the_answer_to_it() -> None:
-    session = OfferAnswer("127.0.0.1", ("PCMU", "PCMA"), local_port=20000)
+    session = OfferAnswer("127.0.0.1", (PCMU, PCMA), local_port=20000)
     ours = parse_sdp(session.offer())
     assert session.offer_pending and ours.media[0].formats == ["0", "8", "101"] and ours.media[0].port == 20000
     audio = session.take_answer(offer("sendonly", port=4010, formats="8"))
-    assert not session.offer_pending and audio.codec == "PCMA" and audio.remote_port == 4010 and session.on_hold
+    assert not session.offer_pending and audio.codec == PCMA and audio.remote_port == 4010 and session.on_hold
     assert parse_sdp(session.offer()).media[0].formats == ["8", "101"]  # later offers: the call's codec
 
 

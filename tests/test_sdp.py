@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from voiceline.codec_table import G722, OPUS, PCMA, PCMU, Codec
 from voiceline.sip.sdp import (
     NegotiatedAudio,
     NoCommonCodec,
@@ -17,7 +18,7 @@ from voiceline.sip.sdp import (
     parse_sdp,
 )
 
-G711 = ("PCMU", "PCMA")
+G711 = (PCMU, PCMA)
 
 # What a SIPp uac scenario offers: PCMU only, no rtpmap.
 SIPP_OFFER = (
@@ -65,7 +66,7 @@ def audio_section(formats: str, *attributes: str, port: int = 5004, proto: str =
     return f"m=audio {port} {proto} {formats}\r\n" + "".join(f"a={attribute}\r\n" for attribute in attributes)
 
 
-def negotiated(body: bytes, supported: tuple[str, ...] = G711) -> NegotiatedAudio:
+def negotiated(body: bytes, supported: tuple[Codec, ...] = G711) -> NegotiatedAudio:
     return negotiate(parse_sdp(body), supported)
 
 
@@ -128,7 +129,7 @@ def test_parse_sdp_errors(body: bytes) -> None:
 def test_sipp_style_offer() -> None:
     audio = negotiated(SIPP_OFFER.encode())
     assert audio == NegotiatedAudio(
-        codec="PCMU",
+        codec=PCMU,
         payload_type=0,
         telephone_event_pt=None,
         remote_host="127.0.0.1",
@@ -141,26 +142,26 @@ def test_sipp_style_offer() -> None:
 
 def test_sipp_style_offer_without_rtpmap_uses_the_static_payload_type() -> None:
     audio = negotiated(offer(audio_section("0", port=6000)))
-    assert (audio.codec, audio.payload_type) == ("PCMU", 0)
+    assert (audio.codec, audio.payload_type) == (PCMU, 0)
 
 
 def test_pjsua2_style_offer() -> None:
     audio = negotiated(PJSUA2_OFFER.encode())
     # The offerer's order decides: opus and G.722 are not ours, PCMA comes before PCMU.
-    assert (audio.codec, audio.payload_type) == ("PCMA", 8)
+    assert (audio.codec, audio.payload_type) == (PCMA, 8)
     assert audio.telephone_event_pt == 121  # the 8 kHz one, not 120 at 48 kHz
     assert (audio.remote_host, audio.remote_port) == ("127.0.0.1", 4000)
 
 
 def test_offerer_order_wins_over_ours() -> None:
-    assert negotiated(offer(audio_section("8 0")), ("PCMU", "PCMA")).codec == "PCMA"
-    assert negotiated(offer(audio_section("0 8")), ("PCMA", "PCMU")).codec == "PCMU"
-    assert negotiated(offer(audio_section("0 8")), ("PCMA",)).codec == "PCMA"
+    assert negotiated(offer(audio_section("8 0")), (PCMU, PCMA)).codec == PCMA
+    assert negotiated(offer(audio_section("0 8")), (PCMA, PCMU)).codec == PCMU
+    assert negotiated(offer(audio_section("0 8")), (PCMA,)).codec == PCMA
 
 
 def test_dynamic_payload_types_by_rtpmap() -> None:
-    audio = negotiated(offer(audio_section("97 98", "rtpmap:97 iLBC/8000", "rtpmap:98 pcmu/8000/1")), ("pcmu",))
-    assert (audio.codec, audio.payload_type) == ("PCMU", 98)
+    audio = negotiated(offer(audio_section("97 98", "rtpmap:97 iLBC/8000", "rtpmap:98 pcmu/8000/1")), (PCMU,))
+    assert (audio.codec, audio.payload_type) == (PCMU, 98)
 
 
 def test_rtpmap_overrides_the_static_meaning() -> None:
@@ -283,7 +284,7 @@ def test_answer_parses_and_negotiates_back() -> None:
     body = PJSUA2_OFFER.encode()
     answer = build_answer(parse_sdp(body), negotiated(body), "127.0.0.1", 40000, 1, 1)
     again = negotiate(parse_sdp(answer), G711)
-    assert (again.codec, again.payload_type, again.telephone_event_pt, again.remote_port) == ("PCMA", 8, 121, 40000)
+    assert (again.codec, again.payload_type, again.telephone_event_pt, again.remote_port) == (PCMA, 8, 121, 40000)
 
 
 # --- robustness -----------------------------------------------------------------------
@@ -317,33 +318,33 @@ def test_answer_keeps_the_offered_rtp_profile() -> None:
     assert any(line.startswith("m=audio 40000 RTP/AVPF 0") for line in lines), lines
 
 
-WIDEBAND = ("PCMU", "PCMA", "G722", "OPUS")
+WIDEBAND = (PCMU, PCMA, G722, OPUS)
 
 
 def test_g722_by_static_payload_type_and_by_its_8000_clock_rtpmap() -> None:
-    assert negotiated(offer(audio_section("9")), WIDEBAND).codec == "G722"
+    assert negotiated(offer(audio_section("9")), WIDEBAND).codec == G722
     audio = negotiated(offer(audio_section("9 0", "rtpmap:9 G722/8000")), WIDEBAND)
-    assert (audio.codec, audio.payload_type) == ("G722", 9)
+    assert (audio.codec, audio.payload_type) == (G722, 9)
     # The rtpmap clock of G.722 is 8000 (RFC 3551) although it samples at 16 kHz.
-    assert negotiated(offer(audio_section("9 0", "rtpmap:9 G722/16000")), WIDEBAND).codec == "PCMU"
+    assert negotiated(offer(audio_section("9 0", "rtpmap:9 G722/16000")), WIDEBAND).codec == PCMU
 
 
 def test_opus_is_dynamic_at_48000_with_two_channels() -> None:
     audio = negotiated(offer(audio_section("111 0", "rtpmap:111 opus/48000/2")), WIDEBAND)
-    assert (audio.codec, audio.payload_type) == ("OPUS", 111)
-    assert negotiated(offer(audio_section("111 0", "rtpmap:111 opus/48000")), WIDEBAND).codec == "PCMU"
-    assert negotiated(offer(audio_section("111 0", "rtpmap:111 opus/16000/2")), WIDEBAND).codec == "PCMU"
+    assert (audio.codec, audio.payload_type) == (OPUS, 111)
+    assert negotiated(offer(audio_section("111 0", "rtpmap:111 opus/48000")), WIDEBAND).codec == PCMU
+    assert negotiated(offer(audio_section("111 0", "rtpmap:111 opus/16000/2")), WIDEBAND).codec == PCMU
 
 
 def test_pjsua2_offer_with_every_codec_gets_opus_and_an_opus_answer() -> None:
     body = PJSUA2_OFFER.encode()
     audio = negotiated(body, WIDEBAND)
-    assert (audio.codec, audio.payload_type, audio.telephone_event_pt) == ("OPUS", 96, 121)
+    assert (audio.codec, audio.payload_type, audio.telephone_event_pt) == (OPUS, 96, 121)
     lines = answer_lines(body, audio)
     assert "m=audio 40000 RTP/AVP 96 121" in lines
     assert "a=rtpmap:96 opus/48000/2" in lines
     assert any(line.startswith("a=fmtp:96 maxplaybackrate=16000") for line in lines)
-    assert negotiate(parse_sdp(build_answer(parse_sdp(body), audio, "127.0.0.1", 40000, 7, 8)), WIDEBAND).codec == "OPUS"
+    assert negotiate(parse_sdp(build_answer(parse_sdp(body), audio, "127.0.0.1", 40000, 7, 8)), WIDEBAND).codec == OPUS
 
 
 def test_answer_for_g722() -> None:

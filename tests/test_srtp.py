@@ -27,6 +27,7 @@ from voiceline.audio.media import MediaEngine, MediaLeg
 from voiceline.audio.rtcp import ReceptionStats, build_report, parse
 from voiceline.audio.rtp import build_packet, parse_header
 from voiceline.audio.srtp import SrtpContext, SrtpKeys
+from voiceline.codec_table import PCMU as PCMU_CODEC
 from voiceline.config import from_mapping
 from voiceline.sip.offer_answer import OfferAnswer
 from voiceline.sip.sdp import (
@@ -125,9 +126,9 @@ def test_suite_names_agree_between_sdp_and_media() -> None:
 def test_negotiation_follows_the_trunk_policy(policy: str, offer: bytes, outcome: str) -> None:
     if outcome == "refused":
         with pytest.raises(NoCommonCodec):
-            negotiate(parse_sdp(offer), ("PCMU",), policy)
+            negotiate(parse_sdp(offer), (PCMU_CODEC,), policy)
         return
-    audio = negotiate(parse_sdp(offer), ("PCMU",), policy)
+    audio = negotiate(parse_sdp(offer), (PCMU_CODEC,), policy)
     assert (audio.crypto is not None) == (outcome == "srtp")
 
 
@@ -141,7 +142,7 @@ def test_answer_keeps_the_offers_tag_and_suite_with_our_own_key() -> None:
             )
         )
     )
-    session = OfferAnswer("127.0.0.1", ("PCMU",), local_port=20000, srtp="optional")
+    session = OfferAnswer("127.0.0.1", (PCMU_CODEC,), local_port=20000, srtp="optional")
     answer = session.answer(offer, session.negotiate_offer(offer))
     proto, ours = answer_crypto(answer)
     assert proto == "RTP/SAVP" and (ours.tag, ours.suite) == (2, SUITE_32)  # the first suite we do
@@ -153,7 +154,7 @@ def test_answer_keeps_the_offers_tag_and_suite_with_our_own_key() -> None:
 
 
 def test_reoffers_keep_keys_rekey_when_the_offer_does_and_never_drop_srtp() -> None:
-    session = OfferAnswer("127.0.0.1", ("PCMU",), local_port=20000, srtp="optional")
+    session = OfferAnswer("127.0.0.1", (PCMU_CODEC,), local_port=20000, srtp="optional")
     first = parse_sdp(sdp())
     answer = session.answer(first, session.negotiate_offer(first))
     again = parse_sdp(sdp())
@@ -166,14 +167,14 @@ def test_reoffers_keep_keys_rekey_when_the_offer_does_and_never_drop_srtp() -> N
     assert ours.key == session.local_key  # our own key stays
     with pytest.raises(NoCommonCodec):  # a downgrade to plain RTP mid-call: 488, the call goes on as SRTP
         session.negotiate_offer(parse_sdp(plain_sdp()))
-    plain = OfferAnswer("127.0.0.1", ("PCMU",), local_port=20000, srtp="optional")
+    plain = OfferAnswer("127.0.0.1", (PCMU_CODEC,), local_port=20000, srtp="optional")
     plain.answer(parse_sdp(plain_sdp()), plain.negotiate_offer(parse_sdp(plain_sdp())))
     with pytest.raises(NoCommonCodec):  # and a plain call stays plain
         plain.negotiate_offer(parse_sdp(sdp()))
 
 
 def test_our_offers_follow_the_policy() -> None:
-    required = OfferAnswer("127.0.0.1", ("PCMU",), local_port=20000, srtp="required")
+    required = OfferAnswer("127.0.0.1", (PCMU_CODEC,), local_port=20000, srtp="required")
     proto, ours = answer_crypto(required.offer())
     assert proto == "RTP/SAVP" and (ours.tag, ours.suite, ours.key) == (1, SUITE_80, required.local_key)
     with pytest.raises(SdpError):  # an answer must take the offered tag
@@ -186,7 +187,7 @@ def test_our_offers_follow_the_policy() -> None:
     assert audio.crypto is not None and audio.crypto.key == CALLER_KEY
     assert answer_crypto(required.offer())[1] == ours  # a refresh offers the same again
 
-    optional = OfferAnswer("127.0.0.1", ("PCMU",), local_port=20000, srtp="optional")
+    optional = OfferAnswer("127.0.0.1", (PCMU_CODEC,), local_port=20000, srtp="optional")
     assert b"RTP/AVP" in optional.offer() and b"a=crypto" not in optional.local_sdp  # a plain peer can answer
     assert optional.take_answer(plain_sdp()).crypto is None
 
@@ -301,8 +302,8 @@ async def srtp_and_plain_legs(
     leg_key = secrets.token_bytes(30)
     secure_phone, plain_phone = SrtpPhone(phones(), leg_key), phones()
     secure, plain = await engine.open_leg(), await engine.open_leg()
-    secure.start(secure_phone.phone.address, "PCMU", PCMU, 101, srtp=SrtpKeys(SUITE_80, leg_key, CALLER_KEY))
-    plain.start(plain_phone.address, "PCMU", PCMU, 101)
+    secure.start(secure_phone.phone.address, PCMU_CODEC, PCMU, 101, srtp=SrtpKeys(SUITE_80, leg_key, CALLER_KEY))
+    plain.start(plain_phone.address, PCMU_CODEC, PCMU, 101)
     secure.listen_to(plain)
     plain.listen_to(secure)
     return secure_phone, secure, plain_phone, plain
@@ -348,7 +349,7 @@ async def test_srtcp_reports_both_ways(engine, monkeypatch) -> None:
         rtcp.bind((HOST, RTCP_PHONE_PORT + 1))
         rtcp.setblocking(False)
         leg = await engine.open_leg()
-        leg.start((HOST, RTCP_PHONE_PORT), "PCMU", PCMU, 101, srtp=SrtpKeys(SUITE_80, leg_key, CALLER_KEY))
+        leg.start((HOST, RTCP_PHONE_PORT), PCMU_CODEC, PCMU, 101, srtp=SrtpKeys(SUITE_80, leg_key, CALLER_KEY))
         leg.hold()  # it sends (hold audio), so its reports are SRs
         caller = peer_session(CALLER_KEY, outbound=True)
         rtp.sendto(caller.protect(build_packet(PCMU, 1, 0, 0x5151)), (HOST, leg.local_port))  # RTCP counts once RTP latched

@@ -25,6 +25,8 @@ from voiceline.audio.hold import hold_music, load_wav
 from voiceline.audio.latch import Learning
 from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
 from voiceline.audio.srtp import SrtpKeys
+from voiceline.codec_table import Codec
+from voiceline.codec_table import lookup as lookup_codec
 from voiceline.config import Config, SipConfig
 from voiceline.pairing.service import PairingService, Participant
 from voiceline.provisioning import load as load_provisioned
@@ -164,12 +166,13 @@ class VoiceLine:
             await asyncio.sleep(0.2)
         log.info("service.drained", calls=len(self.agent.calls))
 
-    def _usable_codecs(self) -> tuple[str, ...]:
+    def _usable_codecs(self) -> tuple[Codec, ...]:
         """The configured codecs whose libraries load here (Opus needs libopus)."""
-        usable = tuple(name for name in self.config.media.codecs if codec_available(name))
-        for name in self.config.media.codecs:
-            if name not in usable:
-                log.warning("media.codec_unavailable", codec=name)
+        configured = tuple(lookup_codec(name) for name in self.config.media.codecs)
+        usable = tuple(codec for codec in configured if codec_available(codec))
+        for codec in configured:
+            if codec not in usable:
+                log.warning("media.codec_unavailable", codec=codec.name)
         if not usable:
             raise MediaError("none of the configured codecs can be used")
         return usable

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from voiceline.codec_table import CODEC_NAMES
 from voiceline.keyfile import KEY_FILE_NAME
 from voiceline.sip.overload import SCANNER_USER_AGENTS
-from voiceline.sip.sdp import CODEC_NAMES
 from voiceline.sip.trunks import Line, Trunk, TrunkError
 
 

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from voiceline import config as config_module
+from voiceline.codec_table import CODEC_NAMES
 from voiceline.config import Config, ConfigError
 from voiceline.provisioning import Provisioning, ProvisioningError, TrunkChanges
 from voiceline.sip.message import Headers, SipRequest, SipResponse
-from voiceline.sip.sdp import CODEC_NAMES, SRTP_POLICIES
+from voiceline.sip.sdp import SRTP_POLICIES
 from voiceline.sip.transaction import Timers, new_branch
 from voiceline.sip.transport import open_udp
 from voiceline.sip.trunks import Trunk, parse_source

@@ -1,10 +1,8 @@
-"""The codec registry: what each SDP encoding means, and coders between payloads and PCM.
+"""Coders between RTP payloads and PCM, for the codecs of the codec table.
 
-PCM is mono int16 numpy at the codec's own audio rate (8 kHz for G.711,
-16 kHz for G.722 and, as we run it, Opus). The RTP clock can differ from
-that rate: G.722 keeps an 8000 Hz clock for 16 kHz audio (RFC 3551) and Opus
-always counts 48000 Hz (RFC 7587). Coders are stateful (ADPCM and Opus keep
-history), so each leg makes its own.
+PCM is mono int16 numpy at the codec's own audio rate (`Codec.rate`: 8 kHz for
+G.711, 16 kHz for G.722 and, as we run it, Opus). Coders are stateful (ADPCM
+and Opus keep history), so each leg makes its own.
 
 Same-codec legs never come here: they are relayed packet for packet; G.711
 pairs switch laws with one `bytes.translate`. Everything else is decoded,
@@ -13,49 +11,14 @@ resampled and encoded again (transcoding).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from voiceline.audio import g711
+from voiceline.codec_table import G722, OPUS, PCMA, PCMU, Codec
 
-FRAME_SECONDS = 0.020
-
-
-@dataclass(frozen=True)
-class Codec:
-    """One SDP encoding as we use it."""
-
-    name: str  # the SDP encoding name, upper case
-    rate: int  # PCM sample rate of the decoded audio
-    clock_rate: int  # RTP timestamp clock (the rtpmap rate)
-    channels: int = 1  # as written in the rtpmap (Opus always says 2)
-    static_payload_type: int | None = None
-
-    @property
-    def frame_samples(self) -> int:
-        """PCM samples in a 20 ms frame."""
-        return round(self.rate * FRAME_SECONDS)
-
-    @property
-    def frame_ticks(self) -> int:
-        """RTP clock ticks in a 20 ms frame."""
-        return round(self.clock_rate * FRAME_SECONDS)
-
-    @property
-    def rtpmap(self) -> str:
-        """The rtpmap encoding, e.g. "G722/8000" or "opus/48000/2"."""
-        name = "opus" if self.name == "OPUS" else self.name
-        return f"{name}/{self.clock_rate}" + (f"/{self.channels}" if self.channels != 1 else "")
-
-
-PCMU = Codec("PCMU", 8000, 8000, static_payload_type=0)
-PCMA = Codec("PCMA", 8000, 8000, static_payload_type=8)
-G722 = Codec("G722", 16000, 8000, static_payload_type=9)
-OPUS = Codec("OPUS", 16000, 48000, channels=2)
-CODECS = {codec.name: codec for codec in (PCMU, PCMA, G722, OPUS)}
-NARROWBAND = frozenset(g711.CODECS)
+NARROWBAND = frozenset((PCMU, PCMA))
 
 
 class Coder(Protocol):
@@ -125,31 +88,24 @@ class OpusCoder:
             return np.zeros(0, dtype=np.int16)
 
 
-def new_coder(name: str) -> Coder:
-    """A fresh (stateful) coder for a registry codec name."""
-    if name in NARROWBAND:
-        return G711Coder(name)
-    if name == G722.name:
+def new_coder(codec: Codec) -> Coder:
+    """A fresh (stateful) coder for a codec of the table."""
+    if codec in NARROWBAND:
+        return G711Coder(codec.name)
+    if codec == G722:
         return G722Coder()
-    if name == OPUS.name:
+    if codec == OPUS:
         return OpusCoder()
     raise ValueError("unsupported codec")
 
 
-def available(name: str) -> bool:
+def available(codec: Codec) -> bool:
     """Whether the codec's library loads here (G.711 always does)."""
     try:
-        new_coder(name)
+        new_coder(codec)
     except Exception:  # ImportError, OSError, or opuslib's bare Exception when libopus is missing
         return False
     return True
-
-
-def lookup(name: str) -> Codec:
-    try:
-        return CODECS[name.upper()]
-    except KeyError:
-        raise ValueError("unsupported codec") from None
 
 
 def translation(source: Codec, target: Codec) -> bytes | None:
@@ -157,7 +113,7 @@ def translation(source: Codec, target: Codec) -> bytes | None:
     a table switches G.711 laws. Raises ValueError when only transcoding can."""
     if source == target:
         return None
-    if source.name in NARROWBAND and target.name in NARROWBAND:
+    if source in NARROWBAND and target in NARROWBAND:
         return g711.translation(source.name, target.name)
     raise ValueError("needs transcoding")
 

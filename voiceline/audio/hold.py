@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from voiceline.audio.codecs import Resampler, lookup, new_coder
+from voiceline.audio.codecs import Resampler, new_coder
 from voiceline.audio.wavfile import decode_wav, resample
+from voiceline.codec_table import Codec
 
 SAMPLE_RATE = 8000
 PAD_HZ = 330.0  # the pedal (E4, 2 cents sharp): 15840 whole cycles per loop, always sounding
@@ -151,16 +152,15 @@ def load_wav(path: str | Path) -> np.ndarray:
     return resample(samples, rate, SAMPLE_RATE)
 
 
-def encode_frames(pcm: np.ndarray, codec: str, samples_per_frame: int | None = None) -> list[bytes]:
+def encode_frames(pcm: np.ndarray, codec: Codec, samples_per_frame: int | None = None) -> list[bytes]:
     """8 kHz `pcm` as payloads of `codec` (resampled to its rate), `samples_per_frame` 8 kHz samples
     each (default 20 ms), the last padded with silence. One coder encodes them in sequence, so the
     frames play back to back."""
-    spec = lookup(codec)
-    size = (samples_per_frame or SAMPLE_RATE // 50) * spec.rate // SAMPLE_RATE
-    if spec.rate != SAMPLE_RATE:
-        pcm = Resampler(SAMPLE_RATE, spec.rate).process(pcm)
+    size = (samples_per_frame or SAMPLE_RATE // 50) * codec.rate // SAMPLE_RATE
+    if codec.rate != SAMPLE_RATE:
+        pcm = Resampler(SAMPLE_RATE, codec.rate).process(pcm)
     frames = -(-len(pcm) // size)
     padded = np.zeros(frames * size, dtype=np.int16)
     padded[: len(pcm)] = pcm
-    coder = new_coder(spec.name)
+    coder = new_coder(codec)
     return [coder.encode(padded[i : i + size]) for i in range(0, len(padded), size)]

@@ -1,22 +1,22 @@
-"""RTP media: the engine (port allocation, one shared hold-audio pacer) and one leg per call.
+"""RTP media: the engine (port allocation, one shared hold-audio pacer, the bridge) and one leg per call.
 
-A leg owns one RTP socket and an RTCP socket (RFC 3550 reports every ~5 s,
-BYE on close, the peer's reports read for `stats`). It either hears hold
-audio or listens to another leg, whose received packets it re-sends as its
-own stream (relayed, or transcoded through PCM), optionally with a prompt
-mixed over it. Everything per packet
-runs inside `datagram_received`: validate, then `transport.sendto` from a
-reused buffer; nothing is queued or logged. An SRTP leg (see srtp.py)
-unprotects what it receives first and protects what it sends last, so the
-relay in between only ever sees plain RTP: an SRTP leg and a plain one relay
-to each other, each with its own keys.
+A leg is the asyncio edge around two sans-I/O sides: its `Receiver` (what
+arrives on its RTP port: filtered, latched, counted, digits) and its `Sender`
+(one outbound stream of what the leg hears: hold audio, another leg, a
+prompt). The engine's `Bridge` says who hears whom. A leg also owns an RTCP
+socket (RFC 3550 reports every ~5 s, BYE on close, the peer's reports read
+for `stats`). Everything per packet runs inside `datagram_received`: the
+receiver's verdict, then each listener's header rewrite into its reused
+buffer and `transport.sendto`; nothing is queued or logged. An SRTP leg (see
+srtp.py) unprotects what it receives first and protects what it sends last,
+so the relay in between only ever sees plain RTP: an SRTP leg and a plain
+one relay to each other, each with its own keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,26 +25,17 @@ from typing import cast
 
 import numpy as np
 
-from voiceline.audio.codecs import CODECS, Codec, Coder, Resampler, lookup, new_coder, translation
-from voiceline.audio.dtmf import TelephoneEventReceiver, ToneDetector
+from voiceline.audio.bridge import Bridge
 from voiceline.audio.hold import encode_frames
-from voiceline.audio.latch import Heard, Learning, SourceFilter
-from voiceline.audio.mixing import JitterBuffer, Prompt
-from voiceline.audio.rtcp import ReceptionStats, build_report, new_cname, parse, report_interval
-from voiceline.audio.rtp import HEADER_SIZE, MARKER, OutboundStream, build_packet, payload_end, payload_offset
+from voiceline.audio.latch import Address, Learning
+from voiceline.audio.receiver import AUDIO, DIGIT, LATCHED, PCM, Receiver
+from voiceline.audio.rtcp import build_report, new_cname, report_interval
+from voiceline.audio.sender import DatagramSocket, Sender
 from voiceline.audio.srtp import SrtpContext, SrtpKeys
+from voiceline.codec_table import FRAME_SECONDS, Codec
 
-FRAME_SECONDS = 0.020
 MAX_LATE_FRAMES = 3  # a pacer later than this skips ahead instead of sending a burst
-MAX_PAYLOAD = 1460  # bigger than any sane audio packet; larger ones are dropped
 PORT_REST_SECONDS = 30.0  # a freed port waits this long (late packets of its last call) unless none other is free
-_NO_PAYLOAD_TYPE = -1
-_TS_MASK = 0xFFFFFFFF
-_SECOND_SEQ_TS = struct.Struct("!xBHI")
-_SEQ_SSRC = struct.Struct("!2xH4xI")
-_EVENT_TIMESTAMP = struct.Struct("!4xI")
-_PLAIN_FIRST_BYTE = 0x80  # version 2, no padding, no extension, no CSRC
-_MAX_PLAIN_PACKET = HEADER_SIZE + MAX_PAYLOAD
 
 
 class MediaError(Exception):
@@ -60,13 +51,13 @@ class _HoldPacer:
     def __init__(self, loop: asyncio.AbstractEventLoop, hold_pcm: np.ndarray) -> None:
         self._loop = loop
         self._hold_pcm = hold_pcm
-        self._frames: dict[str, list[bytes]] = {}
+        self._frames: dict[Codec, list[bytes]] = {}
         self._legs: set[MediaLeg] = set()
         self._start = 0.0
         self._tick = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def frames(self, codec: str) -> list[bytes]:
+    def frames(self, codec: Codec) -> list[bytes]:
         """The hold pattern in `codec`, encoded the first time a leg in that codec holds."""
         if codec not in self._frames:
             self._frames[codec] = encode_frames(self._hold_pcm, codec)
@@ -131,6 +122,7 @@ class MediaEngine:
         self._resting: deque[tuple[float, int]] = deque()  # (freed at, port)
         self._loop = asyncio.get_running_loop()
         self._pacer = _HoldPacer(self._loop, hold_pcm)
+        self._bridge = Bridge()
         self._legs: set[MediaLeg] = set()
         self._closed = False
 
@@ -176,10 +168,18 @@ class MediaEngine:
     def _rest(self, port: int) -> None:
         self._resting.append((self._loop.time(), port))
 
-    async def _bind(self, port: int) -> MediaLeg | None:
-        leg = MediaLeg(
-            self._loop, port, self._pacer, self._release, inband_dtmf=self._inband_dtmf, learning=self._learning
+    def _new_leg(self, port: int) -> MediaLeg:
+        return MediaLeg(
+            self._loop,
+            port,
+            self._pacer,
+            self._bridge,
+            self._release,
+            Receiver(inband_dtmf=self._inband_dtmf, learning=self._learning),
         )
+
+    async def _bind(self, port: int) -> MediaLeg | None:
+        leg = self._new_leg(port)
         try:
             await self._loop.create_datagram_endpoint(lambda: leg, local_addr=(self._bind_host, port))
         except OSError:
@@ -238,77 +238,51 @@ class _RtcpEndpoint(asyncio.DatagramProtocol):
 class MediaLeg(asyncio.DatagramProtocol):
     """The media of one call: an RTP socket that hears hold audio or another leg.
 
-    Call `start` once the SDP is negotiated; `hold` and `listen_to` need it.
+    The asyncio edge of its `receiver` and `sender`: it feeds the receiver each
+    datagram with the loop's time and relays what it says arrived to whoever
+    the bridge says hears this leg. Call `start` once the SDP is negotiated;
+    `hold` and `listen_to` need it.
     Digits the caller presses (RFC 4733 events, or in-band tones when the SDP
     has no telephone-event) go to `on_digit`; neither reaches the partner.
     """
 
-    _transport: asyncio.DatagramTransport  # set by connection_made, before open_leg returns the leg
+    # Set by connection_made, with the socket, before open_leg returns the leg.
+    sender: Sender
+    _transport: asyncio.DatagramTransport
+    _listeners: list[Sender]  # who hears this leg (the bridge keeps the list up to date)
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         port: int,
         pacer: _HoldPacer,
+        bridge: Bridge,
         on_close: Callable[[MediaLeg], None],
-        *,
-        inband_dtmf: bool = True,
-        learning: Learning = Learning(),
+        receiver: Receiver,
     ) -> None:
         self.local_port = port
-        self.packets_in = 0
-        self.packets_out = 0
-        self.packets_dropped = 0
-        self.octets_out = 0
-        self.last_received = 0.0  # loop time (monotonic) of the last valid packet
-        self.sending = True  # False while the peer holds us (set_sending)
         self.on_digit: Callable[[str], None] | None = None
+        self.receiver = receiver
         self._loop = loop
         self._pacer = pacer
+        self._bridge = bridge
         self._on_close = on_close
+        # Bound once: the per-packet path looks nothing up it need not.
+        self._time = loop.time
+        self._receive = receiver.receive
+        self._srtp: SrtpContext | None = None
         self._rtcp: asyncio.DatagramTransport | None = None
-        self._rtcp_remote: tuple[str, int] | None = None  # where the peer's RTCP came from (the peer's host)
-        self._reception = ReceptionStats(8000)  # replaced by start
-        self._peer_report: tuple[int, float] | None = None  # (cumulative lost, jitter seconds)
         self._cname = new_cname()
-        self._srtp: SrtpContext | None = None  # set by start for an SRTP stream
         self._report_timer: asyncio.TimerHandle | None = None
         self._packets_at_last_report = 0
-        self._concealed_before = 0
-        self._stream = OutboundStream()
-        self._new_buffer()
-        self._remote: tuple[str, int] | None = None  # where we send: the peer, else the SDP address
-        self._peer: tuple[str, int] | None = None  # the latched source; packets from it pass at once
-        self._learning = learning
-        self._sources: SourceFilter | None = None  # the latch rules, from start
-        self._codec = CODECS["PCMU"]  # replaced by start
-        self._coder: Coder | None = None
-        self._audio_pt = _NO_PAYLOAD_TYPE  # matches no packet until started
-        self._event_pt = _NO_PAYLOAD_TYPE
-        self._events = TelephoneEventReceiver()
-        self._inband_dtmf = inband_dtmf
-        self._tones: ToneDetector | None = None
-        # True when received audio must be decoded: in-band DTMF, or a listener that needs PCM.
-        self._decoding = False
-        self._translate: bytes | None = None
-        self._transcodes = False  # from our source's codec to ours only through PCM
-        self._resampler: Resampler | None = None
-        self._reframed: np.ndarray | None = None  # samples waiting for a whole frame (see _send_reframed)
-        self._source: MediaLeg | None = None
-        self._listeners: list[MediaLeg] = []
-        self._holding = False
-        self._hold_frames: list[bytes] = []
-        self._hold_position = 0
-        self._prompt: Prompt | None = None
-        self._jitter: JitterBuffer | None = None
         self._closed = False
 
     # -- control --------------------------------------------------------------
 
     def start(
         self,
-        remote: tuple[str, int],
-        codec: str,
+        remote: Address,
+        codec: Codec,
         payload_type: int,
         telephone_event_pt: int | None,
         signalling_host: str | None = None,
@@ -318,23 +292,15 @@ class MediaLeg(asyncio.DatagramProtocol):
         or on `signalling_host` (where the call's SIP came from) at once, any other only after
         proving itself; packets from anywhere but the latched peer are dropped (see latch.py).
         With `srtp` the stream is SRTP both ways; a packet that fails authentication is dropped."""
-        spec = lookup(codec)
-        if self._remote is not None:
+        if self.sender.remote is not None:
             raise MediaError("media leg already started")
         if srtp is not None:
             self._srtp = SrtpContext(srtp)
-        self._remote = remote
-        self._sources = SourceFilter(remote, signalling_host, self._loop.time(), self._learning)
-        self._codec = spec
-        self._stream = OutboundStream(spec.clock_rate)
-        self._reception = ReceptionStats(spec.clock_rate)
+        self.receiver.start(
+            remote, codec, payload_type, telephone_event_pt, self._time(), signalling_host=signalling_host, srtp=self._srtp
+        )
+        self.sender.start(remote, codec, payload_type, self._srtp)
         self._report_timer = self._loop.call_later(report_interval(), self._send_report)
-        self._audio_pt = payload_type
-        if telephone_event_pt is not None:
-            self._event_pt = telephone_event_pt
-        elif self._inband_dtmf:
-            self._tones = ToneDetector(spec.rate)
-        self._update_decoding()
 
     def rekey(self, srtp: SrtpKeys) -> None:
         """New SRTP keys from a re-offer (a direction whose key is unchanged carries on as it was)."""
@@ -343,38 +309,39 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._srtp.rekey(srtp)
 
     @property
-    def codec(self) -> str:
-        return self._codec.name
+    def packets_in(self) -> int:
+        return self.receiver.packets_in
+
+    @property
+    def packets_dropped(self) -> int:
+        return self.receiver.packets_dropped
+
+    @property
+    def last_received(self) -> float:
+        """Loop time (monotonic) of the last valid packet."""
+        return self.receiver.last_received
+
+    @property
+    def packets_out(self) -> int:
+        return self.sender.packets_out
 
     def hold(self) -> None:
         """Hear hold audio, from the start of the pattern."""
         self._require_usable()
-        if self._holding:
+        if self.sender.holding:
             return
         self._detach()
-        self._holding = True
-        self._hold_frames = self._pacer.frames(self._codec.name)
-        self._hold_position = 0
-        self._stream.source_changed()
+        self.sender.hold(self._pacer.frames(self.sender.codec))
         self._pacer.add(self)
 
     def listen_to(self, other: MediaLeg) -> None:
         """Hear what `other` receives: relayed as is for the same codec, else transcoded."""
         self._require_usable()
         other._require_usable()
-        if self._source is other:
+        if self._bridge.source(self.sender) is other.receiver:
             return
         self._detach()
-        self._source = other
-        try:
-            self._translate, self._transcodes = translation(other._codec, self._codec), False
-        except ValueError:
-            self._translate, self._transcodes = None, True
-        self._resampler = Resampler(other._codec.rate, self._codec.rate)
-        self._reframed = None
-        other._listeners.append(self)
-        other._update_decoding()
-        self._stream.source_changed()
+        self._bridge.connect(self.sender, other.receiver)
 
     def set_sending(self, enabled: bool) -> None:
         """Stop or allow sending to the peer (it put us on hold with sendonly/inactive).
@@ -382,20 +349,16 @@ class MediaLeg(asyncio.DatagramProtocol):
         Stopping detaches the leg from hold audio and from its partner; whoever
         controls it (pairing) tells it what to hear again once sending is allowed.
         """
-        self.sending = enabled
+        self.sender.sending = enabled
         if not enabled:
             self._detach()
 
-    def update_remote(self, remote: tuple[str, int]) -> None:
+    def update_remote(self, remote: Address) -> None:
         """The SDP address of a new offer or answer: a new one is sent to and learnt afresh;
         the same one (hold, resume, a refresh) keeps the latched peer."""
         self._require_usable()
-        assert self._sources is not None  # set with _remote
-        if remote == self._sources.announced:
-            return
-        self._sources.restart(remote, self._loop.time())
-        self._remote = remote
-        self._peer = self._rtcp_remote = None
+        if self.receiver.announce(remote, self._time()):
+            self.sender.remote = remote
 
     def play_over(self, pcm: np.ndarray, rate: int = 8000) -> None:
         """Mix a prompt (int16 at `rate`) into what this leg hears, from now until it ends.
@@ -406,25 +369,17 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._require_usable()
         if len(pcm) == 0:
             return
-        samples = Resampler(rate, self._codec.rate).process(np.asarray(pcm, dtype=np.int16))
-        self._prompt = Prompt(samples, self._codec.frame_samples)
-        if self._jitter is None:  # a prompt replacing another keeps the partner's buffered audio
-            self._jitter = JitterBuffer(self._codec.frame_samples)
-        self._stream.source_changed()
+        self.sender.play_over(pcm, rate)
         self._pacer.add(self)
-        if self._source is not None:
-            self._source._update_decoding()
+        self._bridge.listener_changed(self.sender)
 
     def close(self) -> None:
         """Release the ports; anyone listening to this leg goes silent until told otherwise."""
         if self._closed:
             return
         self._closed = True
-        self._detach()
-        self._end_prompt()
-        for listener in self._listeners:
-            listener._source = None
-        self._listeners.clear()
+        self._bridge.remove(self.receiver, self.sender)
+        self._pacer.discard(self)
         if self._report_timer is not None:
             self._report_timer.cancel()
             self._send_report(bye=True)
@@ -434,249 +389,110 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._on_close(self)
 
     def stats(self) -> LegStats:
-        expected = self._reception.expected
-        lost = max(0, self._reception.lost)
-        peer_lost, peer_jitter = self._peer_report if self._peer_report is not None else (None, None)
-        concealed = self._concealed_before + (self._jitter.concealed_frames if self._jitter is not None else 0)
+        receiver, reception = self.receiver, self.receiver.reception
+        expected = reception.expected
+        lost = max(0, reception.lost)
+        peer_lost, peer_jitter = receiver.peer_report if receiver.peer_report is not None else (None, None)
         return LegStats(
-            packets_in=self.packets_in,
-            packets_out=self.packets_out,
-            packets_dropped=self.packets_dropped,
+            packets_in=receiver.packets_in,
+            packets_out=self.sender.packets_out,
+            packets_dropped=receiver.packets_dropped,
             packets_expected=expected,
             packets_lost=lost,
             loss_fraction=round(lost / expected, 4) if expected else 0.0,
-            jitter_ms=round(self._reception.jitter_seconds * 1000, 2),
+            jitter_ms=round(reception.jitter_seconds * 1000, 2),
             peer_lost=peer_lost,
             peer_jitter_ms=None if peer_jitter is None else round(peer_jitter * 1000, 2),
-            concealed_frames=concealed,
+            concealed_frames=self.sender.concealed_frames,
             srtp_suite=self._srtp.keys.suite if self._srtp is not None else None,
             srtp_auth_failures=self._srtp.auth_failures if self._srtp is not None else 0,
         )
+
+    def _require_usable(self) -> None:
+        if self._closed:
+            raise MediaError("media leg is closed")
+        if self.sender.remote is None:
+            raise MediaError("media leg not started")
+
+    def _detach(self) -> None:
+        """Stop hearing anything (a prompt plays on over silence)."""
+        self._bridge.disconnect(self.sender)
+        self.sender.stop_holding()
+        if not self.sender.paced:
+            self._pacer.discard(self)
+
+    def _tick(self, due: float) -> None:
+        """The pacer's 20 ms tick."""
+        if self.sender.tick(due):  # the prompt ended
+            if not self.sender.paced:
+                self._pacer.discard(self)
+            self._bridge.listener_changed(self.sender)
 
     # -- RTCP -------------------------------------------------------------------
 
     def _send_report(self, bye: bool = False) -> None:
         """An SR when we sent RTP since the last report, else an RR; BYE when closing."""
-        if self._rtcp is not None and self._remote is not None:
-            sent = self.packets_out != self._packets_at_last_report
-            self._packets_at_last_report = self.packets_out
-            sender = (self._stream.timestamp, self.packets_out, self.octets_out) if sent else None
+        sender, remote = self.sender, self.sender.remote
+        if self._rtcp is not None and remote is not None:
+            stream = sender.stream
+            sent = stream.packets != self._packets_at_last_report
+            self._packets_at_last_report = stream.packets
+            counts = (stream.timestamp, stream.packets, stream.octets) if sent else None
             packet = build_report(
-                self._stream.ssrc, self._cname, self._reception, self._loop.time(), time.time(), sender, bye
+                stream.ssrc, self._cname, self.receiver.reception, self._time(), time.time(), counts, bye
             )
             outgoing = packet if self._srtp is None else self._srtp.protect_rtcp(packet)
             if outgoing is not None:
-                self._rtcp.sendto(outgoing, self._rtcp_remote or (self._remote[0], self._remote[1] + 1))
+                self._rtcp.sendto(outgoing, self.receiver.rtcp_source or (remote[0], remote[1] + 1))
         if not bye and not self._closed:
             self._report_timer = self._loop.call_later(report_interval(), self._send_report)
 
-    def _rtcp_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self._peer is None or addr[0] != self._peer[0]:
-            return  # only the latched RTP peer's host may report
-        if self._srtp is not None:
-            plain = self._srtp.unprotect_rtcp(data)
-            if plain is None:
-                return
-            data = plain
-        parsed = parse(data, self._stream.ssrc)
-        if parsed is None:
-            return
-        self._rtcp_remote = addr
-        if parsed.about_us is not None:
-            self._peer_report = (parsed.about_us.cumulative_lost, parsed.about_us.jitter_ticks / self._codec.clock_rate)
-        if parsed.sr_ntp_middle is not None:
-            self._reception.last_sr = parsed.sr_ntp_middle
-            self._reception.last_sr_at = self._loop.time()
-
-    def _new_buffer(self) -> None:
-        self._buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
-        self._view = memoryview(self._buf)  # never resized from here on: slices of it are sent
-
-    def _require_usable(self) -> None:
-        if self._closed:
-            raise MediaError("media leg is closed")
-        if self._remote is None:
-            raise MediaError("media leg not started")
-
-    def _detach(self) -> None:
-        """Stop hearing anything."""
-        if self._holding:
-            self._holding = False
-            if self._prompt is None:
-                self._pacer.discard(self)
-        if self._source is not None:
-            self._source._listeners.remove(self)
-            self._source._update_decoding()
-            self._source = None
-
-    def _end_prompt(self) -> None:
-        if self._prompt is None:
-            return
-        assert self._jitter is not None
-        self._concealed_before += self._jitter.concealed_frames
-        self._prompt = self._jitter = None
-        if not self._holding:
-            self._pacer.discard(self)
-        if self._source is not None:
-            self._source._update_decoding()
-        self._stream.source_changed()
-
-    def _update_decoding(self) -> None:
-        self._decoding = self._tones is not None or any(
-            listener._transcodes or listener._prompt is not None for listener in self._listeners
-        )
-
-    def _own_coder(self) -> Coder:
-        if self._coder is None:
-            self._coder = new_coder(self._codec.name)
-        return self._coder
-
-    def _admit(self, data: bytes, addr: tuple[str, int]) -> bool:
-        """A packet from anywhere but the latched peer: the source filter decides whether it
-        latches (or moves) the peer, else it is dropped as injection."""
-        assert self._sources is not None  # before start no payload type matches
-        sequence, ssrc = _SEQ_SSRC.unpack_from(data)
-        heard = Heard(self._reception.ssrc, self._reception.highest_sequence, self.last_received)
-        if not self._sources.admit(addr, ssrc, sequence, self._loop.time(), heard):
-            return False
-        self._peer = self._remote = addr  # symmetric RTP: answer where the peer really sends from
-        self._rtcp_remote = None
-        return True
+    def _rtcp_received(self, data: bytes, addr: Address) -> None:
+        self.receiver.receive_rtcp(data, addr, self.sender.stream.ssrc, self._time())
 
     # -- per packet -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A datagram endpoint's transport (3.11's does not subclass DatagramTransport).
+        # A datagram endpoint's transport (3.11's does not subclass DatagramTransport, and the
+        # stubs lack the get_write_buffer_size that asyncio's and uvloop's both have).
         self._transport = cast(asyncio.DatagramTransport, transport)
+        self.sender = Sender(cast(DatagramSocket, transport))
+        self._listeners = self._bridge.listeners(self.receiver)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()  # a dead socket must not stay in the pacer or behind a partner
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self._srtp is not None:
-            plain = self._srtp.unprotect(data)
-            if plain is None:  # forged, corrupted or replayed: never reaches the latch or a listener
-                self.packets_dropped += 1
-                return
-            data = plain
-        size = len(data)
-        if HEADER_SIZE <= size <= _MAX_PLAIN_PACKET and data[0] == _PLAIN_FIRST_BYTE:
-            offset, end = HEADER_SIZE, size  # nearly every packet: a plain header, nothing to parse
-        else:
-            offset = payload_offset(data)
-            if offset < 0 or size - offset > MAX_PAYLOAD:
-                self.packets_dropped += 1
-                return
-            end = payload_end(data)
-        payload_type = data[1] & 0x7F
-        if payload_type != self._audio_pt and payload_type != self._event_pt:
-            self.packets_dropped += 1
-            return
-        if addr != self._peer and not self._admit(data, addr):
-            self.packets_dropped += 1
-            return
-        now = self._loop.time()
-        self.packets_in += 1
-        self.last_received = now
-        self._reception.update(data, now)
-        if payload_type == self._audio_pt:
-            if self._decoding:
-                self._receive_pcm(data, offset, end, now)
-            else:
-                for listener in self._listeners:
-                    listener._relay(data, offset, end, now)
-        else:  # telephone-events are for us, never the partner
-            self._receive_event(data, offset)
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        now = self._time()
+        kind = self._receive(data, addr, now)
+        if kind > AUDIO:
+            kind = self._arrived(kind, now)
+        if kind == AUDIO:  # the fast path: relayed to each listener as it is
+            receiver = self.receiver
+            packet, offset, end = receiver.packet, receiver.offset, receiver.end
+            for listener in self._listeners:
+                listener.relay(packet, offset, end, now)
 
-    def _receive_event(self, data: bytes, offset: int) -> None:
-        digit = self._events.feed(data[offset : offset + 4], _EVENT_TIMESTAMP.unpack_from(data)[0])
-        if digit is not None and self.on_digit is not None:
+    def _arrived(self, kind: int, now: float) -> int:
+        """What is off the fast path: a latch, decoded audio, digits. Returns AUDIO when audio
+        remains to be relayed."""
+        receiver = self.receiver
+        if kind & LATCHED:
+            self.sender.remote = receiver.peer  # symmetric RTP: answer where the peer really sends from
+            kind -= LATCHED
+        if kind == PCM:
+            if receiver.digit is not None:
+                self._digit(receiver.digit)
+            for listener in self._listeners:
+                if receiver.muted or listener.needs_pcm:
+                    listener.hear_pcm(receiver.packet, receiver.pcm, now)
+                else:
+                    listener.relay(receiver.packet, receiver.offset, receiver.end, now)
+        elif kind == DIGIT:
+            assert receiver.digit is not None
+            self._digit(receiver.digit)
+        return kind
+
+    def _digit(self, digit: str) -> None:
+        if self.on_digit is not None:
             self.on_digit(digit)
-
-    def _receive_pcm(self, data: bytes, offset: int, end: int, now: float) -> None:
-        """The slow path: decode, look for in-band DTMF (muting it), then relay or hand PCM on."""
-        pcm = self._own_coder().decode(data[offset:end])
-        muted = False
-        if self._tones is not None:
-            digit, muted = self._tones.feed(pcm)
-            if muted:
-                pcm = np.zeros_like(pcm)
-            if digit is not None and self.on_digit is not None:
-                self.on_digit(digit)
-        for listener in self._listeners:
-            if muted or listener._transcodes or listener._prompt is not None:
-                listener._hear_pcm(data, pcm, self._codec, now)
-            else:
-                listener._relay(data, offset, end, now)
-
-    def _hear_pcm(self, packet: bytes, pcm: np.ndarray, codec: Codec, now: float) -> None:
-        """Our source's audio as PCM: into the jitter buffer under a prompt, else encoded in our
-        codec and sent with the packet's own sequence and timestamp (in our clock), or re-framed
-        into 20 ms frames when our codec cannot take the packet's duration (Opus and 30 ms)."""
-        assert self._resampler is not None  # set with the source
-        pcm = self._resampler.process(pcm)
-        if self._jitter is not None:
-            self._jitter.push(pcm)
-            return
-        coder = self._own_coder()
-        if not coder.accepts(len(pcm)) or self._reframed is not None:
-            self._send_reframed(pcm, coder, now)
-            return
-        second, sequence, timestamp = _SECOND_SEQ_TS.unpack_from(packet)
-        timestamp = timestamp * self._codec.clock_rate // codec.clock_rate & _TS_MASK
-        ours = build_packet(0, sequence, timestamp, 0, coder.encode(pcm), bool(second & MARKER))
-        self._send(self._stream.relay_into(self._buf, ours, HEADER_SIZE, len(ours), self._audio_pt, now))
-
-    def _send_reframed(self, pcm: np.ndarray, coder: Coder, now: float) -> None:
-        """Whole 20 ms frames out of whatever durations arrive, paced by arrival (the rare path:
-        a source whose packet duration our codec cannot encode). Leaves it when durations fit."""
-        if self._reframed is None:
-            self._reframed = np.zeros(0, dtype=np.int16)
-            self._stream.source_changed()
-        pending = np.concatenate((self._reframed, pcm))
-        size = self._codec.frame_samples
-        for first in range(0, len(pending) - size + 1, size):
-            payload = coder.encode(pending[first : first + size])
-            self._send(self._stream.next_generated(self._buf, payload, self._audio_pt, now))
-        pending = pending[len(pending) - len(pending) % size :]
-        if len(pending) == 0 and coder.accepts(len(pcm)):
-            self._reframed = None  # back to one packet per packet, with the source's numbering
-            self._stream.source_changed()
-        else:
-            self._reframed = pending
-
-    def _relay(self, packet: bytes, offset: int, end: int, now: float) -> None:
-        size = self._stream.relay_into(self._buf, packet, offset, end, self._audio_pt, now, self._translate)
-        self._send(size)
-
-    def _tick(self, due: float) -> None:
-        """The pacer's 20 ms tick: the next mixed frame under a prompt, else the next hold frame."""
-        if self._prompt is None:
-            payload = self._hold_frames[self._hold_position]
-            self._hold_position = (self._hold_position + 1) % len(self._hold_frames)
-            self._send(self._stream.next_generated(self._buf, payload, self._audio_pt, due))
-            return
-        assert self._jitter is not None
-        under = self._jitter.pop() if self._source is not None else np.zeros(self._codec.frame_samples, np.int16)
-        mixed = self._prompt.mix(under)
-        if self.sending:  # else the peer holds us: the prompt runs on, unheard
-            payload = self._own_coder().encode(mixed)
-            self._send(self._stream.next_generated(self._buf, payload, self._audio_pt, due))
-        if self._prompt.done:
-            self._end_prompt()  # after sending: the next packet, from the partner or hold, is marked
-
-    def _send(self, size: int) -> None:
-        if self._srtp is None:
-            self._transport.sendto(self._view[:size], self._remote)
-        else:
-            packet = self._srtp.protect(bytes(self._view[:size]))  # a new object: the buffer stays ours
-            if packet is None:
-                return
-            self._transport.sendto(packet, self._remote)
-        self.packets_out += 1
-        self.octets_out += size - HEADER_SIZE
-        # If the socket was full the packet is queued, and uvloop queues a view of our buffer,
-        # not a copy: leave that buffer to the queue and write into a new one. (asyncio's and
-        # uvloop's datagram transports both have get_write_buffer_size; the stubs lack it.)
-        if self._transport.get_write_buffer_size():  # type: ignore[attr-defined]
-            self._new_buffer()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from voiceline.audio.codecs import FRAME_SECONDS
+from voiceline.codec_table import FRAME_SECONDS
 
 PREFILL_FRAMES = 2  # buffered before playout starts (absorbs 40 ms of jitter)
 MAX_FRAMES = 6  # more than this and the oldest audio is dropped, so delay stays bounded

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 VERSION = 2
 HEADER_SIZE = 12
+MAX_PAYLOAD = 1460  # bigger than any sane audio packet; a leg drops larger ones
 MARKER = 0x80
 CLOCK_RATE = 8000
 
@@ -116,6 +117,8 @@ class OutboundStream:
         self._changed = True  # the first packet of the stream is marked too
         self._sequence_shift = 0
         self._timestamp_shift = 0
+        self.packets = 0  # written so far (RTCP's sender packet count)
+        self.octets = 0  # of payload
 
     @property
     def timestamp(self) -> int:
@@ -147,6 +150,8 @@ class OutboundStream:
         _FIXED.pack_into(buf, 0, _FIRST_BYTE, second, sequence, timestamp, self.ssrc)
         size = HEADER_SIZE + len(payload)
         buf[HEADER_SIZE:size] = payload
+        self.packets += 1
+        self.octets += len(payload)
         return size
 
     def relay_into(
@@ -183,4 +188,6 @@ class OutboundStream:
             buf[HEADER_SIZE:size] = packet[offset:end]
         else:
             buf[HEADER_SIZE:size] = packet[offset:end].translate(translate)
+        self.packets += 1
+        self.octets += end - offset
         return size

@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from voiceline.codec_table import Codec
 from voiceline.sip.sdp import (
     CRYPTO_KEY_LENGTH,
     CRYPTO_SUITES,
@@ -37,7 +38,7 @@ ON_HOLD_DIRECTIONS = ("recvonly", "inactive")  # the peer sent sendonly or inact
 @dataclass(eq=False)
 class OfferAnswer:
     host: str  # our media address, for c= and o=
-    codecs: tuple[str, ...]  # in order of preference
+    codecs: tuple[Codec, ...]  # in order of preference
     local_port: int = 0
     audio: NegotiatedAudio | None = None  # None until the first exchange completes
     offer_pending: bool = False  # we sent an offer and wait for its answer
@@ -91,7 +92,7 @@ class OfferAnswer:
         self.audio = audio
         return audio
 
-    def _codecs(self) -> tuple[str, ...]:
+    def _codecs(self) -> tuple[Codec, ...]:
         return (self.audio.codec,) if self.audio is not None else self.codecs
 
     def _policy(self) -> str:

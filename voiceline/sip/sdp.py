@@ -1,6 +1,6 @@
 """SDP (RFC 4566) parsing and the offer/answer exchange (RFC 3264).
 
-We accept one audio stream in PCMU, PCMA, G.722 or Opus, with RFC 4733
+We accept one audio stream in a codec of the codec table (PCMU, PCMA, G.722, Opus), with RFC 4733
 telephone-event when offered, and decline every other stream with port 0.
 The stream is plain RTP (RTP/AVP) or SRTP keyed by SDES (RTP/SAVP with
 a=crypto, RFC 4568), as the trunk's SRTP policy allows. Errors carry fixed
@@ -12,9 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from voiceline.codec_table import CODECS, Codec
 
 
 class SdpError(ValueError):
@@ -58,7 +61,7 @@ class Crypto:
 
 @dataclass(frozen=True)
 class NegotiatedAudio:
-    codec: str
+    codec: Codec
     payload_type: int
     telephone_event_pt: int | None
     remote_host: str
@@ -79,15 +82,20 @@ CRYPTO_SUITES = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
 CRYPTO_KEY_LENGTH = 30  # both suites: a 16-byte master key and a 14-byte master salt
 # "inline:" key-info of RFC 4568 9.1: key||salt in base64, an optional lifetime, an optional MKI.
 _INLINE_KEY = re.compile(r"inline:([A-Za-z0-9+/]+={0,2})(?:\|(?:2\^)?[0-9]{1,20})?(\|[0-9]+:[0-9]+)?")
-_STATIC_PAYLOADS = {"0": "PCMU", "8": "PCMA", "9": "G722"}
-# The rtpmap each codec name must carry: "RATE/CHANNELS" (RFC 3551; G.722 keeps an 8000 clock
-# for 16 kHz audio; RFC 7587 writes Opus as 48000/2 whatever it carries).
-_RTPMAP_CLOCKS = {"PCMU": "8000/1", "PCMA": "8000/1", "G722": "8000/1", "OPUS": "48000/2"}
-# The codecs we know, and the payload types we offer them as: static ones (RFC 3551), a dynamic one for Opus.
-OFFER_PAYLOAD_TYPES = {"PCMU": 0, "PCMA": 8, "G722": 9, "OPUS": 111}
-CODEC_NAMES = tuple(OFFER_PAYLOAD_TYPES)
-# What our SDP says of each codec beyond its rtpmap: we decode Opus at 16 kHz, mono.
-_FMTP = {"OPUS": "maxplaybackrate=16000;sprop-maxcapturerate=16000;stereo=0;sprop-stereo=0"}
+# A payload type without an rtpmap means its static codec (RFC 3551).
+_STATIC_PAYLOADS = {str(codec.payload_type): codec for codec in CODECS.values() if codec.payload_type is not None}
+# An rtpmap names a codec of ours when its "NAME/RATE/CHANNELS" (upper case, channels 1 when left out) matches.
+_RTPMAPS = {(codec.encoding.upper(), codec.clock_rate, codec.channels): codec for codec in CODECS.values()}
+_FIRST_DYNAMIC_PAYLOAD_TYPE = 111  # what we offer a codec without a static payload type as (Opus), counting up
+
+
+def _offer_payload_types() -> dict[Codec, int]:
+    dynamic = itertools.count(_FIRST_DYNAMIC_PAYLOAD_TYPE)
+    return {codec: next(dynamic) if codec.payload_type is None else codec.payload_type for codec in CODECS.values()}
+
+
+# The payload types we offer our codecs as: the static one (RFC 3551), else a dynamic one.
+OFFER_PAYLOAD_TYPES = _offer_payload_types()
 _TELEPHONE_EVENT = "TELEPHONE-EVENT/8000"
 # Our direction in the answer, by the offer's direction.
 _MIRRORED = {"sendrecv": "sendrecv", "sendonly": "recvonly", "recvonly": "sendonly", "inactive": "inactive"}
@@ -168,12 +176,12 @@ def parse_crypto(value: str) -> Crypto | None:
     return Crypto(int(parts[0]), parts[1], key)
 
 
-def negotiate(offer: SessionDescription, supported: Sequence[str], srtp: str = "off") -> NegotiatedAudio:
+def negotiate(offer: SessionDescription, supported: Sequence[Codec], srtp: str = "off") -> NegotiatedAudio:
     """Accept the offer's first audio stream that `srtp` (a policy of SRTP_POLICIES) allows, with its
     first codec we support and, for SRTP, its first a=crypto line we can use."""
     index, media, crypto = _audio_stream(offer, srtp)
     encodings = _rtpmaps(media)
-    wanted = {codec.upper() for codec in supported}
+    wanted = set(supported)
     chosen = next(((fmt, codec) for fmt in media.formats if (codec := _codec(fmt, encodings)) in wanted), None)
     if chosen is None:
         raise NoCommonCodec("no codec in common")
@@ -220,8 +228,8 @@ def _rtpmaps(media: MediaDescription) -> dict[str, str]:
     return encodings
 
 
-def _codec(fmt: str, encodings: dict[str, str]) -> str | None:
-    """The codec name of a payload type whose rtpmap (or static meaning) is one we know, else None."""
+def _codec(fmt: str, encodings: dict[str, str]) -> Codec | None:
+    """The codec of a payload type whose rtpmap (or static meaning) is one we know, else None."""
     payload_type = _number(fmt, 3)
     if payload_type is None or payload_type > 127:
         return None
@@ -230,7 +238,8 @@ def _codec(fmt: str, encodings: dict[str, str]) -> str | None:
         return _STATIC_PAYLOADS.get(fmt)
     name, _, rest = encoding.partition("/")
     rate, _, channels = rest.partition("/")
-    return name if _RTPMAP_CLOCKS.get(name) == f"{rate}/{channels or '1'}" else None
+    clock_rate, channel_count = _number(rate, 6), _number(channels or "1", 1)
+    return _RTPMAPS.get((name, clock_rate, channel_count)) if clock_rate and channel_count else None
 
 
 def _direction(attributes: list[tuple[str, str | None]]) -> str | None:
@@ -287,13 +296,11 @@ def build_answer(
     return "".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape")
 
 
-def codec_attributes(codec: str, payload_type: int) -> list[str]:
+def codec_attributes(codec: Codec, payload_type: int) -> list[str]:
     """The a=rtpmap line (and a=fmtp, if any) that describe `codec` as `payload_type`."""
-    clock = _RTPMAP_CLOCKS[codec].removesuffix("/1")
-    name = "opus" if codec == "OPUS" else codec  # RFC 7587 spells it in lower case
-    attributes = [f"a=rtpmap:{payload_type} {name}/{clock}"]
-    if codec in _FMTP:
-        attributes.append(f"a=fmtp:{payload_type} {_FMTP[codec]}")
+    attributes = [f"a=rtpmap:{payload_type} {codec.rtpmap}"]
+    if codec.fmtp is not None:
+        attributes.append(f"a=fmtp:{payload_type} {codec.fmtp}")
     return attributes
 
 

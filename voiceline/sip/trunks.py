@@ -19,9 +19,10 @@ from typing import Any, Protocol
 
 import structlog
 
+from voiceline.codec_table import CODEC_NAMES
 from voiceline.sip.auth import ALGORITHMS, DigestError, DigestServer, Verdict, digest_ha1, parse_digest
 from voiceline.sip.message import SipParseError, SipRequest, parse_uri
-from voiceline.sip.sdp import CODEC_NAMES, SRTP_POLICIES
+from voiceline.sip.sdp import SRTP_POLICIES
 
 log = structlog.get_logger("voiceline.sip.trunks")
 

@@ -20,6 +20,7 @@ from typing import Protocol
 import structlog
 
 from voiceline import __version__
+from voiceline.codec_table import PCMA, PCMU, Codec
 from voiceline.privacy import new_call_id
 from voiceline.sip.dialog import DEFAULT_SIP_PORT, Dialog, contact_target, is_ip_address, new_tag
 from voiceline.sip.message import (
@@ -162,7 +163,7 @@ class UserAgentSettings:
     answer_delay: float = 0.5
     timers: Timers = Timers()
     max_message_size: int = 65535
-    codecs: tuple[str, ...] = ("PCMU", "PCMA")
+    codecs: tuple[Codec, ...] = (PCMU, PCMA)
     session_timers: SessionTimerPolicy = SessionTimerPolicy()
     max_call_duration: float = 0.0  # seconds from the answer; 0: unlimited
     overload: OverloadLimits = field(default_factory=OverloadLimits)
@@ -419,7 +420,7 @@ class UserAgent:
         _check_required(request)
         offer = _read_offer(request)
         timers = self._session_timers(request)
-        codecs = tuple(c for c in self.settings.codecs if c in admission.codecs or not admission.codecs)
+        codecs = tuple(c for c in self.settings.codecs if c.name in admission.codecs or not admission.codecs)
         media = OfferAnswer(self.settings.advertised_host, codecs, srtp=admission.srtp)
         audio = None
         if offer is not None:
@@ -440,7 +441,7 @@ class UserAgent:
         self._calls_by_invite[tx] = call
         self.counters.calls += 1
         self._respond(tx, 100)
-        log.info("call.offered", call=call.id, codec=audio.codec if audio else None, trunk=call.trunk, line=call.line)
+        log.info("call.offered", call=call.id, codec=audio.codec.name if audio else None, trunk=call.trunk, line=call.line)
         self._spawn(self._answer(call))
 
     def _session_timers(self, request: SipRequest) -> Agreement | None:
