@@ -6,6 +6,7 @@ import pytest
 
 from voiceline.audio import g711
 from voiceline.audio.hold import (
+    EncodedLoop,
     AVOIDED_HZ,
     LOOP_SECONDS,
     PAD_HZ,
@@ -14,7 +15,7 @@ from voiceline.audio.hold import (
     hold_music,
     load_wav,
 )
-from voiceline.codec_table import PCMA, PCMU
+from voiceline.codec_table import PCMA, PCMU, lookup
 
 DTMF_AND_TEST_TONES_HZ = (697, 770, 852, 941, 1209, 1336, 1477, 1000, 1500)
 
@@ -204,3 +205,15 @@ def test_encode_frames_of_the_music_cover_the_loop():
 def test_encode_frames_with_other_frame_sizes():
     assert [len(frame) for frame in encode_frames(np.zeros(500, dtype=np.int16), PCMA, 240)] == [240, 240, 240]
     assert encode_frames(np.zeros(0, dtype=np.int16), PCMU) == []
+
+
+def test_hold_audio_is_encoded_as_it_is_first_played():
+    """A long loop in a costly codec is encoded a frame per tick, never all at once on the event loop."""
+    opus = lookup("OPUS")
+    loop = EncodedLoop(hold_music(), opus)
+    assert len(loop) == int(LOOP_SECONDS * 50)
+    first_two = [loop[0], loop[1]]
+    assert len(loop._frames) == 2  # nothing beyond what was played
+    assert first_two + [loop[2]] == encode_frames(hold_music()[: 3 * 160], opus)
+    with pytest.raises(IndexError):
+        loop[len(loop)]

@@ -152,15 +152,39 @@ def load_wav(path: str | Path) -> np.ndarray:
     return resample(samples, rate, SAMPLE_RATE)
 
 
-def encode_frames(pcm: np.ndarray, codec: Codec, samples_per_frame: int | None = None) -> list[bytes]:
+class EncodedLoop:
     """8 kHz `pcm` as payloads of `codec` (resampled to its rate), `samples_per_frame` 8 kHz samples
     each (default 20 ms), the last padded with silence. One coder encodes them in sequence, so the
-    frames play back to back."""
-    size = (samples_per_frame or SAMPLE_RATE // 50) * codec.rate // SAMPLE_RATE
-    if codec.rate != SAMPLE_RATE:
-        pcm = Resampler(SAMPLE_RATE, codec.rate).process(pcm)
-    frames = -(-len(pcm) // size)
-    padded = np.zeros(frames * size, dtype=np.int16)
-    padded[: len(pcm)] = pcm
-    coder = new_coder(codec)
-    return [coder.encode(padded[i : i + size]) for i in range(0, len(padded), size)]
+    frames play back to back.
+
+    Frames are encoded the first time they are asked for, in order: the hold pacer asks for one
+    per tick, so a long loop in a costly codec (48 s of Opus takes about half a second) never
+    stalls the event loop at once.
+    """
+
+    def __init__(self, pcm: np.ndarray, codec: Codec, samples_per_frame: int | None = None) -> None:
+        self._size = (samples_per_frame or SAMPLE_RATE // 50) * codec.rate // SAMPLE_RATE
+        if codec.rate != SAMPLE_RATE:
+            pcm = Resampler(SAMPLE_RATE, codec.rate).process(pcm)
+        self._padded = np.zeros(-(-len(pcm) // self._size) * self._size, dtype=np.int16)
+        self._padded[: len(pcm)] = pcm
+        self._coder = new_coder(codec)
+        self._frames: list[bytes] = []
+
+    def __len__(self) -> int:
+        return len(self._padded) // self._size
+
+    def __getitem__(self, index: int) -> bytes:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        size = self._size
+        while len(self._frames) <= index:
+            start = len(self._frames) * size
+            self._frames.append(self._coder.encode(self._padded[start : start + size]))
+        return self._frames[index]
+
+
+def encode_frames(pcm: np.ndarray, codec: Codec, samples_per_frame: int | None = None) -> list[bytes]:
+    """Every frame of an `EncodedLoop` at once."""
+    loop = EncodedLoop(pcm, codec, samples_per_frame)
+    return [loop[index] for index in range(len(loop))]

@@ -26,7 +26,7 @@ from typing import cast
 import numpy as np
 
 from voiceline.audio.bridge import Bridge
-from voiceline.audio.hold import encode_frames
+from voiceline.audio.hold import EncodedLoop
 from voiceline.audio.latch import Address, Learning
 from voiceline.audio.receiver import AUDIO, DIGIT, LATCHED, PCM, Receiver
 from voiceline.audio.rtcp import build_report, new_cname, report_interval
@@ -51,16 +51,16 @@ class _HoldPacer:
     def __init__(self, loop: asyncio.AbstractEventLoop, hold_pcm: np.ndarray) -> None:
         self._loop = loop
         self._hold_pcm = hold_pcm
-        self._frames: dict[Codec, list[bytes]] = {}
+        self._frames: dict[Codec, EncodedLoop] = {}
         self._legs: set[MediaLeg] = set()
         self._start = 0.0
         self._tick = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def frames(self, codec: Codec) -> list[bytes]:
-        """The hold pattern in `codec`, encoded the first time a leg in that codec holds."""
+    def frames(self, codec: Codec) -> EncodedLoop:
+        """The hold pattern in `codec`, encoded frame by frame as legs in that codec first play it."""
         if codec not in self._frames:
-            self._frames[codec] = encode_frames(self._hold_pcm, codec)
+            self._frames[codec] = EncodedLoop(self._hold_pcm, codec)
         return self._frames[codec]
 
     def add(self, leg: MediaLeg) -> None:

@@ -28,6 +28,14 @@ _TS_MASK = 0xFFFFFFFF
 _SECOND_SEQ_TS = struct.Struct("!xBHI")
 
 
+
+class Frames(Protocol):
+    """Payloads played in a loop, one per tick (a list, or hold audio encoded as it is first played)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> bytes: ...
+
 class DatagramSocket(Protocol):
     """What a sender needs of its socket (an asyncio datagram transport)."""
 
@@ -55,7 +63,7 @@ class Sender:
         self._source_clock = PCMU.clock_rate
         self._resampler: Resampler | None = None
         self._reframed: np.ndarray | None = None  # samples waiting for a whole frame (see _send_reframed)
-        self._hold_frames: list[bytes] = []
+        self._hold_frames: Frames = ()
         self._hold_position = 0
         self._prompt: Prompt | None = None
         self._jitter: JitterBuffer | None = None
@@ -87,7 +95,7 @@ class Sender:
 
     # -- what it hears ------------------------------------------------------------
 
-    def hold(self, frames: list[bytes]) -> None:
+    def hold(self, frames: Frames) -> None:
         """Hear `frames` (hold audio in our codec) in a loop from the first, one per tick."""
         self.holding = True
         self._hold_frames = frames
