@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,14 +24,6 @@ pytestmark = pytest.mark.interop
 
 NODE = "node-a"
 BASE = f"voiceline/{NODE}"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    broker = Broker(tmp_path / "mosquitto")
-    broker.start()
-    yield broker
-    broker.kill()
 
 
 def mqtt_server(voiceline_server: Callable[..., Any], broker: Broker) -> Any:
