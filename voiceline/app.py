@@ -31,6 +31,7 @@ from voiceline.operations import Operations
 from voiceline.pairing.service import PairingService, Participant
 from voiceline.provisioning import load as load_provisioned
 from voiceline.provisioning import wall_time
+from voiceline.sdnotify import SystemdNotifier
 from voiceline.sip.overload import OverloadLimits, RateLimit
 from voiceline.sip.registration import RegistrationClient, RegistrationDriver, RegistrationStatus
 from voiceline.sip.session_timer import SessionTimerPolicy
@@ -534,6 +535,7 @@ async def serve(config: Config, config_file: str | None = None) -> int:
     """
     tune_process(config.media.realtime_priority)
     app = VoiceLine(config, config_file)
+    systemd = SystemdNotifier.from_environment()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -547,6 +549,7 @@ async def serve(config: Config, config_file: str | None = None) -> int:
         # the cyclic collector, whose full passes would otherwise stall the relay for tens of ms.
         gc.freeze()
         write_private(pid_file, f"{os.getpid()}\n")
+        systemd.ready()
         while not stop.is_set():
             stopped, draining = loop.create_task(stop.wait()), loop.create_task(app.drain_requested.wait())
             await asyncio.wait((stopped, draining), return_when=asyncio.FIRST_COMPLETED)
@@ -554,11 +557,14 @@ async def serve(config: Config, config_file: str | None = None) -> int:
             stopped.cancel()
             if stop.is_set():
                 break
+            systemd.status("draining")
             await app.drain(stop)
             if app.agent is not None and app.agent.draining:
                 break  # drained; else undrained: take calls again
+            systemd.status("taking calls")
         log.info("service.stopping", calls=len(app.agent.calls) if app.agent else 0)
     finally:
+        await systemd.stopping()
         with contextlib.suppress(FileNotFoundError):
             pid_file.unlink()
         await app.stop()
