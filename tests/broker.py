@@ -35,13 +35,13 @@ def mosquitto_binary() -> str:
     return found
 
 
-def free_tcp_port(low: int = 16000, high: int = 19999) -> int:
-    """A free loopback TCP port below the kernel's ephemeral range (32768+)."""
+def free_port(low: int = 16000, high: int = 19999, host: str = LOOPBACK, kind: int = socket.SOCK_STREAM) -> int:
+    """A free loopback port (TCP, or UDP with kind=SOCK_DGRAM) below the kernel's ephemeral range (32768+)."""
     for _ in range(200):
         port = random.randint(low, high)
-        with socket.socket() as probe:
+        with socket.socket(socket.AF_INET, kind) as probe:
             try:
-                probe.bind((LOOPBACK, port))
+                probe.bind((host, port))
             except OSError:
                 continue
             return port
@@ -50,7 +50,7 @@ def free_tcp_port(low: int = 16000, high: int = 19999) -> int:
 
 class Broker:
     def __init__(self, directory: Path) -> None:
-        self.port = free_tcp_port()
+        self.port = free_port()
         self.config = directory / "mosquitto.conf"
         directory.mkdir(parents=True, exist_ok=True)
         self.config.write_text(

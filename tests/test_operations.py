@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from broker import free_tcp_port
+from broker import free_port
 from rawsip import Dialer, RawPeer, address, serving
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.control import CONTROL_SOCKET, CommandError, request
@@ -73,7 +73,7 @@ def table_row(text: str, first: str) -> list[str]:
 def test_status_and_metrics_show_two_talking_and_two_waiting_on_two_lines(
     voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]]
 ) -> None:
-    metrics_port = free_tcp_port()
+    metrics_port = free_port()
     server = voiceline_server(
         {"sip": {"answer_delay": 0.1}, "metrics": {"listen": f"127.0.0.1:{metrics_port}"}, "lines": TWO_LINES}
     )
@@ -131,7 +131,7 @@ def test_status_and_metrics_show_two_talking_and_two_waiting_on_two_lines(
 
 
 def in_process_config(tmp_path: Path) -> Config:
-    low = free_tcp_port(22000, 29000) // 2 * 2
+    low = free_port(22000, 29000) // 2 * 2
     return Config(
         sip=SipConfig(listen="127.0.0.1:0", answer_delay=0.05),
         media=MediaConfig(rtp_ports=f"{low}-{low + 19}"),

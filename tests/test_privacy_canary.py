@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import Broker, Recorder, free_tcp_port
+from broker import Broker, Recorder, free_port
 from voiceline.sim.runner import CallReport, CallSpec
 
 pytestmark = pytest.mark.interop
@@ -90,7 +90,7 @@ def test_canary_number_is_written_nowhere(
     broker: Broker,
 ) -> None:
     recorder = Recorder(broker.port)
-    metrics_port = free_tcp_port()
+    metrics_port = free_port()
     server = voiceline_server(
         {
             "sip": {"answer_delay": 0.1},

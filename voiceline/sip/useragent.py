@@ -357,6 +357,8 @@ class UserAgent:
             self._on_invite(tx, request, admission)
         elif request.method == "CANCEL":
             self._on_cancel(tx, request)
+        elif request.method == "OPTIONS" and self._draining:
+            self._respond(tx, 503, [("Retry-After", "60")])  # a dispatcher's probe takes us out of rotation
         elif request.method == "OPTIONS":
             self._respond(tx, 200, [*self._capabilities(), ("Accept", "application/sdp")])
         elif request.method in ("BYE", "INVITE", "UPDATE", "INFO"):
