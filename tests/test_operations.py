@@ -196,3 +196,22 @@ def test_event_json_has_schema_whole_seconds_and_no_partner() -> None:
     }  # fmt: skip
     # A pair's start carries no call id at all: only the line and its counts.
     assert set(LinePaired("one", 0, 2).to_json()) == {"schema", "event", "time", "line", "waiting", "talking"}
+
+
+async def test_options_answer_503_while_draining_and_200_after_undrain(tmp_path: Path) -> None:
+    """What a dispatcher's probe sees: a draining node is out of rotation until undrained."""
+    async with serving(in_process_config(tmp_path)) as app:
+        peer = await RawPeer.open()
+
+        async def probe() -> int:
+            Dialer(peer, address(app)).out_of_dialog("OPTIONS")  # a new Call-ID each time, as probes do
+            return (await peer.response(method="OPTIONS")).status
+
+        assert await probe() == 200
+        app.request_drain()
+        draining = asyncio.get_running_loop().create_task(app.drain(asyncio.Event()))
+        await asyncio.sleep(0)  # the drain starts
+        assert await probe() == 503
+        app.undrain()
+        await asyncio.wait_for(draining, 5)
+        assert await probe() == 200
