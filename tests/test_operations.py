@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 from broker import free_port
 from rawsip import Dialer, RawPeer, address, serving
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
+from voiceline.sip.trunks import Line
 from voiceline.control import CONTROL_SOCKET, CommandError, request
 from voiceline.events import CallEnded, Event, EventBus, LinePaired
 from voiceline.sim.runner import CallReport, CallSpec
@@ -215,3 +217,12 @@ async def test_options_answer_503_while_draining_and_200_after_undrain(tmp_path:
         app.undrain()
         await asyncio.wait_for(draining, 5)
         assert await probe() == 200
+
+
+async def test_a_disabled_line_refuses_calls_with_480(tmp_path: Path) -> None:
+    config = replace(in_process_config(tmp_path), lines=(Line("default", ("*",), enabled=False),))
+    async with serving(config) as app:
+        assert app.ops.status()["lines"]["default"]["open"] is False
+        peer = await RawPeer.open()
+        Dialer(peer, address(app)).invite(rtp_port=4000)
+        assert (await peer.response(480)).status == 480

@@ -116,7 +116,10 @@ class Operations:
     # -- hooks the app calls ---------------------------------------------------------
 
     def line_open(self, line: str) -> bool:
-        return line not in self.closed_lines
+        """Neither closed by a command nor disabled in provisioning."""
+        policy = self.app.policy
+        provisioned = policy.directory.lines.get(line) if policy is not None else None
+        return line not in self.closed_lines and (provisioned is None or provisioned.enabled)
 
     def call_offered(self, call: Call) -> None:
         self.metrics.calls_offered.labels(call.line).inc()
