@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,9 @@ from rawsip import Dialer, RawPeer, address, serving
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sip.trunks import Line
 from voiceline.control import CONTROL_SOCKET, CommandError, request
-from voiceline.events import CallEnded, Event, EventBus, LinePaired
+from voiceline.app import VoiceLine
+from voiceline.events import CallEnded, Event, EventBus, LinePaired, RegistrationChanged
+from voiceline.metrics import Metrics
 from voiceline.sim.runner import CallReport, CallSpec
 
 TWO_LINES = [{"name": "one", "numbers": ["100"]}, {"name": "two", "numbers": ["200"]}]
@@ -226,3 +229,37 @@ async def test_a_disabled_line_refuses_calls_with_480(tmp_path: Path) -> None:
         peer = await RawPeer.open()
         Dialer(peer, address(app)).invite(rtp_port=4000)
         assert (await peer.response(480)).status == 480
+
+
+def test_status_watch_redraws_until_interrupted(voiceline_server: Callable[..., Any], tmp_path: Path) -> None:
+    server = voiceline_server()
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "voiceline", "status", "--watch", "0.2", "--data-dir", str(server.data_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert watch.stdout is not None
+    frames = 0
+    while frames < 3:  # each frame starts by moving home and clearing the screen
+        line = watch.stdout.readline()
+        assert line, watch.stderr.read() if watch.stderr else ""
+        frames += line.startswith(b"\x1b[H\x1b[Jvoiceline ")
+    watch.send_signal(signal.SIGINT)
+    assert watch.wait(timeout=10) == 0
+    gone = voiceline_cli("status", "--data-dir", str(tmp_path / "nowhere"))
+    assert gone.returncode == 1 and "no running service" in gone.stderr
+
+
+def test_metrics_show_registration_states_and_the_bus_reports_changes_once(tmp_path: Path) -> None:
+    app = VoiceLine(in_process_config(tmp_path))  # not started: the hooks and views work on their own
+    seen: list[Event] = []
+    app.ops.bus.subscribe(seen.append)
+    for state in ("registering", "registered", "registered", "failed"):
+        app.ops.registration_changed("carrier", state)
+    assert [(e.trunk, e.state) for e in seen if isinstance(e, RegistrationChanged)] == [
+        ("carrier", "registering"), ("carrier", "registered"), ("carrier", "failed"),
+    ]  # fmt: skip
+    status = app.ops.status()
+    status["trunks"] = {"carrier": {"enabled": True, "calls": 3, "registration": "registered"}}
+    text = Metrics(lambda: status).render().decode()
+    assert metric(text, "voiceline_registration_state", state="registered", trunk="carrier") == 1
+    assert metric(text, "voiceline_trunk_calls", trunk="carrier") == 3
