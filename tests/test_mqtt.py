@@ -137,3 +137,27 @@ def test_the_broker_restarting_mid_call_leaves_the_call_talking(
     assert_hears(a, B_HZ, A_HZ, 1.5, 8.0)
     assert_hears(b, A_HZ, B_HZ, 1.5, 7.5)
     assert json.dumps(status)  # the status is plain JSON
+
+
+def test_stopping_sends_the_last_calls_ends_before_going_offline(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], broker: Broker
+) -> None:
+    recorder = Recorder(broker.port)
+    try:
+        server = mqtt_server(voiceline_server, broker)
+        recorder.wait_for(online)
+        target = server.uri("line")
+        with ThreadPoolExecutor(1) as pool:
+            placing = pool.submit(sim_calls, [CallSpec(target, seconds=20.0), CallSpec(target, seconds=20.0, start_after=0.3)])
+            recorder.wait_for(count("line.paired", 1))
+            assert server.stop() == 0
+            placing.result(timeout=60)
+        messages = recorder.wait_for(
+            lambda ms: any(m.topic == f"{BASE}/status" and m.json()["event"] == "node.offline" for m in ms)
+        )
+        names = [m.json()["event"] for m in messages if m.topic.startswith(BASE)]
+        ended = [i for i, name in enumerate(names) if name == "call.ended"]
+        assert len(ended) == 2 and max(ended) < names.index("node.offline"), names
+        assert {e["reason"] for e in recorder.events("call.ended")} == {"service stopping"}
+    finally:
+        recorder.close()

@@ -219,7 +219,6 @@ class VoiceLine:
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(*(driver.stop() for _, driver in self.registrations.values()), return_exceptions=True)
         self.registrations.clear()
-        await self.ops.stop()
         if self.agent is not None:
             log.info("sip.totals", **asdict(self.agent.counters), **asdict(self.agent.overload.counters))
             for transport in self.agent.transports.values():
@@ -228,6 +227,7 @@ class VoiceLine:
             await self.agent.shutdown()
             for transport in self.agent.transports.values():
                 transport.close()
+        await self.ops.stop()  # after the last calls ended: their events go out first
         if self.media is not None:
             self.media.close()
         self._flush_refusals()

@@ -48,6 +48,7 @@ class MqttLink:
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(config.queue_size)
         self._client: aiomqtt.Client | None = None
         self._task: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
         self.connected = False
         self.dropped = 0  # events not sent: disconnected, or the queue was full
         self.connections = 0
@@ -66,14 +67,20 @@ class MqttLink:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        """Say offline (retained) when connected, then disconnect."""
+        """Send what is queued (the last calls' ends), say offline (retained) when connected, then disconnect."""
         client = self._client
         if client is not None and self.connected:
+            if self._sender is not None:
+                self._sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await self._sender
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                await client.publish(
-                    f"{self.base}/status", self._payload(NodeOffline(self.node)), qos=1, retain=True,
-                    timeout=GOODBYE_TIMEOUT,
-                )  # fmt: skip
+                async with asyncio.timeout(GOODBYE_TIMEOUT):
+                    while not self._queue.empty():
+                        await client.publish(*self._queue.get_nowait(), qos=1)
+                    await client.publish(
+                        f"{self.base}/status", self._payload(NodeOffline(self.node)), qos=1, retain=True
+                    )
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -131,7 +138,7 @@ class MqttLink:
         self.connected = True
         self.connections += 1
         log.info("mqtt.connected", base=self.base, dropped=self.dropped)
-        sender = asyncio.get_running_loop().create_task(self._send_queued(client))
+        sender = self._sender = asyncio.get_running_loop().create_task(self._send_queued(client))
         try:
             async for message in client.messages:
                 await self._command(client, message)
