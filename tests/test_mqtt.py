@@ -8,6 +8,7 @@ talking (checked by what each caller heard) and events must resume.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,17 @@ def test_a_pairs_life_and_commands_with_replies(
         assert order.index("line.paired") > order.index("call.answered")
         gauge = recorder.events("line.gauge")[-1]
         assert gauge["line"] == "default" and gauge["open"] is True and isinstance(gauge["time"], int)
+
+        # A scanner is dropped by the overload guard: the next gauges come with an overload summary.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as scanner:
+            scanner.sendto(
+                b"OPTIONS sip:100@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKscan\r\n"
+                b"From: <sip:s@127.0.0.1>;tag=1\r\nTo: <sip:100@127.0.0.1>\r\nCall-ID: scan\r\nCSeq: 1 OPTIONS\r\n"
+                b"User-Agent: friendly-scanner\r\nContent-Length: 0\r\n\r\n",
+                (server.host, server.port),
+            )
+        recorder.wait_for(count("sip.overload", 1))
+        assert recorder.events("sip.overload")[0] == {**recorder.events("sip.overload")[0], "scanners": 1, "rate_limited": 0}
 
         # Commands: the reply goes to the MQTT 5 response topic with the correlation data.
         def command(name: str, args: dict[str, Any], correlation: bytes) -> dict[str, Any]:
