@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from voiceline import __version__
-from voiceline.control import CONTROL_SOCKET, request
+from voiceline.control import CONTROL_SOCKET, CommandError, request
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "config" / "voiceline.service"
@@ -88,6 +88,11 @@ def test_sighup_reloads_the_config_files_lines(voiceline_server: Callable[..., A
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert sorted(request(socket_path, "status")["lines"]) == ["one", "two"]
+    # The same through the control socket's reload command: the error comes back as the answer.
+    with pytest.raises(CommandError, match="config file"):
+        request(socket_path, "reload")
+    config.write_text(config.read_text().replace("\n[[lines]]\nnumbers = 3\n", ""))
+    assert request(socket_path, "reload")["lines"] == ["one", "two"]
 
 
 def test_version() -> None:
