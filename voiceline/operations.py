@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("voiceline.operations")
 
 LOOP_LAG_INTERVAL = 0.5  # seconds between event-loop lag samples
+COMMANDS = ("status", "drain", "undrain", "reload", "open_line", "close_line")
 
 
 class Operations:
@@ -270,6 +271,4 @@ class Operations:
             await asyncio.sleep(LOOP_LAG_INTERVAL)
             self.metrics.loop_lag.observe(max(0.0, loop.time() - before - LOOP_LAG_INTERVAL))
 
-
-COMMANDS = ("status", "drain", "undrain", "reload", "open_line", "close_line")
 
