@@ -270,5 +270,3 @@ class Operations:
             before = loop.time()
             await asyncio.sleep(LOOP_LAG_INTERVAL)
             self.metrics.loop_lag.observe(max(0.0, loop.time() - before - LOOP_LAG_INTERVAL))
-
-
