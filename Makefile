@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive as independent peers (command -> package).
-TEST_TOOLS := sipp:sip-tester openssl:openssl kamailio:kamailio
+TEST_TOOLS := sipp:sip-tester openssl:openssl kamailio:kamailio mosquitto:mosquitto systemd-analyze:systemd
 # Debian shared libraries the service loads (soname -> package): libopus for the Opus codec.
 SYSTEM_LIBS := libopus.so.0:libopus0
 # Debian packages that render the default prompts (`make prompts`; neither test nor run needs them):

@@ -281,7 +281,7 @@ SERVE_THAT_CRASHES = textwrap.dedent(
     def worker():
         raise ValueError(f"thread saw {CANARY}")
 
-    async def serve(config):
+    async def serve(config, config_file=None):
         warnings.warn(f"odd caller {CANARY}")
         logging.getLogger("somelibrary").error("caller %s", CANARY)
         thread = threading.Thread(target=worker, name=f"for {CANARY}")

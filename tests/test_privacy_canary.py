@@ -2,7 +2,9 @@
 
 The server runs at debug log level so every log line it can write is covered.
 Afterwards every byte of its log, database (with WAL) and data dir is searched
-for the number in several spellings and for their common hashes.
+for the number in several spellings and for their common hashes, and so is
+what it told the world: every MQTT message on a real broker (subscribed to
+`#`), the metrics endpoint and `voiceline status` (table and JSON).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import base64
 import hashlib
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from broker import Broker, Recorder, free_port
 from voiceline.sim.runner import CallReport, CallSpec
 
 pytestmark = pytest.mark.interop
@@ -81,12 +86,17 @@ def bad_requests() -> list[str]:
 
 
 def test_canary_number_is_written_nowhere(
-    voiceline_server: Callable[..., object], sim_calls: Callable[..., list[CallReport]], tmp_path: Path
+    voiceline_server: Callable[..., object], sim_calls: Callable[..., list[CallReport]], tmp_path: Path,
+    broker: Broker,
 ) -> None:
+    recorder = Recorder(broker.port)
+    metrics_port = free_port()
     server = voiceline_server(
         {
             "sip": {"answer_delay": 0.1},
             "log": {"level": "debug"},
+            "mqtt": {"enabled": True, "port": broker.port, "gauge_interval": 1.0},
+            "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
             # 127.0.0.1 calls freely; 127.0.0.2 must authenticate (401 path); others are unknown (403 path).
             "trunks": [
                 {"name": "local", "sources": ["127.0.0.1"], "transports": ["udp", "tcp"]},
@@ -130,7 +140,23 @@ def test_canary_number_is_written_nowhere(
     assert all(r.connected for r in reports), reports
 
     time.sleep(0.3)
+    told: dict[str, bytes] = {}  # what the service said to the world, by channel
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as answer:
+        told["metrics"] = answer.read()
+    for form in ([], ["--json"]):
+        status = subprocess.run(
+            [sys.executable, "-m", "voiceline", "status", *form, "--data-dir", str(server.data_dir)],  # type: ignore[attr-defined]
+            capture_output=True, timeout=30,
+        )  # fmt: skip
+        assert status.returncode == 0 and b"local" in status.stdout
+        told[f"status {form}"] = status.stdout
+    recorder.wait_for(lambda ms: sum(m.topic.endswith("/events/call.ended") for m in ms) >= 3)
     assert server.stop() == 0  # type: ignore[attr-defined]
+    recorder.wait_for(lambda ms: any(m.json().get("event") == "node.offline" for m in ms if m.topic.endswith("/status")))
+    recorder.close()
+    told["mqtt"] = b"\n".join(m.topic.encode() + b" " + m.payload for m in recorder.messages)
+    assert b"call.answered" in told["mqtt"] and b"line.paired" in told["mqtt"]
+    assert b"voiceline_calls_answered_total" in told["metrics"]
     events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
     assert events.count("call.confirmed") == 3 and "pairing.talking" in events and "pairing.held" in events
     assert "sip.request" in events  # debug lines were written, and are searched too
@@ -145,3 +171,6 @@ def test_canary_number_is_written_nowhere(
         content = path.read_bytes().lower()
         leaked = [form.decode() for form in forms if form.lower() in content]
         assert not leaked, f"{path.name} holds the canary as {leaked}"
+    for channel, content in told.items():
+        leaked = [form.decode() for form in forms if form.lower() in content.lower()]
+        assert not leaked, f"{channel} holds the canary as {leaked}"

@@ -135,12 +135,13 @@ def test_line_lifecycle(tmp_path: Path) -> None:
     assert "line general added" in ok(d, "line", "add", "general", "--number", "+4930100", "--number", "100")
     ok(d, "line", "add", "language", "--number", "200", "--max-calls", "8")
     header, *rows = ok(d, "line", "list").splitlines()
-    assert header.split() == ["NAME", "ORIGIN", "NUMBERS", "MAX", "CALLS"]
-    assert [row.split()[:3] for row in rows] == [
-        ["default", "config", "*"], ["general", "database", "+4930100,100"], ["language", "database", "200"]
-    ]
+    assert header.split() == ["NAME", "ORIGIN", "ENABLED", "NUMBERS", "MAX", "CALLS"]
+    assert [row.split()[:4] for row in rows] == [
+        ["default", "config", "yes", "*"], ["general", "database", "yes", "+4930100,100"],
+        ["language", "database", "yes", "200"],
+    ]  # fmt: skip
     assert json.loads(ok(d, "line", "show", "language", "--json")) == {
-        "name": "language", "numbers": ["200"], "max_calls": 8, "origin": "database"
+        "name": "language", "numbers": ["200"], "max_calls": 8, "enabled": True, "origin": "database"
     }
     assert "numbers: +4930100, 100" in ok(d, "line", "show", "general")
     assert "line general removed" in ok(d, "line", "remove", "general")
@@ -204,3 +205,85 @@ def test_inbound_credentials_are_stored_as_digest_hashes_and_a_new_realm_needs_t
     ok(d, "trunk", "update", "sbc", "--max-calls", "3")  # other settings need no password
     ok(d, "trunk", "update", "sbc", "--auth-algorithm", "SHA-256")  # dropping MD5 keeps SHA-256's hash
     assert "MD5 needs the password again" in bad(d, "trunk", "update", "sbc", "--auth-algorithm", "MD5")
+
+
+def test_line_update_enable_and_disable(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    ok(d, "line", "add", "general", "--number", "100")
+    ok(d, "line", "add", "night", "--number", "300")
+    assert "line general updated" in ok(d, "line", "update", "general", "--add-number", "101", "--add-number", "102",
+                                        "--max-calls", "8")  # fmt: skip
+    ok(d, "line", "update", "general", "--remove-number", "100")
+    shown = json.loads(ok(d, "line", "show", "general", "--json"))
+    assert (shown["numbers"], shown["max_calls"], shown["enabled"]) == (["101", "102"], 8, True)
+    assert "'100' is not one of the numbers" in bad(d, "line", "update", "general", "--remove-number", "100")
+    assert "already reaches line 'night'" in bad(d, "line", "update", "general", "--add-number", "300")
+    ok(d, "line", "update", "general", "--number", "200")  # replaces the list
+    assert json.loads(ok(d, "line", "show", "general", "--json"))["numbers"] == ["200"]
+
+    assert "line night disabled" in ok(d, "line", "disable", "night")
+    listed = {row["name"]: row for row in json.loads(ok(d, "line", "list", "--json"))}
+    assert listed["night"]["enabled"] is False and listed["general"]["enabled"] is True
+    table = ok(d, "line", "list")
+    assert next(row.split() for row in table.splitlines() if row.startswith("night"))[:3] == ["night", "database", "no"]
+    ok(d, "line", "enable", "night")
+    assert json.loads(ok(d, "line", "show", "night", "--json"))["enabled"] is True
+    assert "no line named 'nope'" in bad(d, "line", "disable", "nope")
+    assert "defined in the config file" in bad(d, "line", "disable", "default")
+
+
+def test_trunk_sources_and_transports_change_one_at_a_time(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    ok(d, "trunk", "add", "carrier", "--source", "192.0.2.1", "--source", "192.0.2.2", "--transport", "udp")
+    ok(d, "trunk", "update", "carrier", "--add-source", "198.51.100.0/28", "--remove-source", "192.0.2.1",
+       "--add-transport", "tls")  # fmt: skip
+    shown = json.loads(ok(d, "trunk", "show", "carrier", "--json"))
+    assert shown["sources"] == ["192.0.2.2", "198.51.100.0/28"] and shown["transports"] == ["udp", "tls"]
+    ok(d, "trunk", "update", "carrier", "--remove-transport", "udp", "--add-source", "192.0.2.2")  # already there: once
+    shown = json.loads(ok(d, "trunk", "show", "carrier", "--json"))
+    assert shown["sources"] == ["192.0.2.2", "198.51.100.0/28"] and shown["transports"] == ["tls"]
+    assert "'192.0.2.9' is not one of the sources" in bad(d, "trunk", "update", "carrier", "--remove-source", "192.0.2.9")
+    assert "not an IP address" in bad(d, "trunk", "update", "carrier", "--add-source", "1.2.3.4/77")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`voiceline line list | head -1`: the reader goes away early; no traceback."""
+    d = tmp_path / "data"
+    ok(d, "line", "add", "first", "--number", "1")
+    with sqlite3.connect(d / "voiceline.db") as db:  # enough lines to overflow the pipe's buffer
+        db.executemany(
+            "INSERT INTO lines (name, settings) VALUES (?, ?)",
+            ((f"line-{i}", json.dumps({"numbers": [str(10000 + i)], "max_calls": 0})) for i in range(4000)),
+        )
+    listing = subprocess.Popen(
+        [sys.executable, "-m", "voiceline", "line", "list", "--data-dir", str(d)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert listing.stdout is not None and listing.stderr is not None
+    assert listing.stdout.readline().startswith(b"NAME")
+    listing.stdout.close()
+    assert listing.wait(timeout=30) == 0
+    assert listing.stderr.read() == b""
+
+
+async def test_trunk_test_tries_every_source_with_ipv6_in_brackets(tmp_path: Path) -> None:
+    v4 = await RawPeer.open("127.0.0.5")
+    v6 = await RawPeer.open("::1")
+    try:
+        d = tmp_path / "data"
+        await asyncio.to_thread(ok, d, "trunk", "add", "dual", "--source", "127.0.0.5", "--source", "::1")
+        for peer in (v4, v6):
+            probe = asyncio.create_task(
+                asyncio.to_thread(run, d, "trunk", "test", "dual", "--port", str(peer.port), "--json", "--timeout", "3")
+            )
+            options = await peer.request("OPTIONS", timeout=15)
+            via_host, _, via_port = (options.headers.get("Via") or "").split()[1].split(";")[0].rpartition(":")
+            peer.send(serialize(response_to(options, 200)), (via_host.strip("[]"), int(via_port)))
+            reports = {r["target"]: r for r in json.loads((await probe).stdout)}
+            answered = f"sip:[::1]:{peer.port}" if peer is v6 else f"sip:127.0.0.5:{peer.port}"
+            assert reports[answered]["status"] == 200, reports
+            assert set(reports) == {f"sip:127.0.0.5:{peer.port}", f"sip:[::1]:{peer.port}"}
+        assert options.uri == f"sip:[::1]:{v6.port}"
+    finally:
+        v4.close()
+        v6.close()

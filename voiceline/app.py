@@ -14,7 +14,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,15 @@ from voiceline.audio.hold import hold_music, load_wav
 from voiceline.audio.latch import Learning
 from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
 from voiceline.audio.srtp import SrtpKeys
+from voiceline import config as config_module
 from voiceline.codec_table import Codec
 from voiceline.codec_table import lookup as lookup_codec
-from voiceline.config import Config, SipConfig
+from voiceline.config import Config, ConfigError, SipConfig
+from voiceline.operations import Operations
 from voiceline.pairing.service import PairingService, Participant
 from voiceline.provisioning import load as load_provisioned
 from voiceline.provisioning import wall_time
+from voiceline.sdnotify import SystemdNotifier
 from voiceline.sip.overload import OverloadLimits, RateLimit
 from voiceline.sip.registration import RegistrationClient, RegistrationDriver, RegistrationStatus
 from voiceline.sip.session_timer import SessionTimerPolicy
@@ -81,8 +84,11 @@ class CallerLeg:
 class VoiceLine:
     """The running service. Implements the user agent's CallHandler."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_file: str | None = None) -> None:
         self.config = config
+        self.config_file = config_file  # re-read for trunks and lines on reload (SIGHUP)
+        self.ops = Operations(self)
+        self.drain_requested = asyncio.Event()
         self.pools: dict[str, PairingService] = {}  # line name -> its own pool: lines never mix
         self.storage: Storage | None = None
         self.media: MediaEngine | None = None
@@ -97,7 +103,7 @@ class VoiceLine:
 
     def pool(self, line: str) -> PairingService:
         if line not in self.pools:
-            self.pools[line] = PairingService()
+            self.pools[line] = PairingService(on_change=functools.partial(self.ops.pairing_changed, line))
         return self.pools[line]
 
     async def start(self) -> None:
@@ -155,16 +161,51 @@ class VoiceLine:
         ]
         if self.config.media.inactivity_timeout:
             self._background.append(loop.create_task(_supervised("reap_silent_calls", self._reap_silent_calls)))
+        await self.ops.start()
 
     async def drain(self, stop: asyncio.Event) -> None:
         """Refuse new calls and wait until the last call ended, `stop` is set or sip.drain_timeout passed."""
         assert self.agent is not None
         self.agent.drain()
+        self.ops.drain_changed()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.sip.drain_timeout
-        while self.agent.calls and not stop.is_set() and loop.time() < deadline:
+        while self.agent.calls and self.agent.draining and not stop.is_set() and loop.time() < deadline:
             await asyncio.sleep(0.2)
-        log.info("service.drained", calls=len(self.agent.calls))
+        if self.agent.draining:
+            log.info("service.drained", calls=len(self.agent.calls))
+
+    def request_drain(self) -> None:
+        self.drain_requested.set()
+
+    def undrain(self) -> None:
+        """Take new calls again; a drain in progress ends without stopping the service."""
+        self.drain_requested.clear()
+        if self.agent is not None and self.agent.draining:
+            self.agent.undrain()
+            self.ops.drain_changed()
+
+    def reload_soon(self) -> None:
+        """SIGHUP: reload in the background; a broken config file leaves trunks and lines as they were."""
+
+        async def reload_logged() -> None:
+            try:
+                await self.reload()
+            except ConfigError as exc:
+                log.error("provisioning.reload_failed", error="ConfigError", detail=str(exc))
+            except Exception as exc:
+                log.error("provisioning.reload_failed", error=type(exc).__name__)
+
+        self._write(reload_logged())
+
+    async def reload(self) -> None:
+        """Trunks and lines again: the config file's (when there is one) and the database's."""
+        if self.config_file is not None:
+            fresh = config_module.load(self.config_file)
+            self.config = replace(self.config, trunks=fresh.trunks, lines=fresh.lines)
+        self._data_version = -2  # forces the reload
+        await self._reload_provisioning()
+        log.info("provisioning.reloaded", trunks=len(self.policy.directory.trunks) if self.policy else 0)
 
     def _usable_codecs(self) -> tuple[Codec, ...]:
         """The configured codecs whose libraries load here (Opus needs libopus)."""
@@ -199,6 +240,7 @@ class VoiceLine:
         with _contained("transports"):
             for transport in self.agent.transports.values() if self.agent else ():
                 transport.close()
+        await self.ops.stop()  # after the last calls ended: their events go out first
         with _contained("media"):
             if self.media is not None:
                 self.media.close()
@@ -231,7 +273,7 @@ class VoiceLine:
         version = await self.storage.data_version()
         if version == self._data_version:
             return
-        first = self._data_version == -1
+        first = self._data_version == -1  # -2: a forced reload
         self._data_version = version
         provisioned = await load_provisioned(self.config, self.storage)
         for name in provisioned.shadowed:
@@ -298,6 +340,7 @@ class VoiceLine:
         retry_in = None if status.next_attempt is None else round(status.next_attempt - now, 1)
         log.info("trunk.registration", trunk=trunk, state=status.state.value, detail=status.detail,
                  expires_in=expires_in, next_attempt_in=retry_in)  # fmt: skip
+        self.ops.registration_changed(trunk, status.state.value)
         if self.storage is not None and self.policy is not None and trunk in self.policy.directory.trunks:
             self._write(
                 self.storage.set_registration_status(
@@ -311,6 +354,7 @@ class VoiceLine:
             return
         refused: Counter[str] = self.policy.refused
         self.policy.refused = Counter()
+        self.ops.refused(refused)
         for reason, count in refused.items():
             self._write(self.storage.record_refusal(reason, time.time(), count))
 
@@ -323,14 +367,21 @@ class VoiceLine:
 
     async def call_offered(self, call: Call) -> int:
         assert self.media is not None
+        self.ops.call_offered(call)
         line = self.policy.directory.lines.get(call.line) if self.policy else None
+        if not self.ops.line_open(call.line):
+            log.info("line.closed_refused", call=call.id, line=call.line)
+            self.ops.call_refused(call, "line_closed", 480)
+            raise CallRejected(480, retry_after=600)
         if line is not None and line.max_calls and sum(1 for c in self._legs if c.line == call.line) >= line.max_calls:
             log.info("line.full", call=call.id, line=call.line)
+            self.ops.call_refused(call, "line_full", 486)
             raise CallRejected(486, retry_after=60)
         try:
             leg = await self.media.open_leg()
         except MediaError:
             log.warning("call.no_media_ports", call=call.id)
+            self.ops.call_refused(call, "no_media_ports", 503)
             raise CallRejected(503, retry_after=30) from None
         if call.audio is not None:  # else the offer goes out in our 200 and the ACK answers it
             _start_media(leg, call)
@@ -343,6 +394,7 @@ class VoiceLine:
             _start_media(leg, call)
         self._quiet_since[call] = asyncio.get_running_loop().time()
         leg.set_sending(not call.on_hold)
+        self.ops.call_answered(call)
         pool = self.pool(call.line)
         pool.join(CallerLeg(call, leg), held=call.on_hold)
         leg.on_digit = functools.partial(pool.digit, call.id)
@@ -372,12 +424,14 @@ class VoiceLine:
         self._quiet_since.pop(call, None)
         leg = self._legs.pop(call, None)
         audio = CallAudio()
+        stats = None
         if leg is not None:
             leg.close()
             stats = leg.stats()
             log.info("call.media_stats", call=call.id, **asdict(stats))
             audio = CallAudio(stats.packets_expected, stats.packets_lost, stats.jitter_ms)
         summary = self.pool(call.line).leave(call.id)
+        self.ops.call_ended(call, summary, stats)
         if summary is not None and self.storage is not None:
             paired = summary.partners > 0
             self._write(self.storage.record_call(call.line, time.time(), summary.waited, summary.talked, paired, audio))
@@ -516,16 +570,21 @@ def tune_process(realtime_priority: int) -> None:
             log.info("process.realtime", policy="SCHED_RR", priority=realtime_priority)
 
 
-async def serve(config: Config) -> int:
-    """Run until SIGINT/SIGTERM (BYE every call, exit 0) or a drain (SIGUSR1) has finished."""
+async def serve(config: Config, config_file: str | None = None) -> int:
+    """Run until SIGINT/SIGTERM (BYE every call, exit 0) or a drain (SIGUSR1) has finished.
+
+    SIGHUP reloads trunks and lines (from `config_file` and the database); an undrain
+    (control socket, MQTT) during a drain goes back to taking calls.
+    """
     tune_process(config.media.realtime_priority)
-    app = VoiceLine(config)
+    app = VoiceLine(config, config_file)
+    systemd = SystemdNotifier.from_environment()
     stop = asyncio.Event()
-    drain = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, drain.set)
+    loop.add_signal_handler(signal.SIGUSR1, app.request_drain)
+    loop.add_signal_handler(signal.SIGHUP, app.reload_soon)
     pid_file = Path(config.storage.data_dir) / PID_FILE
     try:
         await app.start()
@@ -533,15 +592,24 @@ async def serve(config: Config) -> int:
         # the cyclic collector, whose full passes would otherwise stall the relay for tens of ms.
         gc.freeze()
         write_private(pid_file, f"{os.getpid()}\n")
-        stopped, draining = loop.create_task(stop.wait()), loop.create_task(drain.wait())
-        await asyncio.wait((stopped, draining), return_when=asyncio.FIRST_COMPLETED)
-        draining.cancel()
-        stopped.cancel()
-        if drain.is_set() and not stop.is_set():
+        systemd.ready()
+        while not stop.is_set():
+            stopped, draining = loop.create_task(stop.wait()), loop.create_task(app.drain_requested.wait())
+            await asyncio.wait((stopped, draining), return_when=asyncio.FIRST_COMPLETED)
+            draining.cancel()
+            stopped.cancel()
+            if stop.is_set():
+                break
+            systemd.status("draining")
             await app.drain(stop)
+            if app.agent is not None and app.agent.draining:
+                break  # drained; else undrained: take calls again
+            systemd.status("taking calls")
         log.info("service.stopping", calls=len(app.agent.calls) if app.agent else 0)
     finally:
+        await systemd.stopping()
         with contextlib.suppress(FileNotFoundError):
             pid_file.unlink()
         await app.stop()
     return 0
+

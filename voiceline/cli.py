@@ -1,17 +1,20 @@
-"""Command line: `voiceline serve`, `voiceline drain`, `voiceline trunk|line ...` and `voiceline sim call`."""
+"""Command line: `voiceline serve`, `status`, `drain`, `voiceline trunk|line ...` and `voiceline sim call`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any, NoReturn
 
+from voiceline import __version__
 from voiceline import config as config_module
 from voiceline.config import Config, ConfigError
 
@@ -25,6 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="voiceline", description="Anonymous one-on-one voice line over SIP.")
+    parser.add_argument("--version", action="version", version=f"voiceline {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = commands.add_parser("serve", help="run the SIP service")
@@ -34,9 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", metavar="DIR", help="directory for the database (storage.data_dir)")
     serve.add_argument("--log-format", choices=("json", "console"), help="log output format (log.format)")
 
+    status = commands.add_parser("status", help="what the running service is doing now")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS", help="refresh in place")
     drain = commands.add_parser("drain", help="let a running service finish its calls and exit (503 to new calls)")
-    drain.add_argument("--config", metavar="FILE", help="the service's TOML configuration file")
-    drain.add_argument("--data-dir", metavar="DIR", help="the service's data directory (storage.data_dir)")
+    drain.add_argument("--undo", action="store_true", help="take new calls again (needs the control socket)")
+    for command in (status, drain):
+        command.add_argument("--config", metavar="FILE", help="the service's TOML configuration file")
+        command.add_argument("--data-dir", metavar="DIR", help="the service's data directory (storage.data_dir)")
 
     from voiceline.provisioning_cli import add_provisioning_parsers
     from voiceline.sim.cli import add_sim_parser
@@ -88,7 +97,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         install_loop_exception_handler(asyncio.get_running_loop())
-        return await serve(cfg)
+        return await serve(cfg, args.config)
 
     try:
         return run_async(main)
@@ -100,15 +109,56 @@ def serve_command(args: argparse.Namespace) -> int:
         return 1
 
 
-def drain_command(args: argparse.Namespace) -> int:
-    """Send SIGUSR1 to the service whose pid file is in the data dir."""
-    from voiceline.app import PID_FILE
+def _data_dir(args: argparse.Namespace) -> str:
+    return str(args.data_dir or config_module.load(args.config).storage.data_dir)
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from voiceline.control import CONTROL_SOCKET, CommandError, format_status, request
 
     try:
-        data_dir = args.data_dir or config_module.load(args.config).storage.data_dir
+        path = Path(_data_dir(args), CONTROL_SOCKET)
     except ConfigError as exc:
         print(f"voiceline: config error: {exc}", file=sys.stderr)
         return 2
+    while True:
+        try:
+            status = request(path, "status")
+        except (OSError, CommandError):
+            print(f"voiceline: no running service answers at {path}", file=sys.stderr)
+            return 1
+        text = json.dumps(status, indent=2) + "\n" if args.json else format_status(status)
+        if args.watch is None:
+            sys.stdout.write(text)
+            return 0
+        sys.stdout.write("\x1b[H\x1b[J" + text)  # home, clear: redraw in place
+        sys.stdout.flush()
+        time.sleep(max(0.2, args.watch))
+
+
+def drain_command(args: argparse.Namespace) -> int:
+    """Ask the service through its control socket; without one, SIGUSR1 to the pid in the data dir."""
+    from voiceline.app import PID_FILE
+    from voiceline.control import CONTROL_SOCKET, CommandError, request
+
+    try:
+        data_dir = _data_dir(args)
+    except ConfigError as exc:
+        print(f"voiceline: config error: {exc}", file=sys.stderr)
+        return 2
+    command = "undrain" if args.undo else "drain"
+    try:
+        request(Path(data_dir, CONTROL_SOCKET), command)
+    except CommandError as exc:
+        print(f"voiceline: {command}: {exc}", file=sys.stderr)
+        return 1
+    except OSError:
+        if args.undo:
+            print(f"voiceline: no running service answers in {data_dir}", file=sys.stderr)
+            return 1
+    else:
+        print("voiceline: taking calls again" if args.undo else "voiceline: draining")
+        return 0
     try:
         pid = int(Path(data_dir, PID_FILE).read_text(encoding="ascii").strip())
         os.kill(pid, signal.SIGUSR1)
@@ -120,11 +170,27 @@ def drain_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's own flush at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`voiceline trunk list | head`): stop quietly, without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve_command(args)
     if args.command == "drain":
         return drain_command(args)
+    if args.command == "status":
+        try:
+            return status_command(args)
+        except KeyboardInterrupt:  # the end of --watch
+            return 0
     if args.command in ("trunk", "line"):
         from voiceline.provisioning_cli import run_provisioning
 

@@ -139,11 +139,39 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Prometheus text endpoint with /metrics, /healthz and /readyz: HOST:PORT; empty: off.
+    listen: str = ""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return parse_host_port(self.listen, "metrics.listen") if self.listen else None
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    ca_file: str = ""  # empty: the system's trusted CAs
+    username: str = ""
+    password: str = ""
+    client_id: str = ""  # empty: voiceline-NODE
+    node: str = ""  # empty: the host name
+    topic_prefix: str = "voiceline"  # topics are PREFIX/NODE/...
+    gauge_interval: float = 10.0
+    queue_size: int = 1000  # events waiting for the broker; more are dropped and counted
+
+
+@dataclass(frozen=True)
 class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
     # Trunks and lines from the config file; the database adds more (`voiceline trunk add`).
     trunks: tuple[Trunk, ...] = (Trunk("loopback", sources=("127.0.0.0/8", "::1"), transports=("udp", "tcp", "tls")),)
     lines: tuple[Line, ...] = (Line("default", ("*",)),)
@@ -200,6 +228,8 @@ class Config:
             raise ConfigError("media.learning_seconds: must be between 0 and 10 seconds")
         if not 0 <= self.media.realtime_priority <= 99:
             raise ConfigError("media.realtime_priority: must be between 0 (off) and 99")
+        self.metrics.address
+        self._validate_mqtt()
         if self.log.format not in ("console", "json"):
             raise ConfigError("log.format: must be 'console' or 'json'")
         for key in ("level", "library_level"):
@@ -207,6 +237,26 @@ class Config:
                 raise ConfigError(f"log.{key}: must be debug, info, warning or error")
         return self
 
+
+    def _validate_mqtt(self) -> None:
+        mqtt = self.mqtt
+        if not 1 <= mqtt.port <= 65535:
+            raise ConfigError("mqtt.port: must be between 1 and 65535")
+        for key in ("node", "topic_prefix", "client_id"):
+            if any(char in getattr(mqtt, key) for char in "+#\0"):
+                raise ConfigError(f"mqtt.{key}: must not contain +, # or NUL")
+        if not mqtt.topic_prefix or mqtt.topic_prefix.startswith("/") or mqtt.topic_prefix.endswith("/"):
+            raise ConfigError("mqtt.topic_prefix: must be non-empty without a leading or trailing /")
+        if "/" in mqtt.node:
+            raise ConfigError("mqtt.node: must not contain /")
+        if not 1 <= mqtt.gauge_interval <= 3600:
+            raise ConfigError("mqtt.gauge_interval: must be between 1 and 3600 seconds")
+        if not 10 <= mqtt.queue_size <= 1_000_000:
+            raise ConfigError("mqtt.queue_size: must be between 10 and 1000000")
+        if mqtt.ca_file and not Path(mqtt.ca_file).is_file():
+            raise ConfigError("mqtt.ca_file: file not found")
+        if mqtt.password and not mqtt.username:
+            raise ConfigError("mqtt.password: needs mqtt.username")
 
     def _validate_transports(self) -> None:
         sip = self.sip
@@ -228,7 +278,14 @@ class Config:
             raise ConfigError("sip.max_connections: must be at least 1")
 
 
-_SECTIONS: dict[str, type] = {"sip": SipConfig, "media": MediaConfig, "storage": StorageConfig, "log": LogConfig}
+_SECTIONS: dict[str, type] = {
+    "sip": SipConfig,
+    "media": MediaConfig,
+    "storage": StorageConfig,
+    "log": LogConfig,
+    "metrics": MetricsConfig,
+    "mqtt": MqttConfig,
+}
 
 
 def _section(name: str, cls: Any, values: Any) -> Any:

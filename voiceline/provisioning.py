@@ -66,7 +66,11 @@ class TrunkChanges:
     """What `trunk add|update` was given; None leaves a setting as it is."""
 
     sources: tuple[str, ...] | None = None
+    add_sources: tuple[str, ...] = ()
+    remove_sources: tuple[str, ...] = ()
     transports: tuple[str, ...] | None = None
+    add_transports: tuple[str, ...] = ()
+    remove_transports: tuple[str, ...] = ()
     username: str | None = None
     password: str | None = None
     realm: str | None = None
@@ -104,6 +108,12 @@ class TrunkChanges:
                     "auth_allow_rfc2069", "codecs", "max_calls", "srtp"):  # fmt: skip
             if getattr(self, key) is not None:
                 merged[key] = getattr(self, key)
+        for key, added, removed in (
+            ("sources", self.add_sources, self.remove_sources),
+            ("transports", self.add_transports, self.remove_transports),
+        ):
+            if added or removed:
+                merged[key] = _edited_list(key, list(merged.get(key, [])), added, removed)
         if self.no_auth:
             merged.update(username="", **{key: "" for key in HA1_FIELDS.values()})
             merged.pop("password", None)
@@ -192,16 +202,50 @@ class Provisioning:
 
     async def add_line(self, name: str, numbers: tuple[str, ...], max_calls: int = 0) -> Line:
         self._writable("line", name, adding=True)
+        line = await self._checked_line(check_name(name, "line"), numbers, max_calls, True)
+        await self._store(self.storage.add("lines", name, line.settings()))
+        return line
+
+    async def update_line(
+        self,
+        name: str,
+        numbers: tuple[str, ...] | None = None,
+        add_numbers: tuple[str, ...] = (),
+        remove_numbers: tuple[str, ...] = (),
+        max_calls: int | None = None,
+        enabled: bool | None = None,
+    ) -> Line:
+        """Change a database line; None and () leave a setting as it is."""
+        self._writable("line", name)
+        current = await self.line(name)
+        edited = _edited_list("numbers", list(current.numbers if numbers is None else numbers), add_numbers, remove_numbers)
+        line = await self._checked_line(
+            name,
+            tuple(edited),
+            current.max_calls if max_calls is None else max_calls,
+            current.enabled if enabled is None else enabled,
+        )
+        await self._store(self.storage.update("lines", name, line.settings()))
+        return line
+
+    async def line(self, name: str) -> Line:
+        provisioned = await load(self.config, self.storage)
+        for line in provisioned.lines:
+            if line.name == name:
+                return line
+        raise ProvisioningError(f"no line named {name!r}")
+
+    async def _checked_line(self, name: str, numbers: tuple[str, ...], max_calls: int, enabled: bool) -> Line:
+        """A valid line whose numbers no other line takes."""
         try:
-            line = Line(check_name(name, "line"), numbers, max_calls)
+            line = Line(name, numbers, max_calls, enabled)
         except TrunkError as exc:
             raise ProvisioningError(str(exc)) from None
         provisioned = await load(self.config, self.storage)
         for other in provisioned.lines:
             taken = set(other.numbers) & set(numbers)
-            if taken:
+            if taken and other.name != name:
                 raise ProvisioningError(f"number {sorted(taken)[0]!r} already reaches line {other.name!r}")
-        await self._store(self.storage.add("lines", name, line.settings()))
         return line
 
     async def remove_line(self, name: str) -> None:
@@ -230,6 +274,15 @@ class Provisioning:
             raise ProvisioningError(str(exc)) from None
         except StorageError as exc:  # DuplicateName and friends
             raise ProvisioningError(str(exc)) from None
+
+
+def _edited_list(what: str, items: list[str], added: tuple[str, ...], removed: tuple[str, ...]) -> list[str]:
+    """`items` with `removed` taken out (each must be there) and `added` appended (once)."""
+    missing = [item for item in removed if item not in items]
+    if missing:
+        raise ProvisioningError(f"{missing[0]!r} is not one of the {what} ({', '.join(items) or 'none'})")
+    kept = [item for item in items if item not in removed]
+    return kept + [item for item in dict.fromkeys(added) if item not in kept]
 
 
 def _status_view(row: dict[str, Any] | None) -> dict[str, Any]:

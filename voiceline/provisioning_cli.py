@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +31,7 @@ from voiceline.sip.useragent import Call, CallRejected, UserAgent, UserAgentSett
 from voiceline.storage import Storage, StorageError
 
 TRUNK_COMMANDS = ("add", "list", "show", "update", "remove", "enable", "disable", "test")
-LINE_COMMANDS = ("add", "list", "show", "remove")
+LINE_COMMANDS = ("add", "update", "list", "show", "remove", "enable", "disable")
 
 
 def add_provisioning_parsers(commands: Any) -> None:
@@ -62,14 +62,28 @@ def add_provisioning_parsers(commands: Any) -> None:
     add.add_argument("--number", action="append", required=True, metavar="NUMBER",
                      help="dialled number (Request-URI user part) reaching this line; repeat for more; '*' for any")  # fmt: skip
     add.add_argument("--max-calls", type=int, default=0, help="callers on the line at once (0: no limit)")
+    update = line_actions.add_parser("update", parents=[common], help="change a line")
+    update.add_argument("name")
+    update.add_argument("--number", action="append", metavar="NUMBER", help="replace the numbers with these; repeat")
+    update.add_argument("--add-number", action="append", default=[], metavar="NUMBER", help="add one number; repeat")
+    update.add_argument("--remove-number", action="append", default=[], metavar="NUMBER", help="remove one number; repeat")
+    update.add_argument("--max-calls", type=int, help="callers on the line at once (0: no limit)")
     line_actions.add_parser("list", parents=[common], help="list lines")
-    for action in ("show", "remove"):
-        line_actions.add_parser(action, parents=[common], help=f"{action} a line").add_argument("name")
+    for action, text in (("show", "show one line"), ("remove", "remove a line"), ("enable", "take the line's calls"),
+                         ("disable", "answer the line's calls with 480 (calls in progress go on)")):  # fmt: skip
+        line_actions.add_parser(action, parents=[common], help=text).add_argument("name")
 
 
 def _trunk_options(p: argparse.ArgumentParser, adding: bool) -> None:
     p.add_argument("--source", action="append", metavar="ADDR", help="IP, CIDR or host name calls come from; repeat")
     p.add_argument("--transport", action="append", choices=("udp", "tcp", "tls"), help="allowed transport; repeat")
+    if not adding:
+        p.add_argument("--add-source", action="append", default=[], metavar="ADDR", help="add one source; repeat")
+        p.add_argument("--remove-source", action="append", default=[], metavar="ADDR", help="remove one source; repeat")
+        p.add_argument("--add-transport", action="append", default=[], choices=("udp", "tcp", "tls"),
+                       help="allow one more transport; repeat")  # fmt: skip
+        p.add_argument("--remove-transport", action="append", default=[], choices=("udp", "tcp", "tls"),
+                       help="stop allowing one transport; repeat")  # fmt: skip
     p.add_argument("--username", help="inbound digest user: INVITEs from this trunk must authenticate")
     p.add_argument("--password", help="inbound digest password ('-' reads it from stdin)")
     p.add_argument("--realm", help="inbound digest realm (default voiceline)")
@@ -131,7 +145,11 @@ def _changes(args: argparse.Namespace) -> TrunkChanges:
             raise ProvisioningError("--max-calls and --expiry must not be negative")
     return TrunkChanges(
         sources=tuple(args.source) if args.source else None,
+        add_sources=tuple(getattr(args, "add_source", ())),
+        remove_sources=tuple(getattr(args, "remove_source", ())),
         transports=tuple(dict.fromkeys(args.transport)) if args.transport else None,
+        add_transports=tuple(getattr(args, "add_transport", ())),
+        remove_transports=tuple(getattr(args, "remove_transport", ())),
         username=args.username,
         password=_secret(args.password, "--password"),
         realm=args.realm,
@@ -249,6 +267,27 @@ async def _line_add(p: Provisioning, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _line_update(p: Provisioning, args: argparse.Namespace) -> int:
+    if args.max_calls is not None and args.max_calls < 0:
+        raise ProvisioningError("--max-calls must not be negative")
+    line = await p.update_line(
+        args.name,
+        numbers=tuple(dict.fromkeys(args.number)) if args.number else None,
+        add_numbers=tuple(args.add_number),
+        remove_numbers=tuple(args.remove_number),
+        max_calls=args.max_calls,
+    )
+    print(f"line {line.name} updated")
+    return 0
+
+
+async def _line_enable(p: Provisioning, args: argparse.Namespace) -> int:
+    enabled = args.action == "enable"
+    await p.update_line(args.name, enabled=enabled)
+    print(f"line {args.name} {'enabled' if enabled else 'disabled'}")
+    return 0
+
+
 async def _line_remove(p: Provisioning, args: argparse.Namespace) -> int:
     await p.remove_line(args.name)
     print(f"line {args.name} removed")
@@ -260,8 +299,11 @@ async def _line_list(p: Provisioning, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = [[r["name"], r["origin"], ",".join(r["numbers"]), str(r["max_calls"] or "-")] for r in rows]
-    _print_table(["NAME", "ORIGIN", "NUMBERS", "MAX CALLS"], table)
+    table = [
+        [r["name"], r["origin"], "yes" if r["enabled"] else "no", ",".join(r["numbers"]), str(r["max_calls"] or "-")]
+        for r in rows
+    ]
+    _print_table(["NAME", "ORIGIN", "ENABLED", "NUMBERS", "MAX CALLS"], table)
     return 0
 
 
@@ -286,6 +328,9 @@ _HANDLERS: dict[tuple[str, str], Callable[[Provisioning, argparse.Namespace], Aw
     ("trunk", "show"): _trunk_show,
     ("trunk", "test"): _trunk_test,
     ("line", "add"): _line_add,
+    ("line", "update"): _line_update,
+    ("line", "enable"): _line_enable,
+    ("line", "disable"): _line_enable,
     ("line", "remove"): _line_remove,
     ("line", "list"): _line_list,
     ("line", "show"): _line_show,
@@ -344,26 +389,56 @@ class _NoCalls:
 
 
 async def _probe(cfg: Config, targets: list[tuple[str, int]], timeout: float) -> list[dict[str, Any]]:
+    """OPTIONS to every address of every target (a host name may have several, IPv4 and IPv6)."""
     loop = asyncio.get_running_loop()
-    host = cfg.sip.listen_address[0]
-    agent = UserAgent(UserAgentSettings(cfg.sip.advertised_host, timers=Timers(cfg.sip.t1, cfg.sip.t2, cfg.sip.t4)), _NoCalls())
-    transport = await open_udp(host, 0, agent.message_received)
-    agent.attach(transport)
+    addresses: list[tuple[str, tuple[str, int] | None]] = []  # (label, address or None: unresolved)
+    for host, port in targets:
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError:
+            addresses.append((_sip_uri(host, port), None))
+            continue
+        for address in dict.fromkeys(str(info[4][0]) for info in infos):
+            label = _sip_uri(host, port) + ("" if address == host else f" ({address})")
+            addresses.append((label, (address, port)))
+    agents: dict[int, UserAgent] = {}
+    transports = []
     try:
-        return list(await asyncio.gather(*(_ping(agent, loop, target, timeout) for target in targets)))
+        for _, dest in addresses:
+            family = socket.AF_INET6 if dest is not None and ":" in dest[0] else socket.AF_INET
+            if dest is None or family in agents:
+                continue
+            local = _local_address(family, dest)
+            agent = UserAgent(UserAgentSettings(local, timers=Timers(cfg.sip.t1, cfg.sip.t2, cfg.sip.t4)), _NoCalls())
+            transport = await open_udp(local, 0, agent.message_received)
+            transports.append(transport)
+            agent.attach(transport)
+            agents[family] = agent
+
+        async def ping(label: str, dest: tuple[str, int] | None) -> dict[str, Any]:
+            if dest is None:
+                return {"target": label, "status": 0, "reason": "", "ms": None, "error": "cannot resolve"}
+            return await _ping(agents[socket.AF_INET6 if ":" in dest[0] else socket.AF_INET], label, dest, timeout)
+
+        return list(await asyncio.gather(*(ping(label, dest) for label, dest in addresses)))
     finally:
-        transport.close()
+        for transport in transports:
+            transport.close()
 
 
-async def _ping(agent: UserAgent, loop: asyncio.AbstractEventLoop, target: tuple[str, int], timeout: float) -> dict[str, Any]:
-    name = f"sip:{target[0]}:{target[1]}"
-    result: dict[str, Any] = {"target": name, "status": 0, "reason": "", "ms": None, "error": ""}
-    try:
-        infos = await loop.getaddrinfo(target[0], target[1], type=2)  # SOCK_DGRAM
-        dest = (str(infos[0][4][0]), int(infos[0][4][1]))
-    except OSError:
-        result["error"] = "cannot resolve"
-        return result
+def _sip_uri(host: str, port: int) -> str:
+    return f"sip:[{host}]:{port}" if ":" in host else f"sip:{host}:{port}"
+
+
+def _local_address(family: int, dest: tuple[str, int]) -> str:
+    """Our address towards `dest` (connecting a UDP socket sends nothing): what Via and From carry."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(dest)
+        return str(probe.getsockname()[0])
+
+
+async def _ping(agent: UserAgent, label: str, dest: tuple[str, int], timeout: float) -> dict[str, Any]:
+    result: dict[str, Any] = {"target": label, "status": 0, "reason": "", "ms": None, "error": ""}
     started = time.monotonic()
     try:
         response: SipResponse | None = await asyncio.wait_for(agent.request(_options(agent, dest), dest), timeout)
@@ -379,9 +454,9 @@ async def _ping(agent: UserAgent, loop: asyncio.AbstractEventLoop, target: tuple
 def _options(agent: UserAgent, dest: tuple[str, int]) -> SipRequest:
     assert agent.transport is not None
     local_port = agent.transport.local_address[1]
-    host = agent.settings.advertised_host
-    target = f"[{dest[0]}]" if ipaddress.ip_address(dest[0]).version == 6 else dest[0]
-    uri = f"sip:{target}:{dest[1]}"
+    local = agent.settings.advertised_host
+    host = f"[{local}]" if ":" in local else local
+    uri = _sip_uri(*dest)
     headers = Headers(
         [
             ("Via", f"SIP/2.0/UDP {host}:{local_port};branch={new_branch()};rport"),

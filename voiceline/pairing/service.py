@@ -83,8 +83,12 @@ class SessionSummary:
 
 
 class PairingService:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, on_change: Callable[[Phase], None] | None = None
+    ) -> None:
         self._clock = clock
+        # Told when a caller starts waiting (WAITING) and when two start talking (TALKING, once a pair).
+        self._on_change = on_change
         self._pool: Pool[Session] = Pool()
         self._sessions: dict[str, Session] = {}
 
@@ -95,6 +99,11 @@ class PairingService:
     @property
     def talking(self) -> int:
         return sum(1 for s in self._sessions.values() if s.phase is Phase.TALKING)
+
+    def longest_wait(self) -> float:
+        """Seconds the longest-waiting caller has waited in its current wait (0 when nobody waits)."""
+        now = self._clock()
+        return max((now - s.since for s in self._sessions.values() if s.phase is Phase.WAITING), default=0.0)
 
     def join(self, participant: Participant, held: bool = False) -> None:
         """A new caller waits for a partner; one that arrives `held` waits for its resume first."""
@@ -176,6 +185,8 @@ class PairingService:
             session.participant.hear_hold()
             log.info("pairing.waiting", waiting=len(self._pool))
             log.debug("pairing.call_waiting", call=session.participant.id)
+            if self._on_change is not None:
+                self._on_change(Phase.WAITING)
             return
         for one, other in ((session, partner), (partner, session)):
             one.enter(Phase.TALKING, now)
@@ -184,6 +195,8 @@ class PairingService:
             # Neither is held: held callers are never in the pool.
             one.participant.hear(other.participant)
         log.info("pairing.talking", waiting=len(self._pool))
+        if self._on_change is not None:
+            self._on_change(Phase.TALKING)
         log.debug(
             "pairing.partners",
             call=session.participant.id,

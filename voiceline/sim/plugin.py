@@ -6,7 +6,7 @@ environment with voiceline installed has:
 - `voiceline_server`: a factory. `server = voiceline_server()` (or
   `voiceline_server({"sip": {"answer_delay": 0.2}})` to override config keys,
   see config/voiceline.toml) starts `voiceline serve` on a free loopback
-  port (UDP and TCP), waits for a `sip.listening` log event per transport and
+  port (UDP and TCP; `host=` picks another loopback address, e.g. "127.0.0.21"), waits for a `sip.listening` log event per transport and
   returns a `VoicelineServer`; `server.ports` maps "udp"/"tcp"/"tls" to the
   bound ports (TLS when the overrides set `sip.listen_tls`, e.g. to
   "127.0.0.1:0" with a certificate from `self_signed_certificate`). At teardown
@@ -170,14 +170,14 @@ def merge_config(base: ConfigOverrides, overrides: ConfigOverrides) -> dict[str,
     return merged
 
 
-def start_server(directory: Path, overrides: ConfigOverrides) -> VoicelineServer:
-    """Start `voiceline serve` with its files under `directory` (its `data` may be prepared already);
-    fail the test unless it gets ready."""
+def start_server(directory: Path, overrides: ConfigOverrides, host: str = LOOPBACK) -> VoicelineServer:
+    """Start `voiceline serve` on `host` with its files under `directory` (its `data` may be prepared
+    already); fail the test unless it gets ready."""
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_udp_port()
+    port = free_udp_port(host)
     low, high = rtp_range_for(port)
     config_path = directory / "voiceline.toml"
-    config = merge_config({"sip": {"public_address": LOOPBACK}}, overrides)
+    config = merge_config({"sip": {"public_address": host}}, overrides)
     config_path.write_text(to_toml(config), encoding="utf-8")
     transports = set(config["sip"].get("transports", ("udp", "tcp")))
     if config["sip"].get("listen_tls"):
@@ -187,7 +187,7 @@ def start_server(directory: Path, overrides: ConfigOverrides) -> VoicelineServer
     command = [
         *(sys.executable, "-m", "voiceline", "serve"),
         *("--config", str(config_path)),
-        *("--listen", f"{LOOPBACK}:{port}"),
+        *("--listen", f"{host}:{port}"),
         *("--rtp-ports", f"{low}-{high}"),
         *("--data-dir", str(data_dir)),
         *("--log-format", "json"),
@@ -201,7 +201,7 @@ def start_server(directory: Path, overrides: ConfigOverrides) -> VoicelineServer
             # Log lines must reach the file as they happen, not when a buffer fills.
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    server = VoicelineServer(LOOPBACK, port, (low, high), data_dir, log_path, config_path, process)
+    server = VoicelineServer(host, port, (low, high), data_dir, log_path, config_path, process)
     _wait_until_listening(server, transports)
     return server
 
@@ -235,11 +235,12 @@ def _wait_until_listening(server: VoicelineServer, transports: set[str]) -> None
 
 @pytest.fixture
 def voiceline_server(tmp_path: Path) -> Iterator[Callable[..., VoicelineServer]]:
-    """Factory: `voiceline_server(overrides=None) -> VoicelineServer`; every server is stopped at teardown."""
+    """Factory: `voiceline_server(overrides=None, host=LOOPBACK) -> VoicelineServer`; every server is
+    stopped at teardown."""
     servers: list[VoicelineServer] = []
 
-    def start(overrides: ConfigOverrides | None = None) -> VoicelineServer:
-        server = start_server(tmp_path / f"voiceline-server-{len(servers)}", overrides or {})
+    def start(overrides: ConfigOverrides | None = None, host: str = LOOPBACK) -> VoicelineServer:
+        server = start_server(tmp_path / f"voiceline-server-{len(servers)}", overrides or {}, host)
         servers.append(server)
         return server
 

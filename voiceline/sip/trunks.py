@@ -243,6 +243,7 @@ class Line:
     name: str
     numbers: tuple[str, ...]
     max_calls: int = 0  # callers on this line at once (waiting or talking); 0: no limit
+    enabled: bool = True  # a disabled line answers its numbers' calls 480, like a closed one
 
     def __post_init__(self) -> None:
         check_name(self.name, "line")
@@ -259,7 +260,7 @@ class Line:
         return cls(name=name, **_typed(cls, dict(settings), skip={"name"}, what="line"))
 
     def settings(self) -> dict[str, Any]:
-        return {"numbers": list(self.numbers), "max_calls": self.max_calls}
+        return {"numbers": list(self.numbers), "max_calls": self.max_calls, "enabled": self.enabled}
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, **self.settings()}

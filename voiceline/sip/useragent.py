@@ -119,6 +119,7 @@ class Call:
     ends_at: float = 0.0  # maximum call duration; 0: none
     trunk: str = ""  # the trunk it came in on (admission policy), "" without a policy
     line: str = ""  # the line its dialled number reaches
+    end_reason: str = ""  # why it ended (as logged in call.ended), once it has
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
@@ -236,6 +237,12 @@ class UserAgent:
         if not self._draining:
             self._draining = True
             log.info("sip.draining", calls=len(self._calls))
+
+    def undrain(self) -> None:
+        """Take new calls again after a drain."""
+        if self._draining:
+            self._draining = False
+            log.info("sip.undrained", calls=len(self._calls))
 
     async def shutdown(self, timeout: float = 4.0) -> None:
         """Refuse new calls, send BYE on every call, wait (bounded) for the answers."""
@@ -400,6 +407,8 @@ class UserAgent:
             self._on_invite(tx, request, admission)
         elif request.method == "CANCEL":
             self._on_cancel(tx, request)
+        elif request.method == "OPTIONS" and self._draining:
+            self._respond(tx, 503, [("Retry-After", "60")])  # a dispatcher's probe takes us out of rotation
         elif request.method == "OPTIONS":
             self._respond(tx, 200, [*self._capabilities(), ("Accept", "application/sdp")])
         elif request.method in ("BYE", "INVITE", "UPDATE", "INFO"):
@@ -818,6 +827,7 @@ class UserAgent:
         if call.state is CallState.ENDED:
             return
         call.state = CallState.ENDED
+        call.end_reason = reason
         self._stop_awaiting_ack(call)  # a BYE before the ACK ends the 2xx retransmissions too
         if call.timer is not None:
             call.timer.cancel()

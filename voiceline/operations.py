@@ -1,0 +1,272 @@
+"""Operations: the service's live state for people and machines.
+
+One `Operations` per service. The app calls its hooks (one line each) as
+calls come and go; it turns them into events on the bus, metrics and a
+status snapshot, and it serves the control socket, the metrics endpoint and
+the MQTT link. Commands (status, drain, undrain, reload, open/close a line)
+arrive the same way from the control socket and from MQTT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from voiceline import __version__
+from voiceline.audio.media import LegStats
+from voiceline.config import ConfigError
+from voiceline.control import CONTROL_SOCKET, CommandError, ControlServer
+from voiceline.events import (
+    CallAnswered,
+    CallEnded,
+    CallOffered,
+    CallRefused,
+    DrainChanged,
+    EventBus,
+    LineClosed,
+    LineGauge,
+    LineOpened,
+    LinePaired,
+    LineWaiting,
+    OverloadSummary,
+    RegistrationChanged,
+)
+from voiceline.metrics import Metrics, MetricsEndpoint
+from voiceline.mqtt import MqttLink
+from voiceline.pairing.service import Phase, SessionSummary
+from voiceline.sip.overload import OverloadCounters
+from voiceline.sip.useragent import Call
+
+if TYPE_CHECKING:
+    from voiceline.app import VoiceLine
+
+log = structlog.get_logger("voiceline.operations")
+
+LOOP_LAG_INTERVAL = 0.5  # seconds between event-loop lag samples
+COMMANDS = ("status", "drain", "undrain", "reload", "open_line", "close_line")
+
+
+class Operations:
+    def __init__(self, app: VoiceLine) -> None:
+        self.app = app
+        self.config = app.config
+        self.bus = EventBus()
+        self.node = self.config.mqtt.node or socket.gethostname()
+        self.closed_lines: set[str] = set()  # in memory: a restart opens every line
+        self.metrics = Metrics(self.status)
+        self.mqtt: MqttLink | None = None
+        self._started = time.monotonic()
+        self._answered_at: dict[str, float] = {}  # call id -> monotonic time of its ACK
+        self._registration: dict[str, str] = {}  # trunk -> last reported state
+        self._overload_seen = OverloadCounters()
+        self._control: ControlServer | None = None
+        self._endpoint: MetricsEndpoint | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Control socket, metrics endpoint and MQTT; one that cannot start is logged, the service goes on."""
+        loop = asyncio.get_running_loop()
+        self._started = time.monotonic()
+        self._control = ControlServer(Path(self.config.storage.data_dir) / CONTROL_SOCKET, self.command)
+        try:
+            await self._control.start()
+        except OSError as exc:
+            self._control = None
+            log.warning("control.unavailable", error=exc.strerror or type(exc).__name__)
+        address = self.config.metrics.address
+        if address is not None:
+            self._endpoint = MetricsEndpoint(self.metrics, self.ready)
+            try:
+                host, port = await self._endpoint.start(*address)
+            except OSError as exc:
+                self._endpoint = None
+                log.warning("metrics.unavailable", error=exc.strerror or type(exc).__name__)
+            else:
+                log.info("metrics.listening", address=f"{host}:{port}")
+        if self.config.mqtt.enabled:
+            self.mqtt = MqttLink(self.config.mqtt, self.node, __version__, self.command)
+            self.bus.subscribe(self.mqtt.publish)
+            self.mqtt.start()
+            self._tasks.append(loop.create_task(self._emit_gauges()))
+        self._tasks.append(loop.create_task(self._measure_loop_lag()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.mqtt is not None:
+            await self.mqtt.close()
+        if self._endpoint is not None:
+            await self._endpoint.close()
+        if self._control is not None:
+            await self._control.close()
+
+    def ready(self) -> bool:
+        agent = self.app.agent
+        return agent is not None and not agent.draining
+
+    # -- hooks the app calls ---------------------------------------------------------
+
+    def line_open(self, line: str) -> bool:
+        """Neither closed by a command nor disabled in provisioning."""
+        policy = self.app.policy
+        provisioned = policy.directory.lines.get(line) if policy is not None else None
+        return line not in self.closed_lines and (provisioned is None or provisioned.enabled)
+
+    def call_offered(self, call: Call) -> None:
+        self.metrics.calls_offered.labels(call.line).inc()
+        self.bus.emit(CallOffered(call.id, call.line, call.trunk))
+
+    def call_refused(self, call: Call, reason: str, status: int) -> None:
+        self.metrics.refusals.labels(reason).inc()
+        self.bus.emit(CallRefused(call.id, call.line, reason, status))
+
+    def call_answered(self, call: Call) -> None:
+        self._answered_at[call.id] = time.monotonic()
+        self.metrics.calls_answered.labels(call.line).inc()
+        self.bus.emit(CallAnswered(call.id, call.line))
+
+    def call_ended(self, call: Call, summary: SessionSummary | None, stats: LegStats | None) -> None:
+        answered = self._answered_at.pop(call.id, None)
+        if answered is None:
+            return  # never answered: its refusal or cancel is counted elsewhere
+        reason = call.end_reason or "ended"
+        line = call.line
+        self.metrics.calls_ended.labels(line, reason).inc()
+        if summary is not None:
+            self.metrics.wait.labels(line).observe(summary.waited)
+            self.metrics.talk.labels(line).observe(summary.talked)
+        if stats is not None:
+            self.metrics.rtp_received.labels(line).inc(stats.packets_in)
+            self.metrics.rtp_expected.labels(line).inc(stats.packets_expected)
+            self.metrics.rtp_lost.labels(line).inc(max(0, stats.packets_lost))
+            self.metrics.jitter.labels(line).observe(stats.jitter_ms / 1000)
+        paired = summary is not None and summary.partners > 0
+        self.bus.emit(CallEnded(call.id, line, reason, round(time.monotonic() - answered), paired))
+
+    def pairing_changed(self, line: str, phase: Phase) -> None:
+        pool = self.app.pools.get(line)
+        waiting, talking = (pool.waiting, pool.talking) if pool is not None else (0, 0)
+        if phase is Phase.TALKING:
+            self.metrics.pairs.labels(line).inc()
+            self.bus.emit(LinePaired(line, waiting, talking))
+        else:
+            self.bus.emit(LineWaiting(line, waiting, talking))
+
+    def registration_changed(self, trunk: str, state: str) -> None:
+        if self._registration.get(trunk) != state:
+            self._registration[trunk] = state
+            self.bus.emit(RegistrationChanged(trunk, state))
+
+    def refused(self, counts: Mapping[str, int]) -> None:
+        """Requests the trunk policy refused (unknown source, wrong transport, ...), as flushed to storage."""
+        for reason, count in counts.items():
+            self.metrics.refusals.labels(reason).inc(count)
+
+    def drain_changed(self) -> None:
+        self.bus.emit(DrainChanged(not self.ready(), len(self.app.agent.calls) if self.app.agent else 0))
+
+    # -- status and commands ---------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        app = self.app
+        agent = app.agent
+        calls = agent.calls if agent is not None else []
+        directory = app.policy.directory if app.policy is not None else None
+        line_names = sorted(set(directory.lines if directory else ()) | set(app.pools))
+        lines = {}
+        for name in line_names:
+            pool = app.pools.get(name)
+            waiting, talking = (pool.waiting, pool.talking) if pool is not None else (0, 0)
+            lines[name] = {
+                "open": self.line_open(name),
+                "waiting": waiting,
+                "talking": talking,
+                "in_welcome": 0,  # no welcome prompt yet: callers wait from the answer on
+                "pairs": talking // 2,
+                "longest_wait": round(pool.longest_wait()) if pool is not None else 0,
+            }
+        trunks = {}
+        for name, trunk in sorted((directory.trunks if directory else {}).items()):
+            registration = None
+            if trunk.registration is not None and trunk.enabled:
+                registration = self._registration.get(name, "registering")
+            trunks[name] = {
+                "enabled": trunk.enabled,
+                "calls": sum(1 for call in calls if call.trunk == name),
+                "registration": registration,
+            }
+        status: dict[str, Any] = {
+            "version": __version__,
+            "node": self.node,
+            "uptime": round(time.monotonic() - self._started),
+            "draining": not self.ready(),
+            "calls": len(calls),
+            "lines": lines,
+            "trunks": trunks,
+            "sip": asdict(agent.counters) if agent is not None else {},
+            "overload": asdict(agent.overload.counters) if agent is not None else {},
+        }
+        if self.mqtt is not None:
+            status["mqtt"] = {"connected": self.mqtt.connected, "dropped": self.mqtt.dropped}
+        return status
+
+    async def command(self, name: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        if name == "status":
+            return self.status()
+        if name == "drain":
+            self.app.request_drain()
+            return {"draining": True}
+        if name == "undrain":
+            self.app.undrain()
+            return {"draining": not self.ready()}
+        if name == "reload":
+            try:
+                await self.app.reload()
+            except ConfigError as exc:
+                raise CommandError(f"config file: {exc}") from None
+            return {"lines": sorted(self.status()["lines"]), "trunks": sorted(self.status()["trunks"])}
+        if name in ("open_line", "close_line"):
+            line = args.get("line")
+            if not isinstance(line, str) or line not in self.status()["lines"]:
+                raise CommandError("line: expected the name of a line")
+            if name == "close_line" and line not in self.closed_lines:
+                self.closed_lines.add(line)
+                log.info("line.closed", line=line)
+                self.bus.emit(LineClosed(line))
+            elif name == "open_line" and line in self.closed_lines:
+                self.closed_lines.discard(line)
+                log.info("line.opened", line=line)
+                self.bus.emit(LineOpened(line))
+            return {"line": line, "open": self.line_open(line)}
+        raise CommandError(f"unknown command; known: {', '.join(COMMANDS)}")
+
+    # -- background ------------------------------------------------------------------
+
+    async def _emit_gauges(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.mqtt.gauge_interval)
+            status = self.status()
+            for name, line in status["lines"].items():
+                self.bus.emit(LineGauge(name, **line))
+            agent = self.app.agent
+            if agent is not None and agent.overload.counters != self._overload_seen:
+                now, seen = asdict(agent.overload.counters), asdict(self._overload_seen)
+                self._overload_seen = OverloadCounters(**now)
+                self.bus.emit(OverloadSummary(**{key: now[key] - seen[key] for key in now}))
+
+    async def _measure_loop_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LOOP_LAG_INTERVAL)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - before - LOOP_LAG_INTERVAL))
