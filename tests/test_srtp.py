@@ -40,7 +40,7 @@ from voiceline.sip.sdp import (
     parse_crypto,
     parse_sdp,
 )
-from voiceline.sip.trunks import Trunk, TrunkError
+from voiceline.routing import Trunk, TrunkError
 
 SUITE_80, SUITE_32 = "AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32"
 CALLER_KEY = bytes(range(1, 31))  # the caller's master key || salt, as its SDP carries it

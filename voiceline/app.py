@@ -46,7 +46,7 @@ from voiceline.sip.transport import (
     open_udp,
     server_tls_context,
 )
-from voiceline.sip.trunks import Trunk, TrunkDirectory, TrunkPolicy
+from voiceline.routing import Trunk, TrunkDirectory, TrunkPolicy
 from voiceline.sip.useragent import Call, CallRejected, CallState, UserAgent, UserAgentSettings
 from voiceline.storage import CallAudio, Storage, write_private
 
