@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import gc
 import os
@@ -35,17 +34,7 @@ from voiceline.sip.overload import OverloadLimits, RateLimit
 from voiceline.sip.registration import RegistrationClient, RegistrationDriver, RegistrationStatus
 from voiceline.sip.session_timer import SessionTimerPolicy
 from voiceline.sip.transaction import Timers
-from voiceline.sip.transport import (
-    Address,
-    MessageHandler,
-    SipTransport,
-    StreamLimits,
-    StreamTransport,
-    client_tls_context,
-    open_stream,
-    open_udp,
-    server_tls_context,
-)
+from voiceline.sip.transport import Address, StreamLimits, StreamTransport, TlsListener, open_transports
 from voiceline.routing import Trunk, TrunkDirectory, TrunkPolicy
 from voiceline.sip.useragent import Call, CallRejected, CallState, UserAgent, UserAgentSettings
 from voiceline.storage import CallAudio, Storage, write_private
@@ -53,8 +42,6 @@ from voiceline.storage import CallAudio, Storage, write_private
 log = structlog.get_logger("voiceline.app")
 
 PID_FILE = "voiceline.pid"  # in the data dir: how `voiceline drain` finds the server
-# With port 0 UDP and TCP share one kernel-chosen port; tries when TCP finds it taken.
-SHARED_PORT_ATTEMPTS = 20
 # A housekeeping loop that failed starts again after this many seconds.
 TASK_RESTART_SECONDS = 1.0
 
@@ -130,7 +117,11 @@ class VoiceLine:
         await self._reload_provisioning()  # trunks and lines are in force before the first request
         self.agent = UserAgent(settings, self, self.policy)
         directory = self.policy.directory
-        for transport in await open_transports(sip, self.agent.message_received):
+        limits = StreamLimits(sip.max_message_size, sip.connection_idle_timeout, sip.max_connections)
+        listening = await open_transports(
+            *sip.listen_address, sip.transports, self.agent.message_received, limits, tls_listener(sip)
+        )
+        for transport in listening:
             self.agent.attach(transport)
             bound_host, bound_port = transport.local_address
             log.info(
@@ -461,45 +452,11 @@ def overload_limits(sip: SipConfig) -> OverloadLimits:
     )
 
 
-async def open_transports(sip: SipConfig, on_message: MessageHandler) -> list[SipTransport]:
-    """UDP and TCP on `sip.listen` (one port for both), TLS on `sip.listen_tls` when set."""
-    host, port = sip.listen_address
-    limits = StreamLimits(sip.max_message_size, sip.connection_idle_timeout, sip.max_connections)
-    opened: list[SipTransport] = []
-    try:
-        for attempt in range(SHARED_PORT_ATTEMPTS):
-            if "udp" in sip.transports:
-                udp = await open_udp(host, port, on_message)
-                opened.append(udp)
-            if "tcp" not in sip.transports:
-                break
-            tcp_port = opened[0].local_address[1] if opened else port
-            try:
-                opened.append(await open_stream("TCP", host, tcp_port, on_message, limits))
-                break
-            except OSError as exc:
-                # Port 0: the UDP port the kernel chose may be taken for TCP; choose again.
-                if port != 0 or exc.errno != errno.EADDRINUSE or attempt == SHARED_PORT_ATTEMPTS - 1:
-                    raise
-                for transport in opened:
-                    transport.close()
-                opened.clear()
-        tls_address = sip.tls_address
-        if tls_address is not None:
-            tls = await open_stream(
-                "TLS",
-                *tls_address,
-                on_message,
-                limits,
-                server_ssl=server_tls_context(sip.tls_certificate, sip.tls_private_key),
-                client_ssl=client_tls_context(sip.tls_ca_file),
-            )
-            opened.append(tls)
-    except BaseException:
-        for transport in opened:
-            transport.close()
-        raise
-    return opened
+def tls_listener(sip: SipConfig) -> TlsListener | None:
+    tls_address = sip.tls_address
+    if tls_address is None:
+        return None
+    return TlsListener(tls_address, sip.tls_certificate, sip.tls_private_key, sip.tls_ca_file)
 
 
 def tune_process(realtime_priority: int) -> None:
