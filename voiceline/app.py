@@ -9,10 +9,8 @@ import gc
 import os
 import resource
 import signal
-import socket
 import time
-from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,22 +26,19 @@ from voiceline.codec_table import Codec
 from voiceline.codec_table import lookup as lookup_codec
 from voiceline.config import Config, SipConfig
 from voiceline.pairing.service import PairingService, Participant
-from voiceline.provisioning import load as load_provisioned
-from voiceline.provisioning import wall_time
+from voiceline.routing import TrunkDirectory, TrunkPolicy
 from voiceline.sip.overload import OverloadLimits, RateLimit
-from voiceline.sip.registration import RegistrationClient, RegistrationDriver, RegistrationStatus
 from voiceline.sip.session_timer import SessionTimerPolicy
 from voiceline.sip.transaction import Timers
-from voiceline.sip.transport import Address, StreamLimits, StreamTransport, TlsListener, open_transports
-from voiceline.routing import Trunk, TrunkDirectory, TrunkPolicy
+from voiceline.sip.transport import StreamLimits, StreamTransport, TlsListener, open_transports
 from voiceline.sip.useragent import Call, CallRejected, CallState, UserAgent, UserAgentSettings
 from voiceline.storage import CallAudio, Storage, write_private
+from voiceline.tasks import supervised
+from voiceline.trunk_supervisor import TrunkSupervisor
 
 log = structlog.get_logger("voiceline.app")
 
 PID_FILE = "voiceline.pid"  # in the data dir: how `voiceline drain` finds the server
-# A housekeeping loop that failed starts again after this many seconds.
-TASK_RESTART_SECONDS = 1.0
 
 
 @dataclass(eq=False)
@@ -74,13 +69,11 @@ class VoiceLine:
         self.storage: Storage | None = None
         self.media: MediaEngine | None = None
         self.agent: UserAgent | None = None
-        self.policy: TrunkPolicy | None = None
-        self.registrations: dict[str, tuple[Trunk, RegistrationDriver]] = {}
+        self.trunks: TrunkSupervisor | None = None
         self._legs: dict[Call, MediaLeg] = {}
         self._quiet_since: dict[Call, float] = {}  # confirmed calls: since when silence counts
         self._writes: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
-        self._data_version = -1
 
     def pool(self, line: str) -> PairingService:
         if line not in self.pools:
@@ -110,13 +103,13 @@ class VoiceLine:
             overload=overload_limits(sip),
         )
         loop = asyncio.get_running_loop()
-        self.policy = TrunkPolicy(
+        policy = TrunkPolicy(
             TrunkDirectory((), ()), loop.time, self._calls_on_trunk, drop_unknown=sip.unknown_source == "drop"
         )
-        await self.storage.clear_registration_status()
-        await self._reload_provisioning()  # trunks and lines are in force before the first request
-        self.agent = UserAgent(settings, self, self.policy)
-        directory = self.policy.directory
+        self.agent = UserAgent(settings, self, policy)
+        # Trunks and lines are in force before the first request.
+        self.trunks = await TrunkSupervisor.load(self.config, self.storage, policy, self.agent, self._write)
+        directory = policy.directory
         limits = StreamLimits(sip.max_message_size, sip.connection_idle_timeout, sip.max_connections)
         listening = await open_transports(
             *sip.listen_address, sip.transports, self.agent.message_received, limits, tls_listener(sip)
@@ -139,13 +132,9 @@ class VoiceLine:
                 advertised=sip.advertised_host,
                 hint="only callers on this machine will have audio; set sip.public_address",
             )
-        await self._reconcile_registrations()
-        self._background = [
-            loop.create_task(_supervised("watch_provisioning", self._watch_provisioning)),
-            loop.create_task(_supervised("watch_hostnames", self._watch_hostnames)),
-        ]
+        await self.trunks.start()
         if self.config.media.inactivity_timeout:
-            self._background.append(loop.create_task(_supervised("reap_silent_calls", self._reap_silent_calls)))
+            self._background.append(loop.create_task(supervised("reap_silent_calls", self._reap_silent_calls)))
 
     async def drain(self, stop: asyncio.Event) -> None:
         """Refuse new calls and wait until the last call ended, `stop` is set or sip.drain_timeout passed."""
@@ -173,8 +162,7 @@ class VoiceLine:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        stopping = [driver.stop() for _, driver in self.registrations.values()]
-        self.registrations.clear()
+        stopping = [self.trunks.stop()] if self.trunks is not None else []
         if self.agent is not None:
             with _contained("totals"):
                 log.info("sip.totals", **asdict(self.agent.counters), **asdict(self.agent.overload.counters))
@@ -194,7 +182,8 @@ class VoiceLine:
             if self.media is not None:
                 self.media.close()
         with _contained("refusals"):
-            self._flush_refusals()
+            if self.trunks is not None:
+                self.trunks.flush_refusals()
         if self._writes:
             await asyncio.wait(self._writes, timeout=5)
         with _contained("storage"):
@@ -202,108 +191,8 @@ class VoiceLine:
                 await self.storage.close()
         log.info("service.stopped")
 
-    # -- trunks, lines and registrations ----------------------------------------
-
     def _calls_on_trunk(self, trunk: str) -> int:
         return sum(1 for call in self.agent.calls if call.trunk == trunk) if self.agent else 0
-
-    async def _watch_provisioning(self) -> None:
-        """Apply `voiceline trunk|line` changes: the database's data_version moves when another process writes."""
-        while True:
-            await asyncio.sleep(self.config.storage.poll_interval)
-            self._flush_refusals()
-            try:
-                await self._reload_provisioning()
-            except Exception as exc:  # a bad row or a busy database must not stop the watcher
-                log.error("provisioning.reload_failed", error=type(exc).__name__)
-
-    async def _reload_provisioning(self) -> None:
-        assert self.storage is not None and self.policy is not None
-        version = await self.storage.data_version()
-        if version == self._data_version:
-            return
-        first = self._data_version == -1
-        self._data_version = version
-        provisioned = await load_provisioned(self.config, self.storage)
-        for name in provisioned.shadowed:
-            log.warning("provisioning.ignored", entry=name, hint="a config-file entry has the same name, or it is invalid")
-        old = self.policy.directory
-        self.policy.directory = TrunkDirectory(provisioned.trunks, provisioned.lines, old.resolved)
-        if not first and (old.trunks != self.policy.directory.trunks or old.lines != self.policy.directory.lines):
-            log.info("provisioning.loaded", trunks=sorted(self.policy.directory.trunks), lines=sorted(self.policy.directory.lines))
-        if self.policy.directory.hostnames - set(old.resolved):
-            await self._resolve_hostnames()
-        if self.agent is not None:
-            await self._reconcile_registrations()
-
-    async def _watch_hostnames(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.sip.resolve_interval)
-            await self._resolve_hostnames()
-
-    async def _resolve_hostnames(self) -> None:
-        """Re-resolve trunk host names; a name that fails keeps its last addresses."""
-        assert self.policy is not None
-        directory = self.policy.directory
-        resolved = {name: directory.resolved.get(name, []) for name in directory.hostnames}
-        loop = asyncio.get_running_loop()
-        for name in resolved:
-            try:
-                infos = await loop.getaddrinfo(name, None, type=socket.SOCK_DGRAM)
-            except OSError:
-                log.warning("trunk.resolve_failed", host=name)
-                continue
-            resolved[name] = sorted({str(info[4][0]) for info in infos})
-        if resolved != directory.resolved:
-            self.policy.directory = TrunkDirectory(directory.trunks.values(), directory.lines.values(), resolved)
-
-    async def _reconcile_registrations(self) -> None:
-        """One driver per enabled trunk with a registration; a changed trunk restarts its driver."""
-        assert self.policy is not None and self.agent is not None and self.agent.transport is not None
-        wanted = {t.name: t for t in self.policy.directory.trunks.values() if t.enabled and t.registration is not None}
-        for name, (trunk, driver) in list(self.registrations.items()):
-            if wanted.get(name) != trunk:
-                del self.registrations[name]
-                await driver.stop()
-        sip = self.config.sip
-        local = (sip.advertised_host, self.agent.transport.local_address[1])
-        for name, trunk in wanted.items():
-            if name in self.registrations:
-                continue
-            assert trunk.registration is not None
-            client = RegistrationClient(
-                trunk.registration, local, self.agent.transport.name, sip.register_retry_min, sip.register_retry_max
-            )
-            driver = RegistrationDriver(name, client, self.agent.request, self._resolve, self._registration_changed)
-            self.registrations[name] = (trunk, driver)
-            driver.start()
-
-    @staticmethod
-    async def _resolve(host: str, port: int) -> Address:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        return str(infos[0][4][0]), int(infos[0][4][1])
-
-    def _registration_changed(self, trunk: str, status: RegistrationStatus) -> None:
-        now = asyncio.get_running_loop().time()
-        expires_in = None if status.expires_at is None else round(status.expires_at - now)
-        retry_in = None if status.next_attempt is None else round(status.next_attempt - now, 1)
-        log.info("trunk.registration", trunk=trunk, state=status.state.value, detail=status.detail,
-                 expires_in=expires_in, next_attempt_in=retry_in)  # fmt: skip
-        if self.storage is not None and self.policy is not None and trunk in self.policy.directory.trunks:
-            self._write(
-                self.storage.set_registration_status(
-                    trunk, status.state.value, status.detail, time.time(),
-                    wall_time(status.expires_at, now), wall_time(status.next_attempt, now),
-                )  # fmt: skip
-            )
-
-    def _flush_refusals(self) -> None:
-        if self.policy is None or self.storage is None or not self.policy.refused:
-            return
-        refused: Counter[str] = self.policy.refused
-        self.policy.refused = Counter()
-        for reason, count in refused.items():
-            self._write(self.storage.record_refusal(reason, time.time(), count))
 
     def _write(self, operation: Coroutine[Any, Any, None]) -> None:
         write = asyncio.get_running_loop().create_task(operation)
@@ -314,7 +203,7 @@ class VoiceLine:
 
     async def call_offered(self, call: Call) -> int:
         assert self.media is not None
-        line = self.policy.directory.lines.get(call.line) if self.policy else None
+        line = self.trunks.policy.directory.lines.get(call.line) if self.trunks else None
         if line is not None and line.max_calls and sum(1 for c in self._legs if c.line == call.line) >= line.max_calls:
             log.info("line.full", call=call.id, line=call.line)
             raise CallRejected(486, retry_after=60)
@@ -394,17 +283,6 @@ class VoiceLine:
             assert self.agent is not None
             log.warning("call.media_timeout", call=call.id, seconds=timeout)
             self.agent.hangup(call, "no media")  # ends the call even when its BYE cannot be sent
-
-
-async def _supervised(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run a housekeeping loop for the service's lifetime: an error is logged (redacted trace) and it starts again."""
-    while True:
-        try:
-            await run()
-            return
-        except Exception as exc:
-            log.error("service.task_failed", task=name, error=type(exc).__name__, exc_info=exc)
-            await asyncio.sleep(TASK_RESTART_SECONDS)
 
 
 @contextlib.contextmanager
