@@ -5,9 +5,6 @@ from __future__ import annotations
 import pytest
 
 from voiceline import config
-from voiceline.sip.admission import Admit, Drop, Refuse
-from voiceline.sip.auth import DigestClient, digest_ha1, digest_response, parse_digest, pick_challenge
-from voiceline.sip.message import Headers, SipRequest
 from voiceline.routing import (
     Line,
     Registration,
@@ -17,6 +14,9 @@ from voiceline.routing import (
     TrunkPolicy,
     dialled_number,
 )
+from voiceline.sip.admission import Admit, Drop, Refuse
+from voiceline.sip.auth import DigestClient, digest_ha1, digest_response, parse_digest, pick_challenge
+from voiceline.sip.message import Headers, SipRequest
 
 
 class Clock:
