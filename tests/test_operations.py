@@ -23,7 +23,7 @@ import pytest
 from broker import free_port
 from rawsip import Dialer, RawPeer, address, serving
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
-from voiceline.sip.trunks import Line
+from voiceline.routing import Line
 from voiceline.control import CONTROL_SOCKET, CommandError, request
 from voiceline.app import VoiceLine
 from voiceline.events import CallEnded, Event, EventBus, LinePaired, RegistrationChanged

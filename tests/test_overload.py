@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from voiceline.config import SCANNER_USER_AGENTS
 from voiceline.sip.overload import OverloadGuard, OverloadLimits, RateLimit, Verdict
 
 A, B = "127.0.0.1", "127.0.0.2"
 
 
 def guard(**limits: object) -> OverloadGuard:
+    limits.setdefault("scanner_user_agents", SCANNER_USER_AGENTS)
     return OverloadGuard(OverloadLimits(**limits))  # type: ignore[arg-type]
 
 

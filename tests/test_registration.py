@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from voiceline.routing import Registration
 from voiceline.sip.auth import DigestServer, Verdict, digest_ha1
 from voiceline.sip.message import SipRequest, SipResponse, parse_message, response_to, serialize
 from voiceline.sip.registration import RegistrationClient, RegState
-from voiceline.sip.trunks import Registration
 
 REG = Registration("sip:127.0.0.3:5080", "line-a", "s3cret", expiry=600, contact_user="inbound")
 

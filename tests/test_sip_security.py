@@ -244,7 +244,7 @@ async def test_an_unknown_source_gets_only_what_unknown_source_says_and_each_req
             assert [status_of(raw) for raw in stranger.raw] == [answer_to_stranger] * len(ANSWERED_KINDS)
             assert all(b"\r\nServer:" in raw for raw in stranger.raw)
         assert app.storage is not None
-        await until(lambda: not app.policy or not app.policy.refused)  # moved to the hourly statistics
+        await until(lambda: not app.trunks or not app.trunks.policy.refused)  # moved to the hourly statistics
         await asyncio.sleep(0.2)
         rows = [row for row in await app.storage.refusals() if row["reason"] == "unknown_source"]
         assert sum(row["count"] for row in rows) == len(ANSWERED_KINDS)

@@ -29,6 +29,7 @@ from voiceline.audio.rtp import build_packet, parse_header
 from voiceline.audio.srtp import SrtpContext, SrtpKeys
 from voiceline.codec_table import PCMU as PCMU_CODEC
 from voiceline.config import from_mapping
+from voiceline.routing import Trunk, TrunkError
 from voiceline.sip.offer_answer import OfferAnswer
 from voiceline.sip.sdp import (
     CRYPTO_KEY_LENGTH,
@@ -40,7 +41,6 @@ from voiceline.sip.sdp import (
     parse_crypto,
     parse_sdp,
 )
-from voiceline.sip.trunks import Trunk, TrunkError
 
 SUITE_80, SUITE_32 = "AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32"
 CALLER_KEY = bytes(range(1, 31))  # the caller's master key || salt, as its SDP carries it

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import random
 import secrets
+import socket
 import ssl
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +22,15 @@ from voiceline.config import Config, ConfigError, MediaConfig, SipConfig, Storag
 from voiceline.sip.message import SipRequest, SipResponse, parse_message, parse_name_addr, parse_via
 from voiceline.sip.transaction import Incoming, State, TransactionLayer
 from voiceline.sim.plugin import self_signed_certificate
-from voiceline.sip.transport import PING, FramingError, StreamFramer, server_tls_context
+from voiceline.sip.transport import (
+    PING,
+    FramingError,
+    StreamFramer,
+    StreamLimits,
+    TlsListener,
+    open_transports,
+    server_tls_context,
+)
 
 # --- stream framing ---------------------------------------------------------------------
 
@@ -509,3 +520,48 @@ async def test_an_idle_connection_stays_open_while_its_call_lasts(tmp_path: Path
         assert getattr(bye, "method", "") == "BYE"
         assert await peer.closed_by_server(timeout=5.0)  # the call is over: now the idle timeout applies
         peer.close()
+
+
+# --- opening the listening transports ---------------------------------------------------
+
+
+async def test_udp_and_tcp_share_one_port_and_tls_listens_on_its_own(tmp_path: Path) -> None:
+    certificate, key = self_signed_certificate(tmp_path / "tls")
+    tls = TlsListener(("127.0.0.1", 0), str(certificate), str(key), str(certificate))
+    opened = await open_transports("127.0.0.1", 0, ("udp", "tcp"), lambda *_: None, StreamLimits(), tls)
+    try:
+        assert [transport.name for transport in opened] == ["UDP", "TCP", "TLS"]
+        udp_port, tcp_port, tls_port = (transport.local_address[1] for transport in opened)
+        assert udp_port == tcp_port != tls_port
+        assert all(transport.local_address[0] == "127.0.0.1" for transport in opened)
+    finally:
+        for transport in opened:
+            transport.close()
+
+
+def _tcp_listener_below_ephemeral_range() -> socket.socket:
+    """A TCP socket listening on a loopback port below 32768 whose UDP twin is free."""
+    for port in random.sample(range(20000, 32768), 50):
+        listener, udp = socket.socket(socket.AF_INET, socket.SOCK_STREAM), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            listener.bind(("127.0.0.1", port))
+            udp.bind(("127.0.0.1", port))
+        except OSError:
+            listener.close()
+            continue
+        finally:
+            udp.close()
+        listener.listen()
+        return listener
+    raise AssertionError("no free loopback port found below 32768")
+
+
+async def test_a_taken_tcp_port_fails_the_start_and_releases_the_udp_port() -> None:
+    with _tcp_listener_below_ephemeral_range() as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError) as failure:
+            await open_transports("127.0.0.1", port, ("udp", "tcp"), lambda *_: None, StreamLimits())
+        assert failure.value.errno == errno.EADDRINUSE
+        await asyncio.sleep(0)  # asyncio releases a closed transport's socket on the next loop pass
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", port))  # the UDP transport opened before TCP failed was closed

@@ -114,7 +114,7 @@ async def test_ip_trunk_is_accepted_on_the_dialled_line(tmp_path: Path) -> None:
 async def test_trunk_identified_by_host_name(tmp_path: Path) -> None:
     """A host-name source is resolved (here `localhost`) and its addresses identify the trunk."""
     async with running(tmp_path, [{"name": "named", "sources": ["localhost"]}]) as app, peer_at("127.0.0.1") as peer:
-        assert app.policy is not None and "127.0.0.1" in app.policy.directory.resolved["localhost"]
+        assert app.trunks is not None and "127.0.0.1" in app.trunks.policy.directory.resolved["localhost"]
         dialer, response = await call(app, peer)
         assert response.status == 200
         assert app.agent is not None and [c.trunk for c in app.agent.calls] == ["named"]
@@ -308,7 +308,7 @@ async def test_captured_digest_answer_replayed_with_new_call_ids_and_numbers_is_
         moved.invite(rtp_port=4000, extra=f"Authorization: {authorization(offered, 'in-secret', moved.request_uri)}\r\n")
         assert (await final(neighbour)).status == 401
         assert len(app.agent.calls) == 1 and app.agent.counters.calls == 1
-        assert app.policy is not None and app.policy.refused["auth_replayed"] == 5
+        assert app.trunks is not None and app.trunks.policy.refused["auth_replayed"] == 5
 
 
 class _TcpDialPeer:
@@ -347,4 +347,4 @@ async def test_tcp_from_a_udp_digest_trunk_does_not_fall_through_to_a_broader_tr
         assert (await call(app, sbc))[1].status == 401  # over UDP it is the digest trunk, as configured
         assert await invite_over_tcp(app, "127.0.0.12") == 200  # the broad trunk itself takes TCP
         assert app.agent is not None and [c.trunk for c in app.agent.calls] == ["wide"]
-        assert app.policy is not None and app.policy.refused["wrong_transport"] == 1
+        assert app.trunks is not None and app.trunks.policy.refused["wrong_transport"] == 1

@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 
 from voiceline import config
-from voiceline.sip.auth import DigestClient, digest_ha1, digest_response, parse_digest, pick_challenge
-from voiceline.sip.message import Headers, SipRequest
-from voiceline.sip.trunks import (
-    Admit,
-    Drop,
+from voiceline.routing import (
     Line,
-    Refuse,
     Registration,
     Trunk,
     TrunkDirectory,
@@ -19,6 +14,9 @@ from voiceline.sip.trunks import (
     TrunkPolicy,
     dialled_number,
 )
+from voiceline.sip.admission import Admit, Drop, Refuse
+from voiceline.sip.auth import DigestClient, digest_ha1, digest_response, parse_digest, pick_challenge
+from voiceline.sip.message import Headers, SipRequest
 
 
 class Clock:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import gc
 import os
 import resource
 import signal
-import socket
 import time
-from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,35 +28,20 @@ from voiceline.codec_table import lookup as lookup_codec
 from voiceline.config import Config, ConfigError, SipConfig
 from voiceline.operations import Operations
 from voiceline.pairing.service import PairingService, Participant
-from voiceline.provisioning import load as load_provisioned
-from voiceline.provisioning import wall_time
+from voiceline.routing import TrunkDirectory, TrunkPolicy
 from voiceline.sdnotify import SystemdNotifier
 from voiceline.sip.overload import OverloadLimits, RateLimit
-from voiceline.sip.registration import RegistrationClient, RegistrationDriver, RegistrationStatus
 from voiceline.sip.session_timer import SessionTimerPolicy
 from voiceline.sip.transaction import Timers
-from voiceline.sip.transport import (
-    Address,
-    MessageHandler,
-    SipTransport,
-    StreamLimits,
-    StreamTransport,
-    client_tls_context,
-    open_stream,
-    open_udp,
-    server_tls_context,
-)
-from voiceline.sip.trunks import Trunk, TrunkDirectory, TrunkPolicy
+from voiceline.sip.transport import StreamLimits, StreamTransport, TlsListener, open_transports
 from voiceline.sip.useragent import Call, CallRejected, CallState, UserAgent, UserAgentSettings
 from voiceline.storage import CallAudio, Storage, write_private
+from voiceline.tasks import supervised
+from voiceline.trunk_supervisor import TrunkSupervisor
 
 log = structlog.get_logger("voiceline.app")
 
 PID_FILE = "voiceline.pid"  # in the data dir: how `voiceline drain` finds the server
-# With port 0 UDP and TCP share one kernel-chosen port; tries when TCP finds it taken.
-SHARED_PORT_ATTEMPTS = 20
-# A housekeeping loop that failed starts again after this many seconds.
-TASK_RESTART_SECONDS = 1.0
 
 
 @dataclass(eq=False)
@@ -93,13 +75,11 @@ class VoiceLine:
         self.storage: Storage | None = None
         self.media: MediaEngine | None = None
         self.agent: UserAgent | None = None
-        self.policy: TrunkPolicy | None = None
-        self.registrations: dict[str, tuple[Trunk, RegistrationDriver]] = {}
+        self.trunks: TrunkSupervisor | None = None
         self._legs: dict[Call, MediaLeg] = {}
         self._quiet_since: dict[Call, float] = {}  # confirmed calls: since when silence counts
         self._writes: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
-        self._data_version = -1
 
     def pool(self, line: str) -> PairingService:
         if line not in self.pools:
@@ -129,14 +109,26 @@ class VoiceLine:
             overload=overload_limits(sip),
         )
         loop = asyncio.get_running_loop()
-        self.policy = TrunkPolicy(
+        policy = TrunkPolicy(
             TrunkDirectory((), ()), loop.time, self._calls_on_trunk, drop_unknown=sip.unknown_source == "drop"
         )
-        await self.storage.clear_registration_status()
-        await self._reload_provisioning()  # trunks and lines are in force before the first request
-        self.agent = UserAgent(settings, self, self.policy)
-        directory = self.policy.directory
-        for transport in await open_transports(sip, self.agent.message_received):
+        self.agent = UserAgent(settings, self, policy)
+        # Trunks and lines are in force before the first request.
+        self.trunks = await TrunkSupervisor.load(
+            self.config,
+            self.storage,
+            policy,
+            self.agent,
+            self._write,
+            on_registration=self.ops.registration_changed,
+            on_refusals=self.ops.refused,
+        )
+        directory = policy.directory
+        limits = StreamLimits(sip.max_message_size, sip.connection_idle_timeout, sip.max_connections)
+        listening = await open_transports(
+            *sip.listen_address, sip.transports, self.agent.message_received, limits, tls_listener(sip)
+        )
+        for transport in listening:
             self.agent.attach(transport)
             bound_host, bound_port = transport.local_address
             log.info(
@@ -154,13 +146,9 @@ class VoiceLine:
                 advertised=sip.advertised_host,
                 hint="only callers on this machine will have audio; set sip.public_address",
             )
-        await self._reconcile_registrations()
-        self._background = [
-            loop.create_task(_supervised("watch_provisioning", self._watch_provisioning)),
-            loop.create_task(_supervised("watch_hostnames", self._watch_hostnames)),
-        ]
+        await self.trunks.start()
         if self.config.media.inactivity_timeout:
-            self._background.append(loop.create_task(_supervised("reap_silent_calls", self._reap_silent_calls)))
+            self._background.append(loop.create_task(supervised("reap_silent_calls", self._reap_silent_calls)))
         await self.ops.start()
 
     async def drain(self, stop: asyncio.Event) -> None:
@@ -203,9 +191,9 @@ class VoiceLine:
         if self.config_file is not None:
             fresh = config_module.load(self.config_file)
             self.config = replace(self.config, trunks=fresh.trunks, lines=fresh.lines)
-        self._data_version = -2  # forces the reload
-        await self._reload_provisioning()
-        log.info("provisioning.reloaded", trunks=len(self.policy.directory.trunks) if self.policy else 0)
+        assert self.trunks is not None
+        await self.trunks.reload(self.config)
+        log.info("provisioning.reloaded", trunks=len(self.trunks.policy.directory.trunks))
 
     def _usable_codecs(self) -> tuple[Codec, ...]:
         """The configured codecs whose libraries load here (Opus needs libopus)."""
@@ -223,8 +211,7 @@ class VoiceLine:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        stopping = [driver.stop() for _, driver in self.registrations.values()]
-        self.registrations.clear()
+        stopping = [self.trunks.stop()] if self.trunks is not None else []
         if self.agent is not None:
             with _contained("totals"):
                 log.info("sip.totals", **asdict(self.agent.counters), **asdict(self.agent.overload.counters))
@@ -245,7 +232,8 @@ class VoiceLine:
             if self.media is not None:
                 self.media.close()
         with _contained("refusals"):
-            self._flush_refusals()
+            if self.trunks is not None:
+                self.trunks.flush_refusals()
         if self._writes:
             await asyncio.wait(self._writes, timeout=5)
         with _contained("storage"):
@@ -253,110 +241,8 @@ class VoiceLine:
                 await self.storage.close()
         log.info("service.stopped")
 
-    # -- trunks, lines and registrations ----------------------------------------
-
     def _calls_on_trunk(self, trunk: str) -> int:
         return sum(1 for call in self.agent.calls if call.trunk == trunk) if self.agent else 0
-
-    async def _watch_provisioning(self) -> None:
-        """Apply `voiceline trunk|line` changes: the database's data_version moves when another process writes."""
-        while True:
-            await asyncio.sleep(self.config.storage.poll_interval)
-            self._flush_refusals()
-            try:
-                await self._reload_provisioning()
-            except Exception as exc:  # a bad row or a busy database must not stop the watcher
-                log.error("provisioning.reload_failed", error=type(exc).__name__)
-
-    async def _reload_provisioning(self) -> None:
-        assert self.storage is not None and self.policy is not None
-        version = await self.storage.data_version()
-        if version == self._data_version:
-            return
-        first = self._data_version == -1  # -2: a forced reload
-        self._data_version = version
-        provisioned = await load_provisioned(self.config, self.storage)
-        for name in provisioned.shadowed:
-            log.warning("provisioning.ignored", entry=name, hint="a config-file entry has the same name, or it is invalid")
-        old = self.policy.directory
-        self.policy.directory = TrunkDirectory(provisioned.trunks, provisioned.lines, old.resolved)
-        if not first and (old.trunks != self.policy.directory.trunks or old.lines != self.policy.directory.lines):
-            log.info("provisioning.loaded", trunks=sorted(self.policy.directory.trunks), lines=sorted(self.policy.directory.lines))
-        if self.policy.directory.hostnames - set(old.resolved):
-            await self._resolve_hostnames()
-        if self.agent is not None:
-            await self._reconcile_registrations()
-
-    async def _watch_hostnames(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.sip.resolve_interval)
-            await self._resolve_hostnames()
-
-    async def _resolve_hostnames(self) -> None:
-        """Re-resolve trunk host names; a name that fails keeps its last addresses."""
-        assert self.policy is not None
-        directory = self.policy.directory
-        resolved = {name: directory.resolved.get(name, []) for name in directory.hostnames}
-        loop = asyncio.get_running_loop()
-        for name in resolved:
-            try:
-                infos = await loop.getaddrinfo(name, None, type=socket.SOCK_DGRAM)
-            except OSError:
-                log.warning("trunk.resolve_failed", host=name)
-                continue
-            resolved[name] = sorted({str(info[4][0]) for info in infos})
-        if resolved != directory.resolved:
-            self.policy.directory = TrunkDirectory(directory.trunks.values(), directory.lines.values(), resolved)
-
-    async def _reconcile_registrations(self) -> None:
-        """One driver per enabled trunk with a registration; a changed trunk restarts its driver."""
-        assert self.policy is not None and self.agent is not None and self.agent.transport is not None
-        wanted = {t.name: t for t in self.policy.directory.trunks.values() if t.enabled and t.registration is not None}
-        for name, (trunk, driver) in list(self.registrations.items()):
-            if wanted.get(name) != trunk:
-                del self.registrations[name]
-                await driver.stop()
-        sip = self.config.sip
-        local = (sip.advertised_host, self.agent.transport.local_address[1])
-        for name, trunk in wanted.items():
-            if name in self.registrations:
-                continue
-            assert trunk.registration is not None
-            client = RegistrationClient(
-                trunk.registration, local, self.agent.transport.name, sip.register_retry_min, sip.register_retry_max
-            )
-            driver = RegistrationDriver(name, client, self.agent.request, self._resolve, self._registration_changed)
-            self.registrations[name] = (trunk, driver)
-            driver.start()
-
-    @staticmethod
-    async def _resolve(host: str, port: int) -> Address:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        return str(infos[0][4][0]), int(infos[0][4][1])
-
-    def _registration_changed(self, trunk: str, status: RegistrationStatus) -> None:
-        now = asyncio.get_running_loop().time()
-        expires_in = None if status.expires_at is None else round(status.expires_at - now)
-        retry_in = None if status.next_attempt is None else round(status.next_attempt - now, 1)
-        log.info("trunk.registration", trunk=trunk, state=status.state.value, detail=status.detail,
-                 expires_in=expires_in, next_attempt_in=retry_in)  # fmt: skip
-        self.ops.registration_changed(trunk, status.state.value)
-        if self.storage is not None and self.policy is not None and trunk in self.policy.directory.trunks:
-            self._write(
-                self.storage.set_registration_status(
-                    trunk, status.state.value, status.detail, time.time(),
-                    wall_time(status.expires_at, now), wall_time(status.next_attempt, now),
-                )  # fmt: skip
-            )
-
-    def _flush_refusals(self) -> None:
-        if self.policy is None or self.storage is None or not self.policy.refused:
-            return
-        refused: Counter[str] = self.policy.refused
-        self.policy.refused = Counter()
-        self.ops.refused(refused)
-        for reason, count in refused.items():
-            self._write(self.storage.record_refusal(reason, time.time(), count))
 
     def _write(self, operation: Coroutine[Any, Any, None]) -> None:
         write = asyncio.get_running_loop().create_task(operation)
@@ -368,7 +254,7 @@ class VoiceLine:
     async def call_offered(self, call: Call) -> int:
         assert self.media is not None
         self.ops.call_offered(call)
-        line = self.policy.directory.lines.get(call.line) if self.policy else None
+        line = self.trunks.policy.directory.lines.get(call.line) if self.trunks else None
         if not self.ops.line_open(call.line):
             log.info("line.closed_refused", call=call.id, line=call.line)
             self.ops.call_refused(call, "line_closed", 480)
@@ -459,17 +345,6 @@ class VoiceLine:
             self.agent.hangup(call, "no media")  # ends the call even when its BYE cannot be sent
 
 
-async def _supervised(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run a housekeeping loop for the service's lifetime: an error is logged (redacted trace) and it starts again."""
-    while True:
-        try:
-            await run()
-            return
-        except Exception as exc:
-            log.error("service.task_failed", task=name, error=type(exc).__name__, exc_info=exc)
-            await asyncio.sleep(TASK_RESTART_SECONDS)
-
-
 @contextlib.contextmanager
 def _contained(step: str) -> Iterator[None]:
     """One step of stopping: its failure is logged and the next step still runs."""
@@ -515,45 +390,11 @@ def overload_limits(sip: SipConfig) -> OverloadLimits:
     )
 
 
-async def open_transports(sip: SipConfig, on_message: MessageHandler) -> list[SipTransport]:
-    """UDP and TCP on `sip.listen` (one port for both), TLS on `sip.listen_tls` when set."""
-    host, port = sip.listen_address
-    limits = StreamLimits(sip.max_message_size, sip.connection_idle_timeout, sip.max_connections)
-    opened: list[SipTransport] = []
-    try:
-        for attempt in range(SHARED_PORT_ATTEMPTS):
-            if "udp" in sip.transports:
-                udp = await open_udp(host, port, on_message)
-                opened.append(udp)
-            if "tcp" not in sip.transports:
-                break
-            tcp_port = opened[0].local_address[1] if opened else port
-            try:
-                opened.append(await open_stream("TCP", host, tcp_port, on_message, limits))
-                break
-            except OSError as exc:
-                # Port 0: the UDP port the kernel chose may be taken for TCP; choose again.
-                if port != 0 or exc.errno != errno.EADDRINUSE or attempt == SHARED_PORT_ATTEMPTS - 1:
-                    raise
-                for transport in opened:
-                    transport.close()
-                opened.clear()
-        tls_address = sip.tls_address
-        if tls_address is not None:
-            tls = await open_stream(
-                "TLS",
-                *tls_address,
-                on_message,
-                limits,
-                server_ssl=server_tls_context(sip.tls_certificate, sip.tls_private_key),
-                client_ssl=client_tls_context(sip.tls_ca_file),
-            )
-            opened.append(tls)
-    except BaseException:
-        for transport in opened:
-            transport.close()
-        raise
-    return opened
+def tls_listener(sip: SipConfig) -> TlsListener | None:
+    tls_address = sip.tls_address
+    if tls_address is None:
+        return None
+    return TlsListener(tls_address, sip.tls_certificate, sip.tls_private_key, sip.tls_ca_file)
 
 
 def tune_process(realtime_priority: int) -> None:

@@ -14,8 +14,7 @@ from typing import Any
 
 from voiceline.codec_table import CODEC_NAMES
 from voiceline.keyfile import KEY_FILE_NAME
-from voiceline.sip.overload import SCANNER_USER_AGENTS
-from voiceline.sip.trunks import Line, Trunk, TrunkError
+from voiceline.routing import Line, Trunk, TrunkError
 
 
 class ConfigError(ValueError):
@@ -46,6 +45,16 @@ def parse_port_range(text: str, what: str) -> tuple[int, int]:
 
 
 SIP_TRANSPORTS = ("udp", "tcp")
+# User-Agent substrings of SIP scanners and war-diallers (lower case): dropped unanswered.
+SCANNER_USER_AGENTS = (
+    "friendly-scanner",
+    "sipvicious",
+    "sipcli",
+    "vaxsipuseragent",
+    "sip-scan",
+    "sundayddr",
+    "pplsip",
+)
 
 
 @dataclass(frozen=True)

@@ -118,8 +118,8 @@ class Operations:
 
     def line_open(self, line: str) -> bool:
         """Neither closed by a command nor disabled in provisioning."""
-        policy = self.app.policy
-        provisioned = policy.directory.lines.get(line) if policy is not None else None
+        trunks = self.app.trunks
+        provisioned = trunks.policy.directory.lines.get(line) if trunks is not None else None
         return line not in self.closed_lines and (provisioned is None or provisioned.enabled)
 
     def call_offered(self, call: Call) -> None:
@@ -181,7 +181,7 @@ class Operations:
         app = self.app
         agent = app.agent
         calls = agent.calls if agent is not None else []
-        directory = app.policy.directory if app.policy is not None else None
+        directory = app.trunks.policy.directory if app.trunks is not None else None
         line_names = sorted(set(directory.lines if directory else ()) | set(app.pools))
         lines = {}
         for name in line_names:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from voiceline.config import Config
-from voiceline.sip.trunks import HA1_FIELDS, Line, Trunk, TrunkError, check_name
+from voiceline.routing import HA1_FIELDS, Line, Trunk, TrunkError, check_name
 from voiceline.storage import Storage, StorageError, UnknownName
 
 

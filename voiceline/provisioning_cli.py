@@ -22,11 +22,11 @@ from voiceline import config as config_module
 from voiceline.codec_table import CODEC_NAMES
 from voiceline.config import Config, ConfigError
 from voiceline.provisioning import Provisioning, ProvisioningError, TrunkChanges
+from voiceline.routing import Trunk, parse_source
 from voiceline.sip.message import Headers, SipRequest, SipResponse
 from voiceline.sip.sdp import SRTP_POLICIES
 from voiceline.sip.transaction import Timers, new_branch
 from voiceline.sip.transport import open_udp
-from voiceline.sip.trunks import Trunk, parse_source
 from voiceline.sip.useragent import Call, CallRejected, UserAgent, UserAgentSettings
 from voiceline.storage import Storage, StorageError
 

@@ -30,7 +30,7 @@ from typing import Any
 import aiosqlite
 
 from voiceline.keyfile import KEY_FILE_NAME, KeyFile, KeyFileError
-from voiceline.sip.trunks import Trunk, TrunkError
+from voiceline.routing import Trunk, TrunkError
 
 DB_NAME = "voiceline.db"
 # The database and the files SQLite keeps beside it.

@@ -12,18 +12,6 @@ import enum
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-# User-Agent substrings of SIP scanners and war-diallers (lower case).
-SCANNER_USER_AGENTS = (
-    "friendly-scanner",
-    "sipvicious",
-    "sipcli",
-    "vaxsipuseragent",
-    "sip-scan",
-    "sundayddr",
-    "pplsip",
-)
-
-
 OTHER_METHODS = "*"  # the bucket key of methods without a rate of their own
 
 
@@ -58,7 +46,8 @@ class OverloadLimits:
     retry_after: int = 30
     # At most one 503 per source this often; other over-limit INVITEs are dropped.
     reject_interval: float = 5.0
-    scanner_user_agents: tuple[str, ...] = SCANNER_USER_AGENTS
+    # User-Agent substrings (lower case) dropped unanswered; the configuration gives the list.
+    scanner_user_agents: tuple[str, ...] = ()
     max_sources: int = 10000
     report_interval: float = 60.0
 

@@ -14,6 +14,7 @@ import enum
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -22,7 +23,6 @@ from voiceline.sip.auth import DigestClient, pick_challenge
 from voiceline.sip.message import Headers, SipParseError, SipRequest, SipResponse, parse_name_addr, parse_uri
 from voiceline.sip.transaction import new_branch
 from voiceline.sip.transport import Address
-from voiceline.sip.trunks import Registration
 
 log = structlog.get_logger("voiceline.sip.registration")
 
@@ -46,12 +46,46 @@ class RegistrationStatus:
     next_attempt: float | None = None  # clock time of the next REGISTER
 
 
+class RegistrationTarget(Protocol):
+    """Where and as whom to register: a trunk's registration settings (`voiceline.routing.Registration`)."""
+
+    @property
+    def registrar(self) -> str:
+        """sip:host[:port]"""
+        ...
+
+    @property
+    def username(self) -> str: ...
+
+    @property
+    def password(self) -> str: ...
+
+    @property
+    def realm(self) -> str:
+        """Empty: answer the realm the registrar challenges with."""
+        ...
+
+    @property
+    def expiry(self) -> int: ...
+
+    @property
+    def contact(self) -> str:
+        """The user part of our Contact."""
+        ...
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
 class RegistrationClient:
     """One trunk's registration binding. Times are on the caller's clock (the loop's)."""
 
     def __init__(
         self,
-        registration: Registration,
+        registration: RegistrationTarget,
         local: Address,
         transport: str = "UDP",
         retry_min: float = 5.0,

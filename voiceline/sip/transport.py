@@ -13,6 +13,7 @@ or larger than the limit, is an error that closes that connection.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import ssl
 import time
@@ -36,6 +37,8 @@ TLS_HANDSHAKE_SECONDS = 10.0
 # Closed connections whose reply address (received IP, sent-by port) is remembered.
 MAX_REMEMBERED_REPLY_ADDRESSES = 4096
 # RFC 5626 keep-alive: a double CRLF ping is answered with a single CRLF pong.
+# With port 0 UDP and TCP share one kernel-chosen port; tries when TCP finds it taken.
+SHARED_PORT_ATTEMPTS = 20
 PING = b"\r\n\r\n"
 PONG = b"\r\n"
 
@@ -495,3 +498,59 @@ async def open_stream(
     transport = StreamTransport(name, on_message, limits, server_ssl, client_ssl)
     await transport.listen(host, port)
     return transport
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """Where TLS listens and with which certificate; `ca_file` (empty: the system's) verifies the peers we connect to."""
+
+    address: Address
+    certificate: str
+    private_key: str
+    ca_file: str = ""
+
+
+async def open_transports(
+    host: str,
+    port: int,
+    protocols: Collection[str],
+    on_message: MessageHandler,
+    limits: StreamLimits,
+    tls: TlsListener | None = None,
+) -> list[SipTransport]:
+    """UDP and TCP (those of `protocols`, "udp"/"tcp") on one port of `host`, TLS where `tls` says."""
+    opened: list[SipTransport] = []
+    try:
+        for attempt in range(SHARED_PORT_ATTEMPTS):
+            if "udp" in protocols:
+                udp = await open_udp(host, port, on_message)
+                opened.append(udp)
+            if "tcp" not in protocols:
+                break
+            tcp_port = opened[0].local_address[1] if opened else port
+            try:
+                opened.append(await open_stream("TCP", host, tcp_port, on_message, limits))
+                break
+            except OSError as exc:
+                # Port 0: the UDP port the kernel chose may be taken for TCP; choose again.
+                if port != 0 or exc.errno != errno.EADDRINUSE or attempt == SHARED_PORT_ATTEMPTS - 1:
+                    raise
+                for transport in opened:
+                    transport.close()
+                opened.clear()
+        if tls is not None:
+            opened.append(
+                await open_stream(
+                    "TLS",
+                    *tls.address,
+                    on_message,
+                    limits,
+                    server_ssl=server_tls_context(tls.certificate, tls.private_key),
+                    client_ssl=client_tls_context(tls.ca_file),
+                )
+            )
+    except BaseException:
+        for transport in opened:
+            transport.close()
+        raise
+    return opened

@@ -59,7 +59,7 @@ from voiceline.sip.transaction import (
     TransactionLayer,
 )
 from voiceline.sip.transport import Address, SipTransport, StreamTransport
-from voiceline.sip.trunks import Admission, Admit, Drop, Refuse, RequestPolicy
+from voiceline.sip.admission import Admission, Admit, Drop, Refuse, RequestPolicy
 
 log = structlog.get_logger("voiceline.sip")
 

@@ -4,8 +4,12 @@ A trunk is a carrier connection: the addresses its requests come from (IPs,
 CIDRs, host names the asyncio edge resolves), optional inbound digest
 credentials, an optional outbound registration, its codecs and a call limit.
 A line is a named pairing pool reached by one or more dialled numbers (the
-Request-URI user part). `TrunkPolicy` decides, per out-of-dialog request,
-whether it comes from a trunk and which line it reaches.
+Request-URI user part). Provisioning (config file, database) builds them;
+`TrunkDirectory` finds a source's trunk and a number's line; `TrunkPolicy`,
+the user agent's `RequestPolicy`, decides per request whether it comes from
+a trunk and which line it reaches. `sip` knows none of this: it sees the
+policy through its admission interface and a registration as a
+`RegistrationTarget`.
 """
 
 from __future__ import annotations
@@ -15,16 +19,17 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import InitVar, dataclass, field, fields
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from voiceline.codec_table import CODEC_NAMES
+from voiceline.sip.admission import Admission, Admit, Drop, Refuse
 from voiceline.sip.auth import ALGORITHMS, DigestError, DigestServer, Verdict, digest_ha1, parse_digest
 from voiceline.sip.message import SipParseError, SipRequest, parse_uri
 from voiceline.sip.sdp import SRTP_POLICIES
 
-log = structlog.get_logger("voiceline.sip.trunks")
+log = structlog.get_logger("voiceline.routing")
 
 TRANSPORTS = ("udp", "tcp", "tls")
 ANY_NUMBER = "*"
@@ -377,28 +382,6 @@ class TrunkDirectory:
 # -- admission ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Admit:
-    trunk: str
-    line: str = ""  # empty for requests that reach no line (OPTIONS)
-    codecs: tuple[str, ...] = ()  # the trunk's allowed codecs; empty: all configured
-    srtp: str = "off"  # the trunk's SRTP policy
-
-
-@dataclass(frozen=True)
-class Refuse:
-    status: int
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class Drop:
-    pass
-
-
-Admission = Admit | Refuse | Drop
-
-
 def _credentials_for(realm: str, values: list[str]) -> str | None:
     """The first Authorization value answering `realm`."""
     for value in values:
@@ -410,27 +393,8 @@ def _credentials_for(realm: str, values: list[str]) -> str | None:
     return None
 
 
-class RequestPolicy(Protocol):
-    """What the user agent asks before it acts on a request: `check_source` for every one, `check` for new ones."""
-
-    def check(self, request: SipRequest, source: tuple[str, int], transport: str) -> Admission:
-        """`transport`: the one the request came on ("UDP", "TCP", "TLS")."""
-        ...
-
-    def check_source(self, source: tuple[str, int], transport: str, count: bool = True) -> Admission:
-        """Source admission alone, for every request (in-dialog ones and CANCEL too): Admit(trunk) or the refusal.
-
-        `count`: whether an unknown source counts as a refusal (not for an ACK, which ends an exchange already counted).
-        """
-        ...
-
-    def trunk_address(self, trunk: str, host: str) -> str | None:
-        """The last resolved address of `host` when it is a name from `trunk`'s own configuration, else None."""
-        ...
-
-
 class TrunkPolicy:
-    """Admission by trunk (source address, transport, digest) and line (dialled number).
+    """The user agent's RequestPolicy: admission by trunk (source address, transport, digest) and line (dialled number).
 
     Refusals are counted by reason in `refused` (the app moves them to the
     hourly statistics); nothing about the request other than the trunk's
