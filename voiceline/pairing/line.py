@@ -75,10 +75,11 @@ class Line:
         self._now = now
         self._pair(now, step)  # first: a reassurance just before being paired would be cut off
         while True:
-            due = [(deadline, call) for call, journey in self._journeys.items() if (deadline := journey.deadline) is not None and deadline <= now]
-            if not due:
+            due = [(journey.deadline, call) for call, journey in self._journeys.items() if journey.deadline is not None]
+            deadline, call = min(due, default=(None, ""))
+            if deadline is None or deadline > now:
                 break
-            self._feed(min(due)[1], TimerDue(), now, step)
+            self._feed(call, TimerDue(), now, step)
         return step
 
     @property

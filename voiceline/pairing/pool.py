@@ -117,7 +117,8 @@ class PreferencePool:
         if skips is not None and (now < skips.last + self.skip_window or max(skips.count.values()) >= 2):
             return False
         (since_a, preference_a), (since_b, preference_b) = self._waiting[a], self._waiting[b]
-        return _fit(preference_a, preference_b) > 0 or now - min(since_a, since_b) >= self.preference_wait
+        # `since + wait`, as deadline() computes it: a deadline reached is a deadline met
+        return _fit(preference_a, preference_b) > 0 or now >= min(since_a, since_b) + self.preference_wait
 
     def match(self, now: float) -> list[Pairing]:
         """Pair whoever may be paired now, longest waiter first; they leave the pool."""
@@ -144,7 +145,8 @@ class PreferencePool:
 
     def deadline(self, now: float) -> float | None:
         """The next time after `now` at which two waiters blocked now may become pairable."""
-        times = [since + self.preference_wait for since, preference in self._waiting.values() if preference is not Preference.EITHER]
+        waiting = self._waiting.values()
+        times = [since + self.preference_wait for since, preference in waiting if preference is not Preference.EITHER]
         times += [
             skips.last + self.skip_window
             for pair, skips in self._skips.items()
