@@ -210,9 +210,22 @@ def test_talk_time_warning_is_mixed_over_the_conversation_for_both_then_the_end_
     line.prompt_finished("a", 68.0)
     line.prompt_finished("b", 68.0)
     assert of(line.digit("a", "#", 70.0), "a") == [PlayMusic(), PlayPrompts(("looking_for_someone_new",))]
+    line.prompt_finished("a", 72.0)
+    assert line.digit("b", "#", 73.0).actions == [("b", PlayMusic()), ("b", PlayPrompts(("looking_for_someone_new",)))]
+    assert line.prompt_finished("b", 75.0).actions == []  # the two just parted: not paired again at once
+
+
+def test_the_end_of_talk_choice_left_unanswered_ends_in_a_goodbye() -> None:
+    line = Line(JourneySettings(max_talk=60.0, warn_before=15.0, end_choice_wait=20.0))
+    talking(line, "a", "b", 0.0)
+    line.due(45.0)
+    line.due(60.0)
+    line.prompt_finished("b", 68.0)
     assert line.deadline == 88.0  # b's choice is open for end_choice_wait after it was heard
     assert of(line.due(88.0), "b") == [Silence(), PlayPrompts(("goodbye",))]
     assert of(line.prompt_finished("b", 91.0), "b") == [HangUp(HangUpReason.TALK_TIME_OVER)]
+    assert line.journey("b") is None  # left the line; a's hang-up later is news of nothing
+    assert line.hung_up("b", 92.0).actions == []
 
 
 def test_talking_and_waiting_do_not_count_against_each_other() -> None:

@@ -105,6 +105,8 @@ class Line:
             elif isinstance(action, PartWays):
                 if action.reason is Parting.SKIPPED:
                     self._pool.skipped(call, action.partner, now)
+                elif action.reason is Parting.TIME_UP:  # both may ask for someone new: someone else
+                    self._pool.kept_apart(call, action.partner, now)
                 if action.partner in self._journeys:
                     self._feed(action.partner, Parted(action.reason), now, step)
             elif isinstance(action, ReadyToTalk):

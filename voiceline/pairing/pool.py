@@ -61,7 +61,7 @@ class Pairing:
 
 @dataclass
 class _Skips:
-    """Between two calls: how often each skipped the other, and when the last skip was."""
+    """Between two calls: how often each skipped the other, and when they last parted."""
 
     last: float
     count: dict[str, int] = field(default_factory=dict)  # skipper -> times
@@ -70,7 +70,8 @@ class _Skips:
 class PreferencePool:
     """One line's waiting callers (call ids), paired by preference and by who skipped whom.
 
-    Two waiters may be paired when neither skipped the other within `skip_window`,
+    Two waiters may be paired when neither skipped the other (nor their talk time
+    ran out together) within `skip_window`,
     neither skipped the other twice, and their preferences fit (a talker with a
     listener, either with anyone) or one of them has waited `preference_wait`:
     then anyone will do. The longest waiter is paired first, with a fitting
@@ -100,9 +101,14 @@ class PreferencePool:
 
     def skipped(self, skipper: str, skipped: str, now: float) -> None:
         """`skipper` asked for someone else while talking with `skipped`."""
-        skips = self._skips.setdefault(frozenset((skipper, skipped)), _Skips(now))
-        skips.last = now
+        self.kept_apart(skipper, skipped, now)
+        skips = self._skips[frozenset((skipper, skipped))]
         skips.count[skipper] = skips.count.get(skipper, 0) + 1
+
+    def kept_apart(self, a: str, b: str, now: float) -> None:
+        """The two just parted (their time was up): not paired again within the skip window."""
+        skips = self._skips.setdefault(frozenset((a, b)), _Skips(now))
+        skips.last = now
 
     def forget(self, call: str) -> None:
         """The call ended: nothing about it is kept."""
@@ -114,7 +120,7 @@ class PreferencePool:
         if a == b:
             return False
         skips = self._skips.get(frozenset((a, b)))
-        if skips is not None and (now < skips.last + self.skip_window or max(skips.count.values()) >= 2):
+        if skips is not None and (now < skips.last + self.skip_window or max(skips.count.values(), default=0) >= 2):
             return False
         (since_a, preference_a), (since_b, preference_b) = self._waiting[a], self._waiting[b]
         # `since + wait`, as deadline() computes it: a deadline reached is a deadline met
@@ -150,7 +156,7 @@ class PreferencePool:
         times += [
             skips.last + self.skip_window
             for pair, skips in self._skips.items()
-            if pair <= self._waiting.keys() and max(skips.count.values()) < 2
+            if pair <= self._waiting.keys() and max(skips.count.values(), default=0) < 2
         ]
         future = [t for t in times if t > now]
         return min(future, default=None)
