@@ -296,9 +296,45 @@ def test_hanging_up_while_waiting_counts_an_abandoned_wait() -> None:
     assert line.prompt_finished("a", 13.0).actions == []  # late news of an ended call is ignored
 
 
+def test_hold_while_talking_tells_the_partner_and_resume_bridges_again() -> None:
+    line = Line(SHORT)
+    talking(line, "a", "b", 0.0)
+    step = line.held("a", 5.0)
+    assert step.actions == [("b", PlayMusic()), ("b", PlayPrompts(("stepped_away",)))]  # a hears nothing while held
+    step = line.resumed("a", 9.0)
+    assert sorted(step.actions) == [("a", Bridge("b")), ("b", Bridge("a"))]
+    line.held("a", 10.0)
+    line.held("b", 11.0)  # both on hold
+    step = line.resumed("b", 12.0)
+    assert step.actions == [("b", PlayMusic()), ("b", PlayPrompts(("stepped_away",)))]  # a is still away
+
+
+def test_a_caller_on_hold_is_paired_with_nobody_until_resumed() -> None:
+    line = Line(SHORT)
+    waiting(line, "a", 0.0)
+    assert line.held("a", 1.0).actions == []
+    line.answered("b", 2.0)
+    line.prompt_finished("b", 2.0)
+    assert line.prompt_finished("b", 3.0).actions == []
+    assert of(line.due(10.0), "a") == []  # no reassurance to a line on hold
+    step = line.resumed("a", 12.0)
+    assert of(step, "a") == [Silence(), PlayPrompts(CONNECT)]
+    assert of(step, "b") == [Silence(), PlayPrompts(CONNECT)]
+
+
+def test_a_caller_on_hold_at_max_wait_is_hung_up_without_a_goodbye_it_could_not_hear() -> None:
+    line = Line(SHORT)
+    waiting(line, "a", 0.0)
+    line.held("a", 1.0)
+    step = line.due(35.0)
+    assert step.actions == [("a", HangUp(HangUpReason.MAX_WAIT))]
+    assert counted(step) == [Statistic.MAX_WAIT_GOODBYE]
+    assert line.journey("a") is None
+
+
 events = st.lists(
     st.tuples(
-        st.sampled_from(["answered", "digit", "finished", "hung_up", "due"]),
+        st.sampled_from(["answered", "digit", "finished", "hung_up", "held", "resumed", "due"]),
         st.sampled_from(["a", "b", "c", "d"]),
         st.sampled_from(list("0129*#5")),
         st.floats(min_value=0.0, max_value=40.0),
@@ -327,6 +363,10 @@ def test_any_sequence_of_events_keeps_the_line_consistent(sequence: list[tuple[s
             step = line.digit(call, key, now)
         elif kind == "finished":
             step = line.prompt_finished(call, now)
+        elif kind == "held":
+            step = line.held(call, now)
+        elif kind == "resumed":
+            step = line.resumed(call, now)
         elif kind == "hung_up":
             step = line.hung_up(call, now)
             hearing.pop(call, None)

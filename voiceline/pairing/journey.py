@@ -21,9 +21,15 @@ The states, in the order a caller meets them:
   ENDED
 A partner who hangs up or presses `#` sends the other back to WAITING, told so.
 
-Two kinds of action are for the line, not the call: `PartWays` (the partner must
-be told) and `ReadyToTalk` (the partner may be waiting for us to be bridged);
-`Count` is an anonymous statistic. `pairing.line.Line` consumes them.
+A caller who puts the line on hold (re-INVITE/UPDATE) leaves the pool while
+waiting and returns on resume; while connected its partner hears music and
+"the other person seems to have stepped away", and the two are bridged again
+on resume. Nothing is told to a held caller (its leg sends nothing): at
+`max_wait` it is hung up without the goodbye.
+
+Three kinds of action are for the line, not the call: `PartWays` and `HoldNews`
+(the partner must be told) and `ReadyToTalk` (the partner may be waiting for us
+to be bridged); `Count` is an anonymous statistic. `pairing.line.Line` consumes them.
 """
 
 from __future__ import annotations
@@ -128,7 +134,7 @@ class Digit:
 
 @dataclass(frozen=True)
 class PromptFinished:
-    """The last `PlayPrompts` played to its end (one replaced or stopped never finishes)."""
+    """The last `PlayPrompts` ended: played, or unplayable, or played to a held leg (one replaced never finishes)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,18 @@ class Parted:
 
 
 @dataclass(frozen=True)
+class Held:
+    """The caller put the line on hold (it sends and hears nothing)."""
+
+    held: bool  # False: resumed
+
+
+@dataclass(frozen=True)
+class PartnerHeld:
+    held: bool  # False: resumed
+
+
+@dataclass(frozen=True)
 class TimerDue:
     pass
 
@@ -156,7 +174,7 @@ class HungUp:
     pass
 
 
-Event = Answered | Digit | PromptFinished | PartnerFound | PartnerReady | Parted | TimerDue | HungUp
+Event = Answered | Digit | PromptFinished | PartnerFound | PartnerReady | Parted | Held | PartnerHeld | TimerDue | HungUp
 
 
 # Actions for the call
@@ -197,6 +215,12 @@ class PartWays:
 
 
 @dataclass(frozen=True)
+class HoldNews:
+    partner: str
+    held: bool
+
+
+@dataclass(frozen=True)
 class ReadyToTalk:
     partner: str
 
@@ -207,7 +231,7 @@ class Count:
     seconds: float | None = None
 
 
-Action = PlayPrompts | PlayMusic | Silence | Bridge | HangUp | PartWays | ReadyToTalk | Count
+Action = PlayPrompts | PlayMusic | Silence | Bridge | HangUp | PartWays | HoldNews | ReadyToTalk | Count
 
 
 @dataclass(frozen=True)
@@ -258,16 +282,22 @@ class Journey:
         self.state = State.WELCOME
         self.partner: str | None = None
         self.preference = Preference.EITHER
-        self.seeking = False  # offered to the pool
+        self.held = False
+        self._offered = False  # to the pool, once what the caller was told has been heard
         self._wait_started = 0.0
         self._next_reassurance = 0.0
         self._told_quiet = False  # once per wait
         self._reassured = 0  # phrasings alternate over the whole call
-        self._cue_heard = self._partner_ready = False
+        self._cue_heard = self._partner_ready = self._partner_held = False
         self._talk_started = 0.0
         self._warned = False
         self._choice_until: float | None = None
         self._hang_up_reason = HangUpReason.MAX_WAIT
+
+    @property
+    def seeking(self) -> bool:
+        """In the pool: waiting, told what it had to hear, and not on hold."""
+        return self._offered and not self.held
 
     @property
     def deadline(self) -> float | None:
@@ -287,6 +317,10 @@ class Journey:
             return self._hung_up(now)
         if isinstance(event, Digit):
             return self._digit(event.key, now, line)
+        if isinstance(event, Held):
+            return self._hold(event.held)
+        if isinstance(event, PartnerHeld):
+            return self._partner_hold(event.held)
         match self.state:
             case State.WELCOME:
                 return self._welcome(event, now)
@@ -316,11 +350,11 @@ class Journey:
 
     def _waiting(self, event: Event, now: float, line: LineFacts) -> list[Action]:
         if isinstance(event, PromptFinished):
-            self.seeking = True
+            self._offered = True
         elif isinstance(event, PartnerFound):
-            self.seeking = False
+            self._offered = False
             self.state, self.partner = State.CONNECTING, event.partner
-            self._cue_heard = self._partner_ready = False
+            self._cue_heard = self._partner_ready = self._partner_held = False
             return [
                 Count(Statistic.WAIT_PAIRED, now - self._wait_started),
                 Silence(),
@@ -328,7 +362,10 @@ class Journey:
             ]
         elif isinstance(event, TimerDue):
             if now >= self._wait_started + self.settings.max_wait:
-                self.seeking = False
+                self._offered = False
+                if self.held:  # it would hear no goodbye
+                    self.state = State.ENDED
+                    return [Count(Statistic.MAX_WAIT_GOODBYE), HangUp(HangUpReason.MAX_WAIT)]
                 return [
                     Count(Statistic.MAX_WAIT_GOODBYE),
                     *self._say_goodbye(
@@ -337,7 +374,7 @@ class Journey:
                 ]
             if now >= self._next_reassurance:
                 self._next_reassurance = now + self.settings.reassure_every
-                return [PlayPrompts(self._reassurance(line))]
+                return [] if self.held else [PlayPrompts(self._reassurance(line))]
         return []
 
     def _connecting(self, event: Event, now: float, line: LineFacts) -> list[Action]:
@@ -402,13 +439,33 @@ class Journey:
         self.state, self.partner = State.WAITING, None
         self._next_reassurance = now + self.settings.reassure_every
         self._told_quiet = False
-        self.seeking = not told
+        self._offered = not told
         return [*actions, PlayPrompts(told)] if told else actions
 
     def _talk(self, now: float) -> list[Action]:
-        assert self.partner is not None
         self.state, self._talk_started, self._warned = State.TALKING, now, False
-        return [Bridge(self.partner)]
+        return self._hear_partner()
+
+    def _hear_partner(self) -> list[Action]:
+        assert self.partner is not None
+        return [PlayMusic(), PlayPrompts(("stepped_away",))] if self._partner_held else [Bridge(self.partner)]
+
+    def _hold(self, held: bool) -> list[Action]:
+        if held is self.held or self.state is State.ENDED:
+            return []
+        self.held = held
+        if self.partner is None:
+            if not held and self.state is State.WAITING:
+                self._offered = True  # back in the pool, whatever it was told before the hold
+            return []
+        news: list[Action] = [HoldNews(self.partner, held)]
+        return news + self._hear_partner() if not held and self.state is State.TALKING else news
+
+    def _partner_hold(self, held: bool) -> list[Action]:
+        if self.partner is None:
+            return []
+        self._partner_held = held
+        return self._hear_partner() if self.state is State.TALKING and not self.held else []  # else set on resume
 
     def _partner_gone(self, reason: Parting, now: float, line: LineFacts) -> list[Action]:
         if reason is Parting.TIME_UP:
@@ -467,7 +524,7 @@ class Journey:
 
     def _hung_up(self, now: float) -> list[Action]:
         state, partner = self.state, self.partner
-        self.state, self.partner, self.seeking = State.ENDED, None, False
+        self.state, self.partner, self._offered = State.ENDED, None, False
         if state in (State.CHOICE, State.WAITING):
             return [Count(Statistic.WAIT_ABANDONED, now - self._wait_started)]
         if partner is not None:

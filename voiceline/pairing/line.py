@@ -18,6 +18,8 @@ from voiceline.pairing.journey import (
     Count,
     Digit,
     Event,
+    Held,
+    HoldNews,
     HungUp,
     Journey,
     JourneySettings,
@@ -25,6 +27,7 @@ from voiceline.pairing.journey import (
     Parted,
     Parting,
     PartnerFound,
+    PartnerHeld,
     PartnerReady,
     PartWays,
     PromptFinished,
@@ -64,6 +67,13 @@ class Line:
 
     def prompt_finished(self, call: str, now: float) -> Step:
         return self._run(call, PromptFinished(), now)
+
+    def held(self, call: str, now: float) -> Step:
+        """The caller put the line on hold."""
+        return self._run(call, Held(True), now)
+
+    def resumed(self, call: str, now: float) -> Step:
+        return self._run(call, Held(False), now)
 
     def hung_up(self, call: str, now: float) -> Step:
         """The caller hung up (a call we hung up has already left the line: nothing happens)."""
@@ -109,6 +119,9 @@ class Line:
                     self._pool.kept_apart(call, action.partner, now)
                 if action.partner in self._journeys:
                     self._feed(action.partner, Parted(action.reason), now, step)
+            elif isinstance(action, HoldNews):
+                if action.partner in self._journeys:
+                    self._feed(action.partner, PartnerHeld(action.held), now, step)
             elif isinstance(action, ReadyToTalk):
                 if action.partner in self._journeys:
                     self._feed(action.partner, PartnerReady(), now, step)
