@@ -14,6 +14,7 @@ from voiceline.pairing.journey import (
     CONNECT_CUE,
     Action,
     Bridge,
+    CallSummary,
     Count,
     HangUp,
     HangUpReason,
@@ -225,7 +226,7 @@ def test_the_end_of_talk_choice_left_unanswered_ends_in_a_goodbye() -> None:
     assert of(line.due(88.0), "b") == [Silence(), PlayPrompts(("goodbye",))]
     assert of(line.prompt_finished("b", 91.0), "b") == [HangUp(HangUpReason.TALK_TIME_OVER)]
     assert line.journey("b") is None  # left the line; a's hang-up later is news of nothing
-    assert line.hung_up("b", 92.0).actions == []
+    assert line.hung_up("b", 92.0) == Step()
 
 
 def test_talking_and_waiting_do_not_count_against_each_other() -> None:
@@ -285,6 +286,20 @@ def test_keys_while_waiting_and_talking() -> None:
     assert line.digit("a", "1", 4.0).actions == []  # a preference means nothing while talking
     waiting(line, "c", 5.0)
     assert of(line.digit("c", "1", 6.0), "c") == [PlayPrompts(("preference_talk",))]  # at any time while waiting
+
+
+def test_a_call_leaving_the_line_gives_its_time_waiting_and_talking() -> None:
+    line = Line(SHORT)
+    waiting(line, "a", 0.0)  # the wait counts from the choice
+    line.answered("b", 4.0)
+    line.prompt_finished("b", 6.0)
+    line.prompt_finished("b", 9.0)  # paired at 9
+    line.prompt_finished("a", 11.0)
+    line.prompt_finished("b", 11.0)  # talking from 11
+    step = line.hung_up("b", 71.0)
+    assert step.ended == [("b", CallSummary(waited=3.0, talked=60.0, partners=1))]
+    line.prompt_finished("a", 74.0)  # told the partner left: waiting again
+    assert line.hung_up("a", 80.0).ended == [("a", CallSummary(waited=9.0 + 9.0, talked=60.0, partners=1))]
 
 
 def test_hanging_up_while_waiting_counts_an_abandoned_wait() -> None:
@@ -376,6 +391,10 @@ def test_any_sequence_of_events_keeps_the_line_consistent(sequence: list[tuple[s
 
 
 def check(step: Step, hearing: dict[str, str], line: Line) -> None:
+    for call, summary in step.ended:
+        assert line.journey(call) is None and summary.waited >= 0 and summary.talked >= 0
+    hung_up = {who for who, action in step.actions if isinstance(action, HangUp)}
+    assert hung_up <= {call for call, _ in step.ended}  # a call we hang up has left the line, with its figures
     for who, action in step.actions:
         assert line.journey(who) is not None or isinstance(action, HangUp)  # a call leaves the line as it is hung up
         if isinstance(action, PlayPrompts):

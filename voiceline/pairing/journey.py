@@ -235,6 +235,15 @@ Action = PlayPrompts | PlayMusic | Silence | Bridge | HangUp | PartWays | HoldNe
 
 
 @dataclass(frozen=True)
+class CallSummary:
+    """A finished call's anonymous figures: no identity, no partner."""
+
+    waited: float
+    talked: float
+    partners: int
+
+
+@dataclass(frozen=True)
 class LineFacts:
     """What the journey is told of its line: how many other callers are on it, and when it is busiest."""
 
@@ -280,6 +289,9 @@ class Journey:
     def __init__(self, settings: JourneySettings) -> None:
         self.settings = settings
         self.state = State.WELCOME
+        self._since = 0.0  # when the state began
+        self._waited = self._talked = 0.0
+        self._partners = 0
         self.partner: str | None = None
         self.preference = Preference.EITHER
         self.held = False
@@ -293,6 +305,11 @@ class Journey:
         self._warned = False
         self._choice_until: float | None = None
         self._hang_up_reason = HangUpReason.MAX_WAIT
+
+    @property
+    def summary(self) -> CallSummary:
+        """Time waiting and talking so far (the current state counted once it is left)."""
+        return CallSummary(self._waited, self._talked, self._partners)
 
     @property
     def seeking(self) -> bool:
@@ -335,7 +352,7 @@ class Journey:
             case State.END_CHOICE:
                 return self._end_choice(event, now)
             case State.GOODBYE:
-                return self._goodbye(event)
+                return self._goodbye(event, now)
         return []
 
     # One method per state for everything but keys and hanging up.
@@ -353,7 +370,9 @@ class Journey:
             self._offered = True
         elif isinstance(event, PartnerFound):
             self._offered = False
-            self.state, self.partner = State.CONNECTING, event.partner
+            self._enter(State.CONNECTING, now)
+            self.partner = event.partner
+            self._partners += 1
             self._cue_heard = self._partner_ready = self._partner_held = False
             return [
                 Count(Statistic.WAIT_PAIRED, now - self._wait_started),
@@ -364,12 +383,12 @@ class Journey:
             if now >= self._wait_started + self.settings.max_wait:
                 self._offered = False
                 if self.held:  # it would hear no goodbye
-                    self.state = State.ENDED
+                    self._enter(State.ENDED, now)
                     return [Count(Statistic.MAX_WAIT_GOODBYE), HangUp(HangUpReason.MAX_WAIT)]
                 return [
                     Count(Statistic.MAX_WAIT_GOODBYE),
                     *self._say_goodbye(
-                        ("max_wait_goodbye", *busiest_prompts(line.busiest_hours), "goodbye"), HangUpReason.MAX_WAIT
+                        ("max_wait_goodbye", *busiest_prompts(line.busiest_hours), "goodbye"), HangUpReason.MAX_WAIT, now
                     ),
                 ]
             if now >= self._next_reassurance:
@@ -397,7 +416,7 @@ class Journey:
             if now >= self._talk_started + self.settings.max_talk:
                 assert self.partner is not None
                 partner = self.partner
-                return [Count(Statistic.TALK_LIMIT_ENDING), PartWays(partner, Parting.TIME_UP), *self._end_of_talk()]
+                return [Count(Statistic.TALK_LIMIT_ENDING), PartWays(partner, Parting.TIME_UP), *self._end_of_talk(now)]
             if not self._warned:
                 self._warned = True
                 return [PlayPrompts(("talk_time_warning",))]
@@ -407,12 +426,12 @@ class Journey:
         if isinstance(event, PromptFinished) and self._choice_until is None:
             self._choice_until = now + self.settings.end_choice_wait
         elif isinstance(event, TimerDue) and self._choice_until is not None and now >= self._choice_until:
-            return self._say_goodbye(("goodbye",), HangUpReason.TALK_TIME_OVER)
+            return self._say_goodbye(("goodbye",), HangUpReason.TALK_TIME_OVER, now)
         return []
 
-    def _goodbye(self, event: Event) -> list[Action]:
+    def _goodbye(self, event: Event, now: float) -> list[Action]:
         if isinstance(event, PromptFinished):
-            self.state = State.ENDED
+            self._enter(State.ENDED, now)
             return [HangUp(self._hang_up_reason)]
         return []
 
@@ -421,13 +440,14 @@ class Journey:
         keys = self.settings.keys
         if not self.settings.offer_choice or keys.talk is None or keys.listen is None:
             return self._wait(now, ())
-        self.state = State.CHOICE
+        self._enter(State.CHOICE, now)
         self._wait_started = now
         choice = ("key_talk", *key_prompts(keys.talk), "key_listen", *key_prompts(keys.listen), "preference_or_wait")
         return [PlayMusic(), PlayPrompts(choice)]
 
-    def _say_goodbye(self, prompts: tuple[str, ...], reason: HangUpReason) -> list[Action]:
-        self.state, self.partner, self._hang_up_reason = State.GOODBYE, None, reason
+    def _say_goodbye(self, prompts: tuple[str, ...], reason: HangUpReason, now: float) -> list[Action]:
+        self._enter(State.GOODBYE, now)
+        self.partner, self._hang_up_reason = None, reason
         return [Silence(), PlayPrompts(prompts)]
 
     def _wait(self, now: float, told: tuple[str, ...]) -> list[Action]:
@@ -436,15 +456,24 @@ class Journey:
         actions: list[Action] = [] if self.state is State.CHOICE else [PlayMusic()]
         if self.state is not State.CHOICE:
             self._wait_started = now
-        self.state, self.partner = State.WAITING, None
+        self._enter(State.WAITING, now)
+        self.partner = None
         self._next_reassurance = now + self.settings.reassure_every
         self._told_quiet = False
         self._offered = not told
         return [*actions, PlayPrompts(told)] if told else actions
 
     def _talk(self, now: float) -> list[Action]:
-        self.state, self._talk_started, self._warned = State.TALKING, now, False
+        self._enter(State.TALKING, now)
+        self._talk_started, self._warned = now, False
         return self._hear_partner()
+
+    def _enter(self, state: State, now: float) -> None:
+        if self.state in (State.CHOICE, State.WAITING):
+            self._waited += now - self._since
+        elif self.state is State.TALKING:
+            self._talked += now - self._since
+        self.state, self._since = state, now
 
     def _hear_partner(self) -> list[Action]:
         assert self.partner is not None
@@ -469,14 +498,15 @@ class Journey:
 
     def _partner_gone(self, reason: Parting, now: float, line: LineFacts) -> list[Action]:
         if reason is Parting.TIME_UP:
-            return self._end_of_talk()
+            return self._end_of_talk(now)
         return self._wait(now, ("partner_left", *self._nobody_else(line)))
 
-    def _end_of_talk(self) -> list[Action]:
-        self.state, self.partner, self._choice_until = State.END_CHOICE, None, None
+    def _end_of_talk(self, now: float) -> list[Action]:
+        self._enter(State.END_CHOICE, now)
+        self.partner, self._choice_until = None, None
         key = self.settings.keys.someone_else
         if key is None:
-            return self._say_goodbye(("talk_time_over", "goodbye"), HangUpReason.TALK_TIME_OVER)
+            return self._say_goodbye(("talk_time_over", "goodbye"), HangUpReason.TALK_TIME_OVER, now)
         choice = ("talk_time_over", "end_of_talk_choice", *key_prompts(key), "end_of_talk_or_hang_up")
         return [Silence(), PlayPrompts(choice)]
 
@@ -524,7 +554,8 @@ class Journey:
 
     def _hung_up(self, now: float) -> list[Action]:
         state, partner = self.state, self.partner
-        self.state, self.partner, self._offered = State.ENDED, None, False
+        self._enter(State.ENDED, now)
+        self.partner, self._offered = None, False
         if state in (State.CHOICE, State.WAITING):
             return [Count(Statistic.WAIT_ABANDONED, now - self._wait_started)]
         if partner is not None:

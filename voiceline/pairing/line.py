@@ -1,9 +1,11 @@
 """One line's callers: their journeys and the pool that pairs them.
 
 Sans-I/O, the coordinator the service drives per line: it is told what
-happened to a call (answered, a key, its prompt finished, it hung up) or that
-time has come (`due`), always with `now`, and returns a `Step`: what each call
-must do (the journey's actions, by call id) and anonymous statistics. It
+happened to a call (answered, a key, its prompt finished, hold and resume, it
+hung up) or that time has come (`due`), always with `now`, and returns a
+`Step`: what each call must do (the journey's actions, by call id), anonymous
+statistics, and the figures of calls that left the line (for the hourly
+aggregates). It
 tells a partner what the other did, keeps who is waiting in the pool and pairs
 them after every change; `deadline` is when `due` is next needed.
 """
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from voiceline.pairing.journey import (
     Action,
     Answered,
+    CallSummary,
     Count,
     Digit,
     Event,
@@ -43,6 +46,7 @@ from voiceline.pairing.pool import PreferencePool
 class Step:
     actions: list[tuple[str, Action]] = field(default_factory=list)  # (call id, what it must do), in order
     statistics: list[Count] = field(default_factory=list)
+    ended: list[tuple[str, CallSummary]] = field(default_factory=list)  # calls that left the line, with their figures
 
 
 class Line:
@@ -128,6 +132,7 @@ class Line:
             else:
                 step.actions.append((call, action))
         if journey.state is State.ENDED:
+            step.ended.append((call, journey.summary))
             del self._journeys[call]
             self._pool.forget(call)
         elif journey.seeking and call not in self._pool:
