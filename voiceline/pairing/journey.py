@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from voiceline.pairing.pool import Preference
 
-DTMF_KEYS = frozenset("0123456789*#ABCD")
+KEYS = frozenset("0123456789*#")  # the keys every phone has (no A-D)
 REASSURANCES = ("reassure_1", "reassure_2", "reassure_3", "reassure_4")
 CONNECT_CUE = "connect_cue"  # the audio layer's one prompt that is not speech
 
@@ -57,8 +57,8 @@ class KeyMap:
 
     def __post_init__(self) -> None:
         keys = [key for key in vars(self).values() if key is not None]
-        if any(key not in DTMF_KEYS for key in keys):
-            raise ValueError("a key must be one of 0-9, *, #, A-D")
+        if any(key not in KEYS for key in keys):
+            raise ValueError("a key must be one of 0-9, * and #")
         if len(set(keys)) != len(keys):
             raise ValueError("each key may have one meaning only")
 
@@ -251,11 +251,9 @@ class LineFacts:
     busiest_hours: tuple[int, int] | None = None  # (from, to), hours of the day
 
 
-def key_prompts(key: str) -> tuple[str, ...]:
-    """How a key is spoken: its number, "star" or "hash" (letters are not spoken)."""
-    if key.isdigit():
-        return (f"number_{key}",)
-    return {"*": ("key_star",), "#": ("key_hash",)}.get(key, ())
+def key_prompt(key: str) -> str:
+    """How a key is spoken: its number, "star" or "hash"."""
+    return {"*": "key_star", "#": "key_hash"}.get(key, f"number_{key}")
 
 
 def busiest_prompts(hours: tuple[int, int] | None) -> tuple[str, ...]:
@@ -263,7 +261,7 @@ def busiest_prompts(hours: tuple[int, int] | None) -> tuple[str, ...]:
     if hours is None:
         return ()
     start, end = hours
-    return ("busiest_between", f"number_{start % 12 or 12}", "and", f"hour_{end % 24}")
+    return ("busiest_between", f"number_{start % 12 or 12}", "and", f"hour_{end}")
 
 
 def keys_prompts(keys: KeyMap) -> tuple[str, ...]:
@@ -279,7 +277,7 @@ def keys_prompts(keys: KeyMap) -> tuple[str, ...]:
     prompts: list[str] = ["keys_intro"]
     for intro, key in spoken:
         if key is not None:
-            prompts += (intro, *key_prompts(key))
+            prompts += (intro, key_prompt(key))
     return (*prompts, "hang_up_to_leave")
 
 
@@ -442,7 +440,7 @@ class Journey:
             return self._wait(now, ())
         self._enter(State.CHOICE, now)
         self._wait_started = now
-        choice = ("key_talk", *key_prompts(keys.talk), "key_listen", *key_prompts(keys.listen), "preference_or_wait")
+        choice = ("key_talk", key_prompt(keys.talk), "key_listen", key_prompt(keys.listen), "preference_or_wait")
         return [PlayMusic(), PlayPrompts(choice)]
 
     def _say_goodbye(self, prompts: tuple[str, ...], reason: HangUpReason, now: float) -> list[Action]:
@@ -507,7 +505,7 @@ class Journey:
         key = self.settings.keys.someone_else
         if key is None:
             return self._say_goodbye(("talk_time_over", "goodbye"), HangUpReason.TALK_TIME_OVER, now)
-        choice = ("talk_time_over", "end_of_talk_choice", *key_prompts(key), "end_of_talk_or_hang_up")
+        choice = ("talk_time_over", "end_of_talk_choice", key_prompt(key), "end_of_talk_or_hang_up")
         return [Silence(), PlayPrompts(choice)]
 
     def _nobody_else(self, line: LineFacts) -> tuple[str, ...]:

@@ -52,10 +52,21 @@ class Step:
 class Line:
     def __init__(self, settings: JourneySettings) -> None:
         self.settings = settings
-        self.busiest_hours: tuple[int, int] | None = None  # from the hourly statistics, set from outside
+        self._busiest_hours: tuple[int, int] | None = None
         self._journeys: dict[str, Journey] = {}
         self._pool = PreferencePool(settings.preference_wait, settings.skip_window)
         self._now = 0.0  # of the last event: the pool's next deadline is after it
+
+    @property
+    def busiest_hours(self) -> tuple[int, int] | None:
+        """(from, to), hours of the day when the line is usually busiest: from the hourly statistics."""
+        return self._busiest_hours
+
+    @busiest_hours.setter
+    def busiest_hours(self, hours: tuple[int, int] | None) -> None:
+        if hours is not None and not all(0 <= hour < 24 for hour in hours):
+            raise ValueError("busiest hours are hours of the day, 0 to 23")
+        self._busiest_hours = hours
 
     def journey(self, call: str) -> Journey | None:
         return self._journeys.get(call)
