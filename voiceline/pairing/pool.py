@@ -6,6 +6,7 @@ Sans-I/O: members are opaque keys, time comes from the caller.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -78,6 +79,11 @@ class PreferencePool:
     preference before either before an unfitting one, a partner it skipped
     before last, and the longer waiter among equals. Skips are kept in memory
     only while both calls last.
+
+    Whatever it leaves waiting after `match` may not be paired, and that only
+    changes for a newcomer, a new preference, or a wait or window running out,
+    so the next `match` looks only at pairs with one of those in them: O(n)
+    per change, however many talkers wait together.
     """
 
     def __init__(self, preference_wait: float, skip_window: float) -> None:
@@ -85,19 +91,24 @@ class PreferencePool:
         self.skip_window = skip_window
         self._waiting: dict[str, tuple[float, Preference]] = {}  # insertion order is waiting order
         self._skips: dict[frozenset[str], _Skips] = {}
+        self._changed: set[str] = set()  # waiters who may pair with someone they could not at the last match
+        self._matched_at = -math.inf
 
     def add(self, call: str, preference: Preference, now: float) -> None:
         if call in self._waiting:
             raise ValueError("already waiting")
         self._waiting[call] = (now, preference)
+        self._changed.add(call)
 
     def prefer(self, call: str, preference: Preference) -> None:
         """A waiter changed its preference; how long it has waited still counts."""
         since, _ = self._waiting[call]
         self._waiting[call] = (since, preference)
+        self._changed.add(call)
 
     def remove(self, call: str) -> None:
         self._waiting.pop(call, None)
+        self._changed.discard(call)
 
     def skipped(self, skipper: str, skipped: str, now: float) -> None:
         """`skipper` asked for someone else while talking with `skipped`."""
@@ -128,17 +139,33 @@ class PreferencePool:
 
     def match(self, now: float) -> list[Pairing]:
         """Pair whoever may be paired now, longest waiter first; they leave the pool."""
+        self._changed.update(self._expired(self._matched_at, now))
         pairings: list[Pairing] = []
-        while True:
+        while self._changed:
             pairing = self._next_pairing(now)
             if pairing is None:
-                return pairings
+                break
             pairings.append(pairing)
-            del self._waiting[pairing.first], self._waiting[pairing.second]
+            for call in (pairing.first, pairing.second):
+                self.remove(call)
+        self._changed.clear()
+        self._matched_at = now
+        return pairings
+
+    def _expired(self, since: float, now: float) -> list[str]:
+        """Waiters whose preference wait or skip window ran out after `since`, up to `now`."""
+        expired = [call for call, (joined, _) in self._waiting.items() if since < joined + self.preference_wait <= now]
+        for pair, skips in self._skips.items():
+            if since < skips.last + self.skip_window <= now and pair <= self._waiting.keys():
+                expired += pair
+        return expired
 
     def _next_pairing(self, now: float) -> Pairing | None:
+        # Only a pair with a changed waiter in it may be new: the rest were not pairable and still are not.
+        changed = [call for call in self._waiting if call in self._changed]
         for call, (_, preference) in self._waiting.items():
-            candidates = [other for other in self._waiting if self.may_pair(call, other, now)]
+            others = self._waiting if call in self._changed else changed
+            candidates = [other for other in others if self.may_pair(call, other, now)]
             if candidates:
                 # max() keeps the first of equals: the longest waiter
                 partner = max(candidates, key=lambda other: self._rank(call, preference, other))
