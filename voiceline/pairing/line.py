@@ -99,19 +99,21 @@ class Line:
         step = Step()
         self._now = now
         self._pair(now, step)  # first: a reassurance just before being paired would be cut off
-        while True:
-            due = [(journey.deadline, call) for call, journey in self._journeys.items() if journey.deadline is not None]
-            deadline, call = min(due, default=(None, ""))
-            if deadline is None or deadline > now:
-                break
-            self._feed(call, TimerDue(), now, step)
+        while due := sorted((deadline, call) for call, deadline in self._deadlines() if deadline <= now):
+            for _, call in due:  # one may have changed another's timer (a partner): ask again
+                journey = self._journeys.get(call)
+                if journey is not None and (deadline := journey.deadline) is not None and deadline <= now:
+                    self._feed(call, TimerDue(), now, step)
         return step
+
+    def _deadlines(self) -> list[tuple[str, float]]:
+        return [(call, deadline) for call, journey in self._journeys.items() if (deadline := journey.deadline) is not None]
 
     @property
     def deadline(self) -> float | None:
-        times = [journey.deadline for journey in self._journeys.values()]
-        times.append(self._pool.deadline(self._now))
-        return min((t for t in times if t is not None), default=None)
+        times = [deadline for _, deadline in self._deadlines()]
+        pool = self._pool.deadline(self._now)
+        return min(times if pool is None else [*times, pool], default=None)
 
     def _run(self, call: str, event: Event, now: float) -> Step:
         step = Step()
