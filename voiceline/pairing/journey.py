@@ -316,6 +316,7 @@ class Journey:
 
     @property
     def deadline(self) -> float | None:
+        """When the journey next needs a `TimerDue` (None: not before something else happens)."""
         if self.state is State.WAITING:
             return min(self._next_reassurance, self._wait_started + self.settings.max_wait)
         if self.state is State.TALKING and self.settings.max_talk is not None:
@@ -326,6 +327,7 @@ class Journey:
         return None
 
     def handle(self, event: Event, now: float, line: LineFacts) -> list[Action]:
+        """What the caller must hear or do after `event`, in order; an ended journey ignores everything."""
         if self.state is State.ENDED:
             return []
         if isinstance(event, HungUp):
@@ -353,7 +355,7 @@ class Journey:
                 return self._goodbye(event, now)
         return []
 
-    # One method per state for everything but keys and hanging up.
+    # One method per state for everything but keys, hold and hanging up.
     def _welcome(self, event: Event, now: float) -> list[Action]:
         if isinstance(event, Answered):
             if self.settings.welcome:
