@@ -1,0 +1,163 @@
+"""One line's callers: their journeys and the pool that pairs them.
+
+Sans-I/O, the coordinator the service drives per line: it is told what
+happened to a call (answered, a key, its prompt finished, hold and resume, it
+hung up) or that time has come (`due`), always with `now`, and returns a
+`Step`: what each call must do (the journey's actions, by call id), anonymous
+statistics, and the figures of calls that left the line (for the hourly
+aggregates). It
+tells a partner what the other did, keeps who is waiting in the pool and pairs
+them after every change; `deadline` is when `due` is next needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from voiceline.pairing.journey import (
+    Action,
+    Answered,
+    CallSummary,
+    Count,
+    Digit,
+    Event,
+    Held,
+    HoldNews,
+    HungUp,
+    Journey,
+    JourneySettings,
+    LineFacts,
+    Parted,
+    Parting,
+    PartnerFound,
+    PartnerHeld,
+    PartnerReady,
+    PartWays,
+    PromptFinished,
+    ReadyToTalk,
+    State,
+    Statistic,
+    TimerDue,
+)
+from voiceline.pairing.pool import PreferencePool
+
+
+@dataclass
+class Step:
+    actions: list[tuple[str, Action]] = field(default_factory=list)  # (call id, what it must do), in order
+    statistics: list[Count] = field(default_factory=list)
+    ended: list[tuple[str, CallSummary]] = field(default_factory=list)  # calls that left the line, with their figures
+
+
+class Line:
+    def __init__(self, settings: JourneySettings) -> None:
+        self.settings = settings
+        self._busiest_hours: tuple[int, int] | None = None
+        self._journeys: dict[str, Journey] = {}
+        self._pool = PreferencePool(settings.preference_wait, settings.skip_window)
+        self._now = 0.0  # of the last event: the pool's next deadline is after it
+
+    @property
+    def busiest_hours(self) -> tuple[int, int] | None:
+        """(from, to), hours of the day when the line is usually busiest: from the hourly statistics."""
+        return self._busiest_hours
+
+    @busiest_hours.setter
+    def busiest_hours(self, hours: tuple[int, int] | None) -> None:
+        if hours is not None and not all(0 <= hour < 24 for hour in hours):
+            raise ValueError("busiest hours are hours of the day, 0 to 23")
+        self._busiest_hours = hours
+
+    def journey(self, call: str) -> Journey | None:
+        return self._journeys.get(call)
+
+    def answered(self, call: str, now: float) -> Step:
+        if call in self._journeys:
+            raise ValueError("call already answered")
+        self._journeys[call] = Journey(self.settings)
+        return self._run(call, Answered(), now)
+
+    def digit(self, call: str, key: str, now: float) -> Step:
+        return self._run(call, Digit(key), now)
+
+    def prompt_finished(self, call: str, now: float) -> Step:
+        return self._run(call, PromptFinished(), now)
+
+    def held(self, call: str, now: float) -> Step:
+        """The caller put the line on hold."""
+        return self._run(call, Held(True), now)
+
+    def resumed(self, call: str, now: float) -> Step:
+        return self._run(call, Held(False), now)
+
+    def hung_up(self, call: str, now: float) -> Step:
+        """The caller hung up (a call we hung up has already left the line: nothing happens)."""
+        return self._run(call, HungUp(), now)
+
+    def due(self, now: float) -> Step:
+        """Whoever may now be paired, then every timer that is due, earliest first."""
+        step = Step()
+        self._now = now
+        self._pair(now, step)  # first: a reassurance just before being paired would be cut off
+        while due := sorted((deadline, call) for call, deadline in self._deadlines() if deadline <= now):
+            for _, call in due:  # one may have changed another's timer (a partner): ask again
+                journey = self._journeys.get(call)
+                if journey is not None and (deadline := journey.deadline) is not None and deadline <= now:
+                    self._feed(call, TimerDue(), now, step)
+        return step
+
+    def _deadlines(self) -> list[tuple[str, float]]:
+        return [(call, deadline) for call, journey in self._journeys.items() if (deadline := journey.deadline) is not None]
+
+    @property
+    def deadline(self) -> float | None:
+        times = [deadline for _, deadline in self._deadlines()]
+        pool = self._pool.deadline(self._now)
+        return min(times if pool is None else [*times, pool], default=None)
+
+    def _run(self, call: str, event: Event, now: float) -> Step:
+        step = Step()
+        self._now = now
+        if call in self._journeys:
+            self._feed(call, event, now, step)
+            self._pair(now, step)
+        return step
+
+    def _feed(self, call: str, event: Event, now: float, step: Step) -> None:
+        journey = self._journeys[call]
+        facts = LineFacts(len(self._journeys) - 1, self.busiest_hours)
+        for action in journey.handle(event, now, facts):
+            if isinstance(action, Count):
+                step.statistics.append(action)
+            elif isinstance(action, PartWays):
+                if action.reason is Parting.SKIPPED:
+                    self._pool.skipped(call, action.partner, now)
+                elif action.reason is Parting.TIME_UP:  # both may ask for someone new: someone else
+                    self._pool.kept_apart(call, action.partner, now)
+                if action.partner in self._journeys:
+                    self._feed(action.partner, Parted(action.reason), now, step)
+            elif isinstance(action, HoldNews):
+                if action.partner in self._journeys:
+                    self._feed(action.partner, PartnerHeld(action.held), now, step)
+            elif isinstance(action, ReadyToTalk):
+                if action.partner in self._journeys:
+                    self._feed(action.partner, PartnerReady(), now, step)
+            else:
+                step.actions.append((call, action))
+        if journey.state is State.ENDED:
+            step.ended.append((call, journey.summary))
+            del self._journeys[call]
+            self._pool.forget(call)
+        elif journey.seeking and call not in self._pool:
+            self._pool.add(call, journey.preference, now)
+        elif not journey.seeking:
+            self._pool.remove(call)
+        elif self._pool.preference(call) is not journey.preference:
+            self._pool.prefer(call, journey.preference)
+
+    def _pair(self, now: float, step: Step) -> None:
+        for pairing in self._pool.match(now):
+            if pairing.preference_match:
+                step.statistics.append(Count(Statistic.PREFERENCE_MATCH))
+            self._feed(pairing.first, PartnerFound(pairing.second), now, step)
+            self._feed(pairing.second, PartnerFound(pairing.first), now, step)
