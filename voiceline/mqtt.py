@@ -19,7 +19,8 @@ import asyncio
 import contextlib
 import json
 import ssl
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import aiomqtt
 import structlog
@@ -37,6 +38,12 @@ RECONNECT_MAX = 30.0
 CONNECT_TIMEOUT = 5.0
 GOODBYE_TIMEOUT = 2.0
 
+
+
+def _publish_properties() -> Any:
+    """MQTT 5 properties for a PUBLISH (paho's `Properties` has no type hints)."""
+    new_properties = cast("Callable[[int], Any]", Properties)
+    return new_properties(PacketTypes.PUBLISH)
 
 class MqttLink:
     def __init__(self, config: MqttConfig, node: str, version: str, handle: CommandHandler) -> None:
@@ -168,7 +175,7 @@ class MqttLink:
         if response_topic:
             correlation = getattr(request_properties, "CorrelationData", None)
             if correlation is not None:
-                properties = Properties(PacketTypes.PUBLISH)
+                properties = _publish_properties()
                 properties.CorrelationData = correlation
         topic = response_topic or f"{self.base}/reply/{name}"
         await client.publish(topic, json.dumps(body).encode(), qos=1, properties=properties)

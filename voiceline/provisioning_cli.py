@@ -253,7 +253,7 @@ def _registration_summary(row: dict[str, Any]) -> str:
     status = row.get("registration_status")
     if status is None:
         return "-"
-    return status["state"]
+    return str(status["state"])
 
 
 # -- line handlers ------------------------------------------------------------------

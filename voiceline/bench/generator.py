@@ -311,7 +311,7 @@ class Generator:
             request = call.due(now)
             if request is not None:
                 self._sip_send(request, self._server)
-            elif was_inviting and call.state is CallState.FAILED:
+            elif was_inviting and call.state is CallState.FAILED:  # type: ignore[comparison-overlap]  # due() moved it
                 self._call_settled(leg, now)
         self._report_setup(now)
         self._report_window()

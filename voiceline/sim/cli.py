@@ -24,7 +24,7 @@ TIMEOUT_MARGIN_SECONDS = 30.0
 
 def add_sim_parser(subparsers: "argparse._SubParsersAction[Any]") -> argparse.ArgumentParser:
     """Add `sim call ...` to a command line's subcommands and return the `sim` parser."""
-    sim = subparsers.add_parser("sim", help="simulated SIP callers (needs pip install 'voiceline[sim]')")
+    sim: argparse.ArgumentParser = subparsers.add_parser("sim", help="simulated SIP callers (needs pip install 'voiceline[sim]')")
     commands = sim.add_subparsers(dest="sim_command", required=True, metavar="COMMAND")
     call = commands.add_parser(
         "call",

@@ -166,7 +166,7 @@ class StreamFramer:
     def _next(self) -> bytes | None:
         buffer = self._buffer
         if self._body_end is None:
-            if buffer[:1] in (b"\r", b"\n"):
+            if buffer and buffer[0] in b"\r\n":
                 return self._keepalive()
             head_end = self._find_head_end()
             if head_end is None:
