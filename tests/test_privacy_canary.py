@@ -23,6 +23,7 @@ import pytest
 
 from broker import Broker, Recorder, free_port
 from voiceline.sim.runner import CallReport, CallSpec
+from voiceline.sip.auth import digest_response, parse_digest
 
 pytestmark = pytest.mark.interop
 
@@ -51,9 +52,10 @@ def send_raw(server: object, text: str, source: str = "127.0.0.1") -> None:
         sock.sendto(text.replace("PORT", str(port)).encode(), (server.host, server.port))  # type: ignore[attr-defined]
 
 
-def send_raw_tcp(server: object, text: str) -> None:
+def send_raw_tcp(server: object, text: str, source: str = "127.0.0.1") -> None:
     """One message on its own TCP connection; the server's answer (or close) is read and dropped."""
-    with socket.create_connection((server.host, server.ports["tcp"]), timeout=2) as sock:  # type: ignore[attr-defined]
+    address = (server.host, server.ports["tcp"])  # type: ignore[attr-defined]
+    with socket.create_connection(address, timeout=2, source_address=(source, 0)) as sock:
         port = sock.getsockname()[1]
         sock.sendall(text.replace("PORT", str(port)).replace("SIP/2.0/UDP", "SIP/2.0/TCP").encode())
         try:
@@ -63,7 +65,7 @@ def send_raw_tcp(server: object, text: str) -> None:
 
 
 def bad_requests() -> list[str]:
-    """Requests that take error paths (400, 405, 481, 488) while carrying the canary."""
+    """Requests that take error paths (400, 405, 481, 488, 505) while carrying the canary."""
     head = (
         "Via: SIP/2.0/UDP 127.0.0.1:PORT;branch=z9hG4bK{n}\r\n"
         f'From: "{CANARY}" <sip:{CANARY}@127.0.0.1>;tag=c{{n}}\r\n'
@@ -82,7 +84,48 @@ def bad_requests() -> list[str]:
         f"INVITE sip:line@127.0.0.1 SIP/2.0\r\n{head.format(n=5, to_tag='')}CSeq: 1 INVITE\r\n"
         "Content-Type: application/sdp\r\nContent-Length: 9999\r\n\r\nv=0",
         f"OPTIONS sip:{CANARY}@127.0.0.1 SIP/3.0\r\n{head.format(n=6, to_tag='')}CSeq: 1 OPTIONS\r\n\r\n",
+        # A forged in-dialog request (no such dialog: 481) and an INVITE whose Contact is unusable (400).
+        f"INFO sip:{CANARY}@127.0.0.1 SIP/2.0\r\n{head.format(n=7, to_tag=';tag=forged')}CSeq: 9 INFO\r\n"
+        "Content-Type: application/dtmf-relay\r\nContent-Length: 10\r\n\r\nSignal=#\r\n",
+        f"INVITE sip:line@127.0.0.1 SIP/2.0\r\n{head.format(n=8, to_tag='')}".replace(
+            f"Contact: <sip:{CANARY}@127.0.0.1:PORT>", f"Contact: <sip:a@{CANARY}@127.0.0.1:PORT>"
+        )
+        + "CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n",
     ]
+
+
+def digest_answers(server: object, source: str) -> None:
+    """From a digest trunk's address: a wrong answer signed as the canary, then the same answer again
+    (a replay) and an RFC 2069 answer without qop: each refused, each carrying the canary."""
+    invite = bad_requests()[0].replace(f"CSeq: {CANARY} INVITE", "CSeq: 1 INVITE").replace("canary-1", "canary-digest")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.settimeout(3)
+        port = sock.getsockname()[1]
+        destination = (server.host, server.port)  # type: ignore[attr-defined]
+        text = invite.replace("PORT", str(port))
+        sock.sendto(text.encode(), destination)
+        challenge = next(
+            line.split(":", 1)[1].strip()
+            for line in sock.recv(65535).decode().split("\r\n")
+            if line.lower().startswith("www-authenticate:")
+        )
+        nonce = parse_digest(challenge)["nonce"]
+        uri = "sip:line@127.0.0.1"
+        signed = digest_response("MD5", CANARY, "voiceline", "wrong", "INVITE", uri, nonce, "00000001", "c1", "auth")
+        answers = [
+            f'Digest username="{CANARY}", realm="voiceline", nonce="{nonce}", uri="{uri}", algorithm=MD5, '
+            f'response="{signed}", qop=auth, nc=00000001, cnonce="c1"',
+        ] * 2
+        answers.append(
+            f'Digest username="{CANARY}", realm="voiceline", nonce="{nonce}", uri="{uri}", algorithm=MD5, '
+            f'response="{digest_response("MD5", CANARY, "voiceline", "pw", "INVITE", uri, nonce)}"'
+        )
+        for n, answer in enumerate(answers):
+            again = text.replace("branch=z9hG4bK1", f"branch=z9hG4bKd{n}").replace("CSeq: 1 ", f"CSeq: {n + 2} ")
+            sock.sendto(again.replace("CSeq:", f"Authorization: {answer}\r\nCSeq:", 1).encode(), destination)
+            status = int(sock.recv(65535).split(b" ", 2)[1])
+            assert status in (401, 403), status  # refused: challenged again or forbidden, never a call
 
 
 def test_canary_number_is_written_nowhere(
@@ -99,7 +142,7 @@ def test_canary_number_is_written_nowhere(
             "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
             # 127.0.0.1 calls freely; 127.0.0.2 must authenticate (401 path); others are unknown (403 path).
             "trunks": [
-                {"name": "local", "sources": ["127.0.0.1"], "transports": ["udp", "tcp"]},
+                {"name": "local", "sources": ["127.0.0.1"], "transports": ["udp", "tcp"], "srtp": "optional"},
                 {"name": "sbc", "sources": ["127.0.0.2"], "username": "sbc", "password": "pw"},
             ],
         }
@@ -112,6 +155,8 @@ def test_canary_number_is_written_nowhere(
     for source in ("127.0.0.2", "127.0.0.9"):  # challenged, refused as unknown
         for text in bad_requests()[:4]:  # new Call-IDs: else they would be merged requests (482)
             send_raw(server, text.replace("Call-ID: canary-", f"Call-ID: canary-{source}-"), source)
+    send_raw_tcp(server, bad_requests()[1], source="127.0.0.2")  # the digest trunk is UDP only: 403
+    digest_answers(server, "127.0.0.2")
 
     # A SIPp call with the canary in From, Contact, P-Asserted-Identity, Remote-Party-ID and SDP.
     injection = tmp_path / "canary.csv"
@@ -128,12 +173,19 @@ def test_canary_number_is_written_nowhere(
     assert sipp.returncode == 0, sipp.stdout[-2000:]
 
     # Two pjsua2 callers from the canary number, paired with each other: one over UDP holds and
-    # resumes (re-INVITEs carry the identity again, into the dialog's target refresh), one over TCP.
+    # resumes (re-INVITEs carry the identity again, into the dialog's target refresh), one over TCP
+    # with SRTP (keys in its SDP, ours in the answer).
     reports = sim_calls(
         [
             CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=2.5, hold=(0.8, 1.6)),
             CallSpec(
-                f"{target};transport=tcp", from_user=CANARY, tone_hz=1209.0, seconds=2.5, start_after=0.3, transport="tcp"
+                f"{target};transport=tcp",
+                from_user=CANARY,
+                tone_hz=1209.0,
+                seconds=2.5,
+                start_after=0.3,
+                transport="tcp",
+                srtp=True,
             ),
         ]
     )
@@ -161,6 +213,9 @@ def test_canary_number_is_written_nowhere(
     assert events.count("call.confirmed") == 3 and "pairing.talking" in events and "pairing.held" in events
     assert "sip.request" in events  # debug lines were written, and are searched too
     assert "sip.unknown_source" in events  # the 403 path ran
+    assert "trunk.wrong_transport" in events and "trunk.auth_failed" in events  # and the new refusal paths
+    stats = [e for e in server.log_events() if e["event"] == "call.media_stats"]  # type: ignore[attr-defined]
+    assert any(e["srtp_suite"] for e in stats)  # an SRTP call was among them
 
     files = written_files(server.data_dir, server.log_path.parent)  # type: ignore[attr-defined]
     assert any(f.name == "voiceline.db" for f in files) and server.log_path in files  # type: ignore[attr-defined]
