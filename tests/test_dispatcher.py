@@ -5,7 +5,7 @@ config/kamailio-dispatcher.cfg as shipped (only its listen address and nodes
 file given on the command line). Calls to one number land on one node and
 pair there; once that node is killed, the number's calls reach the other
 node and pair there; a drained node takes no new call and exits when its
-calls end.
+calls end, while the other node takes the number's new calls.
 """
 
 from __future__ import annotations
@@ -126,3 +126,22 @@ def test_a_numbers_calls_stay_on_one_node_fail_over_and_avoid_a_drained_node(
     assert other.process.wait(timeout=15) == 0
     events = [e["event"] for e in other.log_events()]
     assert events.count("pairing.talking") == 1 and "service.drained" in events
+
+
+def test_a_drained_node_hands_new_calls_to_the_other_node_and_finishes_its_own(
+    nodes: list[VoicelineServer], dispatcher: str, sim_calls: Callable[..., list[CallReport]]
+) -> None:
+    """A rolling upgrade: the number's node drains while another is up; new calls go to the other node."""
+    with ThreadPoolExecutor(1) as pool:
+        placing = pool.submit(sim_calls, [CallSpec(dispatcher, seconds=8.0)], 60.0)
+        wait_until(lambda: sum(status(node)["sip"]["calls"] for node in nodes) == 1, 30)
+        home, other = sorted(nodes, key=lambda node: -status(node)["sip"]["calls"])
+        request(home.data_dir / CONTROL_SOCKET, "drain")
+        late, = sim_calls([CallSpec(dispatcher, seconds=1.0)], 30.0)
+        assert late.connected, late
+        assert [e["event"] for e in other.log_events()].count("call.confirmed") == 1  # it took the new call
+        assert status(home)["sip"]["calls"] == 1  # and the drained node kept its caller
+        first, = placing.result(timeout=60)
+    assert first.connected and first.hangup_by == "us", first
+    assert home.process.wait(timeout=15) == 0  # it exits by itself once its call has ended
+    assert other.process.poll() is None
