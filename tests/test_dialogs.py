@@ -25,7 +25,7 @@ from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sim.analysis import goertzel_db
 from voiceline.sip.message import SipResponse, parse_via, response_to, serialize
 from voiceline.sip.sdp import parse_sdp
-from voiceline.sip.useragent import Call
+from voiceline.sip.core import Call
 
 _next_range = iter(range(22000, 23900, 20))  # this file's RTP ports
 TONE_HZ = 1000.0

@@ -26,7 +26,8 @@ from voiceline.config import from_mapping
 from voiceline.sim.plugin import VoicelineServer
 from voiceline.sip.message import SipRequest, response_to, serialize
 from voiceline.sip.sdp import parse_sdp
-from voiceline.sip.useragent import Call, CallState
+from voiceline.sip.call_state import CallState
+from voiceline.sip.core import Call
 
 _next_range = iter(range(25000, 25980, 20))  # this file's RTP ports
 
@@ -182,7 +183,7 @@ async def test_a_cancel_from_anyone_but_the_inviter_leaves_the_invite_alone(tmp_
 
         assert app.agent is not None
         [call] = app.agent.calls
-        assert call.state is CallState.OFFERED
+        assert call.state is CallState.RINGING
         assert not any(raw.startswith(b"SIP/2.0 487") for raw in carrier.raw)
         victim.cancel()  # the inviter's own CANCEL still works
         assert (await carrier.response(method="CANCEL")).status == 200

@@ -23,12 +23,12 @@ import structlog
 from voiceline.audio.codecs import available as codec_available
 from voiceline.audio.hold import hold_music, load_wav
 from voiceline.audio.latch import Learning
-from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
-from voiceline.audio.srtp import SrtpKeys
+from voiceline.audio.media import MediaEngine, MediaError
+from voiceline.calls import Calls
 from voiceline.codec_table import Codec
 from voiceline.codec_table import lookup as lookup_codec
 from voiceline.config import Config, SipConfig
-from voiceline.pairing.service import PairingService, Participant
+from voiceline.pairing.service import PairingService
 from voiceline.provisioning import load as load_provisioned
 from voiceline.provisioning import wall_time
 from voiceline.sip.overload import OverloadLimits, RateLimit
@@ -47,7 +47,8 @@ from voiceline.sip.transport import (
     server_tls_context,
 )
 from voiceline.sip.trunks import Trunk, TrunkDirectory, TrunkPolicy
-from voiceline.sip.useragent import Call, CallRejected, CallState, UserAgent, UserAgentSettings
+from voiceline.sip.core import CoreSettings
+from voiceline.sip.useragent import UserAgent
 from voiceline.storage import CallAudio, Storage, write_private
 
 log = structlog.get_logger("voiceline.app")
@@ -59,27 +60,8 @@ SHARED_PORT_ATTEMPTS = 20
 TASK_RESTART_SECONDS = 1.0
 
 
-@dataclass(eq=False)
-class CallerLeg:
-    """A confirmed call as pairing sees it: an id and what it hears."""
-
-    call: Call
-    media: MediaLeg
-
-    @property
-    def id(self) -> str:
-        return self.call.id
-
-    def hear_hold(self) -> None:
-        self.media.hold()
-
-    def hear(self, other: Participant) -> None:
-        assert isinstance(other, CallerLeg)
-        self.media.listen_to(other.media)
-
-
 class VoiceLine:
-    """The running service. Implements the user agent's CallHandler."""
+    """The running service."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -89,8 +71,7 @@ class VoiceLine:
         self.agent: UserAgent | None = None
         self.policy: TrunkPolicy | None = None
         self.registrations: dict[str, tuple[Trunk, RegistrationDriver]] = {}
-        self._legs: dict[Call, MediaLeg] = {}
-        self._quiet_since: dict[Call, float] = {}  # confirmed calls: since when silence counts
+        self.calls: Calls | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._data_version = -1
@@ -112,7 +93,7 @@ class VoiceLine:
             inband_dtmf=self.config.media.inband_dtmf,
             learning=Learning(self.config.media.learning_packets, self.config.media.learning_seconds),
         )
-        settings = UserAgentSettings(
+        settings = CoreSettings(
             advertised_host=sip.advertised_host,
             answer_delay=sip.answer_delay,
             timers=Timers(sip.t1, sip.t2, sip.t4),
@@ -128,7 +109,8 @@ class VoiceLine:
         )
         await self.storage.clear_registration_status()
         await self._reload_provisioning()  # trunks and lines are in force before the first request
-        self.agent = UserAgent(settings, self, self.policy)
+        self.calls = Calls(self.media, self.pool, self._line_max_calls, self.storage, self._write, self._hangup)
+        self.agent = UserAgent(settings, self.calls, self.policy)
         directory = self.policy.directory
         for transport in await open_transports(sip, self.agent.message_received):
             self.agent.attach(transport)
@@ -153,8 +135,10 @@ class VoiceLine:
             loop.create_task(_supervised("watch_provisioning", self._watch_provisioning)),
             loop.create_task(_supervised("watch_hostnames", self._watch_hostnames)),
         ]
-        if self.config.media.inactivity_timeout:
-            self._background.append(loop.create_task(_supervised("reap_silent_calls", self._reap_silent_calls)))
+        timeout = self.config.media.inactivity_timeout
+        if timeout:
+            reap = functools.partial(self.calls.reap_silent_calls, timeout)
+            self._background.append(loop.create_task(_supervised("reap_silent_calls", reap)))
 
     async def drain(self, stop: asyncio.Event) -> None:
         """Refuse new calls and wait until the last call ended, `stop` is set or sip.drain_timeout passed."""
@@ -319,90 +303,15 @@ class VoiceLine:
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
 
-    # -- CallHandler -------------------------------------------------------------
+    # -- what the call handler asks of the service --------------------------------------
 
-    async def call_offered(self, call: Call) -> int:
-        assert self.media is not None
-        line = self.policy.directory.lines.get(call.line) if self.policy else None
-        if line is not None and line.max_calls and sum(1 for c in self._legs if c.line == call.line) >= line.max_calls:
-            log.info("line.full", call=call.id, line=call.line)
-            raise CallRejected(486, retry_after=60)
-        try:
-            leg = await self.media.open_leg()
-        except MediaError:
-            log.warning("call.no_media_ports", call=call.id)
-            raise CallRejected(503, retry_after=30) from None
-        if call.audio is not None:  # else the offer goes out in our 200 and the ACK answers it
-            _start_media(leg, call)
-        self._legs[call] = leg
-        return leg.local_port
+    def _line_max_calls(self, line: str) -> int:
+        configured = self.policy.directory.lines.get(line) if self.policy else None
+        return configured.max_calls if configured is not None else 0
 
-    def call_confirmed(self, call: Call) -> None:
-        leg = self._legs[call]
-        if call.offer is None:
-            _start_media(leg, call)
-        self._quiet_since[call] = asyncio.get_running_loop().time()
-        leg.set_sending(not call.on_hold)
-        pool = self.pool(call.line)
-        pool.join(CallerLeg(call, leg), held=call.on_hold)
-        leg.on_digit = functools.partial(pool.digit, call.id)
-
-    def call_media_changed(self, call: Call) -> None:
-        leg = self._legs.get(call)
-        if leg is None or call.audio is None:
-            return
-        remote = (call.audio.remote_host, call.audio.remote_port)
-        leg.update_remote(remote)
-        keys = _srtp_keys(call)
-        if keys is not None:  # a re-offer keeps SRTP or plain RTP as the call began
-            leg.rekey(keys)
-        self._quiet_since[call] = asyncio.get_running_loop().time()
-        if call.on_hold:
-            leg.set_sending(False)
-            self.pool(call.line).hold(call.id)
-        else:
-            leg.set_sending(True)
-            self.pool(call.line).resume(call.id)
-
-    def call_dtmf(self, call: Call, digit: str) -> None:
-        """A digit from SIP INFO (the user agent's side); RTP digits come through `MediaLeg.on_digit`."""
-        self.pool(call.line).digit(call.id, digit)
-
-    def call_ended(self, call: Call) -> None:
-        self._quiet_since.pop(call, None)
-        leg = self._legs.pop(call, None)
-        audio = CallAudio()
-        if leg is not None:
-            leg.close()
-            stats = leg.stats()
-            log.info("call.media_stats", call=call.id, **asdict(stats))
-            audio = CallAudio(stats.packets_expected, stats.packets_lost, stats.jitter_ms)
-        summary = self.pool(call.line).leave(call.id)
-        if summary is not None and self.storage is not None:
-            paired = summary.partners > 0
-            self._write(self.storage.record_call(call.line, time.time(), summary.waited, summary.talked, paired, audio))
-
-    async def _reap_silent_calls(self) -> None:
-        """End calls whose caller sent no RTP for media.inactivity_timeout while not on hold."""
-        timeout = self.config.media.inactivity_timeout
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(min(5.0, timeout / 4))
-            now = loop.time()
-            for call, since in list(self._quiet_since.items()):
-                try:
-                    self._reap_if_silent(call, since, now, timeout)
-                except Exception as exc:  # one call's error never spares the others
-                    log.error("call.reap_failed", call=call.id, error=type(exc).__name__, exc_info=exc)
-
-    def _reap_if_silent(self, call: Call, since: float, now: float, timeout: float) -> None:
-        leg = self._legs.get(call)
-        if leg is None or call.on_hold or call.state is not CallState.CONFIRMED:
-            return
-        if now - max(since, leg.last_received) > timeout:
-            assert self.agent is not None
-            log.warning("call.media_timeout", call=call.id, seconds=timeout)
-            self.agent.hangup(call, "no media")  # ends the call even when its BYE cannot be sent
+    def _hangup(self, call_id: str, reason: str) -> None:
+        if self.agent is not None:
+            self.agent.hangup(call_id, reason)
 
 
 async def _supervised(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -423,29 +332,6 @@ def _contained(step: str) -> Iterator[None]:
         yield
     except Exception as exc:
         log.error("service.stop_failed", step=step, error=type(exc).__name__, exc_info=exc)
-
-
-def _start_media(leg: MediaLeg, call: Call) -> None:
-    audio = call.audio
-    assert audio is not None
-    # The INVITE's source host is trusted for RTP too: a caller behind NAT sends both from its NAT.
-    signalling_host = call.invite.source[0]
-    leg.start(
-        (audio.remote_host, audio.remote_port),
-        audio.codec,
-        audio.payload_type,
-        audio.telephone_event_pt,
-        signalling_host=signalling_host,
-        srtp=_srtp_keys(call),
-    )
-
-
-def _srtp_keys(call: Call) -> SrtpKeys | None:
-    """The negotiated SDES keys: ours (what we send) and the caller's; None for plain RTP."""
-    ours = call.media.local_crypto
-    if ours is None or call.audio is None or call.audio.crypto is None:
-        return None
-    return SrtpKeys(ours.suite, send_key=ours.key, receive_key=call.audio.crypto.key)
 
 
 def overload_limits(sip: SipConfig) -> OverloadLimits:
