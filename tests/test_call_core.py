@@ -22,15 +22,13 @@ from voiceline.sip.call_state import (
     next_exchange,
     next_phase,
 )
-from voiceline.sip.core import (
+from voiceline.sip.core import CallCore, CoreSettings, Entropy
+from voiceline.sip.events import (
     Answered,
     CallConfirmed,
-    CallCore,
     CallEnded,
     CallOffered,
     Cancelled,
-    CoreSettings,
-    Entropy,
     Event,
     MediaChanged,
     Refused,

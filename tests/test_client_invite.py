@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from voiceline.sip.auth import DigestClient
-from voiceline.sip.core import Answered, CallEnded, Cancelled, CoreSettings, Refused
+from voiceline.sip.core import CoreSettings
+from voiceline.sip.events import Answered, CallEnded, Cancelled, Refused, TimedOut
 from voiceline.sip.transaction import Timers
 from voiceline.sip.transport import open_udp
 from voiceline.sip.useragent import OutboundCall, UserAgent
@@ -162,5 +163,5 @@ async def test_ringing_past_the_ring_timeout_is_cancelled(agent: tuple[UserAgent
     callee = await Callee.start(callees, tmp_path, sipp_port, "-sf", str(SCENARIOS / "uas_ring_forever.xml"))
     call = await place(ua, callee, ring_timeout=0.5)
     outcome = await asyncio.wait_for(call.outcome, 10)
-    assert type(outcome).__name__ == "TimedOut"
+    assert outcome == TimedOut(call.id)
     assert await callee.finished() == 0, callee.errors()

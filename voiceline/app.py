@@ -14,7 +14,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from voiceline.sip.transport import (
 from voiceline.sip.trunks import Trunk, TrunkDirectory, TrunkPolicy
 from voiceline.sip.core import CoreSettings
 from voiceline.sip.useragent import UserAgent
-from voiceline.storage import CallAudio, Storage, write_private
+from voiceline.storage import Storage, write_private
 
 log = structlog.get_logger("voiceline.app")
 
@@ -208,7 +208,7 @@ class VoiceLine:
             try:
                 await self._reload_provisioning()
             except Exception as exc:  # a bad row or a busy database must not stop the watcher
-                log.error("provisioning.reload_failed", error=type(exc).__name__)
+                log.error("provisioning.reload_failed", error=type(exc).__name__, exc_info=exc)
 
     async def _reload_provisioning(self) -> None:
         assert self.storage is not None and self.policy is not None

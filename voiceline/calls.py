@@ -18,7 +18,7 @@ import structlog
 from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
 from voiceline.audio.srtp import SrtpKeys
 from voiceline.pairing.service import PairingService, Participant
-from voiceline.sip.core import CallInfo, CallMedia
+from voiceline.sip.events import CallInfo, CallMedia
 from voiceline.sip.useragent import CallRejected
 from voiceline.storage import CallAudio, Storage
 

@@ -18,24 +18,20 @@ from typing import Any, Protocol
 import structlog
 
 from voiceline.sip.auth import DigestClient
-from voiceline.sip.core import (
+from voiceline.sip.core import Call, CallCore, CoreSettings, Entropy, SipCounters
+from voiceline.sip.events import (
     Answered,
-    Call,
     CallConfirmed,
-    CallCore,
     CallEnded,
     CallInfo,
     CallOffered,
     Cancelled,
-    CoreSettings,
     Dtmf,
-    Entropy,
     Event,
     MediaChanged,
     Refused,
     RequestDone,
     Ringing,
-    SipCounters,
     TimedOut,
 )
 from voiceline.sip.message import SipRequest, SipResponse
