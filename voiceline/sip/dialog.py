@@ -1,4 +1,4 @@
-"""Sans-I/O dialog state (RFC 3261 section 12) for dialogs we join as the UAS.
+"""Sans-I/O dialog state (RFC 3261 section 12): dialogs we join as the UAS, or start as the UAC.
 
 The dialog is the only place a caller's URI lives, and only while the call
 lasts: its repr hides the URIs so a stray log line or traceback cannot show them.
