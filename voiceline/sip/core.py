@@ -117,6 +117,7 @@ class Entropy:
     branch: Callable[[], str] = new_branch
     call_id: Callable[[], str] = new_call_id  # the opaque id logs and the app use
     sip_call_id: Callable[[], str] = lambda: secrets.token_hex(16)  # the Call-ID header of our INVITEs
+    first_cseq: Callable[[], int] = lambda: secrets.randbelow(1 << 16) + 1  # our INVITE's CSeq
     uniform: Callable[[float, float], float] = random.uniform  # glare backoff
 
 
@@ -844,7 +845,7 @@ class CallCore:
                 ("From", f"{sender};tag={local_tag}"),
                 ("To", f"<{target_uri}>"),
                 ("Call-ID", self.entropy.sip_call_id()),
-                ("CSeq", f"{secrets.randbelow(1 << 16) + 1} INVITE"),
+                ("CSeq", f"{self.entropy.first_cseq()} INVITE"),
                 ("Contact", self.contact_for(transport, target_uri[:5].lower() == "sips:")),
                 *self._capabilities(),
                 ("User-Agent", USER_AGENT),

@@ -241,7 +241,7 @@ class UserAgent:
             self._to_outbound(outbound, event)
         elif isinstance(event, CallOffered):
             self._spawn(self._decide(event.call))
-        elif self.handler is not None:
+        elif self.handler is not None and isinstance(event, (CallConfirmed, MediaChanged, Dtmf, CallEnded)):
             self._to_handler(event)
 
     def _to_outbound(self, call: OutboundCall, event: Event) -> None:
@@ -257,7 +257,7 @@ class UserAgent:
         else:
             call.events.append(event)
 
-    def _to_handler(self, event: Event) -> None:
+    def _to_handler(self, event: CallConfirmed | MediaChanged | Dtmf | CallEnded) -> None:
         assert self.handler is not None
         try:
             if isinstance(event, CallConfirmed):
@@ -266,13 +266,12 @@ class UserAgent:
                 self.handler.call_media_changed(event.call)
             elif isinstance(event, Dtmf):
                 self.handler.call_dtmf(event.call, event.digit)
-            elif isinstance(event, CallEnded):
+            else:
                 self.handler.call_ended(event.call, event.reason)
         except Exception as exc:  # this call ends (when it still runs); no other call is touched
-            call = event.call  # type: ignore[union-attr]
-            log.error("call.handler_failed", call=call.id, error=type(exc).__name__, exc_info=exc)
+            log.error("call.handler_failed", call=event.call.id, error=type(exc).__name__, exc_info=exc)
             if not isinstance(event, CallEnded):
-                self.hangup(call.id, "internal error")
+                self.hangup(event.call.id, "internal error")
 
     async def _decide(self, call: CallInfo) -> None:
         """The app's answer to an offered call: its RTP port, a refusal, or (on a bug) the call ends."""
