@@ -490,7 +490,7 @@ class CallCore:
         self.counters.calls += 1
         self._respond(tx, 100)
         log.info("call.offered", call=call.id, codec=audio.codec.name if audio else None, trunk=call.trunk, line=call.line)
-        self._events.append(CallOffered(self._info(call)))
+        self._events.append(CallOffered(self.info(call)))
 
     def _session_timers(self, request: SipRequest) -> Agreement | None:
         timers = answer_request(request.headers, self.settings.session_timers)
@@ -508,7 +508,7 @@ class CallCore:
         call.media.local_port = local_rtp_port
         if call.state is CallState.ENDED:  # cancelled while the app prepared media: it owns that media now
             self._by_id.pop(call.id, None)
-            self._events.append(CallEnded(self._info(call), "cancelled"))
+            self._events.append(CallEnded(self.info(call), "cancelled"))
             return
         if self._move(call, CallEvent.ACCEPT) is not CallState.RINGING:
             return
@@ -537,10 +537,10 @@ class CallCore:
         assert call.invite is not None
         if call.offer is not None and call.audio is not None:
             sdp = call.media.answer(call.offer, call.audio)
-            call.exchange = Exchange.AWAITING_ACK
+            self._exchange(call, ExchangeEvent.INVITE_OFFER)
         else:
             sdp = call.media.offer()  # the answer comes in the ACK
-            call.exchange = Exchange.AWAITING_ANSWER
+            self._exchange(call, ExchangeEvent.INVITE)
         call.awaiting_ack = call.invite
         agreement = call.session_agreement
         timer_headers = list(agreement.response_headers) if agreement else []
@@ -565,8 +565,7 @@ class CallCore:
             return  # a stray, repeated or forged ACK
         self._stop_awaiting_ack(call)
         exchange = call.exchange
-        after = next_exchange(exchange, ExchangeEvent.ACK)
-        call.exchange = after if isinstance(after, Exchange) else exchange
+        self._exchange(call, ExchangeEvent.ACK)
         if exchange is Exchange.AWAITING_ANSWER:  # we offered in the 200: the ACK carries the answer (13.2.1)
             before = call.audio
             try:
@@ -579,7 +578,7 @@ class CallCore:
                 self._media_maybe_changed(call, before)
         if call.state is CallState.ANSWERED and self._move(call, CallEvent.ACK) is CallState.CONFIRMED:
             log.info("call.confirmed", call=call.id, on_hold=call.on_hold)
-            self._events.append(CallConfirmed(self._info(call)))
+            self._events.append(CallConfirmed(self.info(call)))
 
     def _on_cancel(self, tx: ServerTransaction, request: SipRequest) -> None:
         invite = self.transactions.find_invite(request)
@@ -682,7 +681,7 @@ class CallCore:
             return
         self._respond(tx, 200)
         if call.state is CallState.CONFIRMED:
-            self._events.append(Dtmf(self._info(call), digit))
+            self._events.append(Dtmf(self.info(call), digit))
 
     def _media_maybe_changed(self, call: Call, before: NegotiatedAudio | None) -> None:
         audio = call.audio
@@ -692,7 +691,7 @@ class CallCore:
         if moved or audio.direction != before.direction or audio.crypto != before.crypto:
             log.info("call.media_changed", call=call.id, on_hold=call.on_hold, moved=moved)
             if call.state is CallState.CONFIRMED:
-                self._events.append(MediaChanged(self._info(call)))
+                self._events.append(MediaChanged(self.info(call)))
 
     def _stop_awaiting_ack(self, call: Call) -> None:
         if call.awaiting_ack is not None:
@@ -768,8 +767,7 @@ class CallCore:
         assert timer is not None
         status = response.status if response is not None else 408
         if is_invite:
-            exchange = next_exchange(call.exchange, ExchangeEvent.INVITE_DONE)
-            call.exchange = exchange if isinstance(exchange, Exchange) else call.exchange
+            self._exchange(call, ExchangeEvent.INVITE_DONE)
             if status >= 300:
                 call.media.offer_pending = False  # the offer was refused: the session stays as it was
         if 200 <= status < 300:
@@ -864,8 +862,9 @@ class CallCore:
         dialog = Dialog.from_our_invite(request, local_tag)
         call = Call(
             self.entropy.call_id(), dialog, media, dest, transport, state=CallState.CALLING,
-            exchange=Exchange.OUR_INVITE, credentials=credentials, trunk=trunk,
+            credentials=credentials, trunk=trunk,
         )  # fmt: skip
+        self._exchange(call, ExchangeEvent.SEND_INVITE)
         self._add(call)
         self.counters.calls += 1
         self._send_invite(call, request)
@@ -916,7 +915,7 @@ class CallCore:
             return
         self._ack_2xx(call, tx)
         self._move(call, CallEvent.SUCCESS)
-        call.exchange = Exchange.IDLE
+        self._exchange(call, ExchangeEvent.INVITE_DONE)
         if was is CallState.CANCELLING:  # the 2xx crossed our CANCEL (RFC 3261 9.1): ACK it, then BYE
             self._send_bye(call)
             self._outbound_over(call, Cancelled(call.id), call.end_reason)
@@ -937,7 +936,7 @@ class CallCore:
         self._start_call_timers(call)
         call.media_ready = True
         log.info("call.answered", call=call.id, outbound=True)
-        self._events.append(Answered(self._info(call)))
+        self._events.append(Answered(self.info(call)))
 
     def _retry_with_credentials(self, call: Call, tx: ClientTransaction, response: SipResponse) -> bool:
         """Send the INVITE again with our answer to a digest challenge; False when there is none to give."""
@@ -1040,7 +1039,15 @@ class CallCore:
             self._by_id.pop(call.id, None)  # else kept until the app's accept or reject
         log.info("call.ended", call=call.id, reason=reason)
         if call.media_ready:
-            self._events.append(CallEnded(self._info(call), reason))
+            self._events.append(CallEnded(self.info(call), reason))
+
+    def _exchange(self, call: Call, event: ExchangeEvent) -> Refusal | None:
+        """Apply the exchange table; a refusal changes nothing."""
+        outcome = next_exchange(call.exchange, event)
+        if isinstance(outcome, Refusal):
+            return outcome
+        call.exchange = outcome
+        return None
 
     def _move(self, call: Call, event: CallEvent) -> CallState | Refusal:
         """Apply the phase table; returns the new state (or the refusal, which changes nothing)."""
@@ -1152,7 +1159,8 @@ class CallCore:
             to_tag = call.dialog.local_tag if call is not None else self.entropy.tag()
         return _with_server(response_to(tx.request, status, to_tag=to_tag, headers=extra, body=body))
 
-    def _info(self, call: Call) -> CallInfo:
+    def info(self, call: Call) -> CallInfo:
+        """What the app may know of `call`."""
         audio = call.audio
         media = None
         if audio is not None:

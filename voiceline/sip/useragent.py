@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import structlog
 
 from voiceline.sip.auth import DigestClient
-from voiceline.sip.core import Call, CallCore, CoreSettings, Entropy, SipCounters
+from voiceline.sip.core import CallCore, CoreSettings, Entropy, SipCounters
 from voiceline.sip.events import (
     Answered,
     CallConfirmed,
@@ -132,8 +132,9 @@ class UserAgent:
         return self.core.transactions
 
     @property
-    def calls(self) -> list[Call]:
-        return self.core.calls
+    def calls(self) -> list[CallInfo]:
+        """The calls in progress, as the app may see them."""
+        return [self.core.info(call) for call in self.core.calls]
 
     @property
     def draining(self) -> bool:
