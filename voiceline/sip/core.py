@@ -243,9 +243,6 @@ class CallCore:
     def calls(self) -> list[Call]:
         return list(self._calls.values())
 
-    def call(self, call_id: str) -> Call | None:
-        return self._by_id.get(call_id)
-
     @property
     def pending_requests(self) -> int:
         """Our requests still waiting for a final response."""
@@ -283,7 +280,7 @@ class CallCore:
             call = next((c for c in self._calls.values() if c.awaiting_ack is tx), None)
             if call is not None:
                 log.warning("call.ack_timeout", call=call.id)
-                self.hangup(call.id, "no ACK")
+                self._hangup(call, "no ACK")
         for client_tx in result.timed_out:
             on_final = self._pending.pop(client_tx, None)
             if on_final is not None:
@@ -295,7 +292,7 @@ class CallCore:
             step(*args)
         except Exception as exc:
             log.error("call.internal_error", call=call.id, error=type(exc).__name__, exc_info=exc)
-            self.hangup(call.id, "internal error")
+            self._hangup(call, "internal error")
 
     # -- inbound messages -----------------------------------------------------------
 
@@ -572,7 +569,7 @@ class CallCore:
                 call.media.take_answer(request.body)
             except SdpError:
                 log.warning("call.no_answer_in_ack", call=call.id)
-                self.hangup(call.id, "no usable answer in the ACK")
+                self._hangup(call, "no usable answer in the ACK")
                 return
             if call.state is CallState.CONFIRMED:
                 self._media_maybe_changed(call, before)
@@ -707,9 +704,9 @@ class CallCore:
             self._answer(call)
         elif name == "max_duration":
             log.info("call.max_duration", call=call.id)
-            self.hangup(call.id, "maximum duration")
+            self._hangup(call, "maximum duration")
         elif name == "ring":
-            self.hangup(call.id, "no answer")
+            self._hangup(call, "no answer")
         elif name == "session":
             self._session_timer_due(call)
 
@@ -719,7 +716,7 @@ class CallCore:
         action = timer.poll(self._now)
         if action is Action.EXPIRE:
             log.warning("call.session_expired", call=call.id)
-            self.hangup(call.id, "session expired")
+            self._hangup(call, "session expired")
             return
         if action is Action.REFRESH:
             self._send_refresh(call)
@@ -774,7 +771,7 @@ class CallCore:
             assert response is not None
             self._on_refresh_accepted(call, tx, response, timer)
         elif status in (408, 481):
-            self.hangup(call.id, "refresh failed")  # the peer lost the dialog (RFC 4028 10)
+            self._hangup(call, "refresh failed")  # the peer lost the dialog (RFC 4028 10)
             return
         elif status == 422:
             min_se = (response.headers.get("Min-SE") if response else None) or ""
@@ -793,7 +790,7 @@ class CallCore:
             try:
                 call.media.take_answer(response.body)
             except SdpError:
-                self.hangup(call.id, "unusable answer to our re-INVITE")
+                self._hangup(call, "unusable answer to our re-INVITE")
                 return
             self._media_maybe_changed(call, before)
         try:
@@ -984,15 +981,18 @@ class CallCore:
 
     # -- ending calls ------------------------------------------------------------------
 
-    def hangup(self, call_id: str, reason: str, now: float | None = None) -> None:
+    def hangup(self, call_id: str, reason: str, now: float) -> None:
         """End a call from our side: a final error before the answer, BYE after it, CANCEL while ours rings.
 
         An inbound call ends even when its answer or BYE cannot be sent (logged): nothing stays behind.
         """
-        if now is not None:
-            self._now = now
+        self._now = now
         call = self._by_id.get(call_id)
-        if call is None or call.state is CallState.ENDED:
+        if call is not None:
+            self._hangup(call, reason)
+
+    def _hangup(self, call: Call, reason: str) -> None:
+        if call.state is CallState.ENDED:
             return
         was = call.state
         self._move(call, CallEvent.HANGUP)
