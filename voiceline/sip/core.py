@@ -111,7 +111,7 @@ ANONYMOUS_FROM = '"Anonymous" <sip:anonymous@anonymous.invalid>'  # RFC 3323 4.1
 
 @dataclass(frozen=True)
 class Entropy:
-    """Every random value the core uses; tests pass fixed ones."""
+    """The signalling's random values; tests pass fixed ones. (SRTP keys and SDP session ids stay `secrets`'.)"""
 
     tag: Callable[[], str] = new_tag
     branch: Callable[[], str] = new_branch
