@@ -17,7 +17,7 @@ import pytest
 
 from voiceline.sip.auth import DigestClient
 from voiceline.sip.core import CoreSettings
-from voiceline.sip.events import Answered, CallEnded, Cancelled, Refused, TimedOut
+from voiceline.sip.events import Answered, CallEnded, Cancelled, Refused, Ringing, TimedOut
 from voiceline.sip.transaction import Timers
 from voiceline.sip.transport import open_udp
 from voiceline.sip.useragent import OutboundCall, UserAgent
@@ -148,11 +148,7 @@ async def test_cancelled_while_ringing(agent: tuple[UserAgent, int], callees: li
     ua, sipp_port = agent
     callee = await Callee.start(callees, tmp_path, sipp_port, "-sf", str(SCENARIOS / "uas_ring_forever.xml"))
     call = await place(ua, callee)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while not call.events and loop.time() < deadline:  # its 180
-        await asyncio.sleep(0.02)
-    assert call.events, "no 180 from the callee"
+    assert await asyncio.wait_for(call.events.get(), 10) == Ringing(call.id, 180)
     ua.hangup(call.id, "caller gave up")
     assert await asyncio.wait_for(call.outcome, 10) == Cancelled(call.id)
     assert await callee.finished() == 0, callee.errors()  # CANCEL, 200, 487 and our ACK, as scripted

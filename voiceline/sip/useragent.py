@@ -82,7 +82,7 @@ class OutboundCall:
     id: str
     outcome: asyncio.Future[Outcome]
     ended: asyncio.Future[CallEnded]
-    events: list[Event] = field(default_factory=list)  # Ringing, MediaChanged, Dtmf
+    events: asyncio.Queue[Ringing | MediaChanged | Dtmf] = field(default_factory=asyncio.Queue)
 
 
 class UserAgent:
@@ -255,8 +255,8 @@ class UserAgent:
             del self._outbound[call.id]
             if not call.ended.done():
                 call.ended.set_result(event)
-        else:
-            call.events.append(event)
+        elif isinstance(event, (Ringing, MediaChanged, Dtmf)):
+            call.events.put_nowait(event)
 
     def _to_handler(self, event: CallConfirmed | MediaChanged | Dtmf | CallEnded) -> None:
         assert self.handler is not None
