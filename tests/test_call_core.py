@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from rawsip import OFFER, Dialer
+from rawsip import OFFER, Dialer, to_tag
 from voiceline.sip.auth import OFFERED, DigestClient, DigestServer, Verdict, digest_ha1
 from voiceline.sip.call_state import (
     EXCHANGES,
@@ -545,3 +545,23 @@ def test_requests_for_an_unanswered_outbound_call_get_481() -> None:
     peer.send(bye, SERVER)
     assert peer.statuses() == [481]
     assert [c.state for c in harness.core.calls] == [CallState.CALLING]
+
+
+def test_no_event_carries_the_callers_identity() -> None:
+    harness = Harness.make()
+    peer = CorePeer(harness, 4000)
+    dialer = Dialer(peer, SERVER, from_user="+15551234567", to_user="+15559876543")  # type: ignore[arg-type]
+    dialer.contact_uri = "sip:+15551234567@127.0.0.1:4000"
+    dialer.invite(rtp_port=8000)
+    [offered] = harness.take_events()
+    assert isinstance(offered, CallOffered)
+    harness.core.accept(offered.call.id, 20000, harness.now)
+    harness.advance(0.5)
+    tag = to_tag([m for m in peer.received() if isinstance(m, SipResponse) and m.status == 200][0])
+    dialer.ack(tag)
+    dialer.in_dialog("INFO", body="Signal=5\r\nDuration=160\r\n", content_type="application/dtmf-relay")
+    dialer.in_dialog("BYE")
+    events = [offered, *harness.take_events()]
+    assert [type(e).__name__ for e in events] == ["CallOffered", "CallConfirmed", "Dtmf", "CallEnded"]
+    for event in events:
+        assert "5551234567" not in repr(event) and "5559876543" not in repr(event)
