@@ -205,12 +205,17 @@ class UserAgent:
         credentials: DigestClient | None = None,
         privacy: bool = True,
         ring_timeout: float | None = None,
+        trunk: str = "",
     ) -> OutboundCall:
-        """Place a call to `target_uri` through `dest` (an IP address); await `outcome`, then `ended`."""
+        """Place a call to `target_uri` through `dest` (an IP address); await `outcome`, then `ended`.
+
+        `trunk`: the trunk `dest` belongs to, when it is one: its requests in the call are then admitted as ours.
+        """
         options: dict[str, Any] = {} if ring_timeout is None else {"ring_timeout": ring_timeout}
         call_id = self.core.invite(
-            target_uri, dest, transport, local_rtp_port, self._loop.time(), credentials, privacy=privacy, **options
-        )
+            target_uri, dest, transport, local_rtp_port, self._loop.time(), credentials,
+            privacy=privacy, trunk=trunk, **options,
+        )  # fmt: skip
         call = OutboundCall(call_id, self._loop.create_future(), self._loop.create_future())
         self._outbound[call_id] = call
         self._flush()
