@@ -25,7 +25,7 @@ from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sim.analysis import goertzel_db
 from voiceline.sip.message import SipResponse, parse_via, response_to, serialize
 from voiceline.sip.sdp import parse_sdp
-from voiceline.sip.useragent import Call
+from voiceline.sip.core import Call
 
 _next_range = iter(range(22000, 23900, 20))  # this file's RTP ports
 TONE_HZ = 1000.0
@@ -62,7 +62,7 @@ async def peer() -> AsyncIterator[RawPeer]:
 
 def the_call(app: VoiceLine) -> Call:
     assert app.agent is not None
-    [call] = app.agent.calls
+    [call] = app.agent.core.calls
     return call
 
 
@@ -242,7 +242,7 @@ async def test_offerless_invite_whose_ack_has_no_answer_is_ended_with_bye(servic
     dialer.ack(to_tag(ok))
     bye = await peer.request("BYE")
     assert bye.headers.get("Call-ID") == dialer.call_id
-    assert service.agent is not None and service.agent.calls == []
+    assert service.agent is not None and service.agent.core.calls == []
 
 
 async def test_glare_gets_491(service: VoiceLine, peer: RawPeer) -> None:
@@ -399,7 +399,7 @@ async def test_silent_call_is_reaped_but_a_talking_or_held_one_is_not(tmp_path: 
             bye = await peers[0].request("BYE", timeout=4)
             assert bye.headers.get("Call-ID") == silent_dialer.call_id
             await asyncio.sleep(1.0)
-            assert app.agent is not None and len(app.agent.calls) == 2  # the talking and the held call
+            assert app.agent is not None and len(app.agent.core.calls) == 2  # the talking and the held call
         finally:
             for phone in (silent, talking, held):
                 phone.close()
@@ -430,7 +430,7 @@ async def test_unacknowledged_reinvite_ends_the_call(tmp_path: Path, peer: RawPe
         assert (await peer.response(method="INVITE")).status == 200
         assert (await peer.response(method="INVITE")).status == 200  # retransmitted: no ACK yet
         bye = await peer.request("BYE", timeout=5)  # Timer H (64 * T1): the session ends (RFC 3261 13.3.1.4)
-        assert bye.headers.get("Call-ID") == dialer.call_id and app.agent is not None and app.agent.calls == []
+        assert bye.headers.get("Call-ID") == dialer.call_id and app.agent is not None and app.agent.core.calls == []
 
 
 async def test_caller_answering_our_offer_with_sendonly_joins_on_hold(service: VoiceLine, peer: RawPeer) -> None:

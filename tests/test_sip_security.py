@@ -26,7 +26,8 @@ from voiceline.config import from_mapping
 from voiceline.sim.plugin import VoicelineServer
 from voiceline.sip.message import SipRequest, response_to, serialize
 from voiceline.sip.sdp import parse_sdp
-from voiceline.sip.useragent import Call, CallState
+from voiceline.sip.call_state import CallState
+from voiceline.sip.core import Call
 
 _next_range = iter(range(25000, 25980, 20))  # this file's RTP ports
 
@@ -80,7 +81,7 @@ async def confirmed_call(
 
 def call_of(app: VoiceLine, dialer: Dialer) -> Call:
     assert app.agent is not None
-    return next(call for call in app.agent.calls if call.dialog.call_id == dialer.call_id)
+    return next(call for call in app.agent.core.calls if call.dialog.call_id == dialer.call_id)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
@@ -161,7 +162,7 @@ async def test_the_calls_trunk_may_send_from_another_of_its_addresses(tmp_path: 
         dialer.peer = second
         dialer.in_dialog("BYE")
         assert (await second.response(method="BYE")).status == 200
-        assert app.agent is not None and app.agent.calls == []
+        assert app.agent is not None and app.agent.core.calls == []
 
 
 async def test_a_cancel_from_anyone_but_the_inviter_leaves_the_invite_alone(tmp_path: Path) -> None:
@@ -181,8 +182,8 @@ async def test_a_cancel_from_anyone_but_the_inviter_leaves_the_invite_alone(tmp_
         assert (await other.response(method="CANCEL")).status == 481
 
         assert app.agent is not None
-        [call] = app.agent.calls
-        assert call.state is CallState.OFFERED
+        [call] = app.agent.core.calls
+        assert call.state is CallState.RINGING
         assert not any(raw.startswith(b"SIP/2.0 487") for raw in carrier.raw)
         victim.cancel()  # the inviter's own CANCEL still works
         assert (await carrier.response(method="CANCEL")).status == 200
@@ -315,7 +316,7 @@ async def test_an_invite_with_an_unusable_contact_or_route_gets_400_and_no_call(
         dialer.contact_uri = contact_uri
         dialer.invite(rtp_port=4000, extra=extra)
         assert (await carrier.response(method="INVITE")).status == 400
-        assert app.agent is not None and app.agent.calls == []
+        assert app.agent is not None and app.agent.core.calls == []
 
 
 async def test_a_reinvite_with_an_unusable_contact_gets_400_and_changes_nothing(tmp_path: Path) -> None:
@@ -343,7 +344,7 @@ async def test_a_call_whose_bye_cannot_be_built_still_ends_and_the_reaper_goes_o
             bye = await silent.request("BYE", timeout=5.0)  # the next silent call is still reaped
             assert bye.headers.get("Call-ID") == silent_dialer.call_id
             answer(silent, bye, address(app))
-            await until(lambda: app.agent is not None and app.agent.calls == [])  # neither call leaked
+            await until(lambda: app.agent is not None and app.agent.core.calls == [])  # neither call leaked
         failures = [entry for entry in logs if entry["event"] == "call.hangup_failed"]
         assert failures and failures[0]["error"] == "SipParseError" and failures[0]["exc_info"]
 

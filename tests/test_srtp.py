@@ -447,7 +447,8 @@ async def test_an_srtp_caller_hears_hold_audio_under_the_answers_key_and_rekeys(
             send = peer_session(CALLER_KEY, outbound=True)
             for sequence in range(3):
                 rtp.sendto(send.protect(build_packet(PCMU, sequence, sequence * 160, 7, bytes(160))), server_rtp)
-            (leg,) = app._legs.values()
+            assert app.calls is not None
+            (leg,) = (live.leg for live in app.calls.live.values())
             await eventually(lambda: leg.packets_in == 3)
             assert leg.stats().srtp_suite == SUITE_80
             # The caller rekeys with a re-INVITE: its old key stops working, the new one works, ours stays.

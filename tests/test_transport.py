@@ -274,12 +274,12 @@ async def test_a_call_over_tcp_uses_one_connection_both_ways(tmp_path: Path) -> 
         to_tag = parse_name_addr(response.headers.get("To") or "").tag or ""
         peer.send(tcp_request("ACK", peer.port, port, call_id, to_tag=to_tag))
         for _ in range(50):
-            if app.agent and app.agent.calls and app.agent.calls[0].state.value == "confirmed":
+            if app.agent and app.agent.core.calls and app.agent.core.calls[0].state.value == "confirmed":
                 break
             await asyncio.sleep(0.02)
         # Our BYE goes back over the caller's open connection, with a TCP Via.
         assert app.agent is not None
-        app.agent.hangup(app.agent.calls[0], "test")
+        app.agent.hangup(app.agent.core.calls[0].id, "test")
         bye = parse_message(await peer.receive())
         assert getattr(bye, "method", "") == "BYE"
         assert parse_via(bye.headers.get("Via") or "").transport == "TCP"
@@ -461,8 +461,8 @@ async def test_a_response_after_the_connection_closed_goes_to_the_sent_by_port(t
             status = response.status
         assert status == 200
         assert app.agent is not None
-        for call in app.agent.calls:
-            app.agent.hangup(call, "test")
+        for call in app.agent.core.calls:
+            app.agent.hangup(call.id, "test")
         server.close()
 
 
@@ -485,8 +485,8 @@ async def test_options_over_tls_and_an_in_dialog_contact_that_says_tls(tmp_path:
         assert response is not None and status == 200
         assert parse_name_addr(response.headers.get("Contact") or "").uri.endswith(f":{port};transport=tls")
         assert app.agent is not None
-        for call in app.agent.calls:
-            app.agent.hangup(call, "test")
+        for call in app.agent.core.calls:
+            app.agent.hangup(call.id, "test")
         peer.close()
 
 
@@ -515,7 +515,7 @@ async def test_an_idle_connection_stays_open_while_its_call_lasts(tmp_path: Path
         with pytest.raises(asyncio.TimeoutError):  # three idle timeouts pass: still open
             await peer.receive(timeout=3.0)
         assert app.agent is not None
-        app.agent.hangup(app.agent.calls[0], "test")
+        app.agent.hangup(app.agent.core.calls[0].id, "test")
         bye = parse_message(await peer.receive())
         assert getattr(bye, "method", "") == "BYE"
         assert await peer.closed_by_server(timeout=5.0)  # the call is over: now the idle timeout applies

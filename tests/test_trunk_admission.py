@@ -83,7 +83,7 @@ async def test_unprovisioned_source_gets_403_and_is_counted(tmp_path: Path) -> N
         assert response.status == 403
         Dialer(stranger, address(app)).out_of_dialog("OPTIONS")
         assert (await stranger.response()).status == 403
-        assert app.agent is not None and app.agent.calls == []
+        assert app.agent is not None and app.agent.core.calls == []
         await asyncio.sleep(0.5)  # the watcher moves the counts to the database
         assert app.storage is not None
         [row] = await app.storage.refusals()
@@ -104,7 +104,7 @@ async def test_ip_trunk_is_accepted_on_the_dialled_line(tmp_path: Path) -> None:
         assert response.status == 200
         await asyncio.sleep(0.1)
         assert app.agent is not None
-        [offered] = app.agent.calls
+        [offered] = app.agent.core.calls
         assert (offered.trunk, offered.line) == ("carrier", "general")
         assert app.pool("general").waiting == 1 and app.pool("language").waiting == 0
         dialer.in_dialog("BYE")
@@ -117,7 +117,7 @@ async def test_trunk_identified_by_host_name(tmp_path: Path) -> None:
         assert app.trunks is not None and "127.0.0.1" in app.trunks.policy.directory.resolved["localhost"]
         dialer, response = await call(app, peer)
         assert response.status == 200
-        assert app.agent is not None and [c.trunk for c in app.agent.calls] == ["named"]
+        assert app.agent is not None and [c.trunk for c in app.agent.core.calls] == ["named"]
         dialer.in_dialog("BYE")
         await peer.response(method="BYE")
     async with running(tmp_path, [{"name": "named", "sources": ["localhost"]}]) as app, peer_at("127.0.0.8") as other:
@@ -150,7 +150,7 @@ async def test_unknown_number_gets_404(tmp_path: Path) -> None:
     async with running(tmp_path) as app, peer_at("127.0.0.2") as carrier:
         _, response = await call(app, carrier, number="999")
         assert response.status == 404
-        assert app.agent is not None and app.agent.calls == []
+        assert app.agent is not None and app.agent.core.calls == []
 
 
 async def test_digest_trunk_is_challenged_then_accepted(tmp_path: Path) -> None:
@@ -159,7 +159,7 @@ async def test_digest_trunk_is_challenged_then_accepted(tmp_path: Path) -> None:
         assert challenge.status == 401
         offered = challenge.headers.get_all("WWW-Authenticate")
         assert any("algorithm=SHA-256" in v for v in offered) and any("algorithm=MD5" in v for v in offered)
-        assert app.agent is not None and app.agent.calls == []
+        assert app.agent is not None and app.agent.core.calls == []
         for password, expected in (("wrong", 403), ("in-secret", 200)):
             client = DigestClient("sbc-in", password)
             client.accept(pick_challenge(offered))  # type: ignore[arg-type]
@@ -169,7 +169,7 @@ async def test_digest_trunk_is_challenged_then_accepted(tmp_path: Path) -> None:
             dialer.ack(to_tag(response), for_error=response.status >= 300)
             assert response.status == expected
         await asyncio.sleep(0.1)
-        assert [(c.trunk, c.line) for c in app.agent.calls] == [("sbc", "general")]
+        assert [(c.trunk, c.line) for c in app.agent.core.calls] == [("sbc", "general")]
 
 
 async def test_trunk_over_its_call_limit_gets_503(tmp_path: Path) -> None:
@@ -228,7 +228,7 @@ async def test_trunks_and_lines_changed_by_the_cli_apply_without_restart(tmp_pat
         assert await until_status(app, "127.0.0.7", 200) == 200
         await asyncio.to_thread(cli, data_dir, "trunk", "remove", "newcomer")
         assert await until_status(app, "127.0.0.7", 403) == 403
-        assert app.agent is not None and app.agent.calls == []
+        assert app.agent is not None and app.agent.core.calls == []
 
 
 async def test_a_call_keeps_its_dialog_when_its_trunk_goes_away(tmp_path: Path) -> None:
@@ -241,10 +241,10 @@ async def test_a_call_keeps_its_dialog_when_its_trunk_goes_away(tmp_path: Path) 
         assert answered.status == 200
         await asyncio.to_thread(cli, data_dir, "trunk", "remove", "leaving")
         assert await until_status(app, "127.0.0.7", 403) == 403  # the trunk is gone for new calls
-        assert app.agent is not None and len(app.agent.calls) == 1
+        assert app.agent is not None and len(app.agent.core.calls) == 1
         dialer.in_dialog("BYE")
         assert (await carrier.response(method="BYE")).status == 200
-        assert app.agent.calls == []
+        assert app.agent.core.calls == []
 
 
 async def test_sipp_authenticates_with_md5_on_a_trunk_that_offers_it(tmp_path: Path) -> None:
@@ -307,7 +307,7 @@ async def test_captured_digest_answer_replayed_with_new_call_ids_and_numbers_is_
         moved = Dialer(neighbour, address(app), to_user="100")
         moved.invite(rtp_port=4000, extra=f"Authorization: {authorization(offered, 'in-secret', moved.request_uri)}\r\n")
         assert (await final(neighbour)).status == 401
-        assert len(app.agent.calls) == 1 and app.agent.counters.calls == 1
+        assert len(app.agent.core.calls) == 1 and app.agent.counters.calls == 1
         assert app.trunks is not None and app.trunks.policy.refused["auth_replayed"] == 5
 
 
@@ -346,5 +346,5 @@ async def test_tcp_from_a_udp_digest_trunk_does_not_fall_through_to_a_broader_tr
         assert await invite_over_tcp(app, "127.0.0.3") == 403
         assert (await call(app, sbc))[1].status == 401  # over UDP it is the digest trunk, as configured
         assert await invite_over_tcp(app, "127.0.0.12") == 200  # the broad trunk itself takes TCP
-        assert app.agent is not None and [c.trunk for c in app.agent.calls] == ["wide"]
+        assert app.agent is not None and [c.trunk for c in app.agent.core.calls] == ["wide"]
         assert app.trunks is not None and app.trunks.policy.refused["wrong_transport"] == 1

@@ -114,7 +114,7 @@ async def test_no_common_codec_gets_488(service: VoiceLine, peer: RawPeer) -> No
     response = await peer.response(status=488)
     dialer.ack(parse_name_addr(response.headers.get("To") or "").tag or "", for_error=True)
     await asyncio.sleep(0.1)
-    assert service.agent is not None and service.agent.calls == []
+    assert service.agent is not None and service.agent.core.calls == []
 
 
 async def test_call_is_answered_hears_hold_audio_and_ends_on_bye(service: VoiceLine, peer: RawPeer) -> None:
@@ -160,7 +160,7 @@ async def test_invite_retransmission_does_not_make_a_second_call(service: VoiceL
     dialer.ack(parse_name_addr(ok.headers.get("To") or "").tag or "")
     await asyncio.sleep(0.2)
     assert service.agent is not None and service.agent.counters.calls == 1
-    assert len(service.agent.calls) == 1 and service.pool("default").waiting == 1
+    assert len(service.agent.core.calls) == 1 and service.pool("default").waiting == 1
 
 
 async def test_cancel_while_ringing_gets_487(tmp_path: Path, peer: RawPeer) -> None:
@@ -174,7 +174,7 @@ async def test_cancel_while_ringing_gets_487(tmp_path: Path, peer: RawPeer) -> N
         assert final.status == 487
         dialer.ack(parse_name_addr(final.headers.get("To") or "").tag or "", for_error=True)
         await asyncio.sleep(0.1)
-        assert app.agent is not None and app.agent.calls == [] and app.media is not None and app.media.legs == 0
+        assert app.agent is not None and app.agent.core.calls == [] and app.media is not None and app.media.legs == 0
 
 
 async def test_lost_ack_retransmits_200_then_sends_bye(tmp_path: Path, peer: RawPeer) -> None:
@@ -185,7 +185,7 @@ async def test_lost_ack_retransmits_200_then_sends_bye(tmp_path: Path, peer: Raw
         await peer.response(status=200)  # retransmitted (Timer G)
         bye = await peer.request("BYE", timeout=5)  # 64*T1 later, no ACK: we end the call
         assert bye.headers.get("Call-ID") == dialer.call_id
-        assert app.agent is not None and app.agent.calls == []
+        assert app.agent is not None and app.agent.core.calls == []
 
 
 async def test_shutdown_sends_bye_on_every_call(tmp_path: Path, peer: RawPeer) -> None:
@@ -284,7 +284,7 @@ async def test_bye_before_ack_ends_the_call_and_the_200_retransmissions(tmp_path
             peer.inbox.get_nowait()
         with pytest.raises(TimeoutError):  # retransmissions were due every 50-200 ms
             await peer.response(method="INVITE", timeout=0.8)
-        assert app.agent is not None and app.agent.calls == [] and app.media is not None and app.media.legs == 0
+        assert app.agent is not None and app.agent.core.calls == [] and app.media is not None and app.media.legs == 0
 
 
 async def test_invite_without_contact_gets_400_through_its_transaction(service: VoiceLine, peer: RawPeer) -> None:
@@ -293,7 +293,7 @@ async def test_invite_without_contact_gets_400_through_its_transaction(service: 
     assert (await peer.response(status=400)).headers.get("Call-ID") == dialer.call_id
     dialer.resend_invite()  # a retransmission gets the same answer from the transaction
     assert (await peer.response(status=400)).headers.get("Call-ID") == dialer.call_id
-    assert service.agent is not None and service.agent.calls == []
+    assert service.agent is not None and service.agent.core.calls == []
 
 
 async def test_out_of_media_ports_gets_503_retransmitted_until_acked(tmp_path: Path, peer: RawPeer) -> None:
@@ -307,4 +307,4 @@ async def test_out_of_media_ports_gets_503_retransmitted_until_acked(tmp_path: P
         again = await peer.response(status=503)  # Timer G fired with no further traffic from us
         assert again.headers.get("Call-ID") == third.call_id
         third.ack(parse_name_addr(refused.headers.get("To") or "").tag or "", for_error=True)
-        assert app.agent is not None and len(app.agent.calls) == 2
+        assert app.agent is not None and len(app.agent.core.calls) == 2

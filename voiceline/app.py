@@ -11,7 +11,7 @@ import resource
 import signal
 import time
 from collections.abc import Coroutine, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +20,23 @@ import structlog
 from voiceline.audio.codecs import available as codec_available
 from voiceline.audio.hold import hold_music, load_wav
 from voiceline.audio.latch import Learning
-from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
-from voiceline.audio.srtp import SrtpKeys
+from voiceline.audio.media import MediaEngine, MediaError
+from voiceline.calls import Calls
 from voiceline import config as config_module
 from voiceline.codec_table import Codec
 from voiceline.codec_table import lookup as lookup_codec
 from voiceline.config import Config, ConfigError, SipConfig
 from voiceline.operations import Operations
-from voiceline.pairing.service import PairingService, Participant
+from voiceline.pairing.service import PairingService
 from voiceline.routing import TrunkDirectory, TrunkPolicy
 from voiceline.sdnotify import SystemdNotifier
 from voiceline.sip.overload import OverloadLimits, RateLimit
 from voiceline.sip.session_timer import SessionTimerPolicy
 from voiceline.sip.transaction import Timers
 from voiceline.sip.transport import StreamLimits, StreamTransport, TlsListener, open_transports
-from voiceline.sip.useragent import Call, CallRejected, CallState, UserAgent, UserAgentSettings
-from voiceline.storage import CallAudio, Storage, write_private
+from voiceline.sip.core import CoreSettings
+from voiceline.sip.useragent import UserAgent
+from voiceline.storage import Storage, write_private
 from voiceline.tasks import supervised
 from voiceline.trunk_supervisor import TrunkSupervisor
 
@@ -44,27 +45,8 @@ log = structlog.get_logger("voiceline.app")
 PID_FILE = "voiceline.pid"  # in the data dir: how `voiceline drain` finds the server
 
 
-@dataclass(eq=False)
-class CallerLeg:
-    """A confirmed call as pairing sees it: an id and what it hears."""
-
-    call: Call
-    media: MediaLeg
-
-    @property
-    def id(self) -> str:
-        return self.call.id
-
-    def hear_hold(self) -> None:
-        self.media.hold()
-
-    def hear(self, other: Participant) -> None:
-        assert isinstance(other, CallerLeg)
-        self.media.listen_to(other.media)
-
-
 class VoiceLine:
-    """The running service. Implements the user agent's CallHandler."""
+    """The running service."""
 
     def __init__(self, config: Config, config_file: str | None = None) -> None:
         self.config = config
@@ -76,8 +58,7 @@ class VoiceLine:
         self.media: MediaEngine | None = None
         self.agent: UserAgent | None = None
         self.trunks: TrunkSupervisor | None = None
-        self._legs: dict[Call, MediaLeg] = {}
-        self._quiet_since: dict[Call, float] = {}  # confirmed calls: since when silence counts
+        self.calls: Calls | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
 
@@ -98,7 +79,7 @@ class VoiceLine:
             inband_dtmf=self.config.media.inband_dtmf,
             learning=Learning(self.config.media.learning_packets, self.config.media.learning_seconds),
         )
-        settings = UserAgentSettings(
+        settings = CoreSettings(
             advertised_host=sip.advertised_host,
             answer_delay=sip.answer_delay,
             timers=Timers(sip.t1, sip.t2, sip.t4),
@@ -112,7 +93,10 @@ class VoiceLine:
         policy = TrunkPolicy(
             TrunkDirectory((), ()), loop.time, self._calls_on_trunk, drop_unknown=sip.unknown_source == "drop"
         )
-        self.agent = UserAgent(settings, self, policy)
+        self.calls = Calls(
+            self.media, self.pool, self._line_max_calls, self.storage, self._write, self._hangup, live_view=self.ops
+        )
+        self.agent = UserAgent(settings, self.calls, policy)
         # Trunks and lines are in force before the first request.
         self.trunks = await TrunkSupervisor.load(
             self.config,
@@ -147,8 +131,10 @@ class VoiceLine:
                 hint="only callers on this machine will have audio; set sip.public_address",
             )
         await self.trunks.start()
-        if self.config.media.inactivity_timeout:
-            self._background.append(loop.create_task(supervised("reap_silent_calls", self._reap_silent_calls)))
+        timeout = self.config.media.inactivity_timeout
+        if timeout:
+            reap = functools.partial(self.calls.reap_silent_calls, timeout)
+            self._background.append(loop.create_task(supervised("reap_silent_calls", reap)))
         await self.ops.start()
 
     async def drain(self, stop: asyncio.Event) -> None:
@@ -249,100 +235,13 @@ class VoiceLine:
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
 
-    # -- CallHandler -------------------------------------------------------------
+    def _line_max_calls(self, line: str) -> int:
+        configured = self.trunks.policy.directory.lines.get(line) if self.trunks else None
+        return configured.max_calls if configured is not None else 0
 
-    async def call_offered(self, call: Call) -> int:
-        assert self.media is not None
-        self.ops.call_offered(call)
-        line = self.trunks.policy.directory.lines.get(call.line) if self.trunks else None
-        if not self.ops.line_open(call.line):
-            log.info("line.closed_refused", call=call.id, line=call.line)
-            self.ops.call_refused(call, "line_closed", 480)
-            raise CallRejected(480, retry_after=600)
-        if line is not None and line.max_calls and sum(1 for c in self._legs if c.line == call.line) >= line.max_calls:
-            log.info("line.full", call=call.id, line=call.line)
-            self.ops.call_refused(call, "line_full", 486)
-            raise CallRejected(486, retry_after=60)
-        try:
-            leg = await self.media.open_leg()
-        except MediaError:
-            log.warning("call.no_media_ports", call=call.id)
-            self.ops.call_refused(call, "no_media_ports", 503)
-            raise CallRejected(503, retry_after=30) from None
-        if call.audio is not None:  # else the offer goes out in our 200 and the ACK answers it
-            _start_media(leg, call)
-        self._legs[call] = leg
-        return leg.local_port
-
-    def call_confirmed(self, call: Call) -> None:
-        leg = self._legs[call]
-        if call.offer is None:
-            _start_media(leg, call)
-        self._quiet_since[call] = asyncio.get_running_loop().time()
-        leg.set_sending(not call.on_hold)
-        self.ops.call_answered(call)
-        pool = self.pool(call.line)
-        pool.join(CallerLeg(call, leg), held=call.on_hold)
-        leg.on_digit = functools.partial(pool.digit, call.id)
-
-    def call_media_changed(self, call: Call) -> None:
-        leg = self._legs.get(call)
-        if leg is None or call.audio is None:
-            return
-        remote = (call.audio.remote_host, call.audio.remote_port)
-        leg.update_remote(remote)
-        keys = _srtp_keys(call)
-        if keys is not None:  # a re-offer keeps SRTP or plain RTP as the call began
-            leg.rekey(keys)
-        self._quiet_since[call] = asyncio.get_running_loop().time()
-        if call.on_hold:
-            leg.set_sending(False)
-            self.pool(call.line).hold(call.id)
-        else:
-            leg.set_sending(True)
-            self.pool(call.line).resume(call.id)
-
-    def call_dtmf(self, call: Call, digit: str) -> None:
-        """A digit from SIP INFO (the user agent's side); RTP digits come through `MediaLeg.on_digit`."""
-        self.pool(call.line).digit(call.id, digit)
-
-    def call_ended(self, call: Call) -> None:
-        self._quiet_since.pop(call, None)
-        leg = self._legs.pop(call, None)
-        audio = CallAudio()
-        stats = None
-        if leg is not None:
-            leg.close()
-            stats = leg.stats()
-            log.info("call.media_stats", call=call.id, **asdict(stats))
-            audio = CallAudio(stats.packets_expected, stats.packets_lost, stats.jitter_ms)
-        summary = self.pool(call.line).leave(call.id)
-        self.ops.call_ended(call, summary, stats)
-        if summary is not None and self.storage is not None:
-            paired = summary.partners > 0
-            self._write(self.storage.record_call(call.line, time.time(), summary.waited, summary.talked, paired, audio))
-
-    async def _reap_silent_calls(self) -> None:
-        """End calls whose caller sent no RTP for media.inactivity_timeout while not on hold."""
-        timeout = self.config.media.inactivity_timeout
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(min(5.0, timeout / 4))
-            now = loop.time()
-            for call, since in list(self._quiet_since.items()):
-                try:
-                    self._reap_if_silent(call, since, now, timeout)
-                except Exception as exc:  # one call's error never spares the others
-                    log.error("call.reap_failed", call=call.id, error=type(exc).__name__, exc_info=exc)
-
-    def _reap_if_silent(self, call: Call, since: float, now: float, timeout: float) -> None:
-        leg = self._legs.get(call)
-        if leg is None or call.on_hold or call.state is not CallState.CONFIRMED:
-            return
-        if now - max(since, leg.last_received) > timeout:
-            assert self.agent is not None
-            log.warning("call.media_timeout", call=call.id, seconds=timeout)
-            self.agent.hangup(call, "no media")  # ends the call even when its BYE cannot be sent
+    def _hangup(self, call_id: str, reason: str) -> None:
+        if self.agent is not None:
+            self.agent.hangup(call_id, reason)
 
 
 @contextlib.contextmanager
@@ -352,29 +251,6 @@ def _contained(step: str) -> Iterator[None]:
         yield
     except Exception as exc:
         log.error("service.stop_failed", step=step, error=type(exc).__name__, exc_info=exc)
-
-
-def _start_media(leg: MediaLeg, call: Call) -> None:
-    audio = call.audio
-    assert audio is not None
-    # The INVITE's source host is trusted for RTP too: a caller behind NAT sends both from its NAT.
-    signalling_host = call.invite.source[0]
-    leg.start(
-        (audio.remote_host, audio.remote_port),
-        audio.codec,
-        audio.payload_type,
-        audio.telephone_event_pt,
-        signalling_host=signalling_host,
-        srtp=_srtp_keys(call),
-    )
-
-
-def _srtp_keys(call: Call) -> SrtpKeys | None:
-    """The negotiated SDES keys: ours (what we send) and the caller's; None for plain RTP."""
-    ours = call.media.local_crypto
-    if ours is None or call.audio is None or call.audio.crypto is None:
-        return None
-    return SrtpKeys(ours.suite, send_key=ours.key, receive_key=call.audio.crypto.key)
 
 
 def overload_limits(sip: SipConfig) -> OverloadLimits:

@@ -90,8 +90,8 @@ class MqttLink:
                     )
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a client stuck in its disconnect must not hold the service's exit.
+            await asyncio.wait({self._task}, timeout=GOODBYE_TIMEOUT)
 
     def _payload(self, event: Event) -> bytes:
         return json.dumps(event.to_json()).encode()

@@ -42,7 +42,7 @@ from voiceline.metrics import Metrics, MetricsEndpoint
 from voiceline.mqtt import MqttLink
 from voiceline.pairing.service import Phase, SessionSummary
 from voiceline.sip.overload import OverloadCounters
-from voiceline.sip.useragent import Call
+from voiceline.sip.events import CallInfo
 
 if TYPE_CHECKING:
     from voiceline.app import VoiceLine
@@ -122,24 +122,24 @@ class Operations:
         provisioned = trunks.policy.directory.lines.get(line) if trunks is not None else None
         return line not in self.closed_lines and (provisioned is None or provisioned.enabled)
 
-    def call_offered(self, call: Call) -> None:
+    def call_offered(self, call: CallInfo) -> None:
         self.metrics.calls_offered.labels(call.line).inc()
         self.bus.emit(CallOffered(call.id, call.line, call.trunk))
 
-    def call_refused(self, call: Call, reason: str, status: int) -> None:
+    def call_refused(self, call: CallInfo, reason: str, status: int) -> None:
         self.metrics.refusals.labels(reason).inc()
         self.bus.emit(CallRefused(call.id, call.line, reason, status))
 
-    def call_answered(self, call: Call) -> None:
+    def call_answered(self, call: CallInfo) -> None:
         self._answered_at[call.id] = time.monotonic()
         self.metrics.calls_answered.labels(call.line).inc()
         self.bus.emit(CallAnswered(call.id, call.line))
 
-    def call_ended(self, call: Call, summary: SessionSummary | None, stats: LegStats | None) -> None:
+    def call_ended(self, call: CallInfo, reason: str, summary: SessionSummary | None, stats: LegStats | None) -> None:
         answered = self._answered_at.pop(call.id, None)
         if answered is None:
             return  # never answered: its refusal or cancel is counted elsewhere
-        reason = call.end_reason or "ended"
+        reason = reason or "ended"
         line = call.line
         self.metrics.calls_ended.labels(line, reason).inc()
         if summary is not None:

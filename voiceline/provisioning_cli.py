@@ -27,7 +27,8 @@ from voiceline.sip.message import Headers, SipRequest, SipResponse
 from voiceline.sip.sdp import SRTP_POLICIES
 from voiceline.sip.transaction import Timers, new_branch
 from voiceline.sip.transport import open_udp
-from voiceline.sip.useragent import Call, CallRejected, UserAgent, UserAgentSettings
+from voiceline.sip.core import CoreSettings
+from voiceline.sip.useragent import UserAgent
 from voiceline.storage import Storage, StorageError
 
 TRUNK_COMMANDS = ("add", "list", "show", "update", "remove", "enable", "disable", "test")
@@ -373,21 +374,6 @@ def _probe_targets(trunk: Trunk, default_port: int) -> list[tuple[str, int]]:
     return list(dict.fromkeys(targets))
 
 
-class _NoCalls:
-    """The probing user agent takes no calls."""
-
-    async def call_offered(self, call: Call) -> int:
-        raise CallRejected(503)
-
-    def call_confirmed(self, call: Call) -> None: ...
-
-    def call_media_changed(self, call: Call) -> None: ...
-
-    def call_dtmf(self, call: Call, digit: str) -> None: ...
-
-    def call_ended(self, call: Call) -> None: ...
-
-
 async def _probe(cfg: Config, targets: list[tuple[str, int]], timeout: float) -> list[dict[str, Any]]:
     """OPTIONS to every address of every target (a host name may have several, IPv4 and IPv6)."""
     loop = asyncio.get_running_loop()
@@ -409,7 +395,7 @@ async def _probe(cfg: Config, targets: list[tuple[str, int]], timeout: float) ->
             if dest is None or family in agents:
                 continue
             local = _local_address(family, dest)
-            agent = UserAgent(UserAgentSettings(local, timers=Timers(cfg.sip.t1, cfg.sip.t2, cfg.sip.t4)), _NoCalls())
+            agent = UserAgent(CoreSettings(local, timers=Timers(cfg.sip.t1, cfg.sip.t2, cfg.sip.t4)))
             transport = await open_udp(local, 0, agent.message_received)
             transports.append(transport)
             agent.attach(transport)

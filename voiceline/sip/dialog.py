@@ -1,4 +1,4 @@
-"""Sans-I/O dialog state (RFC 3261 section 12) for dialogs we join as the UAS.
+"""Sans-I/O dialog state (RFC 3261 section 12): dialogs we join as the UAS, or start as the UAC.
 
 The dialog is the only place a caller's URI lives, and only while the call
 lasts: its repr hides the URIs so a stray log line or traceback cannot show them.
@@ -70,6 +70,38 @@ class Dialog:
             remote_seq=parse_cseq(headers.get("CSeq") or "")[0],
         )
 
+    @classmethod
+    def from_our_invite(cls, invite: SipRequest, local_tag: str) -> Dialog:
+        """The dialog of an INVITE we send (UAC): its peer's tag, target and routes come with the 2xx."""
+        headers = invite.headers
+        local = parse_name_addr(headers.get("From") or "")
+        remote = parse_name_addr(headers.get("To") or "")
+        return cls(
+            call_id=headers.get("Call-ID") or "",
+            local_tag=local_tag,
+            remote_tag=None,
+            local_party=NameAddr(local.display, local.uri, {}),
+            remote_party=NameAddr(remote.display, remote.uri, {}),
+            remote_target=invite.uri,
+            route_set=[],
+            remote_seq=0,
+            local_seq=parse_cseq(headers.get("CSeq") or "")[0],
+        )
+
+    def confirm(self, response_headers: Headers) -> None:
+        """The 2xx to our INVITE sets the peer's tag, target and (reversed) route set (12.1.2).
+
+        SipParseError, nothing changed, when its To tag, Contact or a Record-Route is unusable.
+        """
+        remote_tag = parse_name_addr(response_headers.get("To") or "").tag
+        target = contact_target(response_headers)
+        if remote_tag is None or target is None:
+            raise SipParseError("2xx without To tag or Contact")
+        routes = list(reversed(response_headers.get_all("Record-Route")))
+        for route in routes:
+            parse_uri(parse_name_addr(route).uri)
+        self.remote_tag, self.remote_target, self.route_set = remote_tag, target, routes
+
     def matches(self, request: SipRequest) -> bool:
         """The request belongs to this dialog (12.2.2): Call-ID, our tag in To and the peer's tag in From."""
         headers = request.headers
@@ -97,7 +129,13 @@ class Dialog:
             self.remote_target = target
 
     def new_request(
-        self, method: str, via_host: str, via_port: int, transport: str = "UDP", cseq: int | None = None
+        self,
+        method: str,
+        via_host: str,
+        via_port: int,
+        transport: str = "UDP",
+        cseq: int | None = None,
+        branch: str | None = None,
     ) -> SipRequest:
         """A request inside this dialog (12.2.1.1), e.g. our BYE; an ACK passes its INVITE's `cseq`."""
         if cseq is None:
@@ -107,7 +145,7 @@ class Dialog:
         remote = NameAddr(self.remote_party.display, self.remote_party.uri, remote_params)
         headers = Headers(
             [
-                ("Via", f"SIP/2.0/{transport} {via_host}:{via_port};branch={new_branch()};rport"),
+                ("Via", f"SIP/2.0/{transport} {via_host}:{via_port};branch={branch or new_branch()};rport"),
                 ("Max-Forwards", "70"),
                 ("From", str(local)),
                 ("To", str(remote)),

@@ -10,8 +10,6 @@ non-2xx final response to our INVITE) waits in `take_sends()`.
 from __future__ import annotations
 
 import enum
-import heapq
-import itertools
 import secrets
 from dataclasses import dataclass, field
 
@@ -25,6 +23,7 @@ from voiceline.sip.message import (
     parse_via,
     serialize,
 )
+from voiceline.sip.timer_heap import TimerHeap
 
 Address = tuple[str, int]
 MAGIC_COOKIE = "z9hG4bK"
@@ -160,14 +159,14 @@ Transaction = ServerTransaction | ClientTransaction
 
 
 class TransactionLayer:
-    def __init__(self, timers: Timers = Timers()) -> None:
+    def __init__(self, timers: Timers = Timers(), heap: TimerHeap | None = None) -> None:
+        """`heap`: shared with the transaction user's own timers; it then pops them and calls `fire`."""
         self.timers = timers
         self._server: dict[tuple[str, ...], ServerTransaction] = {}
         self._client: dict[tuple[str, ...], ClientTransaction] = {}
         self._merge: dict[tuple[str, ...], ServerTransaction] = {}
         self._outbox: list[Send] = []
-        self._heap: list[tuple[float, int, str, Transaction]] = []
-        self._order = itertools.count()
+        self.heap = heap if heap is not None else TimerHeap()
 
     # -- server side -------------------------------------------------------
 
@@ -288,13 +287,8 @@ class TransactionLayer:
         That is once per transaction, except for an INVITE's 2xx: each (retransmitted)
         2xx goes to the TU, which sends the ACK for it (RFC 6026 Accepted state).
         """
-        try:
-            branch = parse_via(response.headers.get("Via") or "").branch or ""
-            method = parse_cseq(response.headers.get("CSeq") or "")[1]
-        except SipParseError:
-            return None
-        tx = self._client.get((branch, method))
-        if tx is None or tx.state is State.TERMINATED:
+        tx = self.find_client(response)
+        if tx is None:
             return None
         if tx.is_invite:
             return self._invite_response(tx, response, now)
@@ -311,6 +305,16 @@ class TransactionLayer:
         else:
             self._arm(tx, "K", now + self.timers.t4)
         return tx
+
+    def find_client(self, response: SipResponse) -> ClientTransaction | None:
+        """The live client transaction a response belongs to (17.1.3: top Via branch and CSeq method)."""
+        try:
+            branch = parse_via(response.headers.get("Via") or "").branch or ""
+            method = parse_cseq(response.headers.get("CSeq") or "")[1]
+        except SipParseError:
+            return None
+        tx = self._client.get((branch, method))
+        return None if tx is None or tx.state is State.TERMINATED else tx
 
     def _invite_response(self, tx: ClientTransaction, response: SipResponse, now: float) -> ClientTransaction | None:
         status = response.status
@@ -348,23 +352,22 @@ class TransactionLayer:
     # -- timers --------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        while self._heap:
-            deadline, _, name, tx = self._heap[0]
-            if tx.deadlines.get(name) == deadline:
-                return deadline
-            heapq.heappop(self._heap)  # stale entry: that timer was re-armed or cancelled
-        return None
+        return self.heap.next_deadline()
 
     def poll(self, now: float) -> PollResult:
         result = PollResult()
-        while (deadline := self.next_deadline()) is not None and deadline <= now:
-            _, _, name, tx = heapq.heappop(self._heap)
-            del tx.deadlines[name]
-            if isinstance(tx, ServerTransaction):
-                self._server_timer(tx, name, now, result)
-            else:
-                self._client_timer(tx, name, now, result)
+        while (due := self.heap.pop_due(now)) is not None:
+            tx, name = due
+            assert isinstance(tx, (ServerTransaction, ClientTransaction))
+            self.fire(tx, name, now, result)
         return result
+
+    def fire(self, tx: Transaction, name: str, now: float, result: PollResult) -> None:
+        """Timer `name` of `tx` is due (already disarmed): what it sends and ends goes into `result`."""
+        if isinstance(tx, ServerTransaction):
+            self._server_timer(tx, name, now, result)
+        else:
+            self._client_timer(tx, name, now, result)
 
     def _server_timer(self, tx: ServerTransaction, name: str, now: float, result: PollResult) -> None:
         if name == "G" and tx.last_response is not None:
@@ -398,8 +401,7 @@ class TransactionLayer:
             self._terminate_client(tx)
 
     def _arm(self, tx: Transaction, name: str, deadline: float) -> None:
-        tx.deadlines[name] = deadline
-        heapq.heappush(self._heap, (deadline, next(self._order), name, tx))
+        self.heap.arm(tx, name, deadline)
 
     def _terminate_server(self, tx: ServerTransaction) -> None:
         tx.state = State.TERMINATED
