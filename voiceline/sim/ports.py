@@ -19,7 +19,7 @@ from typing import IO
 
 LOWEST_PORT = 10000
 EPHEMERAL_START = 32768  # Linux's default ip_local_port_range starts here
-LANE_PORTS = 5600  # four lanes: 10000-32399
+LANE_PORTS = 7000  # three lanes, 10000-30999; 31000-32767 is in no lane
 LANE_COUNT = (EPHEMERAL_START - LOWEST_PORT) // LANE_PORTS
 LOCK_NAME = "voiceline-test-ports-lane-{}.lock"
 
