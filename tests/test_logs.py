@@ -14,6 +14,7 @@ import pytest
 import structlog
 from port_table import port_block
 from rawsip import Dialer, RawPeer, address, serving, to_tag
+from waiting import until
 
 from voiceline import logs
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
@@ -332,14 +333,13 @@ async def dial(peer: RawPeer, server: tuple[str, int]) -> Dialer:
     return dialer
 
 
-async def logged(stream: io.StringIO, condition: Callable[[list[dict]], bool], attempts: int = 300) -> list[dict]:
+async def logged(stream: io.StringIO, condition: Callable[[list[dict]], bool]) -> list[dict]:
     """The log lines so far, once `condition` holds for them."""
-    for _ in range(attempts):
-        lines = json_lines(stream)
-        if condition(lines):
-            return lines
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never logged: {[line['event'] for line in json_lines(stream)]}")
+    try:
+        await until(lambda: condition(json_lines(stream)))
+    except AssertionError:
+        raise AssertionError(f"never logged: {[line['event'] for line in json_lines(stream)]}") from None
+    return json_lines(stream)
 
 
 def count(event: str, at_least: int) -> Callable[[list[dict]], bool]:

@@ -13,7 +13,8 @@ environment with voiceline installed has:
   (default 0: the kernel chooses one per transport) and `rtp_ports=(low, high)`
   the RTP range (default: a block of this run's port lane, see
   voiceline.sim.ports). At teardown every server started is sent SIGTERM and
-  must exit with status 0.
+  must exit with status 0. `server.wait_for_event("call.confirmed")` waits
+  for the server to log an event.
 - `sim_calls`: `sim_calls(specs, timeout=60.0, rtp_ports=None)` places
   simulated calls (see `voiceline.sim.runner.run_calls`) with recordings under
   the test's tmp_path; the callers' RTP ports come from `rtp_ports=(low, high)`
@@ -94,6 +95,15 @@ class VoicelineServer:
 
     def log_tail(self) -> str:
         return self.log_text()[-LOG_TAIL_CHARS:]
+
+    def wait_for_event(self, name: str, count: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """The log's `name` events once there are `count` of them; fail the test after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while len(events := [event for event in self.log_events() if event.get("event") == name]) < count:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{len(events)} of {count} {name} events within {timeout:g} s; log ends:\n{self.log_tail()}")
+            time.sleep(LOG_POLL_SECONDS)
+        return events
 
     def stop(self) -> int:
         """SIGTERM, wait (bounded; kill after that) and return the exit status. Idempotent."""
