@@ -161,7 +161,7 @@ async def test_reinvite_hold_plays_hold_audio_to_the_partner_and_resume_restores
         held = await peer.response(method="INVITE")
         assert held.status == 200 and direction(held.body) == "recvonly"
         dialer_a.ack(dialer_a.to_tag)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # A's tone already on its way to B drains before B listens
         assert is_hold_audio(await b.listen(0.8))  # the partner hears hold audio, still paired
         assert len(await a.listen(0.5)) == 0  # and nothing is sent to the held caller
         assert service.pool("default").talking == 2 and service.pool("default").waiting == 0
@@ -170,7 +170,7 @@ async def test_reinvite_hold_plays_hold_audio_to_the_partner_and_resume_restores
         resumed = await peer.response(method="INVITE")
         assert resumed.status == 200 and direction(resumed.body) == "sendrecv"
         dialer_a.ack(dialer_a.to_tag)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # hold audio already on its way drains before they listen
         assert is_tone(await b.listen(0.6), TONE_HZ)  # the bridge is back both ways
         assert is_tone(await a.listen(0.6), TONE_HZ)
         # The answer's version went up with each change (RFC 3264 8).
@@ -190,7 +190,7 @@ async def test_inactive_update_holds_and_reinvite_without_sdp_offers_in_the_200(
         dialer.in_dialog("UPDATE", sdp_port=phone.port, direction="inactive")
         update = await peer.response(method="UPDATE")
         assert update.status == 200 and direction(update.body) == "inactive"
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # hold audio already on its way drains before the phone listens
         assert len(await phone.listen(0.4)) == 0 and the_call(service).on_hold
         assert service.pool("default").waiting == 0  # a held caller is paired with nobody
 
@@ -212,7 +212,7 @@ async def test_update_moves_media_to_a_new_address(service: VoiceLine, peer: Raw
         assert len(await first.listen(0.3)) > 5
         dialer.in_dialog("UPDATE", sdp_port=second.port)
         assert (await peer.response(method="UPDATE")).status == 200
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # audio already on its way to the first address drains
         assert len(await second.listen(0.4)) > 10
         assert len(await first.listen(0.3)) == 0
     finally:
@@ -399,7 +399,7 @@ async def test_silent_call_is_reaped_but_a_talking_or_held_one_is_not(tmp_path: 
             held_dialer.ack((await peers[2].response(status=200, method="INVITE")) and held_dialer.to_tag)
             bye = await peers[0].request("BYE", timeout=4)
             assert bye.headers.get("Call-ID") == silent_dialer.call_id
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # another inactivity timeout passes
             assert app.agent is not None and len(app.agent.calls) == 2  # the talking and the held call
         finally:
             for phone in (silent, talking, held):

@@ -366,7 +366,7 @@ async def test_a_prompt_is_heard_over_the_partner_who_keeps_talking(engine, phon
     except asyncio.TimeoutError:
         pass
     await talking
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # the stream's tail arrives
     while True:
         try:
             packets.append(await phone_a.receive(timeout=0.05))
@@ -497,7 +497,7 @@ async def test_garbage_payloads_on_the_pcm_path_raise_nothing(engine, phones, co
         size = int(rng.integers(0, 400))
         sender.send(rng.integers(0, 256, size, dtype=np.uint8).tobytes(), payload_type, int(rng.integers(0, 2000)))
     await until(lambda: source.packets_in == 200)
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # a quiet window: a late failure would show in `problems`
     assert problems == []
     await phone_pcmu.drain(limit=2000)
     frames = tone_frames(codec, 1000, 25)

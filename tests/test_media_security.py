@@ -202,7 +202,7 @@ async def test_rtp_sprayed_before_the_callers_first_packet_is_never_relayed(
     spray = await attacker.phone.talk(caller.leg, ATTACKER_HZ, 0x5EED, spray, 20)
     caller_heard = len(caller.phone.packets)
     await partner.phone.talk(partner.leg, PARTNER_HZ, 0xA, 1, 25)  # the partner speaks first
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # a quiet window: anything relayed would have arrived
     assert len(partner.phone.packets) == partner_heard  # nothing of the attacker's reached the partner
     assert_hears(caller.phone.heard(caller_heard), PARTNER_HZ, ATTACKER_HZ)  # sent to the SDP address
     caller_speaks = asyncio.create_task(caller.phone.talk(caller.leg, CALLER_HZ, 0xB, 1, 25))
@@ -230,7 +230,7 @@ async def test_the_callers_ssrc_from_elsewhere_after_silence_does_not_take_over(
     takeover = asyncio.create_task(attacker.phone.talk(caller.leg, ATTACKER_HZ, 0xCA11, sequence, 50))
     await partner.phone.talk(partner.leg, PARTNER_HZ, 0xA, 1, 25)
     await takeover
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # a quiet window: anything relayed would have arrived
     assert len(partner.phone.packets) == partner_heard and attacker.phone.packets == []
     await caller.phone.talk(caller.leg, CALLER_HZ, 0xCA11, sequence, 25)  # the caller speaks again
     await until(lambda: len(partner.phone.packets) - partner_heard >= 20)
@@ -281,9 +281,9 @@ async def test_a_caller_whose_media_comes_from_another_host_talks_after_probatio
         partner, caller = await talking(app, parties, sdp_port=4000)
         media_server = await Phone.open("127.0.0.7")  # a carrier whose SDP and media disagree
         try:
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # the learning window passes: the callers' own media had its chance
             sequence = await media_server.talk(caller.leg, CALLER_HZ, 0xCA11, 1, 3)  # too short a run
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a quiet window: anything relayed would have arrived
             assert partner.phone.packets == [] and media_server.packets == []
             await media_server.talk(caller.leg, CALLER_HZ, 0xCA11, sequence, 25)  # the fourth in sequence latches
             await partner.phone.talk(partner.leg, PARTNER_HZ, 0xA, 1, 25)
@@ -313,11 +313,11 @@ async def test_rtcp_is_taken_only_from_the_latched_peers_host() -> None:
         report = build_report(0x5151, b"x", reception, 0.0, 0.0, None)
         assert phone.transport is not None and stranger.transport is not None
         phone.transport.sendto(report, rtcp)  # before the RTP latch: not yet
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # a quiet window: the report has been read by now
         assert leg.stats().peer_lost is None
         await phone.talk((HOST, leg.local_port), CALLER_HZ, 0x5151, 1, 1)
         stranger.transport.sendto(report, rtcp)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # a quiet window: the report has been read by now
         assert leg.stats().peer_lost is None
         phone.transport.sendto(report, rtcp)
         await until(lambda: leg.stats().peer_lost is not None)

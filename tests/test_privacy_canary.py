@@ -11,7 +11,6 @@ import base64
 import hashlib
 import socket
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,6 +116,7 @@ def test_canary_number_is_written_nowhere(
     )
     assert sipp.returncode == 0, sipp.stdout[-2000:]
 
+    ended_before = sum(event.get("event") == "call.ended" for event in server.log_events())  # type: ignore[attr-defined]
     # Two pjsua2 callers from the canary number, paired with each other: one over UDP holds and
     # resumes (re-INVITEs carry the identity again, into the dialog's target refresh), one over TCP.
     reports = sim_calls(
@@ -129,7 +129,7 @@ def test_canary_number_is_written_nowhere(
     )
     assert all(r.connected for r in reports), reports
 
-    time.sleep(0.3)
+    server.wait_for_event("call.ended", count=ended_before + 2)  # type: ignore[attr-defined]
     assert server.stop() == 0  # type: ignore[attr-defined]
     events = [e["event"] for e in server.log_events()]  # type: ignore[attr-defined]
     assert events.count("call.confirmed") == 3 and "pairing.talking" in events and "pairing.held" in events

@@ -365,7 +365,7 @@ async def test_a_message_flood_from_one_source_is_rate_limited_and_keeps_no_stat
             if n % 50 == 49:
                 await asyncio.sleep(0)  # let the service read: the socket buffer would drop the rest
         await until(lambda: app.agent is not None and app.agent.overload.counters.rate_limited > 0)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the rest of the flood is read and answered: the counts are final
         elapsed = loop.time() - started
         answered = [status_of(raw) for raw in flooder.raw]
         assert set(answered) == {405}
