@@ -13,7 +13,7 @@ SYSTEM_LIBS := libopus.so.0:libopus0
 # festival with the slt HTS voice (the default), and flite (its slt voice, the alternative).
 PROMPT_TOOLS := festival festvox-us-slt-hts flite
 
-.PHONY: run test bench prompts prompts-measure system-libs system-deps clean
+.PHONY: run test test-fast bench prompts prompts-measure system-libs system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -62,6 +62,10 @@ test: $(VENV)/.installed-test system-deps
 	$(BIN)/python -m mypy voiceline
 	$(BIN)/lint-imports
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit layer only (pytest marker `unit`, see tests/conftest.py): no sockets, no processes, no system packages.
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
 # Default prompts: render prompts/<language>.toml into voiceline/audio/prompt_audio/ (commit the
 # result). PROMPTS_ARGS passes options and prompt ids, e.g. PROMPTS_ARGS="welcome goodbye".

@@ -13,8 +13,13 @@ from voiceline.sip.events import CallInfo
 from voiceline.sip.transport import open_udp
 from voiceline.sip.useragent import UserAgent
 
+from port_table import port_block
+
+pytestmark = pytest.mark.integration
+
 HOST = "127.0.0.1"
-_ports = iter(range(26400, 26440))  # this file's SIP ports, below the ephemeral range
+_first, _last = port_block("test_asyncio_edge")
+_ports = iter(range(_first, _last))  # this file's SIP ports (the last is named in SDP only)
 
 
 class FailsOnConfirm:
@@ -25,7 +30,7 @@ class FailsOnConfirm:
         self.ended: list[tuple[str, str]] = []
 
     async def call_offered(self, call: CallInfo) -> int:
-        return 26500
+        return _last  # only named in our SDP
 
     def call_confirmed(self, call: CallInfo) -> None:
         if not self.confirmed:

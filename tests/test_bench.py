@@ -183,6 +183,7 @@ def test_a_bye_from_the_server_ends_the_call() -> None:
 # -- a real run --------------------------------------------------------------------------
 
 
+@pytest.mark.interop
 def test_a_tiny_run_relays_every_probe_both_ways(voiceline_server: Callable[..., VoicelineServer]) -> None:
     """One pair, then a second, over two generator processes (so pairs may span them)."""
     server = voiceline_server({"sip": {"answer_delay": 0.0}})
@@ -201,6 +202,7 @@ def can_use_realtime() -> bool:
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
+@pytest.mark.interop
 def test_realtime_priority_puts_the_server_under_sched_rr(voiceline_server: Callable[..., VoicelineServer]) -> None:
     server = voiceline_server({"media": {"realtime_priority": 3}})
     events = [event["event"] for event in server.log_events()]

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from port_table import port_block
 from voiceline import config
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +76,7 @@ def test_flags_override_the_file_and_sigint_exits_0(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [
             sys.executable, "-m", "voiceline", "serve", "--config", str(path),
-            "--listen", "127.0.0.1:0", "--rtp-ports", "42100-42199",
+            "--listen", "127.0.0.1:0", "--rtp-ports", "{}-{}".format(*port_block("test_cli")),
             "--data-dir", str(tmp_path / "data"), "--log-format", "json",
         ],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

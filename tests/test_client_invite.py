@@ -22,12 +22,15 @@ from voiceline.sip.transaction import Timers
 from voiceline.sip.transport import open_udp
 from voiceline.sip.useragent import OutboundCall, UserAgent
 
+from port_table import port_block
+
 pytestmark = pytest.mark.interop
 
 SCENARIOS = Path(__file__).parent / "sipp"
 HOST = "127.0.0.1"
-_ports = iter(range(26000, 26200, 4))  # this file's SIP ports (ours, SIPp's), below the ephemeral range
-OUR_RTP_PORT = 26300  # only named in our SDP: SIPp sends no media in these scenarios
+_first, _last = port_block("test_client_invite")
+_ports = iter(range(_first, _last - 4, 4))  # this file's SIP ports (ours, SIPp's)
+OUR_RTP_PORT = _last  # only named in our SDP: SIPp sends no media in these scenarios
 
 
 class Callee:

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from port_table import port_ranges
 from rawsip import Dialer, RawPeer, address, serving, to_tag
+from waiting import until
 from voiceline.app import VoiceLine
 from voiceline.audio.g711 import ulaw_decode, ulaw_encode
 from voiceline.audio.hold import PAD_HZ
@@ -27,16 +29,18 @@ from voiceline.sip.message import SipResponse, parse_via, response_to, serialize
 from voiceline.sip.sdp import parse_sdp
 from voiceline.sip.core import Call
 
-_next_range = iter(range(22000, 23900, 20))  # this file's RTP ports
+pytestmark = pytest.mark.integration
+
+_next_range = port_ranges("test_dialogs", 20)  # this file's RTP ports
 TONE_HZ = 1000.0
 
 
 def make_config(tmp_path: Path, media: dict[str, object] | None = None, **sip: object) -> Config:
-    low = next(_next_range)
+    low, high = next(_next_range)
     # A short T1: our BYEs to peers that never answer give up (Timer F) soon, so shutdown is quick.
     return Config(
         sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05, t1=0.03), **sip),  # type: ignore[arg-type]
-        media=replace(MediaConfig(rtp_ports=f"{low}-{low + 19}"), **(media or {})),  # type: ignore[arg-type]
+        media=replace(MediaConfig(rtp_ports=f"{low}-{high}"), **(media or {})),  # type: ignore[arg-type]
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
     ).validate()
 
@@ -150,15 +154,14 @@ async def test_reinvite_hold_plays_hold_audio_to_the_partner_and_resume_restores
         await call_in(peer_b, server, b)
         a.speak(TONE_HZ)
         b.speak(TONE_HZ)
-        await asyncio.sleep(0.3)
-        assert service.pool("default").talking == 2
+        await until(lambda: service.pool("default").talking == 2)
         assert is_tone(await b.listen(0.6), TONE_HZ)  # talking: B hears A
 
         dialer_a.in_dialog("INVITE", sdp_port=a.port, direction="sendonly")  # A puts the line on hold
         held = await peer.response(method="INVITE")
         assert held.status == 200 and direction(held.body) == "recvonly"
         dialer_a.ack(dialer_a.to_tag)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # A's tone already on its way to B drains before B listens
         assert is_hold_audio(await b.listen(0.8))  # the partner hears hold audio, still paired
         assert len(await a.listen(0.5)) == 0  # and nothing is sent to the held caller
         assert service.pool("default").talking == 2 and service.pool("default").waiting == 0
@@ -167,7 +170,7 @@ async def test_reinvite_hold_plays_hold_audio_to_the_partner_and_resume_restores
         resumed = await peer.response(method="INVITE")
         assert resumed.status == 200 and direction(resumed.body) == "sendrecv"
         dialer_a.ack(dialer_a.to_tag)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # hold audio already on its way drains before they listen
         assert is_tone(await b.listen(0.6), TONE_HZ)  # the bridge is back both ways
         assert is_tone(await a.listen(0.6), TONE_HZ)
         # The answer's version went up with each change (RFC 3264 8).
@@ -187,7 +190,7 @@ async def test_inactive_update_holds_and_reinvite_without_sdp_offers_in_the_200(
         dialer.in_dialog("UPDATE", sdp_port=phone.port, direction="inactive")
         update = await peer.response(method="UPDATE")
         assert update.status == 200 and direction(update.body) == "inactive"
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # hold audio already on its way drains before the phone listens
         assert len(await phone.listen(0.4)) == 0 and the_call(service).on_hold
         assert service.pool("default").waiting == 0  # a held caller is paired with nobody
 
@@ -196,8 +199,7 @@ async def test_inactive_update_holds_and_reinvite_without_sdp_offers_in_the_200(
         assert offer.status == 200 and direction(offer.body) == "sendrecv"
         assert parse_sdp(offer.body).media[0].formats[0] == "0"  # the call's codec
         dialer.ack(dialer.to_tag, sdp_port=phone.port, direction="sendrecv")
-        await asyncio.sleep(0.1)
-        assert not the_call(service).on_hold and service.pool("default").waiting == 1
+        await until(lambda: not the_call(service).on_hold and service.pool("default").waiting == 1)
         assert is_hold_audio(await phone.listen(0.8))  # waiting again, hearing hold audio
     finally:
         phone.close()
@@ -210,7 +212,7 @@ async def test_update_moves_media_to_a_new_address(service: VoiceLine, peer: Raw
         assert len(await first.listen(0.3)) > 5
         dialer.in_dialog("UPDATE", sdp_port=second.port)
         assert (await peer.response(method="UPDATE")).status == 200
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # audio already on its way to the first address drains
         assert len(await second.listen(0.4)) > 10
         assert len(await first.listen(0.3)) == 0
     finally:
@@ -228,8 +230,7 @@ async def test_offerless_invite_gets_our_offer_and_the_ack_answers(service: Voic
         assert offer.media[0].formats == ["0", "8", "9", "111", "101"] and direction(ok.body) == "sendrecv"
         assert b"a=rtpmap:9 G722/8000\r\n" in ok.body and b"a=rtpmap:111 opus/48000/2\r\n" in ok.body
         dialer.ack(to_tag(ok), sdp_port=phone.port)
-        await asyncio.sleep(0.2)
-        assert service.pool("default").waiting == 1
+        await until(lambda: service.pool("default").waiting == 1)
         assert is_hold_audio(await phone.listen(0.8))
     finally:
         phone.close()
@@ -275,7 +276,7 @@ async def test_info_dtmf_relay_reaches_the_handler(service: VoiceLine, peer: Raw
     digits: list[tuple[str, str]] = []
     service.pool("default").digit = lambda call_id, digit: digits.append((call_id, digit))  # type: ignore[method-assign]
     dialer, _ = await call_in(peer, address(service), await Phone.open())
-    await asyncio.sleep(0.1)
+    await until(lambda: service.pool("default").waiting == 1)
     dialer.in_dialog("INFO", body="Signal=5\r\nDuration=160\r\n", content_type="application/dtmf-relay")
     assert (await peer.response(method="INFO")).status == 200
     dialer.in_dialog("INFO", body="#", content_type="application/dtmf")
@@ -398,7 +399,7 @@ async def test_silent_call_is_reaped_but_a_talking_or_held_one_is_not(tmp_path: 
             held_dialer.ack((await peers[2].response(status=200, method="INVITE")) and held_dialer.to_tag)
             bye = await peers[0].request("BYE", timeout=4)
             assert bye.headers.get("Call-ID") == silent_dialer.call_id
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # another inactivity timeout passes
             assert app.agent is not None and len(app.agent.core.calls) == 2  # the talking and the held call
         finally:
             for phone in (silent, talking, held):
@@ -412,7 +413,7 @@ async def test_drain_refuses_new_calls_and_lets_current_ones_finish(tmp_path: Pa
         dialer, _ = await call_in(peer, address(app), await Phone.open())
         stop = asyncio.Event()
         draining = asyncio.create_task(app.drain(stop))
-        await asyncio.sleep(0.1)
+        await until(lambda: app.agent is not None and app.agent.draining)
         newcomer = Dialer(peer, address(app))
         newcomer.invite(rtp_port=4000)
         refused = await peer.response(status=503)
@@ -440,8 +441,8 @@ async def test_caller_answering_our_offer_with_sendonly_joins_on_hold(service: V
         dialer.invite(rtp_port=None)
         ok = await peer.response(status=200)
         dialer.ack(to_tag(ok), sdp_port=phone.port, direction="sendonly")
-        await asyncio.sleep(0.1)
-        assert the_call(service).on_hold and service.pool("default").waiting == 0
+        await until(lambda: service.agent is not None and service.agent.calls and the_call(service).on_hold)
+        assert service.pool("default").waiting == 0
         assert len(await phone.listen(0.4)) == 0
         dialer.in_dialog("INVITE", sdp_port=phone.port)  # resume
         assert direction((await peer.response(status=200, method="INVITE")).body) == "sendrecv"

@@ -58,7 +58,7 @@ def wait_until(condition: Callable[[], bool], seconds: float = 15.0) -> None:
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[list[VoicelineServer]]:
     """Two nodes this test may kill; any still running at the end are stopped and must exit 0."""
-    started = [start_server(tmp_path / f"node-{i}", node_config(), host) for i, host in enumerate(NODE_HOSTS)]
+    started = [start_server(tmp_path / f"node-{i}", node_config(), host=host) for i, host in enumerate(NODE_HOSTS)]
     yield started
     for node in started:
         if node.process.poll() is None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from port_table import port_block
 from voiceline.sim.analysis import tone_levels
 from voiceline.storage import DB_NAME, MIGRATIONS
 from voiceline.sim.runner import CallReport, CallSpec
@@ -36,7 +37,8 @@ USERNAME = "voiceline-a"
 PASSWORD = "carrier-s3cret"
 READY_SECONDS = 10.0
 STOP_SECONDS = 5.0
-_ports = iter(range(44060, 44080))
+KAMAILIO_PORTS = port_block("test_kamailio")
+_ports = iter(range(KAMAILIO_PORTS[0], KAMAILIO_PORTS[1] + 1))  # Kamailio's SIP ports
 
 KAMAILIO_CFG = """#!KAMAILIO
 debug=2

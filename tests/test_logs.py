@@ -12,7 +12,9 @@ from pathlib import Path
 import aiosqlite
 import pytest
 import structlog
+from port_table import port_block
 from rawsip import Dialer, RawPeer, address, serving, to_tag
+from waiting import until
 
 from voiceline import logs
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
@@ -298,6 +300,7 @@ SERVE_THAT_CRASHES = textwrap.dedent(
 )
 
 
+@pytest.mark.integration
 def test_a_crashing_service_writes_nothing_unredacted(tmp_path: Path) -> None:
     """Everything Python itself would print raw goes through the redacting log pipeline."""
     result = subprocess.run(
@@ -319,7 +322,7 @@ def test_a_crashing_service_writes_nothing_unredacted(tmp_path: Path) -> None:
     assert crash["level"] == "critical" and "RuntimeError: crashed on caller [redacted]" in crash["exception"]
 
 
-PAIRING_RTP_PORTS = "27730-27749"
+PAIRING_RTP_PORTS = "{}-{}".format(*port_block("test_logs"))
 
 
 async def dial(peer: RawPeer, server: tuple[str, int]) -> Dialer:
@@ -330,20 +333,20 @@ async def dial(peer: RawPeer, server: tuple[str, int]) -> Dialer:
     return dialer
 
 
-async def logged(stream: io.StringIO, condition: Callable[[list[dict]], bool], attempts: int = 300) -> list[dict]:
+async def logged(stream: io.StringIO, condition: Callable[[list[dict]], bool]) -> list[dict]:
     """The log lines so far, once `condition` holds for them."""
-    for _ in range(attempts):
-        lines = json_lines(stream)
-        if condition(lines):
-            return lines
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never logged: {[line['event'] for line in json_lines(stream)]}")
+    try:
+        await until(lambda: condition(json_lines(stream)))
+    except AssertionError:
+        raise AssertionError(f"never logged: {[line['event'] for line in json_lines(stream)]}") from None
+    return json_lines(stream)
 
 
 def count(event: str, at_least: int) -> Callable[[list[dict]], bool]:
     return lambda lines: sum(line["event"] == event for line in lines) >= at_least
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("level", ["info", "debug"])
 async def test_no_line_links_partners_at_info(tmp_path: Path, level: str) -> None:
     """Two callers pair, one presses '#', then hangs up: each step a partner causes is logged without ids."""

@@ -9,14 +9,19 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import numpy as np
 import pytest
 
+from port_table import port_block
+from waiting import until
 from voiceline.audio import g711
 from voiceline.audio.hold import encode_frames, hold_music
 from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
 from voiceline.audio.rtp import MAX_PAYLOAD, RtpHeader, build_packet, parse_header
 from voiceline.codec_table import lookup
 
+pytestmark = pytest.mark.integration
+
 HOST = "127.0.0.1"
-PORTS = (40000, 40099)  # this module's share of the 40000-40999 test range
+BASE, _ = port_block("test_media")
+PORTS = (BASE, BASE + 99)  # the engine's; the tests of the port range use BASE + 100 and up
 PCMU, PCMA, EVENT = 0, 8, 101
 RECEIVE_TIMEOUT = 2.0
 QUIET = 0.2  # how long "nothing arrives" is watched for
@@ -70,15 +75,6 @@ class Phone:
             except asyncio.TimeoutError:
                 return
         raise AssertionError("still receiving")
-
-
-async def eventually(condition: Callable[[], bool], attempts: int = 200) -> None:
-    """Let the loop run until `condition` holds (packets sent to a leg are handled asynchronously)."""
-    for _ in range(attempts):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
 
 
 def tone_frame(frequency: float, codec: str, amplitude: float = 6000.0) -> bytes:
@@ -264,7 +260,7 @@ async def test_symmetric_rtp_latches_on_the_first_valid_packet(engine, phones):
 
     sdp_phone.send_audio(leg, tone_frame(1000, "PCMU"), count=3)  # now a foreign source
     nat_phone.send_audio(leg, tone_frame(1000, "PCMU"))
-    await eventually(lambda: leg.packets_in == 2)
+    await until(lambda: leg.packets_in == 2)
     assert leg.packets_dropped == 3
     await nat_phone.receive()
 
@@ -341,7 +337,7 @@ async def test_packets_before_start_are_dropped(engine, phones):
     phone = phones()
     leg = await engine.open_leg()
     phone.send_audio(leg, tone_frame(1000, "PCMU"))
-    await eventually(lambda: leg.packets_dropped == 1)
+    await until(lambda: leg.packets_dropped == 1)
     leg.start(phone.address, lookup("PCMU"), PCMU, EVENT)
     leg.hold()
     await phone.receive()
@@ -361,10 +357,10 @@ def can_bind(port: int) -> bool:
 
 
 async def test_port_range_exhaustion_raises_media_error():
-    engine = MediaEngine(HOST, (40100, 40103), hold_music())
+    engine = MediaEngine(HOST, (BASE + 100, BASE + 103), hold_music())
     try:
         legs = [await engine.open_leg(), await engine.open_leg()]
-        assert sorted(leg.local_port for leg in legs) == [40100, 40102]
+        assert sorted(leg.local_port for leg in legs) == [BASE + 100, BASE + 102]
         with pytest.raises(MediaError) as raised:
             await engine.open_leg()
         assert str(raised.value) == "no free RTP port in the configured range"
@@ -375,10 +371,10 @@ async def test_port_range_exhaustion_raises_media_error():
 
 
 async def test_freed_ports_rest_and_close_releases_them():
-    engine = MediaEngine(HOST, (40111, 40117), hold_music())  # odd start: even ports 40112-40116
+    engine = MediaEngine(HOST, (BASE + 111, BASE + 117), hold_music())  # odd start: even ports BASE + 112 to 116
     try:
         first, second = await engine.open_leg(), await engine.open_leg()
-        assert {first.local_port, second.local_port} < {40112, 40114, 40116}
+        assert {first.local_port, second.local_port} < {BASE + 112, BASE + 114, BASE + 116}
         freed = first.local_port
         first.close()
         await asyncio.sleep(0)
@@ -392,20 +388,20 @@ async def test_freed_ports_rest_and_close_releases_them():
         engine.close()
         await asyncio.sleep(0)
     assert engine.legs == 0
-    assert all(can_bind(port) for port in range(40112, 40118))
+    assert all(can_bind(port) for port in range(BASE + 112, BASE + 118))
     with pytest.raises(MediaError):
         await engine.open_leg()
 
 
 async def test_a_port_taken_by_someone_else_is_skipped():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
-        squatter.bind((HOST, 40121))  # the RTCP half of the first pair
-        engine = MediaEngine(HOST, (40120, 40123), hold_music())
+        squatter.bind((HOST, BASE + 121))  # the RTCP half of the first pair
+        engine = MediaEngine(HOST, (BASE + 120, BASE + 123), hold_music())
         try:
-            assert (await engine.open_leg()).local_port == 40122
+            assert (await engine.open_leg()).local_port == BASE + 122
             with pytest.raises(MediaError):
                 await engine.open_leg()
         finally:
             engine.close()
             await asyncio.sleep(0)
-    assert can_bind(40120)
+    assert can_bind(BASE + 120)

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
+from port_table import port_block
 from test_dtmf import dtmf, silence
-from test_media import HOST, PCMU, Phone, eventually, phones, tone_frame  # phones: the fixture, shared
+from test_media import HOST, PCMU, Phone, phones, tone_frame  # phones: the fixture, shared
+from waiting import until
 
 from voiceline.audio import g711
 from voiceline.audio.codecs import new_coder
@@ -23,7 +25,10 @@ from voiceline.audio.rtp import build_packet, parse_header
 from voiceline.codec_table import lookup
 from voiceline.sim.analysis import goertzel_db
 
-PORTS = (42000, 42099)  # this module's share of the audio test range
+pytestmark = pytest.mark.integration
+
+BASE, _ = port_block("test_media_features")
+PORTS = (BASE, BASE + 99)  # the engine's
 EVENT = 101
 G722_PT = 9
 
@@ -121,7 +126,7 @@ async def test_inband_digits_are_detected_and_muted_for_the_partner(engine, phon
 
 
 async def test_inband_detection_can_be_turned_off(phones):
-    engine = MediaEngine(HOST, (42100, 42199), hold_music(), inband_dtmf=False)
+    engine = MediaEngine(HOST, (BASE + 100, BASE + 199), hold_music(), inband_dtmf=False)
     try:
         phone_a, phone_b = phones(), phones()
         a, b = await leg_for(engine, phone_a, event=None), await leg_for(engine, phone_b, event=None)
@@ -223,7 +228,7 @@ async def test_a_silent_peer_may_move_with_its_ssrc_after_a_nat_rebinding(engine
     await phone_a.receive()
     await asyncio.sleep(0.6)  # the latched source falls silent (latch.REBIND_SILENCE_SECONDS)
     Sender(stranger, b, 0x33333333, 1, 1).send(voice)  # another SSRC: still not accepted
-    await eventually(lambda: b.packets_dropped == 1)
+    await until(lambda: b.packets_dropped == 1)
     after = Sender(new_port, b, 0x22222222, before.sequence, before.timestamp)
     after.send(voice)
     assert (await phone_a.receive())[1] == voice
@@ -235,7 +240,7 @@ async def test_a_silent_peer_may_move_with_its_ssrc_after_a_nat_rebinding(engine
     phone_a.send_audio(a, tone_frame(600, "PCMU"))
     assert (await old_port.receive())[1] == tone_frame(600, "PCMU")
     after.send(voice)  # and the new one, not silent long enough, is the foreign one now
-    await eventually(lambda: b.packets_dropped == 2)
+    await until(lambda: b.packets_dropped == 2)
     await phone_a.assert_quiet()
 
 
@@ -361,7 +366,7 @@ async def test_a_prompt_is_heard_over_the_partner_who_keeps_talking(engine, phon
     except asyncio.TimeoutError:
         pass
     await talking
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # the stream's tail arrives
     while True:
         try:
             packets.append(await phone_a.receive(timeout=0.05))
@@ -415,7 +420,7 @@ async def test_a_leg_whose_peer_holds_it_sends_nothing_not_even_a_prompt(engine,
 
 # -- RTCP ------------------------------------------------------------------------------------------
 
-RTCP_PHONE_PORT = 42200  # the phone's RTP port; its RTCP socket takes the odd one above
+RTCP_PHONE_PORT = BASE + 200  # the phone's RTP port; its RTCP socket takes the odd one above
 
 
 async def test_rtcp_reports_stats_and_bye_on_loopback(engine, monkeypatch):
@@ -435,7 +440,7 @@ async def test_rtcp_reports_stats_and_bye_on_loopback(engine, monkeypatch):
         for sequence in sequences:
             packet = build_packet(PCMU, sequence, sequence * 160, 0x5151, tone_frame(1000, "PCMU"))
             rtp.sendto(packet, (HOST, leg.local_port))
-        await eventually(lambda: leg.packets_in == len(sequences))
+        await until(lambda: leg.packets_in == len(sequences))
         our_ssrc = parse_header(await loop.sock_recv(rtp, 2048)).ssrc  # type: ignore[union-attr]
         # Our report arrives on the RTCP port: an SR (the leg sends hold audio) about the phone's stream.
         report = parse(await asyncio.wait_for(loop.sock_recv(rtcp, 2048), 2.0), 0x5151)
@@ -447,7 +452,7 @@ async def test_rtcp_reports_stats_and_bye_on_loopback(engine, monkeypatch):
             if sequence % 7:
                 reception.update(build_packet(PCMU, sequence, 0, our_ssrc), sequence * 0.02)
         rtcp.sendto(build_report(0x5151, b"phone", reception, 0.0, 0.0, None), (HOST, leg.local_port + 1))
-        await eventually(lambda: leg.stats().peer_lost is not None)
+        await until(lambda: leg.stats().peer_lost is not None)
         stats = leg.stats()
         assert (stats.packets_in, stats.packets_expected, stats.packets_lost) == (47, 50, 3)
         assert stats.loss_fraction == 0.06 and stats.peer_lost == 7 and stats.packets_out > 0
@@ -491,8 +496,8 @@ async def test_garbage_payloads_on_the_pcm_path_raise_nothing(engine, phones, co
     for _ in range(200):
         size = int(rng.integers(0, 400))
         sender.send(rng.integers(0, 256, size, dtype=np.uint8).tobytes(), payload_type, int(rng.integers(0, 2000)))
-    await eventually(lambda: source.packets_in == 200)
-    await asyncio.sleep(0.1)
+    await until(lambda: source.packets_in == 200)
+    await asyncio.sleep(0.1)  # a quiet window: a late failure would show in `problems`
     assert problems == []
     await phone_pcmu.drain(limit=2000)
     frames = tone_frames(codec, 1000, 25)

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from port_table import port_ranges
 from rawsip import Dialer, RawPeer, address, serving, to_tag
-from test_media import HOST, PCMU, eventually
+from test_media import HOST, PCMU
+from waiting import until
 from voiceline.app import VoiceLine
 from voiceline.audio.g711 import ulaw_decode, ulaw_encode
 from voiceline.audio.hold import hold_music
@@ -27,15 +29,18 @@ from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sim.analysis import goertzel_db
 from voiceline.sip.sdp import parse_sdp
 
+pytestmark = pytest.mark.integration
+
 ATTACKER = "127.0.0.66"
 NAT = "127.0.0.5"  # a caller's NAT: its SIP and RTP come from here, its SDP names 127.0.0.1
 CALLER_HZ, PARTNER_HZ, ATTACKER_HZ = 697.0, 941.0, 1209.0
-_port_blocks = iter(range(31000, 31960, 40))  # this file's RTP ports, below the ephemeral range
+_port_blocks = port_ranges("test_media_security", 100)  # this file's RTP ports
+SMALL_ENGINE_PORTS = next(_port_blocks)
 Address = tuple[str, int]
 
 
 def make_config(tmp_path: Path, ports: int = 40, **media: object) -> Config:
-    low = next(_port_blocks)
+    low, _ = next(_port_blocks)
     return Config(
         sip=SipConfig(listen="127.0.0.1:0", answer_delay=0.05, t1=0.02),  # t1: unanswered BYEs at the end give up soon
         media=replace(MediaConfig(rtp_ports=f"{low}-{low + ports - 1}"), **media),  # type: ignore[arg-type]
@@ -156,7 +161,7 @@ async def talking(service: VoiceLine, parties: list[Party], caller_host: str = H
     partner, caller = await open_party(parties), await open_party(parties, caller_host)
     partner.leg = await dial(server, partner.sip, partner.phone.address[1])
     caller.leg = await dial(server, caller.sip, sdp_port or caller.phone.address[1])
-    await eventually(lambda: service.pool("default").talking == 2)
+    await until(lambda: service.pool("default").talking == 2)
     await asyncio.sleep(0.05)  # hold frames still in flight
     partner.phone.packets.clear()
     caller.phone.packets.clear()
@@ -192,20 +197,19 @@ async def test_rtp_sprayed_before_the_callers_first_packet_is_never_relayed(
     caller.leg = (HOST, parse_sdp(ok.body).media[0].port)
     spray = await attacker.phone.talk(caller.leg, ATTACKER_HZ, 0x5EED, 1, 10)
     dialer.ack(to_tag(ok))
-    await eventually(lambda: service.pool("default").talking == 2)
+    await until(lambda: service.pool("default").talking == 2)
     partner_heard = len(partner.phone.packets)
     spray = await attacker.phone.talk(caller.leg, ATTACKER_HZ, 0x5EED, spray, 20)
     caller_heard = len(caller.phone.packets)
     await partner.phone.talk(partner.leg, PARTNER_HZ, 0xA, 1, 25)  # the partner speaks first
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # a quiet window: anything relayed would have arrived
     assert len(partner.phone.packets) == partner_heard  # nothing of the attacker's reached the partner
     assert_hears(caller.phone.heard(caller_heard), PARTNER_HZ, ATTACKER_HZ)  # sent to the SDP address
     caller_speaks = asyncio.create_task(caller.phone.talk(caller.leg, CALLER_HZ, 0xB, 1, 25))
     await attacker.phone.talk(caller.leg, ATTACKER_HZ, 0x5EED, spray, 25)
     await caller_speaks
     await partner.phone.talk(partner.leg, PARTNER_HZ, 0xA, 26, 25)
-    await asyncio.sleep(0.1)
-    assert len(partner.phone.packets) - partner_heard >= 20
+    await until(lambda: len(partner.phone.packets) - partner_heard >= 20)
     assert_hears(partner.phone.heard(partner_heard), CALLER_HZ, ATTACKER_HZ)
     assert_hears(caller.phone.heard(caller_heard), PARTNER_HZ, ATTACKER_HZ)
     assert attacker.phone.packets == []
@@ -226,10 +230,10 @@ async def test_the_callers_ssrc_from_elsewhere_after_silence_does_not_take_over(
     takeover = asyncio.create_task(attacker.phone.talk(caller.leg, ATTACKER_HZ, 0xCA11, sequence, 50))
     await partner.phone.talk(partner.leg, PARTNER_HZ, 0xA, 1, 25)
     await takeover
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # a quiet window: anything relayed would have arrived
     assert len(partner.phone.packets) == partner_heard and attacker.phone.packets == []
     await caller.phone.talk(caller.leg, CALLER_HZ, 0xCA11, sequence, 25)  # the caller speaks again
-    await asyncio.sleep(0.1)
+    await until(lambda: len(partner.phone.packets) - partner_heard >= 20)
     assert_hears(partner.phone.heard(partner_heard), CALLER_HZ, ATTACKER_HZ)
     assert_hears(caller.phone.heard(caller_heard), PARTNER_HZ)
     assert attacker.phone.packets == []
@@ -244,7 +248,7 @@ async def test_a_caller_behind_nat_talks_from_its_signalling_address(service: Vo
         partner, caller = await talking(service, parties, caller_host=NAT, sdp_port=announced.address[1])
         await caller.phone.talk(caller.leg, CALLER_HZ, 0xCA11, 1, 25)
         await partner.phone.talk(partner.leg, PARTNER_HZ, 0xA, 1, 25)
-        await asyncio.sleep(0.1)
+        await until(lambda: len(partner.phone.packets) >= 20 and len(caller.phone.packets) >= 20)
         assert_hears(partner.phone.heard(), CALLER_HZ)
         assert_hears(caller.phone.heard(), PARTNER_HZ)  # answered where its RTP came from
         assert len(announced.packets) < 25  # not the partner's voice; at most hold audio before the latch
@@ -263,7 +267,7 @@ async def test_a_nat_rebinding_mid_call_keeps_the_conversation(service: VoiceLin
         assert_hears(partner.phone.heard(partner_heard), CALLER_HZ)
         old_port_heard = len(caller.phone.packets)
         await partner.phone.talk(partner.leg, PARTNER_HZ, 0xA, 1, 25)
-        await asyncio.sleep(0.1)
+        await until(lambda: len(rebound.packets) >= 20)
         assert_hears(rebound.heard(), PARTNER_HZ)
         assert len(caller.phone.packets) == old_port_heard
     finally:
@@ -277,13 +281,13 @@ async def test_a_caller_whose_media_comes_from_another_host_talks_after_probatio
         partner, caller = await talking(app, parties, sdp_port=4000)
         media_server = await Phone.open("127.0.0.7")  # a carrier whose SDP and media disagree
         try:
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # the learning window passes: the callers' own media had its chance
             sequence = await media_server.talk(caller.leg, CALLER_HZ, 0xCA11, 1, 3)  # too short a run
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a quiet window: anything relayed would have arrived
             assert partner.phone.packets == [] and media_server.packets == []
             await media_server.talk(caller.leg, CALLER_HZ, 0xCA11, sequence, 25)  # the fourth in sequence latches
             await partner.phone.talk(partner.leg, PARTNER_HZ, 0xA, 1, 25)
-            await asyncio.sleep(0.1)
+            await until(lambda: len(partner.phone.packets) >= 20 and len(media_server.packets) >= 20)
             assert_hears(partner.phone.heard(), CALLER_HZ)
             assert_hears(media_server.heard(), PARTNER_HZ)
         finally:
@@ -294,13 +298,13 @@ async def test_a_caller_whose_media_comes_from_another_host_talks_after_probatio
 
 
 async def test_rtcp_is_taken_only_from_the_latched_peers_host() -> None:
-    engine = MediaEngine(HOST, (31990, 31999), hold_music())
+    engine = MediaEngine(HOST, (SMALL_ENGINE_PORTS[0], SMALL_ENGINE_PORTS[0] + 9), hold_music())
     phone, stranger = await Phone.open(), await Phone.open(ATTACKER)
     try:
         leg = await engine.open_leg()
         leg.start(phone.address, PCMU_CODEC, PCMU, None)
         leg.hold()
-        await eventually(lambda: bool(phone.packets))
+        await until(lambda: bool(phone.packets))
         header = parse_header(phone.packets[0])
         assert header is not None
         rtcp = (HOST, leg.local_port + 1)
@@ -309,14 +313,14 @@ async def test_rtcp_is_taken_only_from_the_latched_peers_host() -> None:
         report = build_report(0x5151, b"x", reception, 0.0, 0.0, None)
         assert phone.transport is not None and stranger.transport is not None
         phone.transport.sendto(report, rtcp)  # before the RTP latch: not yet
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # a quiet window: the report has been read by now
         assert leg.stats().peer_lost is None
         await phone.talk((HOST, leg.local_port), CALLER_HZ, 0x5151, 1, 1)
         stranger.transport.sendto(report, rtcp)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # a quiet window: the report has been read by now
         assert leg.stats().peer_lost is None
         phone.transport.sendto(report, rtcp)
-        await eventually(lambda: leg.stats().peer_lost is not None)
+        await until(lambda: leg.stats().peer_lost is not None)
     finally:
         phone.close()
         stranger.close()

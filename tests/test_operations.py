@@ -30,6 +30,8 @@ from voiceline.events import CallEnded, Event, EventBus, LinePaired, Registratio
 from voiceline.metrics import Metrics
 from voiceline.sim.runner import CallReport, CallSpec
 
+pytestmark = pytest.mark.integration
+
 TWO_LINES = [{"name": "one", "numbers": ["100"]}, {"name": "two", "numbers": ["200"]}]
 
 

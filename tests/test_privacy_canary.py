@@ -14,7 +14,6 @@ import hashlib
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -172,6 +171,7 @@ def test_canary_number_is_written_nowhere(
     )
     assert sipp.returncode == 0, sipp.stdout[-2000:]
 
+    ended_before = sum(event.get("event") == "call.ended" for event in server.log_events())  # type: ignore[attr-defined]
     # Two pjsua2 callers from the canary number, paired with each other: one over UDP holds and
     # resumes (re-INVITEs carry the identity again, into the dialog's target refresh), one over TCP
     # with SRTP (keys in its SDP, ours in the answer).
@@ -191,7 +191,7 @@ def test_canary_number_is_written_nowhere(
     )
     assert all(r.connected for r in reports), reports
 
-    time.sleep(0.3)
+    server.wait_for_event("call.ended", count=ended_before + 2)  # type: ignore[attr-defined]
     told: dict[str, bytes] = {}  # what the service said to the world, by channel
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as answer:
         told["metrics"] = answer.read()

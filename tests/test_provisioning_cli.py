@@ -12,11 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from port_table import port_block
 from rawsip import RawPeer
 from voiceline.sip.message import response_to, serialize
 
+pytestmark = pytest.mark.integration
+
 SECRET = "pa55-word-in"
 REG_SECRET = "pa55-word-reg"
+
+SILENT_PORT, _ = port_block("test_provisioning_cli")  # nobody answers there
 
 
 def run(data_dir: Path, *args: str, stdin: str = "", config: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -176,7 +181,7 @@ async def test_trunk_test_pings_with_options(tmp_path: Path) -> None:
         [report] = json.loads(result.stdout)  # the /24 range is not pinged
         assert report["target"] == f"sip:127.0.0.5:{peer.port}" and report["status"] == 200
         # Nobody answers on a closed port: exit 1 and say so.
-        silent = await asyncio.to_thread(run, d, "trunk", "test", "carrier", "--port", "44999", "--timeout", "1")
+        silent = await asyncio.to_thread(run, d, "trunk", "test", "carrier", "--port", str(SILENT_PORT), "--timeout", "1")
         assert silent.returncode == 1 and "no answer within 1 s" in silent.stdout
     finally:
         peer.close()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from port_table import port_ranges
 from voiceline.sim.cli import add_sim_parser, run_sim
 from voiceline.sim.plugin import free_udp_port
 from voiceline.sim.runner import CallReport, CallSpec, WorkerJob, run_calls
@@ -126,6 +127,11 @@ def port_taken(port: int) -> bool:
     return False
 
 
+# Per SIPp: its media ports (audio and echo) from the first, its control port the last.
+_sipp_ports = port_ranges("test_sim_caller", 10)
+SILENT_PORT, _ = next(_sipp_ports)
+
+
 @pytest.fixture
 def sipp(tmp_path: Path) -> Iterator[Callable[..., Sipp]]:
     """Factory: `sipp(scenario="uas", calls=1, echo_rtp=False)`; a scenario other than
@@ -142,10 +148,11 @@ def sipp(tmp_path: Path) -> Iterator[Callable[..., Sipp]]:
         else:
             scenario_args = ["-sn", scenario]
         port = free_udp_port()
+        media_port, control_port = next(_sipp_ports)
         command = [
             *(executable, *scenario_args),
             *("-i", "127.0.0.1", "-p", str(port), "-mi", "127.0.0.1"),
-            *("-mp", str(free_udp_port()), "-cp", str(free_udp_port())),
+            *("-mp", str(media_port), "-cp", str(control_port)),
             *("-m", str(calls), "-timeout", "60s", "-nostdin"),
             *(["-rtp_echo"] if echo_rtp else []),
         ]
@@ -234,7 +241,7 @@ def test_batch_of_five_runs_at_once_across_two_workers(
 
 
 def test_call_to_a_silent_port_times_out_without_hanging(tmp_path: Path) -> None:
-    target = f"sip:line@127.0.0.1:{free_udp_port()}"  # nothing listens there
+    target = f"sip:line@127.0.0.1:{SILENT_PORT}"  # nothing listens there
     started = time.monotonic()
     [report] = run_calls([CallSpec(target, seconds=1.0)], record_dir=tmp_path, timeout=6.0)
     assert time.monotonic() - started < 6.0

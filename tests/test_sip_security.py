@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 import structlog
 
+from port_table import port_ranges
 from rawsip import Dialer, RawPeer, address, serving, to_tag
+from waiting import until
 from voiceline.app import VoiceLine
 from voiceline.config import from_mapping
 from voiceline.sim.plugin import VoicelineServer
@@ -29,7 +31,9 @@ from voiceline.sip.sdp import parse_sdp
 from voiceline.sip.call_state import CallState
 from voiceline.sip.core import Call
 
-_next_range = iter(range(25000, 25980, 20))  # this file's RTP ports
+pytestmark = pytest.mark.integration
+
+_next_range = port_ranges("test_sip_security", 20)  # this file's RTP ports
 
 CARRIER, SECOND_CARRIER_HOST, STRANGER, OTHER_TRUNK = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
 TRUNKS: list[dict[str, Any]] = [
@@ -43,12 +47,12 @@ DTMF_HASH = "Signal=#\r\nDuration=160\r\n"
 def running(
     tmp_path: Path, trunks: list[dict[str, Any]] = TRUNKS, media: dict[str, Any] | None = None, **sip: Any
 ) -> contextlib.AbstractAsyncContextManager[VoiceLine]:
-    low = next(_next_range)
+    low, high = next(_next_range)
     config = from_mapping(
         {
             # A short T1: BYEs to peers that never answer give up soon, so stopping is quick.
             "sip": {"listen": "127.0.0.1:0", "answer_delay": 0.05, "t1": 0.03, **sip},
-            "media": {"rtp_ports": f"{low}-{low + 19}", **(media or {})},
+            "media": {"rtp_ports": f"{low}-{high}", **(media or {})},
             "storage": {"data_dir": str(tmp_path / "data"), "poll_interval": 0.2},
             "trunks": trunks,
             "lines": LINES,
@@ -82,15 +86,6 @@ async def confirmed_call(
 def call_of(app: VoiceLine, dialer: Dialer) -> Call:
     assert app.agent is not None
     return next(call for call in app.agent.core.calls if call.dialog.call_id == dialer.call_id)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
-    """Wait (bounded) for the service to reach a state."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        assert loop.time() < end, "the service never got there"
-        await asyncio.sleep(0.02)
 
 
 def forger(victim: Dialer, peer: RawPeer, from_tag: str | None = None) -> Dialer:
@@ -245,10 +240,14 @@ async def test_an_unknown_source_gets_only_what_unknown_source_says_and_each_req
             assert [status_of(raw) for raw in stranger.raw] == [answer_to_stranger] * len(ANSWERED_KINDS)
             assert all(b"\r\nServer:" in raw for raw in stranger.raw)
         assert app.storage is not None
+        storage = app.storage
+
+        async def unknown_source_refusals() -> int:
+            return sum(row["count"] for row in await storage.refusals() if row["reason"] == "unknown_source")
+
         await until(lambda: not app.trunks or not app.trunks.policy.refused)  # moved to the hourly statistics
-        await asyncio.sleep(0.2)
-        rows = [row for row in await app.storage.refusals() if row["reason"] == "unknown_source"]
-        assert sum(row["count"] for row in rows) == len(ANSWERED_KINDS)
+        await until(unknown_source_refusals)
+        assert await unknown_source_refusals() == len(ANSWERED_KINDS)
 
 
 # -- no caller-chosen name is resolved --------------------------------------------------
@@ -367,7 +366,7 @@ async def test_a_message_flood_from_one_source_is_rate_limited_and_keeps_no_stat
             if n % 50 == 49:
                 await asyncio.sleep(0)  # let the service read: the socket buffer would drop the rest
         await until(lambda: app.agent is not None and app.agent.overload.counters.rate_limited > 0)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the rest of the flood is read and answered: the counts are final
         elapsed = loop.time() - started
         answered = [status_of(raw) for raw in flooder.raw]
         assert set(answered) == {405}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,16 +141,13 @@ def test_drain_refuses_new_calls_and_ends_the_rest_at_the_drain_timeout(
         cwd=ongoing_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        for _ in range(100):  # bounded: up to 10 s for the call to be confirmed
-            if any(e["event"] == "call.confirmed" for e in server.log_events()):  # type: ignore[attr-defined]
-                break
-            time.sleep(0.1)
+        server.wait_for_event("call.confirmed", timeout=10.0)  # type: ignore[attr-defined]
         drain = subprocess.run(
             [sys.executable, "-m", "voiceline", "drain", "--data-dir", str(server.data_dir)],  # type: ignore[attr-defined]
             capture_output=True, text=True, timeout=30,
         )
         assert drain.returncode == 0, drain.stderr
-        time.sleep(0.3)
+        server.wait_for_event("sip.draining")  # type: ignore[attr-defined]
         run_scenario(server, refused_dir, "uac_refused.xml", "-m", "1")  # 503 with Retry-After
         assert stat(refused_dir, "SuccessfulCall(C)") == 1
         assert ongoing.poll() is None  # the call in progress goes on ...

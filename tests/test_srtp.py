@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 from pylibsrtp import Policy, Session
 
+from port_table import port_block
 from rawsip import Dialer, RawPeer, address, serving, to_tag
-from test_media import HOST, PCMU, Phone, eventually, goertzel_power, tone_frame
+from test_media import HOST, PCMU, Phone, goertzel_power, tone_frame
 from test_privacy_canary import written_files
+from waiting import until
 from voiceline.audio import g711, media, srtp
 from voiceline.audio.hold import hold_music
 from voiceline.audio.media import MediaEngine, MediaLeg
@@ -42,12 +44,15 @@ from voiceline.sip.sdp import (
     parse_sdp,
 )
 
+pytestmark = pytest.mark.integration
+
 SUITE_80, SUITE_32 = "AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32"
 CALLER_KEY = bytes(range(1, 31))  # the caller's master key || salt, as its SDP carries it
 CALLER_INLINE = base64.b64encode(CALLER_KEY).decode()
-LEG_PORTS = (29200, 29299)  # this module's media legs; all below the ephemeral range
-RTCP_PHONE_PORT = 29400  # a phone's RTP port; its RTCP socket takes the odd one above
-_service_ranges = iter(range(29000, 29200, 20))
+BASE, LAST = port_block("test_srtp")
+LEG_PORTS = (BASE, BASE + 99)  # this module's media legs
+RTCP_PHONE_PORT = BASE + 100  # a phone's RTP port; its RTCP socket takes the odd one above
+_service_ranges = iter(range(BASE + 120, LAST + 1, 20))
 A_HZ, B_HZ = 700.0, 1200.0  # multiples of 50 Hz: tone_frame repeats exactly every frame
 
 
@@ -329,7 +334,7 @@ async def test_forged_and_plain_packets_never_latch_or_reach_the_partner(engine,
     ))
     attacker.send(secure, bytes(forged))  # SRTP under a key the attacker made up
     attacker.send_audio(secure, tone_frame(B_HZ, "PCMU"))  # plain RTP sprayed at the port
-    await eventually(lambda: secure.packets_dropped == 2)
+    await until(lambda: secure.packets_dropped == 2)
     await plain_phone.assert_quiet()
     secure_phone.send_audio(secure, tone_frame(A_HZ, "PCMU"), count=5)
     assert_tone(await receive_plain_pcm(plain_phone, 5), A_HZ, B_HZ)
@@ -353,7 +358,7 @@ async def test_srtcp_reports_both_ways(engine, monkeypatch) -> None:
         leg.hold()  # it sends (hold audio), so its reports are SRs
         caller = peer_session(CALLER_KEY, outbound=True)
         rtp.sendto(caller.protect(build_packet(PCMU, 1, 0, 0x5151)), (HOST, leg.local_port))  # RTCP counts once RTP latched
-        await eventually(lambda: leg.packets_in == 1)
+        await until(lambda: leg.packets_in == 1)
         receive = peer_session(leg_key, outbound=False)
         report = parse(receive.unprotect_rtcp(await asyncio.wait_for(loop.sock_recv(rtcp, 2048), 2.0)), 0)
         assert report is not None and report.sr_ntp_middle is not None
@@ -365,7 +370,7 @@ async def test_srtcp_reports_both_ways(engine, monkeypatch) -> None:
         phone_report = build_report(0x5151, b"phone", reception, 0.0, 0.0, None)
         rtcp.sendto(phone_report, (HOST, leg.local_port + 1))
         rtcp.sendto(caller.protect_rtcp(phone_report), (HOST, leg.local_port + 1))
-        await eventually(lambda: leg.stats().peer_lost is not None)
+        await until(lambda: leg.stats().peer_lost is not None)
         assert leg.stats().peer_lost == 9 and leg.stats().srtp_auth_failures == 1  # 5, 10 ... 45 missing
     finally:
         rtp.close()
@@ -449,7 +454,7 @@ async def test_an_srtp_caller_hears_hold_audio_under_the_answers_key_and_rekeys(
                 rtp.sendto(send.protect(build_packet(PCMU, sequence, sequence * 160, 7, bytes(160))), server_rtp)
             assert app.calls is not None
             (leg,) = (live.leg for live in app.calls.live.values())
-            await eventually(lambda: leg.packets_in == 3)
+            await until(lambda: leg.packets_in == 3)
             assert leg.stats().srtp_suite == SUITE_80
             # The caller rekeys with a re-INVITE: its old key stops working, the new one works, ours stays.
             new_key = secrets.token_bytes(30)
@@ -458,10 +463,10 @@ async def test_an_srtp_caller_hears_hold_audio_under_the_answers_key_and_rekeys(
             assert answer_crypto((await peer.response(200, "INVITE")).body)[1] == ours
             dialer.ack(dialer.to_tag)
             rtp.sendto(send.protect(build_packet(PCMU, 3, 480, 7, bytes(160))), server_rtp)
-            await eventually(lambda: leg.stats().srtp_auth_failures == 1)
+            await until(lambda: leg.stats().srtp_auth_failures == 1)
             rekeyed = peer_session(new_key, outbound=True)
             rtp.sendto(rekeyed.protect(build_packet(PCMU, 4, 640, 7, bytes(160))), server_rtp)
-            await eventually(lambda: leg.packets_in == 4)
+            await until(lambda: leg.packets_in == 4)
             dialer.in_dialog("BYE")
             await peer.response(200, "BYE")
         finally:

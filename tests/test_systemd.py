@@ -18,6 +18,8 @@ import pytest
 from voiceline import __version__
 from voiceline.control import CONTROL_SOCKET, CommandError, request
 
+pytestmark = pytest.mark.interop
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "config" / "voiceline.service"
 

@@ -16,7 +16,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from port_table import port_ranges
 from rawsip import OFFER, RawPeer, serving
+from waiting import until
 from voiceline.app import VoiceLine
 from voiceline.config import Config, ConfigError, MediaConfig, SipConfig, StorageConfig
 from voiceline.sip.message import SipRequest, SipResponse, parse_message, parse_name_addr, parse_via
@@ -31,6 +33,8 @@ from voiceline.sip.transport import (
     open_transports,
     server_tls_context,
 )
+
+pytestmark = pytest.mark.integration
 
 # --- stream framing ---------------------------------------------------------------------
 
@@ -176,14 +180,15 @@ def test_client_transaction_over_tcp_has_no_timer_e_and_no_timer_k() -> None:
 
 # --- the real service ---------------------------------------------------------------------
 
-_rtp_blocks = iter(range(46000, 46800, 20))
+_rtp_blocks = port_ranges("test_transport", 20)  # this file's RTP ports
+SILENT_RTP, _ = next(_rtp_blocks)  # offered in SDP: nothing listens there
 
 
 def running(tmp_path: Path, **sip: object) -> contextlib.AbstractAsyncContextManager[VoiceLine]:
-    low = next(_rtp_blocks)
+    low, high = next(_rtp_blocks)
     config = Config(
         sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05), **sip),  # type: ignore[arg-type]
-        media=MediaConfig(rtp_ports=f"{low}-{low + 19}"),
+        media=MediaConfig(rtp_ports=f"{low}-{high}"),
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
     ).validate()
     return serving(config)
@@ -261,7 +266,7 @@ async def test_a_call_over_tcp_uses_one_connection_both_ways(tmp_path: Path) -> 
         assert port == port_of(app, "UDP")  # one port for UDP and TCP
         peer = await TcpPeer.connect(port)
         call_id = secrets.token_hex(6)
-        peer.send(tcp_request("INVITE", peer.port, port, call_id, body=OFFER.format(port=40998, formats="0", direction="sendrecv")))
+        peer.send(tcp_request("INVITE", peer.port, port, call_id, body=OFFER.format(port=SILENT_RTP, formats="0", direction="sendrecv")))
         statuses = []
         while not statuses or statuses[-1] < 200:
             response = await peer.response()
@@ -273,10 +278,7 @@ async def test_a_call_over_tcp_uses_one_connection_both_ways(tmp_path: Path) -> 
         assert via.params["rport"] == str(peer.port)  # RFC 3581 over TCP too
         to_tag = parse_name_addr(response.headers.get("To") or "").tag or ""
         peer.send(tcp_request("ACK", peer.port, port, call_id, to_tag=to_tag))
-        for _ in range(50):
-            if app.agent and app.agent.core.calls and app.agent.core.calls[0].state.value == "confirmed":
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: app.agent and app.agent.core.calls and app.agent.core.calls[0].state.value == "confirmed")
         # Our BYE goes back over the caller's open connection, with a TCP Via.
         assert app.agent is not None
         app.agent.hangup(app.agent.core.calls[0].id, "test")
@@ -416,9 +418,9 @@ async def test_calls_beyond_capacity_get_503_with_retry_after(tmp_path: Path) ->
     async with running(tmp_path, max_calls=1, answer_delay=5.0) as app:
         port = port_of(app, "TCP")
         peer = await TcpPeer.connect(port)
-        peer.send(tcp_request("INVITE", peer.port, port, body=OFFER.format(port=40998, formats="0", direction="sendrecv")))
+        peer.send(tcp_request("INVITE", peer.port, port, body=OFFER.format(port=SILENT_RTP, formats="0", direction="sendrecv")))
         assert (await peer.response()).status == 100
-        peer.send(tcp_request("INVITE", peer.port, port, body=OFFER.format(port=40996, formats="0", direction="sendrecv")))
+        peer.send(tcp_request("INVITE", peer.port, port, body=OFFER.format(port=SILENT_RTP + 2, formats="0", direction="sendrecv")))
         responses = [await peer.response() for _ in range(2)]  # 180 of the first, 503 of the second
         refused = [r for r in responses if r.status >= 300]
         assert [r.status for r in refused] == [503] and refused[0].headers.get("Retry-After") == "30"
@@ -450,7 +452,7 @@ async def test_a_response_after_the_connection_closed_goes_to_the_sent_by_port(t
         server = await asyncio.start_server(listener, "127.0.0.1", 0)
         sent_by_port = server.sockets[0].getsockname()[1]
         peer = await TcpPeer.connect(port)
-        invite = tcp_request("INVITE", sent_by_port, port, body=OFFER.format(port=40998, formats="0", direction="sendrecv"))
+        invite = tcp_request("INVITE", sent_by_port, port, body=OFFER.format(port=SILENT_RTP, formats="0", direction="sendrecv"))
         peer.send(invite)
         assert (await peer.response()).status == 100
         peer.close()  # gone before the 200
@@ -476,7 +478,7 @@ async def test_options_over_tls_and_an_in_dialog_contact_that_says_tls(tmp_path:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
         assert writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
         peer = TcpPeer(reader, writer)
-        text = tcp_request("INVITE", peer.port, port, body=OFFER.format(port=40998, formats="0", direction="sendrecv"))
+        text = tcp_request("INVITE", peer.port, port, body=OFFER.format(port=SILENT_RTP, formats="0", direction="sendrecv"))
         peer.send(text.replace("SIP/2.0/TCP", "SIP/2.0/TLS").replace(";transport=tcp SIP", ";transport=tls SIP"))
         status, response = 0, None
         while status < 200:
@@ -506,7 +508,7 @@ async def test_an_idle_connection_stays_open_while_its_call_lasts(tmp_path: Path
         port = port_of(app, "TCP")
         peer = await TcpPeer.connect(port)
         call_id = secrets.token_hex(6)
-        peer.send(tcp_request("INVITE", peer.port, port, call_id, body=OFFER.format(port=40998, formats="0", direction="sendrecv")))
+        peer.send(tcp_request("INVITE", peer.port, port, call_id, body=OFFER.format(port=SILENT_RTP, formats="0", direction="sendrecv")))
         response = await peer.response()
         while response.status < 200:
             response = await peer.response()

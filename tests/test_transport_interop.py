@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,10 +62,7 @@ def test_server_bye_reaches_a_tcp_caller_over_its_connection(
     spec = CallSpec(server.uri("line", "tcp"), tone_hz=A_HZ, seconds=30.0, transport="tcp")  # type: ignore[attr-defined]
     with ThreadPoolExecutor(max_workers=1) as pool:
         placing = pool.submit(sim_calls, [spec], 45.0)
-        for _ in range(150):  # up to 15 s for the call to be confirmed
-            if placing.done() or any(e["event"] == "call.confirmed" for e in server.log_events()):  # type: ignore[attr-defined]
-                break
-            time.sleep(0.1)
+        server.wait_for_event("call.confirmed")  # type: ignore[attr-defined]
         assert server.stop() == 0  # type: ignore[attr-defined]
         (report,) = placing.result(timeout=40)
     assert report.connected and report.hangup_by == "remote", report

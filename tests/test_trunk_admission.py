@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
+from port_table import port_ranges
 from rawsip import Dialer, RawPeer, address, serving, to_tag
+from waiting import until
 from voiceline.app import VoiceLine
 from voiceline.config import from_mapping
 from test_transport import TcpPeer
@@ -24,7 +26,9 @@ from voiceline.sip.auth import DigestClient, digest_response, parse_digest, pick
 from voiceline.sip.message import Headers, SipRequest, SipResponse, parse_message, response_to, serialize
 from voiceline.sip.transaction import new_branch
 
-_next_range = iter(range(44400, 45000, 20))
+pytestmark = pytest.mark.integration
+
+_next_range = port_ranges("test_trunk_admission", 20)  # this file's RTP ports
 
 TRUNKS = [
     {"name": "carrier", "sources": ["127.0.0.2"]},
@@ -37,11 +41,11 @@ LINES = [{"name": "general", "numbers": ["100", "+4930100"]}, {"name": "language
 def running(
     tmp_path: Path, trunks: list[dict[str, Any]] = TRUNKS, lines: list[dict[str, Any]] = LINES, **sip: Any
 ) -> contextlib.AbstractAsyncContextManager[VoiceLine]:
-    low = next(_next_range)
+    low, high = next(_next_range)
     config = from_mapping(
         {
             "sip": {"listen": "127.0.0.1:0", "answer_delay": 0.05, **sip},
-            "media": {"rtp_ports": f"{low}-{low + 19}"},
+            "media": {"rtp_ports": f"{low}-{high}"},
             "storage": {"data_dir": str(tmp_path / "data"), "poll_interval": 0.2},
             "trunks": trunks,
             "lines": lines,
@@ -84,10 +88,10 @@ async def test_unprovisioned_source_gets_403_and_is_counted(tmp_path: Path) -> N
         Dialer(stranger, address(app)).out_of_dialog("OPTIONS")
         assert (await stranger.response()).status == 403
         assert app.agent is not None and app.agent.core.calls == []
-        await asyncio.sleep(0.5)  # the watcher moves the counts to the database
         assert app.storage is not None
-        [row] = await app.storage.refusals()
-        assert (row["reason"], row["count"]) == ("unknown_source", 2)
+        storage = app.storage
+        await until(storage.refusals)  # the watcher moves the counts to the database
+        assert [(row["reason"], row["count"]) for row in await storage.refusals()] == [("unknown_source", 2)]
 
 
 async def test_unprovisioned_source_can_be_dropped_silently(tmp_path: Path) -> None:
@@ -102,7 +106,7 @@ async def test_ip_trunk_is_accepted_on_the_dialled_line(tmp_path: Path) -> None:
     async with running(tmp_path) as app, peer_at("127.0.0.2") as carrier:
         dialer, response = await call(app, carrier, number="+4930100")
         assert response.status == 200
-        await asyncio.sleep(0.1)
+        await until(lambda: app.pool("general").waiting == 1)
         assert app.agent is not None
         [offered] = app.agent.core.calls
         assert (offered.trunk, offered.line) == ("carrier", "general")
@@ -168,8 +172,7 @@ async def test_digest_trunk_is_challenged_then_accepted(tmp_path: Path) -> None:
             response = await final(sbc)
             dialer.ack(to_tag(response), for_error=response.status >= 300)
             assert response.status == expected
-        await asyncio.sleep(0.1)
-        assert [(c.trunk, c.line) for c in app.agent.core.calls] == [("sbc", "general")]
+        await until(lambda: [(c.trunk, c.line) for c in app.agent.core.calls] == [("sbc", "general")])  # type: ignore[union-attr]
 
 
 async def test_trunk_over_its_call_limit_gets_503(tmp_path: Path) -> None:
@@ -247,6 +250,7 @@ async def test_a_call_keeps_its_dialog_when_its_trunk_goes_away(tmp_path: Path) 
         assert app.agent.core.calls == []
 
 
+@pytest.mark.interop
 async def test_sipp_authenticates_with_md5_on_a_trunk_that_offers_it(tmp_path: Path) -> None:
     """An independent digest client (SIPp, MD5 only) gets through a trunk configured for MD5."""
     md5_only = [{**TRUNKS[1], "auth_algorithms": ["MD5"]}]
@@ -264,8 +268,8 @@ async def test_sipp_authenticates_with_md5_on_a_trunk_that_offers_it(tmp_path: P
         )  # fmt: skip
         assert sipp.returncode == 0, sipp.stdout[-2000:]
         assert app.agent is not None and app.agent.counters.calls == 1
-        await asyncio.sleep(0.2)
         assert app.storage is not None
+        await until(app.storage.hourly)
         assert [(r["line"], r["calls"]) for r in await app.storage.hourly()] == [("language", 1)]
 
 

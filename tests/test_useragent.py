@@ -12,18 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from port_table import port_ranges
 from rawsip import Dialer, RawPeer, address, serving
+from waiting import until
 from voiceline.audio.hold import PAD_HZ
 from voiceline.app import VoiceLine
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sip.message import parse_name_addr
 from voiceline.sip.sdp import parse_sdp
 
-_next_range = iter(range(41000, 41900, 20))
+pytestmark = pytest.mark.integration
+
+_next_range = port_ranges("test_useragent", 20)  # this file's RTP ports
 
 
 def make_config(tmp_path: Path, rtp_ports: int = 20, **sip: object) -> Config:
-    low = next(_next_range)
+    low, _ = next(_next_range)
     return Config(
         sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05), **sip),  # type: ignore[arg-type]
         media=MediaConfig(rtp_ports=f"{low}-{low + rtp_ports - 1}"),
@@ -103,7 +107,7 @@ async def test_malformed_request_with_readable_headers_gets_400(service: VoiceLi
         "Call-ID: bad-cseq\r\nCSeq: notanumber OPTIONS\r\nContent-Length: 0\r\n\r\n",
         server,
     )
-    await asyncio.sleep(0.2)
+    await until(lambda: peer.raw)
     assert len(peer.raw) == 1 and peer.raw[0].startswith(b"SIP/2.0 400 ")
     assert b"Call-ID: bad-cseq" in peer.raw[0]
 
@@ -113,8 +117,7 @@ async def test_no_common_codec_gets_488(service: VoiceLine, peer: RawPeer) -> No
     dialer.invite(rtp_port=4000, formats="18")
     response = await peer.response(status=488)
     dialer.ack(parse_name_addr(response.headers.get("To") or "").tag or "", for_error=True)
-    await asyncio.sleep(0.1)
-    assert service.agent is not None and service.agent.core.calls == []
+    await until(lambda: service.agent is not None and service.agent.core.calls == [])
 
 
 async def test_call_is_answered_hears_hold_audio_and_ends_on_bye(service: VoiceLine, peer: RawPeer) -> None:
@@ -133,15 +136,13 @@ async def test_call_is_answered_hears_hold_audio_and_ends_on_bye(service: VoiceL
         server_rtp = (answer.connection, answer.media[0].port)
         for sequence in (*range(1, 11), *range(16, 26)):  # 5 of 25 lost on the way
             rtp.sendto(struct.pack("!BBHII", 0x80, 0, sequence, sequence * 160, 0x1234) + bytes(160), server_rtp)
-        await asyncio.sleep(0.5)
-        assert len(sink.packets) >= 15  # hold audio paced at 20 ms
+        await until(lambda: len(sink.packets) >= 25)  # hold audio paced at 20 ms: half a second
         ssrcs = {struct.unpack_from("!I", p, 8)[0] for p in sink.packets}
         assert len(ssrcs) == 1
         assert service.pool("default").waiting == 1
         dialer.in_dialog("BYE")
         assert (await peer.response(method="BYE")).status == 200
-        await asyncio.sleep(0.1)
-        assert service.pool("default").waiting == 0 and service.media is not None and service.media.legs == 0
+        await until(lambda: service.pool("default").waiting == 0 and service.media is not None and service.media.legs == 0)
         assert service.storage is not None
         [hour] = await service.storage.hourly()  # the call counted anonymously, unpaired
         assert (hour["line"], hour["calls"], hour["paired"]) == ("default", 1, 0) and hour["wait_seconds"] > 0.4
@@ -158,7 +159,7 @@ async def test_invite_retransmission_does_not_make_a_second_call(service: VoiceL
     dialer.resend_invite()
     ok = await peer.response(status=200)
     dialer.ack(parse_name_addr(ok.headers.get("To") or "").tag or "")
-    await asyncio.sleep(0.2)
+    await until(lambda: service.pool("default").waiting == 1)  # the ACK came after both retransmissions
     assert service.agent is not None and service.agent.counters.calls == 1
     assert len(service.agent.core.calls) == 1 and service.pool("default").waiting == 1
 
@@ -173,8 +174,7 @@ async def test_cancel_while_ringing_gets_487(tmp_path: Path, peer: RawPeer) -> N
         final = await peer.response(method="INVITE")
         assert final.status == 487
         dialer.ack(parse_name_addr(final.headers.get("To") or "").tag or "", for_error=True)
-        await asyncio.sleep(0.1)
-        assert app.agent is not None and app.agent.core.calls == [] and app.media is not None and app.media.legs == 0
+        await until(lambda: app.agent is not None and app.agent.core.calls == [] and app.media is not None and app.media.legs == 0)
 
 
 async def test_lost_ack_retransmits_200_then_sends_bye(tmp_path: Path, peer: RawPeer) -> None:
@@ -195,7 +195,7 @@ async def test_shutdown_sends_bye_on_every_call(tmp_path: Path, peer: RawPeer) -
     dialer.invite(rtp_port=4000)
     ok = await peer.response(status=200)
     dialer.ack(parse_name_addr(ok.headers.get("To") or "").tag or "")
-    await asyncio.sleep(0.1)
+    await until(lambda: app.pool("default").waiting == 1)
     stopping = asyncio.create_task(app.stop())
     bye = await peer.request("BYE")
     peer.send(
@@ -230,15 +230,14 @@ async def test_pcmu_caller_and_pcma_caller_hear_each_other_through_transcoding(
     try:
         a_leg = await answered_call(peer, server, a_rtp.get_extra_info("sockname")[1], "0 101")
         await answered_call(peer, server, b_rtp.get_extra_info("sockname")[1], "8 101")
-        await asyncio.sleep(0.3)  # both confirmed, paired; B has been hearing hold audio until now
-        assert service.pool("default").talking == 2
+        await until(lambda: service.pool("default").talking == 2)  # both confirmed, paired
         held = len(b_sink.packets)
         tone = (8000 * np.sin(2 * np.pi * 1000 * np.arange(160 * 50) / 8000)).astype(np.int16)
         for n in range(50):  # one second of PCMU from A, paced like a phone
             payload = ulaw_encode(tone[n * 160 : (n + 1) * 160])
             a_rtp.sendto(build_packet(0, 1000 + n, 160 * n, 0xA11CE, payload), ("127.0.0.1", a_leg))
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)
+        await until(lambda: len(b_sink.packets) - held >= 45)
         relayed = b_sink.packets[held:]
         headers = [parse_header(p) for p in relayed]
         assert len(relayed) >= 45 and all(h is not None and h.payload_type == 8 for h in headers)
@@ -279,7 +278,7 @@ async def test_bye_before_ack_ends_the_call_and_the_200_retransmissions(tmp_path
         dialer.to_tag = parse_name_addr(ok.headers.get("To") or "").tag or ""
         dialer.in_dialog("BYE")
         assert (await peer.response(method="BYE")).status == 200
-        await asyncio.sleep(0.1)
+        await until(lambda: app.agent is not None and app.agent.calls == [])
         while not peer.inbox.empty():
             peer.inbox.get_nowait()
         with pytest.raises(TimeoutError):  # retransmissions were due every 50-200 ms

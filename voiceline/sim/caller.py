@@ -272,6 +272,8 @@ class CallerWorker:
         config.idUri = f'"{DISPLAY_NAME}" <sip:{user}@{self._job.bind_host}>'
         config.sipConfig.transportId = transport_id
         config.mediaConfig.transportConfig = self._loopback_transport()
+        config.mediaConfig.transportConfig.port = self._job.rtp_port
+        config.mediaConfig.transportConfig.portRange = self._job.rtp_port_range
         if srtp:  # RTP/SAVP with SDES keys only; the test chooses the signalling transport
             config.mediaConfig.srtpUse = pj.PJMEDIA_SRTP_MANDATORY
             config.mediaConfig.srtpSecureSignaling = 0

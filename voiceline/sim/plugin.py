@@ -5,14 +5,20 @@ environment with voiceline installed has:
 
 - `voiceline_server`: a factory. `server = voiceline_server()` (or
   `voiceline_server({"sip": {"answer_delay": 0.2}})` to override config keys,
-  see config/voiceline.toml) starts `voiceline serve` on a free loopback
-  port (UDP and TCP; `host=` picks another loopback address, e.g. "127.0.0.21"), waits for a `sip.listening` log event per transport and
-  returns a `VoicelineServer`; `server.ports` maps "udp"/"tcp"/"tls" to the
-  bound ports (TLS when the overrides set `sip.listen_tls`, e.g. to
-  "127.0.0.1:0" with a certificate from `self_signed_certificate`). At teardown
-  every server started is sent SIGTERM and must exit with status 0.
-- `sim_calls`: `sim_calls(specs, timeout=60.0)` places simulated calls (see
-  `voiceline.sim.runner.run_calls`) with recordings under the test's tmp_path.
+  see config/voiceline.toml) starts `voiceline serve` on loopback (UDP and
+  TCP; `host=` picks another loopback address, e.g. "127.0.0.21"), waits for a `sip.listening` log event per transport and returns a
+  `VoicelineServer`; `server.ports` maps "udp"/"tcp"/"tls" to the bound ports
+  (TLS when the overrides set `sip.listen_tls`, e.g. to "127.0.0.1:0" with a
+  certificate from `self_signed_certificate`). `port=` chooses the SIP port
+  (default 0: the kernel chooses one per transport) and `rtp_ports=(low, high)`
+  the RTP range (default: a block of this run's port lane, see
+  voiceline.sim.ports). At teardown every server started is sent SIGTERM and
+  must exit with status 0. `server.wait_for_event("call.confirmed")` waits
+  for the server to log an event.
+- `sim_calls`: `sim_calls(specs, timeout=60.0, rtp_ports=None)` places
+  simulated calls (see `voiceline.sim.runner.run_calls`) with recordings under
+  the test's tmp_path; the callers' RTP ports come from `rtp_ports=(low, high)`
+  (default: a block of this run's port lane), their SIP ports from the kernel.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 
 import pytest
 
+from voiceline.sim.ports import run_lane
 from voiceline.sim.runner import CallReport, CallSpec, run_calls
 
 LOOPBACK = "127.0.0.1"
@@ -40,11 +47,11 @@ SERVER_STOP_SECONDS = 10.0
 LOG_POLL_SECONDS = 0.05
 LOG_TAIL_CHARS = 3000
 READY_EVENT = "sip.listening"
-# Per-server RTP ranges: blocks of 100 ports in 30000-32699, below Linux's
-# ephemeral range (32768+) where the simulated callers' own ports come from.
-RTP_BASE_PORT = 30000
-RTP_BLOCK_PORTS = 100
-RTP_BLOCK_COUNT = 27
+# Default RTP ranges, from this run's port lane: servers take turns over a few blocks (a test
+# rarely runs more than two at once), simulated callers share one block per batch.
+SERVER_RTP_PORTS = 100
+SERVER_RTP_BLOCKS = 8
+SIM_RTP_PORTS = 400
 
 # Tables by name; `trunks` and `lines` take a list of tables ([[trunks]]), which replaces the default list.
 ConfigOverrides = Mapping[str, Any]
@@ -55,7 +62,7 @@ class VoicelineServer:
     """A running `voiceline serve` process on loopback."""
 
     host: str
-    port: int
+    port: int  # SIP over UDP (or the first transport), once listening
     rtp_ports: tuple[int, int]
     data_dir: Path
     log_path: Path
@@ -88,6 +95,15 @@ class VoicelineServer:
 
     def log_tail(self) -> str:
         return self.log_text()[-LOG_TAIL_CHARS:]
+
+    def wait_for_event(self, name: str, count: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """The log's `name` events once there are `count` of them; fail the test after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while len(events := [event for event in self.log_events() if event.get("event") == name]) < count:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{len(events)} of {count} {name} events within {timeout:g} s; log ends:\n{self.log_tail()}")
+            time.sleep(LOG_POLL_SECONDS)
+        return events
 
     def stop(self) -> int:
         """SIGTERM, wait (bounded; kill after that) and return the exit status. Idempotent."""
@@ -125,11 +141,18 @@ def free_udp_port(host: str = LOOPBACK) -> int:
         return int(probe.getsockname()[1])
 
 
-def rtp_range_for(sip_port: int) -> tuple[int, int]:
-    """An RTP port block derived from the (kernel-chosen, so random) SIP port,
-    so servers of concurrent test processes rarely share ports."""
-    low = RTP_BASE_PORT + (sip_port % RTP_BLOCK_COUNT) * RTP_BLOCK_PORTS
-    return low, low + RTP_BLOCK_PORTS - 1
+_server_rtp_turns = itertools.count()
+
+
+def default_server_rtp_ports() -> tuple[int, int]:
+    """The next of the servers' RTP blocks in this run's lane."""
+    first, _ = run_lane().claim("voiceline_server", SERVER_RTP_PORTS * SERVER_RTP_BLOCKS)
+    low = first + next(_server_rtp_turns) % SERVER_RTP_BLOCKS * SERVER_RTP_PORTS
+    return low, low + SERVER_RTP_PORTS - 1
+
+
+def default_sim_rtp_ports() -> tuple[int, int]:
+    return run_lane().claim("sim_calls", SIM_RTP_PORTS)
 
 
 def to_toml(tables: Mapping[str, Any], prefix: str = "") -> str:
@@ -170,12 +193,18 @@ def merge_config(base: ConfigOverrides, overrides: ConfigOverrides) -> dict[str,
     return merged
 
 
-def start_server(directory: Path, overrides: ConfigOverrides, host: str = LOOPBACK) -> VoicelineServer:
+def start_server(
+    directory: Path,
+    overrides: ConfigOverrides,
+    port: int = 0,
+    rtp_ports: tuple[int, int] | None = None,
+    host: str = LOOPBACK,
+) -> VoicelineServer:
     """Start `voiceline serve` on `host` with its files under `directory` (its `data` may be prepared
-    already); fail the test unless it gets ready."""
+    already) on SIP `port` (0: kernel-chosen) and the RTP range `rtp_ports`; fail the test unless it
+    gets ready."""
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_udp_port(host)
-    low, high = rtp_range_for(port)
+    low, high = rtp_ports or default_server_rtp_ports()
     config_path = directory / "voiceline.toml"
     config = merge_config({"sip": {"public_address": host}}, overrides)
     config_path.write_text(to_toml(config), encoding="utf-8")
@@ -231,16 +260,23 @@ def _wait_until_listening(server: VoicelineServer, transports: set[str]) -> None
             )
         time.sleep(LOG_POLL_SECONDS)
     server.ports = ports
+    server.port = ports.get("udp", next(iter(ports.values())))
 
 
 @pytest.fixture
 def voiceline_server(tmp_path: Path) -> Iterator[Callable[..., VoicelineServer]]:
-    """Factory: `voiceline_server(overrides=None, host=LOOPBACK) -> VoicelineServer`; every server is
-    stopped at teardown."""
+    """Factory: `voiceline_server(overrides=None, *, port=0, rtp_ports=None, host=LOOPBACK) -> VoicelineServer`;
+    every server is stopped at teardown."""
     servers: list[VoicelineServer] = []
 
-    def start(overrides: ConfigOverrides | None = None, host: str = LOOPBACK) -> VoicelineServer:
-        server = start_server(tmp_path / f"voiceline-server-{len(servers)}", overrides or {}, host)
+    def start(
+        overrides: ConfigOverrides | None = None,
+        *,
+        port: int = 0,
+        rtp_ports: tuple[int, int] | None = None,
+        host: str = LOOPBACK,
+    ) -> VoicelineServer:
+        server = start_server(tmp_path / f"voiceline-server-{len(servers)}", overrides or {}, port, rtp_ports, host)
         servers.append(server)
         return server
 
@@ -261,7 +297,7 @@ def voiceline_server(tmp_path: Path) -> Iterator[Callable[..., VoicelineServer]]
 
 @pytest.fixture
 def sim_calls(tmp_path: Path) -> Callable[..., list[CallReport]]:
-    """`sim_calls(specs, timeout=60.0, analyse_hz=None, tls_ca_file="") -> list[CallReport]`,
+    """`sim_calls(specs, timeout=60.0, analyse_hz=None, tls_ca_file="", rtp_ports=None) -> list[CallReport]`,
     recordings under tmp_path/sim."""
     batches = itertools.count()
 
@@ -270,10 +306,16 @@ def sim_calls(tmp_path: Path) -> Callable[..., list[CallReport]]:
         timeout: float = 60.0,
         analyse_hz: Sequence[float] | None = None,
         tls_ca_file: str | Path = "",
+        rtp_ports: tuple[int, int] | None = None,
     ) -> list[CallReport]:
         record_dir = tmp_path / "sim" / f"batch-{next(batches)}"
         return run_calls(
-            specs, record_dir=record_dir, timeout=timeout, analyse_hz=analyse_hz, tls_ca_file=str(tls_ca_file)
+            specs,
+            record_dir=record_dir,
+            timeout=timeout,
+            analyse_hz=analyse_hz,
+            tls_ca_file=str(tls_ca_file),
+            rtp_ports=rtp_ports or default_sim_rtp_ports(),
         )
 
     return place

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import KW_ONLY, asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,6 +169,9 @@ class WorkerJob:
     codec: str = "G711"
     # PEM CA bundle that TLS callers verify the server with; empty: no verification.
     tls_ca_file: str = ""
+    # RTP ports rtp_port to rtp_port + rtp_port_range (pjsua's port and portRange); 0: pjsua chooses.
+    rtp_port: int = 0
+    rtp_port_range: int = 0
 
     def to_json(self) -> str:
         data: dict[str, Any] = asdict(self)
@@ -191,8 +194,11 @@ def run_calls(
     timeout: float = 60.0,
     analyse_hz: Sequence[float] | None = None,
     tls_ca_file: str = "",
+    rtp_ports: tuple[int, int] | None = None,
 ) -> list[CallReport]:
     """Place every call, wait (at most `timeout` seconds) and return reports in spec order.
+
+    `rtp_ports` (low, high) is shared out among the worker processes; None: pjsua2 chooses.
 
     `analyse_hz` lists the frequencies measured in every recording; by default
     every tone of the batch. A call that did not finish in time, or whose
@@ -224,10 +230,23 @@ def run_calls(
         for codec, indexed in by_codec.items()
         for first in range(0, len(indexed), MAX_CALLS_PER_WORKER)
     ]
+    if rtp_ports is not None:
+        jobs = _share_rtp_ports(jobs, rtp_ports)
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="sim-worker") as pool:
         results = list(pool.map(functools.partial(_run_worker, deadline=deadline, timeout=timeout), jobs))
     by_index = {report.index: report for reports in results for report in reports}
     return [by_index[index] for index in range(len(specs))]
+
+
+def _share_rtp_ports(jobs: list[WorkerJob], rtp_ports: tuple[int, int]) -> list[WorkerJob]:
+    """An even-aligned slice of `rtp_ports` per job, two ports (RTP, RTCP) per call at least."""
+    low, high = rtp_ports
+    start = low + low % 2
+    share = (high - start + 1) // len(jobs) // 2 * 2
+    needed = 2 * max(len(job.calls) for job in jobs)
+    if share < needed:
+        raise ValueError(f"RTP ports {low}-{high} are too few for {len(jobs)} workers of up to {needed // 2} calls")
+    return [replace(job, rtp_port=start + n * share, rtp_port_range=share - 2) for n, job in enumerate(jobs)]
 
 
 def _run_worker(job: WorkerJob, *, deadline: float, timeout: float) -> list[CallReport]:
