@@ -79,8 +79,7 @@ class MqttLink:
         if client is not None and self.connected:
             if self._sender is not None:
                 self._sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await self._sender
+                await asyncio.wait({self._sender}, timeout=GOODBYE_TIMEOUT)
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 async with asyncio.timeout(GOODBYE_TIMEOUT):
                     while not self._queue.empty():
@@ -155,7 +154,9 @@ class MqttLink:
                 await sender
 
     async def _send_queued(self, client: aiomqtt.Client) -> None:
-        while True:
+        this = asyncio.current_task()
+        # aiomqtt's publish can swallow a cancellation that lands inside it: look before waiting again.
+        while this is None or not this.cancelling():
             topic, payload = await self._queue.get()
             await client.publish(topic, payload, qos=1)
 
