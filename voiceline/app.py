@@ -387,6 +387,7 @@ def overload_limits(sip: SipConfig) -> OverloadLimits:
             "REGISTER": RateLimit(sip.register_rate, sip.register_burst),
             "OPTIONS": RateLimit(sip.options_rate, sip.options_burst),
         },
+        other=RateLimit(sip.other_rate, sip.other_burst),
         max_calls=sip.max_calls,
         scanner_user_agents=tuple(name.lower() for name in sip.scanner_user_agents),
     )

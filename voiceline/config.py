@@ -74,6 +74,8 @@ class SipConfig:
     register_burst: int = 20
     options_rate: float = 20.0
     options_burst: int = 40
+    other_rate: float = 200.0  # every other method, one bucket per source
+    other_burst: int = 400
     scanner_user_agents: tuple[str, ...] = SCANNER_USER_AGENTS
     # A request from a source no trunk matches: "reject" (403) or "drop" (no answer).
     unknown_source: str = "reject"
@@ -167,7 +169,7 @@ class Config:
             raise ConfigError("media.hold_audio: file not found")
         if self.sip.max_calls < 1:
             raise ConfigError("sip.max_calls: must be at least 1")
-        for method in ("invite", "register", "options"):
+        for method in ("invite", "register", "options", "other"):
             if getattr(self.sip, f"{method}_rate") <= 0 or getattr(self.sip, f"{method}_burst") < 1:
                 raise ConfigError(f"sip.{method}_rate and sip.{method}_burst: must be positive")
         if self.sip.unknown_source not in ("reject", "drop"):

@@ -45,13 +45,20 @@ class Dialog:
 
     @classmethod
     def from_invite(cls, invite: SipRequest, local_tag: str) -> Dialog:
+        """SipParseError unless every value our later requests need is usable (From, To, Contact, Record-Route).
+
+        Checked now, while a 400 can still refuse the call, so that a BYE built
+        hours later cannot fail on a header nobody looked at.
+        """
         headers = invite.headers
         remote = parse_name_addr(headers.get("From") or "")
         local = parse_name_addr(headers.get("To") or "")
-        contacts = headers.get_all("Contact")
-        if not contacts:
+        target = contact_target(headers)
+        if target is None:
             raise SipParseError("INVITE without Contact")
-        target = parse_name_addr(contacts[0]).uri
+        route_set = headers.get_all("Record-Route")
+        for route in route_set:
+            parse_uri(parse_name_addr(route).uri)
         return cls(
             call_id=headers.get("Call-ID") or "",
             local_tag=local_tag,
@@ -59,8 +66,17 @@ class Dialog:
             local_party=NameAddr(local.display, local.uri, {}),
             remote_party=NameAddr(remote.display, remote.uri, {}),
             remote_target=target,
-            route_set=headers.get_all("Record-Route"),
+            route_set=route_set,
             remote_seq=parse_cseq(headers.get("CSeq") or "")[0],
+        )
+
+    def matches(self, request: SipRequest) -> bool:
+        """The request belongs to this dialog (12.2.2): Call-ID, our tag in To and the peer's tag in From."""
+        headers = request.headers
+        return (
+            headers.get("Call-ID") == self.call_id
+            and parse_name_addr(headers.get("To") or "").tag == self.local_tag
+            and parse_name_addr(headers.get("From") or "").tag == self.remote_tag
         )
 
     def accepts_remote_seq(self, request: SipRequest) -> bool:
@@ -72,10 +88,13 @@ class Dialog:
         return True
 
     def refresh_target(self, headers: Headers) -> None:
-        """A re-INVITE or UPDATE (or the 2xx to ours) may move the peer (12.2.2, RFC 3311)."""
-        contacts = headers.get_all("Contact")
-        if contacts:
-            self.remote_target = parse_name_addr(contacts[0]).uri
+        """A re-INVITE or UPDATE (or the 2xx to ours) may move the peer (12.2.2, RFC 3311).
+
+        SipParseError, the target unchanged, when the Contact is not a usable sip/sips URI.
+        """
+        target = contact_target(headers)
+        if target is not None:
+            self.remote_target = target
 
     def new_request(
         self, method: str, via_host: str, via_port: int, transport: str = "UDP", cseq: int | None = None
@@ -116,6 +135,16 @@ class Dialog:
         uri = parse_uri(uri_text)
         default = 5061 if uri.scheme == "sips" else DEFAULT_SIP_PORT
         return uri.host, uri.port or default
+
+
+def contact_target(headers: Headers) -> str | None:
+    """The first Contact's URI, checked to be a sip/sips URI we can send to; None without a Contact."""
+    contacts = headers.get_all("Contact")
+    if not contacts:
+        return None
+    target = parse_name_addr(contacts[0]).uri
+    parse_uri(target)
+    return target
 
 
 def is_ip_address(host: str) -> bool:

@@ -24,6 +24,9 @@ SCANNER_USER_AGENTS = (
 )
 
 
+OTHER_METHODS = "*"  # the bucket key of methods without a rate of their own
+
+
 class Verdict(enum.Enum):
     ACCEPT = "accept"
     DROP = "drop"  # silently: no response at all
@@ -40,7 +43,7 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class OverloadLimits:
-    # Per source host and method; methods not listed are not rate limited.
+    # Per source host and method.
     rates: dict[str, RateLimit] = field(
         default_factory=lambda: {
             "INVITE": RateLimit(50.0, 100.0),
@@ -48,6 +51,9 @@ class OverloadLimits:
             "OPTIONS": RateLimit(20.0, 40.0),
         }
     )
+    # Per source host, one bucket shared by every method not in `rates` (ACK, BYE, CANCEL, INFO,
+    # UPDATE, and any a stranger makes up): room for a carrier's in-dialog traffic at full call rate.
+    other: RateLimit = RateLimit(200.0, 400.0)
     max_calls: int = 500
     retry_after: int = 30
     # At most one 503 per source this often; other over-limit INVITEs are dropped.
@@ -87,7 +93,9 @@ class OverloadGuard:
             self.counters.scanners += 1
             return Verdict.DROP
         limit = self.limits.rates.get(method)
-        if limit is None or self._take(limit, (source_host, method), now):
+        # One key for all other methods, so made-up method names cannot multiply a source's state.
+        key = (source_host, method) if limit is not None else (source_host, OTHER_METHODS)
+        if self._take(limit or self.limits.other, key, now):
             return Verdict.ACCEPT
         self.counters.rate_limited += 1
         if method == "INVITE" and self._may_reject(source_host, now):
@@ -119,7 +127,8 @@ class OverloadGuard:
 
     @property
     def tracked_sources(self) -> int:
-        return len(self._buckets)
+        """Per-source entries held (buckets and 503 times): never more than twice `max_sources`."""
+        return len(self._buckets) + len(self._last_reject)
 
     def _is_scanner(self, user_agent: str) -> bool:
         lowered = user_agent.lower()

@@ -345,6 +345,17 @@ class RequestPolicy(Protocol):
         """`transport`: the one the request came on ("UDP", "TCP", "TLS")."""
         ...
 
+    def check_source(self, source: tuple[str, int], transport: str, count: bool = True) -> Admission:
+        """Source admission alone, for every request (in-dialog ones and CANCEL too): Admit(trunk) or the refusal.
+
+        `count`: whether an unknown source counts as a refusal (not for an ACK, which ends an exchange already counted).
+        """
+        ...
+
+    def trunk_address(self, trunk: str, host: str) -> str | None:
+        """The last resolved address of `host` when it is a name from `trunk`'s own configuration, else None."""
+        ...
+
 
 class TrunkPolicy:
     """Admission by trunk (source address, transport, digest) and line (dialled number).
@@ -371,12 +382,10 @@ class TrunkPolicy:
         self._unknown_since_log = 0
 
     def check(self, request: SipRequest, source: tuple[str, int], transport: str) -> Admission:
-        trunk = self.directory.identify(source[0], transport.lower())
-        if trunk is None:
-            self._unknown_source(source[0])
-            return Drop() if self.drop_unknown else Refuse(403)
-        if request.method != "INVITE":
-            return Admit(trunk.name)
+        admitted = self.check_source(source, transport)
+        if not isinstance(admitted, Admit) or request.method != "INVITE":
+            return admitted
+        trunk = self.directory.trunks[admitted.trunk]
         if trunk.username:
             refusal = self._authenticate(trunk, request)
             if refusal is not None:
@@ -390,6 +399,22 @@ class TrunkPolicy:
             log.info("trunk.busy", trunk=trunk.name, max_calls=trunk.max_calls)
             return Refuse(503, (("Retry-After", "30"),))
         return Admit(trunk.name, line.name, trunk.codecs)
+
+    def check_source(self, source: tuple[str, int], transport: str, count: bool = True) -> Admission:
+        trunk = self.directory.identify(source[0], transport.lower())
+        if trunk is None:
+            if count:
+                self._unknown_source(source[0])
+            return Drop() if self.drop_unknown else Refuse(403)
+        return Admit(trunk.name)
+
+    def trunk_address(self, trunk: str, host: str) -> str | None:
+        configured = self.directory.trunks.get(trunk)
+        name = host.lower().rstrip(".")
+        if configured is None or name not in configured.hostnames:
+            return None  # a name the caller chose: never resolved
+        addresses = self.directory.resolved.get(name, ())
+        return addresses[0] if addresses else None
 
     def _authenticate(self, trunk: Trunk, request: SipRequest) -> Refuse | None:
         key = (trunk.name, trunk.realm, trunk.auth_algorithms)

@@ -9,6 +9,7 @@ call handler (the app) when a call is offered, confirmed, changed and ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import random
@@ -20,7 +21,7 @@ import structlog
 
 from voiceline import __version__
 from voiceline.privacy import new_call_id
-from voiceline.sip.dialog import DEFAULT_SIP_PORT, Dialog, is_ip_address, new_tag
+from voiceline.sip.dialog import DEFAULT_SIP_PORT, Dialog, contact_target, is_ip_address, new_tag
 from voiceline.sip.message import (
     Headers,
     SipParseError,
@@ -57,7 +58,7 @@ from voiceline.sip.transaction import (
     TransactionLayer,
 )
 from voiceline.sip.transport import Address, SipTransport, StreamTransport
-from voiceline.sip.trunks import Admit, Drop, Refuse, RequestPolicy
+from voiceline.sip.trunks import Admission, Admit, Drop, Refuse, RequestPolicy
 
 log = structlog.get_logger("voiceline.sip")
 
@@ -239,7 +240,7 @@ class UserAgent:
         """Refuse new calls, send BYE on every call, wait (bounded) for the answers."""
         self._draining = True
         for call in list(self._calls.values()):
-            self.hangup(call, "service stopping")
+            self.hangup(call, "service stopping")  # never raises: one call's failure stops no other BYE
         deadline = self._loop.time() + timeout
         while self._pending and self._loop.time() < deadline:
             await asyncio.sleep(0.05)
@@ -255,7 +256,7 @@ class UserAgent:
         try:
             self._on_message(data, source, transport)
         except Exception as exc:  # no input may stop the server; the message text is not logged
-            log.error("sip.internal_error", error=type(exc).__name__)
+            log.error("sip.internal_error", error=type(exc).__name__, exc_info=exc)
 
     def _on_message(self, data: bytes, source: Address, transport: SipTransport) -> None:
         self.counters.received += 1
@@ -266,29 +267,62 @@ class UserAgent:
             return  # keep-alive
         try:
             message = parse_message(data, self.settings.max_message_size)
-        except UnsupportedVersion:
-            self._reject_unparsed(data, source, transport, 505)
-            return
-        except SipParseError:
-            self.counters.malformed += 1
-            log.debug("sip.malformed", size=len(data))
-            self._reject_unparsed(data, source, transport, 400)
+        except SipParseError as error:
+            self._on_unparsed(data, source, transport, error)
             return
         reply_to = source
         try:
             if isinstance(message, SipRequest):
+                admission = self._source_admission(source, transport, count=message.method != "ACK")
+                if not isinstance(admission, Admit):
+                    self._refuse_stateless(message, source, transport, admission)
+                    return
                 if not self._admitted(message, source, transport):
                     return
                 reply_to = _stamp_via(message, source, transport)
-                self._on_request(message, reply_to, transport.name)
+                self._on_request(message, reply_to, transport.name, admission.trunk)
             else:
-                self._on_response(message)
+                self._on_response(message)  # matched by our own random branch, whoever sends it
         except SipParseError:
             # A header the parser accepted but transaction matching could not use.
             self.counters.malformed += 1
             if isinstance(message, SipRequest) and message.method != "ACK":
                 self._send(Send(_serialize_response(response_to(message, 400)), reply_to, transport.name))
         self._reschedule()  # an ACK or a response may have cancelled timers
+
+    def _on_unparsed(self, data: bytes, source: Address, transport: SipTransport, error: SipParseError) -> None:
+        """Answer a message the parser refused (400, 505) when its headers can be read back and its source may be answered."""
+        if not isinstance(error, UnsupportedVersion):
+            self.counters.malformed += 1
+            log.debug("sip.malformed", size=len(data))
+        headers = salvage_request_headers(data)
+        if headers is None:
+            return  # a response, an ACK or unreadable: never answered
+        request = SipRequest("INVITE", "sip:invalid", headers)
+        admission = self._source_admission(source, transport)
+        if isinstance(admission, Admit):
+            admission = Refuse(505 if isinstance(error, UnsupportedVersion) else 400)
+        try:
+            self._refuse_stateless(request, source, transport, admission)
+        except SipParseError:
+            pass  # not even the salvaged headers make a response
+
+    def _source_admission(self, source: Address, transport: SipTransport, count: bool = True) -> Admission:
+        """Every request's first check: a source no trunk matches gets 403 or nothing, before any other answer."""
+        return Admit("") if self.policy is None else self.policy.check_source(source, transport.name, count)
+
+    def _refuse_stateless(
+        self, request: SipRequest, source: Address, transport: SipTransport, refusal: Refuse | Drop
+    ) -> None:
+        """Answer without a transaction (nothing is kept for the sender); an ACK or a Drop gets no answer."""
+        if isinstance(refusal, Drop) or request.method == "ACK":
+            return
+        try:
+            reply_to = _stamp_via(request, source, transport)
+        except SipParseError:
+            reply_to = source
+        response = response_to(request, refusal.status, to_tag=new_tag(), headers=refusal.headers)
+        self._send(Send(_serialize_response(response), reply_to, transport.name))
 
     def _admitted(self, request: SipRequest, source: Address, transport: SipTransport) -> bool:
         """The overload guard at the entry: scanners and over-limit sources never reach a transaction."""
@@ -297,16 +331,15 @@ class UserAgent:
         if verdict is Verdict.ACCEPT:
             return True
         if verdict is Verdict.REJECT:
-            retry = [("Retry-After", str(self.settings.overload.retry_after))]
-            response = response_to(request, 503, to_tag=new_tag(), headers=retry)
-            reply_to = _stamp_via(request, source, transport)
-            self._send(Send(_serialize_response(response), reply_to, transport.name))
+            retry = (("Retry-After", str(self.settings.overload.retry_after)),)
+            self._refuse_stateless(request, source, transport, Refuse(503, retry))
         report = self.overload.report(now)
         if report is not None:
             log.warning("sip.overload", **report)  # aggregate counts only, never a source
         return False
 
-    def _on_request(self, request: SipRequest, source: Address, transport: str) -> None:
+    def _on_request(self, request: SipRequest, source: Address, transport: str, trunk: str) -> None:
+        """A request from an admitted source; `trunk` is the one its source belongs to ("" without a policy)."""
         log.debug("sip.request", method=request.method)
         now = self._loop.time()
         kind, tx, sends = self.transactions.on_request(request, source, now, transport)
@@ -314,14 +347,14 @@ class UserAgent:
         if kind is Incoming.ABSORBED:
             return
         if kind is Incoming.ACK:
-            self._on_ack(request)
+            self._on_ack(request, trunk)
             return
         assert tx is not None
         if kind is Incoming.LOOP:
             self._respond(tx, 482)
             return
         try:
-            self._dispatch(tx, request)
+            self._dispatch(tx, request, trunk)
         except _Refused as refused:
             self._respond(tx, refused.status, refused.headers)
         except SipParseError:
@@ -330,7 +363,7 @@ class UserAgent:
             self.counters.malformed += 1
             self._respond(tx, 400)
 
-    def _dispatch(self, tx: ServerTransaction, request: SipRequest) -> None:
+    def _dispatch(self, tx: ServerTransaction, request: SipRequest, trunk: str) -> None:
         max_forwards = request.headers.get("Max-Forwards")  # the parser checked it is numeric
         if max_forwards is not None and int(max_forwards) == 0 and request.method != "OPTIONS":
             self._respond(tx, 483)
@@ -353,9 +386,10 @@ class UserAgent:
         elif request.method == "OPTIONS":
             self._respond(tx, 200, [*self._capabilities(), ("Accept", "application/sdp")])
         elif request.method in ("BYE", "INVITE", "UPDATE", "INFO"):
-            self._on_in_dialog(tx, request, to_tag)
+            self._on_in_dialog(tx, request, trunk)
         else:
             self._respond(tx, 405, [("Allow", ALLOWED_METHODS)])
+            self.transactions.discard(tx)  # nothing kept: a retransmission gets the same 405 again
 
     def _on_invite(self, tx: ServerTransaction, request: SipRequest, admission: Admit) -> None:
         if self._draining:
@@ -402,6 +436,13 @@ class UserAgent:
 
     async def _answer(self, call: Call) -> None:
         try:
+            await self._ring_and_answer(call)
+        except Exception as exc:  # a bug in one call ends that call, with its trace in the log
+            log.error("call.answer_failed", call=call.id, error=type(exc).__name__, exc_info=exc)
+            self.hangup(call, "internal error")
+
+    async def _ring_and_answer(self, call: Call) -> None:
+        try:
             call.media.local_port = await self.handler.call_offered(call)
         except CallRejected as exc:
             extra = [("Retry-After", str(exc.retry_after))] if exc.retry_after else []
@@ -433,11 +474,10 @@ class UserAgent:
         self._arm_call_timer(call)
         log.info("call.answered", call=call.id, offered=call.offer is not None)
 
-    def _on_ack(self, request: SipRequest) -> None:
-        to_tag = parse_name_addr(request.headers.get("To") or "").tag
-        call = self._calls.get((request.headers.get("Call-ID") or "", to_tag or ""))
+    def _on_ack(self, request: SipRequest, trunk: str) -> None:
+        call = self._dialog_of(request, trunk)
         if call is None or call.awaiting_ack is None:
-            return  # a stray or repeated ACK
+            return  # a stray, repeated or forged ACK
         self._stop_awaiting_ack(call)
         if call.media.offer_pending:  # we offered in the 200: the ACK carries the answer (13.2.1)
             before = call.audio
@@ -456,18 +496,30 @@ class UserAgent:
 
     def _on_cancel(self, tx: ServerTransaction, request: SipRequest) -> None:
         invite = self.transactions.find_invite(request)
-        call = self._calls_by_invite.get(invite) if invite is not None else None
-        if invite is None:
+        # Only the INVITE's own sender may cancel it (same host and transport): a copied branch is not enough.
+        if invite is None or (invite.source[0], invite.transport) != (tx.source[0], tx.transport):
             self._respond(tx, 481)
             return
+        call = self._calls_by_invite.get(invite)
         self._respond(tx, 200)
         if call is not None and call.state is CallState.OFFERED:
             self._respond(invite, 487)
             self._end(call, "cancelled")
 
-    def _on_in_dialog(self, tx: ServerTransaction, request: SipRequest, to_tag: str | None) -> None:
+    def _dialog_of(self, request: SipRequest, trunk: str) -> Call | None:
+        """The live call whose dialog the request belongs to: Call-ID and both tags (12.2.2), from the call's trunk.
+
+        Anything else is answered as an unknown dialog, so a stranger learns nothing and changes nothing.
+        """
+        to_tag = parse_name_addr(request.headers.get("To") or "").tag
         call = self._calls.get((request.headers.get("Call-ID") or "", to_tag or ""))
-        if call is None or call.state is CallState.ENDED:
+        if call is None or call.state is CallState.ENDED or call.trunk != trunk or not call.dialog.matches(request):
+            return None
+        return call
+
+    def _on_in_dialog(self, tx: ServerTransaction, request: SipRequest, trunk: str) -> None:
+        call = self._dialog_of(request, trunk)
+        if call is None:
             self._respond(tx, 481)
             return
         if not call.dialog.accepts_remote_seq(request):
@@ -486,6 +538,7 @@ class UserAgent:
         is_invite = request.method == "INVITE"
         _check_required(request)
         offer = _read_offer(request)
+        target = contact_target(request.headers)  # checked before anything changes: 400 when unusable
         # Glare (RFC 3261 14.2, RFC 3311 5.2): an offer of ours, or an INVITE of either side, is unfinished.
         # An UPDATE without an offer (a session refresh) does not collide with anything.
         invite_pending = call.awaiting_ack is not None or (call.refresh is not None and call.refresh.is_invite)
@@ -505,7 +558,8 @@ class UserAgent:
             sdp = call.media.offer()  # a re-INVITE without SDP: we offer, the ACK answers
         else:
             sdp = b""  # an UPDATE without SDP only refreshes the session
-        call.dialog.refresh_target(request.headers)
+        if target is not None:
+            call.dialog.remote_target = target
         if "Allow" in request.headers:
             call.peer_allows_update = _lists(request.headers, "Allow", "UPDATE")
         headers = [*self._call_headers(call), *(timers.response_headers if timers else ())]
@@ -572,6 +626,13 @@ class UserAgent:
 
     def _on_call_timer(self, call: Call) -> None:
         call.timer = None
+        try:
+            self._call_timer_fired(call)
+        except Exception as exc:  # this call ends; no other call's timers are touched
+            log.error("call.timer_failed", call=call.id, error=type(exc).__name__, exc_info=exc)
+            self.hangup(call, "internal error")
+
+    def _call_timer_fired(self, call: Call) -> None:
         if call.state is CallState.ENDED:
             return
         now = self._loop.time()
@@ -644,69 +705,59 @@ class UserAgent:
                 self.hangup(call, "unusable answer to our re-INVITE")
                 return
             self._media_maybe_changed(call, before)
-        call.dialog.refresh_target(response.headers)
+        with contextlib.suppress(SipParseError):  # an unusable Contact in their 2xx: keep the target we have
+            call.dialog.refresh_target(response.headers)
         timer.restart(answer_response(response.headers, timer.ask), self._loop.time())
 
     # -- outbound ------------------------------------------------------------
 
     def hangup(self, call: Call, reason: str) -> None:
-        """End a call from our side: a final error before the answer, BYE after it."""
+        """End a call from our side: a final error before the answer, BYE after it.
+
+        The call ends even when its answer or BYE cannot be sent (logged): nothing stays behind.
+        """
         if call.state is CallState.ENDED:
             return
-        if call.state is CallState.OFFERED:
-            self._respond(call.invite, 480, [("Retry-After", "60")])
-        else:
-            bye = self._in_dialog_request(call, "BYE")
-            bye.headers.add("User-Agent", USER_AGENT)
-            self._send_in_dialog(call, bye, lambda tx, response: None)
+        try:
+            if call.state is CallState.OFFERED:
+                self._respond(call.invite, 480, [("Retry-After", "60")])
+            else:
+                bye = self._in_dialog_request(call, "BYE")
+                bye.headers.add("User-Agent", USER_AGENT)
+                self._send_in_dialog(call, bye, lambda tx, response: None)
+        except Exception as exc:
+            log.error("call.hangup_failed", call=call.id, error=type(exc).__name__, exc_info=exc)
         self._end(call, reason)
 
-    def _dialog_transport(self, call: Call) -> tuple[SipTransport, Address | None]:
-        """How our in-dialog requests leave (RFC 3261 18.1.1).
+    def _dialog_destination(self, call: Call) -> tuple[SipTransport, Address]:
+        """Where our in-dialog requests go (RFC 3261 18.1.1), never resolving a name the caller chose.
 
-        Over the caller's connection while it is open (returned with its address),
-        else over the transport the next hop's URI asks for, to that hop.
+        Over the caller's connection while it is open; else to the next hop (the
+        first route, else the remote target) over the transport its URI asks for,
+        when that hop is an IP address or a host name of the call's own trunk (at
+        its last resolved address); else back to where the INVITE came from.
         """
         invite = call.invite
         arrived_on = self.transports[invite.transport]
         if arrived_on.reliable and arrived_on.has_connection(invite.source):
             return arrived_on, invite.source
+        host, port = call.dialog.next_hop()
+        if not is_ip_address(host):
+            resolved = self.policy.trunk_address(call.trunk, host) if self.policy is not None else None
+            if resolved is None:
+                return arrived_on, invite.source
+            host = resolved
         name = _next_hop_transport(call.dialog.route_set, call.dialog.remote_target)
-        return self.transports.get(name, arrived_on), None
+        return self.transports.get(name, arrived_on), (host, port)
 
     def _in_dialog_request(self, call: Call, method: str, cseq: int | None = None) -> SipRequest:
-        transport, _ = self._dialog_transport(call)
+        transport, _ = self._dialog_destination(call)
         port = transport.local_address[1]
         return call.dialog.new_request(method, self.settings.advertised_host, port, transport.name, cseq)
 
-    def _send_in_dialog(
-        self, call: Call, request: SipRequest, on_final: FinalHandler
-    ) -> ClientTransaction | None:
-        """Send to the dialog's next hop; a host name is resolved first (then no transaction is returned)."""
-        transport, connection = self._dialog_transport(call)
-        if connection is not None:
-            return self._start_client(request, connection, transport, on_final)
-        next_host, next_port = call.dialog.next_hop()
-        if is_ip_address(next_host):
-            return self._start_client(request, (next_host, next_port), transport, on_final)
-        self._spawn(self._resolve_and_send(request, next_host, next_port, call.invite.source, transport, on_final))
-        return None
-
-    async def _resolve_and_send(
-        self,
-        request: SipRequest,
-        host: str,
-        port: int,
-        fallback: Address,
-        transport: SipTransport,
-        on_final: FinalHandler,
-    ) -> None:
-        try:
-            infos = await self._loop.getaddrinfo(host, port, type=2)  # SOCK_DGRAM
-            dest: Address = (str(infos[0][4][0]), int(infos[0][4][1]))
-        except OSError:
-            dest = fallback  # the address the INVITE came from is our best remaining hope
-        self._start_client(request, dest, transport, on_final)
+    def _send_in_dialog(self, call: Call, request: SipRequest, on_final: FinalHandler) -> ClientTransaction:
+        transport, dest = self._dialog_destination(call)
+        return self._start_client(request, dest, transport, on_final)
 
     async def request(self, request: SipRequest, dest: Address) -> SipResponse | None:
         """Send a non-INVITE request (REGISTER, OPTIONS ...) in a client transaction.
@@ -759,7 +810,10 @@ class UserAgent:
         self._calls_by_invite.pop(call.invite, None)
         log.info("call.ended", call=call.id, reason=reason)
         if call.media_ready:
-            self.handler.call_ended(call)
+            try:
+                self.handler.call_ended(call)
+            except Exception as exc:  # the call is gone from the table either way; the next one is not affected
+                log.error("call.end_failed", call=call.id, error=type(exc).__name__, exc_info=exc)
 
     def _final_without_dialog(self, call: Call, status: int, extra: list[tuple[str, str]]) -> None:
         if call.state is CallState.OFFERED:
@@ -791,22 +845,6 @@ class UserAgent:
         self._send_all(self.transactions.respond(tx, _with_server(response), self._loop.time()))
         self._reschedule()  # a final response arms retransmission and cleanup timers
 
-    def _reject_unparsed(self, data: bytes, source: Address, transport: SipTransport, status: int) -> None:
-        """Answer a message the parser refused, when the headers a response needs can be read back."""
-        headers = salvage_request_headers(data)
-        if headers is None:
-            return
-        request = SipRequest("INVITE", "sip:invalid", headers)
-        try:
-            reply_to = _stamp_via(request, source, transport)
-        except SipParseError:
-            reply_to = source
-        try:
-            response = response_to(request, status, to_tag=new_tag())
-        except SipParseError:
-            return
-        self._send(Send(_serialize_response(response), reply_to, transport.name))
-
     def _send_all(self, sends: Iterable[Send]) -> None:
         for send in sends:
             self._send(send)
@@ -825,7 +863,7 @@ class UserAgent:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            log.error("sip.task_failed", error=type(exc).__name__)
+            log.error("sip.task_failed", error=type(exc).__name__, exc_info=exc)
 
     def _reschedule(self) -> None:
         deadline = self.transactions.next_deadline()
@@ -838,6 +876,13 @@ class UserAgent:
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
+        try:
+            self._poll_transactions()
+        except Exception as exc:  # logged; the timers stay armed for every other transaction
+            log.error("sip.internal_error", error=type(exc).__name__, exc_info=exc)
+        self._reschedule()
+
+    def _poll_transactions(self) -> None:
         result = self.transactions.poll(self._loop.time())
         self._send_all(result.sends)
         for tx in result.unacknowledged:
@@ -850,7 +895,6 @@ class UserAgent:
             on_final = self._pending.pop(client_tx, None)
             if on_final is not None:
                 on_final(client_tx, None)
-        self._reschedule()
 
 
 def _check_required(request: SipRequest) -> None:
