@@ -29,7 +29,18 @@ def test_sources_and_methods_have_their_own_buckets() -> None:
     assert g.check("INVITE", None, A, 0.0) is not Verdict.ACCEPT
     assert g.check("INVITE", None, B, 0.0) is Verdict.ACCEPT
     assert g.check("OPTIONS", None, A, 0.0) is Verdict.ACCEPT
-    assert all(g.check("BYE", None, A, 0.0) is Verdict.ACCEPT for _ in range(50))  # not limited
+
+
+def test_every_other_method_shares_one_bucket_per_source() -> None:
+    g = guard(rates={"INVITE": RateLimit(1.0, 1.0)}, other=RateLimit(10.0, 20.0))
+    made_up = [g.check(f"X{n}", None, A, 0.0) for n in range(15)]  # 15 method names a stranger made up
+    rest = [g.check(method, None, A, 0.0) for method in ("MESSAGE", "BYE", "ACK", "INFO", "CANCEL", "UPDATE")]
+    assert made_up == [Verdict.ACCEPT] * 15
+    assert rest == [Verdict.ACCEPT] * 5 + [Verdict.DROP]  # the burst of 20 is spent, whatever the method
+    assert g.check("INVITE", None, A, 0.0) is Verdict.ACCEPT  # a limited method keeps its own bucket
+    assert g.check("BYE", None, B, 0.0) is Verdict.ACCEPT  # and every source its own
+    assert g.check("BYE", None, A, 0.1) is Verdict.ACCEPT  # ten a second come back
+    assert g.tracked_sources == 3  # (A, other), (A, INVITE), (B, other): not one per method name
 
 
 def test_over_limit_invites_get_a_503_only_once_per_interval() -> None:
@@ -54,11 +65,14 @@ def test_scanner_user_agents_are_dropped(agent: str) -> None:
 
 
 def test_per_source_state_is_bounded() -> None:
-    g = guard(rates={"INVITE": RateLimit(1.0, 1.0)}, max_sources=50, reject_interval=1.0)
+    g = guard(rates={"INVITE": RateLimit(1.0, 1.0)}, other=RateLimit(1.0, 1.0), max_sources=50, reject_interval=1.0)
     for n in range(5000):
-        g.check("INVITE", None, f"10.0.{n // 256}.{n % 256}", float(n))
-        g.check("INVITE", None, f"10.0.{n // 256}.{n % 256}", float(n))  # over limit: a reject entry
-    assert g.tracked_sources <= 50 and len(g._last_reject) <= 50
+        source = f"10.0.{n // 256}.{n % 256}"
+        g.check("INVITE", None, source, float(n))
+        g.check("INVITE", None, source, float(n))  # over limit: a reject entry
+        g.check("MESSAGE", None, source, float(n))
+        g.check("MESSAGE", None, source, float(n))  # over limit: dropped, nothing more kept
+    assert g.tracked_sources <= 2 * 50 and len(g._last_reject) <= 50
 
 
 def test_capacity() -> None:

@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,8 @@ log = structlog.get_logger("voiceline.app")
 PID_FILE = "voiceline.pid"  # in the data dir: how `voiceline drain` finds the server
 # With port 0 UDP and TCP share one kernel-chosen port; tries when TCP finds it taken.
 SHARED_PORT_ATTEMPTS = 20
+# A housekeeping loop that failed starts again after this many seconds.
+TASK_RESTART_SECONDS = 1.0
 
 
 @dataclass(eq=False)
@@ -140,11 +142,11 @@ class VoiceLine:
             )
         await self._reconcile_registrations()
         self._background = [
-            loop.create_task(self._watch_provisioning()),
-            loop.create_task(self._watch_hostnames()),
+            loop.create_task(_supervised("watch_provisioning", self._watch_provisioning)),
+            loop.create_task(_supervised("watch_hostnames", self._watch_hostnames)),
         ]
         if self.config.media.inactivity_timeout:
-            self._background.append(loop.create_task(self._reap_silent_calls()))
+            self._background.append(loop.create_task(_supervised("reap_silent_calls", self._reap_silent_calls)))
 
     async def drain(self, stop: asyncio.Event) -> None:
         """Refuse new calls and wait until the last call ended, `stop` is set or sip.drain_timeout passed."""
@@ -167,26 +169,36 @@ class VoiceLine:
         return usable
 
     async def stop(self) -> None:
+        """BYE every call, unregister, close: each step contained, so one failure never skips the rest."""
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.gather(*(driver.stop() for _, driver in self.registrations.values()), return_exceptions=True)
+        stopping = [driver.stop() for _, driver in self.registrations.values()]
         self.registrations.clear()
         if self.agent is not None:
-            log.info("sip.totals", **asdict(self.agent.counters), **asdict(self.agent.overload.counters))
-            for transport in self.agent.transports.values():
-                if isinstance(transport, StreamTransport):
-                    log.info("sip.connections", transport=transport.name.lower(), **asdict(transport.counters))
-            await self.agent.shutdown()
-            for transport in self.agent.transports.values():
+            with _contained("totals"):
+                log.info("sip.totals", **asdict(self.agent.counters), **asdict(self.agent.overload.counters))
+                for transport in self.agent.transports.values():
+                    if isinstance(transport, StreamTransport):
+                        log.info("sip.connections", transport=transport.name.lower(), **asdict(transport.counters))
+            # The BYEs go out first (shutdown sends them before it first waits); unregistering runs alongside.
+            stopping.insert(0, self.agent.shutdown())
+        for result in await asyncio.gather(*stopping, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error("service.stop_failed", step="calls", error=type(result).__name__, exc_info=result)
+        with _contained("transports"):
+            for transport in self.agent.transports.values() if self.agent else ():
                 transport.close()
-        if self.media is not None:
-            self.media.close()
-        self._flush_refusals()
+        with _contained("media"):
+            if self.media is not None:
+                self.media.close()
+        with _contained("refusals"):
+            self._flush_refusals()
         if self._writes:
             await asyncio.wait(self._writes, timeout=5)
-        if self.storage is not None:
-            await self.storage.close()
+        with _contained("storage"):
+            if self.storage is not None:
+                await self.storage.close()
         log.info("service.stopped")
 
     # -- trunks, lines and registrations ----------------------------------------
@@ -365,13 +377,39 @@ class VoiceLine:
             await asyncio.sleep(min(5.0, timeout / 4))
             now = loop.time()
             for call, since in list(self._quiet_since.items()):
-                leg = self._legs.get(call)
-                if leg is None or call.on_hold or call.state is not CallState.CONFIRMED:
-                    continue
-                if now - max(since, leg.last_received) > timeout:
-                    assert self.agent is not None
-                    log.warning("call.media_timeout", call=call.id, seconds=timeout)
-                    self.agent.hangup(call, "no media")
+                try:
+                    self._reap_if_silent(call, since, now, timeout)
+                except Exception as exc:  # one call's error never spares the others
+                    log.error("call.reap_failed", call=call.id, error=type(exc).__name__, exc_info=exc)
+
+    def _reap_if_silent(self, call: Call, since: float, now: float, timeout: float) -> None:
+        leg = self._legs.get(call)
+        if leg is None or call.on_hold or call.state is not CallState.CONFIRMED:
+            return
+        if now - max(since, leg.last_received) > timeout:
+            assert self.agent is not None
+            log.warning("call.media_timeout", call=call.id, seconds=timeout)
+            self.agent.hangup(call, "no media")  # ends the call even when its BYE cannot be sent
+
+
+async def _supervised(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a housekeeping loop for the service's lifetime: an error is logged (redacted trace) and it starts again."""
+    while True:
+        try:
+            await run()
+            return
+        except Exception as exc:
+            log.error("service.task_failed", task=name, error=type(exc).__name__, exc_info=exc)
+            await asyncio.sleep(TASK_RESTART_SECONDS)
+
+
+@contextlib.contextmanager
+def _contained(step: str) -> Iterator[None]:
+    """One step of stopping: its failure is logged and the next step still runs."""
+    try:
+        yield
+    except Exception as exc:
+        log.error("service.stop_failed", step=step, error=type(exc).__name__, exc_info=exc)
 
 
 def _start_media(leg: MediaLeg, call: Call) -> None:

@@ -223,7 +223,11 @@ class RegistrationDriver:
             if next_attempt is not None:
                 await asyncio.sleep(max(0.0, next_attempt - self._loop.time()))
             for _ in range(self.MAX_REQUESTS_PER_ROUND):
-                status = await self._attempt()
+                try:
+                    status = await self._attempt()
+                except Exception as exc:  # retried after the backoff like any failure: registering never stops
+                    log.error("trunk.registration_error", trunk=self.trunk, error=type(exc).__name__, exc_info=exc)
+                    status = self.client.on_error("internal error", self._loop.time())
                 if status.next_attempt is None or status.next_attempt > self._loop.time():
                     break
             self._report(self.trunk, self.client.status)
