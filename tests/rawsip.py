@@ -115,6 +115,7 @@ class Dialer:
         self.branch = ""
         self.to_tag = ""
         self.last_invite = b""
+        self.contact_uri = ""  # the Contact our requests carry; empty: the peer's own address
 
     def _headers(self, method: str, branch: str, cseq: int, to_tag: str = "") -> str:
         to = f"<sip:{self.to_user}@{self.server[0]}:{self.server[1]}>" + (f";tag={to_tag}" if to_tag else "")
@@ -124,7 +125,7 @@ class Dialer:
             f"To: {to}\r\n"
             f"Call-ID: {self.call_id}\r\n"
             f"CSeq: {cseq} {method}\r\n"
-            f"Contact: <sip:{self.from_user}@127.0.0.1:{self.peer.port}>\r\n"
+            f"Contact: <{self.contact_uri or f'sip:{self.from_user}@127.0.0.1:{self.peer.port}'}>\r\n"
             "Max-Forwards: 70\r\n"
         )
 

@@ -388,8 +388,7 @@ class UserAgent:
         elif request.method in ("BYE", "INVITE", "UPDATE", "INFO"):
             self._on_in_dialog(tx, request, trunk)
         else:
-            self._respond(tx, 405, [("Allow", ALLOWED_METHODS)])
-            self.transactions.discard(tx)  # nothing kept: a retransmission gets the same 405 again
+            self._respond_and_forget(tx, 405, [("Allow", ALLOWED_METHODS)])
 
     def _on_invite(self, tx: ServerTransaction, request: SipRequest, admission: Admit) -> None:
         if self._draining:
@@ -498,7 +497,7 @@ class UserAgent:
         invite = self.transactions.find_invite(request)
         # Only the INVITE's own sender may cancel it (same host and transport): a copied branch is not enough.
         if invite is None or (invite.source[0], invite.transport) != (tx.source[0], tx.transport):
-            self._respond(tx, 481)
+            self._respond_and_forget(tx, 481)  # keeps no transaction under the INVITE's branch for the real CANCEL
             return
         call = self._calls_by_invite.get(invite)
         self._respond(tx, 200)
@@ -520,7 +519,7 @@ class UserAgent:
     def _on_in_dialog(self, tx: ServerTransaction, request: SipRequest, trunk: str) -> None:
         call = self._dialog_of(request, trunk)
         if call is None:
-            self._respond(tx, 481)
+            self._respond_and_forget(tx, 481)
             return
         if not call.dialog.accepts_remote_seq(request):
             self._respond(tx, 500)
@@ -833,6 +832,18 @@ class UserAgent:
         headers: Iterable[tuple[str, str]] = (),
         body: bytes = b"",
     ) -> None:
+        response = self._response(tx, status, headers, body)
+        self._send_all(self.transactions.respond(tx, response, self._loop.time()))
+        self._reschedule()  # a final response arms retransmission and cleanup timers
+
+    def _respond_and_forget(self, tx: ServerTransaction, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
+        """A final answer that keeps no state for its sender (a retransmission gets the same answer again)."""
+        self._send(tx.send(serialize(self._response(tx, status, headers))))
+        self.transactions.discard(tx)
+
+    def _response(
+        self, tx: ServerTransaction, status: int, headers: Iterable[tuple[str, str]], body: bytes = b""
+    ) -> SipResponse:
         extra = list(headers)
         if body:
             extra.append(("Content-Type", "application/sdp"))
@@ -841,9 +852,7 @@ class UserAgent:
             # Responses beyond 100 need a To tag (8.2.6.2); a call's INVITE uses its dialog's.
             call = self._calls_by_invite.get(tx)
             to_tag = call.dialog.local_tag if call is not None else new_tag()
-        response = response_to(tx.request, status, to_tag=to_tag, headers=extra, body=body)
-        self._send_all(self.transactions.respond(tx, _with_server(response), self._loop.time()))
-        self._reschedule()  # a final response arms retransmission and cleanup timers
+        return _with_server(response_to(tx.request, status, to_tag=to_tag, headers=extra, body=body))
 
     def _send_all(self, sends: Iterable[Send]) -> None:
         for send in sends:
