@@ -67,7 +67,8 @@ async def peers(*hosts: str) -> AsyncIterator[list[RawPeer]]:
 
 async def confirmed_call(app: VoiceLine, peer: RawPeer, rtp_port: int = 4000, extra: str = "", contact_uri: str = "") -> Dialer:
     dialer = Dialer(peer, address(app))
-    dialer.contact_uri = contact_uri
+    assert peer.transport is not None
+    dialer.contact_uri = contact_uri or f"sip:anon@{peer.transport.get_extra_info('sockname')[0]}:{peer.port}"
     dialer.invite(rtp_port=rtp_port, extra=extra)
     ok = await peer.response(status=200, method="INVITE")
     dialer.ack(to_tag(ok))
@@ -258,14 +259,13 @@ async def looked_up(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     ("contact_uri", "extra"),
     [
         ("sip:anon@caller-chosen.invalid:{port}", ""),
-        ("", "Record-Route: <sip:proxy.caller-chosen.invalid;lr>\r\n"),  # Contact: the peer's port on 127.0.0.1
+        ("", "Record-Route: <sip:proxy.caller-chosen.invalid;lr>\r\n"),
     ],
 )
 async def test_our_bye_never_resolves_a_name_the_caller_chose(
     tmp_path: Path, looked_up: list[str], contact_uri: str, extra: str
 ) -> None:
     async with running(tmp_path, max_call_duration=0.5) as app, peers(CARRIER) as (carrier,):
-        # Only the INVITE's source address reaches this peer on 127.0.0.2.
         dialer = await confirmed_call(app, carrier, contact_uri=contact_uri.format(port=carrier.port), extra=extra)
         bye = await carrier.request("BYE")  # at the end of the call: to where the INVITE came from
         assert bye.headers.get("Call-ID") == dialer.call_id
@@ -318,3 +318,96 @@ async def test_a_reinvite_with_an_unusable_contact_gets_400_and_changes_nothing(
         dialer.contact_uri = ""
         dialer.in_dialog("BYE")
         assert (await carrier.response(method="BYE")).status == 200
+
+
+async def test_a_call_whose_bye_cannot_be_built_still_ends_and_the_reaper_goes_on(tmp_path: Path) -> None:
+    """Should an unusable value ever get past the INVITE checks, hanging up that call fails alone."""
+    async with running(tmp_path, media={"inactivity_timeout": 0.5}) as app, peers(CARRIER, CARRIER) as (broken, silent):
+        broken_dialer = await confirmed_call(app, broken)
+        call_of(app, broken_dialer).dialog.remote_target = "sip:a@b@127.0.0.2"  # what a missed check would leave
+        with structlog.testing.capture_logs() as logs:
+            silent_dialer = await confirmed_call(app, silent, rtp_port=4002)
+            bye = await silent.request("BYE", timeout=5.0)  # the next silent call is still reaped
+            assert bye.headers.get("Call-ID") == silent_dialer.call_id
+            answer(silent, bye, address(app))
+            await until(lambda: app.agent is not None and app.agent.calls == [])  # neither call leaked
+        failures = [entry for entry in logs if entry["event"] == "call.hangup_failed"]
+        assert failures and failures[0]["error"] == "SipParseError" and failures[0]["exc_info"]
+
+
+# -- floods ------------------------------------------------------------------------------
+
+
+async def test_a_message_flood_from_one_source_is_rate_limited_and_keeps_no_state(tmp_path: Path) -> None:
+    async with running(tmp_path) as app, peers(CARRIER, SECOND_CARRIER_HOST) as (flooder, neighbour):
+        assert app.agent is not None
+        server = address(app)
+        limit = app.agent.overload.limits.other
+        body = "x" * 4000
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for n in range(3000):
+            method = "MESSAGE" if n % 2 else f"X{n}"  # made-up method names share the one bucket
+            text = raw_request(method, flooder, server).replace("Content-Length: 0", f"Content-Length: {len(body)}")
+            flooder.send(text + body, server)
+            if n % 50 == 49:
+                await asyncio.sleep(0)  # let the service read: the socket buffer would drop the rest
+        await until(lambda: app.agent is not None and app.agent.overload.counters.rate_limited > 0)
+        await asyncio.sleep(0.3)
+        elapsed = loop.time() - started
+        answered = [status_of(raw) for raw in flooder.raw]
+        assert set(answered) == {405}
+        assert limit.burst <= len(answered) <= limit.burst + limit.rate * elapsed + 1
+        assert app.agent.overload.counters.rate_limited >= app.agent.counters.received - len(answered) - 1
+        assert app.agent.overload.tracked_sources == 1  # one bucket for the source, whatever the methods
+        assert app.agent.transactions.active == 0  # and no transaction held for a 405
+        Dialer(neighbour, server).out_of_dialog("OPTIONS")  # another address of the same carrier is unaffected
+        assert (await neighbour.response()).status == 200
+
+
+# -- a real process: SIGTERM after a malformed Contact -----------------------------------
+
+
+async def test_sigterm_after_a_malformed_contact_sends_byes_and_exits_cleanly(
+    voiceline_server: Callable[..., VoicelineServer],
+) -> None:
+    server = voiceline_server({"media": {"inactivity_timeout": 1.0}})
+    target = (server.host, server.port)
+    loop = asyncio.get_running_loop()
+    async with peers("127.0.0.1", "127.0.0.1", "127.0.0.1") as (bad, silent, talking):
+        malformed = Dialer(bad, target)
+        malformed.contact_uri = "sip:a@b@127.0.0.1"
+        malformed.invite(rtp_port=4000)
+        assert (await bad.response(method="INVITE")).status == 400
+
+        silent_dialer = Dialer(silent, target)
+        silent_dialer.invite(rtp_port=4002)
+        silent_dialer.ack(to_tag(await silent.response(status=200, method="INVITE")))
+        reaped = await silent.request("BYE", timeout=5.0)  # the reaper runs
+        answer(silent, reaped, target)
+
+        rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rtp.bind(("127.0.0.1", 0))
+        talking_dialer = Dialer(talking, target)
+        talking_dialer.invite(rtp_port=rtp.getsockname()[1])
+        ok = await talking.response(status=200, method="INVITE")
+        talking_dialer.ack(to_tag(ok))
+        server_rtp = ("127.0.0.1", _rtp_port(ok))
+        rtp.sendto(struct.pack("!BBHII", 0x80, 0, 1, 160, 0x1234) + bytes(160), server_rtp)
+
+        stopping = loop.run_in_executor(None, server.stop)  # SIGTERM, then wait for the exit
+        bye = await talking.request("BYE", timeout=5.0)
+        assert bye.headers.get("Call-ID") == talking_dialer.call_id
+        answer(talking, bye, target)
+        assert await stopping == 0 and not server.killed
+        rtp.close()
+    text = server.log_text()
+    assert "Traceback" not in text
+    assert not [event for event in server.log_events() if event.get("level") in ("error", "critical")]
+    assert any(event.get("event") == "service.stopped" for event in server.log_events())
+
+
+def _rtp_port(ok: SipResponse) -> int:
+    from voiceline.sip.sdp import parse_sdp
+
+    return parse_sdp(ok.body).media[0].port
