@@ -51,6 +51,7 @@ loadmodule "xlog.so"
 loadmodule "usrloc.so"
 loadmodule "registrar.so"
 loadmodule "auth.so"
+loadmodule "rr.so"
 modparam("usrloc", "db_mode", 0)
 modparam("registrar", "min_expires", 5)
 modparam("auth", "algorithm", "{algorithm}")
@@ -59,6 +60,12 @@ modparam("auth", "qop", "auth")
 
 request_route {{
     if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
+    # Requests inside a call pass through the carrier, as with any carrier (voiceline takes them only from the trunk).
+    if (has_totag()) {{
+        if (loose_route() || (is_method("ACK") && t_check_trans())) {{ t_relay(); exit; }}
+        sl_send_reply("404", "Not Here");
+        exit;
+    }}
     if (is_method("REGISTER")) {{
         if (!pv_www_authenticate("$td", "{password}", "0")) {{
             xlog("L_NOTICE", "carrier: challenged\\n");
@@ -72,6 +79,7 @@ request_route {{
     }}
     if (!lookup("location")) {{ sl_send_reply("404", "Not Found"); exit; }}
     xlog("L_NOTICE", "carrier: forwarding $rm\\n");
+    record_route();
     t_relay();
 }}
 """

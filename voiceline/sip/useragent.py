@@ -274,10 +274,10 @@ class UserAgent:
         try:
             if isinstance(message, SipRequest):
                 admission = self._source_admission(source, transport, count=message.method != "ACK")
-                if not isinstance(admission, Admit):
-                    self._refuse_stateless(message, source, transport, admission)
+                if isinstance(admission, Drop) or not self._admitted(message, source, transport):
                     return
-                if not self._admitted(message, source, transport):
+                if isinstance(admission, Refuse):  # after the rate limit: a flood of 403s is limited too
+                    self._refuse_stateless(message, source, transport, admission)
                     return
                 reply_to = _stamp_via(message, source, transport)
                 self._on_request(message, reply_to, transport.name, admission.trunk)
