@@ -151,6 +151,16 @@ async def test_forged_in_dialog_requests_fail_and_the_call_is_untouched(
         assert (await victim_peer.response(method="BYE")).status == 200
 
 
+async def test_the_calls_trunk_may_send_from_another_of_its_addresses(tmp_path: Path) -> None:
+    """A carrier's proxies share a call's traffic: the trunk, not one address, owns the dialog."""
+    async with running(tmp_path) as app, peers(CARRIER, SECOND_CARRIER_HOST) as (first, second):
+        dialer = await confirmed_call(app, first)
+        dialer.peer = second
+        dialer.in_dialog("BYE")
+        assert (await second.response(method="BYE")).status == 200
+        assert app.agent is not None and app.agent.calls == []
+
+
 async def test_a_cancel_from_anyone_but_the_inviter_leaves_the_invite_alone(tmp_path: Path) -> None:
     async with running(tmp_path, answer_delay=2.0) as app, peers(CARRIER, STRANGER, OTHER_TRUNK) as (
         carrier,
