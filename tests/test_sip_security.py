@@ -24,7 +24,8 @@ from rawsip import Dialer, RawPeer, address, serving, to_tag
 from voiceline.app import VoiceLine
 from voiceline.config import from_mapping
 from voiceline.sim.plugin import VoicelineServer
-from voiceline.sip.message import SipRequest, SipResponse, response_to, serialize
+from voiceline.sip.message import SipRequest, response_to, serialize
+from voiceline.sip.sdp import parse_sdp
 from voiceline.sip.useragent import Call, CallState
 
 _next_range = iter(range(25000, 25980, 20))  # this file's RTP ports
@@ -65,7 +66,9 @@ async def peers(*hosts: str) -> AsyncIterator[list[RawPeer]]:
             peer.close()
 
 
-async def confirmed_call(app: VoiceLine, peer: RawPeer, rtp_port: int = 4000, extra: str = "", contact_uri: str = "") -> Dialer:
+async def confirmed_call(
+    app: VoiceLine, peer: RawPeer, rtp_port: int = 4000, extra: str = "", contact_uri: str = ""
+) -> Dialer:
     dialer = Dialer(peer, address(app))
     assert peer.transport is not None
     dialer.contact_uri = contact_uri or f"sip:anon@{peer.transport.get_extra_info('sockname')[0]}:{peer.port}"
@@ -402,7 +405,7 @@ async def test_sigterm_after_a_malformed_contact_sends_byes_and_exits_cleanly(
         talking_dialer.invite(rtp_port=rtp.getsockname()[1])
         ok = await talking.response(status=200, method="INVITE")
         talking_dialer.ack(to_tag(ok))
-        server_rtp = ("127.0.0.1", _rtp_port(ok))
+        server_rtp = ("127.0.0.1", parse_sdp(ok.body).media[0].port)
         rtp.sendto(struct.pack("!BBHII", 0x80, 0, 1, 160, 0x1234) + bytes(160), server_rtp)
 
         stopping = loop.run_in_executor(None, server.stop)  # SIGTERM, then wait for the exit
@@ -415,9 +418,3 @@ async def test_sigterm_after_a_malformed_contact_sends_byes_and_exits_cleanly(
     assert "Traceback" not in text
     assert not [event for event in server.log_events() if event.get("level") in ("error", "critical")]
     assert any(event.get("event") == "service.stopped" for event in server.log_events())
-
-
-def _rtp_port(ok: SipResponse) -> int:
-    from voiceline.sip.sdp import parse_sdp
-
-    return parse_sdp(ok.body).media[0].port

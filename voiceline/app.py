@@ -185,7 +185,8 @@ class VoiceLine:
             stopping.insert(0, self.agent.shutdown())
         for result in await asyncio.gather(*stopping, return_exceptions=True):
             if isinstance(result, Exception):
-                log.error("service.stop_failed", step="calls", error=type(result).__name__, exc_info=result)
+                error = type(result).__name__
+                log.error("service.stop_failed", step="calls and registrations", error=error, exc_info=result)
         with _contained("transports"):
             for transport in self.agent.transports.values() if self.agent else ():
                 transport.close()

@@ -339,7 +339,7 @@ Admission = Admit | Refuse | Drop
 
 
 class RequestPolicy(Protocol):
-    """Checked once per new out-of-dialog request, before the user agent acts on it."""
+    """What the user agent asks before it acts on a request: `check_source` for every one, `check` for new ones."""
 
     def check(self, request: SipRequest, source: tuple[str, int], transport: str) -> Admission:
         """`transport`: the one the request came on ("UDP", "TCP", "TLS")."""

@@ -291,7 +291,7 @@ class UserAgent:
         self._reschedule()  # an ACK or a response may have cancelled timers
 
     def _on_unparsed(self, data: bytes, source: Address, transport: SipTransport, error: SipParseError) -> None:
-        """Answer a message the parser refused (400, 505) when its headers can be read back and its source may be answered."""
+        """Answer a message the parser refused (400, 505): when its headers can be read back and its source admitted."""
         if not isinstance(error, UnsupportedVersion):
             self.counters.malformed += 1
             log.debug("sip.malformed", size=len(data))
