@@ -437,18 +437,18 @@ class TrunkPolicy:
         return Admit(trunk.name, line.name, trunk.codecs, trunk.srtp)
 
     def check_source(self, source: tuple[str, int], transport: str, count: bool = True) -> Admission:
+        trunk = self.directory.identify(source[0], transport.lower())
+        if trunk is not None:
+            return Admit(trunk.name)
         candidates = self.directory.source_trunks(source[0])
         if not candidates:
             if count:
                 self._unknown_source(source[0])
             return Drop() if self.drop_unknown else Refuse(403)
-        trunk = next((t for t in candidates if transport.lower() in t.transports), None)
-        if trunk is None:  # the most specific trunk decides: a broader one never takes over
-            if count:
-                self.refused["wrong_transport"] += 1
-                log.warning("trunk.wrong_transport", trunk=candidates[0].name, transport=transport.lower())
-            return Refuse(403)
-        return Admit(trunk.name)
+        if count:  # the most specific trunk does not take this transport: a broader one never takes over
+            self.refused["wrong_transport"] += 1
+            log.warning("trunk.wrong_transport", trunk=candidates[0].name, transport=transport.lower())
+        return Refuse(403)
 
     def trunk_address(self, trunk: str, host: str) -> str | None:
         configured = self.directory.trunks.get(trunk)
