@@ -10,7 +10,7 @@ import secrets
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from pylibsrtp import Policy, Session
 
 from port_table import port_block
 from rawsip import Dialer, RawPeer, address, serving, to_tag
-from test_media import HOST, PCMU, Phone, goertzel_power, tone_frame
+from test_media import HOST, PCMU, Phone, goertzel_power, phones, tone_frame  # phones: the fixture, shared
 from test_privacy_canary import written_files
 from waiting import until
 from voiceline.audio import g711, media, srtp
@@ -286,19 +286,6 @@ async def engine() -> AsyncIterator[MediaEngine]:
     yield engine
     engine.close()
     await asyncio.sleep(0)
-
-
-@pytest.fixture
-def phones() -> Iterator[Callable[[], Phone]]:
-    made: list[Phone] = []
-
-    def make() -> Phone:
-        made.append(Phone())
-        return made[-1]
-
-    yield make
-    for phone in made:
-        phone.sock.close()
 
 
 async def srtp_and_plain_legs(
