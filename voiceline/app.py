@@ -175,7 +175,7 @@ class VoiceLine:
     async def reload(self) -> None:
         """Trunks and lines again: the config file's (when there is one) and the database's."""
         if self.config_file is not None:
-            fresh = config_module.load(self.config_file)
+            fresh = await asyncio.to_thread(config_module.load, self.config_file)  # file I/O off the loop
             self.config = replace(self.config, trunks=fresh.trunks, lines=fresh.lines)
         assert self.trunks is not None
         await self.trunks.reload(self.config)
