@@ -18,6 +18,9 @@ from voiceline.provisioning import Provisioning, TrunkChanges, load
 from voiceline.sip.auth import digest_ha1
 from voiceline.storage import DB_FILES, DB_NAME, CallAudio, Storage, StorageError, hour_of
 
+CALL_COLUMNS = (
+    "hour", "line", "calls", "paired", "wait_seconds", "talk_seconds", "packets_expected", "packets_lost", "jitter_ms_max",
+)  # fmt: skip
 CANARY = "+15550001234"
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
@@ -44,6 +47,8 @@ async def test_open_creates_private_dir_schema_and_version(tmp_path: Path) -> No
     columns = {row[1] for row in query(db_path, "PRAGMA table_info(hourly_stats)")}
     assert columns == {
         "hour", "line", "calls", "paired", "wait_seconds", "talk_seconds", "packets_expected", "packets_lost", "jitter_ms_max",
+        "wait_paired", "wait_paired_seconds", "wait_abandoned", "wait_abandoned_seconds", "max_wait_goodbye", "skip",
+        "talk_limit_ending", "preference_match",
     }  # fmt: skip
 
 
@@ -93,7 +98,7 @@ async def test_record_call_aggregates_per_hour_and_line(store: Storage) -> None:
     await store.record_call("main", T0 + 60, 5.5, 0.0, False)
     await store.record_call("main", T0 + 3600, 1.0, 2.0, True)
     await store.record_call("night", T0, 3.0, 4.0, True)
-    assert await store.hourly("main") == [
+    assert [{k: row[k] for k in CALL_COLUMNS} for row in await store.hourly("main")] == [
         {"hour": "2023-11-14T22", "line": "main", "calls": 2, "paired": 1, "wait_seconds": 15.5, "talk_seconds": 60.0,
          "packets_expected": 0, "packets_lost": 0, "jitter_ms_max": 0.0},
         {"hour": "2023-11-14T23", "line": "main", "calls": 1, "paired": 1, "wait_seconds": 1.0, "talk_seconds": 2.0,
@@ -198,6 +203,7 @@ async def test_data_dir_holds_no_canary(tmp_path: Path) -> None:
     s = await Storage.open(data_dir)
     for i in range(20):
         await s.record_call("main", T0 + i * 600, 3.0, 120.0, True)
+    assert await s.flush()
     # While open, the aggregates are still in the -wal file: scan it too.
     assert f"{DB_NAME}-wal" in assert_no_canary(data_dir)
     await s.close()

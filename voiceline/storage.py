@@ -11,6 +11,9 @@ also when they already exist.
 
 Statistics: hourly aggregates only, never a per-caller row, number, URI, caller
 IP address or exact call time. The API takes none of these, so it cannot.
+Recording one only adds it to an in-memory aggregate; `voiceline.statistics`
+writes those in batches, holds them while the database refuses writes, and
+retries (the registration status the server reports goes the same way).
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ import json
 import math
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,19 @@ import aiosqlite
 
 from voiceline.keyfile import KEY_FILE_NAME, KeyFile, KeyFileError
 from voiceline.routing import Trunk, TrunkError
+from voiceline.statistics import (
+    HOURLY_COLUMNS,
+    AnchoredClock,
+    Batch,
+    HourTotals,
+    RegistrationStatus,
+    StatisticsWriter,
+    WriteFailed,
+    HISTORY_DAYS,
+    busiest_hours,
+    hour_of,
+    journey_totals,
+)
 
 DB_NAME = "voiceline.db"
 # The database and the files SQLite keeps beside it.
@@ -112,28 +127,79 @@ MIGRATIONS: tuple[str | PythonMigration, ...] = (
     ALTER TABLE hourly_stats ADD COLUMN jitter_ms_max REAL NOT NULL DEFAULT 0;
     """,
     _keep_no_trunk_passwords,
+    """
+    -- The caller's journey per hour and line: waits that ended in a pair or were abandoned
+    -- (with the seconds waited), goodbyes at the maximum wait, skips, talk-time-limit endings and
+    -- talker-listener matches. Hours are UTC; `calls` now counts a call when it is answered.
+    ALTER TABLE hourly_stats ADD COLUMN wait_paired INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN wait_paired_seconds REAL NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN wait_abandoned INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN wait_abandoned_seconds REAL NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN max_wait_goodbye INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN skip INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN talk_limit_ending INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN preference_match INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 # The two provisioning tables share their shape: name -> JSON settings.
 PROVISIONING_TABLES = ("trunks", "lines")
 
-# One statement, so concurrent callers need no lock and no read-modify-write.
-_RECORD_CALL = """
-INSERT INTO hourly_stats
-    (hour, line, calls, paired, wait_seconds, talk_seconds, packets_expected, packets_lost, jitter_ms_max)
-VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (hour, line) DO UPDATE SET
-    calls = calls + 1,
-    paired = paired + excluded.paired,
-    wait_seconds = wait_seconds + excluded.wait_seconds,
-    talk_seconds = talk_seconds + excluded.talk_seconds,
-    packets_expected = packets_expected + excluded.packets_expected,
-    packets_lost = packets_lost + excluded.packets_lost,
-    jitter_ms_max = max(jitter_ms_max, excluded.jitter_ms_max)
-"""
-_HOURLY_COLUMNS = (
-    "hour, line, calls, paired, wait_seconds, talk_seconds, packets_expected, packets_lost, jitter_ms_max"
+
+def _upsert_hours(rows: int) -> str:
+    """One statement adding `rows` hours of one line's totals (atomic on its own)."""
+    columns = ("hour", "line", *HOURLY_COLUMNS)
+    values = ", ".join([f"({', '.join('?' * len(columns))})"] * rows)
+    updates = ", ".join(
+        f"{c} = max({c}, excluded.{c})" if c == "jitter_ms_max" else f"{c} = {c} + excluded.{c}" for c in HOURLY_COLUMNS
+    )
+    return f"INSERT INTO hourly_stats ({', '.join(columns)}) VALUES {values} ON CONFLICT (hour, line) DO UPDATE SET {updates}"
+
+
+def _upsert_refusals(rows: int) -> str:
+    values = ", ".join(["(?, ?, ?)"] * rows)
+    return (
+        f"INSERT INTO hourly_refusals (hour, reason, count) VALUES {values} "
+        "ON CONFLICT (hour, reason) DO UPDATE SET count = count + excluded.count"
+    )
+
+
+_SET_REGISTRATION_STATUS = (
+    "INSERT INTO registration_status (trunk, state, detail, updated_at, expires_at, next_attempt) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (trunk) DO UPDATE SET state = excluded.state, "
+    "detail = excluded.detail, updated_at = excluded.updated_at, expires_at = excluded.expires_at, "
+    "next_attempt = excluded.next_attempt"
 )
+
+# How long a write waits for another process's lock before it fails (the service retries
+# statistics; a command reports the lock). Short, so that closing keeps to its deadline.
+BUSY_TIMEOUT_SECONDS = 1.0
+FLUSH_INTERVAL_SECONDS = 5.0
+
+# Why SQLite refused, in a word (`sqlite3.Error.sqlite_errorname` prefixes) and for people.
+_REFUSALS = (
+    ("SQLITE_BUSY", "locked", "the database is locked by another process"),
+    ("SQLITE_LOCKED", "locked", "the database is locked by another process"),
+    ("SQLITE_FULL", "full", "the disk is full"),
+    ("SQLITE_READONLY", "read_only", "the database or its directory is read-only"),
+    ("SQLITE_IOERR", "io_error", "a disk I/O error"),
+    ("SQLITE_CANTOPEN", "io_error", "the database file cannot be opened"),
+    ("SQLITE_PERM", "read_only", "permission denied"),
+)
+
+
+def refusal(exc: sqlite3.Error) -> tuple[str, str] | None:
+    """(word, sentence) for a database that refuses to be written, None for any other error (corruption, a bug)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    for prefix, word, sentence in _REFUSALS:
+        if name.startswith(prefix):
+            return word, sentence
+    return None
+
+
+def _why(exc: sqlite3.Error) -> str:
+    word = refusal(exc)
+    return word[1] if word else f"SQLite error {getattr(exc, 'sqlite_errorname', None) or type(exc).__name__}"
 
 
 @dataclass(frozen=True)
@@ -155,10 +221,6 @@ class DuplicateName(StorageError):
 
 class UnknownName(StorageError):
     """No trunk or line of that name exists."""
-
-
-def hour_of(unix_time: float) -> str:
-    return datetime.fromtimestamp(unix_time, UTC).strftime("%Y-%m-%dT%H")
 
 
 async def _schema_version(db: aiosqlite.Connection) -> int:
@@ -241,24 +303,43 @@ def write_private(path: Path, text: str) -> None:
 
 
 class Storage:
-    """One aiosqlite connection; every write is a single autocommitted statement."""
+    """One aiosqlite connection; every write is a single autocommitted statement.
 
-    def __init__(self, db: aiosqlite.Connection, keys: KeyFile) -> None:
+    Statistics and the reported registration status are held in memory and written by
+    a `StatisticsWriter` every `flush_interval` seconds; reading them writes what is held first.
+    """
+
+    def __init__(self, db: aiosqlite.Connection, keys: KeyFile, path: Path, flush_interval: float) -> None:
         self._db = db
         self._keys = keys
+        self._path = path
+        self._writer = StatisticsWriter(self._write_batch, flush_interval)
+        self._busiest: dict[tuple[str, str], tuple[int, int] | None] = {}  # (line, hour) -> the answer then
+        # The clock statistics hours come from: pass its time as `at`, `ended_at` and `answered_at`.
+        self.clock = AnchoredClock()
 
     @classmethod
-    async def open(cls, data_dir: Path, key_file: Path | None = None) -> Storage:
-        """`key_file`: where the key sealing registration passwords lives (default: secret.key in `data_dir`)."""
+    async def open(
+        cls,
+        data_dir: Path,
+        key_file: Path | None = None,
+        *,
+        busy_timeout: float = BUSY_TIMEOUT_SECONDS,
+        flush_interval: float = FLUSH_INTERVAL_SECONDS,
+    ) -> Storage:
+        """`key_file`: where the key sealing registration passwords lives (default: secret.key in `data_dir`).
+
+        `busy_timeout`: how long a statement waits for another process's lock before it fails.
+        """
         keys = KeyFile(key_file or data_dir / KEY_FILE_NAME)
         await asyncio.to_thread(_make_private, data_dir)
         path = data_dir / DB_NAME
         with _private_umask():
             try:
                 # isolation_level=None: no implicit transactions; migrations BEGIN their own.
-                db = await aiosqlite.connect(path, isolation_level=None)
-            except sqlite3.Error:
-                raise StorageError(f"cannot open database {path}; it was left untouched") from None
+                db = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot open database {path}: {_why(exc)}; it was left untouched") from None
             try:
                 await db.execute("PRAGMA journal_mode=WAL")
                 await db.execute("PRAGMA synchronous=NORMAL")
@@ -268,54 +349,135 @@ class Storage:
                 if await _migrate(db, keys):
                     # Old page images (plain passwords before migration 4) leave the -wal file too.
                     await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
+            except sqlite3.Error as exc:
                 await db.close()
-                raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from None
+                if refusal(exc) is None:
+                    raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from None
+                raise StorageError(f"cannot open database {path}: {_why(exc)}; it was left untouched") from None
             except KeyFileError as exc:
                 await db.close()
                 raise StorageError(f"cannot upgrade {path}: {exc}; it was left untouched") from None
             except BaseException:
                 await db.close()
                 raise
-        return cls(db, keys)
+        return cls(db, keys, path, flush_interval)
+
+    # -- statistics: held in memory, written in batches --------------------------
+
+    async def record_answer(self, line: str, at: float) -> None:
+        """Count a call on `line` when it is answered, in `at`'s hour (so a crash cannot lose it)."""
+        self._writer.add_hour(line, hour_of(at), HourTotals(calls=1, records=1))
 
     async def record_call(
-        self, line: str, ended_at: float, waited: float, talked: float, paired: bool, audio: CallAudio = CallAudio()
+        self,
+        line: str,
+        ended_at: float,
+        waited: float,
+        talked: float,
+        paired: bool,
+        audio: CallAudio = CallAudio(),
+        answered_at: float | None = None,
     ) -> None:
-        """Add one finished call to its hour's aggregate for `line`.
+        """Add a finished call's figures to its hour's aggregate for `line`.
 
-        `ended_at` is unix time; only its UTC hour is kept.
+        A call counted by `record_answer` passes that `answered_at`: its figures join that
+        hour and it is not counted again. Otherwise it is counted now, in `ended_at`'s hour.
+        Times are unix times (from `clock`); only their UTC hour is kept.
         """
         if not all(math.isfinite(s) and s >= 0 for s in (waited, talked, audio.jitter_ms)):
             raise ValueError("waited, talked and jitter must be finite and non-negative")
         if not 0 <= audio.packets_lost <= audio.packets_expected:
             raise ValueError("packets lost must be between 0 and the packets expected")
-        await self._db.execute(
-            _RECORD_CALL,
-            (
-                hour_of(ended_at), line, int(paired), waited, talked,
-                audio.packets_expected, audio.packets_lost, audio.jitter_ms,
-            ),  # fmt: skip
+        totals = HourTotals(
+            calls=int(answered_at is None),
+            paired=int(paired),
+            wait_seconds=waited,
+            talk_seconds=talked,
+            packets_expected=audio.packets_expected,
+            packets_lost=audio.packets_lost,
+            jitter_ms_max=audio.jitter_ms,
+            records=1,
         )
+        self._writer.add_hour(line, hour_of(ended_at if answered_at is None else answered_at), totals)
+
+    async def record_journey(self, line: str, at: float, counts: Mapping[str, int], seconds: Mapping[str, float]) -> None:
+        """Add the caller's journey counts to `at`'s hour for `line`.
+
+        `counts` by name: wait_paired, wait_abandoned, max_wait_goodbye, skip, talk_limit_ending,
+        preference_match; `seconds` (waited) by wait_paired and wait_abandoned.
+        """
+        self._writer.add_hour(line, hour_of(at), journey_totals(counts, seconds))
+
+    async def record_refusal(self, reason: str, at: float, count: int = 1) -> None:
+        """Count `count` requests refused for `reason` (a fixed word, never request content) in `at`'s hour."""
+        if count < 0:
+            raise ValueError("a refusal count cannot be negative")
+        self._writer.add_refusals(reason, hour_of(at), count)
+
+    async def flush(self) -> bool:
+        """Write what is held now; False when the database refused (it stays held and is retried)."""
+        return await self._writer.flush()
+
+    @property
+    def degraded(self) -> bool:
+        """The last write of statistics failed: they are held in memory until the database takes them."""
+        return self._writer.degraded
+
+    async def _write_batch(self, batch: Batch) -> None:
+        """Write `batch`, removing from it what was written; WriteFailed for the rest."""
+        try:
+            for line, hours in list(batch.hourly.items()):
+                params: list[Any] = []
+                for hour, totals in hours.items():
+                    params += [hour, line, *(getattr(totals, column) for column in HOURLY_COLUMNS)]
+                await self._db.execute(_upsert_hours(len(hours)), params)
+                del batch.hourly[line]
+            for reason, counts in list(batch.refusals.items()):
+                params = [value for hour, count in counts.items() for value in (hour, reason, count)]
+                await self._db.execute(_upsert_refusals(len(counts)), params)
+                del batch.refusals[reason]
+            for trunk, status in list(batch.registrations.items()):
+                await self._db.execute(
+                    _SET_REGISTRATION_STATUS,
+                    (trunk, status.state, status.detail, status.at, status.expires_at, status.next_attempt),
+                )
+                del batch.registrations[trunk]
+        except sqlite3.Error as exc:
+            word = refusal(exc)
+            raise WriteFailed(word[0] if word else "error") from None
 
     async def hourly(self, line: str | None = None) -> list[dict[str, Any]]:
-        query = f"SELECT {_HOURLY_COLUMNS} FROM hourly_stats"
+        """Every hour's aggregate (written first), by hour and line."""
+        await self.flush()
+        query = f"SELECT hour, line, {', '.join(HOURLY_COLUMNS)} FROM hourly_stats"
         params: tuple[str, ...] = ()
         if line is not None:
             query += " WHERE line = ?"
             params = (line,)
         return await self._rows(query + " ORDER BY hour, line", params)
 
-    async def record_refusal(self, reason: str, at: float, count: int = 1) -> None:
-        """Count `count` requests refused for `reason` (a fixed word, never request content) in `at`'s hour."""
-        await self._db.execute(
-            "INSERT INTO hourly_refusals (hour, reason, count) VALUES (?, ?, ?) "
-            "ON CONFLICT (hour, reason) DO UPDATE SET count = count + excluded.count",
-            (hour_of(at), reason, count),
-        )
-
     async def refusals(self) -> list[dict[str, Any]]:
+        await self.flush()
         return await self._rows("SELECT hour, reason, count FROM hourly_refusals ORDER BY hour, reason")
+
+    async def busiest_hours(self, line: str, now: float) -> tuple[int, int] | None:
+        """(from, to): the hours of the day, local time, when `line` usually has most calls.
+
+        `to` is exclusive and may be past midnight ((22, 1)); None while there is too little
+        history (the rule: `voiceline.statistics.busiest_hours`). Worked out once per hour.
+        """
+        key = (line, hour_of(now))
+        if key not in self._busiest:
+            try:
+                rows = await self._rows(
+                    "SELECT hour, calls FROM hourly_stats WHERE line = ? AND hour >= ? AND hour < ?",
+                    (line, hour_of(now - HISTORY_DAYS * 86400), key[1]),
+                )
+            except sqlite3.Error:
+                return None  # not known now; asked again next time
+            self._busiest = {k: v for k, v in self._busiest.items() if k[1] == key[1]}
+            self._busiest[key] = busiest_hours(((row["hour"], row["calls"]) for row in rows), now)
+        return self._busiest[key]
 
     # -- provisioning ----------------------------------------------------------
 
@@ -326,29 +488,29 @@ class Storage:
         columns = "name, enabled, settings" if table == "trunks" else "name, settings"
         values: tuple[Any, ...] = (name, int(enabled), json.dumps(settings)) if table == "trunks" else (name, json.dumps(settings))
         try:
-            await self._db.execute(f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(values))})", values)
+            await self._change(f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(values))})", values)
         except sqlite3.IntegrityError:
             raise DuplicateName(f"{table[:-1]} {name!r} already exists") from None
 
     async def update(self, table: str, name: str, settings: dict[str, Any]) -> None:
         self._check_table(table)
         settings = await self._stored(table, name, settings)
-        cursor = await self._db.execute(f"UPDATE {table} SET settings = ? WHERE name = ?", (json.dumps(settings), name))
+        cursor = await self._change(f"UPDATE {table} SET settings = ? WHERE name = ?", (json.dumps(settings), name))
         if cursor.rowcount == 0:
             raise UnknownName(f"no {table[:-1]} named {name!r}")
 
     async def set_enabled(self, name: str, enabled: bool) -> None:
-        cursor = await self._db.execute("UPDATE trunks SET enabled = ? WHERE name = ?", (int(enabled), name))
+        cursor = await self._change("UPDATE trunks SET enabled = ? WHERE name = ?", (int(enabled), name))
         if cursor.rowcount == 0:
             raise UnknownName(f"no trunk named {name!r}")
 
     async def remove(self, table: str, name: str) -> None:
         self._check_table(table)
-        cursor = await self._db.execute(f"DELETE FROM {table} WHERE name = ?", (name,))
+        cursor = await self._change(f"DELETE FROM {table} WHERE name = ?", (name,))
         if cursor.rowcount == 0:
             raise UnknownName(f"no {table[:-1]} named {name!r}")
         if table == "trunks":
-            await self._db.execute("DELETE FROM registration_status WHERE trunk = ?", (name,))
+            await self._change("DELETE FROM registration_status WHERE trunk = ?", (name,))
 
     async def records(self, table: str) -> list[dict[str, Any]]:
         """Every row as {name, settings (decoded, registration password opened), and for trunks enabled}.
@@ -392,19 +554,16 @@ class Storage:
     async def set_registration_status(
         self, trunk: str, state: str, detail: str, at: float, expires_at: float | None, next_attempt: float | None
     ) -> None:
-        await self._db.execute(
-            "INSERT INTO registration_status (trunk, state, detail, updated_at, expires_at, next_attempt) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (trunk) DO UPDATE SET state = excluded.state, "
-            "detail = excluded.detail, updated_at = excluded.updated_at, expires_at = excluded.expires_at, "
-            "next_attempt = excluded.next_attempt",
-            (trunk, state, detail, at, expires_at, next_attempt),
-        )
+        """Written at once; while the database refuses, held (the latest per trunk) and retried."""
+        self._writer.set_registration(trunk, RegistrationStatus(state, detail, at, expires_at, next_attempt))
+        await self.flush()
 
     async def clear_registration_status(self) -> None:
         """Forget every reported status (at server start: the drivers report afresh)."""
         await self._db.execute("DELETE FROM registration_status")
 
     async def registration_status(self) -> list[dict[str, Any]]:
+        await self.flush()
         return await self._rows(
             "SELECT trunk, state, detail, updated_at, expires_at, next_attempt FROM registration_status ORDER BY trunk"
         )
@@ -416,6 +575,15 @@ class Storage:
         assert row is not None
         return int(row[0])
 
+    async def _change(self, sql: str, params: tuple[Any, ...]) -> aiosqlite.Cursor:
+        """A provisioning write: StorageError saying why when the database refuses it."""
+        try:
+            return await self._db.execute(sql, params)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot write to {self._path}: {_why(exc)}; nothing was changed") from None
+
     async def _rows(self, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         async with self._db.execute(query, params) as cursor:
             columns = [c[0] for c in cursor.description]
@@ -426,5 +594,13 @@ class Storage:
         if table not in PROVISIONING_TABLES:
             raise ValueError(f"not a provisioning table: {table}")
 
-    async def close(self) -> None:
-        await self._db.close()
+    async def close(self, deadline: float | None = None) -> int:
+        """Write what is held, retrying until `deadline` (the event loop's time; None: one attempt), and close.
+
+        Returns how many records (counts, reported statuses) were abandoned. A write under
+        way when the deadline passes may overrun it by up to the busy timeout.
+        """
+        try:
+            return await self._writer.close(deadline)
+        finally:
+            await self._db.close()
