@@ -69,7 +69,11 @@ class VoiceLine:
 
     async def start(self) -> None:
         sip = self.config.sip
-        self.storage = await Storage.open(Path(self.config.storage.data_dir), self.config.storage.key_file)
+        self.storage = await Storage.open(
+            Path(self.config.storage.data_dir),
+            self.config.storage.key_file,
+            flush_interval=self.config.storage.flush_interval,
+        )
         hold_audio = load_wav(self.config.media.hold_audio) if self.config.media.hold_audio else hold_music()
         bind_host = sip.listen_address[0]
         self.media = MediaEngine(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -61,6 +60,7 @@ class LiveCall:
     info: CallInfo  # the latest: a re-INVITE may move or hold it
     leg: MediaLeg
     quiet_since: float | None = None  # since when silence counts; None until confirmed
+    answered_at: float | None = None  # on the statistics clock: the call is counted in that hour
 
 
 class Calls:
@@ -115,6 +115,8 @@ class Calls:
             _start_media(live.leg, call, call.media)
         live.info = call
         live.quiet_since = asyncio.get_running_loop().time()
+        live.answered_at = self.storage.clock()
+        self.write(self.storage.record_answer(call.line, live.answered_at))
         live.leg.set_sending(not call.media.on_hold)
         self.live_view.call_answered(call)
         pool = self.pool(call.line)
@@ -146,7 +148,9 @@ class Calls:
         live = self.live.pop(call.id, None)
         audio = CallAudio()
         stats = None
+        answered_at = None
         if live is not None:
+            answered_at = live.answered_at
             live.leg.close()
             stats = live.leg.stats()
             log.info("call.media_stats", call=call.id, **asdict(stats))
@@ -155,7 +159,12 @@ class Calls:
         self.live_view.call_ended(call, reason, summary, stats)
         if summary is not None:
             paired = summary.partners > 0
-            self.write(self.storage.record_call(call.line, time.time(), summary.waited, summary.talked, paired, audio))
+            ended_at = self.storage.clock()
+            self.write(
+                self.storage.record_call(
+                    call.line, ended_at, summary.waited, summary.talked, paired, audio, answered_at=answered_at
+                )
+            )
 
     async def reap_silent_calls(self, timeout: float) -> None:
         """End calls whose caller sent no RTP for `timeout` seconds while not on hold."""

@@ -134,6 +134,8 @@ class StorageConfig:
     poll_interval: float = 1.0
     # Key that encrypts stored registration passwords; empty: secret.key in data_dir.
     secret_key_file: str = ""
+    # Seconds between writes of the statistics held in memory: what a crash can lose.
+    flush_interval: float = 5.0
 
     @property
     def key_file(self) -> Path:
@@ -227,6 +229,8 @@ class Config:
             raise ConfigError("sip.register_retry_min/max: need 0.1 <= min <= max <= 86400 seconds")
         if not 0.1 <= self.storage.poll_interval <= 60:
             raise ConfigError("storage.poll_interval: must be between 0.1 and 60 seconds")
+        if not 0.1 <= self.storage.flush_interval <= 300:
+            raise ConfigError("storage.flush_interval: must be between 0.1 and 300 seconds")
         for kind, items in (("trunks", self.trunks), ("lines", self.lines)):
             names = [item.name for item in items]
             if len(set(names)) != len(names):

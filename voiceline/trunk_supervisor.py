@@ -124,7 +124,7 @@ class TrunkSupervisor:
         self.policy.refused = Counter()
         self._on_refusals(refused)
         for reason, count in refused.items():
-            self._write(self._storage.record_refusal(reason, time.time(), count))
+            self._write(self._storage.record_refusal(reason, self._storage.clock(), count))
 
     # -- provisioning -------------------------------------------------------------
 
