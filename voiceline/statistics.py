@@ -42,8 +42,9 @@ WARN_EVERY_SECONDS = 900.0
 JOURNEY_COUNTS = ("wait_paired", "wait_abandoned", "max_wait_goodbye", "skip", "talk_limit_ending", "preference_match")
 JOURNEY_SECONDS = ("wait_paired", "wait_abandoned")
 
-# The busiest hours: the BUSIEST_WINDOW consecutive hours of the day with most calls over the last
-# HISTORY_DAYS days, once calls were recorded on at least MIN_DAYS of those days and MIN_CALLS in all.
+# The busiest hours: the BUSIEST_WINDOW consecutive hours of the day (server's local time) with most
+# calls over the HISTORY_DAYS days before now, once calls were recorded on at least MIN_DAYS of those
+# days and MIN_CALLS in all; else None.
 BUSIEST_WINDOW = 3
 HISTORY_DAYS = 28
 MIN_DAYS = 7
@@ -368,5 +369,6 @@ def busiest_hours(calls_by_hour: Iterable[tuple[str, int]], now: float) -> tuple
     if len(days) < MIN_DAYS or sum(per_hour_of_day) < MIN_CALLS:
         return None
     window = [sum(per_hour_of_day[(start + i) % 24] for i in range(BUSIEST_WINDOW)) for start in range(24)]
-    start = window.index(max(window))
+    # Ties go to the window whose middle hour is busiest: a single busy hour is centred.
+    start = max(range(24), key=lambda first: (window[first], per_hour_of_day[(first + 1) % 24]))
     return start, (start + BUSIEST_WINDOW) % 24
