@@ -175,7 +175,7 @@ async def test_corrupt_file_raises_and_is_left_untouched(tmp_path: Path) -> None
 async def test_unusable_data_dir_raises(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    with pytest.raises(StorageError, match="cannot create data directory"):
+    with pytest.raises(StorageError, match="cannot create or protect data directory"):
         await Storage.open(not_a_dir)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from voiceline.config import Config
 from voiceline.routing import HA1_FIELDS, Line, Trunk, TrunkError, check_name
-from voiceline.storage import Storage, StorageError, UnknownName
+from voiceline.storage import Storage, StorageError, StorageUnavailable, UnknownName
 
 
 class ProvisioningError(ValueError):
@@ -272,6 +272,8 @@ class Provisioning:
             await operation
         except UnknownName as exc:
             raise ProvisioningError(str(exc)) from None
+        except StorageUnavailable:
+            raise  # not the admin's mistake: the command reports it as such
         except StorageError as exc:  # DuplicateName and friends
             raise ProvisioningError(str(exc)) from None
 

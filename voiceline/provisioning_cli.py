@@ -118,13 +118,17 @@ def run_provisioning(args: argparse.Namespace) -> int:
     except (ConfigError, ProvisioningError) as exc:
         print(f"voiceline {args.command} {args.action}: error: {exc}", file=sys.stderr)
         return 2
-    except StorageError as exc:
-        print(f"voiceline {args.command} {args.action}: cannot open storage: {exc}", file=sys.stderr)
+    except StorageError as exc:  # locked (after CLI_BUSY_TIMEOUT), full, read-only, unusable
+        print(f"voiceline {args.command} {args.action}: {exc}", file=sys.stderr)
         return 1
 
 
+# How long a command waits for a database another process has locked before it gives up.
+CLI_BUSY_TIMEOUT = 5.0
+
+
 async def _with_storage(cfg: Config, work: Callable[[Provisioning], Awaitable[int]]) -> int:
-    storage = await Storage.open(Path(cfg.storage.data_dir), cfg.storage.key_file)
+    storage = await Storage.open(Path(cfg.storage.data_dir), cfg.storage.key_file, busy_timeout=CLI_BUSY_TIMEOUT)
     try:
         return await work(Provisioning(cfg, storage))
     finally:

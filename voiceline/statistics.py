@@ -345,7 +345,7 @@ class StatisticsWriter:
             if deadline is None or retry_at >= deadline:
                 break
             await asyncio.sleep(retry_at - loop.time())
-        abandoned = self.pending.records
+        abandoned = self.pending.take().records
         if abandoned:
             log.error("storage.abandoned", records=abandoned)
         return abandoned

@@ -188,17 +188,27 @@ _REFUSALS = (
 )
 
 
-def refusal(exc: sqlite3.Error) -> tuple[str, str] | None:
-    """(word, sentence) for a database that refuses to be written, None for any other error (corruption, a bug)."""
+def refusal(exc: sqlite3.Error, path: Path) -> tuple[str, str] | None:
+    """(word, sentence) for a database at `path` that refuses to be written, None for any other error
+    (corruption, a bug). An I/O error on a file system with no space left is a full disk."""
     name = getattr(exc, "sqlite_errorname", "") or ""
     for prefix, word, sentence in _REFUSALS:
         if name.startswith(prefix):
+            if word == "io_error" and _no_space_left(path):
+                return "full", "the disk is full"
             return word, sentence
     return None
 
 
-def _why(exc: sqlite3.Error) -> str:
-    word = refusal(exc)
+def _no_space_left(path: Path) -> bool:
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _why(exc: sqlite3.Error, path: Path) -> str:
+    word = refusal(exc, path)
     return word[1] if word else f"SQLite error {getattr(exc, 'sqlite_errorname', None) or type(exc).__name__}"
 
 
@@ -213,6 +223,10 @@ class CallAudio:
 
 class StorageError(Exception):
     """The data directory or database cannot be used; nothing was deleted."""
+
+
+class StorageUnavailable(StorageError):
+    """The database refuses writes now (locked by another process, disk full, read-only); try again later."""
 
 
 class DuplicateName(StorageError):
@@ -274,7 +288,7 @@ def _make_private(data_dir: Path) -> None:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         data_dir.chmod(0o700)
     except OSError as exc:
-        raise StorageError(f"cannot create data directory {data_dir}: {exc.strerror}") from None
+        raise StorageError(f"cannot create or protect data directory {data_dir}: {exc.strerror}") from None
     try:
         os.close(os.open(data_dir / DB_NAME, os.O_WRONLY | os.O_CREAT, 0o600))
         for name in DB_FILES:
@@ -315,6 +329,7 @@ class Storage:
         self._path = path
         self._writer = StatisticsWriter(self._write_batch, flush_interval)
         self._busiest: dict[tuple[str, str], tuple[int, int] | None] = {}  # (line, hour) -> the answer then
+        self._closed = False
         # The clock statistics hours come from: pass its time as `at`, `ended_at` and `answered_at`.
         self.clock = AnchoredClock()
 
@@ -339,7 +354,7 @@ class Storage:
                 # isolation_level=None: no implicit transactions; migrations BEGIN their own.
                 db = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
             except sqlite3.Error as exc:
-                raise StorageError(f"cannot open database {path}: {_why(exc)}; it was left untouched") from None
+                raise StorageError(f"cannot open database {path}: {_why(exc, path)}; it was left untouched") from None
             try:
                 await db.execute("PRAGMA journal_mode=WAL")
                 await db.execute("PRAGMA synchronous=NORMAL")
@@ -351,9 +366,9 @@ class Storage:
                     await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:
                 await db.close()
-                if refusal(exc) is None:
+                if refusal(exc, path) is None:
                     raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from None
-                raise StorageError(f"cannot open database {path}: {_why(exc)}; it was left untouched") from None
+                raise StorageUnavailable(f"cannot open database {path}: {_why(exc, path)}; it was left untouched") from None
             except KeyFileError as exc:
                 await db.close()
                 raise StorageError(f"cannot upgrade {path}: {exc}; it was left untouched") from None
@@ -443,7 +458,7 @@ class Storage:
                 )
                 del batch.registrations[trunk]
         except sqlite3.Error as exc:
-            word = refusal(exc)
+            word = refusal(exc, self._path)
             raise WriteFailed(word[0] if word else "error") from None
 
     async def hourly(self, line: str | None = None) -> list[dict[str, Any]]:
@@ -582,7 +597,8 @@ class Storage:
         except sqlite3.IntegrityError:
             raise
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot write to {self._path}: {_why(exc)}; nothing was changed") from None
+            error = StorageUnavailable if refusal(exc, self._path) else StorageError
+            raise error(f"cannot write to {self._path}: {_why(exc, self._path)}; nothing was changed") from None
 
     async def _rows(self, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         async with self._db.execute(query, params) as cursor:
@@ -600,6 +616,9 @@ class Storage:
         Returns how many records (counts, reported statuses) were abandoned. A write under
         way when the deadline passes may overrun it by up to the busy timeout.
         """
+        if self._closed:
+            return 0
+        self._closed = True
         try:
             return await self._writer.close(deadline)
         finally:
