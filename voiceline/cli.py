@@ -1,4 +1,4 @@
-"""Command line: `voiceline serve`, `status`, `drain`, `voiceline trunk|line ...` and `voiceline sim call`."""
+"""Command line: `voiceline serve`, `status`, `drain`, `stats`, `voiceline trunk|line ...` and `voiceline sim call`."""
 
 from __future__ import annotations
 
@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from voiceline.provisioning_cli import add_provisioning_parsers
     from voiceline.sim.cli import add_sim_parser
+    from voiceline.stats_cli import add_stats_parser
 
     add_provisioning_parsers(commands)
+    add_stats_parser(commands)
     add_sim_parser(commands)
     return parser
 
@@ -195,6 +197,10 @@ def _run(argv: Sequence[str] | None) -> int:
         from voiceline.provisioning_cli import run_provisioning
 
         return run_provisioning(args)
+    if args.command == "stats":
+        from voiceline.stats_cli import run_stats
+
+        return run_stats(args)
     from voiceline.sim.cli import run_sim
 
     return run_sim(args)
