@@ -134,6 +134,24 @@ async def test_close_gives_up_at_its_deadline_and_says_how_much(store: Storage, 
         await reopened.close()
 
 
+@pytest.mark.parametrize("lock", [False, True])
+async def test_a_flush_whose_caller_is_cancelled_counts_everything_once(tmp_path: Path, lock: bool) -> None:
+    store = await Storage.open(tmp_path, busy_timeout=0.2, flush_interval=NEVER)
+    try:
+        with locked(tmp_path / DB_NAME) if lock else contextlib.nullcontext():
+            await place_calls(store, 3)
+            flushing = asyncio.get_running_loop().create_task(store.flush())
+            for _ in range(3):  # the write goes to the database's thread (and waits there while locked)
+                await asyncio.sleep(0)
+            assert not flushing.done()
+            flushing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await flushing
+        assert await totals(store) == (3, 3, 180.0, 3, 30.0, 3)
+    finally:
+        await store.close()
+
+
 async def test_close_writes_what_is_held(tmp_path: Path) -> None:
     store = await Storage.open(tmp_path, flush_interval=NEVER)
     await place_calls(store, 3)

@@ -300,7 +300,14 @@ class StatisticsWriter:
             await self.flush()
 
     async def flush(self) -> bool:
-        """Write everything pending now; False when the database refused (it stays pending)."""
+        """Write everything pending now; False when the database refused (it stays pending).
+
+        Shielded: a caller cancelled meanwhile (closing stops the writing task) leaves the
+        write to finish, so a batch is neither lost nor, once written, put back.
+        """
+        return await asyncio.shield(self._flush())
+
+    async def _flush(self) -> bool:
         async with self._flushing:
             batch = self.pending.take()
             now = asyncio.get_running_loop().time
