@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from filesystems import fill, read_only_view, small_tmpfs
 from voiceline.statistics import MAX_HOURS_HELD
 from voiceline.storage import DB_NAME, CallAudio, Storage, StorageError, StorageUnavailable
 from waiting import until
@@ -192,29 +193,10 @@ async def test_provisioning_writes_to_a_locked_database_say_so(tmp_path: Path) -
 # -- real file systems: a full disk and a read-only one (need root to mount) ---------------
 
 
-def mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True, capture_output=True)
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs of its own, unmounted after."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mount("-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(disk))
-    try:
+    with small_tmpfs(tmp_path / "disk") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
-
-
-def fill(disk: Path) -> Path:
-    """Write zeros until the file system is full; the file, to remove when space is wanted back."""
-    filler = disk / "filler"
-    with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
-        while out.write(b"\0" * 4096):
-            pass
-    return filler
 
 
 @pytest.mark.integration
@@ -245,22 +227,17 @@ async def test_a_full_disk_at_start_is_named(small_disk: Path) -> None:
 
 
 @pytest.fixture
-def read_only_view(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """A data directory and a read-only bind mount of it: (writable, read-only)."""
-    data, view = tmp_path / "data", tmp_path / "view"
+def writable_and_read_only(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A data directory and a read-only view of it."""
+    data = tmp_path / "data"
     data.mkdir(mode=0o700)
-    view.mkdir()
-    mount("--bind", str(data), str(view))
-    try:
-        mount("-o", "remount,bind,ro", str(view))
+    with read_only_view(data, tmp_path / "view") as view:
         yield data, view
-    finally:
-        subprocess.run(["umount", "-l", str(view)], check=True)
 
 
 @pytest.mark.integration
-async def test_a_read_only_data_dir_at_start_is_named(read_only_view: tuple[Path, Path]) -> None:
-    data, view = read_only_view
+async def test_a_read_only_data_dir_at_start_is_named(writable_and_read_only: tuple[Path, Path]) -> None:
+    data, view = writable_and_read_only
     store = await Storage.open(data)
     await place_calls(store, 1)
     await store.close()
@@ -291,9 +268,9 @@ def test_line_add_on_a_locked_database_gives_up_with_one_line(tmp_path: Path) ->
 
 @pytest.mark.integration
 def test_line_add_on_a_read_only_or_full_data_dir_gives_up_with_one_line(
-    read_only_view: tuple[Path, Path], small_disk: Path
+    writable_and_read_only: tuple[Path, Path], small_disk: Path
 ) -> None:
-    data, view = read_only_view
+    data, view = writable_and_read_only
     assert voiceline("line", "add", "first", "--number", "100", "--data-dir", str(data)).returncode == 0
     line = one_error_line(voiceline("line", "add", "second", "--number", "200", "--data-dir", str(view)))
     assert line.startswith("voiceline line add: ") and "Read-only file system" in line

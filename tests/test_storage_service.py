@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from filesystems import fill, small_tmpfs
 from voiceline.sim.plugin import VoicelineServer, default_server_rtp_ports, start_server
 from voiceline.sim.runner import CallReport, CallSpec
 from voiceline.storage import DB_NAME
@@ -63,6 +64,26 @@ def test_calls_placed_while_the_database_is_locked_are_all_counted_after(
     wait_until(lambda: calls_on_disk(server) == 6, 10)
     assert storage_events(server) == ["storage.degraded", "storage.recovered"]
     assert server.stop() == 0
+
+
+def test_calls_placed_while_the_disk_is_full_are_all_counted_when_space_returns(
+    tmp_path: Path, sim_calls: Callable[..., list[CallReport]]
+) -> None:
+    # The data directory alone on a small tmpfs; the server's log stays outside it.
+    with small_tmpfs(tmp_path / "server" / "data", "2m") as data:
+        server = start_server(tmp_path / "server", FAST_WRITES, 0, default_server_rtp_ports(), "127.0.0.1")
+        try:
+            filler = fill(data)
+            reports = sim_calls([CallSpec(server.uri("line"), seconds=1.0, start_after=0.3 * i) for i in range(6)])
+            assert all(report.connected for report in reports), reports
+            assert calls_on_disk(server) == 0
+            filler.unlink()
+            wait_until(lambda: calls_on_disk(server) == 6, 10)
+            assert storage_events(server) == ["storage.degraded", "storage.recovered"]
+            (degraded,) = [event for event in server.log_events() if event.get("event") == "storage.degraded"]
+            assert degraded["reason"] == "full"
+        finally:
+            assert server.stop() == 0
 
 
 def test_sigterm_while_locked_exits_promptly_and_says_what_it_abandoned(
