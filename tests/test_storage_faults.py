@@ -220,10 +220,17 @@ async def test_counts_held_while_the_disk_is_full_are_written_when_space_returns
 
 
 @pytest.mark.integration
-async def test_a_full_disk_at_start_is_named(small_disk: Path) -> None:
+async def test_a_full_disk_at_start_is_named_and_leaves_no_file(small_disk: Path) -> None:
+    existing = small_disk / "existing"
+    store = await Storage.open(existing)
+    await store.close()
+    before = sorted(p.name for p in existing.iterdir())
     fill(small_disk)
-    with pytest.raises(StorageError, match="disk is full|No space left on device"):
-        await Storage.open(small_disk / "data")
+    for data_dir in (small_disk / "new", existing):
+        with pytest.raises(StorageUnavailable, match="disk is full"):
+            await Storage.open(data_dir)
+    assert list((small_disk / "new").iterdir()) == []
+    assert sorted(p.name for p in existing.iterdir()) == before == [DB_NAME]
 
 
 @pytest.fixture

@@ -316,6 +316,51 @@ def write_private(path: Path, text: str) -> None:
         out.write(text)
 
 
+def _database_files(data_dir: Path) -> set[str]:
+    return {name for name in DB_FILES if (data_dir / name).exists()}
+
+
+def _remove_database_files(data_dir: Path, exclude: set[str]) -> None:
+    """The database files not in `exclude`; of a database that was there before, only a new -shm
+    and a new empty -wal (one with frames could hold another process's commits)."""
+    for name in set(DB_FILES) - exclude:
+        path = data_dir / name
+        with contextlib.suppress(FileNotFoundError):
+            if DB_NAME not in exclude or name.endswith("-shm") or (name.endswith("-wal") and not path.stat().st_size):
+                path.unlink()
+
+
+async def _connected(path: Path, keys: KeyFile, busy_timeout: float) -> aiosqlite.Connection:
+    """The database at `path` open, in WAL mode and migrated; StorageError saying why not."""
+    with _private_umask():
+        try:
+            # isolation_level=None: no implicit transactions; migrations BEGIN their own.
+            db = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open database {path}: {_why(exc, path)}; it was left untouched") from None
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            # Overwritten and deleted rows (a replaced password, say) are zeroed, not left in free space.
+            await db.execute("PRAGMA secure_delete=ON")
+            if await _migrate(db, keys):
+                # Old page images (plain passwords before migration 4) leave the -wal file too.
+                await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            await db.close()
+            if refusal(exc, path) is None:
+                raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from None
+            raise StorageUnavailable(f"cannot open database {path}: {_why(exc, path)}; it was left untouched") from None
+        except KeyFileError as exc:
+            await db.close()
+            raise StorageError(f"cannot upgrade {path}: {exc}; it was left untouched") from None
+        except BaseException:
+            await db.close()
+            raise
+    return db
+
+
 class Storage:
     """One aiosqlite connection; every write is a single autocommitted statement.
 
@@ -347,34 +392,15 @@ class Storage:
         `busy_timeout`: how long a statement waits for another process's lock before it fails.
         """
         keys = KeyFile(key_file or data_dir / KEY_FILE_NAME)
+        present = await asyncio.to_thread(_database_files, data_dir)
         await asyncio.to_thread(_make_private, data_dir)
         path = data_dir / DB_NAME
-        with _private_umask():
-            try:
-                # isolation_level=None: no implicit transactions; migrations BEGIN their own.
-                db = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot open database {path}: {_why(exc, path)}; it was left untouched") from None
-            try:
-                await db.execute("PRAGMA journal_mode=WAL")
-                await db.execute("PRAGMA synchronous=NORMAL")
-                await db.execute("PRAGMA foreign_keys=ON")
-                # Overwritten and deleted rows (a replaced password, say) are zeroed, not left in free space.
-                await db.execute("PRAGMA secure_delete=ON")
-                if await _migrate(db, keys):
-                    # Old page images (plain passwords before migration 4) leave the -wal file too.
-                    await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:
-                await db.close()
-                if refusal(exc, path) is None:
-                    raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from None
-                raise StorageUnavailable(f"cannot open database {path}: {_why(exc, path)}; it was left untouched") from None
-            except KeyFileError as exc:
-                await db.close()
-                raise StorageError(f"cannot upgrade {path}: {exc}; it was left untouched") from None
-            except BaseException:
-                await db.close()
-                raise
+        try:
+            db = await _connected(path, keys, busy_timeout)
+        except BaseException:
+            # What this attempt created goes (an empty database, a -shm on a full disk); nothing else.
+            await asyncio.to_thread(_remove_database_files, data_dir, exclude=present)
+            raise
         return cls(db, keys, path, flush_interval)
 
     # -- statistics: held in memory, written in batches --------------------------
@@ -575,7 +601,7 @@ class Storage:
 
     async def clear_registration_status(self) -> None:
         """Forget every reported status (at server start: the drivers report afresh)."""
-        await self._db.execute("DELETE FROM registration_status")
+        await self._change("DELETE FROM registration_status", ())
 
     async def registration_status(self) -> list[dict[str, Any]]:
         await self.flush()
