@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from structlog.testing import capture_logs
 
 from voiceline.statistics import (
     MAX_HOURS_HELD,
@@ -18,8 +19,11 @@ from voiceline.statistics import (
     FlushSchedule,
     HourTotals,
     Pending,
+    Batch,
     RegistrationStatus,
     Recovered,
+    StatisticsWriter,
+    WriteFailed,
     busiest_hours,
     hour_of,
     journey_totals,
@@ -127,6 +131,29 @@ def test_failures_back_off_to_a_ceiling_and_warn_once_per_period() -> None:
     assert not schedule.degraded and schedule.deadline == now + 6.0
     assert schedule.flushed(now + 6.0) is None  # recovered once only
     assert schedule.failed(now + 6.0, "locked") == Degraded("locked")  # a new episode warns again
+
+
+async def test_the_writer_keeps_a_batch_whatever_stopped_it_and_writes_it_once() -> None:
+    written: list[int] = []
+    failures: list[Exception] = [WriteFailed("locked"), RuntimeError("not a database error")]
+
+    async def write(batch: Batch) -> None:
+        if failures:
+            raise failures.pop(0)
+        written.append(batch.hourly["main"]["2023-11-14T22"].calls)
+        batch.hourly.clear()
+
+    writer = StatisticsWriter(write, interval=3600.0)
+    writer.add_hour("main", "2023-11-14T22", one_call())
+    with capture_logs() as logs:
+        assert not await writer.flush()
+        writer.add_hour("main", "2023-11-14T22", one_call())
+        assert not await writer.flush()
+        assert writer.degraded
+        assert await writer.flush()
+    assert written == [2] and not writer.degraded
+    assert [(line["event"], line.get("reason")) for line in logs] == [("storage.degraded", "locked"), ("storage.recovered", None)]
+    assert await writer.close(None) == 0
 
 
 def test_a_wall_clock_step_does_not_move_the_anchored_clock() -> None:

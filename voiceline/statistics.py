@@ -21,7 +21,6 @@ runs moves no count between hours; the next start takes up the new time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -318,9 +317,9 @@ class StatisticsWriter:
             records = batch.records
             try:
                 await self._write(batch)
-            except WriteFailed as failure:
+            except Exception as exc:  # kept and retried whatever went wrong, so the writing goes on
                 self.pending.restore(batch)
-                degraded = schedule.failed(now(), failure.reason)
+                degraded = schedule.failed(now(), exc.reason if isinstance(exc, WriteFailed) else type(exc).__name__)
                 if degraded is not None:
                     log.warning(
                         "storage.degraded",
