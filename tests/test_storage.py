@@ -6,6 +6,7 @@ import os
 import shutil
 import sqlite3
 import stat
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -249,6 +250,46 @@ async def test_refusals_are_counted_per_hour_and_reason(store: Storage) -> None:
         {"hour": "2023-11-14T22", "reason": "unknown_number", "count": 1},
         {"hour": "2023-11-14T22", "reason": "unknown_source", "count": 5},
     ]
+
+
+async def test_a_call_counts_when_answered_and_its_figures_join_that_hour(store: Storage) -> None:
+    await store.record_answer("main", T0)
+    await store.record_journey("main", T0 + 1000, {"wait_paired": 1}, {"wait_paired": 1000.0})
+    await store.record_call("main", T0 + 3600, 1000.0, 2600.0, True, answered_at=T0)  # ended the next hour
+    rows = await store.hourly("main")
+    assert [(r["hour"], r["calls"], r["paired"], r["talk_seconds"], r["wait_paired"]) for r in rows] == [
+        ("2023-11-14T22", 1, 1, 2600.0, 1)
+    ]
+
+
+async def test_hours_come_from_the_clock_anchored_at_open(store: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = time.time()
+    monkeypatch.setattr(time, "time", lambda: T0)  # the system clock is stepped years back
+    await store.record_answer("main", store.clock())
+    (row,) = await store.hourly()
+    assert row["hour"] in {hour_of(real), hour_of(real + 60)} and row["hour"] != hour_of(T0)
+
+
+async def test_busiest_hours_from_the_stored_history(store: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        now = T0 + 20 * 86400
+        for day in range(1, 15):
+            for hour_offset, calls in ((-3, 3), (-2, 4), (-1, 3), (0, 1)):  # 19:00 to 22:00 UTC each day
+                for _ in range(calls):
+                    await store.record_answer("main", now - day * 86400 + hour_offset * 3600)
+        assert await store.flush()
+        assert await store.busiest_hours("main", now) == (19, 22)
+        assert await store.busiest_hours("quiet", now) is None
+        for _ in range(200):
+            await store.record_answer("main", now - 86400 - 12 * 3600)  # 10:00 yesterday, very busy
+        assert await store.flush()
+        assert await store.busiest_hours("main", now) == (19, 22)  # worked out once per hour
+        assert await store.busiest_hours("main", now + 3600) == (9, 12)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
 
 
 # -- secrets at rest ---------------------------------------------------------------
