@@ -34,6 +34,7 @@ import aiosqlite
 from voiceline.keyfile import KEY_FILE_NAME, KeyFile, KeyFileError
 from voiceline.routing import Trunk, TrunkError
 from voiceline.statistics import (
+    HISTORY_DAYS,
     HOURLY_COLUMNS,
     AnchoredClock,
     Batch,
@@ -41,7 +42,6 @@ from voiceline.statistics import (
     RegistrationStatus,
     StatisticsWriter,
     WriteFailed,
-    HISTORY_DAYS,
     busiest_hours,
     hour_of,
     journey_totals,
@@ -188,7 +188,7 @@ _REFUSALS = (
 )
 
 
-def refusal(exc: sqlite3.Error, path: Path) -> tuple[str, str] | None:
+def _refusal(exc: sqlite3.Error, path: Path) -> tuple[str, str] | None:
     """(word, sentence) for a database at `path` that refuses to be written, None for any other error
     (corruption, a bug). An I/O error on a file system with no space left is a full disk."""
     name = getattr(exc, "sqlite_errorname", "") or ""
@@ -208,7 +208,7 @@ def _no_space_left(path: Path) -> bool:
 
 
 def _why(exc: sqlite3.Error, path: Path) -> str:
-    word = refusal(exc, path)
+    word = _refusal(exc, path)
     return word[1] if word else f"SQLite error {getattr(exc, 'sqlite_errorname', None) or type(exc).__name__}"
 
 
@@ -349,7 +349,7 @@ async def _connected(path: Path, keys: KeyFile, busy_timeout: float) -> aiosqlit
                 await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             await db.close()
-            if refusal(exc, path) is None:
+            if _refusal(exc, path) is None:
                 raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from None
             raise StorageUnavailable(f"cannot open database {path}: {_why(exc, path)}; it was left untouched") from None
         except KeyFileError as exc:
@@ -484,7 +484,7 @@ class Storage:
                 )
                 del batch.registrations[trunk]
         except sqlite3.Error as exc:
-            word = refusal(exc, self._path)
+            word = _refusal(exc, self._path)
             raise WriteFailed(word[0] if word else "error") from None
 
     async def hourly(self, line: str | None = None) -> list[dict[str, Any]]:
@@ -623,7 +623,7 @@ class Storage:
         except sqlite3.IntegrityError:
             raise
         except sqlite3.Error as exc:
-            error = StorageUnavailable if refusal(exc, self._path) else StorageError
+            error = StorageUnavailable if _refusal(exc, self._path) else StorageError
             raise error(f"cannot write to {self._path}: {_why(exc, self._path)}; nothing was changed") from None
 
     async def _rows(self, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
