@@ -1,8 +1,10 @@
-"""Real file systems that refuse writes, for storage tests (need root to mount): a small full one, a read-only view."""
+"""Real file systems that refuse writes, for storage tests (need root to mount): a small full one, a
+read-only view, and an ext4 image that turns read-only under open files."""
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,3 +44,28 @@ def fill(disk: Path) -> Path:
         while out.write(b"\0" * 4096):
             pass
     return filler
+
+
+@contextlib.contextmanager
+def ext4_image(where: Path, image: Path, size: str = "16M") -> Iterator[Path]:
+    """A fresh ext4 file system in `image`, loop-mounted on `where` with errors=remount-ro, unmounted after."""
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run([_sbin("mkfs.ext4"), "-q", str(image)], check=True, capture_output=True)
+    where.mkdir(parents=True, exist_ok=True)
+    mount("-o", "loop,errors=remount-ro", str(image), str(where))
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def turn_read_only(mount_point: Path) -> None:
+    """Make the ext4 file system on `mount_point` hit an error: the kernel remounts it read-only at
+    once, files open for writing and all (as after a failing disk)."""
+    source = subprocess.run(["findmnt", "-no", "SOURCE", str(mount_point)], check=True, capture_output=True, text=True)
+    device = Path(source.stdout.strip()).name
+    Path("/sys/fs/ext4", device, "trigger_fs_error").write_text("test\n")
+
+
+def _sbin(command: str) -> str:
+    return shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin") or command

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from filesystems import fill, read_only_view, small_tmpfs
+from filesystems import ext4_image, fill, read_only_view, small_tmpfs, turn_read_only
 from voiceline.statistics import MAX_HOURS_HELD
 from voiceline.storage import DB_NAME, CallAudio, Storage, StorageError, StorageUnavailable
 from waiting import until
@@ -250,6 +250,30 @@ async def test_a_read_only_data_dir_at_start_is_named(writable_and_read_only: tu
     await store.close()
     with pytest.raises(StorageError, match="Read-only file system|read-only"):
         await Storage.open(view)
+
+
+@pytest.mark.integration
+async def test_a_file_system_turned_read_only_while_open_is_named_once_and_what_it_costs_is_said(tmp_path: Path) -> None:
+    """It cannot come back without a restart (the kernel aborted it): counts are held meanwhile, the
+    statistics that were written stay readable, and closing says how many were abandoned."""
+    with ext4_image(tmp_path / "disk", tmp_path / "disk.img") as disk:
+        store = await Storage.open(disk / "data", busy_timeout=0.05, flush_interval=NEVER)
+        try:
+            await place_calls(store, 2)
+            assert await store.flush()
+            turn_read_only(disk)
+            with capture_logs() as logs:
+                for _ in range(3):
+                    await place_calls(store, 5)
+                    assert not await store.flush()
+                assert (await totals(store))[0] == 2  # what was written is still read
+                abandoned = await store.close()
+            assert abandoned == 3 * 5 * 4
+            assert storage_lines(logs) == ["storage.degraded", "storage.abandoned"]
+            # The kernel's own log says it remounted the file system read-only; SQLite sees I/O errors.
+            assert [line["reason"] for line in logs if line["event"] == "storage.degraded"] == ["io_error"]
+        finally:
+            await store.close()
 
 
 def voiceline(*args: str) -> subprocess.CompletedProcess[str]:

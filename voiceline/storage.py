@@ -194,17 +194,18 @@ def _refusal(exc: sqlite3.Error, path: Path) -> tuple[str, str] | None:
     name = getattr(exc, "sqlite_errorname", "") or ""
     for prefix, word, sentence in _REFUSALS:
         if name.startswith(prefix):
-            if word == "io_error" and _no_space_left(path):
-                return "full", "the disk is full"
+            if word == "io_error":  # SQLite reports some writes to a full disk so
+                return _file_system_refusal(path) or (word, sentence)
             return word, sentence
     return None
 
 
-def _no_space_left(path: Path) -> bool:
+def _file_system_refusal(path: Path) -> tuple[str, str] | None:
     try:
-        return os.statvfs(path.parent).f_bavail == 0
+        full = os.statvfs(path.parent).f_bavail == 0
     except OSError:
-        return False
+        return None
+    return ("full", "the disk is full") if full else None
 
 
 def _why(exc: sqlite3.Error, path: Path) -> str:
