@@ -212,14 +212,14 @@ def _make_private(data_dir: Path) -> None:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         data_dir.chmod(0o700)
     except OSError as exc:
-        raise StorageError(f"cannot create data directory {data_dir}: {exc.strerror}") from None
+        raise StorageError(f"cannot create data directory {data_dir}: {exc.strerror}") from exc
     try:
         os.close(os.open(data_dir / DB_NAME, os.O_WRONLY | os.O_CREAT, 0o600))
         for name in DB_FILES:
             with contextlib.suppress(FileNotFoundError):
                 (data_dir / name).chmod(0o600)
     except OSError as exc:
-        raise StorageError(f"cannot make the database in {data_dir} private: {exc.strerror}") from None
+        raise StorageError(f"cannot make the database in {data_dir} private: {exc.strerror}") from exc
 
 
 @contextlib.contextmanager
@@ -257,8 +257,8 @@ class Storage:
             try:
                 # isolation_level=None: no implicit transactions; migrations BEGIN their own.
                 db = await aiosqlite.connect(path, isolation_level=None)
-            except sqlite3.Error:
-                raise StorageError(f"cannot open database {path}; it was left untouched") from None
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot open database {path}; it was left untouched") from exc
             try:
                 await db.execute("PRAGMA journal_mode=WAL")
                 await db.execute("PRAGMA synchronous=NORMAL")
@@ -268,9 +268,10 @@ class Storage:
                 if await _migrate(db, keys):
                     # Old page images (plain passwords before migration 4) leave the -wal file too.
                     await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
+            except sqlite3.Error as exc:
                 await db.close()
-                raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from None
+                # The cause (full, locked, read-only, corrupt ...) tells the start-up message apart.
+                raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from exc
             except KeyFileError as exc:
                 await db.close()
                 raise StorageError(f"cannot upgrade {path}: {exc}; it was left untouched") from None
