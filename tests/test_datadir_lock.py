@@ -34,6 +34,7 @@ def test_a_stale_lock_file_and_pid_file_block_nobody(tmp_path: Path) -> None:
     lock = DataDirLock.acquire(tmp_path, patience=0)
     try:
         assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        assert (tmp_path / LOCK_FILE).stat().st_mode & 0o777 == 0o600
         assert not (tmp_path / RETIRED_PID_FILE).exists()
     finally:
         lock.release()

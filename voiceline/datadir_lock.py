@@ -52,6 +52,7 @@ class DataDirLock:
         path = data_dir / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # like every file in the data dir, whoever made it
             give_up = time.monotonic() + patience
             while not _try_lock(fd, fcntl.LOCK_EX):
                 if time.monotonic() >= give_up:
