@@ -20,7 +20,7 @@ import pytest
 from port_table import port_block
 from rawsip import Dialer, RawPeer, to_tag
 from voiceline.app import STOP_GRACE
-from voiceline.datadir_lock import LOCK_FILE, RETIRED_PID_FILE
+from voiceline.datadir_lock import LOCK_FILE, RETIRED_PID_FILE, owner_of
 from voiceline.sim.plugin import VoicelineServer, start_server
 from voiceline.startup import ExitCode
 from voiceline.storage import DB_NAME, Storage
@@ -205,6 +205,36 @@ def test_a_database_locked_by_another_process_is_named_after_the_busy_timeout(tm
     finally:
         holder.close()
     refused_start(result, ExitCode.DATABASE_LOCKED, "is locked by another process")
+
+
+def test_sigterm_during_a_start_held_up_by_a_locked_database_ends_it_within_the_deadline(tmp_path: Path) -> None:
+    data_dir, config = tmp_path / "data", tmp_path / "voiceline.toml"
+    seed_database(data_dir)
+    config.write_text("[sip]\nshutdown_timeout = 1.0\n")
+    holder = sqlite3.connect(data_dir / DB_NAME, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "voiceline", *serve_args(data_dir), "--config", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            end = time.monotonic() + BOUND
+            while owner_of(data_dir) != process.pid:  # the data dir is ours: start-up is under way
+                assert process.poll() is None and time.monotonic() < end, process.returncode
+                time.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            out, err = process.communicate(timeout=BOUND)
+            took = time.monotonic() - sent
+        finally:
+            process.kill()
+            process.wait()
+    finally:
+        holder.close()
+    assert process.returncode == 0, err
+    assert took < 1.0 + STOP_GRACE, took  # not the 5 s busy timeout of the statement under way
+    assert "Traceback" not in out + err and "sip.listening" not in out
 
 
 async def answered_call(peer: RawPeer, server: tuple[str, int]) -> Dialer:

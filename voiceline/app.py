@@ -466,14 +466,19 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stop: _StopSignal) ->
     if not task.done():
         log.warning("service.stop_deadline", timeout=stop.timeout, abandoned_writes=0, unfinished=["start"])
         _end_process_now(ExitCode.OK)
+    if not task.cancelled():
+        task.exception()  # a start-up that failed while being stopped: the stop is what was asked for
     return False
 
 
 def _overrun() -> None:
-    """The last resort, on a thread of its own, when stopping is stuck past its deadline and grace."""
+    """The last resort, on a thread of its own, when stopping is stuck past its deadline and grace.
+
+    Straight to the file descriptor and out: the stuck thread may hold the stdout buffer's lock.
+    """
     with contextlib.suppress(OSError):
         os.write(2, b"voiceline: stopping outlived sip.shutdown_timeout; ending the process\n")
-    _end_process_now(ExitCode.STOP_OVERRUN)
+    os._exit(ExitCode.STOP_OVERRUN)
 
 
 def _end_process_now(code: int) -> NoReturn:
