@@ -90,10 +90,7 @@ def _os_failure(exc: OSError, data_dir: Path, config: Config) -> StartFailed:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return _disk_full(data_dir)
     if exc.errno in (errno.EACCES, errno.EPERM):
-        where = f" ({exc.filename})" if exc.filename else ""
-        return StartFailed(
-            ExitCode.PERMISSION_DENIED, f"permission denied{where}: the service's user must own {data_dir}"
-        )
+        return _permission_denied(data_dir, exc.filename)
     if exc.errno == errno.EADDRINUSE:
         addresses = " and ".join(filter(None, (config.sip.listen, config.sip.listen_tls)))
         return StartFailed(
@@ -118,5 +115,6 @@ def _read_only(data_dir: Path) -> StartFailed:
     return StartFailed(ExitCode.READ_ONLY, f"{data_dir} is on a read-only file system: it must be writable")
 
 
-def _permission_denied(data_dir: Path) -> StartFailed:
-    return StartFailed(ExitCode.PERMISSION_DENIED, f"permission denied: the service's user must own {data_dir}")
+def _permission_denied(data_dir: Path, filename: object = None) -> StartFailed:
+    where = f" ({filename})" if filename else ""
+    return StartFailed(ExitCode.PERMISSION_DENIED, f"permission denied{where}: the service's user must own {data_dir}")
