@@ -35,13 +35,17 @@ SDP_PORT = port_block("test_lifecycle")[0] + 50  # named in our offers, bound by
 def voiceline(*args: str, timeout: float = BOUND) -> subprocess.CompletedProcess[str]:
     """Run a voiceline command; fail the test (rather than wait) if it hangs."""
     try:
-        return subprocess.run([sys.executable, "-m", "voiceline", *args], capture_output=True, text=True, timeout=timeout)
+        command = [sys.executable, "-m", "voiceline", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"`voiceline {' '.join(args)}` still ran after {timeout:g} s")
 
 
 def serve_args(data_dir: Path) -> list[str]:
-    return ["serve", "--listen", "127.0.0.1:0", "--rtp-ports", RTP_PORTS, "--data-dir", str(data_dir), "--log-format", "json"]
+    return [
+        "serve", "--listen", "127.0.0.1:0", "--rtp-ports", RTP_PORTS,
+        "--data-dir", str(data_dir), "--log-format", "json",
+    ]  # fmt: skip
 
 
 def refused_start(result: subprocess.CompletedProcess[str], code: ExitCode, words: str) -> None:
@@ -149,7 +153,8 @@ def test_a_read_only_data_dir_is_named_and_the_process_exits(tmp_path: Path, exi
     if existing:
         seed_database(data_dir)
     before = sorted(os.listdir(data_dir))
-    result = in_mount_namespace(READ_ONLY_SERVE, str(tmp_path), sys.executable, "-m", "voiceline", *serve_args(data_dir))
+    serve = [sys.executable, "-m", "voiceline", *serve_args(data_dir)]
+    result = in_mount_namespace(READ_ONLY_SERVE, str(tmp_path), *serve)
     refused_start(result, ExitCode.READ_ONLY, f"{data_dir} is on a read-only file system")
     assert sorted(os.listdir(data_dir)) == before
 

@@ -69,7 +69,8 @@ def test_a_database_another_connection_holds_is_locked(tmp_path: Path) -> None:
     finally:
         holder.close()
     failure = start_failure(error, config_for(tmp_path))
-    assert failure is not None and failure.code == ExitCode.DATABASE_LOCKED and "locked by another process" in str(failure)
+    assert failure is not None and failure.code == ExitCode.DATABASE_LOCKED
+    assert "locked by another process" in str(failure)
 
 
 def test_a_bug_is_not_explained_away(tmp_path: Path) -> None:

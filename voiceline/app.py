@@ -239,7 +239,8 @@ class VoiceLine:
         with _contained("refusals"):
             if self.trunks is not None:
                 self.trunks.flush_refusals()
-        abandoned_writes = await self._finish_writes(deadline - min(CLOSE_RESERVE, self.config.sip.shutdown_timeout / 10))
+        close_reserve = min(CLOSE_RESERVE, self.config.sip.shutdown_timeout / 10)
+        abandoned_writes = await self._finish_writes(deadline - close_reserve)
         storage_closed = self.storage is None or await _by(deadline, "storage", self.storage.close(), cancel=False)
         if not storage_closed:
             unfinished.append("storage")

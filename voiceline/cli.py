@@ -162,7 +162,7 @@ def _no_answer(data_dir: Path) -> int:
     try:
         owner = owner_of(data_dir)
     except OSError as exc:
-        print(f"voiceline: no service answers in {data_dir} and its lock cannot be read: {exc.strerror}", file=sys.stderr)
+        print(f"voiceline: no service answers in {data_dir}; its lock cannot be read: {exc.strerror}", file=sys.stderr)
         return 1
     if owner is None:
         print(f"voiceline: no running service in {data_dir}", file=sys.stderr)
