@@ -20,7 +20,7 @@ import pytest
 from port_table import port_block
 from rawsip import Dialer, RawPeer, to_tag
 from voiceline.app import STOP_GRACE
-from voiceline.datadir_lock import LOCK_FILE, RETIRED_PID_FILE, owner_of
+from voiceline.datadir_lock import LOCK_FILE, RETIRED_PID_FILE, DataDirLock, owner_of
 from voiceline.sim.plugin import VoicelineServer, start_server
 from voiceline.startup import ExitCode
 from voiceline.storage import DB_NAME, Storage
@@ -102,6 +102,19 @@ def test_drain_and_status_with_no_service_and_stale_files_signal_nothing(
     with pytest.raises(subprocess.TimeoutExpired):
         bystander.wait(timeout=0.3)  # still running: nothing was signalled
     assert (tmp_path / RETIRED_PID_FILE).read_text() == f"{bystander.pid}\n"  # and nothing was touched
+
+
+def test_drain_and_status_name_an_owner_whose_control_socket_does_not_answer(tmp_path: Path) -> None:
+    owner = DataDirLock.acquire(tmp_path)  # this process, as a service still starting would
+    try:
+        for command in ("drain", "status"):
+            result = voiceline(command, "--data-dir", str(tmp_path))
+            assert result.returncode == 1
+            assert f"a service (pid {os.getpid()}) holds {tmp_path} but its control socket does not answer" in (
+                result.stderr
+            )
+    finally:
+        owner.release()
 
 
 def test_after_kill_9_a_restart_takes_the_data_dir_and_drain_finds_it(
