@@ -52,12 +52,19 @@ def start_failure(exc: Exception, config: Config) -> StartFailed | None:
     if isinstance(exc, DataDirBusy):
         return StartFailed(ExitCode.ALREADY_RUNNING, f"{exc}; stop it first, or give this one another --data-dir")
     cause = exc.__cause__ if isinstance(exc, StorageError) and exc.__cause__ is not None else exc
+    known = None
     if isinstance(cause, sqlite3.Error):
-        return _database_failure(cause, database) or StartFailed(ExitCode.FAILED, f"{database}: {cause}")
-    if isinstance(cause, OSError):
-        return _os_failure(cause, data_dir, config)
+        known = _database_failure(cause, database)
+    elif isinstance(cause, OSError):
+        known = _os_failure(cause, data_dir, config)
+    if known is not None:
+        return known
     if isinstance(exc, (StorageError, MediaError)):
         return StartFailed(ExitCode.FAILED, str(exc))
+    if isinstance(exc, sqlite3.Error):
+        return StartFailed(ExitCode.FAILED, f"{database}: {exc}")
+    if isinstance(exc, OSError):
+        return StartFailed(ExitCode.FAILED, str(exc.strerror or exc))
     return None
 
 
@@ -84,7 +91,7 @@ def _database_failure(exc: sqlite3.Error, database: Path) -> StartFailed | None:
     return None
 
 
-def _os_failure(exc: OSError, data_dir: Path, config: Config) -> StartFailed:
+def _os_failure(exc: OSError, data_dir: Path, config: Config) -> StartFailed | None:
     if exc.errno == errno.EROFS:
         return _read_only(data_dir)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -96,7 +103,7 @@ def _os_failure(exc: OSError, data_dir: Path, config: Config) -> StartFailed:
         return StartFailed(
             ExitCode.ADDRESS_IN_USE, f"the SIP address {addresses} is already in use (another SIP service?)"
         )
-    return StartFailed(ExitCode.FAILED, str(exc.strerror or exc))
+    return None
 
 
 def _nearly_full(directory: Path) -> bool:
