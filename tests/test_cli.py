@@ -98,7 +98,8 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
         result = voiceline("serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"))
-    assert result.returncode == 1 and "cannot start" in result.stderr
+    assert result.returncode == 9 and "cannot start" in result.stderr and "already in use" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_drain_without_a_running_service_says_so_and_exits_1(tmp_path: Path) -> None:

@@ -161,4 +161,4 @@ def test_drain_refuses_new_calls_and_ends_the_rest_at_the_drain_timeout(
     names = [e["event"] for e in events]
     assert "sip.draining" in names and "service.drained" in names
     assert ended_reasons(server) == ["service stopping"]
-    assert not (server.data_dir / "voiceline.pid").exists()  # type: ignore[attr-defined]
+    assert (server.data_dir / "voiceline.lock").read_text() == ""  # type: ignore[attr-defined]  # no pid outlives it

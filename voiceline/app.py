@@ -9,11 +9,12 @@ import gc
 import os
 import resource
 import signal
-import time
-from collections.abc import Coroutine, Iterator
+import sys
+import threading
+from collections.abc import Awaitable, Coroutine, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -36,13 +37,17 @@ from voiceline.sip.transaction import Timers
 from voiceline.sip.transport import StreamLimits, StreamTransport, TlsListener, open_transports
 from voiceline.sip.core import CoreSettings
 from voiceline.sip.useragent import UserAgent
-from voiceline.storage import Storage, write_private
+from voiceline.datadir_lock import DataDirBusy, DataDirLock
+from voiceline.startup import ExitCode, start_failure
+from voiceline.storage import Storage
 from voiceline.tasks import supervised
 from voiceline.trunk_supervisor import TrunkSupervisor
 
 log = structlog.get_logger("voiceline.app")
 
-PID_FILE = "voiceline.pid"  # in the data dir: how `voiceline drain` finds the server
+BYE_WAIT = 4.0  # longest wait at shutdown for the answers to our BYEs
+CLOSE_RESERVE = 0.5  # of the shutdown deadline, kept for closing the storage after the writes
+STOP_GRACE = 2.0  # past the shutdown deadline, a process still not ended ends itself
 
 
 class VoiceLine:
@@ -196,8 +201,18 @@ class VoiceLine:
             raise MediaError("none of the configured codecs can be used")
         return usable
 
-    async def stop(self) -> None:
-        """BYE every call, unregister, close: each step contained, so one failure never skips the rest."""
+    async def stop(self, deadline: float | None = None) -> bool:
+        """BYE every call, unregister, flush the writes, close: by `deadline` (loop time; default
+        sip.shutdown_timeout from now). Each step is contained, so one failure never skips the rest;
+        what the deadline leaves unfinished is abandoned and counted in the log.
+
+        The SIP sockets close last: until then new INVITEs get 503 with Retry-After. False when the
+        storage did not close in time: its thread may still run, so the process must not wait for it.
+        """
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.config.sip.shutdown_timeout
+        unfinished: list[str] = []
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -209,27 +224,49 @@ class VoiceLine:
                     if isinstance(transport, StreamTransport):
                         log.info("sip.connections", transport=transport.name.lower(), **asdict(transport.counters))
             # The BYEs go out first (shutdown sends them before it first waits); unregistering runs alongside.
-            stopping.insert(0, self.agent.shutdown())
-        for result in await asyncio.gather(*stopping, return_exceptions=True):
-            if isinstance(result, Exception):
-                error = type(result).__name__
-                log.error("service.stop_failed", step="calls and registrations", error=error, exc_info=result)
-        with _contained("transports"):
-            for transport in self.agent.transports.values() if self.agent else ():
-                transport.close()
-        await self.ops.stop()  # after the last calls ended: their events go out first
+            byes_answered = min(BYE_WAIT, max(0.0, deadline - loop.time()))
+            stopping.insert(0, self.agent.shutdown(byes_answered))
+        if not await _by(deadline, "calls and registrations", _each_contained("calls and registrations", stopping)):
+            unfinished.append("calls and registrations")
+        # After the last calls ended: their events go out first.
+        if not await _by(deadline, "events and control", self.ops.stop()):
+            unfinished.append("events and control")
         with _contained("media"):
             if self.media is not None:
                 self.media.close()
         with _contained("refusals"):
             if self.trunks is not None:
                 self.trunks.flush_refusals()
-        if self._writes:
-            await asyncio.wait(self._writes, timeout=5)
-        with _contained("storage"):
-            if self.storage is not None:
-                await self.storage.close()
+        close_reserve = min(CLOSE_RESERVE, self.config.sip.shutdown_timeout / 10)
+        abandoned_writes = await self._finish_writes(deadline - close_reserve)
+        storage_closed = self.storage is None or await _by(
+            deadline, "storage", self.storage.close(deadline - close_reserve), cancel=False
+        )
+        if not storage_closed:
+            unfinished.append("storage")
+        with _contained("transports"):
+            for transport in self.agent.transports.values() if self.agent else ():
+                transport.close()
+        if unfinished or abandoned_writes:
+            log.warning(
+                "service.stop_deadline",
+                timeout=self.config.sip.shutdown_timeout,
+                abandoned_writes=abandoned_writes,
+                # Held statistics the storage could not write in time (it logs its own count when it closes).
+                abandoned_records=0 if storage_closed or self.storage is None else self.storage.held_records,
+                unfinished=unfinished,
+            )
         log.info("service.stopped")
+        return storage_closed
+
+    async def _finish_writes(self, deadline: float) -> int:
+        """Wait for the pending writes until `deadline`; cancel the rest and say how many."""
+        if not self._writes:
+            return 0
+        _, pending = await asyncio.wait(self._writes, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        for write in pending:
+            write.cancel()
+        return len(pending)
 
     def _calls_on_trunk(self, trunk: str) -> int:
         return sum(1 for call in self.agent.calls if call.trunk == trunk) if self.agent else 0
@@ -246,6 +283,31 @@ class VoiceLine:
     def _hangup(self, call_id: str, reason: str) -> None:
         if self.agent is not None:
             self.agent.hangup(call_id, reason)
+
+
+async def _each_contained(step: str, works: list[Coroutine[Any, Any, None]]) -> None:
+    """Run `works` side by side; each failure is logged and the others still finish."""
+    for result in await asyncio.gather(*works, return_exceptions=True):
+        if isinstance(result, Exception):
+            log.error("service.stop_failed", step=step, error=type(result).__name__, exc_info=result)
+
+
+async def _by(deadline: float, step: str, work: Awaitable[Any], cancel: bool = True) -> bool:
+    """Run one step of stopping until `deadline`: whether it finished. A failure is logged (it finished).
+
+    Unfinished, it is cancelled, or with `cancel=False` left to run (the storage's close, whose
+    thread finishes a statement it started whatever we do).
+    """
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+    if not done:
+        if cancel:
+            task.cancel()
+        return False
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        log.error("service.stop_failed", step=step, error=type(exc).__name__, exc_info=exc)
+    return True
 
 
 @contextlib.contextmanager
@@ -295,42 +357,138 @@ async def serve(config: Config, config_file: str | None = None) -> int:
     """Run until SIGINT/SIGTERM (BYE every call, exit 0) or a drain (SIGUSR1) has finished.
 
     SIGHUP reloads trunks and lines (from `config_file` and the database); an undrain
-    (control socket, MQTT) during a drain goes back to taking calls.
+    (control socket, MQTT) during a drain goes back to taking calls. The data dir is ours
+    (its lock) from before the database opens until the process ends. A start-up failure
+    raises StartFailed (its line and exit code); stopping takes at most sip.shutdown_timeout.
     """
     tune_process(config.media.realtime_priority)
-    app = VoiceLine(config, config_file)
-    systemd = SystemdNotifier.from_environment()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before anything else: a SIGTERM from here on stops the start instead of killing the process.
+    stop = _StopSignal(loop, config.sip.shutdown_timeout)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        owner = await asyncio.to_thread(DataDirLock.acquire, Path(config.storage.data_dir))
+    except (DataDirBusy, OSError) as exc:
+        raise start_failure(exc, config) or exc from None
+    try:
+        return await _serve_owned(config, config_file, stop)
+    finally:
+        owner.release()
+
+
+async def _serve_owned(config: Config, config_file: str | None, stop: _StopSignal) -> int:
+    app = VoiceLine(config, config_file)
+    systemd = SystemdNotifier.from_environment()
+    loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, app.request_drain)
     loop.add_signal_handler(signal.SIGHUP, app.reload_soon)
-    pid_file = Path(config.storage.data_dir) / PID_FILE
+    failure: BaseException | None = None
     try:
-        await app.start()
-        # What start-up built (modules, config, engines) lives as long as the process: keep it out of
-        # the cyclic collector, whose full passes would otherwise stall the relay for tens of ms.
-        gc.freeze()
-        write_private(pid_file, f"{os.getpid()}\n")
-        systemd.ready()
-        while not stop.is_set():
-            stopped, draining = loop.create_task(stop.wait()), loop.create_task(app.drain_requested.wait())
-            await asyncio.wait((stopped, draining), return_when=asyncio.FIRST_COMPLETED)
-            draining.cancel()
-            stopped.cancel()
-            if stop.is_set():
-                break
-            systemd.status("draining")
-            await app.drain(stop)
-            if app.agent is not None and app.agent.draining:
-                break  # drained; else undrained: take calls again
-            systemd.status("taking calls")
-        log.info("service.stopping", calls=len(app.agent.calls) if app.agent else 0)
-    finally:
+        await _run(app, systemd, stop)
+    except BaseException as exc:  # start-up failed (or the task was cancelled): stop what started, then say so
+        failure = exc
+    deadline = stop.deadline_from_now()
+    overrun = threading.Timer(deadline - loop.time() + STOP_GRACE, _overrun)
+    overrun.daemon = True
+    overrun.start()
+    with _contained("systemd"):
         await systemd.stopping()
-        with contextlib.suppress(FileNotFoundError):
-            pid_file.unlink()
-        await app.stop()
-    return 0
+    closed = await app.stop(deadline)
+    explained = start_failure(failure, config) if isinstance(failure, Exception) else None
+    if not closed:
+        # The storage thread is stuck in a statement: waiting for it would outlive the deadline.
+        if failure is not None:
+            log.error("service.start_failed", error=type(failure).__name__, detail=str(explained or ""))
+        _end_process_now(explained.code if explained else ExitCode.FAILED if failure else ExitCode.OK)
+    overrun.cancel()
+    if failure is not None:
+        raise explained or failure
+    return ExitCode.OK
 
+
+class _StopSignal:
+    """SIGINT/SIGTERM: `event` is set, and the one shutdown deadline counts from the first signal."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.event = asyncio.Event()
+        self.deadline: float | None = None
+        self.timeout = timeout
+        self._loop = loop
+
+    def set(self) -> None:
+        if self.deadline is None:
+            self.deadline = self._loop.time() + self.timeout
+        self.event.set()
+
+    def deadline_from_now(self) -> float:
+        """The deadline, counted from now when no signal came (a drain ended, start-up failed)."""
+        if self.deadline is None:
+            self.deadline = self._loop.time() + self.timeout
+        return self.deadline
+
+
+async def _run(app: VoiceLine, systemd: SystemdNotifier, stop: _StopSignal) -> None:
+    """Start (unless a stop signal comes first), take calls, drain when asked; return when it is time to stop."""
+    loop = asyncio.get_running_loop()
+    if not await _unless_stopped(app.start(), stop):
+        log.info("service.stopping", calls=0, during="start")
+        return
+    # What start-up built (modules, config, engines) lives as long as the process: keep it out of
+    # the cyclic collector, whose full passes would otherwise stall the relay for tens of ms.
+    gc.freeze()
+    systemd.ready()
+    while not stop.event.is_set():
+        stopped, draining = loop.create_task(stop.event.wait()), loop.create_task(app.drain_requested.wait())
+        await asyncio.wait((stopped, draining), return_when=asyncio.FIRST_COMPLETED)
+        draining.cancel()
+        stopped.cancel()
+        if stop.event.is_set():
+            break
+        systemd.status("draining")
+        await app.drain(stop.event)
+        if app.agent is not None and app.agent.draining:
+            break  # drained; else undrained: take calls again
+        systemd.status("taking calls")
+    log.info("service.stopping", calls=len(app.agent.calls) if app.agent else 0)
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: _StopSignal) -> bool:
+    """Run `work` unless a stop signal comes first (then `work` is cancelled): whether it ran to its end.
+
+    A cancelled start-up still unwinding at the shutdown deadline (a statement the database keeps
+    waiting) ends the process: nothing of the service runs yet, and nothing may hang.
+    """
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.event.wait())
+    await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()  # a start-up failure is raised here
+        return True
+    task.cancel()
+    await asyncio.wait({task}, timeout=max(0.0, stop.deadline_from_now() - asyncio.get_running_loop().time()))
+    if not task.done():
+        log.warning("service.stop_deadline", timeout=stop.timeout, abandoned_writes=0, unfinished=["start"])
+        _end_process_now(ExitCode.OK)
+    if not task.cancelled():
+        task.exception()  # a start-up that failed while being stopped: the stop is what was asked for
+    return False
+
+
+def _overrun() -> None:
+    """The last resort, on a thread of its own, when stopping is stuck past its deadline and grace.
+
+    Straight to the file descriptor and out: the stuck thread may hold the stdout buffer's lock.
+    """
+    with contextlib.suppress(OSError):
+        os.write(2, b"voiceline: stopping outlived sip.shutdown_timeout; ending the process\n")
+    os._exit(ExitCode.STOP_OVERRUN)
+
+
+def _end_process_now(code: int) -> NoReturn:
+    """Exit without waiting for threads (the storage's may be stuck in a statement); the kernel drops our locks."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(int(code))

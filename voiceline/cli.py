@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -91,7 +90,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from voiceline.app import serve
     from voiceline.logs import configure_logging, install_loop_exception_handler, install_process_hooks
     from voiceline.privacy import redact
-    from voiceline.storage import StorageError
+    from voiceline.startup import StartFailed
 
     configure_logging(cfg.log.format, cfg.log.level, library_level=cfg.log.library_level)
     # From here on a crash is a redacted log line on stdout, never a raw traceback on stderr.
@@ -103,12 +102,9 @@ def serve_command(args: argparse.Namespace) -> int:
 
     try:
         return run_async(main)
-    except OSError as exc:
-        print(f"voiceline: cannot start: {redact(str(exc.strerror or exc))}", file=sys.stderr)
-        return 1
-    except StorageError as exc:
-        print(f"voiceline: cannot open storage: {redact(str(exc))}", file=sys.stderr)
-        return 1
+    except StartFailed as failure:
+        print(f"voiceline: cannot start: {redact(str(failure))}", file=sys.stderr)
+        return failure.code
 
 
 def _data_dir(args: argparse.Namespace) -> str:
@@ -119,16 +115,18 @@ def status_command(args: argparse.Namespace) -> int:
     from voiceline.control import CONTROL_SOCKET, CommandError, format_status, request
 
     try:
-        path = Path(_data_dir(args), CONTROL_SOCKET)
+        data_dir = Path(_data_dir(args))
     except ConfigError as exc:
         print(f"voiceline: config error: {exc}", file=sys.stderr)
         return 2
     while True:
         try:
-            status = request(path, "status")
-        except (OSError, CommandError):
-            print(f"voiceline: no running service answers at {path}", file=sys.stderr)
+            status = request(data_dir / CONTROL_SOCKET, "status")
+        except CommandError as exc:
+            print(f"voiceline: status: {exc}", file=sys.stderr)
             return 1
+        except OSError:
+            return _no_answer(data_dir)
         text = json.dumps(status, indent=2) + "\n" if args.json else format_status(status)
         if args.watch is None:
             sys.stdout.write(text)
@@ -139,36 +137,44 @@ def status_command(args: argparse.Namespace) -> int:
 
 
 def drain_command(args: argparse.Namespace) -> int:
-    """Ask the service through its control socket; without one, SIGUSR1 to the pid in the data dir."""
-    from voiceline.app import PID_FILE
+    """Ask the service through its control socket; nothing is ever signalled by a pid read from a file."""
     from voiceline.control import CONTROL_SOCKET, CommandError, request
 
     try:
-        data_dir = _data_dir(args)
+        data_dir = Path(_data_dir(args))
     except ConfigError as exc:
         print(f"voiceline: config error: {exc}", file=sys.stderr)
         return 2
     command = "undrain" if args.undo else "drain"
     try:
-        request(Path(data_dir, CONTROL_SOCKET), command)
+        request(data_dir / CONTROL_SOCKET, command)
     except CommandError as exc:
         print(f"voiceline: {command}: {exc}", file=sys.stderr)
         return 1
     except OSError:
-        if args.undo:
-            print(f"voiceline: no running service answers in {data_dir}", file=sys.stderr)
-            return 1
-    else:
-        print("voiceline: taking calls again" if args.undo else "voiceline: draining")
-        return 0
-    try:
-        pid = int(Path(data_dir, PID_FILE).read_text(encoding="ascii").strip())
-        os.kill(pid, signal.SIGUSR1)
-    except (OSError, ValueError):
-        print(f"voiceline: no running service found in {data_dir}", file=sys.stderr)
-        return 1
-    print(f"voiceline: draining (pid {pid})")
+        return _no_answer(data_dir)
+    print("voiceline: taking calls again" if args.undo else "voiceline: draining")
     return 0
+
+
+def _no_answer(data_dir: Path) -> int:
+    """The control socket did not answer: whether a service holds the data dir tells the two cases apart."""
+    from voiceline.datadir_lock import owner_of
+
+    try:
+        owner = owner_of(data_dir)
+    except OSError as exc:
+        print(f"voiceline: no service answers in {data_dir}; its lock cannot be read: {exc.strerror}", file=sys.stderr)
+        return 1
+    if owner is None:
+        print(f"voiceline: no running service in {data_dir}", file=sys.stderr)
+        return 1
+    print(
+        f"voiceline: a service (pid {owner or 'not yet known'}) holds {data_dir} but its control socket does not"
+        " answer (starting or stopping?): see its log; `systemctl kill -s USR1 --kill-whom=main voiceline` drains it",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

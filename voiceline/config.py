@@ -77,6 +77,8 @@ class SipConfig:
     min_session_expires: int = 90
     max_call_duration: float = 14400.0
     drain_timeout: float = 3600.0
+    # Stopping (BYEs, unregistering, events, the last writes, closing) as a whole, seconds.
+    shutdown_timeout: float = 10.0
     max_calls: int = 500
     invite_rate: float = 50.0
     invite_burst: int = 100
@@ -209,6 +211,8 @@ class Config:
             raise ConfigError("sip.max_call_duration, media.inactivity_timeout: must be 0 (off) or positive")
         if self.sip.drain_timeout <= 0:
             raise ConfigError("sip.drain_timeout: must be positive")
+        if not 0.5 <= self.sip.shutdown_timeout <= 600:
+            raise ConfigError("sip.shutdown_timeout: must be between 0.5 and 600 seconds")
         if not 1024 <= self.sip.max_message_size <= 1 << 20:
             raise ConfigError("sip.max_message_size: must be between 1024 and 1048576")
         unknown = [c for c in self.media.codecs if c not in CODEC_NAMES]

@@ -62,7 +62,7 @@ class ControlServer:
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # left by a service that did not stop cleanly
+            self.path.unlink()  # left by a service that did not stop cleanly (our data dir lock: none runs)
         self._server = await asyncio.start_unix_server(self._client, str(self.path), limit=MAX_REQUEST)
         os.chmod(self.path, 0o600)
 

@@ -266,6 +266,12 @@ class StatisticsWriter:
         self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._writing = 0  # records of the batch being written
+
+    @property
+    def held(self) -> int:
+        """Records not yet written: pending, and in a write under way."""
+        return self.pending.records + self._writing
 
     @property
     def degraded(self) -> bool:
@@ -314,11 +320,12 @@ class StatisticsWriter:
             if not batch:
                 schedule.flushed(now())  # nothing held, so it was not degraded
                 return True
-            records = batch.records
+            records = self._writing = batch.records
             try:
                 await self._write(batch)
             except Exception as exc:  # kept and retried whatever went wrong, so the writing goes on
                 self.pending.restore(batch)
+                self._writing = 0
                 degraded = schedule.failed(now(), exc.reason if isinstance(exc, WriteFailed) else type(exc).__name__)
                 if degraded is not None:
                     log.warning(
@@ -329,6 +336,7 @@ class StatisticsWriter:
                         retry_in=round(schedule.deadline - now(), 1),
                     )
                 return False
+            self._writing = 0
             recovered = schedule.flushed(now())
             if recovered is not None:
                 log.info(

@@ -289,14 +289,14 @@ def _make_private(data_dir: Path) -> None:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         data_dir.chmod(0o700)
     except OSError as exc:
-        raise StorageError(f"cannot create or protect data directory {data_dir}: {exc.strerror}") from None
+        raise StorageError(f"cannot create or protect data directory {data_dir}: {exc.strerror}") from exc
     try:
         os.close(os.open(data_dir / DB_NAME, os.O_WRONLY | os.O_CREAT, 0o600))
         for name in DB_FILES:
             with contextlib.suppress(FileNotFoundError):
                 (data_dir / name).chmod(0o600)
     except OSError as exc:
-        raise StorageError(f"cannot make the database in {data_dir} private: {exc.strerror}") from None
+        raise StorageError(f"cannot make the database in {data_dir} private: {exc.strerror}") from exc
 
 
 @contextlib.contextmanager
@@ -338,7 +338,7 @@ async def _connected(path: Path, keys: KeyFile, busy_timeout: float) -> aiosqlit
             # isolation_level=None: no implicit transactions; migrations BEGIN their own.
             db = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot open database {path}: {_why(exc, path)}; it was left untouched") from None
+            raise StorageError(f"cannot open database {path}: {_why(exc, path)}; it was left untouched") from exc
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")
@@ -351,8 +351,8 @@ async def _connected(path: Path, keys: KeyFile, busy_timeout: float) -> aiosqlit
         except sqlite3.Error as exc:
             await db.close()
             if _refusal(exc, path) is None:
-                raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from None
-            raise StorageUnavailable(f"cannot open database {path}: {_why(exc, path)}; it was left untouched") from None
+                raise StorageError(f"{path} is not a usable voiceline database; it was left untouched") from exc
+            raise StorageUnavailable(f"cannot open database {path}: {_why(exc, path)}; it was left untouched") from exc
         except KeyFileError as exc:
             await db.close()
             raise StorageError(f"cannot upgrade {path}: {exc}; it was left untouched") from None
@@ -464,6 +464,11 @@ class Storage:
     def degraded(self) -> bool:
         """The last write of statistics failed: they are held in memory until the database takes them."""
         return self._writer.degraded
+
+    @property
+    def held_records(self) -> int:
+        """Statistics records not yet written (what stopping now would abandon)."""
+        return self._writer.held
 
     async def _write_batch(self, batch: Batch) -> None:
         """Write `batch`, removing from it what was written; WriteFailed for the rest."""
@@ -625,7 +630,7 @@ class Storage:
             raise
         except sqlite3.Error as exc:
             error = StorageUnavailable if _refusal(exc, self._path) else StorageError
-            raise error(f"cannot write to {self._path}: {_why(exc, self._path)}; nothing was changed") from None
+            raise error(f"cannot write to {self._path}: {_why(exc, self._path)}; nothing was changed") from exc
 
     async def _rows(self, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         async with self._db.execute(query, params) as cursor:
