@@ -34,6 +34,7 @@ from voiceline.sip.call_state import (
     next_exchange,
     next_phase,
 )
+from voiceline.sip.identity import Pseudonym, Pseudonyms, asserted_identity
 from voiceline.sip.dialog import DEFAULT_SIP_PORT, Dialog, contact_target, is_ip_address, new_tag
 from voiceline.sip.events import (
     Answered,
@@ -131,6 +132,7 @@ class CoreSettings:
     session_timers: SessionTimerPolicy = SessionTimerPolicy()
     max_call_duration: float = 0.0  # seconds from the answer; 0: unlimited
     overload: OverloadLimits = field(default_factory=OverloadLimits)
+    key_rotation: float = 86400.0  # seconds a pseudonym key makes new pseudonyms (sip.identity)
 
 
 # -- inside sip ----------------------------------------------------------------------
@@ -173,6 +175,9 @@ class Call:
     provisional_seen: bool = False  # outbound: a CANCEL may be sent (RFC 3261 9.1)
     cancel_sent: bool = False
     end_reason: str = ""  # outbound: why we cancel
+    identity: str | None = field(default=None, repr=False)  # inbound: the normalised asserted identity, memory only
+    pseudonym: Pseudonym | None = None  # inbound
+    identity_held: bool = False  # inbound: its identity and its pseudonym's key are held until it ends
 
     @property
     def audio(self) -> NegotiatedAudio | None:
@@ -213,6 +218,7 @@ class CallCore:
         self.transactions = TransactionLayer(settings.timers, self.heap)
         self.counters = SipCounters()
         self.overload = OverloadGuard(settings.overload)
+        self.pseudonyms = Pseudonyms(settings.key_rotation)
         # By name ("UDP", "TCP", "TLS"): what the core asks of them is their port, whether they are
         # reliable and hold a connection, and where a closed connection's responses go; never to send.
         self.transports: dict[str, SipTransport] = {}
@@ -263,6 +269,7 @@ class CallCore:
     def poll(self, now: float) -> None:
         """Fire every timer due at `now`."""
         self._now = now
+        self.pseudonyms.expire(now)
         while (due := self.heap.pop_due(now)) is not None:
             owner, name = due
             if isinstance(owner, Call):
@@ -477,9 +484,11 @@ class CallCore:
             except SdpError:
                 raise _Refused(400) from None
         dialog = Dialog.from_invite(request, self.entropy.tag())
+        identity = asserted_identity(request.headers, admission.country_code)
         call = Call(
             self.entropy.call_id(), dialog, media, tx.source, tx.transport, invite=tx, offer=offer,
             session_agreement=timers, trunk=admission.trunk, line=admission.line,
+            identity=identity, pseudonym=self.pseudonyms.for_call(identity, self._now), identity_held=True,
         )  # fmt: skip
         call.peer_allows_update = _lists(request.headers, "Allow", "UPDATE")
         if audio is not None:
@@ -821,11 +830,15 @@ class CallCore:
         privacy: bool = True,
         ring_timeout: float = RING_TIMEOUT_SECONDS,
         trunk: str = "",
+        assert_identity_of: str | None = None,
     ) -> str:
         """Call `target_uri` through `dest` (an IP address: names are resolved by the caller); returns the call's id.
 
         The outcome comes as an event: Answered (then CallEnded), Refused, Cancelled or TimedOut.
         `privacy`: an anonymous From and `Privacy: id` (RFC 3323), so the callee learns nothing of us.
+        `assert_identity_of`: a live inbound call whose caller's asserted identity goes in a
+        P-Asserted-Identity (RFC 3325; with `privacy`, the trusted next hop keeps it from
+        untrusted ones); the identity is never returned, logged or kept past either call.
         """
         self._now = now
         if not is_ip_address(dest[0]):
@@ -855,6 +868,9 @@ class CallCore:
                     headers.add(name, value)
         if privacy:
             headers.add("Privacy", "id")
+        asserted = self._by_id.get(assert_identity_of) if assert_identity_of is not None else None
+        if asserted is not None and asserted.identity is not None and asserted.state is not CallState.ENDED:
+            headers.add("P-Asserted-Identity", _identity_uri(asserted.identity, host))
         media = OfferAnswer(host, self.settings.codecs, local_port=local_rtp_port)
         headers.add("Content-Type", "application/sdp")
         request = SipRequest("INVITE", target_uri, headers, media.offer())
@@ -1040,6 +1056,9 @@ class CallCore:
         call.state = CallState.ENDED
         self._stop_awaiting_ack(call)  # a BYE before the ACK ends the 2xx retransmissions too
         call.deadlines.clear()
+        if call.pseudonym is not None and call.identity_held:
+            self.pseudonyms.release(call.pseudonym.key_epoch)
+        call.identity, call.identity_held = None, False  # the pseudonym stays for the CallEnded event
         self._calls.pop((call.dialog.call_id, call.dialog.local_tag), None)
         if call.invite is not None:
             self._calls_by_invite.pop(call.invite, None)
@@ -1180,9 +1199,21 @@ class CallCore:
                 audio.codec, audio.payload_type, audio.telephone_event_pt, (audio.remote_host, audio.remote_port),
                 audio.direction, call.on_hold, keys,
             )  # fmt: skip
+        pseudonym = call.pseudonym
         return CallInfo(
-            call.id, call.outgoing is not None, call.trunk, call.line, call.peer[0], call.local_rtp_port, media
-        )
+            call.id, call.outgoing is not None, call.trunk, call.line, call.peer[0], call.local_rtp_port, media,
+            pseudonym.value if pseudonym else "", pseudonym.key_epoch if pseudonym else 0,
+            pseudonym.withheld if pseudonym else False,
+        )  # fmt: skip
+
+
+def _identity_uri(identity: str, host: str) -> str:
+    """A normalised identity as a P-Asserted-Identity value: tel: for E.164, a sip: URI else."""
+    if identity.startswith("+"):
+        return f"<tel:{identity}>"
+    if identity.startswith("sip:"):
+        return f"<{identity}>"
+    return f"<sip:{identity}@{host};user=phone>"
 
 
 def _ignore(tx: ClientTransaction, response: SipResponse | None) -> None:

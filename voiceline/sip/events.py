@@ -48,6 +48,10 @@ class CallInfo:
     signalling_host: str  # the peer's signalling address: its RTP may come from there too (NAT)
     local_rtp_port: int
     media: CallMedia | None  # None until an offerless INVITE's ACK brought the answer
+    # Who is calling, as a keyed pseudonym (sip.identity): hex, "" for an outbound call; never logged.
+    pseudonym: str = field(default="", repr=False)
+    key_epoch: int = 0  # the pseudonym key it was made under: pseudonyms of one epoch compare
+    withheld: bool = False  # no usable identity: the pseudonym is fresh for this call
 
 
 @dataclass(frozen=True)
