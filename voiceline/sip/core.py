@@ -52,6 +52,9 @@ from voiceline.sip.events import (
     Ringing,
     SdesKeys,
     TimedOut,
+    TransferFailed,
+    TransferProgress,
+    Transferred,
 )
 from voiceline.sip.message import (
     Headers,
@@ -97,7 +100,7 @@ from voiceline.sip.admission import Admission, Admit, Drop, Refuse, RequestPolic
 
 log = structlog.get_logger("voiceline.sip")
 
-ALLOWED_METHODS = "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO"
+ALLOWED_METHODS = "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO, NOTIFY"
 SUPPORTED_EXTENSIONS = ("timer",)
 USER_AGENT = f"voiceline/{__version__}"
 DTMF_CONTENT_TYPES = ("application/dtmf-relay", "application/dtmf")
@@ -177,6 +180,7 @@ class Call:
     end_reason: str = ""  # outbound: why we cancel
     identity: str | None = field(default=None, repr=False)  # inbound: the normalised asserted identity, memory only
     pseudonym: Pseudonym | None = None  # inbound
+    transferring: bool = False  # our REFER is out or its NOTIFYs are awaited
     identity_held: bool = False  # inbound: its identity and its pseudonym's key are held until it ends
 
     @property
@@ -453,7 +457,7 @@ class CallCore:
             self._respond(tx, 503, [("Retry-After", "60")])  # a dispatcher's probe takes us out of rotation
         elif request.method == "OPTIONS":
             self._respond(tx, 200, [*self._capabilities(), ("Accept", "application/sdp")])
-        elif request.method in ("BYE", "INVITE", "UPDATE", "INFO"):
+        elif request.method in ("BYE", "INVITE", "UPDATE", "INFO", "NOTIFY"):
             self._on_in_dialog(tx, request, trunk)
         else:
             self._respond_and_forget(tx, 405, [("Allow", ALLOWED_METHODS)])
@@ -615,9 +619,9 @@ class CallCore:
 
     def _on_in_dialog(self, tx: ServerTransaction, request: SipRequest, trunk: str) -> None:
         call = self._dialog_of(request, trunk)
-        event = {"BYE": CallEvent.BYE, "INFO": CallEvent.INFO, "INVITE": CallEvent.REINVITE}.get(
-            request.method, CallEvent.UPDATE
-        )
+        event = {
+            "BYE": CallEvent.BYE, "INFO": CallEvent.INFO, "INVITE": CallEvent.REINVITE, "NOTIFY": CallEvent.NOTIFY,
+        }.get(request.method, CallEvent.UPDATE)  # fmt: skip
         if call is None or next_phase(call.state, event) == Refusal(481):
             self._respond_and_forget(tx, 481)
             return
@@ -630,6 +634,8 @@ class CallCore:
             self._end(call, "peer hung up" if call.outgoing is not None else "caller hung up")
         elif event is CallEvent.INFO:
             self._on_info(tx, request, call)
+        elif event is CallEvent.NOTIFY:
+            self._on_notify(tx, request, call)
         else:
             self._on_session_change(tx, request, call, event)
 
@@ -691,6 +697,67 @@ class CallCore:
         if call.state is CallState.CONFIRMED:
             self._events.append(Dtmf(self.info(call), digit))
 
+    # -- transfer: our REFER (RFC 3515) ---------------------------------------------------
+
+    def refer(self, call_id: str, target_uri: str, now: float, timeout: float = RING_TIMEOUT_SECONDS) -> bool:
+        """Ask a confirmed call's peer to call `target_uri` in our place (RFC 3515); False when it cannot be asked.
+
+        The REFER carries only `Refer-To` (no Referred-By: nothing of the caller). Its outcome
+        comes as events: TransferProgress (202, then each provisional the peer reports), then
+        Transferred (a 2xx reported) or TransferFailed (the REFER refused, a final error reported,
+        the subscription ended without one, or nothing final within `timeout`). The call itself
+        goes on: the app hangs it up once transferred.
+        """
+        self._now = now
+        call = self._by_id.get(call_id)
+        if call is None or call.state is not CallState.CONFIRMED or call.transferring:
+            return False
+        parse_uri(target_uri)  # SipParseError before anything is sent
+        request = self._in_dialog_request(call, "REFER")
+        for name, value in [("Refer-To", f"<{target_uri}>"), *self._call_headers(call), ("User-Agent", USER_AGENT)]:
+            request.headers.add(name, value)
+        call.transferring = True
+        self._send_in_dialog(call, request, lambda tx, response: self._contained(call, self._refer_done, call, response))
+        self.heap.arm(call, "transfer", now + timeout)
+        log.info("call.refer", call=call.id)
+        return True
+
+    def _refer_done(self, call: Call, response: SipResponse | None) -> None:
+        if not call.transferring or call.state is CallState.ENDED:
+            return
+        status = response.status if response is not None else 408
+        if 200 <= status < 300:
+            self._events.append(TransferProgress(call.id, status))
+        else:
+            self._transfer_over(call, TransferFailed(call.id, status))
+
+    def _transfer_over(self, call: Call, outcome: Transferred | TransferFailed) -> None:
+        call.transferring = False
+        self.heap.cancel(call, "transfer")
+        log.info("call.transfer", call=call.id, status=outcome.status if isinstance(outcome, TransferFailed) else 200)
+        self._events.append(outcome)
+
+    def _on_notify(self, tx: ServerTransaction, request: SipRequest, call: Call) -> None:
+        """A NOTIFY of our REFER's progress: its message/sipfrag status line says how the peer's call goes."""
+        event = (request.headers.get("Event") or "").split(";")[0].strip().lower()
+        if event != "refer" or not call.transferring:
+            self._respond(tx, 481)  # no such subscription (RFC 6665 4.1.3)
+            return
+        status = _sipfrag_status(request.body) if _content_type(request) == "message/sipfrag" else None
+        if status is None:
+            self._respond(tx, 400)
+            return
+        self._respond(tx, 200)
+        terminated = (request.headers.get("Subscription-State") or "").strip().lower().startswith("terminated")
+        if 200 <= status < 300:
+            self._transfer_over(call, Transferred(call.id))
+        elif status >= 300:
+            self._transfer_over(call, TransferFailed(call.id, status))
+        elif terminated:
+            self._transfer_over(call, TransferFailed(call.id, 487))  # ended before any final word
+        else:
+            self._events.append(TransferProgress(call.id, status))
+
     def _media_maybe_changed(self, call: Call, before: NegotiatedAudio | None) -> None:
         audio = call.audio
         if audio is None or before is None:
@@ -718,6 +785,8 @@ class CallCore:
             self._hangup(call, "maximum duration")
         elif name == "ring":
             self._hangup(call, "no answer")
+        elif name == "transfer" and call.transferring:
+            self._transfer_over(call, TransferFailed(call.id, 408))
         elif name == "session":
             self._session_timer_due(call)
 
@@ -1056,6 +1125,8 @@ class CallCore:
         call.state = CallState.ENDED
         self._stop_awaiting_ack(call)  # a BYE before the ACK ends the 2xx retransmissions too
         call.deadlines.clear()
+        if call.transferring:
+            self._transfer_over(call, TransferFailed(call.id, 487))  # the call ended before the transfer did
         if call.pseudonym is not None and call.identity_held:
             self.pseudonyms.release(call.pseudonym.key_epoch)
         call.identity, call.identity_held = None, False  # the pseudonym stays for the CallEnded event
@@ -1251,6 +1322,14 @@ def _content_type(request: SipRequest) -> str:
 def _lists(headers: Headers, name: str, option: str) -> bool:
     """Whether a comma-separated header (Allow, Supported) names `option`."""
     return any(item.strip().upper() == option for value in headers.get_all(name) for item in value.split(","))
+
+
+def _sipfrag_status(body: bytes) -> int | None:
+    """The status of a message/sipfrag's status line (`SIP/2.0 180 Ringing`), else None."""
+    words = body.split(b"\r\n", 1)[0].split(b"\n", 1)[0].split()
+    if len(words) >= 2 and words[0] == b"SIP/2.0" and words[1].isdigit() and len(words[1]) == 3:
+        return int(words[1])
+    return None
 
 
 def _dtmf_digit(content_type: str, body: bytes) -> str | None:

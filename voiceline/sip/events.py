@@ -129,6 +129,29 @@ class TimedOut:
 
 
 @dataclass(frozen=True)
+class TransferProgress:
+    """Our REFER was accepted (202), or the peer reports a provisional status of the call it places."""
+
+    call_id: str
+    status: int
+
+
+@dataclass(frozen=True)
+class Transferred:
+    """The peer reports the call it placed for our REFER answered: hang ours up when done with it."""
+
+    call_id: str
+
+
+@dataclass(frozen=True)
+class TransferFailed:
+    """Our REFER was refused, or the call it asked for failed (the reported status), or timed out (408)."""
+
+    call_id: str
+    status: int
+
+
+@dataclass(frozen=True)
 class RequestDone:
     """The final response to a request sent with `send_request`; None when none came in time (Timer F)."""
 
@@ -139,4 +162,5 @@ class RequestDone:
 Event = (
     CallOffered | CallConfirmed | MediaChanged | Dtmf | CallEnded
     | Ringing | Answered | Refused | Cancelled | TimedOut | RequestDone
+    | TransferProgress | Transferred | TransferFailed
 )  # fmt: skip
