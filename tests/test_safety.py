@@ -10,9 +10,11 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from voiceline.config import ConfigError, from_mapping
 from voiceline.pairing.journey import (
     BridgeExternal,
     CallHelp,
@@ -309,3 +311,17 @@ def test_every_safety_prompt_exists() -> None:
         "help_connecting", "help_unreachable", "help_cancelled", "help_call_ended", "stepped_away", "looking_again",
     }  # fmt: skip
     assert used - PROMPT_IDS == set()
+
+
+def test_the_safety_and_help_sections_are_checked() -> None:
+    config = from_mapping({"safety": {"report_threshold": 2, "cooldown": 60}, "help": {"destination": "sip:help@127.0.0.1"}})
+    assert config.safety.settings() == SafetySettings(report_threshold=2, cooldown=60.0)
+    for bad in (
+        {"safety": {"report_threshold": 0}},
+        {"safety": {"key_rotation": 1.0}},
+        {"help": {"method": "carrier pigeon"}},
+        {"help": {"destination": "tel:+18005550100"}},
+        {"help": {"ring_timeout": 0.0}},
+    ):
+        with pytest.raises(ConfigError):
+            from_mapping(bad)  # type: ignore[arg-type]
