@@ -12,12 +12,13 @@ import hmac
 import itertools
 
 import pytest
+import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
 from rawsip import Dialer
 from test_call_core import SERVER, CorePeer, Harness, answered_call, outbound
-from voiceline.sip.events import CallOffered
+from voiceline.sip.events import CallEnded, CallOffered
 from voiceline.sip.identity import Pseudonyms, asserted_identity, e164
 from voiceline.sip.message import Headers
 
@@ -144,9 +145,26 @@ def test_a_rotated_key_no_longer_recognises_the_caller() -> None:
 
 def test_our_invite_carries_no_caller_identity_unless_asked() -> None:
     harness = Harness.make()
-    _, dialer, caller = answered_call(harness, extra="P-Asserted-Identity: <tel:+4930555012345>\r\n")
+    _, _, caller = answered_call(harness, extra="P-Asserted-Identity: <tel:+4930555012345>\r\n")
     _, plain = outbound(harness)
     assert "+4930555012345" not in str(plain.headers) and plain.headers.get("P-Asserted-Identity") is None
     _, asserting = outbound(harness, assert_identity_of=caller)
     assert asserting.headers.get("P-Asserted-Identity") == "<tel:+4930555012345>"
     assert asserting.headers.get("Privacy") == "id" and "anonymous.invalid" in (asserting.headers.get("From") or "")
+
+
+def test_no_log_event_carries_the_identity_or_the_pseudonym() -> None:
+    """Before any redaction: what the core logs of an identified call, its REFER and a help call asserting it."""
+    harness = Harness.make()
+    with structlog.testing.capture_logs() as events:
+        _, _, caller = answered_call(harness, extra="P-Asserted-Identity: <tel:+4930555012345>\r\n")
+        harness.core.refer(caller, "sip:help@127.0.0.1:7000", harness.now)
+        harness.collect()
+        outbound(harness, assert_identity_of=caller)
+        harness.core.hangup(caller, "done", harness.now)
+        harness.collect()
+    [ended] = [event for event in harness.take_events() if isinstance(event, CallEnded)]
+    assert ended.call.pseudonym and not ended.call.withheld
+    text = repr(events)
+    assert "5550123" not in text and "555012345" not in text and ended.call.pseudonym not in text
+    assert {event["event"] for event in events} >= {"call.offered", "call.refer", "call.placed", "call.ended"}
