@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from voiceline.config import ConfigError, from_mapping
@@ -325,3 +325,55 @@ def test_the_safety_and_help_sections_are_checked() -> None:
     ):
         with pytest.raises(ConfigError):
             from_mapping(bad)  # type: ignore[arg-type]
+
+
+OPERATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["answer", "digit", "prompt", "hang_up", "due", "help_answered", "help_failed", "help_ended"]),
+        st.integers(0, 5),  # which call (and caller: call n is caller n % 3, so callers call again)
+        st.sampled_from(["*", "#", "0", "1", "9"]),
+    ),
+    max_size=80,
+)
+
+
+REPORTED_THEN_BOTH_WAIT = [("answer", 0, "*"), ("answer", 1, "*"), ("digit", 0, "*"), ("prompt", 0, "*"), ("prompt", 1, "*")]
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPERATIONS)
+@example(REPORTED_THEN_BOTH_WAIT + [("due", 0, "*")] * 6)  # past the skip window: still apart
+def test_whatever_happens_a_reported_pair_never_meets_and_partners_are_mutual(operations: list[tuple[str, int, str]]) -> None:
+    line = Line(SHORT, SafetyLedger(SafetySettings(report_threshold=2, cooldown=50.0, repeat_window=40.0)), help_line=True)
+    callers = [Caller(f"{n:016x}", 0) for n in range(3)]
+    live: dict[str, Caller] = {}
+    reported: set[frozenset[str]] = set()
+    now = 0.0
+    for what, n, key in operations:
+        now += 7.0
+        call = f"c{n}"
+        if what == "answer":
+            if line.journey(call) is None and call not in live:
+                live[call] = callers[n % 3]
+                line.answered(call, now, live[call])
+        elif call not in live or line.journey(call) is None:
+            line.due(now)
+        elif what == "digit":
+            partner = partner_of(line, call)
+            line.digit(call, key, now)
+            if key == "*" and partner is not None and line.journey(call).state is State.WAITING:  # type: ignore[union-attr]
+                reported.add(frozenset((live[call].pseudonym, live[partner].pseudonym)))
+        elif what == "prompt":
+            line.prompt_finished(call, now)
+        elif what == "hang_up":
+            line.hung_up(call, now)
+        elif what == "due":
+            line.due(now)
+        else:
+            getattr(line, what)(call, now)
+        for other in live:
+            partner = partner_of(line, other)
+            if partner is not None:
+                assert partner_of(line, partner) == other
+                assert frozenset((live[other].pseudonym, live[partner].pseudonym)) not in reported
+                assert live[other] != live[partner]

@@ -640,8 +640,6 @@ class Journey:
             return [*counted, PlayPrompts(("help_message",))]
         if self.partner is not None:
             counted.append(PartWays(self.partner, Parting.STEPPED_AWAY))
-        elif self.state in (State.CHOICE, State.WAITING):
-            counted.append(Count(Statistic.WAIT_ABANDONED, now - self._wait_started))
         self._enter(State.HELP_MESSAGE, now)
         self.partner, self._offered = None, False
         return [*counted, Silence(), PlayPrompts(("help_message", "help_connecting"))]
