@@ -181,3 +181,11 @@ async def test_a_refer_the_callee_accepts_and_reports_answered(
     ua.hangup(call.id, "transferred")
     await asyncio.wait_for(call.ended, 5)
     assert await callee.finished() == 0, callee.errors()  # Refer-To as asked, no Referred-By, our 200s
+
+
+async def test_a_help_call_says_nothing_of_anyone(agent: tuple[UserAgent, int], callees: list[Callee], tmp_path: Path) -> None:
+    ua, sipp_port = agent
+    callee = await Callee.start(callees, tmp_path, sipp_port, "-sf", str(SCENARIOS / "uas_busy_anonymous.xml"))
+    call = await place(ua, callee, assert_identity_of="c-no-such-call")  # asked for nobody's identity: none goes
+    assert await asyncio.wait_for(call.outcome, 10) == Refused(call.id, 486)
+    assert await callee.finished() == 0, callee.errors()  # anonymous From, Privacy: id, no asserted identity
