@@ -71,7 +71,11 @@ class PairingRules(Protocol):
         """Whether the two should be paired only when neither can be paired with anyone else."""
         ...
 
-    def changes_at(self, now: float) -> float | None:
+    def changed_between(self, since: float, now: float) -> bool:
+        """Whether `may_pair` may have turned true for some pair after `since`, up to `now` (`since` never decreases)."""
+        ...
+
+    def next_change(self, now: float) -> float | None:
         """The next time after `now` at which `may_pair` may turn true for some pair."""
         ...
 
@@ -175,8 +179,7 @@ class PreferencePool:
         for pair, skips in self._skips.items():
             if since < skips.last + self.skip_window <= now and pair <= self._waiting.keys():
                 expired += pair
-        changes = self.rules.changes_at(since) if self.rules is not None and since > -math.inf else None
-        if changes is not None and changes <= now:
+        if self.rules is not None and self.rules.changed_between(since, now):
             expired += self._waiting  # a rule's time ran out: anyone may pair with someone new
         return expired
 
@@ -213,7 +216,7 @@ class PreferencePool:
             for pair, skips in self._skips.items()
             if pair <= self._waiting.keys() and max(skips.count.values(), default=0) < 2
         ]
-        changes = self.rules.changes_at(now) if self.rules is not None and len(self._waiting) > 1 else None
+        changes = self.rules.next_change(now) if self.rules is not None and len(self._waiting) > 1 else None
         future = [t for t in times if t > now] + ([changes] if changes is not None else [])
         return min(future, default=None)
 

@@ -88,6 +88,7 @@ class SafetyLedger:
         self._records: OrderedDict[str, _Record] = OrderedDict()  # pseudonym -> record, least recently used first
         self._pairs: OrderedDict[frozenset[str], _Pair] = OrderedDict()
         self._calls: dict[str, Caller] = {}  # live calls
+        self._skip_ends: deque[float] = deque()  # when skips' repeat windows run out, earliest first
         self._newest_epoch = -1
 
     def __len__(self) -> int:
@@ -155,6 +156,9 @@ class SafetyLedger:
         pair = self._pair(a, b)
         if pair is not None:
             pair.skipped_at, pair.skipped_in = now, frozenset((a, b))
+            self._skip_ends.append(now + self.settings.repeat_window)  # in order: time only moves on
+            if len(self._skip_ends) > self.settings.max_records:
+                self._skip_ends.popleft()
 
     def talked(self, a: str, b: str, now: float) -> None:
         """Their conversation ended (hung up, time up): avoid pairing them again within the repeat window."""
@@ -191,11 +195,17 @@ class SafetyLedger:
             return False
         return now < pair.talked_at + self.settings.repeat_window and pair.talked_in != frozenset((a, b))
 
-    def changes_at(self, now: float) -> float | None:
-        """The next time after `now` at which `may_pair` may turn true for a pair it is false for."""
-        times = [pair.skipped_at + self.settings.repeat_window for pair in self._pairs.values() if not pair.reported]
-        times += [record.held_apart_until for record in self._records.values()]
-        return min((t for t in times if t > now), default=None)
+    def changed_between(self, since: float, now: float) -> bool:
+        """Whether a skip's repeat window ran out after `since`, up to `now` (`since` never decreases).
+
+        The end of a cooldown needs no wake-up here: the held-apart caller's journey has its own."""
+        while self._skip_ends and self._skip_ends[0] <= since:
+            self._skip_ends.popleft()
+        return bool(self._skip_ends) and self._skip_ends[0] <= now
+
+    def next_change(self, now: float) -> float | None:
+        """When the next skip's repeat window runs out after `now`."""
+        return next((end for end in self._skip_ends if end > now), None)
 
     def _record(self, caller: Caller) -> _Record:
         record = self._records.get(caller.pseudonym)
