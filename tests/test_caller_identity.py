@@ -18,9 +18,11 @@ from hypothesis import strategies as st
 
 from rawsip import Dialer
 from test_call_core import SERVER, CorePeer, Harness, answered_call, outbound
+from voiceline.routing import Line, Trunk, TrunkDirectory, TrunkError, TrunkPolicy
+from voiceline.sip.admission import Admit
 from voiceline.sip.events import CallEnded, CallOffered
 from voiceline.sip.identity import Pseudonyms, asserted_identity, e164
-from voiceline.sip.message import Headers
+from voiceline.sip.message import Headers, SipRequest
 
 NUMBER = "+4930555012345"
 
@@ -168,3 +170,20 @@ def test_no_log_event_carries_the_identity_or_the_pseudonym() -> None:
     text = repr(events)
     assert "5550123" not in text and "555012345" not in text and ended.call.pseudonym not in text
     assert {event["event"] for event in events} >= {"call.offered", "call.refer", "call.placed", "call.ended"}
+
+
+def test_a_line_s_country_code_reaches_the_core_through_admission() -> None:
+    line = Line("national", ("100",), country_code="49")
+    assert Line.from_settings("national", line.settings()) == line
+    assert "country_code" not in Line("plain", ("100",)).settings()  # stored settings of other lines stay as they were
+    for bad in ("049", "1234", "4a", "\u0664\u0669"):  # a leading zero, too long, not digits, non-ASCII digits
+        with pytest.raises(TrunkError):
+            Line("bad", ("100",), country_code=bad)
+    policy = TrunkPolicy(TrunkDirectory([Trunk("carrier", sources=("192.0.2.0/24",))], [line]), lambda: 0.0, lambda trunk: 0)
+    invite = SipRequest("INVITE", "sip:100@10.0.0.1", headers(
+        ("Via", "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKx"), ("From", "<sip:030555012345@192.0.2.1>;tag=a"),
+        ("To", "<sip:100@10.0.0.1>"), ("Call-ID", "c"), ("CSeq", "1 INVITE"),
+    ))  # fmt: skip
+    admitted = policy.check(invite, ("192.0.2.1", 5060), "UDP")
+    assert isinstance(admitted, Admit) and admitted.country_code == "49"
+    assert asserted_identity(invite.headers, admitted.country_code) == NUMBER
