@@ -187,3 +187,10 @@ def test_a_line_s_country_code_reaches_the_core_through_admission() -> None:
     admitted = policy.check(invite, ("192.0.2.1", 5060), "UDP")
     assert isinstance(admitted, Admit) and admitted.country_code == "49"
     assert asserted_identity(invite.headers, admitted.country_code) == NUMBER
+
+
+def test_our_invite_may_carry_our_own_from_and_still_ask_for_privacy() -> None:
+    harness = Harness.make()
+    _, invite = outbound(harness, from_uri="sip:account@carrier.example")
+    assert (invite.headers.get("From") or "").startswith("<sip:account@carrier.example>;tag=")
+    assert invite.headers.get("Privacy") == "id" and invite.headers.get("P-Asserted-Identity") is None

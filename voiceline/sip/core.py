@@ -900,11 +900,14 @@ class CallCore:
         ring_timeout: float = RING_TIMEOUT_SECONDS,
         trunk: str = "",
         assert_identity_of: str | None = None,
+        from_uri: str | None = None,
     ) -> str:
         """Call `target_uri` through `dest` (an IP address: names are resolved by the caller); returns the call's id.
 
         The outcome comes as an event: Answered (then CallEnded), Refused, Cancelled or TimedOut.
         `privacy`: an anonymous From and `Privacy: id` (RFC 3323), so the callee learns nothing of us.
+        `from_uri`: our own identity for the From (e.g. the trunk's account, which some carriers
+        require), with `Privacy: id` still asked when `privacy`.
         `assert_identity_of`: a live inbound call whose caller's asserted identity goes in a
         P-Asserted-Identity (RFC 3325; with `privacy`, the trusted next hop keeps it from
         untrusted ones); the identity is never returned, logged or kept past either call.
@@ -913,10 +916,12 @@ class CallCore:
         if not is_ip_address(dest[0]):
             raise ValueError("the destination must be an IP address")
         parse_uri(target_uri)  # SipParseError before anything is kept
+        if from_uri is not None:
+            parse_uri(from_uri)
         local_tag = self.entropy.tag()
         port = self.transports[transport].local_address[1]
         host = self.settings.advertised_host
-        sender = ANONYMOUS_FROM if privacy else f"<sip:{from_user}@{host}>"
+        sender = f"<{from_uri}>" if from_uri else ANONYMOUS_FROM if privacy else f"<sip:{from_user}@{host}>"
         headers = Headers(
             [
                 ("Via", f"SIP/2.0/{transport} {host}:{port};branch={self.entropy.branch()};rport"),

@@ -233,16 +233,19 @@ class UserAgent:
         ring_timeout: float | None = None,
         trunk: str = "",
         assert_identity_of: str | None = None,
+        from_uri: str | None = None,
     ) -> OutboundCall:
         """Place a call to `target_uri` through `dest` (an IP address); await `outcome`, then `ended`.
 
         `trunk`: the trunk `dest` belongs to, when it is one: its requests in the call are then admitted as ours.
-        `assert_identity_of`: an inbound call whose caller's identity the callee may learn (CallCore.invite).
+        `assert_identity_of`: an inbound call whose caller's identity the callee may learn (CallCore.invite);
+        `from_uri`: our own From (the trunk's account) instead of the anonymous one.
         """
         options: dict[str, Any] = {} if ring_timeout is None else {"ring_timeout": ring_timeout}
         call_id = self.core.invite(
             target_uri, dest, transport, local_rtp_port, self._loop.time(), credentials,
-            privacy=privacy, trunk=trunk, assert_identity_of=assert_identity_of, **options,
+            privacy=privacy, trunk=trunk, assert_identity_of=assert_identity_of,
+            from_uri=from_uri, **options,
         )  # fmt: skip
         call = OutboundCall(call_id, self._loop.create_future(), self._loop.create_future())
         self._outbound[call_id] = call
