@@ -194,3 +194,12 @@ def test_our_invite_may_carry_our_own_from_and_still_ask_for_privacy() -> None:
     _, invite = outbound(harness, from_uri="sip:account@carrier.example")
     assert (invite.headers.get("From") or "").startswith("<sip:account@carrier.example>;tag=")
     assert invite.headers.get("Privacy") == "id" and invite.headers.get("P-Asserted-Identity") is None
+
+
+def test_the_key_is_dropped_on_time_even_when_nobody_calls() -> None:
+    harness = Harness.make(key_rotation=60.0)
+    _, dialer, call = answered_call(harness)
+    dialer.in_dialog("BYE")
+    assert harness.core.pseudonyms.keys_held == 1 and harness.core.next_deadline() is not None
+    harness.advance(60.0)
+    assert harness.core.pseudonyms.keys_held == 0

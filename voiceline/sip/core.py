@@ -247,7 +247,9 @@ class CallCore:
         return events
 
     def next_deadline(self) -> float | None:
-        return self.heap.next_deadline()
+        """The earliest timer, or the pseudonym key's end (it is dropped on time, not at the next call)."""
+        times = [t for t in (self.heap.next_deadline(), self.pseudonyms.expires_at) if t is not None]
+        return min(times, default=None)
 
     @property
     def calls(self) -> list[Call]:

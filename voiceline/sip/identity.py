@@ -141,6 +141,11 @@ class Pseudonyms:
         if key.calls <= 0 and key is not self._current:
             del self._keys[epoch]
 
+    @property
+    def expires_at(self) -> float | None:
+        """When the current key stops making pseudonyms (`expire` is due then)."""
+        return None if self._current is None else self._current.started + self.rotation
+
     def expire(self, now: float) -> None:
         """Retire the current key once its time is over (it goes now, or with its last call)."""
         current = self._current
