@@ -626,7 +626,6 @@ class Journey:
         assert self._held_apart_until is not None
         if now >= self._held_apart_until:
             self._held_apart_until = None
-            self._wait_started = now
             return self._wait(now, ())
         if now >= self._wait_started + self.settings.max_wait:
             return self._say_goodbye(("max_wait_goodbye", "goodbye"), HangUpReason.MAX_WAIT, now)

@@ -202,7 +202,7 @@ class Line:
         held_apart_until = self.safety.reported(reporter, reported, now) if self.safety is not None else None
         if held_apart_until is not None:
             step.statistics.append(Count(Statistic.COOLDOWN_STARTED))
-        self._pool.kept_apart(reporter, reported, now)  # and without a ledger, apart for this call at least
+        self._pool.kept_apart(reporter, reported, now)  # without a ledger: apart for the skip window
         if reported in self._journeys:
             self._feed(reported, Parted(Parting.REPORTED, held_apart_until), now, step)
 
