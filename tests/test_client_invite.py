@@ -1,7 +1,7 @@
 """Calls we place, through the call core's asyncio edge on loopback, to SIPp acting as the callee.
 
 Answered (and ended by us or by the callee), challenged then answered, refused
-(486) and cancelled while ringing: each against an independent SIP stack,
+(486), cancelled while ringing, and transferred by our REFER (a carrier accepting it): each against an independent SIP stack,
 whose own scenario checks what we send (SIPp fails a call on a message it
 did not expect).
 """
@@ -17,7 +17,7 @@ import pytest
 
 from voiceline.sip.auth import DigestClient
 from voiceline.sip.core import CoreSettings
-from voiceline.sip.events import Answered, CallEnded, Cancelled, Refused, Ringing, TimedOut
+from voiceline.sip.events import Answered, CallEnded, Cancelled, Refused, Ringing, TimedOut, TransferProgress, Transferred
 from voiceline.sip.transaction import Timers
 from voiceline.sip.transport import open_udp
 from voiceline.sip.useragent import OutboundCall, UserAgent
@@ -164,3 +164,28 @@ async def test_ringing_past_the_ring_timeout_is_cancelled(agent: tuple[UserAgent
     outcome = await asyncio.wait_for(call.outcome, 10)
     assert outcome == TimedOut(call.id)
     assert await callee.finished() == 0, callee.errors()
+
+
+async def test_a_refer_the_callee_accepts_and_reports_answered(
+    agent: tuple[UserAgent, int], callees: list[Callee], tmp_path: Path
+) -> None:
+    ua, sipp_port = agent
+    callee = await Callee.start(callees, tmp_path, sipp_port, "-sf", str(SCENARIOS / "uas_refer.xml"))
+    call = await place(ua, callee)
+    assert isinstance(await asyncio.wait_for(call.outcome, 10), Answered)
+    transfer = ua.refer(call.id, f"sip:help@{HOST}:{sipp_port + 2}")
+    assert transfer is not None
+    assert await asyncio.wait_for(transfer.progress.get(), 10) == TransferProgress(call.id, 202)
+    assert await asyncio.wait_for(transfer.progress.get(), 10) == TransferProgress(call.id, 180)
+    assert await asyncio.wait_for(transfer.outcome, 10) == Transferred(call.id)
+    ua.hangup(call.id, "transferred")
+    await asyncio.wait_for(call.ended, 5)
+    assert await callee.finished() == 0, callee.errors()  # Refer-To as asked, no Referred-By, our 200s
+
+
+async def test_a_help_call_says_nothing_of_anyone(agent: tuple[UserAgent, int], callees: list[Callee], tmp_path: Path) -> None:
+    ua, sipp_port = agent
+    callee = await Callee.start(callees, tmp_path, sipp_port, "-sf", str(SCENARIOS / "uas_busy_anonymous.xml"))
+    call = await place(ua, callee, assert_identity_of="c-no-such-call")  # asked for nobody's identity: none goes
+    assert await asyncio.wait_for(call.outcome, 10) == Refused(call.id, 486)
+    assert await callee.finished() == 0, callee.errors()  # anonymous From, Privacy: id, no asserted identity

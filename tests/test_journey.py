@@ -284,7 +284,6 @@ def test_keys_while_waiting_and_talking() -> None:
     talking(line, "a", "b", 0.0)
     assert line.digit("a", "0", 1.0).actions == [("a", PlayPrompts(("help_message",)))]
     assert line.digit("a", "9", 2.0).actions == [("a", PlayPrompts(KEYS))]
-    assert line.digit("a", "*", 3.0).actions == []  # reserved for reporting: accepted, nothing yet
     assert line.digit("a", "1", 4.0).actions == []  # a preference means nothing while talking
     waiting(line, "c", 5.0)
     assert of(line.digit("c", "1", 6.0), "c") == [PlayPrompts(("preference_talk",))]  # at any time while waiting

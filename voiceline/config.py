@@ -14,6 +14,7 @@ from typing import Any
 
 from voiceline.codec_table import CODEC_NAMES
 from voiceline.keyfile import KEY_FILE_NAME
+from voiceline.pairing.safety import SafetySettings
 from voiceline.routing import Line, Trunk, TrunkError
 
 
@@ -178,6 +179,38 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class SafetyConfig:
+    """Safety without identity (README "Safety"): what is remembered of callers, by pseudonym, in memory only."""
+
+    key_rotation: float = 86400.0  # seconds a pseudonym key lives; what it made is forgotten with it
+    report_threshold: int = 3  # different callers reporting one caller within a key's life: held apart
+    cooldown: float = 86400.0  # how long a caller reported that often is held apart
+    max_calls_per_hour: int = 30  # per caller; 0: no limit
+    repeat_window: float = 3600.0  # the same two are not paired again within it while others can be
+    accept_withheld: bool = True  # callers who withhold their number may call
+
+    def settings(self) -> SafetySettings:
+        """What the pairing layer's safety ledger reads."""
+        return SafetySettings(
+            self.report_threshold, self.cooldown, self.max_calls_per_hour, self.repeat_window, self.accept_withheld
+        )
+
+
+HELP_METHODS = ("invite", "refer")
+
+
+@dataclass(frozen=True)
+class HelpConfig:
+    """Where the help key connects a caller (README "Safety")."""
+
+    destination: str = ""  # SIP URI of the help line; empty: the help key plays the safety message only
+    trunk: str = ""  # the trunk the help call goes through (its outbound credentials); empty: straight to the URI's host
+    method: str = "invite"  # "invite": we call and bridge; "refer": we ask the trunk's carrier to take the caller over
+    pass_identity: bool = False  # give the help line the caller's asserted identity (P-Asserted-Identity); never stored
+    ring_timeout: float = 30.0  # seconds the help call may ring before the caller is told it could not get through
+
+
+@dataclass(frozen=True)
 class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
@@ -185,6 +218,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    help: HelpConfig = field(default_factory=HelpConfig)
     # Trunks and lines from the config file; the database adds more (`voiceline trunk add`).
     trunks: tuple[Trunk, ...] = (Trunk("loopback", sources=("127.0.0.0/8", "::1"), transports=("udp", "tcp", "tls")),)
     lines: tuple[Line, ...] = (Line("default", ("*",)),)
@@ -247,6 +282,7 @@ class Config:
             raise ConfigError("media.realtime_priority: must be between 0 (off) and 99")
         self.metrics.address
         self._validate_mqtt()
+        self._validate_safety()
         if self.log.format not in ("console", "json"):
             raise ConfigError("log.format: must be 'console' or 'json'")
         for key in ("level", "library_level"):
@@ -275,6 +311,20 @@ class Config:
         if mqtt.password and not mqtt.username:
             raise ConfigError("mqtt.password: needs mqtt.username")
 
+    def _validate_safety(self) -> None:
+        if not 60 <= self.safety.key_rotation <= 7 * 86400:
+            raise ConfigError("safety.key_rotation: must be between 60 seconds and 7 days")
+        try:
+            self.safety.settings()
+        except ValueError as exc:
+            raise ConfigError(f"safety: {exc}") from None
+        if self.help.method not in HELP_METHODS:
+            raise ConfigError("help.method: must be 'invite' or 'refer'")
+        if self.help.destination and not self.help.destination.lower().startswith(("sip:", "sips:")):
+            raise ConfigError("help.destination: must be a sip: or sips: URI")
+        if not 1 <= self.help.ring_timeout <= 300:
+            raise ConfigError("help.ring_timeout: must be between 1 and 300 seconds")
+
     def _validate_transports(self) -> None:
         sip = self.sip
         unknown = [name for name in sip.transports if name not in SIP_TRANSPORTS]
@@ -302,6 +352,8 @@ _SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "metrics": MetricsConfig,
     "mqtt": MqttConfig,
+    "safety": SafetyConfig,
+    "help": HelpConfig,
 }
 
 

@@ -249,9 +249,12 @@ class Line:
     numbers: tuple[str, ...]
     max_calls: int = 0  # callers on this line at once (waiting or talking); 0: no limit
     enabled: bool = True  # a disabled line answers its numbers' calls 480, like a closed one
+    country_code: str = ""  # its callers' country calling code: their numbers are recognised in E.164 form
 
     def __post_init__(self) -> None:
         check_name(self.name, "line")
+        if self.country_code and not re.fullmatch(r"[1-9][0-9]{0,2}", self.country_code):
+            raise TrunkError("country_code is a country calling code: one to three digits")
         if not self.numbers:
             raise TrunkError("a line needs at least one number")
         for number in self.numbers:
@@ -265,7 +268,10 @@ class Line:
         return cls(name=name, **_typed(cls, dict(settings), skip={"name"}, what="line"))
 
     def settings(self) -> dict[str, Any]:
-        return {"numbers": list(self.numbers), "max_calls": self.max_calls, "enabled": self.enabled}
+        settings: dict[str, Any] = {"numbers": list(self.numbers), "max_calls": self.max_calls, "enabled": self.enabled}
+        if self.country_code:
+            settings["country_code"] = self.country_code
+        return settings
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, **self.settings()}
@@ -434,7 +440,7 @@ class TrunkPolicy:
             self.refused["trunk_busy"] += 1
             log.info("trunk.busy", trunk=trunk.name, max_calls=trunk.max_calls)
             return Refuse(503, (("Retry-After", "30"),))
-        return Admit(trunk.name, line.name, trunk.codecs, trunk.srtp)
+        return Admit(trunk.name, line.name, trunk.codecs, trunk.srtp, line.country_code)
 
     def check_source(self, source: tuple[str, int], transport: str, count: bool = True) -> Admission:
         trunk = self.directory.identify(source[0], transport.lower())

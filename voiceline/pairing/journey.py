@@ -21,6 +21,19 @@ The states, in the order a caller meets them:
   ENDED
 A partner who hangs up or presses `#` sends the other back to WAITING, told so.
 
+Safety (the ledger in `pairing.safety` decides; the journey says it kindly):
+  COOLDOWN       held apart (reported by several callers): a neutral message and music,
+                 never paired, back to WAITING when the cooldown ends; nobody is told why
+  HELP_MESSAGE   the help key: the safety message, then (when the line has a help
+                 destination) "connecting you", leaving any partner (told it stepped away)
+  HELP_RINGING   `CallHelp` placed: a ringback tone; the help key again cancels
+  HELP_CONNECTED bridged with the help call (`BridgeExternal`); its end is a goodbye
+Busy, no answer or a failed help call: a kind message, and back to waiting (or the
+cooldown). The report key while connected or talking: `Report` for the line, "thank
+you" and waiting again; the reported partner hears only that the other has left.
+A call over the per-caller rate, or withheld where the line takes no withheld callers,
+hears a kind message and is hung up.
+
 A caller who puts the line on hold (re-INVITE/UPDATE) leaves the pool while
 waiting and returns on resume; while connected its partner hears music and
 "the other person seems to have stepped away", and the two are bridged again
@@ -29,7 +42,8 @@ on resume. Nothing is told to a held caller (its leg sends nothing): at
 
 Three kinds of action are for the line, not the call: `PartWays` and `HoldNews`
 (the partner must be told) and `ReadyToTalk` (the partner may be waiting for us
-to be bridged); `Count` is an anonymous statistic. `pairing.line.Line` consumes them.
+to be bridged); `Count` is an anonymous statistic; `Report` and the help call's actions go to the
+line and the wiring. `pairing.line.Line` consumes them.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import enum
 from dataclasses import dataclass, field
 
 from voiceline.pairing.pool import Preference
+from voiceline.pairing.safety import Arrival
 
 KEYS = frozenset("0123456789*#")  # the keys every phone has (no A-D)
 REASSURANCES = ("reassure_1", "reassure_2", "reassure_3", "reassure_4")
@@ -53,7 +68,7 @@ class KeyMap:
     listen: str | None = "2"
     keys_again: str | None = "9"
     help: str | None = "0"
-    report: str | None = "*"  # reserved for reporting a partner: accepted and ignored for now
+    report: str | None = "*"  # report the partner: never paired with them again
 
     def __post_init__(self) -> None:
         keys = [key for key in vars(self).values() if key is not None]
@@ -93,8 +108,15 @@ class State(enum.Enum):
     CONNECTING = "connecting"
     TALKING = "talking"
     END_CHOICE = "end_choice"
+    COOLDOWN = "cooldown"
+    HELP_MESSAGE = "help_message"
+    HELP_RINGING = "help_ringing"
+    HELP_CONNECTED = "help_connected"
     GOODBYE = "goodbye"
     ENDED = "ended"
+
+
+HELP_STATES = (State.HELP_MESSAGE, State.HELP_RINGING, State.HELP_CONNECTED)
 
 
 class Parting(enum.Enum):
@@ -103,11 +125,16 @@ class Parting(enum.Enum):
     HUNG_UP = "hung_up"
     SKIPPED = "skipped"
     TIME_UP = "time_up"
+    REPORTED = "reported"  # told only that the other has left
+    STEPPED_AWAY = "stepped_away"  # the other went to the help line
 
 
 class HangUpReason(enum.Enum):
     MAX_WAIT = "max_wait"
     TALK_TIME_OVER = "talk_time_over"
+    OVER_RATE = "over_rate"
+    WITHHELD_REFUSED = "withheld_refused"
+    HELP_CALL_ENDED = "help_call_ended"
 
 
 class Statistic(enum.Enum):
@@ -119,12 +146,19 @@ class Statistic(enum.Enum):
     SKIP = "skip"
     TALK_LIMIT_ENDING = "talk_limit_ending"  # one per conversation
     PREFERENCE_MATCH = "preference_match"  # a talker paired with a listener
+    HELP_REQUEST = "help_request"  # the help key
+    HELP_CONNECTED = "help_connected"
+    HELP_FAILED = "help_failed"  # busy, no answer or failed
+    REPORT = "report"
+    COOLDOWN_STARTED = "cooldown_started"
+    RATE_LIMITED = "rate_limited"  # a call over the per-caller rate
 
 
 # Events
 @dataclass(frozen=True)
 class Answered:
-    pass
+    arrival: Arrival = Arrival.WELCOME  # what the safety ledger said of the caller
+    held_apart_until: float | None = None  # with Arrival.HELD_APART
 
 
 @dataclass(frozen=True)
@@ -150,6 +184,7 @@ class PartnerReady:
 @dataclass(frozen=True)
 class Parted:
     reason: Parting
+    held_apart_until: float | None = None  # this caller's report count just started a cooldown
 
 
 @dataclass(frozen=True)
@@ -174,7 +209,25 @@ class HungUp:
     pass
 
 
-Event = Answered | Digit | PromptFinished | PartnerFound | PartnerReady | Parted | Held | PartnerHeld | TimerDue | HungUp
+@dataclass(frozen=True)
+class HelpAnswered:
+    """The help call (`CallHelp`) was answered."""
+
+
+@dataclass(frozen=True)
+class HelpFailed:
+    """The help call was busy, not answered in time, or failed."""
+
+
+@dataclass(frozen=True)
+class HelpEnded:
+    """The answered help call is over."""
+
+
+Event = (
+    Answered | Digit | PromptFinished | PartnerFound | PartnerReady | Parted | Held | PartnerHeld | TimerDue | HungUp
+    | HelpAnswered | HelpFailed | HelpEnded
+)  # fmt: skip
 
 
 # Actions for the call
@@ -207,6 +260,30 @@ class HangUp:
     reason: HangUpReason
 
 
+@dataclass(frozen=True)
+class PlayRingback:
+    """Hear a ringing tone (no partner, no music): `frequencies` together, `on` seconds of every `period`."""
+
+    frequencies: tuple[float, ...] = (425.0,)  # ITU-T E.180's most common ringing tone
+    on: float = 1.0
+    period: float = 5.0
+
+
+@dataclass(frozen=True)
+class CallHelp:
+    """Place the line's help call (an outbound call, or a REFER where the line says so)."""
+
+
+@dataclass(frozen=True)
+class EndHelpCall:
+    """Cancel or end the help call, whatever its outcome: the caller no longer waits for it."""
+
+
+@dataclass(frozen=True)
+class BridgeExternal:
+    """Hear the help call, and be heard by it."""
+
+
 # Actions for the line
 @dataclass(frozen=True)
 class PartWays:
@@ -226,12 +303,22 @@ class ReadyToTalk:
 
 
 @dataclass(frozen=True)
+class Report:
+    """The caller reported its partner: the line tells the safety ledger and the partner."""
+
+    partner: str
+
+
+@dataclass(frozen=True)
 class Count:
     statistic: Statistic
     seconds: float | None = None
 
 
-Action = PlayPrompts | PlayMusic | Silence | Bridge | HangUp | PartWays | HoldNews | ReadyToTalk | Count
+Action = (
+    PlayPrompts | PlayMusic | Silence | Bridge | HangUp | PartWays | HoldNews | ReadyToTalk | Count
+    | PlayRingback | CallHelp | EndHelpCall | BridgeExternal | Report
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -249,6 +336,7 @@ class LineFacts:
 
     others: int
     busiest_hours: tuple[int, int] | None = None  # (from, to), hours of the day
+    help_line: bool = False  # the help key can connect to a help destination
 
 
 def key_prompt(key: str) -> str:
@@ -303,6 +391,7 @@ class Journey:
         self._warned = False
         self._choice_until: float | None = None
         self._hang_up_reason = HangUpReason.MAX_WAIT
+        self._held_apart_until: float | None = None
 
     @property
     def summary(self) -> CallSummary:
@@ -324,6 +413,9 @@ class Journey:
             return end if self._warned else end - self.settings.warn_before
         if self.state is State.END_CHOICE:
             return self._choice_until
+        if self.state is State.COOLDOWN:
+            assert self._held_apart_until is not None
+            return min(self._held_apart_until, self._wait_started + self.settings.max_wait)
         return None
 
     def handle(self, event: Event, now: float, line: LineFacts) -> list[Action]:
@@ -353,11 +445,21 @@ class Journey:
                 return self._end_choice(event, now)
             case State.GOODBYE:
                 return self._goodbye(event, now)
+            case State.COOLDOWN:
+                return self._cooldown(event, now, line)
+            case State.HELP_MESSAGE | State.HELP_RINGING | State.HELP_CONNECTED:
+                return self._help(event, now)
         return []
 
     # One method per state for everything but keys, hold and hanging up.
     def _welcome(self, event: Event, now: float) -> list[Action]:
         if isinstance(event, Answered):
+            if event.arrival is Arrival.OVER_RATE:
+                return [Count(Statistic.RATE_LIMITED), *self._say_goodbye(("rate_limited", "goodbye"), HangUpReason.OVER_RATE, now)]
+            if event.arrival is Arrival.WITHHELD_REFUSED:
+                return self._say_goodbye(("withheld_refused", "goodbye"), HangUpReason.WITHHELD_REFUSED, now)
+            if event.arrival is Arrival.HELD_APART and event.held_apart_until is not None:
+                self._held_apart_until = event.held_apart_until
             if self.settings.welcome:
                 return [Silence(), PlayPrompts(("welcome", "skip_welcome_hint", *keys_prompts(self.settings.keys)))]
             return self._offer_choice(now)
@@ -406,12 +508,12 @@ class Journey:
             self._partner_ready = True
             return self._talk(now) if self._cue_heard else []
         if isinstance(event, Parted):
-            return self._partner_gone(event.reason, now, line)
+            return self._partner_gone(event.reason, now, line, event.held_apart_until)
         return []
 
     def _talking(self, event: Event, now: float, line: LineFacts) -> list[Action]:
         if isinstance(event, Parted):
-            return self._partner_gone(event.reason, now, line)
+            return self._partner_gone(event.reason, now, line, event.held_apart_until)
         if isinstance(event, TimerDue) and self.settings.max_talk is not None:
             if now >= self._talk_started + self.settings.max_talk:
                 assert self.partner is not None
@@ -451,7 +553,11 @@ class Journey:
         return [Silence(), PlayPrompts(prompts)]
 
     def _wait(self, now: float, told: tuple[str, ...]) -> list[Action]:
-        """Wait with music after being `told` something; offered to the pool once it has been heard."""
+        """Wait with music after being `told` something; offered to the pool once it has been heard.
+
+        A caller held apart waits in the cooldown instead, told so (and never offered)."""
+        if self._held_apart_until is not None and now < self._held_apart_until:
+            return self._hold_apart(now, told)
         # The choice is already part of the wait, with music.
         actions: list[Action] = [] if self.state is State.CHOICE else [PlayMusic()]
         if self.state is not State.CHOICE:
@@ -496,10 +602,63 @@ class Journey:
         self._partner_held = held
         return self._hear_partner() if self.state is State.TALKING and not self.held else []  # else set on resume
 
-    def _partner_gone(self, reason: Parting, now: float, line: LineFacts) -> list[Action]:
+    def _partner_gone(self, reason: Parting, now: float, line: LineFacts, held_apart_until: float | None) -> list[Action]:
         if reason is Parting.TIME_UP:
             return self._end_of_talk(now)
+        if held_apart_until is not None:
+            self._held_apart_until = held_apart_until
+            return self._hold_apart(now, ("partner_left",))
+        if reason is Parting.STEPPED_AWAY:
+            return self._wait(now, ("stepped_away", "looking_again", *self._nobody_else(line)))
         return self._wait(now, ("partner_left", *self._nobody_else(line)))
+
+    def _hold_apart(self, now: float, told: tuple[str, ...]) -> list[Action]:
+        """The cooldown: a neutral word and music, never in the pool; may hang up."""
+        if self.state not in (State.CHOICE, State.WAITING):
+            self._wait_started = now
+        self._enter(State.COOLDOWN, now)
+        self.partner, self._offered = None, False
+        return [PlayMusic(), PlayPrompts((*told, "cooldown"))]
+
+    def _cooldown(self, event: Event, now: float, line: LineFacts) -> list[Action]:
+        if not isinstance(event, TimerDue):
+            return []
+        assert self._held_apart_until is not None
+        if now >= self._held_apart_until:
+            self._held_apart_until = None
+            return self._wait(now, ())
+        if now >= self._wait_started + self.settings.max_wait:
+            return self._say_goodbye(("max_wait_goodbye", "goodbye"), HangUpReason.MAX_WAIT, now)
+        return []
+
+    # Help
+    def _ask_for_help(self, now: float, line: LineFacts) -> list[Action]:
+        """The help key: the safety message; with a help line, the caller leaves any partner and is connected."""
+        counted: list[Action] = [Count(Statistic.HELP_REQUEST)]
+        if not line.help_line:
+            return [*counted, PlayPrompts(("help_message",))]
+        if self.partner is not None:
+            counted.append(PartWays(self.partner, Parting.STEPPED_AWAY))
+        self._enter(State.HELP_MESSAGE, now)
+        self.partner, self._offered = None, False
+        return [*counted, Silence(), PlayPrompts(("help_message", "help_connecting"))]
+
+    def _help(self, event: Event, now: float) -> list[Action]:
+        if self.state is State.HELP_MESSAGE and isinstance(event, PromptFinished):
+            self._enter(State.HELP_RINGING, now)
+            return [CallHelp(), PlayRingback()]
+        if self.state is State.HELP_RINGING and isinstance(event, HelpAnswered):
+            self._enter(State.HELP_CONNECTED, now)
+            return [Count(Statistic.HELP_CONNECTED), BridgeExternal()]
+        if self.state is State.HELP_RINGING and isinstance(event, HelpFailed):
+            return [Count(Statistic.HELP_FAILED), *self._wait(now, ("help_unreachable",))]
+        if self.state is State.HELP_CONNECTED and isinstance(event, HelpEnded):
+            return self._say_goodbye(("help_call_ended", "goodbye"), HangUpReason.HELP_CALL_ENDED, now)
+        return []
+
+    def _cancel_help(self, now: float) -> list[Action]:
+        placed = [EndHelpCall()] if self.state is State.HELP_RINGING else []
+        return [*placed, *self._wait(now, ("help_cancelled",))]
 
     def _end_of_talk(self, now: float) -> list[Action]:
         self._enter(State.END_CHOICE, now)
@@ -524,12 +683,23 @@ class Journey:
 
     def _digit(self, key: str, now: float, line: LineFacts) -> list[Action]:
         keys = self.settings.keys
-        if self.state is State.WELCOME:  # any key skips the welcome; a preference key also chooses
+        if self.state is State.HELP_CONNECTED:
+            return []  # the help line's to hear
+        if key == keys.help and self.state in (State.HELP_MESSAGE, State.HELP_RINGING):
+            return self._cancel_help(now)
+        if key == keys.help and self.state is not State.GOODBYE:
+            if self.state is not State.CONNECTING or line.help_line:  # the message alone would cut the connect cue
+                return self._ask_for_help(now, line)
+        if self.state in HELP_STATES:
+            return []
+        if self.state is State.WELCOME:  # any other key skips the welcome; a preference key also chooses
             if key in (keys.talk, keys.listen):
                 return self._choose(key, now)
             return self._offer_choice(now)
-        if key == keys.help and self.state not in (State.CONNECTING, State.GOODBYE):
-            return [PlayPrompts(("help_message",))]
+        if key == keys.report and self.state in (State.CONNECTING, State.TALKING):
+            assert self.partner is not None
+            partner = self.partner
+            return [Count(Statistic.REPORT), Report(partner), *self._wait(now, ("report_thanks",))]
         if key == keys.keys_again and self.state not in (State.CONNECTING, State.GOODBYE):
             return [PlayPrompts(keys_prompts(keys))]
         if key in (keys.talk, keys.listen) and self.state in (State.CHOICE, State.WAITING):
@@ -542,7 +712,7 @@ class Journey:
                 return [Count(Statistic.SKIP), PartWays(partner, Parting.SKIPPED), *self._wait(now, told)]
             if self.state is State.END_CHOICE:
                 return self._wait(now, ("looking_for_someone_new",))
-        return []  # the report key lands with the safety features; other keys mean nothing here
+        return []  # other keys mean nothing here
 
     def _choose(self, key: str, now: float) -> list[Action]:
         talk = key == self.settings.keys.talk
@@ -560,4 +730,6 @@ class Journey:
             return [Count(Statistic.WAIT_ABANDONED, now - self._wait_started)]
         if partner is not None:
             return [PartWays(partner, Parting.HUNG_UP)]
+        if state in (State.HELP_RINGING, State.HELP_CONNECTED):
+            return [EndHelpCall()]
         return []

@@ -8,6 +8,13 @@ statistics, and the figures of calls that left the line (for the hourly
 aggregates). It
 tells a partner what the other did, keeps who is waiting in the pool and pairs
 them after every change; `deadline` is when `due` is next needed.
+
+With a `SafetyLedger` it also keeps callers safe by pseudonym: a call answered
+with its `Caller` is checked (cooldown, rate, withheld), the pool asks the
+ledger which pairs may be paired (reports, skips and repeats across calls),
+and partings and reports are written to it. With `help_line`, the help key
+connects the caller to the line's help destination; the outcome of the help
+call comes back by `help_answered`, `help_failed` and `help_ended`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from voiceline.pairing.journey import (
     Count,
     Digit,
     Event,
+    HelpAnswered,
+    HelpEnded,
+    HelpFailed,
     Held,
     HoldNews,
     HungUp,
@@ -35,11 +45,13 @@ from voiceline.pairing.journey import (
     PartWays,
     PromptFinished,
     ReadyToTalk,
+    Report,
     State,
     Statistic,
     TimerDue,
 )
 from voiceline.pairing.pool import PreferencePool
+from voiceline.pairing.safety import Arrival, Caller, SafetyLedger
 
 
 @dataclass
@@ -50,11 +62,13 @@ class Step:
 
 
 class Line:
-    def __init__(self, settings: JourneySettings) -> None:
+    def __init__(self, settings: JourneySettings, safety: SafetyLedger | None = None, help_line: bool = False) -> None:
         self.settings = settings
+        self.safety = safety
+        self.help_line = help_line  # the line has a help destination: the help key connects to it
         self._busiest_hours: tuple[int, int] | None = None
         self._journeys: dict[str, Journey] = {}
-        self._pool = PreferencePool(settings.preference_wait, settings.skip_window)
+        self._pool = PreferencePool(settings.preference_wait, settings.skip_window, safety)
         self._now = 0.0  # of the last event: the pool's next deadline is after it
 
     @property
@@ -71,11 +85,16 @@ class Line:
     def journey(self, call: str) -> Journey | None:
         return self._journeys.get(call)
 
-    def answered(self, call: str, now: float) -> Step:
+    def answered(self, call: str, now: float, caller: Caller | None = None) -> Step:
+        """A call was answered; `caller`: who it is by pseudonym, for the safety ledger (if the line has one)."""
         if call in self._journeys:
             raise ValueError("call already answered")
         self._journeys[call] = Journey(self.settings)
-        return self._run(call, Answered(), now)
+        answered = Answered()
+        if self.safety is not None and caller is not None:
+            arrival = self.safety.arrived(call, caller, now)
+            answered = Answered(arrival, self.safety.held_apart_until(call) if arrival is Arrival.HELD_APART else None)
+        return self._run(call, answered, now)
 
     def digit(self, call: str, key: str, now: float) -> Step:
         return self._run(call, Digit(key), now)
@@ -94,6 +113,18 @@ class Line:
         """The caller hung up (a call we hung up has already left the line: nothing happens)."""
         return self._run(call, HungUp(), now)
 
+    def help_answered(self, call: str, now: float) -> Step:
+        """The help call `call` asked for (`CallHelp`) was answered."""
+        return self._run(call, HelpAnswered(), now)
+
+    def help_failed(self, call: str, now: float) -> Step:
+        """The help call was busy, unanswered or failed."""
+        return self._run(call, HelpFailed(), now)
+
+    def help_ended(self, call: str, now: float) -> Step:
+        """The answered help call is over."""
+        return self._run(call, HelpEnded(), now)
+
     def due(self, now: float) -> Step:
         """Whoever may now be paired, then every timer that is due, earliest first."""
         step = Step()
@@ -104,6 +135,7 @@ class Line:
                 journey = self._journeys.get(call)
                 if journey is not None and (deadline := journey.deadline) is not None and deadline <= now:
                     self._feed(call, TimerDue(), now, step)
+        self._pair(now, step)  # and last: a timer may have brought someone back (a cooldown over)
         return step
 
     def _deadlines(self) -> list[tuple[str, float]]:
@@ -125,7 +157,7 @@ class Line:
 
     def _feed(self, call: str, event: Event, now: float, step: Step) -> None:
         journey = self._journeys[call]
-        facts = LineFacts(len(self._journeys) - 1, self.busiest_hours)
+        facts = LineFacts(len(self._journeys) - 1, self.busiest_hours, self.help_line)
         for action in journey.handle(event, now, facts):
             if isinstance(action, Count):
                 step.statistics.append(action)
@@ -134,8 +166,15 @@ class Line:
                     self._pool.skipped(call, action.partner, now)
                 elif action.reason is Parting.TIME_UP:  # both may ask for someone new: someone else
                     self._pool.kept_apart(call, action.partner, now)
+                if self.safety is not None:
+                    if action.reason is Parting.SKIPPED:
+                        self.safety.skipped(call, action.partner, now)
+                    else:
+                        self.safety.talked(call, action.partner, now)
                 if action.partner in self._journeys:
                     self._feed(action.partner, Parted(action.reason), now, step)
+            elif isinstance(action, Report):
+                self._report(call, action.partner, now, step)
             elif isinstance(action, HoldNews):
                 if action.partner in self._journeys:
                     self._feed(action.partner, PartnerHeld(action.held), now, step)
@@ -148,12 +187,24 @@ class Line:
             step.ended.append((call, journey.summary))
             del self._journeys[call]
             self._pool.forget(call)
+            if self.safety is not None:
+                self.safety.left(call)
         elif journey.seeking and call not in self._pool:
             self._pool.add(call, journey.preference, now)
         elif not journey.seeking:
             self._pool.remove(call)
         elif self._pool.preference(call) is not journey.preference:
             self._pool.prefer(call, journey.preference)
+
+    def _report(self, reporter: str, reported: str, now: float, step: Step) -> None:
+        """Never paired again; the reported one hears only that the other left (and, when its reports
+        reach the threshold, waits held apart)."""
+        held_apart_until = self.safety.reported(reporter, reported, now) if self.safety is not None else None
+        if held_apart_until is not None:
+            step.statistics.append(Count(Statistic.COOLDOWN_STARTED))
+        self._pool.kept_apart(reporter, reported, now)  # without a ledger: apart for the skip window
+        if reported in self._journeys:
+            self._feed(reported, Parted(Parting.REPORTED, held_apart_until), now, step)
 
     def _pair(self, now: float, step: Step) -> None:
         for pairing in self._pool.match(now):

@@ -9,7 +9,7 @@ import enum
 import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 Member = TypeVar("Member", bound=Hashable)
 
@@ -60,6 +60,26 @@ class Pairing:
     preference_match: bool  # a talker with a listener
 
 
+class PairingRules(Protocol):
+    """Rules about two calls from outside the pool (the safety ledger: reports, cooldowns, repeats across calls)."""
+
+    def may_pair(self, a: str, b: str, now: float) -> bool:
+        """Whether the two may be paired at all now."""
+        ...
+
+    def is_repeat(self, a: str, b: str, now: float) -> bool:
+        """Whether the two should be paired only when neither can be paired with anyone else."""
+        ...
+
+    def changed_between(self, since: float, now: float) -> bool:
+        """Whether `may_pair` may have turned true for some pair after `since`, up to `now` (`since` never decreases)."""
+        ...
+
+    def next_change(self, now: float) -> float | None:
+        """The next time after `now` at which `may_pair` may turn true for some pair."""
+        ...
+
+
 @dataclass
 class _Skips:
     """Between two calls: how often each skipped the other, and when they last parted."""
@@ -86,9 +106,10 @@ class PreferencePool:
     per change, however many talkers wait together.
     """
 
-    def __init__(self, preference_wait: float, skip_window: float) -> None:
+    def __init__(self, preference_wait: float, skip_window: float, rules: PairingRules | None = None) -> None:
         self.preference_wait = preference_wait
         self.skip_window = skip_window
+        self.rules = rules
         self._waiting: dict[str, tuple[float, Preference]] = {}  # insertion order is waiting order
         self._skips: dict[frozenset[str], _Skips] = {}
         self._changed: set[str] = set()  # waiters who may pair with someone they could not at the last match
@@ -128,7 +149,7 @@ class PreferencePool:
             del self._skips[pair]
 
     def may_pair(self, a: str, b: str, now: float) -> bool:
-        if a == b:
+        if a == b or (self.rules is not None and not self.rules.may_pair(a, b, now)):
             return False
         skips = self._skips.get(frozenset((a, b)))
         if skips is not None and (now < skips.last + self.skip_window or max(skips.count.values(), default=0) >= 2):
@@ -158,14 +179,24 @@ class PreferencePool:
         for pair, skips in self._skips.items():
             if since < skips.last + self.skip_window <= now and pair <= self._waiting.keys():
                 expired += pair
+        if self.rules is not None and self.rules.changed_between(since, now):
+            expired += self._waiting  # a rule's time ran out: anyone may pair with someone new
         return expired
 
     def _next_pairing(self, now: float) -> Pairing | None:
+        first = self._next_pairing_of(now, repeats=False)
+        return first if first is not None or self.rules is None else self._next_pairing_of(now, repeats=True)
+
+    def _next_pairing_of(self, now: float, repeats: bool) -> Pairing | None:
+        """Without `repeats`, a pair the rules call a repeat is passed over: it waits for nobody else to fit."""
         # Only a pair with a changed waiter in it may be new: the rest were not pairable and still are not.
         changed = [call for call in self._waiting if call in self._changed]
         for call, (_, preference) in self._waiting.items():
             others = self._waiting if call in self._changed else changed
             candidates = [other for other in others if self.may_pair(call, other, now)]
+            if not repeats and self.rules is not None:
+                rules = self.rules
+                candidates = [other for other in candidates if not rules.is_repeat(call, other, now)]
             if candidates:
                 # max() keeps the first of equals: the longest waiter
                 partner = max(candidates, key=lambda other: self._rank(call, preference, other))
@@ -185,7 +216,8 @@ class PreferencePool:
             for pair, skips in self._skips.items()
             if pair <= self._waiting.keys() and max(skips.count.values(), default=0) < 2
         ]
-        future = [t for t in times if t > now]
+        changes = self.rules.next_change(now) if self.rules is not None and len(self._waiting) > 1 else None
+        future = [t for t in times if t > now] + ([changes] if changes is not None else [])
         return min(future, default=None)
 
     def preference(self, call: str) -> Preference | None:

@@ -19,6 +19,7 @@ class Admit:
     line: str = ""  # empty for requests that reach no line (OPTIONS)
     codecs: tuple[str, ...] = ()  # the trunk's allowed codecs; empty: all configured
     srtp: str = "off"  # the trunk's SRTP policy, one of sdp.SRTP_POLICIES
+    country_code: str = ""  # the line's country calling code (digits): callers' numbers are normalised to E.164
 
 
 @dataclass(frozen=True)

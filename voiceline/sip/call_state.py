@@ -43,6 +43,7 @@ class CallEvent(enum.Enum):
     REINVITE = "reinvite"
     UPDATE = "update"
     INFO = "info"
+    NOTIFY = "notify"  # the peer's NOTIFY of a REFER's progress (RFC 3515)
     PROVISIONAL = "provisional"  # a 1xx to our INVITE
     SUCCESS = "success"  # a 2xx to our INVITE (each retransmission too)
     FAILURE = "failure"  # a final error to our INVITE (after any authentication retry)
@@ -51,15 +52,15 @@ class CallEvent(enum.Enum):
 
 
 _PHASES = """
-            accept   reject  answer_due  hangup      ack        bye    cancel  reinvite   update     info       provisional  success    failure  no_response  ack_timeout
-offered     ringing  ended   =           ended       =          ended  ended   491        491        =          =            =          =        =            =
-ringing     =        =       answered    ended       =          ended  ended   491        491        =          =            =          =        =            =
-answered    =        =       =           ended       confirmed  ended  =       =          =          =          =            =          =        =            ended
-calling     =        =       =           cancelling  =          481    =       481        481        481        proceeding   confirmed  ended    ended        =
-proceeding  =        =       =           cancelling  =          481    =       481        481        481        =            confirmed  ended    ended        =
-cancelling  =        =       =           =           =          481    =       481        481        481        =            ended      ended    ended        =
-confirmed   =        =       =           ended       =          ended  =       =          =          =          =            =          =        =            ended
-ended       =        =       =           =           =          481    =       481        481        481        =            =          =        =            =
+            accept   reject  answer_due  hangup      ack        bye    cancel  reinvite   update     info       notify     provisional  success    failure  no_response  ack_timeout
+offered     ringing  ended   =           ended       =          ended  ended   491        491        =          =          =            =          =        =            =
+ringing     =        =       answered    ended       =          ended  ended   491        491        =          =          =            =          =        =            =
+answered    =        =       =           ended       confirmed  ended  =       =          =          =          =          =            =          =        =            ended
+calling     =        =       =           cancelling  =          481    =       481        481        481        481        proceeding   confirmed  ended    ended        =
+proceeding  =        =       =           cancelling  =          481    =       481        481        481        481        =            confirmed  ended    ended        =
+cancelling  =        =       =           =           =          481    =       481        481        481        481        =            ended      ended    ended        =
+confirmed   =        =       =           ended       =          ended  =       =          =          =          =          =            =          =        =            ended
+ended       =        =       =           =           =          481    =       481        481        481        481        =            =          =        =            =
 """
 
 

@@ -34,6 +34,7 @@ from voiceline.sip.call_state import (
     next_exchange,
     next_phase,
 )
+from voiceline.sip.identity import Pseudonym, Pseudonyms, asserted_identity
 from voiceline.sip.dialog import DEFAULT_SIP_PORT, Dialog, contact_target, is_ip_address, new_tag
 from voiceline.sip.events import (
     Answered,
@@ -51,6 +52,9 @@ from voiceline.sip.events import (
     Ringing,
     SdesKeys,
     TimedOut,
+    TransferFailed,
+    TransferProgress,
+    Transferred,
 )
 from voiceline.sip.message import (
     Headers,
@@ -96,7 +100,7 @@ from voiceline.sip.admission import Admission, Admit, Drop, Refuse, RequestPolic
 
 log = structlog.get_logger("voiceline.sip")
 
-ALLOWED_METHODS = "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO"
+ALLOWED_METHODS = "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO, NOTIFY"
 SUPPORTED_EXTENSIONS = ("timer",)
 USER_AGENT = f"voiceline/{__version__}"
 DTMF_CONTENT_TYPES = ("application/dtmf-relay", "application/dtmf")
@@ -131,6 +135,7 @@ class CoreSettings:
     session_timers: SessionTimerPolicy = SessionTimerPolicy()
     max_call_duration: float = 0.0  # seconds from the answer; 0: unlimited
     overload: OverloadLimits = field(default_factory=OverloadLimits)
+    key_rotation: float = 86400.0  # seconds a pseudonym key makes new pseudonyms (sip.identity)
 
 
 # -- inside sip ----------------------------------------------------------------------
@@ -173,6 +178,10 @@ class Call:
     provisional_seen: bool = False  # outbound: a CANCEL may be sent (RFC 3261 9.1)
     cancel_sent: bool = False
     end_reason: str = ""  # outbound: why we cancel
+    identity: str | None = field(default=None, repr=False)  # inbound: the normalised asserted identity, memory only
+    pseudonym: Pseudonym | None = None  # inbound
+    transferring: bool = False  # our REFER is out or its NOTIFYs are awaited
+    identity_held: bool = False  # inbound: its identity and its pseudonym's key are held until it ends
 
     @property
     def audio(self) -> NegotiatedAudio | None:
@@ -213,6 +222,7 @@ class CallCore:
         self.transactions = TransactionLayer(settings.timers, self.heap)
         self.counters = SipCounters()
         self.overload = OverloadGuard(settings.overload)
+        self.pseudonyms = Pseudonyms(settings.key_rotation)
         # By name ("UDP", "TCP", "TLS"): what the core asks of them is their port, whether they are
         # reliable and hold a connection, and where a closed connection's responses go; never to send.
         self.transports: dict[str, SipTransport] = {}
@@ -237,7 +247,9 @@ class CallCore:
         return events
 
     def next_deadline(self) -> float | None:
-        return self.heap.next_deadline()
+        """The earliest timer, or the pseudonym key's end (it is dropped on time, not at the next call)."""
+        times = [t for t in (self.heap.next_deadline(), self.pseudonyms.expires_at) if t is not None]
+        return min(times, default=None)
 
     @property
     def calls(self) -> list[Call]:
@@ -263,6 +275,7 @@ class CallCore:
     def poll(self, now: float) -> None:
         """Fire every timer due at `now`."""
         self._now = now
+        self.pseudonyms.expire(now)
         while (due := self.heap.pop_due(now)) is not None:
             owner, name = due
             if isinstance(owner, Call):
@@ -446,7 +459,7 @@ class CallCore:
             self._respond(tx, 503, [("Retry-After", "60")])  # a dispatcher's probe takes us out of rotation
         elif request.method == "OPTIONS":
             self._respond(tx, 200, [*self._capabilities(), ("Accept", "application/sdp")])
-        elif request.method in ("BYE", "INVITE", "UPDATE", "INFO"):
+        elif request.method in ("BYE", "INVITE", "UPDATE", "INFO", "NOTIFY"):
             self._on_in_dialog(tx, request, trunk)
         else:
             self._respond_and_forget(tx, 405, [("Allow", ALLOWED_METHODS)])
@@ -477,9 +490,11 @@ class CallCore:
             except SdpError:
                 raise _Refused(400) from None
         dialog = Dialog.from_invite(request, self.entropy.tag())
+        identity = asserted_identity(request.headers, admission.country_code)
         call = Call(
             self.entropy.call_id(), dialog, media, tx.source, tx.transport, invite=tx, offer=offer,
             session_agreement=timers, trunk=admission.trunk, line=admission.line,
+            identity=identity, pseudonym=self.pseudonyms.for_call(identity, self._now), identity_held=True,
         )  # fmt: skip
         call.peer_allows_update = _lists(request.headers, "Allow", "UPDATE")
         if audio is not None:
@@ -606,9 +621,9 @@ class CallCore:
 
     def _on_in_dialog(self, tx: ServerTransaction, request: SipRequest, trunk: str) -> None:
         call = self._dialog_of(request, trunk)
-        event = {"BYE": CallEvent.BYE, "INFO": CallEvent.INFO, "INVITE": CallEvent.REINVITE}.get(
-            request.method, CallEvent.UPDATE
-        )
+        event = {
+            "BYE": CallEvent.BYE, "INFO": CallEvent.INFO, "INVITE": CallEvent.REINVITE, "NOTIFY": CallEvent.NOTIFY,
+        }.get(request.method, CallEvent.UPDATE)  # fmt: skip
         if call is None or next_phase(call.state, event) == Refusal(481):
             self._respond_and_forget(tx, 481)
             return
@@ -621,6 +636,8 @@ class CallCore:
             self._end(call, "peer hung up" if call.outgoing is not None else "caller hung up")
         elif event is CallEvent.INFO:
             self._on_info(tx, request, call)
+        elif event is CallEvent.NOTIFY:
+            self._on_notify(tx, request, call)
         else:
             self._on_session_change(tx, request, call, event)
 
@@ -682,6 +699,67 @@ class CallCore:
         if call.state is CallState.CONFIRMED:
             self._events.append(Dtmf(self.info(call), digit))
 
+    # -- transfer: our REFER (RFC 3515) ---------------------------------------------------
+
+    def refer(self, call_id: str, target_uri: str, now: float, timeout: float = RING_TIMEOUT_SECONDS) -> bool:
+        """Ask a confirmed call's peer to call `target_uri` in our place (RFC 3515); False when it cannot be asked.
+
+        The REFER carries only `Refer-To` (no Referred-By: nothing of the caller). Its outcome
+        comes as events: TransferProgress (202, then each provisional the peer reports), then
+        Transferred (a 2xx reported) or TransferFailed (the REFER refused, a final error reported,
+        the subscription ended without one, or nothing final within `timeout`). The call itself
+        goes on: the app hangs it up once transferred.
+        """
+        self._now = now
+        call = self._by_id.get(call_id)
+        if call is None or call.state is not CallState.CONFIRMED or call.transferring:
+            return False
+        parse_uri(target_uri)  # SipParseError before anything is sent
+        request = self._in_dialog_request(call, "REFER")
+        for name, value in [("Refer-To", f"<{target_uri}>"), *self._call_headers(call), ("User-Agent", USER_AGENT)]:
+            request.headers.add(name, value)
+        call.transferring = True
+        self._send_in_dialog(call, request, lambda tx, response: self._contained(call, self._refer_done, call, response))
+        self.heap.arm(call, "transfer", now + timeout)
+        log.info("call.refer", call=call.id)
+        return True
+
+    def _refer_done(self, call: Call, response: SipResponse | None) -> None:
+        if not call.transferring or call.state is CallState.ENDED:
+            return
+        status = response.status if response is not None else 408
+        if 200 <= status < 300:
+            self._events.append(TransferProgress(call.id, status))
+        else:
+            self._transfer_over(call, TransferFailed(call.id, status))
+
+    def _transfer_over(self, call: Call, outcome: Transferred | TransferFailed) -> None:
+        call.transferring = False
+        self.heap.cancel(call, "transfer")
+        log.info("call.transfer", call=call.id, status=outcome.status if isinstance(outcome, TransferFailed) else 200)
+        self._events.append(outcome)
+
+    def _on_notify(self, tx: ServerTransaction, request: SipRequest, call: Call) -> None:
+        """A NOTIFY of our REFER's progress: its message/sipfrag status line says how the peer's call goes."""
+        event = (request.headers.get("Event") or "").split(";")[0].strip().lower()
+        if event != "refer" or not call.transferring:
+            self._respond(tx, 481)  # no such subscription (RFC 6665 4.1.3)
+            return
+        status = _sipfrag_status(request.body) if _content_type(request) == "message/sipfrag" else None
+        if status is None:
+            self._respond(tx, 400)
+            return
+        self._respond(tx, 200)
+        terminated = (request.headers.get("Subscription-State") or "").strip().lower().startswith("terminated")
+        if 200 <= status < 300:
+            self._transfer_over(call, Transferred(call.id))
+        elif status >= 300:
+            self._transfer_over(call, TransferFailed(call.id, status))
+        elif terminated:
+            self._transfer_over(call, TransferFailed(call.id, 487))  # ended before any final word
+        else:
+            self._events.append(TransferProgress(call.id, status))
+
     def _media_maybe_changed(self, call: Call, before: NegotiatedAudio | None) -> None:
         audio = call.audio
         if audio is None or before is None:
@@ -709,6 +787,8 @@ class CallCore:
             self._hangup(call, "maximum duration")
         elif name == "ring":
             self._hangup(call, "no answer")
+        elif name == "transfer" and call.transferring:
+            self._transfer_over(call, TransferFailed(call.id, 408))
         elif name == "session":
             self._session_timer_due(call)
 
@@ -821,20 +901,29 @@ class CallCore:
         privacy: bool = True,
         ring_timeout: float = RING_TIMEOUT_SECONDS,
         trunk: str = "",
+        assert_identity_of: str | None = None,
+        from_uri: str | None = None,
     ) -> str:
         """Call `target_uri` through `dest` (an IP address: names are resolved by the caller); returns the call's id.
 
         The outcome comes as an event: Answered (then CallEnded), Refused, Cancelled or TimedOut.
         `privacy`: an anonymous From and `Privacy: id` (RFC 3323), so the callee learns nothing of us.
+        `from_uri`: our own identity for the From (e.g. the trunk's account, which some carriers
+        require), with `Privacy: id` still asked when `privacy`.
+        `assert_identity_of`: a live inbound call whose caller's asserted identity goes in a
+        P-Asserted-Identity (RFC 3325; with `privacy`, the trusted next hop keeps it from
+        untrusted ones); the identity is never returned, logged or kept past either call.
         """
         self._now = now
         if not is_ip_address(dest[0]):
             raise ValueError("the destination must be an IP address")
         parse_uri(target_uri)  # SipParseError before anything is kept
+        if from_uri is not None:
+            parse_uri(from_uri)
         local_tag = self.entropy.tag()
         port = self.transports[transport].local_address[1]
         host = self.settings.advertised_host
-        sender = ANONYMOUS_FROM if privacy else f"<sip:{from_user}@{host}>"
+        sender = f"<{from_uri}>" if from_uri else ANONYMOUS_FROM if privacy else f"<sip:{from_user}@{host}>"
         headers = Headers(
             [
                 ("Via", f"SIP/2.0/{transport} {host}:{port};branch={self.entropy.branch()};rport"),
@@ -855,6 +944,9 @@ class CallCore:
                     headers.add(name, value)
         if privacy:
             headers.add("Privacy", "id")
+        asserted = self._by_id.get(assert_identity_of) if assert_identity_of is not None else None
+        if asserted is not None and asserted.identity is not None and asserted.state is not CallState.ENDED:
+            headers.add("P-Asserted-Identity", _identity_uri(asserted.identity, host))
         media = OfferAnswer(host, self.settings.codecs, local_port=local_rtp_port)
         headers.add("Content-Type", "application/sdp")
         request = SipRequest("INVITE", target_uri, headers, media.offer())
@@ -1040,6 +1132,11 @@ class CallCore:
         call.state = CallState.ENDED
         self._stop_awaiting_ack(call)  # a BYE before the ACK ends the 2xx retransmissions too
         call.deadlines.clear()
+        if call.transferring:
+            self._transfer_over(call, TransferFailed(call.id, 487))  # the call ended before the transfer did
+        if call.pseudonym is not None and call.identity_held:
+            self.pseudonyms.release(call.pseudonym.key_epoch)
+        call.identity, call.identity_held = None, False  # the pseudonym stays for the CallEnded event
         self._calls.pop((call.dialog.call_id, call.dialog.local_tag), None)
         if call.invite is not None:
             self._calls_by_invite.pop(call.invite, None)
@@ -1180,9 +1277,21 @@ class CallCore:
                 audio.codec, audio.payload_type, audio.telephone_event_pt, (audio.remote_host, audio.remote_port),
                 audio.direction, call.on_hold, keys,
             )  # fmt: skip
+        pseudonym = call.pseudonym
         return CallInfo(
-            call.id, call.outgoing is not None, call.trunk, call.line, call.peer[0], call.local_rtp_port, media
-        )
+            call.id, call.outgoing is not None, call.trunk, call.line, call.peer[0], call.local_rtp_port, media,
+            pseudonym.value if pseudonym else "", pseudonym.key_epoch if pseudonym else 0,
+            pseudonym.withheld if pseudonym else False,
+        )  # fmt: skip
+
+
+def _identity_uri(identity: str, host: str) -> str:
+    """A normalised identity as a P-Asserted-Identity value: tel: for E.164, a sip: URI else."""
+    if identity.startswith("+"):
+        return f"<tel:{identity}>"
+    if identity.startswith("sip:"):
+        return f"<{identity}>"
+    return f"<sip:{identity}@{host};user=phone>"
 
 
 def _ignore(tx: ClientTransaction, response: SipResponse | None) -> None:
@@ -1220,6 +1329,14 @@ def _content_type(request: SipRequest) -> str:
 def _lists(headers: Headers, name: str, option: str) -> bool:
     """Whether a comma-separated header (Allow, Supported) names `option`."""
     return any(item.strip().upper() == option for value in headers.get_all(name) for item in value.split(","))
+
+
+def _sipfrag_status(body: bytes) -> int | None:
+    """The status of a message/sipfrag's status line (`SIP/2.0 180 Ringing`), else None."""
+    words = body.split(b"\r\n", 1)[0].split(b"\n", 1)[0].split()
+    if len(words) >= 2 and words[0] == b"SIP/2.0" and words[1].isdigit() and len(words[1]) == 3:
+        return int(words[1])
+    return None
 
 
 def _dtmf_digit(content_type: str, body: bytes) -> str | None:

@@ -48,6 +48,10 @@ class CallInfo:
     signalling_host: str  # the peer's signalling address: its RTP may come from there too (NAT)
     local_rtp_port: int
     media: CallMedia | None  # None until an offerless INVITE's ACK brought the answer
+    # Who is calling, as a keyed pseudonym (sip.identity): hex, "" for an outbound call; never logged.
+    pseudonym: str = field(default="", repr=False)
+    key_epoch: int = 0  # the pseudonym key it was made under: pseudonyms of one epoch compare
+    withheld: bool = False  # no usable identity: the pseudonym is fresh for this call
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,29 @@ class TimedOut:
 
 
 @dataclass(frozen=True)
+class TransferProgress:
+    """Our REFER was accepted (202), or the peer reports a provisional status of the call it places."""
+
+    call_id: str
+    status: int
+
+
+@dataclass(frozen=True)
+class Transferred:
+    """The peer reports the call it placed for our REFER answered: hang ours up when done with it."""
+
+    call_id: str
+
+
+@dataclass(frozen=True)
+class TransferFailed:
+    """Our REFER was refused, or the call it asked for failed (the reported status), or timed out (408)."""
+
+    call_id: str
+    status: int
+
+
+@dataclass(frozen=True)
 class RequestDone:
     """The final response to a request sent with `send_request`; None when none came in time (Timer F)."""
 
@@ -135,4 +162,5 @@ class RequestDone:
 Event = (
     CallOffered | CallConfirmed | MediaChanged | Dtmf | CallEnded
     | Ringing | Answered | Refused | Cancelled | TimedOut | RequestDone
+    | TransferProgress | Transferred | TransferFailed
 )  # fmt: skip

@@ -33,6 +33,9 @@ from voiceline.sip.events import (
     RequestDone,
     Ringing,
     TimedOut,
+    TransferFailed,
+    TransferProgress,
+    Transferred,
 )
 from voiceline.sip.message import SipRequest, SipResponse
 from voiceline.sip.overload import OverloadGuard
@@ -85,6 +88,15 @@ class OutboundCall:
     events: asyncio.Queue[Ringing | MediaChanged | Dtmf] = field(default_factory=asyncio.Queue)
 
 
+@dataclass(eq=False)
+class Transfer:
+    """Our REFER in a call: its outcome (Transferred or TransferFailed), and the progress reported on the way."""
+
+    call_id: str
+    outcome: asyncio.Future[Transferred | TransferFailed]
+    progress: asyncio.Queue[TransferProgress] = field(default_factory=asyncio.Queue)
+
+
 class UserAgent:
     def __init__(
         self,
@@ -102,6 +114,7 @@ class UserAgent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._requests: dict[ClientTransaction, asyncio.Future[SipResponse | None]] = {}
         self._outbound: dict[str, OutboundCall] = {}
+        self._transfers: dict[str, Transfer] = {}
         self._requests_done = asyncio.Event()
 
     # -- what the app and tests read -------------------------------------------------
@@ -188,6 +201,15 @@ class UserAgent:
         self.core.hangup(call_id, reason, self._loop.time())
         self._flush()
 
+    def refer(self, call_id: str, target_uri: str, timeout: float | None = None) -> Transfer | None:
+        """Ask a confirmed call's peer to call `target_uri` instead (REFER, RFC 3515); None when it cannot be asked."""
+        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        if not self.core.refer(call_id, target_uri, self._loop.time(), **options):
+            return None
+        transfer = self._transfers[call_id] = Transfer(call_id, self._loop.create_future())
+        self._flush()
+        return transfer
+
     async def request(self, request: SipRequest, dest: Address) -> SipResponse | None:
         """Send a non-INVITE request (REGISTER, OPTIONS ...) in a client transaction.
 
@@ -210,15 +232,20 @@ class UserAgent:
         privacy: bool = True,
         ring_timeout: float | None = None,
         trunk: str = "",
+        assert_identity_of: str | None = None,
+        from_uri: str | None = None,
     ) -> OutboundCall:
         """Place a call to `target_uri` through `dest` (an IP address); await `outcome`, then `ended`.
 
         `trunk`: the trunk `dest` belongs to, when it is one: its requests in the call are then admitted as ours.
+        `assert_identity_of`: an inbound call whose caller's identity the callee may learn (CallCore.invite);
+        `from_uri`: our own From (the trunk's account) instead of the anonymous one.
         """
         options: dict[str, Any] = {} if ring_timeout is None else {"ring_timeout": ring_timeout}
         call_id = self.core.invite(
             target_uri, dest, transport, local_rtp_port, self._loop.time(), credentials,
-            privacy=privacy, trunk=trunk, **options,
+            privacy=privacy, trunk=trunk, assert_identity_of=assert_identity_of,
+            from_uri=from_uri, **options,
         )  # fmt: skip
         call = OutboundCall(call_id, self._loop.create_future(), self._loop.create_future())
         self._outbound[call_id] = call
@@ -245,6 +272,9 @@ class UserAgent:
             if waiter is not None and not waiter.done():  # the caller may have stopped waiting
                 waiter.set_result(event.response)
             return
+        if isinstance(event, (TransferProgress, Transferred, TransferFailed)):
+            self._to_transfer(event)
+            return
         call_id = event.call_id if isinstance(event, (Ringing, Refused, Cancelled, TimedOut)) else event.call.id
         outbound = self._outbound.get(call_id)
         if outbound is not None:
@@ -266,6 +296,17 @@ class UserAgent:
                 call.ended.set_result(event)
         elif isinstance(event, (Ringing, MediaChanged, Dtmf)):
             call.events.put_nowait(event)
+
+    def _to_transfer(self, event: TransferProgress | Transferred | TransferFailed) -> None:
+        transfer = self._transfers.get(event.call_id)
+        if transfer is None:
+            return
+        if isinstance(event, TransferProgress):
+            transfer.progress.put_nowait(event)
+            return
+        del self._transfers[event.call_id]
+        if not transfer.outcome.done():
+            transfer.outcome.set_result(event)
 
     def _to_handler(self, event: CallConfirmed | MediaChanged | Dtmf | CallEnded) -> None:
         assert self.handler is not None
