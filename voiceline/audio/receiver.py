@@ -112,6 +112,23 @@ class Receiver:
         self.peer = self.rtcp_source = None
         return True
 
+    @property
+    def audio_payload_type(self) -> int:
+        return self._audio_pt
+
+    @property
+    def decoding(self) -> bool:
+        """Whether audio is decoded (in-band DTMF is watched for, or a listener needs PCM)."""
+        return self._decoding
+
+    def forwarded(self, packets: int, last_received: float, highest: int, wraps: int) -> None:
+        """Audio from the peer was relayed and counted elsewhere (the kernel path): `packets`, the
+        last arriving at `last_received`, the highest sequence number now `highest`."""
+        if packets:
+            self.packets_in += packets
+            self.last_received = max(self.last_received, last_received)
+            self.reception.forwarded(packets, highest, wraps)
+
     def want_pcm(self, wanted: bool) -> None:
         """Whether someone hearing this stream needs it as PCM (transcoding, or under a prompt)."""
         self._pcm_wanted = wanted

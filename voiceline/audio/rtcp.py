@@ -84,6 +84,16 @@ class ReceptionStats:
                 self._jitter += (difference - self._jitter) / 16
         self._transit = transit
 
+    def forwarded(self, packets: int, highest: int, wraps: int) -> None:
+        """`packets` of this SSRC were received and counted elsewhere (the kernel path), bringing the
+        highest sequence number to `highest` after `wraps` wraps. Jitter was not measured over them:
+        the next packet starts its transit afresh."""
+        if packets:
+            self.received += packets
+            self._max = highest
+            self._cycles += wraps * _SEQ_MOD
+            self._transit = None
+
     @property
     def highest_sequence(self) -> int:
         return self._max
