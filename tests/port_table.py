@@ -17,7 +17,8 @@ TABLE: dict[str, int] = {
     "test_cli": 100,  # `voiceline serve --rtp-ports`
     "test_client_invite": 201,  # our SIP port and SIPp's, 4 per call; then a port only named in our SDP
     "test_dialogs": 600,  # 20 per service
-    "test_kamailio": 20,  # Kamailio's SIP port (a fixed port in its configuration)
+    "test_kamailio": 20,
+    "test_kernel_path": 300,  # 100 per engine  # Kamailio's SIP port (a fixed port in its configuration)
     "test_logs": 20,
     "test_media": 140,  # 100 for the engine, then small ranges with fixed layouts
     "test_media_features": 210,  # 100 for the engine, 100 for a second engine, a phone's RTP/RTCP pair

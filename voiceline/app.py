@@ -78,7 +78,12 @@ class VoiceLine:
             hold_audio,
             inband_dtmf=self.config.media.inband_dtmf,
             learning=Learning(self.config.media.learning_packets, self.config.media.learning_seconds),
+            kernel_forwarding=self.config.media.kernel_forwarding == "auto",
         )
+        if self.media.kernel_path_unavailable is not None:
+            log.warning("media.kernel_path_unavailable", reason=self.media.kernel_path_unavailable)
+        elif self.media.kernel_routes.path is not None:
+            log.info("media.kernel_path_on")
         settings = CoreSettings(
             advertised_host=sip.advertised_host,
             answer_delay=sip.answer_delay,

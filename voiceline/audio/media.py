@@ -230,6 +230,7 @@ class LegStats:
     """Anonymous figures of one leg: what it received, sent, and what its peer reported."""
 
     packets_in: int
+    packets_in_kernel: int  # of packets_in: relayed by the kernel path
     packets_out: int
     packets_dropped: int
     packets_expected: int  # by the peer's sequence numbers
@@ -432,6 +433,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         peer_lost, peer_jitter = receiver.peer_report if receiver.peer_report is not None else (None, None)
         return LegStats(
             packets_in=receiver.packets_in,
+            packets_in_kernel=receiver.packets_in_kernel,
             packets_out=self.sender.packets_out,
             packets_dropped=receiver.packets_dropped,
             packets_expected=expected,

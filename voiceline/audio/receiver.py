@@ -54,6 +54,7 @@ class Receiver:
         `learning`: how a source other than the SDP's or the signalling's host proves itself."""
         self.codec = PCMU  # replaced by start
         self.packets_in = 0
+        self.packets_in_kernel = 0  # of packets_in: relayed by the kernel path
         self.packets_dropped = 0
         self.last_received = 0.0  # when the last valid packet arrived (the `now` it was fed with)
         self.peer: Address | None = None  # the latched source; packets from it pass with one comparison
@@ -126,6 +127,7 @@ class Receiver:
         last arriving at `last_received`, the highest sequence number now `highest`."""
         if packets:
             self.packets_in += packets
+            self.packets_in_kernel += packets
             self.last_received = max(self.last_received, last_received)
             self.reception.forwarded(packets, highest, wraps)
 
