@@ -80,10 +80,6 @@ class VoiceLine:
             learning=Learning(self.config.media.learning_packets, self.config.media.learning_seconds),
             kernel_forwarding=self.config.media.kernel_forwarding == "auto",
         )
-        if self.media.kernel_path_unavailable is not None:
-            log.warning("media.kernel_path_unavailable", reason=self.media.kernel_path_unavailable)
-        elif self.media.kernel_routes.path is not None:
-            log.info("media.kernel_path_on")
         settings = CoreSettings(
             advertised_host=sip.advertised_host,
             answer_delay=sip.answer_delay,
@@ -128,6 +124,10 @@ class VoiceLine:
                 trunks=sorted(directory.trunks),
                 lines=sorted(directory.lines),
             )
+        if self.media.kernel_path_unavailable is not None:
+            log.warning("media.kernel_path_unavailable", reason=self.media.kernel_path_unavailable)
+        elif self.media.kernel_routes.path is not None:
+            log.info("media.kernel_path_on")
         host = sip.listen_address[0]
         if not sip.public_address and host == "0.0.0.0":
             log.warning(
