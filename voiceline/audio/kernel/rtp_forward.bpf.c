@@ -112,10 +112,16 @@ static __always_inline int replace4(struct __sk_buff *skb, __u32 offset, __u32 f
 SEC("tc")
 int voiceline_rtp(struct __sk_buff *skb)
 {
+	/* Other traffic leaves after a few loads: not IPv4 UDP (checked in the linear head), or no route. */
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return TC_ACT_UNSPEC;
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + IP_OFF;
+	if ((void *)(ip + 1) > data_end)
+		return TC_ACT_UNSPEC;
+	if (ip->version != 4 || ip->ihl != 5 || ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(0x3fff)))
+		return TC_ACT_UNSPEC;
 	if (data + RTP_OFF + RTP_HEADER > data_end) {
 		if (skb->len < RTP_OFF + RTP_HEADER || bpf_skb_pull_data(skb, RTP_OFF + RTP_HEADER))
 			return TC_ACT_UNSPEC;
@@ -123,10 +129,8 @@ int voiceline_rtp(struct __sk_buff *skb)
 		data_end = (void *)(long)skb->data_end;
 		if (data + RTP_OFF + RTP_HEADER > data_end)
 			return TC_ACT_UNSPEC;
+		ip = data + IP_OFF;
 	}
-	struct iphdr *ip = data + IP_OFF;
-	if (ip->version != 4 || ip->ihl != 5 || ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(0x3fff)))
-		return TC_ACT_UNSPEC;
 	struct udphdr *udp = data + UDP_OFF;
 	struct route_key key = {.addr = ip->daddr, .port = udp->dest};
 	struct route *route = bpf_map_lookup_elem(&routes, &key);
