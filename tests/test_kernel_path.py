@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
@@ -23,7 +25,7 @@ from voiceline.audio.hold import hold_music
 from voiceline.audio.kernel import forwarding
 from voiceline.audio.kernel.forwarding import PRIORITY, KernelPath
 from voiceline.audio.media import MediaEngine, MediaLeg
-from voiceline.audio.rtp import RtpHeader, parse_header
+from voiceline.audio.rtp import RtpHeader, build_packet, parse_header
 from voiceline.sim.analysis import goertzel_db
 
 pytestmark = pytest.mark.integration
@@ -140,6 +142,52 @@ async def test_partner_changes_keep_one_stream_through_kernel_and_userspace(engi
     assert [payload for _, payload in packets[: changes[1]]] == [voice_b] * 10
     assert [payload for _, payload in packets[changes[1] : changes[2]]] == [voice_c] * 10
     assert [payload for _, payload in packets[changes[3] :]] == [voice_b] * 10
+
+
+async def test_hand_overs_under_a_running_stream_lose_and_duplicate_nothing(engine, phones):
+    """Packets keep arriving (from another thread, 1 per ms) while the route is stopped and
+    installed again and again: each is relayed once, by one path or the other."""
+    phone_a, a, phone_b, b, from_b = await talking(engine, phones)
+    count = 1000
+    stream = [
+        build_packet(PCMU, (from_b.sequence + i) % 2**16, (from_b.timestamp + 160 * i) % 2**32, from_b.ssrc, i.to_bytes(4, "big") * 40)
+        for i in range(count)
+    ]
+
+    def send_all() -> None:
+        for packet in stream:
+            while True:
+                try:
+                    phone_b.send(b, packet)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.0001)
+            time.sleep(0.001)
+
+    received: list[tuple[RtpHeader, bytes]] = []
+
+    async def receive_all() -> None:
+        while len(received) < count:
+            received.append(await phone_a.receive())
+
+    receiving = asyncio.create_task(receive_all())
+    sender = threading.Thread(target=send_all)
+    sender.start()
+    try:
+        while sender.is_alive():
+            b.stats()  # the routes from and to b stop, fold back and start again
+            await asyncio.sleep(0)
+    finally:
+        sender.join()
+    await receiving
+    await phone_a.assert_quiet()
+    indexes = sorted(int.from_bytes(payload[:4], "big") for _, payload in received)
+    assert indexes == list(range(count))  # none lost, none twice
+    sequences = sorted((header.sequence - received[0][0].sequence) % 2**16 for header, _ in received)
+    assert sequences == list(range(count))  # one continuous stream, whichever path sent each
+    stats = b.stats()
+    assert stats.packets_in == count + 1 and stats.packets_lost == 0
+    assert 0 < stats.packets_in_kernel < count  # both paths took part
 
 
 async def test_a_foreign_source_is_left_to_the_latch_rules_and_never_forwarded(engine, phones):
