@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class _TcOpts(ctypes.Structure):
     ]
 
 
+@functools.cache
 def _library() -> ctypes.CDLL:
     name = ctypes.util.find_library("bpf") or "libbpf.so.1"
     try:
@@ -64,8 +66,7 @@ def _library() -> ctypes.CDLL:
     lib.bpf_object__find_program_by_name.restype = ctypes.c_void_p
     lib.bpf_program__fd.argtypes = [ctypes.c_void_p]
     lib.bpf_object__find_map_fd_by_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    for call in ("bpf_tc_hook_create",):
-        getattr(lib, call).argtypes = [ctypes.POINTER(_TcHook)]
+    lib.bpf_tc_hook_create.argtypes = [ctypes.POINTER(_TcHook)]
     for call in ("bpf_tc_attach", "bpf_tc_detach"):
         getattr(lib, call).argtypes = [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]
     lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint64]
@@ -127,14 +128,15 @@ def _hook(ifindex: int) -> _TcHook:
     return _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=BPF_TC_INGRESS)
 
 
-def attach_ingress(bpf: BpfObject, ifindex: int, program_fd: int, priority: int, handle: int) -> None:
+def attach_ingress(ifindex: int, program_fd: int, priority: int, handle: int) -> None:
     """Our program as a direct-action filter on `ifindex`'s ingress (the clsact qdisc made if missing)."""
+    lib = _library()
     hook = _hook(ifindex)
-    created = bpf._lib.bpf_tc_hook_create(ctypes.byref(hook))
+    created = lib.bpf_tc_hook_create(ctypes.byref(hook))
     if created < 0 and created != -errno.EEXIST:
         _check("bpf_tc_hook_create", created)
     opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), prog_fd=program_fd, handle=handle, priority=priority)
-    _check("bpf_tc_attach", bpf._lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts)))
+    _check("bpf_tc_attach", lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts)))
 
 
 def detach_ingress(ifindex: int, priority: int, handle: int) -> bool:

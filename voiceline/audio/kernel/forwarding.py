@@ -17,6 +17,8 @@ every packet the kernel forwarded is in that state (see the C source).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import json
 import os
@@ -128,16 +130,14 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, someone else's
+        pass
     return True
 
 
-def remove_stale_filters(ifindex_name: str = "lo") -> int:
+def remove_stale_filters(device: str = "lo") -> int:
     """Remove our filters whose process is gone; returns how many."""
-    listing = subprocess.run(
-        ["tc", "-j", "filter", "show", "dev", ifindex_name, "ingress"], capture_output=True, text=True, check=False
-    )
+    listing = subprocess.run(["tc", "-j", "filter", "show", "dev", device, "ingress"], capture_output=True, text=True)
     if listing.returncode != 0 or not listing.stdout.strip():
         return 0
     removed = 0
@@ -147,7 +147,7 @@ def remove_stale_filters(ifindex_name: str = "lo") -> int:
             continue
         handle = int(options["handle"], 16)
         if not _pid_alive(handle >> _HANDLE_PID_SHIFT):
-            removed += detach_ingress(socket.if_nametoindex(ifindex_name), PRIORITY, handle)
+            removed += detach_ingress(socket.if_nametoindex(device), PRIORITY, handle)
     return removed
 
 
@@ -156,10 +156,11 @@ class KernelPath:
 
     def __init__(self, bind_host: str) -> None:
         try:
-            if not IPv4Address(bind_host).is_loopback:
-                raise KernelPathUnavailable("the kernel path forwards on loopback only")
+            loopback = IPv4Address(bind_host).is_loopback
         except ValueError as exc:
             raise KernelPathUnavailable("the kernel path needs an IPv4 media address") from exc
+        if not loopback:
+            raise KernelPathUnavailable("the kernel path forwards on loopback only")
         if not OBJECT_PATH.is_file():
             raise KernelPathUnavailable("the BPF object is not built (make builds it with clang)")
         self._ifindex = socket.if_nametoindex("lo")
@@ -175,22 +176,32 @@ class KernelPath:
             self._routes = self._bpf.map_fd("routes")
             self._legs = self._bpf.map_fd("legs")
             self._enabled = self._bpf.map_fd("enabled")
-            attach_ingress(self._bpf, self._ifindex, self._bpf.program_fd(PROGRAM), PRIORITY, self.handle)
+            attach_ingress(self._ifindex, self._bpf.program_fd(PROGRAM), PRIORITY, self.handle)
         except BpfError as exc:
             self._bpf.close()
             raise KernelPathUnavailable(f"the kernel refused the TC filter ({_reason(exc)})") from exc
         self._closed = False
 
     def install(self, route: Route, state: RewriteState) -> None:
-        """Forward `route` in the kernel from now on, continuing from `state`."""
+        """Forward `route` in the kernel from now on, continuing from `state`. A `BpfError` leaves
+        nothing forwarding."""
         if route.local in self._slots:
             raise ValueError("a route from this socket is installed")
+        if not self._free:
+            raise BpfError("install", errno.ENOSPC)
         slot = self._free.pop()
         key = _SLOT.pack(slot)
-        self._bpf.update(self._enabled, key, _ENABLED.pack(0))
-        self._bpf.update(self._legs, key, state.pack(), BPF_F_LOCK)
-        self._bpf.update(self._routes, _route_key(route.local), _pack_route(route, slot))
-        self._bpf.update(self._enabled, key, _ENABLED.pack(1))
+        try:
+            self._bpf.update(self._enabled, key, _ENABLED.pack(0))
+            self._bpf.update(self._legs, key, state.pack(), BPF_F_LOCK)
+            self._bpf.update(self._routes, _route_key(route.local), _pack_route(route, slot))
+            self._bpf.update(self._enabled, key, _ENABLED.pack(1))
+        except BpfError:
+            self._bpf.update(self._enabled, key, _ENABLED.pack(0))
+            with contextlib.suppress(BpfError):  # when the route was not written
+                self._bpf.delete(self._routes, _route_key(route.local))
+            self._free.append(slot)
+            raise
         self._slots[route.local] = slot
 
     def stop(self, local: Address) -> RewriteState:
@@ -219,7 +230,7 @@ class KernelPath:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, BpfError) and exc.code == 1:  # EPERM
+    if isinstance(exc, BpfError) and exc.code == errno.EPERM:
         return "needs root: CAP_BPF and CAP_NET_ADMIN"
     return str(exc)
 

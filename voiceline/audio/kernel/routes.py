@@ -30,6 +30,7 @@ from ipaddress import IPv4Address
 from typing import Protocol
 
 from voiceline.audio.bridge import Bridge
+from voiceline.audio.kernel.bpf import BpfError
 from voiceline.audio.kernel.forwarding import KernelPath, RewriteState, Route, loop_time_from, monotonic_ns_from
 from voiceline.audio.latch import Address
 from voiceline.audio.receiver import Receiver
@@ -73,6 +74,7 @@ class KernelRoutes:
         self._by_receiver: dict[Receiver, RoutedLeg] = {}
         self._by_sender: dict[Sender, RoutedLeg] = {}
         self._routed: dict[RoutedLeg, RoutedLeg] = {}  # source -> its listener, while the kernel forwards
+        self.install_failures = 0
 
     @property
     def forwarding(self) -> int:
@@ -213,7 +215,11 @@ class KernelRoutes:
             timestamp_shift=position.timestamp_shift,
             source_max=receiver.reception.highest_sequence,
         )
-        self.path.install(route, state)
+        try:
+            self.path.install(route, state)
+        except BpfError:
+            self.install_failures += 1  # the userspace path relays it, as without the kernel path
+            return
         self._routed[source] = listener
         source.kernel_forwarding(True)
 
