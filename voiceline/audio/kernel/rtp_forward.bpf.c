@@ -70,6 +70,11 @@ struct leg {
 	__u32 src_cycles; /* wraps of it seen here */
 };
 
+/* The layouts forwarding.py packs (_ROUTE_KEY, _ROUTE, _LEG). */
+_Static_assert(sizeof(struct route_key) == 8, "route_key layout");
+_Static_assert(sizeof(struct route) == 40, "route layout");
+_Static_assert(sizeof(struct leg) == 64, "leg layout");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* an element is never reused under a reader */
