@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
+import test_media
+import test_media_features
 from port_table import port_block
 from test_media import HOST, PCMU, Phone, phones, tone_frame  # phones: the fixture, shared
 from test_media_features import EVENT, PROMPT_HZ, Sender, assert_tone, event_payload, heard, leg_for, pair, tone, tone_frames
@@ -87,6 +89,28 @@ async def talking(engine: MediaEngine, phones: Callable[[], Phone]) -> tuple[Pho
     await phone_a.receive()
     await until(lambda: engine.kernel_routes.forwarded_from(b) is not None)
     return phone_a, a, phone_b, b, from_b
+
+
+# The userspace path's own relay tests, run again with the kernel path on: it keeps every behaviour.
+RELAY_BEHAVIOURS = [
+    test_media.test_tone_into_b_reaches_a_as_a_continuation_of_its_hold_stream,
+    test_media.test_telephone_events_are_not_relayed,
+    test_media.test_symmetric_rtp_latches_on_the_first_valid_packet,
+    test_media.test_garbage_is_dropped_and_the_leg_keeps_working,
+    test_media.test_closing_a_partner_silences_the_listener_until_it_is_told_again,
+    test_media_features.test_rfc4733_digits_reach_the_callback_and_not_the_partner,
+    test_media_features.test_hold_talk_and_another_partner_continue_one_stream,
+    test_media_features.test_injected_packets_are_dropped_even_with_the_latched_ssrc,
+    test_media_features.test_a_silent_peer_may_move_with_its_ssrc_after_a_nat_rebinding,
+    test_media_features.test_two_g722_legs_talk_in_wideband_relayed_as_is,
+    test_media_features.test_a_prompt_is_heard_over_the_partner_who_keeps_talking,
+    test_media_features.test_a_leg_whose_peer_holds_it_sends_nothing_not_even_a_prompt,
+]
+
+
+@pytest.mark.parametrize("behaviour", RELAY_BEHAVIOURS, ids=lambda test: test.__name__[5:])
+async def test_relay_behaviours_hold_with_the_kernel_path(behaviour, engine, phones):
+    await behaviour(engine, phones)
 
 
 async def test_a_tone_crosses_the_kernel_path_with_no_userspace_hop(engine, phones):

@@ -117,8 +117,10 @@ class KernelRoutes:
 
     def takeover(self, leg: RoutedLeg) -> None:
         """The socket got a packet for `leg` while the kernel forwards its stream: the userspace
-        path takes over now, and the route is reviewed once this packet is handled."""
-        self._stop(leg)
+        path takes over now (also the route to `leg`, whose peer the packet may move), and the
+        routes are reviewed once this packet is handled."""
+        for source in self._touching(leg):
+            self._stop(source)
         self.review_soon(leg)
 
     def review_soon(self, leg: RoutedLeg) -> None:
