@@ -16,13 +16,16 @@ pytestmark = pytest.mark.interop
 def test_two_callers_hear_each_other_through_the_kernel(
     voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]]
 ) -> None:
-    server = voiceline_server({"sip": {"answer_delay": 0.1}, "media": {"kernel_forwarding": "auto"}})
+    # A caller silent for 1 s would be hung up: only the kernel's counts show that these talk.
+    media = {"kernel_forwarding": "auto", "inactivity_timeout": 1.0}
+    server = voiceline_server({"sip": {"answer_delay": 0.1}, "media": media})
     target = server.uri("line")
     a, b = sim_calls(
         [CallSpec(target, tone_hz=A_HZ, seconds=5.0), CallSpec(target, tone_hz=B_HZ, seconds=4.5, start_after=0.5)]
     )
     for report in (a, b):
         assert report.connected and report.media_started and report.error is None, report
+        assert report.hangup_by == "us", report  # the caller hung up, not the inactivity reaper
     b_joined = b.connected_at - a.connected_at
     assert_hears(a, B_HZ, A_HZ, b_joined + 0.3, b_joined + 3.5)
     assert_hears(b, A_HZ, B_HZ, 0.3, 3.5)
