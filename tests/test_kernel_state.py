@@ -9,9 +9,9 @@ from voiceline.audio.rtp import HEADER_SIZE, MAX_PAYLOAD, OutboundStream, Stream
 
 
 def test_the_state_round_trips_through_the_map_layout():
-    state = RewriteState(False, 2**40 + 5, 65535, 2**32 - 1, 12345, 2**31 + 7, 65000, 2, 10**9, 10**11, 2**41)
+    state = RewriteState(False, 2**40 + 5, 65535, 2**32 - 1, 12345, 2**31 + 7, 65000, 2, 1234, 10**9, 10**11, 2**41)
     packed = state.pack()
-    assert len(packed) == 64  # struct leg in rtp_forward.bpf.c
+    assert len(packed) == 80  # struct leg in rtp_forward.bpf.c
     assert RewriteState.unpack(packed) == state
 
 
@@ -23,10 +23,11 @@ def test_packets_counted_elsewhere_keep_loss_exact_across_a_wrap():
     reception = ReceptionStats(8000)
     for sequence in range(65530, 65536):
         reception.update(rtp(sequence), 0.0)
-    reception.forwarded(100, (65535 + 100) % 2**16, 1)  # the kernel took 100 more, wrapping once
+    reception.forwarded(100, (65535 + 100) % 2**16, 1, 12.5)  # the kernel took 100 more, wrapping once
     reception.update(rtp(65536 + 100), 2.0)
     assert (reception.expected, reception.received, reception.lost) == (107, 107, 0)
-    reception.forwarded(10, 120, 0)  # ten of the next twenty: the other ten were lost
+    assert reception.jitter_seconds == 12.5 / 8000  # the kernel's; the packet after it starts a new transit
+    reception.forwarded(10, 120, 0, 12.5)  # ten of the next twenty: the other ten were lost
     assert (reception.expected, reception.lost) == (127, 10)
 
 

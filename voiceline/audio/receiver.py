@@ -122,14 +122,15 @@ class Receiver:
         """Whether audio is decoded (in-band DTMF is watched for, or a listener needs PCM)."""
         return self._decoding
 
-    def forwarded(self, packets: int, last_received: float, highest: int, wraps: int) -> None:
+    def forwarded(self, packets: int, last_received: float, highest: int, wraps: int, jitter_ticks: float) -> None:
         """Audio from the peer was relayed and counted elsewhere (the kernel path): `packets`, the
-        last arriving at `last_received`, the highest sequence number now `highest`."""
+        last arriving at `last_received`, the highest sequence number now `highest` (see
+        ReceptionStats.forwarded)."""
         if packets:
             self.packets_in += packets
             self.packets_in_kernel += packets
             self.last_received = max(self.last_received, last_received)
-            self.reception.forwarded(packets, highest, wraps)
+            self.reception.forwarded(packets, highest, wraps, jitter_ticks)
 
     def want_pcm(self, wanted: bool) -> None:
         """Whether someone hearing this stream needs it as PCM (transcoding, or under a prompt)."""

@@ -41,7 +41,7 @@ _HANDLE_PID_SHIFT = 10  # handle = pid << 10 | number of the path within the pro
 
 _ROUTE_KEY = struct.Struct("=4s2sxx")
 _ROUTE = struct.Struct("=4s2sBBI4s4sHHIIII")
-_LEG = struct.Struct("=IIQQQQIIIIII")
+_LEG = struct.Struct("=IIQQQQIIIIIIIIII")
 _ENABLED = struct.Struct("=I")
 _SLOT = struct.Struct("=I")
 _instances = itertools.count(1)
@@ -80,6 +80,7 @@ class RewriteState:
     timestamp_shift: int
     source_max: int  # the source's highest sequence number
     source_cycles: int = 0  # its wraps seen by the kernel
+    jitter16: int = 0  # the source's interarrival jitter in its timestamp units, times 16
     packets: int = 0
     octets: int = 0
     last_ns: int = 0  # when the last forwarded packet arrived
@@ -98,14 +99,20 @@ class RewriteState:
             self.newest_timestamp,
             self.source_max,
             self.source_cycles,
+            self.jitter16,
+            0,  # the kernel takes the transit time from its first packet
+            0,
+            0,
         )
 
     @classmethod
     def unpack(cls, data: bytes) -> RewriteState:
-        (_, changed, sent_ns, last_ns, packets, octets, seq_shift, ts_shift, newest_seq, newest_ts, src_max, cycles) = (
-            _LEG.unpack(data)
+        (_, changed, sent_ns, last_ns, packets, octets, seq_shift, ts_shift, newest_seq, newest_ts, src_max, cycles, jitter16) = (
+            _LEG.unpack(data)[:13]
         )
-        return cls(bool(changed), sent_ns, newest_seq, newest_ts, seq_shift, ts_shift, src_max, cycles, packets, octets, last_ns)
+        return cls(
+            bool(changed), sent_ns, newest_seq, newest_ts, seq_shift, ts_shift, src_max, cycles, jitter16, packets, octets, last_ns
+        )
 
 
 def monotonic_ns_from(loop_time: float, loop_now: float) -> int:

@@ -216,6 +216,7 @@ class KernelRoutes:
             sequence_shift=position.sequence_shift,
             timestamp_shift=position.timestamp_shift,
             source_max=receiver.reception.highest_sequence,
+            jitter16=round(receiver.reception.jitter_ticks * 16),
         )
         try:
             self.path.install(route, state)
@@ -236,7 +237,9 @@ class KernelRoutes:
         if state.packets == 0:
             return
         now = self._loop.time()
-        source.receiver.forwarded(state.packets, loop_time_from(state.last_ns, now), state.source_max, state.source_cycles)
+        source.receiver.forwarded(
+            state.packets, loop_time_from(state.last_ns, now), state.source_max, state.source_cycles, state.jitter16 / 16
+        )
         position = StreamPosition(
             False,
             loop_time_from(state.sent_ns, now),

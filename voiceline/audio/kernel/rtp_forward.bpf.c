@@ -68,12 +68,16 @@ struct leg {
 	__u32 newest_ts;
 	__u32 src_max; /* the source's highest sequence number (RFC 3550 A.1) */
 	__u32 src_cycles; /* wraps of it seen here */
+	__u32 jitter16; /* interarrival jitter in timestamp units, times 16 (RFC 3550 A.8) */
+	__u32 transit; /* of the previous packet, when has_transit */
+	__u32 has_transit;
+	__u32 pad;
 };
 
 /* The layouts forwarding.py packs (_ROUTE_KEY, _ROUTE, _LEG). */
 _Static_assert(sizeof(struct route_key) == 8, "route_key layout");
 _Static_assert(sizeof(struct route) == 40, "route layout");
-_Static_assert(sizeof(struct leg) == 64, "leg layout");
+_Static_assert(sizeof(struct leg) == 80, "leg layout");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -165,6 +169,7 @@ int voiceline_rtp(struct __sk_buff *skb)
 	if (!on || !leg)
 		return TC_ACT_UNSPEC;
 	__u64 now = bpf_ktime_get_ns();
+	__u32 arrival = (__u32)(now / 1000 * route->clock_rate / 1000000); /* in timestamp units */
 	__u32 out_seq, out_ts;
 
 	bpf_spin_lock(&leg->lock);
@@ -182,6 +187,15 @@ int voiceline_rtp(struct __sk_buff *skb)
 			leg->src_cycles += 1;
 		leg->src_max = sequence;
 	}
+	__u32 transit = arrival - timestamp;
+	if (leg->has_transit) {
+		__s32 d = (__s32)(transit - leg->transit);
+		if (d < 0)
+			d = -d;
+		leg->jitter16 += d - ((leg->jitter16 + 8) >> 4);
+	}
+	leg->transit = transit;
+	leg->has_transit = 1;
 	if (leg->changed) {
 		__u64 advance = route->frame_samples;
 		if (leg->sent_ns && now > leg->sent_ns) {
