@@ -145,10 +145,12 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_filters(device: str = "lo") -> int:
     """Remove our filters whose process is gone; returns how many."""
     listing = subprocess.run(["tc", "-j", "filter", "show", "dev", device, "ingress"], capture_output=True, text=True)
-    if listing.returncode != 0 or not listing.stdout.strip():
-        return 0
+    try:
+        entries = json.loads(listing.stdout) if listing.returncode == 0 and listing.stdout.strip() else []
+    except ValueError:
+        entries = []
     removed = 0
-    for entry in json.loads(listing.stdout):
+    for entry in entries:
         options = entry.get("options", {})
         if entry.get("pref") != PRIORITY or options.get("prog", {}).get("name") != PROGRAM:
             continue
@@ -176,8 +178,11 @@ class KernelPath:
         self._slots: dict[Address, int] = {}  # route by its source leg's socket
         try:
             remove_stale_filters()
+        except OSError as exc:
+            raise KernelPathUnavailable("the kernel path needs tc (Debian iproute2)") from exc
+        try:
             self._bpf = BpfObject(OBJECT_PATH)
-        except (BpfError, OSError) as exc:
+        except BpfError as exc:
             raise KernelPathUnavailable(f"the kernel refused the BPF program ({_reason(exc)})") from exc
         try:
             self._routes = self._bpf.map_fd("routes")
