@@ -122,8 +122,8 @@ SEC("tc")
 int voiceline_rtp(struct __sk_buff *skb)
 {
 	/* Other traffic leaves after a few loads: not IPv4 UDP (checked in the linear head), or no route. */
-	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return TC_ACT_UNSPEC;
+	if (skb->protocol != bpf_htons(ETH_P_IP) || skb->gso_segs > 1)
+		return TC_ACT_UNSPEC; /* one datagram per packet only */
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + IP_OFF;
