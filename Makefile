@@ -10,12 +10,19 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TEST_TOOLS := sipp:sip-tester openssl:openssl kamailio:kamailio mosquitto:mosquitto systemd-analyze:systemd \
 	mount:mount mkfs.ext4:e2fsprogs
 # Debian shared libraries the service loads (soname -> package): libopus for the Opus codec.
-SYSTEM_LIBS := libopus.so.0:libopus0
+SYSTEM_LIBS := libopus.so.0:libopus0 libbpf.so.1:libbpf1
+# Commands the service runs (command -> package): tc lists stale kernel-path filters at start.
+RUN_TOOLS := tc:iproute2
+# The kernel path's BPF object, built by Debian clang (uapi headers from linux-libc-dev, libbpf-dev's
+# bpf_helpers.h); the service runs without it (userspace path) and says so.
+BPF_SOURCE := voiceline/audio/kernel/rtp_forward.bpf.c
+BPF_OBJECT := voiceline/audio/kernel/rtp_forward.bpf.o
+BPF_BUILD_PACKAGES := clang libbpf-dev linux-libc-dev
 # Debian packages that render the default prompts (`make prompts`; neither test nor run needs them):
 # festival with the slt HTS voice (the default), and flite (its slt voice, the alternative).
 PROMPT_TOOLS := festival festvox-us-slt-hts flite
 
-.PHONY: run test test-fast bench prompts prompts-measure system-libs system-deps clean
+.PHONY: kernel-path run test test-fast bench prompts prompts-measure system-libs system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -48,19 +55,27 @@ install-missing = missing=""; for pair in $(1); do \
 	fi
 
 system-libs:
-	@$(call install-missing,,$(SYSTEM_LIBS))
+	@$(call install-missing,$(RUN_TOOLS),$(SYSTEM_LIBS))
 
 system-deps:
-	@$(call install-missing,$(TEST_TOOLS),$(SYSTEM_LIBS))
+	@$(call install-missing,$(TEST_TOOLS) $(RUN_TOOLS),$(SYSTEM_LIBS))
 
-run: $(VENV)/.installed system-libs
+$(BPF_OBJECT): $(BPF_SOURCE)
+	@dpkg -s $(BPF_BUILD_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(BPF_BUILD_PACKAGES); }
+	clang -O2 -g -Wall -target bpf -I/usr/include/$$(uname -m)-linux-gnu -c $< -o $@
+
+# The kernel path's object alone (run, test and bench build it too).
+kernel-path: $(BPF_OBJECT)
+
+run: $(VENV)/.installed system-libs $(BPF_OBJECT)
 	$(BIN)/voiceline serve $(ARGS)
 
 # Load test: real calls and RTP through a real server on loopback (see README, Performance).
-bench: $(VENV)/.installed system-libs
+bench: $(VENV)/.installed system-libs $(BPF_OBJECT)
 	$(BIN)/python -m voiceline.bench $(BENCH_ARGS)
 
-test: $(VENV)/.installed-test system-deps
+test: $(VENV)/.installed-test system-deps $(BPF_OBJECT)
 	$(BIN)/python -m mypy voiceline
 	$(BIN)/lint-imports
 	PATH="$$PATH:/usr/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -87,6 +87,7 @@ class VoiceLine:
             hold_audio,
             inband_dtmf=self.config.media.inband_dtmf,
             learning=Learning(self.config.media.learning_packets, self.config.media.learning_seconds),
+            kernel_forwarding=self.config.media.kernel_forwarding == "auto",
         )
         settings = CoreSettings(
             advertised_host=sip.advertised_host,
@@ -132,6 +133,10 @@ class VoiceLine:
                 trunks=sorted(directory.trunks),
                 lines=sorted(directory.lines),
             )
+        if self.media.kernel_path_unavailable is not None:
+            log.warning("media.kernel_path_unavailable", reason=self.media.kernel_path_unavailable)
+        elif self.media.kernel_routes.path is not None:
+            log.info("media.kernel_path_on")
         host = sip.listen_address[0]
         if not sip.public_address and host == "0.0.0.0":
             log.warning(

@@ -124,6 +124,7 @@ class MediaConfig:
     realtime_priority: int = 0
     learning_packets: int = 4
     learning_seconds: float = 1.5
+    kernel_forwarding: str = "auto"  # auto | off
 
     @property
     def port_range(self) -> tuple[int, int]:
@@ -278,6 +279,8 @@ class Config:
             raise ConfigError("media.learning_packets: must be between 2 and 50")
         if not 0 <= self.media.learning_seconds <= 10:
             raise ConfigError("media.learning_seconds: must be between 0 and 10 seconds")
+        if self.media.kernel_forwarding not in ("auto", "off"):
+            raise ConfigError("media.kernel_forwarding: auto or off")
         if not 0 <= self.media.realtime_priority <= 99:
             raise ConfigError("media.realtime_priority: must be between 0 (off) and 99")
         self.metrics.address

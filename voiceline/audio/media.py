@@ -11,6 +11,9 @@ buffer and `transport.sendto`; nothing is queued or logged. An SRTP leg (see
 srtp.py) unprotects what it receives first and protects what it sends last,
 so the relay in between only ever sees plain RTP: an SRTP leg and a plain
 one relay to each other, each with its own keys.
+With the kernel path (kernel/), an established same-codec relay is forwarded
+by a TC program instead; every control operation here runs inside
+`KernelRoutes.changing`, which hands the relay back to this path first.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import numpy as np
 
 from voiceline.audio.bridge import Bridge
 from voiceline.audio.hold import EncodedLoop
+from voiceline.audio.kernel.forwarding import KernelPath, KernelPathUnavailable, loop_time_from
+from voiceline.audio.kernel.routes import KernelRoutes
 from voiceline.audio.latch import Address, Learning
 from voiceline.audio.receiver import AUDIO, DIGIT, LATCHED, PCM, Receiver
 from voiceline.audio.rtcp import build_report, new_cname, report_interval
@@ -103,10 +108,13 @@ class MediaEngine:
         *,
         inband_dtmf: bool = True,
         learning: Learning = Learning(),
+        kernel_forwarding: bool = False,
     ) -> None:
         """`port_range` is inclusive; each leg takes an even port and the odd one above it.
         `inband_dtmf`: look for DTMF tones in the audio of legs without telephone-event.
         `learning`: how a source other than the SDP's or the signalling's host proves itself.
+        `kernel_forwarding`: forward established relays in the kernel when it allows it; else
+        `kernel_path_unavailable` says why not.
 
         Needs a running event loop (call from within it).
         """
@@ -123,6 +131,14 @@ class MediaEngine:
         self._loop = asyncio.get_running_loop()
         self._pacer = _HoldPacer(self._loop, hold_pcm)
         self._bridge = Bridge()
+        self.kernel_path_unavailable: str | None = None
+        path: KernelPath | None = None
+        if kernel_forwarding:
+            try:
+                path = KernelPath(bind_host)
+            except KernelPathUnavailable as exc:
+                self.kernel_path_unavailable = str(exc)
+        self.kernel_routes = KernelRoutes(path, self._bridge, bind_host, self._loop)
         self._legs: set[MediaLeg] = set()
         self._closed = False
 
@@ -176,6 +192,7 @@ class MediaEngine:
             self._bridge,
             self._release,
             Receiver(inband_dtmf=self._inband_dtmf, learning=self._learning),
+            self.kernel_routes,
         )
 
     async def _bind(self, port: int) -> MediaLeg | None:
@@ -205,6 +222,7 @@ class MediaEngine:
         for leg in list(self._legs):
             leg.close()
         self._pacer.stop()
+        self.kernel_routes.close()
 
 
 @dataclass(frozen=True)
@@ -212,6 +230,7 @@ class LegStats:
     """Anonymous figures of one leg: what it received, sent, and what its peer reported."""
 
     packets_in: int
+    packets_in_kernel: int  # of packets_in: relayed by the kernel path
     packets_out: int
     packets_dropped: int
     packets_expected: int  # by the peer's sequence numbers
@@ -259,6 +278,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         bridge: Bridge,
         on_close: Callable[[MediaLeg], None],
         receiver: Receiver,
+        kernel: KernelRoutes,
     ) -> None:
         self.local_port = port
         self.on_digit: Callable[[str], None] | None = None
@@ -267,6 +287,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._pacer = pacer
         self._bridge = bridge
         self._on_close = on_close
+        self._kernel = kernel
         # Bound once: the per-packet path looks nothing up it need not.
         self._time = loop.time
         self._receive = receiver.receive
@@ -309,8 +330,13 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._srtp.rekey(srtp)
 
     @property
+    def encrypted(self) -> bool:
+        return self._srtp is not None
+
+    @property
     def packets_in(self) -> int:
-        return self.receiver.packets_in
+        forwarded = self._kernel.forwarded_from(self)
+        return self.receiver.packets_in + (forwarded.packets if forwarded is not None else 0)
 
     @property
     def packets_dropped(self) -> int:
@@ -318,21 +344,26 @@ class MediaLeg(asyncio.DatagramProtocol):
 
     @property
     def last_received(self) -> float:
-        """Loop time (monotonic) of the last valid packet."""
-        return self.receiver.last_received
+        """Loop time (monotonic) of the last valid packet (also one the kernel forwarded)."""
+        forwarded = self._kernel.forwarded_from(self)
+        if forwarded is None or forwarded.packets == 0:
+            return self.receiver.last_received
+        return max(self.receiver.last_received, loop_time_from(forwarded.last_ns, self._time()))
 
     @property
     def packets_out(self) -> int:
-        return self.sender.packets_out
+        forwarded = self._kernel.forwarded_to(self)
+        return self.sender.packets_out + (forwarded.packets if forwarded is not None else 0)
 
     def hold(self) -> None:
         """Hear hold audio, from the start of the pattern."""
         self._require_usable()
         if self.sender.holding:
             return
-        self._detach()
-        self.sender.hold(self._pacer.frames(self.sender.codec))
-        self._pacer.add(self)
+        with self._kernel.changing(self):
+            self._detach()
+            self.sender.hold(self._pacer.frames(self.sender.codec))
+            self._pacer.add(self)
 
     def listen_to(self, other: MediaLeg) -> None:
         """Hear what `other` receives: relayed as is for the same codec, else transcoded."""
@@ -340,8 +371,9 @@ class MediaLeg(asyncio.DatagramProtocol):
         other._require_usable()
         if self._bridge.source(self.sender) is other.receiver:
             return
-        self._detach()
-        self._bridge.connect(self.sender, other.receiver)
+        with self._kernel.changing(self, other):
+            self._detach()
+            self._bridge.connect(self.sender, other.receiver)
 
     def set_sending(self, enabled: bool) -> None:
         """Stop or allow sending to the peer (it put us on hold with sendonly/inactive).
@@ -349,16 +381,18 @@ class MediaLeg(asyncio.DatagramProtocol):
         Stopping detaches the leg from hold audio and from its partner; whoever
         controls it (pairing) tells it what to hear again once sending is allowed.
         """
-        self.sender.sending = enabled
-        if not enabled:
-            self._detach()
+        with self._kernel.changing(self):
+            self.sender.sending = enabled
+            if not enabled:
+                self._detach()
 
     def update_remote(self, remote: Address) -> None:
         """The SDP address of a new offer or answer: a new one is sent to and learnt afresh;
         the same one (hold, resume, a refresh) keeps the latched peer."""
         self._require_usable()
-        if self.receiver.announce(remote, self._time()):
-            self.sender.remote = remote
+        with self._kernel.changing(self):
+            if self.receiver.announce(remote, self._time()):
+                self.sender.remote = remote
 
     def play_over(self, pcm: np.ndarray, rate: int = 8000) -> None:
         """Mix a prompt (int16 at `rate`) into what this leg hears, from now until it ends.
@@ -369,15 +403,17 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._require_usable()
         if len(pcm) == 0:
             return
-        self.sender.play_over(pcm, rate)
-        self._pacer.add(self)
-        self._bridge.listener_changed(self.sender)
+        with self._kernel.changing(self):
+            self.sender.play_over(pcm, rate)
+            self._pacer.add(self)
+            self._bridge.listener_changed(self.sender)
 
     def close(self) -> None:
         """Release the ports; anyone listening to this leg goes silent until told otherwise."""
         if self._closed:
             return
         self._closed = True
+        self._kernel.remove(self)  # the kernel's counts come back before the leg's last report
         self._bridge.remove(self.receiver, self.sender)
         self._pacer.discard(self)
         if self._report_timer is not None:
@@ -389,12 +425,15 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._on_close(self)
 
     def stats(self) -> LegStats:
+        if not self._closed:
+            self._kernel.reroute(self)  # what the kernel forwarded, counted in
         receiver, reception = self.receiver, self.receiver.reception
         expected = reception.expected
         lost = max(0, reception.lost)
         peer_lost, peer_jitter = receiver.peer_report if receiver.peer_report is not None else (None, None)
         return LegStats(
             packets_in=receiver.packets_in,
+            packets_in_kernel=receiver.packets_in_kernel,
             packets_out=self.sender.packets_out,
             packets_dropped=receiver.packets_dropped,
             packets_expected=expected,
@@ -427,12 +466,15 @@ class MediaLeg(asyncio.DatagramProtocol):
             if not self.sender.paced:
                 self._pacer.discard(self)
             self._bridge.listener_changed(self.sender)
+            self._kernel.reroute(self)  # a relay the prompt kept in userspace may move to the kernel
 
     # -- RTCP -------------------------------------------------------------------
 
     def _send_report(self, bye: bool = False) -> None:
         """An SR when we sent RTP since the last report, else an RR; BYE when closing."""
         sender, remote = self.sender, self.sender.remote
+        if not bye and not self._closed:
+            self._kernel.reroute(self)  # the report counts what the kernel forwarded
         if self._rtcp is not None and remote is not None:
             stream = sender.stream
             sent = stream.packets != self._packets_at_last_report
@@ -458,6 +500,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
         self.sender = Sender(cast(DatagramSocket, transport))
         self._listeners = self._bridge.listeners(self.receiver)
+        self._kernel.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()  # a dead socket must not stay in the pacer or behind a partner
@@ -473,12 +516,24 @@ class MediaLeg(asyncio.DatagramProtocol):
             for listener in self._listeners:
                 listener.relay(packet, offset, end, now)
 
+    def kernel_forwarding(self, forwarding: bool) -> None:
+        """While the kernel forwards this leg's stream, what reaches the socket goes through
+        `_receive_beside_kernel`."""
+        self._receive = self._receive_beside_kernel if forwarding else self.receiver.receive
+
+    def _receive_beside_kernel(self, data: bytes, source: Address, now: float) -> int:
+        """A packet the kernel left to the socket (another source, a telephone-event, an extended
+        header, a new SSRC): the userspace path takes over before the receiver judges it."""
+        self._kernel.takeover(self)
+        return self.receiver.receive(data, source, now)
+
     def _arrived(self, kind: int, now: float) -> int:
         """What is off the fast path: a latch, decoded audio, digits. Returns AUDIO when audio
         remains to be relayed."""
         receiver = self.receiver
         if kind & LATCHED:
             self.sender.remote = receiver.peer  # symmetric RTP: answer where the peer really sends from
+            self._kernel.review_soon(self)  # routes from and to this leg, once this packet is relayed
             kind -= LATCHED
         if kind == PCM:
             if receiver.digit is not None:

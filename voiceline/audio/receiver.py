@@ -54,6 +54,7 @@ class Receiver:
         `learning`: how a source other than the SDP's or the signalling's host proves itself."""
         self.codec = PCMU  # replaced by start
         self.packets_in = 0
+        self.packets_in_kernel = 0  # of packets_in: relayed by the kernel path
         self.packets_dropped = 0
         self.last_received = 0.0  # when the last valid packet arrived (the `now` it was fed with)
         self.peer: Address | None = None  # the latched source; packets from it pass with one comparison
@@ -111,6 +112,25 @@ class Receiver:
         self._sources.restart(announced, now)
         self.peer = self.rtcp_source = None
         return True
+
+    @property
+    def audio_payload_type(self) -> int:
+        return self._audio_pt
+
+    @property
+    def decoding(self) -> bool:
+        """Whether audio is decoded (in-band DTMF is watched for, or a listener needs PCM)."""
+        return self._decoding
+
+    def forwarded(self, packets: int, last_received: float, highest: int, wraps: int, jitter_ticks: float) -> None:
+        """Audio from the peer was relayed and counted elsewhere (the kernel path): `packets`, the
+        last arriving at `last_received`, the highest sequence number now `highest` (see
+        ReceptionStats.forwarded)."""
+        if packets:
+            self.packets_in += packets
+            self.packets_in_kernel += packets
+            self.last_received = max(self.last_received, last_received)
+            self.reception.forwarded(packets, highest, wraps, jitter_ticks)
 
     def want_pcm(self, wanted: bool) -> None:
         """Whether someone hearing this stream needs it as PCM (transcoding, or under a prompt)."""

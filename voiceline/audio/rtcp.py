@@ -85,6 +85,21 @@ class ReceptionStats:
         self._transit = transit
 
     @property
+    def jitter_ticks(self) -> float:
+        return self._jitter
+
+    def forwarded(self, packets: int, highest: int, wraps: int, jitter_ticks: float) -> None:
+        """`packets` of this SSRC were received and counted elsewhere (the kernel path), bringing the
+        highest sequence number to `highest` after `wraps` wraps and the jitter to `jitter_ticks`
+        (timestamp units). The next packet starts its transit time afresh (another clock took it)."""
+        if packets:
+            self.received += packets
+            self._max = highest
+            self._cycles += wraps * _SEQ_MOD
+            self._jitter = jitter_ticks
+            self._transit = None
+
+    @property
     def highest_sequence(self) -> int:
         return self._max
 

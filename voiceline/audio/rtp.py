@@ -87,6 +87,17 @@ def build_packet(
     return _FIXED.pack(_FIRST_BYTE, second, sequence, timestamp, ssrc) + payload
 
 
+class StreamPosition(NamedTuple):
+    """Where a stream's relaying stands: what another relay (the kernel path) continues from."""
+
+    changed: bool  # the next packet starts a new source
+    sent_at: float | None  # when the newest packet went out (the `now` it was sent with)
+    sequence: int  # the newest packet sent
+    timestamp: int
+    sequence_shift: int  # the current source's offsets (fixed by its first packet)
+    timestamp_shift: int
+
+
 class OutboundStream:
     """What one leg sends: one SSRC for life, sequence and timestamp continuous across sources.
 
@@ -128,6 +139,19 @@ class OutboundStream:
     def source_changed(self) -> None:
         """The next packet comes from a new source: continue from our last one and set the marker."""
         self._changed = True
+
+    def position(self) -> StreamPosition:
+        return StreamPosition(
+            self._changed, self._sent_at, self._sequence, self._timestamp, self._sequence_shift, self._timestamp_shift
+        )
+
+    def resume(self, position: StreamPosition, packets: int, octets: int) -> None:
+        """Continue from where another relay left the stream, after it sent `packets` more."""
+        (self._changed, self._sent_at, self._sequence, self._timestamp, self._sequence_shift, self._timestamp_shift) = (
+            position
+        )
+        self.packets += packets
+        self.octets += octets
 
     def _advance(self, now: float) -> int:
         """Samples from the newest packet sent to one sent at `now`: the time elapsed, but at least

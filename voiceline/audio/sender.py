@@ -84,6 +84,16 @@ class Sender:
         return self.stream.packets
 
     @property
+    def audio_payload_type(self) -> int:
+        return self._audio_pt
+
+    @property
+    def relays_as_is(self) -> bool:
+        """Whether what it sends now is its source's packets with only the header rewritten: a source
+        in its own codec, no prompt, no hold audio, sending allowed (what the kernel path can do)."""
+        return self.listening and self.sending and not self.paced and not self.needs_pcm and self._translate is None
+
+    @property
     def paced(self) -> bool:
         """Whether its frames come from our 20 ms clock (hold audio or a prompt), not from a source."""
         return self.holding or self._prompt is not None

@@ -1,0 +1,269 @@
+"""The in-kernel fast path's control plane: our TC program on loopback and its forwarding entries.
+
+Each `KernelPath` loads its own copy of rtp_forward.bpf.o (its own maps) and
+attaches it to `lo`'s ingress at a fixed priority with a handle of its own
+(the process id and a per-process count), so several processes coexist: a
+lookup miss returns TC_ACT_UNSPEC and the next filter or the socket decides.
+At start a filter left by a process that no longer runs is removed (its
+entries could otherwise take ports a new process binds); `close` removes
+ours, and the maps go with the last reference to them.
+
+A route forwards what one leg receives from its latched peer to the one leg
+that hears it. `install` writes the rewrite state (taken from the listener's
+outbound stream) and the route, then enables it; `stop` disables it and reads
+the final state under the entry's lock: from then on nothing is forwarded, and
+every packet the kernel forwarded is in that state (see the C source).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import json
+import os
+import socket
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from voiceline.audio.kernel.bpf import BPF_F_LOCK, BpfError, BpfObject, attach_ingress, detach_ingress
+from voiceline.audio.latch import Address
+
+OBJECT_PATH = Path(__file__).with_name("rtp_forward.bpf.o")
+PROGRAM = "voiceline_rtp"
+PRIORITY = 22096  # every voiceline process's filters share it, told apart by handle
+MAX_LEGS = 16384  # as in the C source
+_HANDLE_PID_SHIFT = 10  # handle = pid << 10 | number of the path within the process
+
+_ROUTE_KEY = struct.Struct("=4s2sxx")
+_ROUTE = struct.Struct("=4s2sBBI4s4sHHIIII")
+_LEG = struct.Struct("=IIQQQQIIIIIIIIII")
+_ENABLED = struct.Struct("=I")
+_SLOT = struct.Struct("=I")
+_instances = itertools.count(1)
+
+
+class KernelPathUnavailable(Exception):
+    """The kernel path cannot run here; the message says why, in fixed words."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a source leg's packets become: where from and to, and the listening stream's identity."""
+
+    local: Address  # the source leg's RTP socket (what the packets are sent to)
+    peer: Address  # its latched peer: the only source forwarded
+    peer_ssrc: int
+    in_payload_type: int
+    sender: Address  # the listening leg's RTP socket: the packets leave from it
+    destination: Address  # the listening leg's peer
+    out_payload_type: int
+    ssrc: int  # the listening leg's stream
+    clock_rate: int
+    frame_samples: int
+
+
+@dataclass(frozen=True)
+class RewriteState:
+    """A route's rewrite and reception state: what the listening stream sent last, the offsets,
+    and what was forwarded (counts and the source's highest sequence number)."""
+
+    changed: bool  # the next packet starts a new source (offsets fixed by it, marker set)
+    sent_ns: int  # CLOCK_MONOTONIC of the newest packet sent; 0 when none was
+    newest_sequence: int
+    newest_timestamp: int
+    sequence_shift: int
+    timestamp_shift: int
+    source_max: int  # the source's highest sequence number
+    source_cycles: int = 0  # its wraps seen by the kernel
+    jitter16: int = 0  # the source's interarrival jitter in its timestamp units, times 16
+    packets: int = 0
+    octets: int = 0
+    last_ns: int = 0  # when the last forwarded packet arrived
+
+    def pack(self) -> bytes:
+        return _LEG.pack(
+            0,
+            int(self.changed),
+            self.sent_ns,
+            self.last_ns,
+            self.packets,
+            self.octets,
+            self.sequence_shift,
+            self.timestamp_shift,
+            self.newest_sequence,
+            self.newest_timestamp,
+            self.source_max,
+            self.source_cycles,
+            self.jitter16,
+            0,  # the kernel takes the transit time from its first packet
+            0,
+            0,
+        )
+
+    @classmethod
+    def unpack(cls, data: bytes) -> RewriteState:
+        (_, changed, sent_ns, last_ns, packets, octets, seq_shift, ts_shift, newest_seq, newest_ts, src_max, cycles, jitter16) = (
+            _LEG.unpack(data)[:13]
+        )
+        return cls(
+            bool(changed), sent_ns, newest_seq, newest_ts, seq_shift, ts_shift, src_max, cycles, jitter16, packets, octets, last_ns
+        )
+
+
+def monotonic_ns_from(loop_time: float, loop_now: float) -> int:
+    """A loop time as CLOCK_MONOTONIC nanoseconds (the kernel's clock), by the loop's offset now."""
+    return time.monotonic_ns() + round((loop_time - loop_now) * 1e9)
+
+
+def loop_time_from(monotonic_ns: int, loop_now: float) -> float:
+    return loop_now + (monotonic_ns - time.monotonic_ns()) / 1e9
+
+
+def _ipv4(host: str) -> bytes:
+    return IPv4Address(host).packed
+
+
+def _port(port: int) -> bytes:
+    return port.to_bytes(2, "big")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
+
+
+def remove_stale_filters(device: str = "lo") -> int:
+    """Remove our filters whose process is gone; returns how many."""
+    listing = subprocess.run(["tc", "-j", "filter", "show", "dev", device, "ingress"], capture_output=True, text=True)
+    try:
+        entries = json.loads(listing.stdout) if listing.returncode == 0 and listing.stdout.strip() else []
+    except ValueError:
+        entries = []
+    removed = 0
+    for entry in entries:
+        options = entry.get("options", {})
+        if entry.get("pref") != PRIORITY or options.get("prog", {}).get("name") != PROGRAM:
+            continue
+        handle = int(options["handle"], 16)
+        if not _pid_alive(handle >> _HANDLE_PID_SHIFT):
+            removed += detach_ingress(socket.if_nametoindex(device), PRIORITY, handle)
+    return removed
+
+
+class KernelPath:
+    """Our program on `lo`'s ingress and its maps. Raises `KernelPathUnavailable` when it cannot run."""
+
+    def __init__(self, bind_host: str) -> None:
+        try:
+            loopback = IPv4Address(bind_host).is_loopback
+        except ValueError as exc:
+            raise KernelPathUnavailable("the kernel path needs an IPv4 media address") from exc
+        if not loopback:
+            raise KernelPathUnavailable("the kernel path forwards on loopback only")
+        if not OBJECT_PATH.is_file():
+            raise KernelPathUnavailable("the BPF object is not built (make builds it with clang)")
+        self._ifindex = socket.if_nametoindex("lo")
+        self.handle = os.getpid() << _HANDLE_PID_SHIFT | next(_instances) % (1 << _HANDLE_PID_SHIFT)
+        self._free = list(range(MAX_LEGS - 1, -1, -1))
+        self._slots: dict[Address, int] = {}  # route by its source leg's socket
+        try:
+            remove_stale_filters()
+        except OSError as exc:
+            raise KernelPathUnavailable("the kernel path needs tc (Debian iproute2)") from exc
+        try:
+            self._bpf = BpfObject(OBJECT_PATH)
+        except BpfError as exc:
+            raise KernelPathUnavailable(f"the kernel refused the BPF program ({_reason(exc)})") from exc
+        try:
+            self._routes = self._bpf.map_fd("routes")
+            self._legs = self._bpf.map_fd("legs")
+            self._enabled = self._bpf.map_fd("enabled")
+            attach_ingress(self._ifindex, self._bpf.program_fd(PROGRAM), PRIORITY, self.handle)
+        except BpfError as exc:
+            self._bpf.close()
+            raise KernelPathUnavailable(f"the kernel refused the TC filter ({_reason(exc)})") from exc
+        self._closed = False
+
+    def install(self, route: Route, state: RewriteState) -> None:
+        """Forward `route` in the kernel from now on, continuing from `state`. A `BpfError` leaves
+        nothing forwarding."""
+        if route.local in self._slots:
+            raise ValueError("a route from this socket is installed")
+        if not self._free:
+            raise BpfError("install", errno.ENOSPC)
+        slot = self._free.pop()
+        key = _SLOT.pack(slot)
+        try:
+            self._bpf.update(self._enabled, key, _ENABLED.pack(0))
+            self._bpf.update(self._legs, key, state.pack(), BPF_F_LOCK)
+            self._bpf.update(self._routes, _route_key(route.local), _pack_route(route, slot))
+            self._bpf.update(self._enabled, key, _ENABLED.pack(1))
+        except BpfError:
+            self._bpf.update(self._enabled, key, _ENABLED.pack(0))
+            with contextlib.suppress(BpfError):  # when the route was not written
+                self._bpf.delete(self._routes, _route_key(route.local))
+            self._free.append(slot)
+            raise
+        self._slots[route.local] = slot
+
+    def stop(self, local: Address) -> RewriteState:
+        """Stop forwarding to `local` in the kernel; the state it ended with."""
+        slot = self._slots.pop(local)
+        key = _SLOT.pack(slot)
+        self._bpf.update(self._enabled, key, _ENABLED.pack(0))
+        # The locked read waits out a packet inside its critical section; any later one sees 0.
+        state = RewriteState.unpack(self._bpf.lookup(self._legs, key, _LEG.size, BPF_F_LOCK))
+        self._bpf.delete(self._routes, _route_key(local))
+        self._free.append(slot)
+        return state
+
+    def peek(self, local: Address) -> RewriteState:
+        """The state of the route from `local` so far (it keeps forwarding)."""
+        return RewriteState.unpack(self._bpf.lookup(self._legs, _SLOT.pack(self._slots[local]), _LEG.size, BPF_F_LOCK))
+
+    def close(self) -> None:
+        """Detach our filter and release the maps; forwarding stops at once."""
+        if self._closed:
+            return
+        self._closed = True
+        detach_ingress(self._ifindex, PRIORITY, self.handle)
+        self._bpf.close()
+        self._slots.clear()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, BpfError) and exc.code == errno.EPERM:
+        return "needs root: CAP_BPF and CAP_NET_ADMIN"
+    return str(exc)
+
+
+def _route_key(local: Address) -> bytes:
+    return _ROUTE_KEY.pack(_ipv4(local[0]), _port(local[1]))
+
+
+def _pack_route(route: Route, slot: int) -> bytes:
+    return _ROUTE.pack(
+        _ipv4(route.peer[0]),
+        _port(route.peer[1]),
+        route.in_payload_type,
+        route.out_payload_type,
+        route.peer_ssrc,
+        _ipv4(route.sender[0]),
+        _ipv4(route.destination[0]),
+        route.sender[1],
+        route.destination[1],
+        route.ssrc,
+        route.clock_rate,
+        route.frame_samples,
+        slot,
+    )
