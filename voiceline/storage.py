@@ -21,7 +21,7 @@ import json
 import math
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -313,6 +313,13 @@ class Storage:
             "ON CONFLICT (hour, reason) DO UPDATE SET count = count + excluded.count",
             (hour_of(at), reason, count),
         )
+
+    async def record_journey(self, line: str, at: float, counts: Mapping[str, int], seconds: Mapping[str, float]) -> None:
+        """Placeholder for the journey statistics (counts and seconds by statistic, in `at`'s hour)."""
+
+    async def busiest_hours(self, line: str, now: float) -> tuple[int, int] | None:
+        """Placeholder: the hours of the day when `line` is usually busiest; None while unknown."""
+        return None
 
     async def refusals(self) -> list[dict[str, Any]]:
         return await self._rows("SELECT hour, reason, count FROM hourly_refusals ORDER BY hour, reason")
