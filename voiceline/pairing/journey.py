@@ -310,6 +310,11 @@ class Journey:
         return CallSummary(self._waited, self._talked, self._partners)
 
     @property
+    def waiting_since(self) -> float | None:
+        """When its current wait began (the choice counts as waiting); None when not waiting."""
+        return self._wait_started if self.state in (State.CHOICE, State.WAITING) else None
+
+    @property
     def seeking(self) -> bool:
         """In the pool: waiting, told what it had to hear, and not on hold."""
         return self._offered and not self.held

@@ -12,6 +12,7 @@ them after every change; `deadline` is when `due` is next needed.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from voiceline.pairing.journey import (
@@ -70,6 +71,19 @@ class Line:
 
     def journey(self, call: str) -> Journey | None:
         return self._journeys.get(call)
+
+    @property
+    def empty(self) -> bool:
+        """Nobody on the line (nor remembered by its pool)."""
+        return not self._journeys
+
+    def counts(self) -> Counter[State]:
+        """How many callers are in each journey state."""
+        return Counter(journey.state for journey in self._journeys.values())
+
+    def longest_wait(self, now: float) -> float:
+        """Seconds the longest-waiting caller has waited in its current wait (0 when nobody waits)."""
+        return max((now - since for journey in self._journeys.values() if (since := journey.waiting_since) is not None), default=0.0)
 
     def answered(self, call: str, now: float) -> Step:
         if call in self._journeys:
