@@ -34,7 +34,6 @@ from voiceline.pairing.journey import (
     PlayPrompts,
     Silence,
     State,
-    Statistic,
 )
 from voiceline.pairing.line import Line, Step
 from voiceline.sip.events import CallInfo, CallMedia
@@ -63,7 +62,7 @@ class LiveView(Protocol):
     ) -> None: ...
 
     def pairing_changed(self, line: str, paired: bool) -> None:
-        """A caller started waiting (new, or back from a partner), or two were `paired`."""
+        """A caller started waiting (new, or back from a partner), or two were `paired` (bridged, talking)."""
         ...
 
 
@@ -299,7 +298,7 @@ class Calls:
         live.leg.play_over(pcm, live.leg.rate)
 
     def _report(self, served: ServedLine, step: Step) -> None:
-        """Statistics to storage; a pair formed and callers starting to wait to operations."""
+        """Statistics to storage; callers starting to wait and pairs starting to talk to operations."""
         if step.statistics:
             counts: Counter[str] = Counter(count.statistic.value for count in step.statistics)
             seconds: dict[str, float] = {}
@@ -307,16 +306,17 @@ class Calls:
                 if count.seconds is not None:
                     seconds[count.statistic.value] = seconds.get(count.statistic.value, 0.0) + count.seconds
             self.write(self.storage.record_journey(served.name, time.time(), dict(counts), seconds))
-        pairs = sum(1 for count in step.statistics if count.statistic is Statistic.WAIT_PAIRED) // 2
-        for _ in range(pairs):
-            self.live_view.pairing_changed(served.name, paired=True)
+        started_talking = 0
         for call_id in dict.fromkeys(call_id for call_id, _ in step.actions):
             live, journey = self.live.get(call_id), served.journeys.journey(call_id)
             if live is None or journey is None:
                 continue
             if journey.state in WAITING_STATES and live.state not in WAITING_STATES:
                 self.live_view.pairing_changed(served.name, paired=False)
+            started_talking += journey.state is State.TALKING and live.state is State.CONNECTING
             live.state = journey.state
+        for _ in range(started_talking // 2):  # the two of a pair are bridged in the same step
+            self.live_view.pairing_changed(served.name, paired=True)
 
     def _set_timer(self, served: ServedLine) -> None:
         deadline = served.journeys.deadline

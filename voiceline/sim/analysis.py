@@ -74,3 +74,27 @@ def rms_dbfs_windows(samples: np.ndarray, rate: int, window: float = 0.5) -> lis
     # A full-scale sine has mean square 1/2: doubling makes it the 0 dB reference.
     mean_squares = 2.0 * np.mean(slices**2, axis=1)
     return [_power_db(float(power)) for power in mean_squares]
+
+
+def find_sound(recording: np.ndarray, sound: np.ndarray, rate: int, threshold: float = 0.5) -> list[tuple[float, float]]:
+    """Where `sound` (a prompt, at the recording's `rate`) occurs in `recording`: (seconds from the
+    recording's start, normalised cross-correlation) of each place whose correlation passes
+    `threshold`, best first, places closer than the sound's length counted once. 1.0 is the sound
+    itself at any level; unrelated audio (music, tones, other speech) stays far below 0.5."""
+    recording = np.asarray(recording, dtype=np.float64)
+    sound = np.asarray(sound, dtype=np.float64)
+    n = len(sound)
+    if n == 0 or len(recording) < n:
+        return []
+    size = 1 << (len(recording) + n - 1).bit_length()
+    correlation = np.fft.irfft(np.fft.rfft(recording, size) * np.conj(np.fft.rfft(sound, size)), size)[: len(recording) - n + 1]
+    energy = np.concatenate(([0.0], np.cumsum(recording**2)))
+    window_energy = np.maximum(energy[n:] - energy[:-n], 1e-9)
+    score = correlation / (np.sqrt(window_energy) * max(float(np.linalg.norm(sound)), 1e-9))
+    found: list[tuple[float, float]] = []
+    for offset in np.argsort(score)[::-1]:
+        if score[offset] < threshold:
+            break
+        if all(abs(int(offset) - round(at * rate)) >= n for at, _ in found):
+            found.append((int(offset) / rate, float(score[offset])))
+    return found
