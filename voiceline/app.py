@@ -88,7 +88,7 @@ class VoiceLine:
                 loaded[(language, directory)] = await asyncio.to_thread(PromptSet.load, language, directory or None)
             except PromptError as exc:
                 if first:
-                    raise
+                    raise ConfigError(str(exc)) from None
                 log.error("prompts.load_failed", detail=str(exc))
         self._prompt_sets = {**self._prompt_sets, **loaded}
         for name, journey in journeys.items():

@@ -34,6 +34,7 @@ from voiceline.pairing.journey import (
     PlayPrompts,
     Silence,
     State,
+    Statistic,
 )
 from voiceline.pairing.line import Line, Step
 from voiceline.sip.events import CallInfo, CallMedia
@@ -121,6 +122,10 @@ class Calls:
         self._busiest_hours: dict[str, tuple[int, int] | None] = {}
         self._loop = asyncio.get_running_loop()
 
+    def now(self) -> float:
+        """The clock the lines run on (the loop's; callable from any thread)."""
+        return self._loop.time()
+
     # -- lines ------------------------------------------------------------------------
 
     def line(self, name: str) -> ServedLine:
@@ -204,10 +209,14 @@ class Calls:
         served = self.line(call.line)
         now = self._loop.time()
         if call.media.on_hold:
+            if not was_held:
+                log.info("pairing.held", call=call.id)
             self._apply(served, served.journeys.held(call.id, now))
         else:
-            if was_held and live.hearing is not None:
-                self._hear(live, live.hearing)
+            if was_held:
+                log.info("pairing.resumed", call=call.id)
+                if live.hearing is not None:
+                    self._hear(live, live.hearing)
             self._apply(served, served.journeys.resumed(call.id, now))
 
     def call_dtmf(self, call: CallInfo, digit: str) -> None:
@@ -312,11 +321,24 @@ class Calls:
             if live is None or journey is None:
                 continue
             if journey.state in WAITING_STATES and live.state not in WAITING_STATES:
+                # Counts only at info: which call waits, and who it talked with, is debug.
+                log.info("pairing.waiting", line=served.name, waiting=self._waiting(served))
+                log.debug("pairing.call_waiting", call=call_id)
                 self.live_view.pairing_changed(served.name, paired=False)
-            started_talking += journey.state is State.TALKING and live.state is State.CONNECTING
+            if journey.state is State.TALKING and live.state is State.CONNECTING:
+                started_talking += 1
+                log.debug("pairing.partners", call=call_id, partner=journey.partner)
             live.state = journey.state
         for _ in range(started_talking // 2):  # the two of a pair are bridged in the same step
+            log.info("pairing.talking", line=served.name, waiting=self._waiting(served))
             self.live_view.pairing_changed(served.name, paired=True)
+        for _ in range(sum(count.statistic is Statistic.SKIP for count in step.statistics)):
+            log.info("pairing.next_partner_requested", line=served.name)
+
+    @staticmethod
+    def _waiting(served: ServedLine) -> int:
+        counts = served.journeys.counts()
+        return sum(counts[state] for state in WAITING_STATES)
 
     def _set_timer(self, served: ServedLine) -> None:
         deadline = served.journeys.deadline

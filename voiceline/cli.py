@@ -101,6 +101,9 @@ def serve_command(args: argparse.Namespace) -> int:
 
     try:
         return run_async(main)
+    except ConfigError as exc:  # found only at start: a line's prompt file or journey settings
+        print(f"voiceline: config error: {redact(str(exc))}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"voiceline: cannot start: {redact(str(exc.strerror or exc))}", file=sys.stderr)
         return 1

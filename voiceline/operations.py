@@ -198,7 +198,7 @@ class Operations:
         served_lines = app.calls.lines if app.calls is not None else {}
         line_names = sorted(set(directory.lines if directory else ()) | set(served_lines))
         lines = {}
-        now = asyncio.get_running_loop().time()
+        now = app.calls.now() if app.calls is not None else 0.0  # the lines' clock (metrics ask from a thread)
         for name in line_names:
             counts = self._line_counts(name)
             served = served_lines.get(name)
