@@ -299,11 +299,12 @@ class Calls:
                 live.leg.listen_to(partner.leg)
 
     def _play(self, served: ServedLine, live: LiveCall, call_id: str, prompts: tuple[str, ...]) -> None:
+        pcm = np.zeros(0, dtype=np.int16)  # none: what plays stops, and that is its end
         try:
-            pcm = served.prompts.join(prompts, live.leg.rate)
-        except (KeyError, ValueError):  # a prompt the set lacks (or none): played as empty, so it ends
+            if prompts:
+                pcm = served.prompts.join(prompts, live.leg.rate)
+        except KeyError:  # a prompt the set lacks: played as empty, so the journey goes on
             log.error("prompt.unplayable", call=call_id, prompts=list(prompts))
-            pcm = np.zeros(0, dtype=np.int16)
         live.leg.play_over(pcm, live.leg.rate)
 
     def _report(self, served: ServedLine, step: Step) -> None:

@@ -532,7 +532,10 @@ class Journey:
         if self.state is State.WELCOME:  # any key skips the welcome; a preference key also chooses
             if key in (keys.talk, keys.listen):
                 return self._choose(key, now)
-            return self._offer_choice(now)
+            actions = self._offer_choice(now)
+            if any(isinstance(action, PlayPrompts) for action in actions):
+                return actions  # the choice replaces the welcome
+            return [*actions, PlayPrompts(())]  # nothing to say: the welcome just stops
         if key == keys.help and self.state not in (State.CONNECTING, State.GOODBYE):
             return [PlayPrompts(("help_message",))]
         if key == keys.keys_again and self.state not in (State.CONNECTING, State.GOODBYE):
