@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from rawsip import serving
 from test_end_to_end import A_HZ, B_HZ, C_HZ, CONNECTED_AFTER, PROMPTS, assert_hears, assert_hold_audio, prompt_seconds
 
+from voiceline import config as config_module
 from voiceline.audio.prompts import PromptSet
 from voiceline.sim.analysis import find_sound, read_wav, tone_levels
 from voiceline.sim.plugin import to_toml
@@ -207,3 +209,30 @@ def test_a_broken_prompt_file_stops_the_service_from_starting_and_names_the_file
     )
     assert serve.returncode == 2, serve
     assert f"prompt file {recordings / 'welcome.wav'}" in serve.stderr
+
+
+@pytest.mark.integration
+async def test_a_reload_reads_a_line_s_recordings_again_and_keeps_the_old_ones_when_one_is_broken(tmp_path: Path) -> None:
+    recordings = tmp_path / "recordings"
+    recordings.mkdir()
+    config_file = tmp_path / "voiceline.toml"
+    config_file.write_text(
+        to_toml(
+            {
+                "sip": {"listen": "127.0.0.1:0"},
+                "storage": {"data_dir": str(tmp_path / "data")},
+                "lines": [{"name": "own", "numbers": ["*"], "prompts": str(recordings)}],
+            }
+        ),
+        encoding="utf-8",
+    )
+    async with serving(config_module.load(config_file)) as app:
+        app.config_file = str(config_file)
+        assert app.line_setup("own").prompts.replaced == frozenset()
+        chirp_wav(recordings / "goodbye.wav")
+        await app.reload()
+        assert app.line_setup("own").prompts.replaced == {"goodbye"}  # read again
+        kept = app.line_setup("own").prompts
+        (recordings / "welcome.wav").write_bytes(b"RIFF broken")
+        await app.reload()  # logged as prompts.load_failed; the line keeps what it had
+        assert app.line_setup("own").prompts is kept
