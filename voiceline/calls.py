@@ -254,7 +254,11 @@ class Calls:
 
     def _due(self, served: ServedLine) -> None:
         served.timer = None
-        self._apply(served, served.journeys.due(self._loop.time()))
+        try:
+            self._apply(served, served.journeys.due(self._loop.time()))
+        except Exception as exc:  # logged with a redacted trace; the line's timers go on, a second later
+            log.error("line.due_failed", line=served.name, error=type(exc).__name__, exc_info=exc)
+            served.timer = self._loop.call_later(1.0, self._due, served)
 
     def _apply(self, served: ServedLine, step: Step) -> None:
         """Do what the line's step says, then set its timer; BYEs last (their end comes back to us)."""
