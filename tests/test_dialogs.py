@@ -18,7 +18,7 @@ import pytest
 
 from port_table import port_ranges
 from rawsip import Dialer, RawPeer, address, serving, to_tag
-from waiting import until
+from waiting import CONNECTING_SECONDS, until
 from voiceline.app import VoiceLine
 from voiceline.audio.g711 import ulaw_decode, ulaw_encode
 from voiceline.audio.hold import PAD_HZ
@@ -156,7 +156,7 @@ async def test_reinvite_hold_plays_hold_audio_to_the_partner_and_resume_restores
         await call_in(peer_b, server, b)
         a.speak(TONE_HZ)
         b.speak(TONE_HZ)
-        await until(lambda: service.ops.status()["lines"]["default"]["talking"] == 2)
+        await until(lambda: service.ops.status()["lines"]["default"]["talking"] == 2, timeout=CONNECTING_SECONDS)
         assert is_tone(await b.listen(0.6), TONE_HZ)  # talking: B hears A
 
         dialer_a.in_dialog("INVITE", sdp_port=a.port, direction="sendonly")  # A puts the line on hold

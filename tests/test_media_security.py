@@ -17,7 +17,7 @@ import pytest
 from port_table import port_ranges
 from rawsip import Dialer, RawPeer, address, serving, to_tag
 from test_media import HOST, PCMU
-from waiting import until
+from waiting import CONNECTING_SECONDS, until
 from voiceline.app import VoiceLine
 from voiceline.audio.g711 import ulaw_decode, ulaw_encode
 from voiceline.audio.hold import hold_music
@@ -163,7 +163,7 @@ async def talking(service: VoiceLine, parties: list[Party], caller_host: str = H
     partner, caller = await open_party(parties), await open_party(parties, caller_host)
     partner.leg = await dial(server, partner.sip, partner.phone.address[1])
     caller.leg = await dial(server, caller.sip, sdp_port or caller.phone.address[1])
-    await until(lambda: service.ops.status()["lines"]["default"]["talking"] == 2)
+    await until(lambda: service.ops.status()["lines"]["default"]["talking"] == 2, timeout=CONNECTING_SECONDS)
     await asyncio.sleep(0.05)  # hold frames still in flight
     partner.phone.packets.clear()
     caller.phone.packets.clear()
@@ -199,7 +199,7 @@ async def test_rtp_sprayed_before_the_callers_first_packet_is_never_relayed(
     caller.leg = (HOST, parse_sdp(ok.body).media[0].port)
     spray = await attacker.phone.talk(caller.leg, ATTACKER_HZ, 0x5EED, 1, 10)
     dialer.ack(to_tag(ok))
-    await until(lambda: service.ops.status()["lines"]["default"]["talking"] == 2)
+    await until(lambda: service.ops.status()["lines"]["default"]["talking"] == 2, timeout=CONNECTING_SECONDS)
     partner_heard = len(partner.phone.packets)
     spray = await attacker.phone.talk(caller.leg, ATTACKER_HZ, 0x5EED, spray, 20)
     caller_heard = len(caller.phone.packets)

@@ -22,7 +22,7 @@ import structlog
 
 from port_table import port_ranges
 from rawsip import Dialer, RawPeer, address, serving, to_tag
-from waiting import until
+from waiting import CONNECTING_SECONDS, until
 from voiceline.app import VoiceLine
 from voiceline.config import from_mapping
 from voiceline.sim.plugin import QUICK_JOURNEY
@@ -132,7 +132,7 @@ async def test_forged_in_dialog_requests_fail_and_the_call_is_untouched(
     async with running(tmp_path) as app, peers(CARRIER, CARRIER, attacker) as (victim_peer, partner_peer, evil):
         victim = await confirmed_call(app, victim_peer, rtp_port=4000)
         await confirmed_call(app, partner_peer, rtp_port=4002)
-        await until(lambda: app.ops.status()["lines"]["general"]["talking"] == 2)
+        await until(lambda: app.ops.status()["lines"]["general"]["talking"] == 2, timeout=CONNECTING_SECONDS)
 
         forged = forger(victim, evil, from_tag=secrets.token_hex(4) if guessed_from_tag else None)
         forged.in_dialog("INVITE", sdp_port=6000)  # move the victim's media to the attacker

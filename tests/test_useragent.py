@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import pytest
 
 from port_table import port_ranges
 from rawsip import Dialer, RawPeer, address, serving
-from waiting import until
+from waiting import CONNECTING_SECONDS, until
 from voiceline.audio.hold import PAD_HZ
 from voiceline.app import VoiceLine
 from voiceline.journey_config import WelcomeConfig
@@ -232,7 +232,7 @@ async def test_pcmu_caller_and_pcma_caller_hear_each_other_through_transcoding(
     try:
         a_leg = await answered_call(peer, server, a_rtp.get_extra_info("sockname")[1], "0 101")
         await answered_call(peer, server, b_rtp.get_extra_info("sockname")[1], "8 101")
-        await until(lambda: service.ops.status()["lines"]["default"]["talking"] == 2)  # both confirmed, paired
+        await until(lambda: service.ops.status()["lines"]["default"]["talking"] == 2, timeout=CONNECTING_SECONDS)  # both confirmed, paired
         held = len(b_sink.packets)
         tone = (8000 * np.sin(2 * np.pi * 1000 * np.arange(160 * 50) / 8000)).astype(np.int16)
         for n in range(50):  # one second of PCMU from A, paced like a phone
@@ -309,3 +309,27 @@ async def test_out_of_media_ports_gets_503_retransmitted_until_acked(tmp_path: P
         assert again.headers.get("Call-ID") == third.call_id
         third.ack(parse_name_addr(refused.headers.get("To") or "").tag or "", for_error=True)
         assert app.agent is not None and len(app.agent.core.calls) == 2
+
+
+async def test_a_pair_s_waits_go_to_the_journey_statistics(service: VoiceLine, peer: RawPeer) -> None:
+    written: list[tuple[str, dict[str, int], dict[str, float]]] = []
+
+    async def record_journey(line: str, at: float, counts: Mapping[str, int], seconds: Mapping[str, float]) -> None:
+        written.append((line, dict(counts), dict(seconds)))
+
+    assert service.storage is not None
+    service.storage.record_journey = record_journey  # type: ignore[method-assign]  # what storage makes of them is its own
+    server = address(service)
+    a_rtp, _ = await rtp_sink()
+    b_rtp, _ = await rtp_sink()
+    try:
+        await answered_call(peer, server, a_rtp.get_extra_info("sockname")[1], "0 101")
+        await until(lambda: service.ops.status()["lines"]["default"]["waiting"] == 1)
+        await asyncio.sleep(0.5)  # A waits, B does not
+        await answered_call(peer, server, b_rtp.get_extra_info("sockname")[1], "0 101")
+        await until(lambda: bool(written))
+        [(line, counts, seconds)] = written
+        assert line == "default" and counts == {"wait_paired": 2} and 0.5 <= seconds["wait_paired"] < 3.0
+    finally:
+        a_rtp.close()
+        b_rtp.close()

@@ -332,7 +332,8 @@ class Calls:
                 self.live_view.pairing_changed(served.name, paired=False)
             if journey.state is State.TALKING and live.state is State.CONNECTING:
                 started_talking += 1
-                log.debug("pairing.partners", call=call_id, partner=journey.partner)
+                if journey.partner is not None and call_id < journey.partner:  # one line per pair
+                    log.debug("pairing.partners", call=call_id, partner=journey.partner)
             live.state = journey.state
         for _ in range(started_talking // 2):  # the two of a pair are bridged in the same step
             log.info("pairing.talking", line=served.name, waiting=self._waiting(served))
