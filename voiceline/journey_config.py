@@ -140,14 +140,6 @@ def typed_value(section: str, key: str, value: Any) -> Any:
     return value
 
 
-def section(name: str, values: Any) -> Any:
-    """A top-level `[name]` table as its section's dataclass."""
-    if not isinstance(values, dict):
-        raise JourneyConfigError(f"[{name}] must be a table")
-    typed = {key: typed_value(name, key, value) for key, value in values.items()}
-    return replace(SECTIONS[name](), **typed)
-
-
 def line_overrides(tables: Mapping[str, Any]) -> tuple[Override, ...]:
     """A line's section tables (`{"waiting": {"max_wait": 300}}`) as checked overrides, in a stable order."""
     overrides: list[Override] = []
