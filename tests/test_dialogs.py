@@ -18,11 +18,12 @@ import pytest
 
 from port_table import port_ranges
 from rawsip import Dialer, RawPeer, address, serving, to_tag
-from waiting import until
+from waiting import CONNECTING_SECONDS, until
 from voiceline.app import VoiceLine
 from voiceline.audio.g711 import ulaw_decode, ulaw_encode
 from voiceline.audio.hold import PAD_HZ
 from voiceline.audio.rtp import build_packet
+from voiceline.journey_config import WelcomeConfig
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sim.analysis import goertzel_db
 from voiceline.sip.message import SipResponse, parse_via, response_to, serialize
@@ -42,6 +43,7 @@ def make_config(tmp_path: Path, media: dict[str, object] | None = None, **sip: o
         sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05, t1=0.03), **sip),  # type: ignore[arg-type]
         media=replace(MediaConfig(rtp_ports=f"{low}-{high}"), **(media or {})),  # type: ignore[arg-type]
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
+        welcome=WelcomeConfig(enabled=False, offer_choice=False),  # paired as soon as answered
     ).validate()
 
 
@@ -154,7 +156,7 @@ async def test_reinvite_hold_plays_hold_audio_to_the_partner_and_resume_restores
         await call_in(peer_b, server, b)
         a.speak(TONE_HZ)
         b.speak(TONE_HZ)
-        await until(lambda: service.pool("default").talking == 2)
+        await until(lambda: service.ops.status()["lines"]["default"]["talking"] == 2, timeout=CONNECTING_SECONDS)
         assert is_tone(await b.listen(0.6), TONE_HZ)  # talking: B hears A
 
         dialer_a.in_dialog("INVITE", sdp_port=a.port, direction="sendonly")  # A puts the line on hold
@@ -164,7 +166,7 @@ async def test_reinvite_hold_plays_hold_audio_to_the_partner_and_resume_restores
         await asyncio.sleep(0.2)  # A's tone already on its way to B drains before B listens
         assert is_hold_audio(await b.listen(0.8))  # the partner hears hold audio, still paired
         assert len(await a.listen(0.5)) == 0  # and nothing is sent to the held caller
-        assert service.pool("default").talking == 2 and service.pool("default").waiting == 0
+        assert service.ops.status()["lines"]["default"]["talking"] == 2 and service.ops.status()["lines"]["default"]["waiting"] == 0
 
         dialer_a.in_dialog("INVITE", sdp_port=a.port, direction="sendrecv")  # resume
         resumed = await peer.response(method="INVITE")
@@ -182,6 +184,13 @@ async def test_reinvite_hold_plays_hold_audio_to_the_partner_and_resume_restores
         peer_b.close()
 
 
+def in_pool(service: VoiceLine) -> int:
+    """Callers of the default line its pool may pair now (a held one is not among them)."""
+    assert service.calls is not None
+    journeys = service.calls.lines["default"].journeys
+    return sum(1 for call in service.calls.live if (journey := journeys.journey(call)) is not None and journey.seeking)
+
+
 async def test_inactive_update_holds_and_reinvite_without_sdp_offers_in_the_200(service: VoiceLine, peer: RawPeer) -> None:
     phone = await Phone.open()
     try:
@@ -192,14 +201,14 @@ async def test_inactive_update_holds_and_reinvite_without_sdp_offers_in_the_200(
         assert update.status == 200 and direction(update.body) == "inactive"
         await asyncio.sleep(0.1)  # hold audio already on its way drains before the phone listens
         assert len(await phone.listen(0.4)) == 0 and the_call(service).on_hold
-        assert service.pool("default").waiting == 0  # a held caller is paired with nobody
+        assert in_pool(service) == 0  # a held caller is paired with nobody
 
         dialer.in_dialog("INVITE")  # no SDP: we offer, the ACK answers
         offer = await peer.response(method="INVITE")
         assert offer.status == 200 and direction(offer.body) == "sendrecv"
         assert parse_sdp(offer.body).media[0].formats[0] == "0"  # the call's codec
         dialer.ack(dialer.to_tag, sdp_port=phone.port, direction="sendrecv")
-        await until(lambda: not the_call(service).on_hold and service.pool("default").waiting == 1)
+        await until(lambda: not the_call(service).on_hold and in_pool(service) == 1)
         assert is_hold_audio(await phone.listen(0.8))  # waiting again, hearing hold audio
     finally:
         phone.close()
@@ -230,7 +239,7 @@ async def test_offerless_invite_gets_our_offer_and_the_ack_answers(service: Voic
         assert offer.media[0].formats == ["0", "8", "9", "111", "101"] and direction(ok.body) == "sendrecv"
         assert b"a=rtpmap:9 G722/8000\r\n" in ok.body and b"a=rtpmap:111 opus/48000/2\r\n" in ok.body
         dialer.ack(to_tag(ok), sdp_port=phone.port)
-        await until(lambda: service.pool("default").waiting == 1)
+        await until(lambda: service.ops.status()["lines"]["default"]["waiting"] == 1)
         assert is_hold_audio(await phone.listen(0.8))
     finally:
         phone.close()
@@ -274,9 +283,10 @@ async def test_reinvite_with_another_codec_gets_488_and_the_session_goes_on(serv
 
 async def test_info_dtmf_relay_reaches_the_handler(service: VoiceLine, peer: RawPeer) -> None:
     digits: list[tuple[str, str]] = []
-    service.pool("default").digit = lambda call_id, digit: digits.append((call_id, digit))  # type: ignore[method-assign]
+    assert service.calls is not None
+    service.calls.call_dtmf = lambda call, digit: digits.append((call.id, digit))  # type: ignore[method-assign]
     dialer, _ = await call_in(peer, address(service), await Phone.open())
-    await until(lambda: service.pool("default").waiting == 1)
+    await until(lambda: service.ops.status()["lines"]["default"]["waiting"] == 1)
     dialer.in_dialog("INFO", body="Signal=5\r\nDuration=160\r\n", content_type="application/dtmf-relay")
     assert (await peer.response(method="INFO")).status == 200
     dialer.in_dialog("INFO", body="#", content_type="application/dtmf")
@@ -442,12 +452,12 @@ async def test_caller_answering_our_offer_with_sendonly_joins_on_hold(service: V
         ok = await peer.response(status=200)
         dialer.ack(to_tag(ok), sdp_port=phone.port, direction="sendonly")
         await until(lambda: service.agent is not None and service.agent.calls and the_call(service).on_hold)
-        assert service.pool("default").waiting == 0
+        assert in_pool(service) == 0
         assert len(await phone.listen(0.4)) == 0
         dialer.in_dialog("INVITE", sdp_port=phone.port)  # resume
         assert direction((await peer.response(status=200, method="INVITE")).body) == "sendrecv"
         dialer.ack(dialer.to_tag)
-        assert is_hold_audio(await phone.listen(0.8)) and service.pool("default").waiting == 1
+        assert is_hold_audio(await phone.listen(0.8)) and in_pool(service) == 1
     finally:
         phone.close()
 

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from broker import free_port
+from test_end_to_end import CONNECTED_AFTER
 from test_kamailio import _answers
 from voiceline.control import CONTROL_SOCKET, request
 from voiceline.sim.plugin import VoicelineServer, start_server
@@ -99,7 +100,9 @@ def test_a_numbers_calls_stay_on_one_node_fail_over_and_avoid_a_drained_node(
     nodes: list[VoicelineServer], dispatcher: str, sim_calls: Callable[..., list[CallReport]]
 ) -> None:
     # 1. Both nodes up: the number's calls all land on one node and pair there.
-    first_pair = sim_calls([CallSpec(dispatcher, seconds=2.0), CallSpec(dispatcher, seconds=2.0, start_after=0.3)])
+    first_pair = sim_calls(
+        [CallSpec(dispatcher, seconds=CONNECTED_AFTER + 2.0), CallSpec(dispatcher, seconds=CONNECTED_AFTER + 2.0, start_after=0.3)]
+    )
     assert all(r.connected for r in first_pair), first_pair
     calls = [status(node)["sip"]["calls"] for node in nodes]
     assert sorted(calls) == [0, 2], calls

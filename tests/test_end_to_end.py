@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from voiceline.audio.hold import PAD_HZ
+from voiceline.audio.prompts import PromptSet
 from voiceline.sim.analysis import read_wav, rms_dbfs_windows, tone_levels
 from voiceline.sim.runner import CallReport, CallSpec
 
@@ -22,6 +23,17 @@ HOLD_HZ = (PAD_HZ,)  # the built-in hold music's steady pedal note
 # How far a partner's tone must stand above one's own echo in a recording.
 SEPARATION_DB = 30.0
 SILENCE_DBFS = -50.0
+PROMPTS = PromptSet.load("en")
+
+
+def prompt_seconds(*prompt_ids: str) -> float:
+    return sum(len(PROMPTS[prompt_id]) for prompt_id in prompt_ids) / 16000  # PROMPT_RATE
+
+
+# A pair hears the connect cue and "you're connected" before the two are bridged (and a margin);
+# one whose partner left hears so before it is offered to the pool again.
+CONNECTED_AFTER = prompt_seconds("connect_cue", "connected") + 0.4
+PARTNER_LEFT = prompt_seconds("partner_left") + 0.2
 
 
 def assert_hears(report: CallReport, partner_hz: float, own_hz: float, start: float, end: float) -> None:
@@ -51,8 +63,8 @@ def test_two_callers_are_paired_and_hear_each_other(
     target = server.uri("line")  # type: ignore[attr-defined]
     a, b = sim_calls(
         [
-            CallSpec(target, tone_hz=A_HZ, seconds=5.0),
-            CallSpec(target, tone_hz=B_HZ, seconds=4.5, start_after=0.5),
+            CallSpec(target, tone_hz=A_HZ, seconds=8.0),
+            CallSpec(target, tone_hz=B_HZ, seconds=7.5, start_after=0.5),
         ]
     )
     for report in (a, b):
@@ -62,9 +74,9 @@ def test_two_callers_are_paired_and_hear_each_other(
     b_joined = b.connected_at - a.connected_at
     assert b_joined > 0.3
     assert_hold_audio(a, 0.05, b_joined - 0.05, not_hz=(A_HZ, B_HZ))
-    # Then each hears the other, and not itself.
-    assert_hears(a, B_HZ, A_HZ, b_joined + 0.3, b_joined + 3.5)
-    assert_hears(b, A_HZ, B_HZ, 0.3, 3.5)
+    # Then, after the connect prompts, each hears the other, and not itself.
+    assert_hears(a, B_HZ, A_HZ, b_joined + CONNECTED_AFTER, b_joined + CONNECTED_AFTER + 3.0)
+    assert_hears(b, A_HZ, B_HZ, CONNECTED_AFTER, CONNECTED_AFTER + 3.0)
 
 
 def test_remaining_caller_is_paired_with_the_next_waiting_one(
@@ -74,9 +86,9 @@ def test_remaining_caller_is_paired_with_the_next_waiting_one(
     target = server.uri("line")  # type: ignore[attr-defined]
     a, b, c = sim_calls(
         [
-            CallSpec(target, tone_hz=A_HZ, seconds=4.0),
-            CallSpec(target, tone_hz=B_HZ, seconds=9.0, start_after=0.5),
-            CallSpec(target, tone_hz=C_HZ, seconds=7.5, start_after=1.5),
+            CallSpec(target, tone_hz=A_HZ, seconds=6.5),
+            CallSpec(target, tone_hz=B_HZ, seconds=16.0, start_after=0.5),
+            CallSpec(target, tone_hz=C_HZ, seconds=15.0, start_after=1.5),
         ]
     )
     for report in (a, b, c):
@@ -84,11 +96,12 @@ def test_remaining_caller_is_paired_with_the_next_waiting_one(
     assert a.hangup_by == "us"
     a_left = a.disconnected_at
     # A and B talk first; C waits on hold meanwhile.
-    assert_hears(b, A_HZ, B_HZ, 0.3, a_left - b.connected_at - 0.3)
+    assert_hears(b, A_HZ, B_HZ, CONNECTED_AFTER, a_left - b.connected_at - 0.3)
     assert_hold_audio(c, 0.1, a_left - c.connected_at - 0.2, not_hz=(A_HZ, B_HZ, C_HZ))
-    # A hangs up: B goes back to the pool and meets C, who waited longest.
-    assert_hears(b, C_HZ, B_HZ, a_left - b.connected_at + 0.4, a_left - b.connected_at + 3.5)
-    assert_hears(c, B_HZ, C_HZ, a_left - c.connected_at + 0.4, a_left - c.connected_at + 3.5)
+    # A hangs up: B is told so, goes back to the pool and meets C, who waited longest.
+    met = a_left + PARTNER_LEFT + CONNECTED_AFTER
+    assert_hears(b, C_HZ, B_HZ, met - b.connected_at, met - b.connected_at + 3.0)
+    assert_hears(c, B_HZ, C_HZ, met - c.connected_at, met - c.connected_at + 3.0)
 
 
 def test_stopping_the_service_sends_bye_to_every_caller(

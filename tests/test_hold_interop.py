@@ -6,15 +6,18 @@ from collections.abc import Callable
 
 import pytest
 
+from test_end_to_end import CONNECTED_AFTER, PROMPTS, prompt_seconds
+
 from voiceline.audio.hold import PAD_HZ
-from voiceline.sim.analysis import read_wav, rms_dbfs_windows, tone_levels
+from voiceline.sim.analysis import find_sound, read_wav, rms_dbfs_windows, tone_levels
 from voiceline.sim.runner import CallReport, CallSpec
 
 pytestmark = pytest.mark.interop
 
 A_HZ, B_HZ = 697.0, 1209.0
 SEPARATION_DB = 25.0
-HOLD_AT, RESUME_AT = 2.5, 5.0  # seconds after A connects
+HOLD_AT, RESUME_AT = CONNECTED_AFTER + 2.5, CONNECTED_AFTER + 9.0  # seconds after A connects
+STEPPED_AWAY = prompt_seconds("stepped_away")  # what the partner of a held caller is told
 
 
 def levels(report: CallReport, start: float, end: float) -> dict[float, float]:
@@ -28,8 +31,8 @@ def test_held_caller_s_partner_hears_hold_audio_then_the_caller_again(
     target = server.uri("line")  # type: ignore[attr-defined]
     a, b = sim_calls(
         [
-            CallSpec(target, tone_hz=A_HZ, seconds=7.5, hold=(HOLD_AT, RESUME_AT)),
-            CallSpec(target, tone_hz=B_HZ, seconds=7.5, start_after=0.3),
+            CallSpec(target, tone_hz=A_HZ, seconds=RESUME_AT + 2.5, hold=(HOLD_AT, RESUME_AT)),
+            CallSpec(target, tone_hz=B_HZ, seconds=RESUME_AT + 2.5, start_after=0.3),
         ]
     )
     for report in (a, b):
@@ -37,14 +40,16 @@ def test_held_caller_s_partner_hears_hold_audio_then_the_caller_again(
     assert a.connected_at is not None and b.connected_at is not None
     # B's recording starts when B connects; A's hold and resume happen on A's clock.
     offset = a.connected_at - b.connected_at
-    held = (offset + HOLD_AT + 0.5, offset + RESUME_AT - 0.2)
-    resumed = (offset + RESUME_AT + 0.6, offset + 7.0)
+    held = (offset + HOLD_AT + STEPPED_AWAY + 0.5, offset + RESUME_AT - 0.2)
+    resumed = (offset + RESUME_AT + 0.6, offset + RESUME_AT + 2.0)
 
-    before = levels(b, 0.5, offset + HOLD_AT - 0.2)
+    before = levels(b, CONNECTED_AFTER, offset + HOLD_AT - 0.2)
     assert before[A_HZ] - before[PAD_HZ] > SEPARATION_DB, before  # talking: B hears A
-    during = levels(b, *held)
-    assert during[PAD_HZ] - during[A_HZ] > SEPARATION_DB, during  # A on hold: B hears hold audio
     samples, rate = read_wav(b.recording)
+    told = find_sound(samples, PROMPTS.at("stepped_away", rate), rate)  # A on hold: B is told A stepped away
+    assert len(told) == 1 and offset + HOLD_AT < told[0][0] < offset + HOLD_AT + 0.6, told
+    during = levels(b, *held)
+    assert during[PAD_HZ] - during[A_HZ] > SEPARATION_DB, during  # then hears hold audio
     assert min(rms_dbfs_windows(samples[int(held[0] * rate) : int(held[1] * rate)], rate, 0.25)) > -50
     after = levels(b, *resumed)
     assert after[A_HZ] - after[PAD_HZ] > SEPARATION_DB, after  # resumed: B hears A again

@@ -119,6 +119,11 @@ def test_any_key_skips_the_welcome_and_a_preference_key_also_chooses() -> None:
     assert of(line.digit("a", "5", 2.0), "a") == [PlayMusic(), PlayPrompts(CHOICE)]
     line.answered("b", 0.0)
     assert of(line.digit("b", "2", 3.0), "b") == [PlayMusic(), PlayPrompts(("preference_listen",))]
+    # Without a choice to offer, the welcome stops (an empty prompt replaces it) and the music plays.
+    line = Line(JourneySettings(offer_choice=False))
+    line.answered("c", 0.0)
+    assert of(line.digit("c", "5", 2.0), "c") == [PlayMusic(), PlayPrompts(())]
+    assert line.journey("c").seeking  # type: ignore[union-attr]
 
 
 def test_a_line_without_welcome_or_choice_starts_with_the_music() -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from port_table import port_block
+from test_end_to_end import CONNECTED_AFTER
 from voiceline.sim.analysis import tone_levels
 from voiceline.storage import DB_NAME, MIGRATIONS
 from voiceline.sim.runner import CallReport, CallSpec
@@ -262,12 +263,15 @@ def test_invite_through_kamailio_reaches_the_line_and_is_paired(
     # ... through the carrier's proxy it reaches the line, and two such callers talk.
     via_carrier = f"sip:{USERNAME}@{carrier.host}:{carrier.port}"
     a, b = sim_calls(
-        [CallSpec(via_carrier, tone_hz=697.0, seconds=4.0), CallSpec(via_carrier, tone_hz=1209.0, seconds=3.5, start_after=0.5)],
+        [
+            CallSpec(via_carrier, tone_hz=697.0, seconds=CONNECTED_AFTER + 4.0),
+            CallSpec(via_carrier, tone_hz=1209.0, seconds=CONNECTED_AFTER + 3.5, start_after=0.5),
+        ],
         analyse_hz=(697.0, 1209.0),
     )
     assert a.connected and b.connected, (a, b)
     joined = b.connected_at - a.connected_at
-    heard = tone_levels(a.recording, (1209.0, 697.0), joined + 0.4, joined + 2.5)
+    heard = tone_levels(a.recording, (1209.0, 697.0), joined + CONNECTED_AFTER, joined + CONNECTED_AFTER + 2.0)
     assert heard[1209.0] - heard[697.0] > 30, heard
     assert carrier.count("forwarding INVITE") >= 2
     offered = [e for e in server.log_events() if e.get("event") == "call.offered"]

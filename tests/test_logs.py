@@ -14,10 +14,11 @@ import pytest
 import structlog
 from port_table import port_block
 from rawsip import Dialer, RawPeer, address, serving, to_tag
-from waiting import until
+from waiting import CONNECTING_SECONDS, until
 
 from voiceline import logs
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
+from voiceline.journey_config import WelcomeConfig
 
 CANARY = "+15550001234"
 CANARY_DIGITS = "15550001234"
@@ -333,10 +334,10 @@ async def dial(peer: RawPeer, server: tuple[str, int]) -> Dialer:
     return dialer
 
 
-async def logged(stream: io.StringIO, condition: Callable[[list[dict]], bool]) -> list[dict]:
+async def logged(stream: io.StringIO, condition: Callable[[list[dict]], bool], timeout: float = 3.0) -> list[dict]:
     """The log lines so far, once `condition` holds for them."""
     try:
-        await until(lambda: condition(json_lines(stream)))
+        await until(lambda: condition(json_lines(stream)), timeout)
     except AssertionError:
         raise AssertionError(f"never logged: {[line['event'] for line in json_lines(stream)]}") from None
     return json_lines(stream)
@@ -356,6 +357,7 @@ async def test_no_line_links_partners_at_info(tmp_path: Path, level: str) -> Non
         sip=SipConfig(listen="127.0.0.1:0", answer_delay=0.01),
         media=MediaConfig(rtp_ports=PAIRING_RTP_PORTS),
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
+        welcome=WelcomeConfig(enabled=False, offer_choice=False),  # paired as soon as answered
     ).validate()
     peer = await RawPeer.open()
     try:
@@ -363,7 +365,7 @@ async def test_no_line_links_partners_at_info(tmp_path: Path, level: str) -> Non
             server = address(app)
             first = await dial(peer, server)
             second = await dial(peer, server)
-            await logged(stream, count("pairing.talking", 1))
+            await logged(stream, count("pairing.talking", 1), CONNECTING_SECONDS)
             first.in_dialog("INFO", body="Signal=#\r\nDuration=160\r\n", content_type="application/dtmf-relay")
             await logged(stream, count("pairing.waiting", 3))
             first.in_dialog("BYE")
@@ -379,7 +381,7 @@ async def test_no_line_links_partners_at_info(tmp_path: Path, level: str) -> Non
     assert events.count("pairing.next_partner_requested") == 1
     pair_lines = [line for line in lines if line["event"] in ("pairing.talking", "pairing.waiting")]
     assert len(pair_lines) == 4
-    assert all(set(line) == {"event", "waiting", "level", "logger", "timestamp"} for line in pair_lines)
+    assert all(set(line) == {"event", "line", "waiting", "level", "logger", "timestamp"} for line in pair_lines)
     detail = [line for line in lines if line["event"] == "pairing.partners"]
     if level == "info":
         for line in lines:

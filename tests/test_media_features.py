@@ -418,6 +418,30 @@ async def test_a_leg_whose_peer_holds_it_sends_nothing_not_even_a_prompt(engine,
     assert len(await phone.receive_many(5)) == 5
 
 
+async def test_each_prompt_that_ends_is_reported_once_and_a_replaced_one_never(engine, phones):
+    phone = phones()
+    leg = await leg_for(engine, phone)
+    ended: list[float] = []
+    leg.on_prompt_end = lambda: ended.append(asyncio.get_running_loop().time())
+    leg.hold()
+    started = asyncio.get_running_loop().time()
+    leg.play_over(tone(PROMPT_HZ, 1.0, 8000, 4000))
+    await asyncio.sleep(0.1)
+    leg.play_over(tone(PROMPT_HZ, 0.2, 8000, 4000))  # replaces the first: only this one ends
+    await until(lambda: len(ended) == 1)
+    assert 0.25 < ended[0] - started < 0.6
+    leg.play_over(np.zeros(0, dtype=np.int16))  # nothing to play ends at once
+    await until(lambda: len(ended) == 2)
+    leg.play_over(tone(PROMPT_HZ, 0.2, 8000, 4000))
+    leg.hear_nothing()  # a prompt plays on over silence
+    leg.set_sending(False)  # and ends even when the peer holds us
+    await until(lambda: len(ended) == 3)
+    leg.play_over(tone(PROMPT_HZ, 0.2, 8000, 4000))
+    leg.close()  # a closed leg reports nothing more
+    await asyncio.sleep(0.4)
+    assert len(ended) == 3
+
+
 # -- RTCP ------------------------------------------------------------------------------------------
 
 RTCP_PHONE_PORT = BASE + 200  # the phone's RTP port; its RTCP socket takes the odd one above

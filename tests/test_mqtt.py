@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from broker import Broker, Received, Recorder
-from test_end_to_end import A_HZ, B_HZ, assert_hears
+from test_end_to_end import A_HZ, B_HZ, CONNECTED_AFTER, assert_hears
 from voiceline.control import CONTROL_SOCKET, request
 from voiceline.sim.runner import CallReport, CallSpec
 
@@ -55,7 +55,8 @@ def test_a_pairs_life_and_commands_with_replies(
         assert status_message.json()["version"] and status_message.json()["schema"] == 1
 
         target = server.uri("line")
-        reports = sim_calls([CallSpec(target, seconds=2.5), CallSpec(target, seconds=2.0, start_after=0.3)])
+        talk = CONNECTED_AFTER + 2.0  # bridged after the connect prompts, then two seconds together
+        reports = sim_calls([CallSpec(target, seconds=talk + 0.5), CallSpec(target, seconds=talk, start_after=0.3)])
         assert all(r.connected for r in reports), reports
         recorder.wait_for(count("call.ended", 2))
         recorder.wait_for(count("line.gauge", 1))
@@ -123,7 +124,10 @@ def test_the_broker_restarting_mid_call_leaves_the_call_talking(
     server = mqtt_server(voiceline_server, broker)
     recorder.wait_for(online)
     target = server.uri("line")
-    specs = [CallSpec(target, tone_hz=A_HZ, seconds=9.0), CallSpec(target, tone_hz=B_HZ, seconds=8.5, start_after=0.3)]
+    specs = [
+        CallSpec(target, tone_hz=A_HZ, seconds=CONNECTED_AFTER + 9.0),
+        CallSpec(target, tone_hz=B_HZ, seconds=CONNECTED_AFTER + 8.5, start_after=0.3),
+    ]
     with ThreadPoolExecutor(1) as pool:
         calls = pool.submit(sim_calls, specs)
         recorder.wait_for(count("line.paired", 1))
@@ -146,8 +150,8 @@ def test_the_broker_restarting_mid_call_leaves_the_call_talking(
     for report in (a, b):
         assert report.connected and report.hangup_by == "us", report
     # Heard the partner throughout, across the broker's absence.
-    assert_hears(a, B_HZ, A_HZ, 1.5, 8.0)
-    assert_hears(b, A_HZ, B_HZ, 1.5, 7.5)
+    assert_hears(a, B_HZ, A_HZ, CONNECTED_AFTER + 1.0, CONNECTED_AFTER + 8.0)
+    assert_hears(b, A_HZ, B_HZ, CONNECTED_AFTER + 1.0, CONNECTED_AFTER + 7.5)
     assert json.dumps(status)  # the status is plain JSON
 
 

@@ -91,18 +91,22 @@ def test_status_and_metrics_show_two_talking_and_two_waiting_on_two_lines(
     assert http_get(metrics_port, "/readyz") == (200, "ready\n")
     with ThreadPoolExecutor(1) as pool:
         calls = pool.submit(sim_calls, specs)
-        status = wait_for_status(server.data_dir, lambda s: s["calls"] == 4 and s["lines"]["two"]["waiting"] == 1)
+        # The pair on line one is bridged once both heard the connect cue.
+        status = wait_for_status(
+            server.data_dir,
+            lambda s: s["calls"] == 4 and s["lines"]["two"]["waiting"] == 1 and s["lines"]["one"]["talking"] == 2,
+        )
         assert status["lines"] == {
-            "one": {"open": True, "waiting": 1, "talking": 2, "in_welcome": 0, "pairs": 1, "longest_wait": status["lines"]["one"]["longest_wait"]},
-            "two": {"open": True, "waiting": 1, "talking": 0, "in_welcome": 0, "pairs": 0, "longest_wait": status["lines"]["two"]["longest_wait"]},
+            "one": {"open": True, "waiting": 1, "talking": 2, "in_welcome": 0, "connecting": 0, "ending": 0, "pairs": 1, "longest_wait": status["lines"]["one"]["longest_wait"]},
+            "two": {"open": True, "waiting": 1, "talking": 0, "in_welcome": 0, "connecting": 0, "ending": 0, "pairs": 0, "longest_wait": status["lines"]["two"]["longest_wait"]},
         }  # fmt: skip
         assert 0 <= status["lines"]["two"]["longest_wait"] <= 9
         assert status["trunks"]["loopback"]["calls"] == 4 and status["draining"] is False
 
         table = voiceline_cli("status", "--data-dir", str(server.data_dir))
         assert table.returncode == 0, table.stderr
-        assert table_row(table.stdout, "one")[:6] == ["one", "yes", "1", "2", "0", "1"]
-        assert table_row(table.stdout, "two")[:6] == ["two", "yes", "1", "0", "0", "0"]
+        assert table_row(table.stdout, "one")[:8] == ["one", "yes", "1", "2", "0", "0", "0", "1"]
+        assert table_row(table.stdout, "two")[:8] == ["two", "yes", "1", "0", "0", "0", "0", "0"]
         assert table_row(table.stdout, "loopback")[:3] == ["loopback", "yes", "4"]
 
         code, text = http_get(metrics_port, "/metrics")

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from broker import Broker, Recorder, free_port
+from test_end_to_end import CONNECTED_AFTER
 from voiceline.sim.runner import CallReport, CallSpec
 from voiceline.sip.auth import digest_response, parse_digest
 
@@ -172,17 +173,18 @@ def test_canary_number_is_written_nowhere(
     assert sipp.returncode == 0, sipp.stdout[-2000:]
 
     ended_before = sum(event.get("event") == "call.ended" for event in server.log_events())  # type: ignore[attr-defined]
+    talk = CONNECTED_AFTER  # they talk once both heard the connect prompts
     # Two pjsua2 callers from the canary number, paired with each other: one over UDP holds and
     # resumes (re-INVITEs carry the identity again, into the dialog's target refresh), one over TCP
     # with SRTP (keys in its SDP, ours in the answer).
     reports = sim_calls(
         [
-            CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=2.5, hold=(0.8, 1.6)),
+            CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=talk + 2.5, hold=(talk + 0.8, talk + 1.6)),
             CallSpec(
                 f"{target};transport=tcp",
                 from_user=CANARY,
                 tone_hz=1209.0,
-                seconds=2.5,
+                seconds=talk + 2.5,
                 start_after=0.3,
                 transport="tcp",
                 srtp=True,

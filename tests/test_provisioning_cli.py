@@ -8,8 +8,10 @@ import json
 import sqlite3
 import subprocess
 import sys
+import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from port_table import port_block
@@ -118,6 +120,11 @@ def test_trunk_lifecycle_with_table_and_json(tmp_path: Path) -> None:
         (("line", "add", "x", "--number", "1@2"), "number"),
         (("line", "add", "default", "--number", "5"), "config file"),
         (("line", "show", "nope"), "no line named 'nope'"),
+        (("line", "add", "x", "--number", "5", "--set", "waiting.max_wai=300"), "waiting.max_wai: unknown key"),
+        (("line", "add", "x", "--number", "5", "--set", "waiting.max_wait=soon"), "waiting.max_wait: expected a number, got 'soon'"),
+        (("line", "add", "x", "--number", "5", "--set", "keys.help=#"), "each key may have one meaning only"),
+        (("line", "add", "x", "--number", "5", "--set", "max_wait=300"), "expected SECTION.KEY=VALUE"),
+        (("line", "add", "x", "--number", "5", "--language", "xx"), "no built-in prompts for language 'xx'"),
         (("line", "remove", "nope"), "no line named 'nope'"),
     ],
 )
@@ -235,6 +242,27 @@ def test_line_update_enable_and_disable(tmp_path: Path) -> None:
     assert json.loads(ok(d, "line", "show", "night", "--json"))["enabled"] is True
     assert "no line named 'nope'" in bad(d, "line", "disable", "nope")
     assert "defined in the config file" in bad(d, "line", "disable", "default")
+
+
+def test_a_line_s_journey_settings_and_prompts_are_stored_and_checked_at_once(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    recordings = tmp_path / "recordings"
+    recordings.mkdir()
+    with wave.open(str(recordings / "goodbye.wav"), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(8000)
+        wav.writeframes((np.sin(np.arange(8000) / 3) * 8000).astype("<i2").tobytes())
+    ok(d, "line", "add", "night", "--number", "300", "--set", "waiting.max_wait=300", "--set", "keys.report=",
+       "--prompts", str(recordings), "--language", "en")  # fmt: skip
+    ok(d, "line", "update", "night", "--set", "talking.max_talk=900", "--set", "waiting.max_wait=240")
+    shown = json.loads(ok(d, "line", "show", "night", "--json"))
+    assert shown["waiting"] == {"max_wait": 240.0} and shown["talking"] == {"max_talk": 900.0}
+    assert shown["keys"] == {"report": ""} and shown["prompts"] == str(recordings) and shown["language"] == "en"
+    (recordings / "welcome.wav").write_bytes(b"not a wav file")
+    refused = bad(d, "line", "update", "night", "--max-calls", "3")
+    assert f"prompt file {recordings / 'welcome.wav'}" in refused
+    assert "warn_before must lie between 0 and max_talk" in bad(d, "line", "update", "night", "--prompts", "", "--set", "talking.warn_before=1000")
 
 
 def test_trunk_sources_and_transports_change_one_at_a_time(tmp_path: Path) -> None:

@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from voiceline.sim.analysis import FLOOR_DB, goertzel_db, read_wav, rms_dbfs_windows, tone_levels
+from voiceline.audio.g711 import ulaw_decode, ulaw_encode
+from voiceline.audio.hold import hold_music
+from voiceline.audio.prompts import PromptSet
+from voiceline.sim.analysis import FLOOR_DB, find_sound, goertzel_db, read_wav, rms_dbfs_windows, tone_levels
 
 RATE = 8000
 
@@ -89,3 +92,15 @@ def test_read_wav_rejects_other_sample_widths(tmp_path: Path) -> None:
         wav.writeframes(bytes(100))
     with pytest.raises(ValueError, match="16-bit"):
         read_wav(path)
+
+
+def test_find_sound_places_a_prompt_under_music_through_mu_law_and_not_another_one() -> None:
+    prompts = PromptSet.load("en")
+    wanted, other = prompts.at("reassure_1", RATE), prompts.at("reassure_2", RATE)
+    heard = hold_music()[: 12 * RATE].astype(np.float64) * 0.5  # music under it, as a leg hears it ducked
+    heard[3 * RATE : 3 * RATE + len(wanted)] += wanted * 0.3  # a quiet phone
+    pcm = ulaw_decode(ulaw_encode(np.clip(heard, -32768, 32767).astype(np.int16)))
+    found = find_sound(pcm, wanted, RATE)
+    assert len(found) == 1 and found[0][0] == pytest.approx(3.0, abs=0.01) and found[0][1] > 0.8
+    assert find_sound(pcm, other, RATE) == []
+    assert find_sound(pcm[: 2 * RATE], wanted, RATE) == []  # shorter than the prompt: nowhere

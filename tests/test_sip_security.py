@@ -22,9 +22,10 @@ import structlog
 
 from port_table import port_ranges
 from rawsip import Dialer, RawPeer, address, serving, to_tag
-from waiting import until
+from waiting import CONNECTING_SECONDS, until
 from voiceline.app import VoiceLine
 from voiceline.config import from_mapping
+from voiceline.sim.plugin import QUICK_JOURNEY
 from voiceline.sim.plugin import VoicelineServer
 from voiceline.sip.message import SipRequest, response_to, serialize
 from voiceline.sip.sdp import parse_sdp
@@ -56,6 +57,7 @@ def running(
             "storage": {"data_dir": str(tmp_path / "data"), "poll_interval": 0.2},
             "trunks": trunks,
             "lines": LINES,
+            **QUICK_JOURNEY,
         }
     )
     return serving(config)
@@ -130,7 +132,7 @@ async def test_forged_in_dialog_requests_fail_and_the_call_is_untouched(
     async with running(tmp_path) as app, peers(CARRIER, CARRIER, attacker) as (victim_peer, partner_peer, evil):
         victim = await confirmed_call(app, victim_peer, rtp_port=4000)
         await confirmed_call(app, partner_peer, rtp_port=4002)
-        await until(lambda: app.pool("general").talking == 2)
+        await until(lambda: app.ops.status()["lines"]["general"]["talking"] == 2, timeout=CONNECTING_SECONDS)
 
         forged = forger(victim, evil, from_tag=secrets.token_hex(4) if guessed_from_tag else None)
         forged.in_dialog("INVITE", sdp_port=6000)  # move the victim's media to the attacker
@@ -145,7 +147,7 @@ async def test_forged_in_dialog_requests_fail_and_the_call_is_untouched(
         call = call_of(app, victim)
         assert call.state is CallState.CONFIRMED and call.audio is not None
         assert (call.audio.remote_host, call.audio.remote_port) == ("127.0.0.1", 4000) and not call.on_hold
-        assert app.pool("general").talking == 2
+        assert app.ops.status()["lines"]["general"]["talking"] == 2
         victim.in_dialog("BYE")  # the next CSeq of the real caller: the forged CSeq 100 ahead changed nothing
         assert (await victim_peer.response(method="BYE")).status == 200
 

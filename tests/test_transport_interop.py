@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_end_to_end import A_HZ, B_HZ, assert_hears
+from test_end_to_end import A_HZ, B_HZ, CONNECTED_AFTER, assert_hears
 from test_sipp import run_sipp, stat
 from voiceline.sim.plugin import self_signed_certificate
 from voiceline.sim.runner import CallReport, CallSpec
@@ -34,8 +34,8 @@ def test_tcp_and_tls_callers_are_paired_and_hear_each_other(
     server = voiceline_server(tls_overrides(tmp_path))
     a, b = sim_calls(
         [
-            CallSpec(server.uri("line", "tcp"), tone_hz=A_HZ, seconds=4.5, transport="tcp"),  # type: ignore[attr-defined]
-            CallSpec(server.uri("line", "tls"), tone_hz=B_HZ, seconds=4.0, start_after=0.3, transport="tls"),  # type: ignore[attr-defined]
+            CallSpec(server.uri("line", "tcp"), tone_hz=A_HZ, seconds=CONNECTED_AFTER + 4.5, transport="tcp"),  # type: ignore[attr-defined]
+            CallSpec(server.uri("line", "tls"), tone_hz=B_HZ, seconds=CONNECTED_AFTER + 4.0, start_after=0.3, transport="tls"),  # type: ignore[attr-defined]
         ],
         tls_ca_file=tmp_path / "tls" / "cert.pem",  # the callers verify the server's certificate
     )
@@ -43,8 +43,8 @@ def test_tcp_and_tls_callers_are_paired_and_hear_each_other(
         assert report.final_status == 200 and report.connected and report.media_started, report
         assert report.error is None
     joined = b.connected_at - a.connected_at
-    assert_hears(a, B_HZ, A_HZ, joined + 0.3, joined + 3.0)
-    assert_hears(b, A_HZ, B_HZ, 0.3, 3.0)
+    assert_hears(a, B_HZ, A_HZ, joined + CONNECTED_AFTER, joined + CONNECTED_AFTER + 2.7)
+    assert_hears(b, A_HZ, B_HZ, CONNECTED_AFTER, CONNECTED_AFTER + 2.7)
     # The calls really used the stream transports: the server's connections counted them at shutdown.
     assert server.stop() == 0  # type: ignore[attr-defined]
     accepted = {

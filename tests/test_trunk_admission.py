@@ -21,6 +21,7 @@ from rawsip import Dialer, RawPeer, address, serving, to_tag
 from waiting import until
 from voiceline.app import VoiceLine
 from voiceline.config import from_mapping
+from voiceline.sim.plugin import QUICK_JOURNEY
 from test_transport import TcpPeer
 from voiceline.sip.auth import DigestClient, digest_response, parse_digest, pick_challenge
 from voiceline.sip.message import Headers, SipRequest, SipResponse, parse_message, response_to, serialize
@@ -49,6 +50,7 @@ def running(
             "storage": {"data_dir": str(tmp_path / "data"), "poll_interval": 0.2},
             "trunks": trunks,
             "lines": lines,
+            **QUICK_JOURNEY,
         }
     )
     return serving(config)
@@ -106,11 +108,11 @@ async def test_ip_trunk_is_accepted_on_the_dialled_line(tmp_path: Path) -> None:
     async with running(tmp_path) as app, peer_at("127.0.0.2") as carrier:
         dialer, response = await call(app, carrier, number="+4930100")
         assert response.status == 200
-        await until(lambda: app.pool("general").waiting == 1)
+        await until(lambda: app.ops.status()["lines"]["general"]["waiting"] == 1)
         assert app.agent is not None
         [offered] = app.agent.core.calls
         assert (offered.trunk, offered.line) == ("carrier", "general")
-        assert app.pool("general").waiting == 1 and app.pool("language").waiting == 0
+        assert app.ops.status()["lines"]["general"]["waiting"] == 1 and app.ops.status()["lines"]["language"]["waiting"] == 0
         dialer.in_dialog("BYE")
         assert (await carrier.response(method="BYE")).status == 200
 

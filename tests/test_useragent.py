@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,9 +14,10 @@ import pytest
 
 from port_table import port_ranges
 from rawsip import Dialer, RawPeer, address, serving
-from waiting import until
+from waiting import CONNECTING_SECONDS, until
 from voiceline.audio.hold import PAD_HZ
 from voiceline.app import VoiceLine
+from voiceline.journey_config import WelcomeConfig
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sip.message import parse_name_addr
 from voiceline.sip.sdp import parse_sdp
@@ -32,6 +33,7 @@ def make_config(tmp_path: Path, rtp_ports: int = 20, **sip: object) -> Config:
         sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05), **sip),  # type: ignore[arg-type]
         media=MediaConfig(rtp_ports=f"{low}-{low + rtp_ports - 1}"),
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
+        welcome=WelcomeConfig(enabled=False, offer_choice=False),  # paired as soon as answered
     ).validate()
 
 
@@ -139,10 +141,10 @@ async def test_call_is_answered_hears_hold_audio_and_ends_on_bye(service: VoiceL
         await until(lambda: len(sink.packets) >= 25)  # hold audio paced at 20 ms: half a second
         ssrcs = {struct.unpack_from("!I", p, 8)[0] for p in sink.packets}
         assert len(ssrcs) == 1
-        assert service.pool("default").waiting == 1
+        assert service.ops.status()["lines"]["default"]["waiting"] == 1
         dialer.in_dialog("BYE")
         assert (await peer.response(method="BYE")).status == 200
-        await until(lambda: service.pool("default").waiting == 0 and service.media is not None and service.media.legs == 0)
+        await until(lambda: service.ops.status()["lines"]["default"]["waiting"] == 0 and service.media is not None and service.media.legs == 0)
         assert service.storage is not None
         [hour] = await service.storage.hourly()  # the call counted anonymously, unpaired
         assert (hour["line"], hour["calls"], hour["paired"]) == ("default", 1, 0) and hour["wait_seconds"] > 0.4
@@ -159,9 +161,9 @@ async def test_invite_retransmission_does_not_make_a_second_call(service: VoiceL
     dialer.resend_invite()
     ok = await peer.response(status=200)
     dialer.ack(parse_name_addr(ok.headers.get("To") or "").tag or "")
-    await until(lambda: service.pool("default").waiting == 1)  # the ACK came after both retransmissions
+    await until(lambda: service.ops.status()["lines"]["default"]["waiting"] == 1)  # the ACK came after both retransmissions
     assert service.agent is not None and service.agent.counters.calls == 1
-    assert len(service.agent.core.calls) == 1 and service.pool("default").waiting == 1
+    assert len(service.agent.core.calls) == 1 and service.ops.status()["lines"]["default"]["waiting"] == 1
 
 
 async def test_cancel_while_ringing_gets_487(tmp_path: Path, peer: RawPeer) -> None:
@@ -195,7 +197,7 @@ async def test_shutdown_sends_bye_on_every_call(tmp_path: Path, peer: RawPeer) -
     dialer.invite(rtp_port=4000)
     ok = await peer.response(status=200)
     dialer.ack(parse_name_addr(ok.headers.get("To") or "").tag or "")
-    await until(lambda: app.pool("default").waiting == 1)
+    await until(lambda: app.ops.status()["lines"]["default"]["waiting"] == 1)
     stopping = asyncio.create_task(app.stop())
     bye = await peer.request("BYE")
     peer.send(
@@ -230,7 +232,7 @@ async def test_pcmu_caller_and_pcma_caller_hear_each_other_through_transcoding(
     try:
         a_leg = await answered_call(peer, server, a_rtp.get_extra_info("sockname")[1], "0 101")
         await answered_call(peer, server, b_rtp.get_extra_info("sockname")[1], "8 101")
-        await until(lambda: service.pool("default").talking == 2)  # both confirmed, paired
+        await until(lambda: service.ops.status()["lines"]["default"]["talking"] == 2, timeout=CONNECTING_SECONDS)  # both confirmed, paired
         held = len(b_sink.packets)
         tone = (8000 * np.sin(2 * np.pi * 1000 * np.arange(160 * 50) / 8000)).astype(np.int16)
         for n in range(50):  # one second of PCMU from A, paced like a phone
@@ -307,3 +309,27 @@ async def test_out_of_media_ports_gets_503_retransmitted_until_acked(tmp_path: P
         assert again.headers.get("Call-ID") == third.call_id
         third.ack(parse_name_addr(refused.headers.get("To") or "").tag or "", for_error=True)
         assert app.agent is not None and len(app.agent.core.calls) == 2
+
+
+async def test_a_pair_s_waits_go_to_the_journey_statistics(service: VoiceLine, peer: RawPeer) -> None:
+    written: list[tuple[str, dict[str, int], dict[str, float]]] = []
+
+    async def record_journey(line: str, at: float, counts: Mapping[str, int], seconds: Mapping[str, float]) -> None:
+        written.append((line, dict(counts), dict(seconds)))
+
+    assert service.storage is not None
+    service.storage.record_journey = record_journey  # type: ignore[method-assign]  # what storage makes of them is its own
+    server = address(service)
+    a_rtp, _ = await rtp_sink()
+    b_rtp, _ = await rtp_sink()
+    try:
+        await answered_call(peer, server, a_rtp.get_extra_info("sockname")[1], "0 101")
+        await until(lambda: service.ops.status()["lines"]["default"]["waiting"] == 1)
+        await asyncio.sleep(0.5)  # A waits, B does not
+        await answered_call(peer, server, b_rtp.get_extra_info("sockname")[1], "0 101")
+        await until(lambda: bool(written))
+        [(line, counts, seconds)] = written
+        assert line == "default" and counts == {"wait_paired": 2} and 0.5 <= seconds["wait_paired"] < 3.0
+    finally:
+        a_rtp.close()
+        b_rtp.close()

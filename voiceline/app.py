@@ -1,4 +1,4 @@
-"""Wiring: configuration -> storage, media engine, SIP user agent, trunks and one pairing pool per line."""
+"""Wiring: configuration -> storage, media engine, SIP user agent, trunks and each line's journeys and prompts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import resource
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Coroutine, Iterator
+from collections.abc import Awaitable, Coroutine, Iterator, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,14 +22,16 @@ from voiceline.audio.codecs import available as codec_available
 from voiceline.audio.hold import hold_music, load_wav
 from voiceline.audio.latch import Learning
 from voiceline.audio.media import MediaEngine, MediaError
-from voiceline.calls import Calls
+from voiceline.audio.prompts import PromptError, PromptSet
+from voiceline.calls import Calls, LineSetup
 from voiceline import config as config_module
 from voiceline.codec_table import Codec
 from voiceline.codec_table import lookup as lookup_codec
 from voiceline.config import Config, ConfigError, SipConfig
 from voiceline.operations import Operations
-from voiceline.pairing.service import PairingService
-from voiceline.routing import TrunkDirectory, TrunkPolicy
+from voiceline.journey_config import SECTIONS as JOURNEY_SECTIONS
+from voiceline.journey_config import JourneyConfigError
+from voiceline.routing import Line, TrunkDirectory, TrunkPolicy
 from voiceline.sdnotify import SystemdNotifier
 from voiceline.sip.overload import OverloadLimits, RateLimit
 from voiceline.sip.session_timer import SessionTimerPolicy
@@ -48,6 +50,7 @@ log = structlog.get_logger("voiceline.app")
 BYE_WAIT = 4.0  # longest wait at shutdown for the answers to our BYEs
 CLOSE_RESERVE = 0.5  # of the shutdown deadline, kept for closing the storage after the writes
 STOP_GRACE = 2.0  # past the shutdown deadline, a process still not ended ends itself
+BUSIEST_HOURS_INTERVAL = 3600.0  # seconds between refreshing each line's busiest hours
 
 
 class VoiceLine:
@@ -58,7 +61,8 @@ class VoiceLine:
         self.config_file = config_file  # re-read for trunks and lines on reload (SIGHUP)
         self.ops = Operations(self)
         self.drain_requested = asyncio.Event()
-        self.pools: dict[str, PairingService] = {}  # line name -> its own pool: lines never mix
+        self.line_setups: dict[str, LineSetup] = {}  # line name -> its journey settings and prompts
+        self._prompt_sets: dict[tuple[str, str], PromptSet] = {}  # (language, directory) -> loaded set
         self.storage: Storage | None = None
         self.media: MediaEngine | None = None
         self.agent: UserAgent | None = None
@@ -67,10 +71,53 @@ class VoiceLine:
         self._writes: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
 
-    def pool(self, line: str) -> PairingService:
-        if line not in self.pools:
-            self.pools[line] = PairingService(on_change=functools.partial(self.ops.pairing_changed, line))
-        return self.pools[line]
+    def line_setup(self, name: str) -> LineSetup:
+        """A line's journey and prompts, as last loaded; a line unknown to provisioning gets the defaults."""
+        setup = self.line_setups.get(name)
+        if setup is None:
+            journey = self.config.journey
+            setup = LineSetup(journey.settings(), self._prompt_sets[(journey.prompts.language, journey.prompts.directory)])
+        return setup
+
+    async def _lines_changed(self, lines: Mapping[str, Line], first: bool) -> None:
+        """Ready each line's journey settings and prompts (loaded off the loop). At start a bad prompt
+        file or setting stops the service; later the line keeps what it had and the error is logged."""
+        wanted = [(self.config.journey.prompts.language, self.config.journey.prompts.directory)]
+        journeys = {}
+        for name, line in lines.items():
+            journeys[name] = journey = self.config.line_journey(line)
+            wanted.append((journey.prompts.language, journey.prompts.directory))
+        loaded: dict[tuple[str, str], PromptSet] = {}
+        for language, directory in dict.fromkeys(wanted):
+            try:
+                loaded[(language, directory)] = await asyncio.to_thread(PromptSet.load, language, directory or None)
+            except PromptError as exc:
+                if first:
+                    raise ConfigError(str(exc)) from None
+                log.error("prompts.load_failed", detail=str(exc))
+        self._prompt_sets = {**self._prompt_sets, **loaded}
+        for name, journey in journeys.items():
+            prompts = self._prompt_sets.get((journey.prompts.language, journey.prompts.directory))
+            try:
+                settings = journey.settings()
+            except JourneyConfigError as exc:
+                if first:
+                    raise ConfigError(f"line {name}: {exc}") from None
+                log.error("line.journey_invalid", line=name, detail=str(exc))
+                continue
+            if prompts is None:
+                continue  # refused above: the line keeps the prompts it had
+            self.line_setups[name] = LineSetup(settings, prompts)
+            if self.calls is not None:
+                self.calls.configure(name, self.line_setups[name])
+
+    async def _refresh_busiest_hours(self) -> None:
+        """Each line's busiest hours from the hourly statistics: at start, then hourly."""
+        assert self.storage is not None and self.calls is not None and self.trunks is not None
+        while True:
+            for name in self.trunks.policy.directory.lines:
+                self.calls.set_busiest_hours(name, await self.storage.busiest_hours(name, self.storage.clock()))
+            await asyncio.sleep(BUSIEST_HOURS_INTERVAL)
 
     async def start(self) -> None:
         sip = self.config.sip
@@ -104,7 +151,7 @@ class VoiceLine:
             TrunkDirectory((), ()), loop.time, self._calls_on_trunk, drop_unknown=sip.unknown_source == "drop"
         )
         self.calls = Calls(
-            self.media, self.pool, self._line_max_calls, self.storage, self._write, self._hangup, live_view=self.ops
+            self.media, self.line_setup, self._line_max_calls, self.storage, self._write, self._hangup, live_view=self.ops
         )
         self.agent = UserAgent(settings, self.calls, policy)
         # Trunks and lines are in force before the first request.
@@ -116,6 +163,7 @@ class VoiceLine:
             self._write,
             on_registration=self.ops.registration_changed,
             on_refusals=self.ops.refused,
+            on_lines=self._lines_changed,
         )
         directory = policy.directory
         limits = StreamLimits(sip.max_message_size, sip.connection_idle_timeout, sip.max_connections)
@@ -145,6 +193,7 @@ class VoiceLine:
                 hint="only callers on this machine will have audio; set sip.public_address",
             )
         await self.trunks.start()
+        self._background.append(loop.create_task(supervised("refresh_busiest_hours", self._refresh_busiest_hours)))
         timeout = self.config.media.inactivity_timeout
         if timeout:
             reap = functools.partial(self.calls.reap_silent_calls, timeout)
@@ -187,12 +236,21 @@ class VoiceLine:
         self._write(reload_logged())
 
     async def reload(self) -> None:
-        """Trunks and lines again: the config file's (when there is one) and the database's."""
+        """Trunks, lines and journeys again: the config file's (when there is one) and the database's;
+        every line's prompts are read again (a bad file keeps that line's old prompts)."""
         if self.config_file is not None:
             fresh = await asyncio.to_thread(config_module.load, self.config_file)  # file I/O off the loop
-            self.config = replace(self.config, trunks=fresh.trunks, lines=fresh.lines)
+            journey = fresh.journey
+            self.config = replace(
+                self.config,
+                trunks=fresh.trunks,
+                lines=fresh.lines,
+                **{section: getattr(journey, section) for section in JOURNEY_SECTIONS},
+            )
         assert self.trunks is not None
         await self.trunks.reload(self.config)
+        # Prompt files may have changed even when the lines did not: read them again.
+        await self._lines_changed(self.trunks.policy.directory.lines, first=False)
         log.info("provisioning.reloaded", trunks=len(self.trunks.policy.directory.trunks))
 
     def _usable_codecs(self) -> tuple[Codec, ...]:

@@ -1,27 +1,49 @@
-"""The call handler: a media leg for each call the user agent offers, pairing, statistics, the silence reaper.
+"""The call handler: a media leg for each call the user agent offers, each line's journeys, statistics, the silence reaper.
 
 It sees a call only as `CallInfo` (an id and the negotiated media facts); the
-dialog, and with it the caller's URI, stays inside `voiceline.sip`.
+dialog, and with it the caller's URI, stays inside `voiceline.sip`. Each line
+is a `pairing.line.Line` on the loop's clock, fed what happens to its calls
+(answered, digits, a prompt's end, hold and resume, hang-up) and, through one
+timer per line, `due(now)`; what it returns is done to the media legs:
+prompts mixed over what a caller hears, hold music, silence, a partner, BYE.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import structlog
 
 from voiceline.audio.media import LegStats, MediaEngine, MediaError, MediaLeg
+from voiceline.audio.prompts import PromptSet
 from voiceline.audio.srtp import SrtpKeys
-from voiceline.pairing.service import PairingService, Participant, SessionSummary
+from voiceline.pairing.journey import (
+    Action,
+    Bridge,
+    CallSummary,
+    HangUp,
+    JourneySettings,
+    PlayMusic,
+    PlayPrompts,
+    Silence,
+    State,
+    Statistic,
+)
+from voiceline.pairing.line import Line, Step
 from voiceline.sip.events import CallInfo, CallMedia
 from voiceline.sip.useragent import CallRejected
 from voiceline.storage import CallAudio, Storage
 
 log = structlog.get_logger("voiceline.app")
+
+WAITING_STATES = (State.CHOICE, State.WAITING)
+Hearing = PlayMusic | Silence | Bridge
 
 
 class LiveView(Protocol):
@@ -36,23 +58,30 @@ class LiveView(Protocol):
     def call_answered(self, call: CallInfo) -> None: ...
 
     def call_ended(
-        self, call: CallInfo, reason: str, summary: SessionSummary | None, stats: LegStats | None
+        self, call: CallInfo, reason: str, summary: CallSummary | None, stats: LegStats | None
     ) -> None: ...
+
+    def pairing_changed(self, line: str, paired: bool) -> None:
+        """A caller started waiting (new, or back from a partner), or two were `paired` (bridged, talking)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LineSetup:
+    """A line's journey settings and the prompts its callers hear."""
+
+    settings: JourneySettings
+    prompts: PromptSet
 
 
 @dataclass(eq=False)
-class CallerLeg:
-    """A confirmed call as pairing sees it: an id and what it hears."""
+class ServedLine:
+    """One line as the service drives it: its callers' journeys, its prompts, its one timer."""
 
-    id: str
-    media: MediaLeg
-
-    def hear_hold(self) -> None:
-        self.media.hold()
-
-    def hear(self, other: Participant) -> None:
-        assert isinstance(other, CallerLeg)
-        self.media.listen_to(other.media)
+    name: str
+    journeys: Line
+    prompts: PromptSet
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass(eq=False)
@@ -61,6 +90,9 @@ class LiveCall:
     leg: MediaLeg
     quiet_since: float | None = None  # since when silence counts; None until confirmed
     answered_at: float | None = None  # on the statistics clock: the call is counted in that hour
+    hearing: Hearing | None = None  # what the journey last said it hears (again after a hold)
+    state: State | None = None  # its journey's, as last seen: a change to waiting is an event
+    summary: CallSummary | None = None  # its figures, once its journey ended (before its BYE)
 
 
 class Calls:
@@ -69,22 +101,60 @@ class Calls:
     def __init__(
         self,
         media: MediaEngine,
-        pool: Callable[[str], PairingService],
+        line_setup: Callable[[str], LineSetup],
         max_calls: Callable[[str], int],
         storage: Storage,
         write: Callable[[Coroutine[Any, Any, None]], None],
         hangup: Callable[[str, str], None],
         live_view: LiveView,
     ) -> None:
-        """`max_calls(line)`: the line's limit, 0 for none; `hangup(call_id, reason)` ends a call."""
+        """`line_setup(line)`: its journey settings and prompts; `max_calls(line)`: its limit, 0 for none;
+        `hangup(call_id, reason)` ends a call."""
         self.media = media
-        self.pool = pool
+        self.line_setup = line_setup
         self.max_calls = max_calls
         self.storage = storage
         self.write = write
         self.hangup = hangup
         self.live_view = live_view
         self.live: dict[str, LiveCall] = {}  # by call id: every call with a media leg
+        self.lines: dict[str, ServedLine] = {}  # by name, once a call reached it
+        self._busiest_hours: dict[str, tuple[int, int] | None] = {}
+        self._loop = asyncio.get_running_loop()
+
+    def now(self) -> float:
+        """The clock the lines run on (the loop's; callable from any thread)."""
+        return self._loop.time()
+
+    # -- lines ------------------------------------------------------------------------
+
+    def line(self, name: str) -> ServedLine:
+        served = self.lines.get(name)
+        if served is None:
+            setup = self.line_setup(name)
+            served = self.lines[name] = ServedLine(name, Line(setup.settings), setup.prompts)
+            served.journeys.busiest_hours = self._busiest_hours.get(name)
+        return served
+
+    def configure(self, name: str, setup: LineSetup) -> None:
+        """A line's settings or prompts changed: calls that come from now on follow them (the
+        pool's windows change once the line is empty)."""
+        served = self.lines.get(name)
+        if served is None:
+            return
+        served.prompts = setup.prompts
+        if served.journeys.empty:
+            served.journeys = Line(setup.settings)
+            served.journeys.busiest_hours = self._busiest_hours.get(name)
+        else:
+            served.journeys.settings = setup.settings
+
+    def set_busiest_hours(self, name: str, hours: tuple[int, int] | None) -> None:
+        self._busiest_hours[name] = hours
+        if name in self.lines:
+            self.lines[name].journeys.busiest_hours = hours
+
+    # -- the user agent's events ------------------------------------------------------
 
     async def call_offered(self, call: CallInfo) -> int:
         self.live_view.call_offered(call)
@@ -114,48 +184,66 @@ class Calls:
         if live.info.media is None:  # offerless INVITE: the ACK brought the answer
             _start_media(live.leg, call, call.media)
         live.info = call
-        live.quiet_since = asyncio.get_running_loop().time()
+        live.quiet_since = self._loop.time()
         live.answered_at = self.storage.clock()
         self.write(self.storage.record_answer(call.line, live.answered_at))
         live.leg.set_sending(not call.media.on_hold)
         self.live_view.call_answered(call)
-        pool = self.pool(call.line)
-        pool.join(CallerLeg(call.id, live.leg), held=call.media.on_hold)
-        live.leg.on_digit = functools.partial(pool.digit, call.id)
+        live.leg.on_digit = functools.partial(self.call_dtmf, call)
+        live.leg.on_prompt_end = functools.partial(self._prompt_finished, call.line, call.id)
+        served = self.line(call.line)
+        self._apply(served, served.journeys.answered(call.id, self._loop.time()))
+        if call.media.on_hold:
+            self._apply(served, served.journeys.held(call.id, self._loop.time()))
 
     def call_media_changed(self, call: CallInfo) -> None:
         live = self.live.get(call.id)
         if live is None or call.media is None:
             return
+        was_held = live.info.media is not None and live.info.media.on_hold
         live.info = call
         live.leg.update_remote(call.media.remote)
         keys = _srtp_keys(call.media)
         if keys is not None:  # a re-offer keeps SRTP or plain RTP as the call began
             live.leg.rekey(keys)
-        live.quiet_since = asyncio.get_running_loop().time()
+        live.quiet_since = self._loop.time()
+        live.leg.set_sending(not call.media.on_hold)  # stopping detaches it from what it heard
+        served = self.line(call.line)
+        now = self._loop.time()
         if call.media.on_hold:
-            live.leg.set_sending(False)
-            self.pool(call.line).hold(call.id)
+            if not was_held:
+                log.info("pairing.held", call=call.id)
+            self._apply(served, served.journeys.held(call.id, now))
         else:
-            live.leg.set_sending(True)
-            self.pool(call.line).resume(call.id)
+            if was_held:
+                log.info("pairing.resumed", call=call.id)
+                if live.hearing is not None:
+                    self._hear(live, live.hearing)
+            self._apply(served, served.journeys.resumed(call.id, now))
 
     def call_dtmf(self, call: CallInfo, digit: str) -> None:
-        """A digit from SIP INFO (the user agent's side); RTP digits come through `MediaLeg.on_digit`."""
-        self.pool(call.line).digit(call.id, digit)
+        """A digit from SIP INFO (the user agent's side) or from RTP (`MediaLeg.on_digit`)."""
+        served = self.line(call.line)
+        self._apply(served, served.journeys.digit(call.id, digit, self._loop.time()))
 
     def call_ended(self, call: CallInfo, reason: str) -> None:
         live = self.live.pop(call.id, None)
         audio = CallAudio()
         stats = None
         answered_at = None
+        summary = None
         if live is not None:
             answered_at = live.answered_at
             live.leg.close()
             stats = live.leg.stats()
             log.info("call.media_stats", call=call.id, **asdict(stats))
             audio = CallAudio(stats.packets_expected, stats.packets_lost, stats.jitter_ms)
-        summary = self.pool(call.line).leave(call.id)
+            summary = live.summary
+        served = self.lines.get(call.line)
+        if served is not None and summary is None:
+            step = served.journeys.hung_up(call.id, self._loop.time())
+            summary = next((ended for ended_id, ended in step.ended if ended_id == call.id), None)
+            self._apply(served, step)
         self.live_view.call_ended(call, reason, summary, stats)
         if summary is not None:
             paired = summary.partners > 0
@@ -165,6 +253,117 @@ class Calls:
                     call.line, ended_at, summary.waited, summary.talked, paired, audio, answered_at=answered_at
                 )
             )
+
+    # -- the journeys -----------------------------------------------------------------
+
+    def _prompt_finished(self, line: str, call_id: str) -> None:
+        served = self.lines.get(line)
+        if served is not None and call_id in self.live:
+            self._apply(served, served.journeys.prompt_finished(call_id, self._loop.time()))
+
+    def _due(self, served: ServedLine) -> None:
+        served.timer = None
+        try:
+            self._apply(served, served.journeys.due(self._loop.time()))
+        except Exception as exc:  # logged with a redacted trace; the line's timers go on, a second later
+            log.error("line.due_failed", line=served.name, error=type(exc).__name__, exc_info=exc)
+            served.timer = self._loop.call_later(1.0, self._due, served)
+
+    def _apply(self, served: ServedLine, step: Step) -> None:
+        """Do what the line's step says, then set its timer; BYEs last (their end comes back to us)."""
+        hang_ups: list[tuple[str, HangUp]] = []
+        for call_id, action in step.actions:
+            live = self.live.get(call_id)
+            if live is None:
+                continue
+            if isinstance(action, HangUp):
+                hang_ups.append((call_id, action))
+                continue
+            try:
+                self._act(served, live, call_id, action)
+            except MediaError as exc:  # one leg's trouble never stops the others' actions
+                log.warning("call.media_action_failed", call=call_id, error=str(exc))
+        for call_id, summary in step.ended:
+            if call_id in self.live:
+                self.live[call_id].summary = summary
+        self._report(served, step)
+        self._set_timer(served)
+        for call_id, hang_up in hang_ups:
+            log.info("call.journey_ended", call=call_id, reason=hang_up.reason.value)
+            self.hangup(call_id, hang_up.reason.value)
+
+    def _act(self, served: ServedLine, live: LiveCall, call_id: str, action: Action) -> None:
+        if isinstance(action, PlayPrompts):
+            self._play(served, live, call_id, action.prompts)
+        elif isinstance(action, PlayMusic | Silence | Bridge):
+            live.hearing = action
+            media = live.info.media
+            if media is None or not media.on_hold:  # a held leg is told again on resume
+                self._hear(live, action)
+
+    def _hear(self, live: LiveCall, hearing: Hearing) -> None:
+        if isinstance(hearing, PlayMusic):
+            live.leg.hold()
+        elif isinstance(hearing, Silence):
+            live.leg.hear_nothing()
+        else:
+            partner = self.live.get(hearing.partner)
+            if partner is not None:
+                live.leg.listen_to(partner.leg)
+
+    def _play(self, served: ServedLine, live: LiveCall, call_id: str, prompts: tuple[str, ...]) -> None:
+        pcm = np.zeros(0, dtype=np.int16)  # none: what plays stops, and that is its end
+        try:
+            if prompts:
+                pcm = served.prompts.join(prompts, live.leg.rate)
+        except KeyError:  # a prompt the set lacks: played as empty, so the journey goes on
+            log.error("prompt.unplayable", call=call_id, prompts=list(prompts))
+        live.leg.play_over(pcm, live.leg.rate)
+
+    def _report(self, served: ServedLine, step: Step) -> None:
+        """Statistics to storage; callers starting to wait and pairs starting to talk to operations."""
+        if step.statistics:
+            counts: Counter[str] = Counter(count.statistic.value for count in step.statistics)
+            seconds: dict[str, float] = {}
+            for count in step.statistics:
+                if count.seconds is not None:
+                    seconds[count.statistic.value] = seconds.get(count.statistic.value, 0.0) + count.seconds
+            self.write(self.storage.record_journey(served.name, self.storage.clock(), dict(counts), seconds))
+        started_talking = 0
+        for call_id in dict.fromkeys(call_id for call_id, _ in step.actions):
+            live, journey = self.live.get(call_id), served.journeys.journey(call_id)
+            if live is None or journey is None:
+                continue
+            if journey.state in WAITING_STATES and live.state not in WAITING_STATES:
+                # Counts only at info: which call waits, and who it talked with, is debug.
+                log.info("pairing.waiting", line=served.name, waiting=self._waiting(served))
+                log.debug("pairing.call_waiting", call=call_id)
+                self.live_view.pairing_changed(served.name, paired=False)
+            if journey.state is State.TALKING and live.state is State.CONNECTING:
+                started_talking += 1
+                if journey.partner is not None and call_id < journey.partner:  # one line per pair
+                    log.debug("pairing.partners", call=call_id, partner=journey.partner)
+            live.state = journey.state
+        for _ in range(started_talking // 2):  # the two of a pair are bridged in the same step
+            log.info("pairing.talking", line=served.name, waiting=self._waiting(served))
+            self.live_view.pairing_changed(served.name, paired=True)
+        for _ in range(sum(count.statistic is Statistic.SKIP for count in step.statistics)):
+            log.info("pairing.next_partner_requested", line=served.name)
+
+    @staticmethod
+    def _waiting(served: ServedLine) -> int:
+        counts = served.journeys.counts()
+        return sum(counts[state] for state in WAITING_STATES)
+
+    def _set_timer(self, served: ServedLine) -> None:
+        deadline = served.journeys.deadline
+        if served.timer is not None and (deadline is None or served.timer.when() != deadline):
+            served.timer.cancel()
+            served.timer = None
+        if deadline is not None and served.timer is None:
+            served.timer = self._loop.call_at(deadline, self._due, served)
+
+    # -- silence ----------------------------------------------------------------------
 
     async def reap_silent_calls(self, timeout: float) -> None:
         """End calls whose caller sent no RTP for `timeout` seconds while not on hold."""

@@ -105,6 +105,9 @@ def serve_command(args: argparse.Namespace) -> int:
     except StartFailed as failure:
         print(f"voiceline: cannot start: {redact(str(failure))}", file=sys.stderr)
         return failure.code
+    except ConfigError as exc:  # found only at start: a line's prompt file or journey settings
+        print(f"voiceline: config error: {redact(str(exc))}", file=sys.stderr)
+        return 2
 
 
 def _data_dir(args: argparse.Namespace) -> str:

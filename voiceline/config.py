@@ -13,6 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from voiceline.codec_table import CODEC_NAMES
+from voiceline.journey_config import (
+    JourneyConfig,
+    JourneyConfigError,
+    KeysConfig,
+    PairingConfig,
+    PromptsConfig,
+    TalkingConfig,
+    WaitingConfig,
+    WelcomeConfig,
+)
 from voiceline.keyfile import KEY_FILE_NAME
 from voiceline.pairing.safety import SafetySettings
 from voiceline.routing import Line, Trunk, TrunkError
@@ -219,11 +229,29 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    # The caller's journey on every line (a line may override any of it).
+    welcome: WelcomeConfig = field(default_factory=WelcomeConfig)
+    waiting: WaitingConfig = field(default_factory=WaitingConfig)
+    talking: TalkingConfig = field(default_factory=TalkingConfig)
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     help: HelpConfig = field(default_factory=HelpConfig)
     # Trunks and lines from the config file; the database adds more (`voiceline trunk add`).
     trunks: tuple[Trunk, ...] = (Trunk("loopback", sources=("127.0.0.0/8", "::1"), transports=("udp", "tcp", "tls")),)
     lines: tuple[Line, ...] = (Line("default", ("*",)),)
+
+    @property
+    def journey(self) -> JourneyConfig:
+        """The top-level journey sections: every line's defaults."""
+        return JourneyConfig(self.welcome, self.waiting, self.talking, self.pairing, self.keys, self.prompts)
+
+    def line_journey(self, line: Line) -> JourneyConfig:
+        """A line's journey: the top-level sections with the line's own settings on top."""
+        journey = self.journey.overridden(line.journey)
+        own = {"language": line.language or journey.prompts.language, "directory": line.prompts or journey.prompts.directory}
+        return replace(journey, prompts=PromptsConfig(**own))
 
     def validate(self) -> Config:
         self.sip.listen_address
@@ -285,6 +313,7 @@ class Config:
             raise ConfigError("media.realtime_priority: must be between 0 (off) and 99")
         self.metrics.address
         self._validate_mqtt()
+        self._validate_journeys()
         self._validate_safety()
         if self.log.format not in ("console", "json"):
             raise ConfigError("log.format: must be 'console' or 'json'")
@@ -293,6 +322,16 @@ class Config:
                 raise ConfigError(f"log.{key}: must be debug, info, warning or error")
         return self
 
+    def _validate_journeys(self) -> None:
+        try:
+            self.journey.validate()
+        except JourneyConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        for line in self.lines:
+            try:
+                self.line_journey(line).validate()
+            except JourneyConfigError as exc:
+                raise ConfigError(f"[[lines]] {line.name}: {exc}") from None
 
     def _validate_mqtt(self) -> None:
         mqtt = self.mqtt
@@ -355,6 +394,12 @@ _SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "metrics": MetricsConfig,
     "mqtt": MqttConfig,
+    "welcome": WelcomeConfig,
+    "waiting": WaitingConfig,
+    "talking": TalkingConfig,
+    "pairing": PairingConfig,
+    "keys": KeysConfig,
+    "prompts": PromptsConfig,
     "safety": SafetyConfig,
     "help": HelpConfig,
 }

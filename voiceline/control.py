@@ -118,11 +118,11 @@ def format_status(status: Mapping[str, Any]) -> str:
     rows = [f"voiceline {status['version']} on {status['node']}, up {minutes // 60}:{minutes % 60:02}:{seconds:02}, {state}"]
     rows.append(f"calls: {status['calls']}")
     rows.append("")
-    line_rows: list[tuple[str, ...]] = [("LINE", "OPEN", "WAITING", "TALKING", "WELCOME", "PAIRS", "LONGEST WAIT")]
+    line_rows: list[tuple[str, ...]] = [("LINE", "OPEN", "WAITING", "TALKING", "WELCOME", "CONNECTING", "ENDING", "PAIRS", "LONGEST WAIT")]
     for name, line in status["lines"].items():
         line_rows.append((
             name, "yes" if line["open"] else "closed", str(line["waiting"]), str(line["talking"]),
-            str(line["in_welcome"]), str(line["pairs"]), f"{line['longest_wait']} s",
+            str(line["in_welcome"]), str(line["connecting"]), str(line["ending"]), str(line["pairs"]), f"{line['longest_wait']} s",
         ))  # fmt: skip
     rows += _columns(line_rows)
     rows.append("")

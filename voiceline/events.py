@@ -119,6 +119,8 @@ class LineGauge(Event):
     waiting: int
     talking: int
     in_welcome: int
+    connecting: int  # paired, hearing the connect cue before the two are bridged
+    ending: int  # told talk time is up, or hearing a goodbye
     pairs: int
     longest_wait: int
 

@@ -78,7 +78,7 @@ class _StatusCollector(Collector):
         longest = GaugeMetricFamily("voiceline_longest_wait_seconds", "The longest current wait", labels=["line"])
         line_open = GaugeMetricFamily("voiceline_line_open", "1 when the line takes calls", labels=["line"])
         for name, line in status["lines"].items():
-            for state in ("waiting", "talking", "in_welcome"):
+            for state in ("in_welcome", "waiting", "connecting", "talking", "ending"):
                 calls.add_metric([name, state], line[state])
             pairs.add_metric([name], line["pairs"])
             longest.add_metric([name], line["longest_wait"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -40,7 +41,7 @@ from voiceline.events import (
 )
 from voiceline.metrics import Metrics, MetricsEndpoint
 from voiceline.mqtt import MqttLink
-from voiceline.pairing.service import Phase, SessionSummary
+from voiceline.pairing.journey import CallSummary, State
 from voiceline.sip.overload import OverloadCounters
 from voiceline.sip.events import CallInfo
 
@@ -135,7 +136,7 @@ class Operations:
         self.metrics.calls_answered.labels(call.line).inc()
         self.bus.emit(CallAnswered(call.id, call.line))
 
-    def call_ended(self, call: CallInfo, reason: str, summary: SessionSummary | None, stats: LegStats | None) -> None:
+    def call_ended(self, call: CallInfo, reason: str, summary: CallSummary | None, stats: LegStats | None) -> None:
         answered = self._answered_at.pop(call.id, None)
         if answered is None:
             return  # never answered: its refusal or cancel is counted elsewhere
@@ -153,14 +154,26 @@ class Operations:
         paired = summary is not None and summary.partners > 0
         self.bus.emit(CallEnded(call.id, line, reason, round(time.monotonic() - answered), paired))
 
-    def pairing_changed(self, line: str, phase: Phase) -> None:
-        pool = self.app.pools.get(line)
-        waiting, talking = (pool.waiting, pool.talking) if pool is not None else (0, 0)
-        if phase is Phase.TALKING:
+    def pairing_changed(self, line: str, paired: bool) -> None:
+        counts = self._line_counts(line)
+        if paired:
             self.metrics.pairs.labels(line).inc()
-            self.bus.emit(LinePaired(line, waiting, talking))
+            self.bus.emit(LinePaired(line, counts["waiting"], counts["talking"]))
         else:
-            self.bus.emit(LineWaiting(line, waiting, talking))
+            self.bus.emit(LineWaiting(line, counts["waiting"], counts["talking"]))
+
+    def _line_counts(self, line: str) -> dict[str, int]:
+        """Callers on `line` by where they are in their journey: the welcome, waiting (the talk/listen
+        choice included), connecting (hearing the connect cue), talking, and ending (talk time up, or goodbye)."""
+        served = self.app.calls.lines.get(line) if self.app.calls is not None else None
+        states = served.journeys.counts() if served is not None else Counter[State]()
+        return {
+            "in_welcome": states[State.WELCOME],
+            "waiting": states[State.CHOICE] + states[State.WAITING],
+            "connecting": states[State.CONNECTING],
+            "talking": states[State.TALKING],
+            "ending": states[State.END_CHOICE] + states[State.GOODBYE],
+        }
 
     def registration_changed(self, trunk: str, state: str) -> None:
         if self._registration.get(trunk) != state:
@@ -182,18 +195,22 @@ class Operations:
         agent = app.agent
         calls = agent.calls if agent is not None else []
         directory = app.trunks.policy.directory if app.trunks is not None else None
-        line_names = sorted(set(directory.lines if directory else ()) | set(app.pools))
+        served_lines = app.calls.lines if app.calls is not None else {}
+        line_names = sorted(set(directory.lines if directory else ()) | set(served_lines))
         lines = {}
+        now = app.calls.now() if app.calls is not None else 0.0  # the lines' clock (metrics ask from a thread)
         for name in line_names:
-            pool = app.pools.get(name)
-            waiting, talking = (pool.waiting, pool.talking) if pool is not None else (0, 0)
+            counts = self._line_counts(name)
+            served = served_lines.get(name)
             lines[name] = {
                 "open": self.line_open(name),
-                "waiting": waiting,
-                "talking": talking,
-                "in_welcome": 0,  # no welcome prompt yet: callers wait from the answer on
-                "pairs": talking // 2,
-                "longest_wait": round(pool.longest_wait()) if pool is not None else 0,
+                "waiting": counts["waiting"],
+                "talking": counts["talking"],
+                "in_welcome": counts["in_welcome"],
+                "connecting": counts["connecting"],
+                "ending": counts["ending"],
+                "pairs": counts["talking"] // 2,
+                "longest_wait": round(served.journeys.longest_wait(now)) if served is not None else 0,
             }
         trunks = {}
         for name, trunk in sorted((directory.trunks if directory else {}).items()):

@@ -8,18 +8,30 @@ entry already uses is ignored (the config file wins) and reported.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from voiceline.audio.prompts import PromptError, PromptSet
 from voiceline.config import Config
+from voiceline.journey_config import JourneyConfigError, Override, merged
 from voiceline.routing import HA1_FIELDS, Line, Trunk, TrunkError, check_name
 from voiceline.storage import Storage, StorageError, StorageUnavailable, UnknownName
 
 
 class ProvisioningError(ValueError):
     """Bad input for a provisioning command: one line for the admin, exit status 2."""
+
+
+@dataclass(frozen=True)
+class LineJourney:
+    """What `voiceline line add|update` sets of a line's journey: None leaves a setting as it is."""
+
+    language: str | None = None
+    prompts: str | None = None  # a directory
+    overrides: tuple[Override, ...] = ()  # added to the line's own, replacing the same keys
 
 
 @dataclass(frozen=True)
@@ -200,9 +212,14 @@ class Provisioning:
 
     # -- lines ---------------------------------------------------------------
 
-    async def add_line(self, name: str, numbers: tuple[str, ...], max_calls: int = 0) -> Line:
+    async def add_line(
+        self, name: str, numbers: tuple[str, ...], max_calls: int = 0, journey: LineJourney | None = None
+    ) -> Line:
         self._writable("line", name, adding=True)
-        line = await self._checked_line(check_name(name, "line"), numbers, max_calls, True)
+        journey = journey or LineJourney()
+        line = await self._checked_line(
+            _line(check_name(name, "line"), numbers, max_calls, True, journey.language or "", journey.prompts or "", journey.overrides)
+        )
         await self._store(self.storage.add("lines", name, line.settings()))
         return line
 
@@ -214,16 +231,23 @@ class Provisioning:
         remove_numbers: tuple[str, ...] = (),
         max_calls: int | None = None,
         enabled: bool | None = None,
+        journey: LineJourney | None = None,
     ) -> Line:
-        """Change a database line; None and () leave a setting as it is."""
+        """Change a database line; None and () leave a setting as it is (journey overrides are added to its own)."""
         self._writable("line", name)
         current = await self.line(name)
+        journey = journey or LineJourney()
         edited = _edited_list("numbers", list(current.numbers if numbers is None else numbers), add_numbers, remove_numbers)
         line = await self._checked_line(
-            name,
-            tuple(edited),
-            current.max_calls if max_calls is None else max_calls,
-            current.enabled if enabled is None else enabled,
+            _line(
+                name,
+                tuple(edited),
+                current.max_calls if max_calls is None else max_calls,
+                current.enabled if enabled is None else enabled,
+                current.language if journey.language is None else journey.language,
+                current.prompts if journey.prompts is None else journey.prompts,
+                merged(current.journey, journey.overrides),
+            )
         )
         await self._store(self.storage.update("lines", name, line.settings()))
         return line
@@ -235,16 +259,20 @@ class Provisioning:
                 return line
         raise ProvisioningError(f"no line named {name!r}")
 
-    async def _checked_line(self, name: str, numbers: tuple[str, ...], max_calls: int, enabled: bool) -> Line:
-        """A valid line whose numbers no other line takes."""
+    async def _checked_line(self, line: Line) -> Line:
+        """`line` if its numbers reach no other line, its journey fits together and its prompts load."""
         try:
-            line = Line(name, numbers, max_calls, enabled)
-        except TrunkError as exc:
+            journey = self.config.line_journey(line).validate()
+        except JourneyConfigError as exc:
+            raise ProvisioningError(str(exc)) from None
+        try:
+            await asyncio.to_thread(PromptSet.load, journey.prompts.language, journey.prompts.directory or None)
+        except PromptError as exc:
             raise ProvisioningError(str(exc)) from None
         provisioned = await load(self.config, self.storage)
         for other in provisioned.lines:
-            taken = set(other.numbers) & set(numbers)
-            if taken and other.name != name:
+            taken = set(other.numbers) & set(line.numbers)
+            if taken and other.name != line.name:
                 raise ProvisioningError(f"number {sorted(taken)[0]!r} already reaches line {other.name!r}")
         return line
 
@@ -276,6 +304,13 @@ class Provisioning:
             raise  # not the admin's mistake: the command reports it as such
         except StorageError as exc:  # DuplicateName and friends
             raise ProvisioningError(str(exc)) from None
+
+
+def _line(*fields: Any) -> Line:
+    try:
+        return Line(*fields)
+    except TrunkError as exc:
+        raise ProvisioningError(str(exc)) from None
 
 
 def _edited_list(what: str, items: list[str], added: tuple[str, ...], removed: tuple[str, ...]) -> list[str]:

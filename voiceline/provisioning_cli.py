@@ -21,7 +21,8 @@ from typing import Any
 from voiceline import config as config_module
 from voiceline.codec_table import CODEC_NAMES
 from voiceline.config import Config, ConfigError
-from voiceline.provisioning import Provisioning, ProvisioningError, TrunkChanges
+from voiceline.journey_config import JourneyConfigError, parse_assignment
+from voiceline.provisioning import LineJourney, Provisioning, ProvisioningError, TrunkChanges
 from voiceline.routing import Trunk, parse_source
 from voiceline.sip.message import Headers, SipRequest, SipResponse
 from voiceline.sip.sdp import SRTP_POLICIES
@@ -63,12 +64,14 @@ def add_provisioning_parsers(commands: Any) -> None:
     add.add_argument("--number", action="append", required=True, metavar="NUMBER",
                      help="dialled number (Request-URI user part) reaching this line; repeat for more; '*' for any")  # fmt: skip
     add.add_argument("--max-calls", type=int, default=0, help="callers on the line at once (0: no limit)")
+    _journey_arguments(add)
     update = line_actions.add_parser("update", parents=[common], help="change a line")
     update.add_argument("name")
     update.add_argument("--number", action="append", metavar="NUMBER", help="replace the numbers with these; repeat")
     update.add_argument("--add-number", action="append", default=[], metavar="NUMBER", help="add one number; repeat")
     update.add_argument("--remove-number", action="append", default=[], metavar="NUMBER", help="remove one number; repeat")
     update.add_argument("--max-calls", type=int, help="callers on the line at once (0: no limit)")
+    _journey_arguments(update)
     line_actions.add_parser("list", parents=[common], help="list lines")
     for action, text in (("show", "show one line"), ("remove", "remove a line"), ("enable", "take the line's calls"),
                          ("disable", "answer the line's calls with 480 (calls in progress go on)")):  # fmt: skip
@@ -264,10 +267,26 @@ def _registration_summary(row: dict[str, Any]) -> str:
 # -- line handlers ------------------------------------------------------------------
 
 
+def _journey_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="the line's own journey setting, e.g. waiting.max_wait=300 (README); repeat")  # fmt: skip
+    parser.add_argument("--language", help="the line's prompt language (\"\": the [prompts] language)")
+    parser.add_argument("--prompts", metavar="DIR", help="a directory of the line's own recordings (\"\": none)")
+
+
+def _journey_changes(args: argparse.Namespace) -> LineJourney:
+    try:
+        overrides = tuple(parse_assignment(text) for text in args.set)
+    except JourneyConfigError as exc:
+        raise ProvisioningError(f"--set {exc}") from None
+    prompts = args.prompts if not args.prompts else str(Path(args.prompts).resolve())  # the service runs elsewhere
+    return LineJourney(args.language, prompts, overrides)
+
+
 async def _line_add(p: Provisioning, args: argparse.Namespace) -> int:
     if args.max_calls < 0:
         raise ProvisioningError("--max-calls must not be negative")
-    line = await p.add_line(args.name, tuple(dict.fromkeys(args.number)), args.max_calls)
+    line = await p.add_line(args.name, tuple(dict.fromkeys(args.number)), args.max_calls, _journey_changes(args))
     print(f"line {line.name} added")
     return 0
 
@@ -281,6 +300,7 @@ async def _line_update(p: Provisioning, args: argparse.Namespace) -> int:
         add_numbers=tuple(args.add_number),
         remove_numbers=tuple(args.remove_number),
         max_calls=args.max_calls,
+        journey=_journey_changes(args),
     )
     print(f"line {line.name} updated")
     return 0

@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from voiceline.codec_table import CODEC_NAMES
+from voiceline.journey_config import LINE_SECTIONS, JourneyConfigError, Override, line_overrides, override_tables
 from voiceline.sip.admission import Admission, Admit, Drop, Refuse
 from voiceline.sip.auth import ALGORITHMS, DigestError, DigestServer, Verdict, digest_ha1, parse_digest
 from voiceline.sip.message import SipParseError, SipRequest, parse_uri
@@ -250,6 +251,9 @@ class Line:
     max_calls: int = 0  # callers on this line at once (waiting or talking); 0: no limit
     enabled: bool = True  # a disabled line answers its numbers' calls 480, like a closed one
     country_code: str = ""  # its callers' country calling code: their numbers are recognised in E.164 form
+    language: str = ""  # its prompts' language; "": [prompts] language
+    prompts: str = ""  # a directory of its own recordings; "": [prompts] directory
+    journey: tuple[Override, ...] = ()  # its own journey settings over the top-level ones
 
     def __post_init__(self) -> None:
         check_name(self.name, "line")
@@ -265,13 +269,26 @@ class Line:
 
     @classmethod
     def from_settings(cls, name: str, settings: Mapping[str, Any]) -> Line:
-        return cls(name=name, **_typed(cls, dict(settings), skip={"name"}, what="line"))
+        """Its settings, with the journey's sections as tables (`{"waiting": {"max_wait": 300}}`)."""
+        data = dict(settings)
+        tables = {section: data.pop(section) for section in LINE_SECTIONS if section in data}
+        try:
+            journey = line_overrides(tables)
+        except JourneyConfigError as exc:
+            raise TrunkError(f"line: {exc}") from None
+        return cls(name=name, journey=journey, **_typed(cls, data, skip={"name", "journey"}, what="line"))
 
     def settings(self) -> dict[str, Any]:
-        settings: dict[str, Any] = {"numbers": list(self.numbers), "max_calls": self.max_calls, "enabled": self.enabled}
-        if self.country_code:
-            settings["country_code"] = self.country_code
-        return settings
+        own = {"language": self.language, "prompts": self.prompts} if self.language or self.prompts else {}
+        country = {"country_code": self.country_code} if self.country_code else {}
+        return {
+            "numbers": list(self.numbers),
+            "max_calls": self.max_calls,
+            "enabled": self.enabled,
+            **country,
+            **own,
+            **override_tables(self.journey),
+        }
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, **self.settings()}

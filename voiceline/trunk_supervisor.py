@@ -28,7 +28,7 @@ import structlog
 from voiceline.config import Config
 from voiceline.provisioning import load as load_provisioned
 from voiceline.provisioning import wall_time
-from voiceline.routing import Trunk, TrunkDirectory, TrunkPolicy
+from voiceline.routing import Line, Trunk, TrunkDirectory, TrunkPolicy
 from voiceline.sip.registration import RegistrationClient, RegistrationDriver, RegistrationStatus
 from voiceline.sip.transport import Address
 from voiceline.sip.useragent import UserAgent
@@ -40,6 +40,8 @@ log = structlog.get_logger("voiceline.trunk_supervisor")
 Write = Callable[[Coroutine[Any, Any, None]], None]
 RegistrationState = Callable[[str, str], None]  # (trunk, state): for the live view
 Refusals = Callable[[Mapping[str, int]], None]  # counts by reason: for the live view
+# (the lines in force, whether this is the first load): the app readies each line's journey and prompts
+LinesChanged = Callable[[Mapping[str, Line], bool], Coroutine[Any, Any, None]]
 
 
 def _ignore(*_: object) -> None:
@@ -58,11 +60,13 @@ class TrunkSupervisor:
         write: Write,
         on_registration: RegistrationState = _ignore,
         on_refusals: Refusals = _ignore,
+        on_lines: LinesChanged | None = None,
     ) -> None:
         """Use `load`: a supervisor is in force only once it has loaded."""
         self.policy = policy
         self._on_registration = on_registration
         self._on_refusals = on_refusals
+        self._on_lines = on_lines  # told the lines in force at the first load and whenever they change
         self.registrations: dict[str, tuple[Trunk, RegistrationDriver]] = {}
         self._config = config
         self._storage = storage
@@ -82,9 +86,10 @@ class TrunkSupervisor:
         write: Write,
         on_registration: RegistrationState = _ignore,
         on_refusals: Refusals = _ignore,
+        on_lines: LinesChanged | None = None,
     ) -> TrunkSupervisor:
         """Trunks and lines in force, their names resolved, before the user agent hears a request."""
-        supervisor = cls(config, storage, policy, agent, write, on_registration, on_refusals)
+        supervisor = cls(config, storage, policy, agent, write, on_registration, on_refusals, on_lines)
         await storage.clear_registration_status()
         await supervisor._reload_provisioning()
         return supervisor
@@ -151,6 +156,8 @@ class TrunkSupervisor:
         new = self.policy.directory = TrunkDirectory(provisioned.trunks, provisioned.lines, old.resolved)
         if not first and (old.trunks != new.trunks or old.lines != new.lines):
             log.info("provisioning.loaded", trunks=sorted(new.trunks), lines=sorted(new.lines))
+        if self._on_lines is not None and (first or old.lines != new.lines):
+            await self._on_lines(new.lines, first)
         if new.hostnames - set(old.resolved):
             await self._resolve_hostnames()
         if self._registering:

@@ -263,6 +263,9 @@ class MediaLeg(asyncio.DatagramProtocol):
     `hold` and `listen_to` need it.
     Digits the caller presses (RFC 4733 events, or in-band tones when the SDP
     has no telephone-event) go to `on_digit`; neither reaches the partner.
+    Every prompt `play_over` starts ends with one call of `on_prompt_end` (played
+    to its end, also unheard while the peer holds us, or empty), unless another
+    prompt replaces it first or the leg closes.
     """
 
     # Set by connection_made, with the socket, before open_leg returns the leg.
@@ -282,6 +285,7 @@ class MediaLeg(asyncio.DatagramProtocol):
     ) -> None:
         self.local_port = port
         self.on_digit: Callable[[str], None] | None = None
+        self.on_prompt_end: Callable[[], None] | None = None
         self.receiver = receiver
         self._loop = loop
         self._pacer = pacer
@@ -365,6 +369,17 @@ class MediaLeg(asyncio.DatagramProtocol):
             self.sender.hold(self._pacer.frames(self.sender.codec))
             self._pacer.add(self)
 
+    @property
+    def rate(self) -> int:
+        """The sample rate of its codec: what a prompt for it is best made at."""
+        return self.sender.codec.rate
+
+    def hear_nothing(self) -> None:
+        """Hear neither hold audio nor a partner (a prompt playing goes on over silence)."""
+        self._require_usable()
+        with self._kernel.changing(self):
+            self._detach()
+
     def listen_to(self, other: MediaLeg) -> None:
         """Hear what `other` receives: relayed as is for the same codec, else transcoded."""
         self._require_usable()
@@ -399,9 +414,16 @@ class MediaLeg(asyncio.DatagramProtocol):
 
         A partner keeps being heard under it (through a jitter buffer, since
         our clock now paces the frames); hold audio pauses while it plays.
+        An empty prompt replaces any playing and ends at once (`on_prompt_end` soon after).
         """
         self._require_usable()
         if len(pcm) == 0:
+            with self._kernel.changing(self):
+                self.sender.stop_prompt()
+                if not self.sender.paced:
+                    self._pacer.discard(self)
+                self._bridge.listener_changed(self.sender)
+            self._loop.call_soon(self._prompt_ended, self.sender.prompts_started)
             return
         with self._kernel.changing(self):
             self.sender.play_over(pcm, rate)
@@ -467,6 +489,13 @@ class MediaLeg(asyncio.DatagramProtocol):
                 self._pacer.discard(self)
             self._bridge.listener_changed(self.sender)
             self._kernel.reroute(self)  # a relay the prompt kept in userspace may move to the kernel
+            # Soon, not now: whoever is told may change this leg or others in the pacer's tick.
+            self._loop.call_soon(self._prompt_ended, self.sender.prompts_started)
+
+    def _prompt_ended(self, prompt: int) -> None:
+        """Prompt number `prompt` ended: told unless another started since or the leg closed."""
+        if prompt == self.sender.prompts_started and not self._closed and self.on_prompt_end is not None:
+            self.on_prompt_end()
 
     # -- RTCP -------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class Sender:
         self._hold_frames: Frames = ()
         self._hold_position = 0
         self._prompt: Prompt | None = None
+        self.prompts_started = 0  # tells a prompt's end from the end of one it replaced
         self._jitter: JitterBuffer | None = None
         self._concealed_before = 0
         self._new_buffer()
@@ -137,10 +138,17 @@ class Sender:
         """Mix a prompt (int16 at `rate`) into what it hears from the next tick until it ends."""
         samples = Resampler(rate, self.codec.rate).process(np.asarray(pcm, dtype=np.int16))
         self._prompt = Prompt(samples, self.codec.frame_samples)
+        self.prompts_started += 1
         if self._jitter is None:  # a prompt replacing another keeps the partner's buffered audio
             self._jitter = JitterBuffer(self.codec.frame_samples)
         self.needs_pcm = True
         self.stream.source_changed()
+
+    def stop_prompt(self) -> None:
+        """End any prompt playing now, unfinished (an empty one replaces it)."""
+        self.prompts_started += 1
+        if self._prompt is not None:
+            self._end_prompt()
 
     def _end_prompt(self) -> None:
         assert self._jitter is not None  # set with the prompt

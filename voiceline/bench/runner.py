@@ -229,6 +229,8 @@ def start_server(
         f"max_calls = {BENCH_MAX_CALLS}\ninvite_rate = {BENCH_INVITE_RATE}\ninvite_burst = {BENCH_INVITE_RATE}\n\n"
         f'[media]\nrtp_ports = "{rtp_ports}"\nrealtime_priority = {realtime_priority}\n\n'
         f'[storage]\ndata_dir = "{directory / "data"}"\n\n'
+        # Callers who know the line: no welcome, no choice; a pair talks after the connect prompts.
+        "[welcome]\nenabled = false\noffer_choice = false\n\n"
         '[log]\nformat = "json"\nlevel = "info"\n',
         encoding="utf-8",
     )

@@ -399,6 +399,11 @@ class Journey:
         return CallSummary(self._waited, self._talked, self._partners)
 
     @property
+    def waiting_since(self) -> float | None:
+        """When its current wait began (the choice counts as waiting); None when not waiting."""
+        return self._wait_started if self.state in (State.CHOICE, State.WAITING) else None
+
+    @property
     def seeking(self) -> bool:
         """In the pool: waiting, told what it had to hear, and not on hold."""
         return self._offered and not self.held
@@ -695,7 +700,10 @@ class Journey:
         if self.state is State.WELCOME:  # any other key skips the welcome; a preference key also chooses
             if key in (keys.talk, keys.listen):
                 return self._choose(key, now)
-            return self._offer_choice(now)
+            actions = self._offer_choice(now)
+            if any(isinstance(action, PlayPrompts) for action in actions):
+                return actions  # the choice replaces the welcome
+            return [*actions, PlayPrompts(())]  # nothing to say: the welcome just stops
         if key == keys.report and self.state in (State.CONNECTING, State.TALKING):
             assert self.partner is not None
             partner = self.partner

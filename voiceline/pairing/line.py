@@ -19,6 +19,7 @@ call comes back by `help_answered`, `help_failed` and `help_ended`.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from voiceline.pairing.journey import (
@@ -84,6 +85,19 @@ class Line:
 
     def journey(self, call: str) -> Journey | None:
         return self._journeys.get(call)
+
+    @property
+    def empty(self) -> bool:
+        """Nobody on the line (nor remembered by its pool)."""
+        return not self._journeys
+
+    def counts(self) -> Counter[State]:
+        """How many callers are in each journey state."""
+        return Counter(journey.state for journey in self._journeys.values())
+
+    def longest_wait(self, now: float) -> float:
+        """Seconds the longest-waiting caller has waited in its current wait (0 when nobody waits)."""
+        return max((now - since for journey in self._journeys.values() if (since := journey.waiting_since) is not None), default=0.0)
 
     def answered(self, call: str, now: float, caller: Caller | None = None) -> Step:
         """A call was answered; `caller`: who it is by pseudonym, for the safety ledger (if the line has one)."""

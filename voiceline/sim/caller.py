@@ -340,7 +340,9 @@ class CallerWorker:
         now = time.time()
         self._call_at(now + leg.spec.seconds, leg, lambda: self._hang_up(leg))
         if leg.spec.dtmf:  # CallSpec guarantees the call outlasts the DTMF delay
-            self._call_at(now + DTMF_DELAY_SECONDS, leg, lambda: self._send_dtmf(leg))
+            self._call_at(now + DTMF_DELAY_SECONDS, leg, functools.partial(self._send_dtmf, leg, leg.spec.dtmf))
+        for at, digits in leg.spec.dtmf_at:
+            self._call_at(now + at, leg, functools.partial(self._send_dtmf, leg, digits))
         if leg.spec.hold is not None:
             hold_at, resume_at = leg.spec.hold
             self._call_at(now + hold_at, leg, lambda: self._reinvite(leg, hold=True))
@@ -390,10 +392,10 @@ class CallerWorker:
         generator.play(tones, True)
         return generator
 
-    def _send_dtmf(self, leg: Leg) -> None:
+    def _send_dtmf(self, leg: Leg, digits: str) -> None:
         if leg.call is not None and not leg.disconnected:
             try:
-                leg.call.dialDtmf(leg.spec.dtmf)
+                leg.call.dialDtmf(digits)
             except pj.Error as exc:
                 leg.note(f"DTMF not sent: {describe(exc)}")
 

@@ -13,7 +13,9 @@ environment with voiceline installed has:
   (default 0: the kernel chooses one per transport) and `rtp_ports=(low, high)`
   the RTP range (default: a block of this run's port lane, see
   voiceline.sim.ports). At teardown every server started is sent SIGTERM and
-  must exit with status 0. `server.wait_for_event("call.confirmed")` waits
+  must exit with status 0. Unless the overrides say otherwise, the server skips
+  the welcome and the talk/listen choice (QUICK_JOURNEY), so two callers are
+  paired at once. `server.wait_for_event("call.confirmed")` waits
   for the server to log an event.
 - `sim_calls`: `sim_calls(specs, timeout=60.0, rtp_ports=None)` places
   simulated calls (see `voiceline.sim.runner.run_calls`) with recordings under
@@ -52,6 +54,10 @@ READY_EVENT = "sip.listening"
 SERVER_RTP_PORTS = 100
 SERVER_RTP_BLOCKS = 8
 SIM_RTP_PORTS = 400
+
+# Servers skip the welcome and the talk/listen choice unless a test asks for them (`{"welcome": {...}}`),
+# so callers are paired (after the connect cue and "you're connected") soon after the answer.
+QUICK_JOURNEY: dict[str, Any] = {"welcome": {"enabled": False, "offer_choice": False}}
 
 # Tables by name; `trunks` and `lines` take a list of tables ([[trunks]]), which replaces the default list.
 ConfigOverrides = Mapping[str, Any]
@@ -206,7 +212,7 @@ def start_server(
     directory.mkdir(parents=True, exist_ok=True)
     low, high = rtp_ports or default_server_rtp_ports()
     config_path = directory / "voiceline.toml"
-    config = merge_config({"sip": {"public_address": host}}, overrides)
+    config = merge_config({"sip": {"public_address": host}, **QUICK_JOURNEY}, overrides)
     config_path.write_text(to_toml(config), encoding="utf-8")
     transports = set(config["sip"].get("transports", ("udp", "tcp")))
     if config["sip"].get("listen_tls"):

@@ -71,6 +71,8 @@ class CallSpec:
     start_after: float = 0.0
     # Digits sent as RFC 4733 events DTMF_DELAY_SECONDS after connect.
     dtmf: str = ""
+    # More digits at given times: (seconds after connect, digits), each sent as RFC 4733 events.
+    dtmf_at: tuple[tuple[float, str], ...] = ()
     transport: str = "udp"
     # (hold_at, resume_at): seconds after connect to put the call on hold (re-INVITE with
     # sendonly) and to resume it (re-INVITE with sendrecv).
@@ -98,6 +100,9 @@ class CallSpec:
             raise ValueError(f"dtmf may hold only 0-9, *, # and A-D, got {self.dtmf!r}")
         if self.dtmf and self.seconds <= DTMF_DELAY_SECONDS:
             raise ValueError(f"dtmf is sent {DTMF_DELAY_SECONDS:g} s after connect: seconds must be longer")
+        for at, digits in self.dtmf_at:
+            if not 0 <= at < self.seconds or not digits or not _DTMF_DIGITS.fullmatch(digits):
+                raise ValueError("dtmf_at: expected (seconds after connect, digits 0-9*#A-D), within the call")
         if self.hold is not None and not 0 < self.hold[0] < self.hold[1] < self.seconds:
             raise ValueError("hold: expected (hold_at, resume_at) with 0 < hold_at < resume_at < seconds")
         if self.transport not in TRANSPORTS:

@@ -1,0 +1,66 @@
+"""The journey's configuration: top-level sections, a line's overrides, the command line's assignments."""
+
+from __future__ import annotations
+
+import pytest
+
+from voiceline.config import ConfigError, from_mapping
+from voiceline.journey_config import JourneyConfigError, line_overrides, merged, override_tables, parse_assignment
+from voiceline.pairing.journey import KeyMap
+
+
+def test_a_line_overrides_single_keys_of_the_top_level_sections() -> None:
+    config = from_mapping(
+        {
+            "waiting": {"max_wait": 900, "reassure_every": 30.0},
+            "talking": {"max_talk": 1200.0},
+            "keys": {"report": ""},
+            "prompts": {"directory": ""},
+            "lines": [
+                {"name": "night", "numbers": ["300"], "language": "en", "prompts": "/srv/night", "waiting": {"max_wait": 300}},
+                {"name": "day", "numbers": ["*"]},
+            ],
+        }
+    )
+    night, day = (config.line_journey(line) for line in config.lines)
+    assert (night.waiting.max_wait, night.waiting.reassure_every, day.waiting.max_wait) == (300.0, 30.0, 900.0)
+    assert night.prompts.directory == "/srv/night" and day.prompts.directory == ""
+    settings = night.settings()
+    assert settings.max_talk == 1200.0 and settings.max_wait == 300.0
+    assert settings.keys == KeyMap(report=None)  # "" turns the key off
+    assert config.journey.settings().max_wait == 900.0
+    assert from_mapping({}).journey.settings().max_talk is None  # 0: no limit
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"waiting": {"max_wait": "long"}}, "waiting.max_wait: expected float"),
+        ({"keys": {"help": "#"}}, "each key may have one meaning only"),
+        ({"talking": {"max_talk": 30.0}}, "warn_before must lie between 0 and max_talk"),
+        ({"lines": [{"name": "x", "numbers": ["1"], "waiting": {"max_wai": 1}}]}, "waiting.max_wai: unknown key"),
+        ({"lines": [{"name": "x", "numbers": ["1"], "waiting": {"max_wait": True}}]}, "waiting.max_wait: expected a number"),
+        ({"lines": [{"name": "x", "numbers": ["1"], "prompts_dir": "a"}]}, "unknown setting 'prompts_dir'"),
+        ({"lines": [{"name": "x", "numbers": ["1"], "talking": {"max_talk": 10}}]}, "[[lines]] x: warn_before"),
+    ],
+)
+def test_a_bad_journey_setting_is_refused_naming_it(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        from_mapping(data)
+
+
+def test_assignments_are_typed_by_their_key_and_merge_over_a_line_s_own() -> None:
+    assert parse_assignment("waiting.max_wait=300") == ("waiting", "max_wait", 300.0)
+    assert parse_assignment("welcome.enabled=false") == ("welcome", "enabled", False)
+    assert parse_assignment("keys.report=") == ("keys", "report", "")
+    for text, message in (
+        ("waiting.max_wait=soon", "expected a number"),
+        ("welcome.enabled=no", "expected true or false"),
+        ("prompts.language=de", "expected SECTION.KEY=VALUE"),  # a line's prompts: --language, --prompts
+        ("max_wait=3", "expected SECTION.KEY=VALUE"),
+    ):
+        with pytest.raises(JourneyConfigError, match=message):
+            parse_assignment(text)
+    own = line_overrides({"waiting": {"max_wait": 300}, "keys": {"report": ""}})
+    both = merged(own, [parse_assignment("waiting.max_wait=240"), parse_assignment("talking.max_talk=900")])
+    assert override_tables(both) == {"keys": {"report": ""}, "talking": {"max_talk": 900.0}, "waiting": {"max_wait": 240.0}}
