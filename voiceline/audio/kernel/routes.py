@@ -31,7 +31,7 @@ from typing import Protocol
 
 from voiceline.audio.bridge import Bridge
 from voiceline.audio.kernel.bpf import BpfError
-from voiceline.audio.kernel.forwarding import KernelPath, RewriteState, Route, loop_time_from, monotonic_ns_from
+from voiceline.audio.kernel.forwarding import KernelPath, RewriteState, Route, loop_time_from, monotonic_ns_from, source_for
 from voiceline.audio.latch import Address
 from voiceline.audio.receiver import Receiver
 from voiceline.audio.rtp import StreamPosition
@@ -75,6 +75,8 @@ class KernelRoutes:
         self._by_sender: dict[Sender, RoutedLeg] = {}
         self._routed: dict[RoutedLeg, RoutedLeg] = {}  # source -> its listener, while the kernel forwards
         self.install_failures = 0
+        if path is not None and path.link_events is not None:
+            loop.add_reader(path.link_events, path.interfaces_changed)
 
     @property
     def forwarding(self) -> int:
@@ -148,12 +150,21 @@ class KernelRoutes:
             return
         for source in list(self._routed):
             self._stop(source)
+        if self.path.link_events is not None:
+            self._loop.remove_reader(self.path.link_events)
         self.path.close()
 
     # -- the routes -------------------------------------------------------------
 
     def _local(self, leg: RoutedLeg) -> Address:
         return (self._bind_host, leg.local_port)
+
+    def _sender(self, leg: RoutedLeg, destination: Address) -> Address:
+        """Where `leg`'s packets to `destination` leave from: its socket's address, or for a socket
+        bound to 0.0.0.0 the one the kernel's routing gives it."""
+        if IPv4Address(self._bind_host).is_unspecified:
+            return (source_for(destination), leg.local_port)
+        return self._local(leg)
 
     def _source(self, leg: RoutedLeg) -> RoutedLeg | None:
         source = self._bridge.source(leg.sender)
@@ -201,7 +212,7 @@ class KernelRoutes:
             peer=receiver.peer,
             peer_ssrc=receiver.reception.ssrc,
             in_payload_type=receiver.audio_payload_type,
-            sender=self._local(listener),
+            sender=self._sender(listener, sender.remote),
             destination=sender.remote,
             out_payload_type=sender.audio_payload_type,
             ssrc=stream.ssrc,
