@@ -1,0 +1,302 @@
+"""The in-kernel fast path beyond loopback (needs root): the service in a network namespace of its
+own, callers in two others behind veth pairs, so the kernel forwards from one interface out of
+another (FIB lookup, neighbour MAC, redirect). Nothing leaves the namespaces this test makes."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import json
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from port_table import port_block
+from test_kernel_path import assert_one_stream
+from test_media import Phone
+from test_media_features import Sender, leg_for, pair, tone_frames
+from waiting import until
+
+from voiceline.audio import g711
+from voiceline.audio.hold import hold_music
+from voiceline.audio.kernel.forwarding import OBJECT_PATH, PRIORITY, PROGRAM
+from voiceline.audio.media import MediaEngine, MediaLeg
+from voiceline.sim.analysis import goertzel_db
+
+pytestmark = pytest.mark.integration
+
+BASE, _ = port_block("test_kernel_path_veth")
+PORTS = (BASE, BASE + 99)
+SERVICE_A, CALLER_A = "10.77.1.1", "10.77.1.2"  # the service's side of a's link, and a
+SERVICE_B, CALLER_B = "10.77.2.1", "10.77.2.2"
+NO_NEIGH = 7  # BPF_FIB_LKUP_RET_NO_NEIGH
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+_runs = itertools.count()
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns")
+
+
+@contextmanager
+def inside(namespace: str) -> Iterator[None]:
+    """This thread in `namespace` (sockets made meanwhile stay in it), then back where it was."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+@dataclass
+class Lab:
+    """Three namespaces: the service's, and a's and b's, each caller behind a veth pair."""
+
+    service: str
+    a: str
+    b: str
+    prefix: str  # of every interface name made here
+
+    def link(self, name: str, peer_namespace: str, peer: str, address: str, peer_address: str) -> None:
+        ip("link", "add", name, "netns", self.service, "type", "veth", "peer", "name", peer, "netns", peer_namespace)
+        ip("-n", self.service, "addr", "add", f"{address}/24", "dev", name)
+        ip("-n", peer_namespace, "addr", "add", f"{peer_address}/24", "dev", peer)
+        ip("-n", self.service, "link", "set", name, "up")
+        ip("-n", peer_namespace, "link", "set", peer, "up")
+        ip("-n", peer_namespace, "route", "add", "default", "via", address)
+
+    def sysctl(self, setting: str) -> None:
+        subprocess.run(["ip", "netns", "exec", self.service, "sysctl", "-q", "-w", setting], check=True)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """The namespaces and links, this thread in the service's namespace meanwhile; all removed after."""
+    prefix = f"v{os.getpid()}{next(_runs)}"  # unique on the machine while this run lives
+    lab = Lab(f"{prefix}s", f"{prefix}a", f"{prefix}b", prefix)
+    made = []
+    try:
+        for namespace in (lab.service, lab.a, lab.b):
+            ip("netns", "add", namespace)
+            made.append(namespace)
+            ip("-n", namespace, "link", "set", "lo", "up")
+        lab.link(f"{prefix}sa", lab.a, f"{prefix}as", SERVICE_A, CALLER_A)
+        lab.link(f"{prefix}sb", lab.b, f"{prefix}bs", SERVICE_B, CALLER_B)
+        lab.sysctl("net.ipv4.conf.lo.forwarding=1")
+        with inside(lab.service):
+            yield lab
+    finally:
+        for namespace in made:  # its interfaces go with it
+            subprocess.run(["ip", "netns", "del", namespace], check=False)
+
+
+class NsPhone(Phone):
+    """A phone in a caller's namespace, sending to the service's address on its side."""
+
+    def __init__(self, namespace: str, host: str, service: str) -> None:
+        with inside(namespace):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.setblocking(False)
+        self.address = self.sock.getsockname()
+        self._sequence = 0
+        self.service = service
+
+    def send(self, leg: MediaLeg, data: bytes) -> None:
+        self.sock.sendto(data, (self.service, leg.local_port))
+
+    async def receive_from(self) -> tuple[bytes, tuple[str, int]]:
+        data, source = await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(self.sock, 2048), 2.0)
+        return data, source
+
+
+@pytest.fixture
+def ns_phones(lab: Lab) -> Iterator[Callable[[str], NsPhone]]:
+    made: list[NsPhone] = []
+
+    def make(side: str, service: str | None = None) -> NsPhone:
+        namespace, host, default = (lab.a, CALLER_A, SERVICE_A) if side == "a" else (lab.b, CALLER_B, SERVICE_A)
+        made.append(NsPhone(namespace, host, service or default))
+        return made[-1]
+
+    yield make
+    for phone in made:
+        phone.sock.close()
+
+
+def new_engine(bind_host: str) -> MediaEngine:
+    engine = MediaEngine(bind_host, PORTS, hold_music(), kernel_forwarding=True)
+    assert engine.kernel_routes.path is not None, f"kernel path unavailable: {engine.kernel_path_unavailable}"
+    return engine
+
+
+@pytest.fixture
+async def engine(lab: Lab) -> AsyncIterator[MediaEngine]:
+    engine = new_engine(SERVICE_A)
+    yield engine
+    engine.close()
+    await asyncio.sleep(0)
+
+
+def filters(device: str) -> list[dict[str, object]]:
+    """The ingress filters on `device` (in this thread's namespace), as tc lists them."""
+    listing = subprocess.run(["tc", "-j", "filter", "show", "dev", device, "ingress"], capture_output=True, text=True)
+    return list(json.loads(listing.stdout or "[]"))
+
+
+def our_handles(device: str) -> set[int]:
+    return {
+        int(entry["options"]["handle"], 16)  # type: ignore[index]
+        for entry in filters(device)
+        if entry.get("pref") == PRIORITY and entry.get("options", {}).get("prog", {}).get("name") == PROGRAM  # type: ignore[union-attr]
+    }
+
+
+async def talking(engine: MediaEngine, ns_phones: Callable[..., NsPhone], **services: str) -> tuple[
+    NsPhone, MediaLeg, Sender, NsPhone, MediaLeg, Sender
+]:
+    """a and b paired, each latched by a first packet (relayed in userspace), both streams in the kernel."""
+    phone_a, phone_b = ns_phones("a", services.get("a")), ns_phones("b", services.get("b"))
+    a, b = await leg_for(engine, phone_a), await leg_for(engine, phone_b)
+    await pair(engine, a, b)
+    from_a = Sender(phone_a, a, 0xA0A0A0A0, 100, 1000)
+    from_b = Sender(phone_b, b, 0xB0B0B0B0, 65500, 2**32 - 4000)
+    for sender, listener in ((from_b, phone_a), (from_a, phone_b)):
+        sender.send(tone_frames("PCMU", 1000, 1)[0])
+        await listener.receive()
+    await until(lambda: engine.kernel_routes.forwarded_from(a) and engine.kernel_routes.forwarded_from(b))
+    return phone_a, a, from_a, phone_b, b, from_b
+
+
+def assert_tone(payloads: list[bytes], hz: int) -> None:
+    pcm = g711.ulaw_decode(b"".join(payloads)).astype(np.float64) / 32768
+    assert goertzel_db(pcm, 8000, hz) > -25
+    assert goertzel_db(pcm, 8000, 2 * hz + 150) < goertzel_db(pcm, 8000, hz) - 30
+
+
+async def test_tones_cross_between_interfaces_in_the_kernel(engine, ns_phones):
+    phone_a, a, from_a, phone_b, b, from_b = await talking(engine, ns_phones)
+    to_a, to_b = tone_frames("PCMU", 700, 25), tone_frames("PCMU", 1100, 25)  # what b says to a, and a to b
+    for frame_to_a, frame_to_b in zip(to_a, to_b):
+        from_b.send(frame_to_a)
+        from_a.send(frame_to_b)
+    heard_by_a = [await phone_a.receive_from() for _ in to_a]
+    heard_by_b = await phone_b.receive_many(len(to_b))
+    assert {source for _, source in heard_by_a} == {(SERVICE_A, a.local_port)}  # from a's leg, as userspace sends
+    assert [data[12:] for data, _ in heard_by_a] == to_a and [payload for _, payload in heard_by_b] == to_b
+    assert_tone([data[12:] for data, _ in heard_by_a], 700)
+    assert_tone([payload for _, payload in heard_by_b], 1100)
+    assert_one_stream([header for header, _ in heard_by_b], [])  # continuing the stream userspace started
+    # the socket saw only the latching packets; the kernel counted the rest
+    assert a.receiver.packets_in == b.receiver.packets_in == 1
+    assert engine.kernel_routes.forwarded_from(b).packets == engine.kernel_routes.forwarded_from(a).packets == 25
+    assert engine.kernel_routes.path.fib_fallbacks() == {}
+
+
+async def test_without_a_neighbour_userspace_relays_and_the_kernel_takes_over_again(lab, engine, ns_phones):
+    phone_a, a, from_a, phone_b, b, from_b = await talking(engine, ns_phones)
+    ip("neigh", "flush", "dev", f"{lab.prefix}sa")  # a's MAC forgotten
+    voice = tone_frames("PCMU", 1000, 12)
+    from_b.send(voice[0])
+    first = await phone_a.receive()
+    assert first[1] == voice[0] and b.receiver.packets_in == 2  # the socket got it, userspace sent it
+    assert engine.kernel_routes.path.fib_fallbacks() == {NO_NEIGH: 1}
+    await until(lambda: "REACHABLE" in ip("neigh", "show", CALLER_A, "dev", f"{lab.prefix}sa"))  # its send asked
+    await until(lambda: engine.kernel_routes.forwarded_from(b) is not None)
+    for frame in voice[1:]:
+        from_b.send(frame)
+    rest = await phone_a.receive_many(len(voice) - 1)
+    assert [payload for _, payload in rest] == voice[1:]
+    assert b.receiver.packets_in == 2 and engine.kernel_routes.forwarded_from(b).packets == len(voice) - 1
+    assert_one_stream([first[0], *(header for header, _ in rest)], [])  # one stream across both paths
+
+
+def add_foreign_filter(device: str) -> None:
+    """Another process's filter ahead of ours: a BPF program of its own (a copy of ours with empty
+    maps, which passes every packet on) at priority 7, attached by tc."""
+    subprocess.run(["tc", "qdisc", "add", "dev", device, "clsact"], check=True)
+    subprocess.run(
+        ["tc", "filter", "add", "dev", device, "ingress", "pref", "7", "bpf", "da", "obj", str(OBJECT_PATH), "sec", "tc"],
+        check=True,
+        capture_output=True,
+    )
+
+
+async def test_on_every_interface_also_a_new_one_and_gone_from_all_at_stop(lab):
+    add_foreign_filter(f"{lab.prefix}sb")
+    engine = new_engine(SERVICE_A)
+    handle = engine.kernel_routes.path.handle
+    devices = ["lo", f"{lab.prefix}sa", f"{lab.prefix}sb"]
+    try:
+        assert all(our_handles(device) == {handle} for device in devices)
+        ip("link", "add", f"{lab.prefix}sc", "type", "veth", "peer", "name", f"{lab.prefix}cs")
+        devices += [f"{lab.prefix}sc", f"{lab.prefix}cs"]
+        await until(lambda: all(our_handles(device) == {handle} for device in devices))
+    finally:
+        engine.close()
+        await asyncio.sleep(0)
+    assert not any(our_handles(device) for device in devices)
+    assert {entry.get("pref") for entry in filters(f"{lab.prefix}sb")} == {7}  # theirs stays
+
+
+async def test_the_foreign_filter_before_ours_leaves_forwarding_working(lab, ns_phones):
+    add_foreign_filter(f"{lab.prefix}sb")
+    engine = new_engine(SERVICE_A)
+    try:
+        phone_a, a, from_a, phone_b, b, from_b = await talking(engine, ns_phones)
+        frames = tone_frames("PCMU", 700, 5)
+        for frame in frames:
+            from_b.send(frame)
+        assert [payload for _, payload in await phone_a.receive_many(5)] == frames
+        assert b.receiver.packets_in == 1 and engine.kernel_routes.forwarded_from(b).packets == 5
+    finally:
+        engine.close()
+        await asyncio.sleep(0)
+
+
+async def test_bound_to_any_address_each_caller_hears_the_address_it_sends_to(lab, ns_phones):
+    engine = new_engine("0.0.0.0")
+    try:
+        phone_a, a, from_a, phone_b, b, from_b = await talking(engine, ns_phones, a=SERVICE_A, b=SERVICE_B)
+        frames = tone_frames("PCMU", 700, 5)
+        for frame in frames:
+            from_a.send(frame)
+            from_b.send(frame)
+        for phone, service, leg in ((phone_a, SERVICE_A, a), (phone_b, SERVICE_B, b)):
+            heard = [await phone.receive_from() for _ in frames]
+            assert [data[12:] for data, _ in heard] == frames
+            assert {source for _, source in heard} == {(service, leg.local_port)}
+        assert a.receiver.packets_in == b.receiver.packets_in == 1
+        assert a.stats().packets_in_kernel == b.stats().packets_in_kernel == 5
+    finally:
+        engine.close()
+        await asyncio.sleep(0)
+
+
+async def test_without_forwarding_on_lo_the_engine_says_so(lab):
+    lab.sysctl("net.ipv4.conf.lo.forwarding=0")
+    engine = MediaEngine(SERVICE_A, PORTS, hold_music(), kernel_forwarding=True)
+    try:
+        assert engine.kernel_routes.path is None
+        assert engine.kernel_path_unavailable == "media beyond loopback needs sysctl net.ipv4.conf.lo.forwarding=1"
+        assert not our_handles("lo")
+    finally:
+        engine.close()
