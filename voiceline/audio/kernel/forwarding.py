@@ -173,6 +173,16 @@ def source_for(destination: Address) -> str:
         return host
 
 
+def is_local(host: str) -> bool:
+    """Whether `host` is an address of this host (a socket can bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+        return True
+
+
 def remove_stale_filters(device: str = "lo") -> int:
     """Remove our filters on `device` whose process is gone; returns how many."""
     listing = subprocess.run(["tc", "-j", "filter", "show", "dev", device, "ingress"], capture_output=True, text=True)

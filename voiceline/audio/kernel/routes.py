@@ -31,7 +31,7 @@ from typing import Protocol
 
 from voiceline.audio.bridge import Bridge
 from voiceline.audio.kernel.bpf import BpfError
-from voiceline.audio.kernel.forwarding import KernelPath, RewriteState, Route, loop_time_from, monotonic_ns_from, source_for
+from voiceline.audio.kernel.forwarding import KernelPath, RewriteState, Route, is_local, loop_time_from, monotonic_ns_from, source_for
 from voiceline.audio.latch import Address
 from voiceline.audio.receiver import Receiver
 from voiceline.audio.rtp import StreamPosition
@@ -182,8 +182,8 @@ class KernelRoutes:
 
     def _listener(self, source: RoutedLeg) -> RoutedLeg | None:
         """Who the kernel may forward `source` to, or None."""
-        receiver = source.receiver
-        if source.encrypted or receiver.decoding or receiver.reception.ssrc is None or not _is_ipv4(receiver.peer):
+        receiver, peer = source.receiver, source.receiver.peer
+        if source.encrypted or receiver.decoding or receiver.reception.ssrc is None or peer is None or not _is_ipv4(peer):
             return None
         listeners = self._bridge.listeners(receiver)
         if len(listeners) != 1:
@@ -191,7 +191,13 @@ class KernelRoutes:
         listener = self._by_sender.get(listeners[0])
         if listener is None or listener.encrypted or not listener.sender.relays_as_is:
             return None
-        return listener if _is_ipv4(listener.sender.remote) else None
+        destination = listener.sender.remote
+        if destination is None or not _is_ipv4(destination):
+            return None
+        assert self.path is not None
+        if not self.path.loopback_only and is_local(destination[0]) and not is_local(peer[0]):
+            return None  # from another interface up the stack: a martian source (see the C source)
+        return listener
 
     def _review(self, source: RoutedLeg) -> None:
         """Stop `source`'s route if it runs, and start it again when it may run."""

@@ -11,6 +11,17 @@
  * which is also marked), checksums updated. Everything else returns
  * TC_ACT_UNSPEC: the next filter (another process's) or the socket decides.
  *
+ * The rewritten packet leaves as one this host sends: to a loopback address
+ * arriving on `lo`, up the stack as before (no route lookup); otherwise the
+ * kernel's FIB (`bpf_fib_lookup`, looked up as a packet of this host: from
+ * `lo`) names the egress interface and next hop, and the packet is redirected
+ * out of it with the neighbour's MAC. A local destination is reached up the
+ * stack from `lo` only: from another interface the stack would drop a packet
+ * with a local source address as a martian (routes.py installs no such route).
+ * When the lookup cannot answer (no neighbour yet, MTU, unreachable,
+ * forwarding off on `lo`) nothing is changed or counted: the socket gets the
+ * packet and userspace relays it.
+ *
  * `legs[slot]` holds the route's rewrite and reception state under a spin lock;
  * `enabled[slot]` is read under that lock, so once userspace has cleared it and
  * taken the lock once (a locked lookup), no packet is forwarded or counted any
@@ -189,8 +200,7 @@ int voiceline_rtp(struct __sk_buff *skb)
 	__u32 payload = udp_len - sizeof(struct udphdr) - RTP_HEADER;
 	__u32 new_src = route->src_addr, new_dst = route->dst_addr;
 	struct bpf_fib_lookup fib = {};
-	__u32 egress = 0; /* 0: up this host's stack (a local destination) */
-	__u32 ingress = skb->ingress_ifindex;
+	long found = BPF_FIB_LKUP_RET_NOT_FWDED; /* what the FIB says of a local destination */
 	if ((new_dst & 0xff) != 127) { /* network order: the first octet */
 		fib.family = AF_INET;
 		fib.l4_protocol = IPPROTO_UDP;
@@ -198,16 +208,15 @@ int voiceline_rtp(struct __sk_buff *skb)
 		fib.ifindex = LOOPBACK_IFINDEX; /* the rewritten packet is this host's own */
 		fib.ipv4_src = new_src;
 		fib.ipv4_dst = new_dst;
-		long found = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
-		if (found == BPF_FIB_LKUP_RET_SUCCESS) {
-			egress = fib.ifindex;
-		} else if (found != BPF_FIB_LKUP_RET_NOT_FWDED) { /* NOT_FWDED: a local destination */
-			__u32 code = found > 0 && found < FIB_CODES ? found : 0;
-			__u64 *fallbacks = bpf_map_lookup_elem(&fib_fallbacks, &code);
-			if (fallbacks)
-				*fallbacks += 1;
-			return TC_ACT_UNSPEC; /* the socket's path relays it (and resolves the neighbour) */
-		}
+		found = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	}
+	if (found != BPF_FIB_LKUP_RET_SUCCESS &&
+	    (found != BPF_FIB_LKUP_RET_NOT_FWDED || skb->ingress_ifindex != LOOPBACK_IFINDEX)) {
+		__u32 code = found > 0 && found < FIB_CODES ? found : 0;
+		__u64 *fallbacks = bpf_map_lookup_elem(&fib_fallbacks, &code);
+		if (fallbacks)
+			*fallbacks += 1;
+		return TC_ACT_UNSPEC; /* the socket's path relays it (and resolves the neighbour) */
 	}
 	__u32 slot = route->slot;
 	__u32 *on = bpf_map_lookup_elem(&enabled, &slot);
@@ -281,19 +290,11 @@ int voiceline_rtp(struct __sk_buff *skb)
 	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr_src, new_src, 4) ||
 	    bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr_dst, new_dst, 4))
 		return TC_ACT_SHOT;
-	if (egress) {
-		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
-		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
-			return TC_ACT_SHOT;
-		return bpf_redirect(egress, 0);
-	}
-	if (ingress == LOOPBACK_IFINDEX)
+	if (found != BPF_FIB_LKUP_RET_SUCCESS)
 		return TC_ACT_OK; /* up the stack to the listening leg's peer, on this host */
-	/* from another interface to this host: in through lo, whose MAC is all zeros */
-	__u8 none[2 * ETH_ALEN] = {};
-	if (bpf_skb_store_bytes(skb, 0, none, sizeof(none), 0))
+	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) || bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
 		return TC_ACT_SHOT;
-	return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
+	return bpf_redirect(fib.ifindex, 0); /* out of the interface the FIB named, to the next hop */
 }
 
 char LICENSE[] SEC("license") = "GPL";
