@@ -9,11 +9,15 @@ import ctypes
 import itertools
 import json
 import os
+import re
+import signal
 import socket
+import sys
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +29,7 @@ from waiting import until
 
 from voiceline.audio import g711
 from voiceline.audio.hold import hold_music
-from voiceline.audio.kernel.forwarding import OBJECT_PATH, PRIORITY, PROGRAM
+from voiceline.audio.kernel.forwarding import OBJECT_PATH, PRIORITY, PROGRAM, KernelPath
 from voiceline.audio.media import MediaEngine, MediaLeg
 from voiceline.sim.analysis import goertzel_db
 
@@ -87,10 +91,23 @@ class Lab:
         subprocess.run(["ip", "netns", "exec", self.service, "sysctl", "-q", "-w", setting], check=True)
 
 
+NAMESPACE = re.compile(r"vl(\d+)x\d+[sab]")  # this module's namespaces: vl<pid>x<count><role>
+
+
+def remove_namespaces_of_dead_runs() -> None:
+    """Namespaces a killed run of this module left (their interfaces go with them)."""
+    for line in ip("netns", "list").splitlines():
+        name = line.split(" ")[0]
+        match = NAMESPACE.fullmatch(name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     """The namespaces and links, this thread in the service's namespace meanwhile; all removed after."""
-    prefix = f"v{os.getpid()}{next(_runs)}"  # unique on the machine while this run lives
+    remove_namespaces_of_dead_runs()
+    prefix = f"vl{os.getpid()}x{next(_runs)}"  # unique on the machine while this run lives
     lab = Lab(f"{prefix}s", f"{prefix}a", f"{prefix}b", prefix)
     made = []
     try:
@@ -309,6 +326,36 @@ async def test_bound_to_any_address_each_caller_hears_the_address_it_sends_to(la
     finally:
         engine.close()
         await asyncio.sleep(0)
+
+
+STALE = """
+import sys
+from voiceline.audio.kernel.forwarding import KernelPath
+path = KernelPath(sys.argv[1])
+print(path.handle, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_process_filters_are_removed_from_every_interface_at_the_next_start(lab):
+    # started from this thread, the process lives in the service's namespace
+    process = subprocess.Popen(
+        [sys.executable, "-c", STALE, SERVICE_A], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    devices = ["lo", f"{lab.prefix}sa", f"{lab.prefix}sb"]
+    try:
+        assert process.stdout is not None
+        handle = int(process.stdout.readline())
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert all(our_handles(device) == {handle} for device in devices)  # left behind
+    path = KernelPath(SERVICE_A)
+    try:
+        assert all(our_handles(device) == {path.handle} for device in devices)
+    finally:
+        path.close()
+    assert not any(our_handles(device) for device in devices)
 
 
 async def test_without_forwarding_on_lo_the_engine_says_so(lab):

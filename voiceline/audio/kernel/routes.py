@@ -159,11 +159,14 @@ class KernelRoutes:
     def _local(self, leg: RoutedLeg) -> Address:
         return (self._bind_host, leg.local_port)
 
-    def _sender(self, leg: RoutedLeg, destination: Address) -> Address:
+    def _sender(self, leg: RoutedLeg, destination: Address) -> Address | None:
         """Where `leg`'s packets to `destination` leave from: its socket's address, or for a socket
-        bound to 0.0.0.0 the one the kernel's routing gives it."""
+        bound to 0.0.0.0 the one the kernel's routing gives it (None: no route there now)."""
         if IPv4Address(self._bind_host).is_unspecified:
-            return (source_for(destination), leg.local_port)
+            try:
+                return (source_for(destination), leg.local_port)
+            except OSError:
+                return None
         return self._local(leg)
 
     def _source(self, leg: RoutedLeg) -> RoutedLeg | None:
@@ -210,6 +213,9 @@ class KernelRoutes:
             return
         receiver, sender = source.receiver, listener.sender
         assert receiver.peer is not None and receiver.reception.ssrc is not None and sender.remote is not None
+        leaves_from = self._sender(listener, sender.remote)
+        if leaves_from is None:
+            return
         stream = sender.stream
         position = stream.position()
         now = self._loop.time()
@@ -218,7 +224,7 @@ class KernelRoutes:
             peer=receiver.peer,
             peer_ssrc=receiver.reception.ssrc,
             in_payload_type=receiver.audio_payload_type,
-            sender=self._sender(listener, sender.remote),
+            sender=leaves_from,
             destination=sender.remote,
             out_payload_type=sender.audio_payload_type,
             ssrc=stream.ssrc,
