@@ -39,7 +39,7 @@ BASE, _ = port_block("test_kernel_path_veth")
 PORTS = (BASE, BASE + 99)
 SERVICE_A, CALLER_A = "10.77.1.1", "10.77.1.2"  # the service's side of a's link, and a
 SERVICE_B, CALLER_B = "10.77.2.1", "10.77.2.2"
-NO_NEIGH = 7  # BPF_FIB_LKUP_RET_NO_NEIGH
+FWD_DISABLED, NO_NEIGH = 5, 7  # BPF_FIB_LKUP_RET_*
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _runs = itertools.count()
@@ -248,6 +248,24 @@ async def test_without_a_neighbour_userspace_relays_and_the_kernel_takes_over_ag
     assert [payload for _, payload in rest] == voice[1:]
     assert b.receiver.packets_in == 2 and engine.kernel_routes.forwarded_from(b).packets == len(voice) - 1
     assert_one_stream([first[0], *(header for header, _ in rest)], [])  # one stream across both paths
+
+
+async def test_while_the_fib_cannot_answer_every_packet_is_relayed_in_userspace(lab, engine, ns_phones):
+    phone_a, a, from_a, phone_b, b, from_b = await talking(engine, ns_phones)
+    lab.sysctl("net.ipv4.conf.lo.forwarding=0")  # switched off under a running service
+    voice = tone_frames("PCMU", 1000, 10)
+    for frame in voice[:5]:
+        from_b.send(frame)
+        await asyncio.sleep(0.02)  # paced like a phone: each one is handed back in between
+    lab.sysctl("net.ipv4.conf.lo.forwarding=1")
+    await until(lambda: engine.kernel_routes.forwarded_from(b) is not None)
+    for frame in voice[5:]:
+        from_b.send(frame)
+    heard = await phone_a.receive_many(len(voice))
+    assert [payload for _, payload in heard] == voice
+    assert_one_stream([header for header, _ in heard], [])
+    assert engine.kernel_routes.path.fib_fallbacks() == {FWD_DISABLED: 5}
+    assert (b.stats().packets_in, b.stats().packets_in_kernel) == (11, 5)
 
 
 async def test_a_caller_on_the_service_host_talks_with_one_behind_a_link(engine, ns_phones):
