@@ -31,7 +31,15 @@ from typing import Protocol
 
 from voiceline.audio.bridge import Bridge
 from voiceline.audio.kernel.bpf import BpfError
-from voiceline.audio.kernel.forwarding import KernelPath, RewriteState, Route, is_local, loop_time_from, monotonic_ns_from, source_for
+from voiceline.audio.kernel.forwarding import (
+    KernelPath,
+    RewriteState,
+    Route,
+    is_local,
+    loop_time_from,
+    monotonic_ns_from,
+    source_for,
+)
 from voiceline.audio.latch import Address
 from voiceline.audio.receiver import Receiver
 from voiceline.audio.rtp import StreamPosition

@@ -11,7 +11,8 @@
  * which is also marked), checksums updated. Everything else returns
  * TC_ACT_UNSPEC: the next filter (another process's) or the socket decides.
  *
- * The rewritten packet leaves as one this host sends: to a loopback address
+ * The rewritten packet leaves as one this host sends: with media bound to a
+ * loopback address (the program on `lo` alone) or to a loopback destination
  * arriving on `lo`, up the stack as before (no route lookup); otherwise the
  * kernel's FIB (`bpf_fib_lookup`, looked up as a packet of this host: from
  * `lo`) names the egress interface and next hop, and the packet is redirected
@@ -201,7 +202,7 @@ int voiceline_rtp(struct __sk_buff *skb)
 	__u32 new_src = route->src_addr, new_dst = route->dst_addr;
 	struct bpf_fib_lookup fib = {};
 	long found = BPF_FIB_LKUP_RET_NOT_FWDED; /* what the FIB says of a local destination */
-	if ((new_dst & 0xff) != 127) { /* network order: the first octet */
+	if ((new_dst & 0xff) != 127 && (*bound & 0xff) != 127) { /* network order: the first octet */
 		fib.family = AF_INET;
 		fib.l4_protocol = IPPROTO_UDP;
 		fib.tot_len = bpf_ntohs(ip->tot_len);
