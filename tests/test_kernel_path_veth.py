@@ -29,7 +29,7 @@ from waiting import until
 
 from voiceline.audio import g711
 from voiceline.audio.hold import hold_music
-from voiceline.audio.kernel.forwarding import OBJECT_PATH, PRIORITY, PROGRAM, KernelPath
+from voiceline.audio.kernel.forwarding import LO_FORWARDING, OBJECT_PATH, PRIORITY, PROGRAM, KernelPath
 from voiceline.audio.media import MediaEngine, MediaLeg
 from voiceline.sim.analysis import goertzel_db
 
@@ -87,8 +87,10 @@ class Lab:
         ip("-n", peer_namespace, "link", "set", peer, "up")
         ip("-n", peer_namespace, "route", "add", "default", "via", address)
 
-    def sysctl(self, setting: str) -> None:
-        subprocess.run(["ip", "netns", "exec", self.service, "sysctl", "-q", "-w", setting], check=True)
+    def lo_forwarding(self, on: bool) -> None:
+        """net.ipv4.conf.lo.forwarding in the service's namespace (a thread's /proc/sys/net is its own)."""
+        with inside(self.service):
+            LO_FORWARDING.write_text("1" if on else "0")
 
 
 NAMESPACE = re.compile(r"vl(\d+)x\d+[sab]")  # this module's namespaces: vl<pid>x<count><role>
@@ -117,7 +119,7 @@ def lab() -> Iterator[Lab]:
             ip("-n", namespace, "link", "set", "lo", "up")
         lab.link(f"{prefix}sa", lab.a, f"{prefix}as", SERVICE_A, CALLER_A)
         lab.link(f"{prefix}sb", lab.b, f"{prefix}bs", SERVICE_B, CALLER_B)
-        lab.sysctl("net.ipv4.conf.lo.forwarding=1")
+        lab.lo_forwarding(True)
         with inside(lab.service):
             yield lab
     finally:
@@ -252,12 +254,12 @@ async def test_without_a_neighbour_userspace_relays_and_the_kernel_takes_over_ag
 
 async def test_while_the_fib_cannot_answer_every_packet_is_relayed_in_userspace(lab, engine, ns_phones):
     phone_a, a, from_a, phone_b, b, from_b = await talking(engine, ns_phones)
-    lab.sysctl("net.ipv4.conf.lo.forwarding=0")  # switched off under a running service
+    lab.lo_forwarding(False)  # switched off under a running service
     voice = tone_frames("PCMU", 1000, 10)
     for frame in voice[:5]:
         from_b.send(frame)
         await asyncio.sleep(0.02)  # paced like a phone: each one is handed back in between
-    lab.sysctl("net.ipv4.conf.lo.forwarding=1")
+    lab.lo_forwarding(True)
     await until(lambda: engine.kernel_routes.forwarded_from(b) is not None)
     for frame in voice[5:]:
         from_b.send(frame)
@@ -377,7 +379,7 @@ def test_a_killed_process_filters_are_removed_from_every_interface_at_the_next_s
 
 
 async def test_without_forwarding_on_lo_the_engine_says_so(lab):
-    lab.sysctl("net.ipv4.conf.lo.forwarding=0")
+    lab.lo_forwarding(False)
     engine = MediaEngine(SERVICE_A, PORTS, hold_music(), kernel_forwarding=True)
     try:
         assert engine.kernel_routes.path is None
