@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from port_table import port_block
-from test_kernel_path import assert_one_stream
+from test_kernel_path import assert_one_stream, receive_from
 from test_media import Phone
 from test_media_features import Sender, leg_for, pair, tone_frames
 from waiting import until
@@ -142,10 +142,6 @@ class NsPhone(Phone):
     def send(self, leg: MediaLeg, data: bytes) -> None:
         self.sock.sendto(data, (self.service, leg.local_port))
 
-    async def receive_from(self) -> tuple[bytes, tuple[str, int]]:
-        data, source = await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(self.sock, 2048), 2.0)
-        return data, source
-
 
 @pytest.fixture
 def ns_phones(lab: Lab) -> Iterator[Callable[[str], NsPhone]]:
@@ -221,11 +217,11 @@ async def test_tones_cross_between_interfaces_in_the_kernel(engine, ns_phones):
     for frame_to_a, frame_to_b in zip(to_a, to_b):
         from_b.send(frame_to_a)
         from_a.send(frame_to_b)
-    heard_by_a = [await phone_a.receive_from() for _ in to_a]
+    heard_by_a = [await receive_from(phone_a) for _ in to_a]
     heard_by_b = await phone_b.receive_many(len(to_b))
-    assert {source for _, source in heard_by_a} == {(SERVICE_A, a.local_port)}  # from a's leg, as userspace sends
-    assert [data[12:] for data, _ in heard_by_a] == to_a and [payload for _, payload in heard_by_b] == to_b
-    assert_tone([data[12:] for data, _ in heard_by_a], 700)
+    assert {source for _, _, source in heard_by_a} == {(SERVICE_A, a.local_port)}  # from a's leg, as userspace sends
+    assert [payload for _, payload, _ in heard_by_a] == to_a and [payload for _, payload in heard_by_b] == to_b
+    assert_tone([payload for _, payload, _ in heard_by_a], 700)
     assert_tone([payload for _, payload in heard_by_b], 1100)
     assert_one_stream([header for header, _ in heard_by_b], [])  # continuing the stream userspace started
     # the socket saw only the latching packets; the kernel counted the rest
@@ -338,9 +334,9 @@ async def test_bound_to_any_address_each_caller_hears_the_address_it_sends_to(la
             from_a.send(frame)
             from_b.send(frame)
         for phone, service, leg in ((phone_a, SERVICE_A, a), (phone_b, SERVICE_B, b)):
-            heard = [await phone.receive_from() for _ in frames]
-            assert [data[12:] for data, _ in heard] == frames
-            assert {source for _, source in heard} == {(service, leg.local_port)}
+            heard = [await receive_from(phone) for _ in frames]
+            assert [payload for _, payload, _ in heard] == frames
+            assert {source for _, _, source in heard} == {(service, leg.local_port)}
         assert a.receiver.packets_in == b.receiver.packets_in == 1
         assert a.stats().packets_in_kernel == b.stats().packets_in_kernel == 5
     finally:
