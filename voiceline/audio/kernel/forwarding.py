@@ -183,7 +183,7 @@ def is_local(host: str) -> bool:
         return True
 
 
-def remove_stale_filters(device: str = "lo") -> int:
+def remove_stale_filters(device: str) -> int:
     """Remove our filters on `device` whose process is gone; returns how many."""
     listing = subprocess.run(["tc", "-j", "filter", "show", "dev", device, "ingress"], capture_output=True, text=True)
     try:
@@ -218,7 +218,7 @@ class KernelPath:
         self.handle = os.getpid() << _HANDLE_PID_SHIFT | next(_instances) % (1 << _HANDLE_PID_SHIFT)
         self._free = list(range(MAX_LEGS - 1, -1, -1))
         self._slots: dict[Address, int] = {}  # route by its source leg's socket
-        self.attached: dict[int, str] = {}  # interface index -> name, where our filter is
+        self.attached: set[int] = set()  # the interfaces (by index) our filter is on
         try:
             for _, name in self._interfaces():
                 remove_stale_filters(name)
@@ -236,8 +236,9 @@ class KernelPath:
             self._fib_fallbacks = self._bpf.map_fd("fib_fallbacks")
             self._bpf.update(self._bpf.map_fd("bind"), _SLOT.pack(0), bind.packed)
             self._program = self._bpf.program_fd(PROGRAM)
-            attach_ingress(socket.if_nametoindex("lo"), self._program, PRIORITY, self.handle)
-            self.attached[socket.if_nametoindex("lo")] = "lo"
+            loopback = socket.if_nametoindex("lo")
+            attach_ingress(loopback, self._program, PRIORITY, self.handle)
+            self.attached.add(loopback)
         except BpfError as exc:
             self._bpf.close()
             raise KernelPathUnavailable(f"the kernel refused the TC filter ({_reason(exc)})") from exc
@@ -273,16 +274,14 @@ class KernelPath:
         filters went with them). An interface that refuses a filter is left to the socket's path."""
         if self._closed:
             return
-        present = dict(self._interfaces())
-        for index in set(self.attached) - set(present):
-            del self.attached[index]
-        for index, name in present.items():
-            if index not in self.attached:
-                try:
-                    attach_ingress(index, self._program, PRIORITY, self.handle)
-                except BpfError:
-                    continue
-                self.attached[index] = name
+        present = {index for index, _ in self._interfaces()}
+        self.attached &= present
+        for index in present - self.attached:
+            try:
+                attach_ingress(index, self._program, PRIORITY, self.handle)
+            except BpfError:
+                continue
+            self.attached.add(index)
 
     def fib_fallbacks(self) -> dict[int, int]:
         """Packets of routes left to the socket because the FIB could not say where they go,
