@@ -20,6 +20,7 @@ TABLE: dict[str, int] = {
     "test_kamailio": 20,  # Kamailio's SIP port (a fixed port in its configuration)
     "test_lifecycle": 100,  # 50 for `serve --rtp-ports` of servers that must not start; then a port only named in SDP
     "test_kernel_path": 300,  # 100 per engine
+    "test_kernel_path_veth": 100,  # the engine's, in a network namespace of the test's own
     "test_logs": 20,
     "test_media": 140,  # 100 for the engine, then small ranges with fixed layouts
     "test_media_features": 210,  # 100 for the engine, 100 for a second engine, a phone's RTP/RTCP pair

@@ -75,6 +75,12 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+@functools.cache
+def possible_cpus() -> int:
+    """How many values a per-CPU map element holds."""
+    return _check("libbpf_num_possible_cpus", _library().libbpf_num_possible_cpus())
+
+
 def _check(call: str, result: int) -> int:
     """libbpf returns a negative errno (or -1 with errno set)."""
     if result < 0:

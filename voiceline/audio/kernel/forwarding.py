@@ -1,12 +1,23 @@
-"""The in-kernel fast path's control plane: our TC program on loopback and its forwarding entries.
+"""The in-kernel fast path's control plane: our TC program on the interfaces and its forwarding entries.
 
 Each `KernelPath` loads its own copy of rtp_forward.bpf.o (its own maps) and
-attaches it to `lo`'s ingress at a fixed priority with a handle of its own
-(the process id and a per-process count), so several processes coexist: a
-lookup miss returns TC_ACT_UNSPEC and the next filter or the socket decides.
+attaches it to the TC ingress of the interfaces media can arrive on, at a
+fixed priority with a handle of its own (the process id and a per-process
+count), so several processes coexist: a lookup miss returns TC_ACT_UNSPEC and
+the next filter or the socket decides. Media bound to a loopback address
+arrives on `lo` alone. Media bound to another address, or to 0.0.0.0, can
+arrive on any interface (Linux accepts a datagram for a local address on
+every interface, and a caller's route may come in on any of them), so the
+program goes on every interface of the network namespace, `lo` included, and
+on each one that appears later (`refresh_interfaces`, on link events); a
+lookup miss costs the other traffic a few loads. Beyond loopback the program
+asks the kernel's FIB where the rewritten packet goes, which bpf_fib_lookup
+answers only with forwarding on for `lo` (net.ipv4.conf.lo.forwarding=1,
+which changes nothing else: `lo` carries only this host's own packets).
+
 At start a filter left by a process that no longer runs is removed (its
 entries could otherwise take ports a new process binds); `close` removes
-ours, and the maps go with the last reference to them.
+ours from every interface, and the maps go with the last reference to them.
 
 A route forwards what one leg receives from its latched peer to the one leg
 that hears it. `install` writes the rewrite state (taken from the listener's
@@ -30,7 +41,14 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from voiceline.audio.kernel.bpf import BPF_F_LOCK, BpfError, BpfObject, attach_ingress, detach_ingress
+from voiceline.audio.kernel.bpf import (
+    BPF_F_LOCK,
+    BpfError,
+    BpfObject,
+    attach_ingress,
+    detach_ingress,
+    possible_cpus,
+)
 from voiceline.audio.latch import Address
 
 OBJECT_PATH = Path(__file__).with_name("rtp_forward.bpf.o")
@@ -44,6 +62,11 @@ _ROUTE = struct.Struct("=4s2sBBI4s4sHHIIII")
 _LEG = struct.Struct("=IIQQQQIIIIIIIIII")
 _ENABLED = struct.Struct("=I")
 _SLOT = struct.Struct("=I")
+_COUNT = struct.Struct("=Q")
+FIB_CODES = 16  # as in the C source
+LO_FORWARDING = Path("/proc/sys/net/ipv4/conf/lo/forwarding")
+_NETLINK_ROUTE = 0
+_RTMGRP_LINK = 1
 _instances = itertools.count(1)
 
 
@@ -142,8 +165,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_filters(device: str = "lo") -> int:
-    """Remove our filters whose process is gone; returns how many."""
+def source_for(destination: Address) -> str:
+    """The address this host sends from to `destination` (as a socket bound to 0.0.0.0 would)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(destination)  # a route lookup; nothing is sent
+        host: str = probe.getsockname()[0]
+        return host
+
+
+def is_local(host: str) -> bool:
+    """Whether `host` is an address of this host (a socket can bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+        return True
+
+
+def remove_stale_filters(device: str) -> int:
+    """Remove our filters on `device` whose process is gone; returns how many."""
     listing = subprocess.run(["tc", "-j", "filter", "show", "dev", device, "ingress"], capture_output=True, text=True)
     try:
         entries = json.loads(listing.stdout) if listing.returncode == 0 and listing.stdout.strip() else []
@@ -161,38 +202,97 @@ def remove_stale_filters(device: str = "lo") -> int:
 
 
 class KernelPath:
-    """Our program on `lo`'s ingress and its maps. Raises `KernelPathUnavailable` when it cannot run."""
+    """Our program on the interfaces media arrives on, and its maps. Raises `KernelPathUnavailable`
+    when it cannot run."""
 
     def __init__(self, bind_host: str) -> None:
         try:
-            loopback = IPv4Address(bind_host).is_loopback
+            bind = IPv4Address(bind_host)
         except ValueError as exc:
             raise KernelPathUnavailable("the kernel path needs an IPv4 media address") from exc
-        if not loopback:
-            raise KernelPathUnavailable("the kernel path forwards on loopback only")
+        self.loopback_only = bind.is_loopback
+        if not self.loopback_only and _read(LO_FORWARDING) != "1":
+            raise KernelPathUnavailable("media beyond loopback needs sysctl net.ipv4.conf.lo.forwarding=1")
         if not OBJECT_PATH.is_file():
             raise KernelPathUnavailable("the BPF object is not built (make builds it with clang)")
-        self._ifindex = socket.if_nametoindex("lo")
         self.handle = os.getpid() << _HANDLE_PID_SHIFT | next(_instances) % (1 << _HANDLE_PID_SHIFT)
         self._free = list(range(MAX_LEGS - 1, -1, -1))
         self._slots: dict[Address, int] = {}  # route by its source leg's socket
+        self.attached: set[int] = set()  # the interfaces (by index) our filter is on
         try:
-            remove_stale_filters()
+            for _, name in self._interfaces():
+                remove_stale_filters(name)
         except OSError as exc:
             raise KernelPathUnavailable("the kernel path needs tc (Debian iproute2)") from exc
         try:
             self._bpf = BpfObject(OBJECT_PATH)
         except BpfError as exc:
             raise KernelPathUnavailable(f"the kernel refused the BPF program ({_reason(exc)})") from exc
+        self._link_events: socket.socket | None = None
         try:
             self._routes = self._bpf.map_fd("routes")
             self._legs = self._bpf.map_fd("legs")
             self._enabled = self._bpf.map_fd("enabled")
-            attach_ingress(self._ifindex, self._bpf.program_fd(PROGRAM), PRIORITY, self.handle)
+            self._fib_fallbacks = self._bpf.map_fd("fib_fallbacks")
+            self._bpf.update(self._bpf.map_fd("bind"), _SLOT.pack(0), bind.packed)
+            self._program = self._bpf.program_fd(PROGRAM)
+            loopback = socket.if_nametoindex("lo")
+            attach_ingress(loopback, self._program, PRIORITY, self.handle)
+            self.attached.add(loopback)
         except BpfError as exc:
             self._bpf.close()
             raise KernelPathUnavailable(f"the kernel refused the TC filter ({_reason(exc)})") from exc
         self._closed = False
+        if not self.loopback_only:
+            # Subscribed before the first refresh, so no interface appears unseen in between.
+            self._link_events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, _NETLINK_ROUTE)
+            self._link_events.bind((0, _RTMGRP_LINK))
+            self.refresh_interfaces()
+
+    def _interfaces(self) -> list[tuple[int, str]]:
+        return socket.if_nameindex() if not self.loopback_only else [(socket.if_nametoindex("lo"), "lo")]
+
+    @property
+    def link_events(self) -> socket.socket | None:
+        """Readable when interfaces come or go (beyond loopback): then drain it and refresh."""
+        return self._link_events
+
+    def interfaces_changed(self) -> None:
+        """The link event socket is readable: read what it holds and attach to new interfaces."""
+        assert self._link_events is not None
+        while True:
+            try:
+                self._link_events.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError:  # ENOBUFS: events were lost; the refresh below looks at everything
+                break
+        self.refresh_interfaces()
+
+    def refresh_interfaces(self) -> None:
+        """Attach to every interface we are not on yet; forget the ones that are gone (their
+        filters went with them). An interface that refuses a filter is left to the socket's path."""
+        if self._closed:
+            return
+        present = {index for index, _ in self._interfaces()}
+        self.attached &= present
+        for index in present - self.attached:
+            try:
+                attach_ingress(index, self._program, PRIORITY, self.handle)
+            except BpfError:
+                continue
+            self.attached.add(index)
+
+    def fib_fallbacks(self) -> dict[int, int]:
+        """Packets of routes left to the socket because the FIB could not say where they go,
+        by BPF_FIB_LKUP_RET_* code (0: the lookup failed outright)."""
+        counts = {}
+        for code in range(FIB_CODES):
+            value = self._bpf.lookup(self._fib_fallbacks, _SLOT.pack(code), _COUNT.size * possible_cpus())
+            total = sum(count for (count,) in _COUNT.iter_unpack(value))
+            if total:
+                counts[code] = total
+        return counts
 
     def install(self, route: Route, state: RewriteState) -> None:
         """Forward `route` in the kernel from now on, continuing from `state`. A `BpfError` leaves
@@ -232,13 +332,25 @@ class KernelPath:
         return RewriteState.unpack(self._bpf.lookup(self._legs, _SLOT.pack(self._slots[local]), _LEG.size, BPF_F_LOCK))
 
     def close(self) -> None:
-        """Detach our filter and release the maps; forwarding stops at once."""
+        """Detach our filters and release the maps; forwarding stops at once."""
         if self._closed:
             return
         self._closed = True
-        detach_ingress(self._ifindex, PRIORITY, self.handle)
+        if self._link_events is not None:
+            self._link_events.close()
+        for index in self.attached:
+            with contextlib.suppress(BpfError):  # the interface went meanwhile, and our filter with it
+                detach_ingress(index, PRIORITY, self.handle)
+        self.attached.clear()
         self._bpf.close()
         self._slots.clear()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def _reason(exc: BaseException) -> str:

@@ -31,7 +31,15 @@ from typing import Protocol
 
 from voiceline.audio.bridge import Bridge
 from voiceline.audio.kernel.bpf import BpfError
-from voiceline.audio.kernel.forwarding import KernelPath, RewriteState, Route, loop_time_from, monotonic_ns_from
+from voiceline.audio.kernel.forwarding import (
+    KernelPath,
+    RewriteState,
+    Route,
+    is_local,
+    loop_time_from,
+    monotonic_ns_from,
+    source_for,
+)
 from voiceline.audio.latch import Address
 from voiceline.audio.receiver import Receiver
 from voiceline.audio.rtp import StreamPosition
@@ -75,6 +83,8 @@ class KernelRoutes:
         self._by_sender: dict[Sender, RoutedLeg] = {}
         self._routed: dict[RoutedLeg, RoutedLeg] = {}  # source -> its listener, while the kernel forwards
         self.install_failures = 0
+        if path is not None and path.link_events is not None:
+            loop.add_reader(path.link_events, path.interfaces_changed)
 
     @property
     def forwarding(self) -> int:
@@ -148,12 +158,24 @@ class KernelRoutes:
             return
         for source in list(self._routed):
             self._stop(source)
+        if self.path.link_events is not None:
+            self._loop.remove_reader(self.path.link_events)
         self.path.close()
 
     # -- the routes -------------------------------------------------------------
 
     def _local(self, leg: RoutedLeg) -> Address:
         return (self._bind_host, leg.local_port)
+
+    def _sender(self, leg: RoutedLeg, destination: Address) -> Address | None:
+        """Where `leg`'s packets to `destination` leave from: its socket's address, or for a socket
+        bound to 0.0.0.0 the one the kernel's routing gives it (None: no route there now)."""
+        if IPv4Address(self._bind_host).is_unspecified:
+            try:
+                return (source_for(destination), leg.local_port)
+            except OSError:
+                return None
+        return self._local(leg)
 
     def _source(self, leg: RoutedLeg) -> RoutedLeg | None:
         source = self._bridge.source(leg.sender)
@@ -171,8 +193,8 @@ class KernelRoutes:
 
     def _listener(self, source: RoutedLeg) -> RoutedLeg | None:
         """Who the kernel may forward `source` to, or None."""
-        receiver = source.receiver
-        if source.encrypted or receiver.decoding or receiver.reception.ssrc is None or not _is_ipv4(receiver.peer):
+        receiver, peer = source.receiver, source.receiver.peer
+        if source.encrypted or receiver.decoding or receiver.reception.ssrc is None or peer is None or not _is_ipv4(peer):
             return None
         listeners = self._bridge.listeners(receiver)
         if len(listeners) != 1:
@@ -180,7 +202,13 @@ class KernelRoutes:
         listener = self._by_sender.get(listeners[0])
         if listener is None or listener.encrypted or not listener.sender.relays_as_is:
             return None
-        return listener if _is_ipv4(listener.sender.remote) else None
+        destination = listener.sender.remote
+        if destination is None or not _is_ipv4(destination):
+            return None
+        assert self.path is not None
+        if not self.path.loopback_only and is_local(destination[0]) and not is_local(peer[0]):
+            return None  # from another interface up the stack: a martian source (see the C source)
+        return listener
 
     def _review(self, source: RoutedLeg) -> None:
         """Stop `source`'s route if it runs, and start it again when it may run."""
@@ -193,6 +221,9 @@ class KernelRoutes:
             return
         receiver, sender = source.receiver, listener.sender
         assert receiver.peer is not None and receiver.reception.ssrc is not None and sender.remote is not None
+        leaves_from = self._sender(listener, sender.remote)
+        if leaves_from is None:
+            return
         stream = sender.stream
         position = stream.position()
         now = self._loop.time()
@@ -201,7 +232,7 @@ class KernelRoutes:
             peer=receiver.peer,
             peer_ssrc=receiver.reception.ssrc,
             in_payload_type=receiver.audio_payload_type,
-            sender=self._local(listener),
+            sender=leaves_from,
             destination=sender.remote,
             out_payload_type=sender.audio_payload_type,
             ssrc=stream.ssrc,

@@ -11,6 +11,18 @@
  * which is also marked), checksums updated. Everything else returns
  * TC_ACT_UNSPEC: the next filter (another process's) or the socket decides.
  *
+ * The rewritten packet leaves as one this host sends: with media bound to a
+ * loopback address (the program on `lo` alone) or to a loopback destination
+ * arriving on `lo`, up the stack as before (no route lookup); otherwise the
+ * kernel's FIB (`bpf_fib_lookup`, looked up as a packet of this host: from
+ * `lo`) names the egress interface and next hop, and the packet is redirected
+ * out of it with the neighbour's MAC. A local destination is reached up the
+ * stack from `lo` only: from another interface the stack would drop a packet
+ * with a local source address as a martian (routes.py installs no such route).
+ * When the lookup cannot answer (no neighbour yet, MTU, unreachable,
+ * forwarding off on `lo`) nothing is changed or counted: the socket gets the
+ * packet and userspace relays it.
+ *
  * `legs[slot]` holds the route's rewrite and reception state under a spin lock;
  * `enabled[slot]` is read under that lock, so once userspace has cleared it and
  * taken the lock once (a locked lookup), no packet is forwarded or counted any
@@ -101,6 +113,26 @@ struct {
 	__type(value, __u32);
 } enabled SEC(".maps");
 
+/* [0]: the media bind address, network order; 0 (any address) keys routes by port alone. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} bind SEC(".maps");
+
+/* Packets of a route left to the socket because the route lookup could not answer, by its
+ * BPF_FIB_LKUP_RET_* code (a negative one counted at 0). */
+#define FIB_CODES 16
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FIB_CODES);
+	__type(key, __u32);
+	__type(value, __u64);
+} fib_fallbacks SEC(".maps");
+
+#define LOOPBACK_IFINDEX 1 /* in every network namespace */
+#define AF_INET 2
 #define IP_OFF ETH_HLEN
 #define UDP_OFF (IP_OFF + sizeof(struct iphdr))
 #define RTP_OFF (UDP_OFF + sizeof(struct udphdr))
@@ -141,7 +173,11 @@ int voiceline_rtp(struct __sk_buff *skb)
 		ip = data + IP_OFF;
 	}
 	struct udphdr *udp = data + UDP_OFF;
-	struct route_key key = {.addr = ip->daddr, .port = udp->dest};
+	__u32 zero = 0;
+	__u32 *bound = bpf_map_lookup_elem(&bind, &zero);
+	if (!bound || (*bound && *bound != ip->daddr))
+		return TC_ACT_UNSPEC;
+	struct route_key key = {.addr = *bound, .port = udp->dest};
 	struct route *route = bpf_map_lookup_elem(&routes, &key);
 	if (!route)
 		return TC_ACT_UNSPEC;
@@ -163,6 +199,26 @@ int voiceline_rtp(struct __sk_buff *skb)
 	__u32 timestamp = bpf_ntohl(ts_be);
 	__u32 marker = rtp[1] & MARKER;
 	__u32 payload = udp_len - sizeof(struct udphdr) - RTP_HEADER;
+	__u32 new_src = route->src_addr, new_dst = route->dst_addr;
+	struct bpf_fib_lookup fib = {};
+	long found = BPF_FIB_LKUP_RET_NOT_FWDED; /* what the FIB says of a local destination */
+	if ((new_dst & 0xff) != 127 && (*bound & 0xff) != 127) { /* network order: the first octet */
+		fib.family = AF_INET;
+		fib.l4_protocol = IPPROTO_UDP;
+		fib.tot_len = bpf_ntohs(ip->tot_len);
+		fib.ifindex = LOOPBACK_IFINDEX; /* the rewritten packet is this host's own */
+		fib.ipv4_src = new_src;
+		fib.ipv4_dst = new_dst;
+		found = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	}
+	if (found != BPF_FIB_LKUP_RET_SUCCESS &&
+	    (found != BPF_FIB_LKUP_RET_NOT_FWDED || skb->ingress_ifindex != LOOPBACK_IFINDEX)) {
+		__u32 code = found > 0 && found < FIB_CODES ? found : 0;
+		__u64 *fallbacks = bpf_map_lookup_elem(&fib_fallbacks, &code);
+		if (fallbacks)
+			*fallbacks += 1;
+		return TC_ACT_UNSPEC; /* the socket's path relays it (and resolves the neighbour) */
+	}
 	__u32 slot = route->slot;
 	__u32 *on = bpf_map_lookup_elem(&enabled, &slot);
 	struct leg *leg = bpf_map_lookup_elem(&legs, &slot);
@@ -226,7 +282,6 @@ int voiceline_rtp(struct __sk_buff *skb)
 	__u32 old_ports = *(__u32 *)udp;
 	/* source then destination port, as they lie in memory (a little-endian load) */
 	__u32 new_ports = (__u32)bpf_htons(route->src_port) | ((__u32)bpf_htons(route->dst_port) << 16);
-	__u32 new_src = route->src_addr, new_dst = route->dst_addr;
 
 	if (replace4(skb, RTP_OFF, word0, new_word0, 0) || replace4(skb, RTP_OFF + 4, ts_be, bpf_htonl(out_ts), 0) ||
 	    replace4(skb, RTP_OFF + 8, ssrc_be, bpf_htonl(route->ssrc), 0) ||
@@ -236,7 +291,11 @@ int voiceline_rtp(struct __sk_buff *skb)
 	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr_src, new_src, 4) ||
 	    bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr_dst, new_dst, 4))
 		return TC_ACT_SHOT;
-	return TC_ACT_OK; /* up the stack to the listening leg's peer, on this host */
+	if (found != BPF_FIB_LKUP_RET_SUCCESS)
+		return TC_ACT_OK; /* up the stack to the listening leg's peer, on this host */
+	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) || bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect(fib.ifindex, 0); /* out of the interface the FIB named, to the next hop */
 }
 
 char LICENSE[] SEC("license") = "GPL";
