@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -355,32 +354,6 @@ async def test_two_paths_share_loopback_each_forwarding_its_own_legs(engine, pho
             assert b.receiver.packets_in == 1 and b.packets_in == 11
     finally:
         other.close()
-
-
-STALE = """
-import os, sys
-from voiceline.audio.kernel.forwarding import KernelPath
-path = KernelPath("127.0.0.1")
-print(path.handle, flush=True)
-sys.stdin.read()
-"""
-
-
-async def test_a_killed_process_filter_is_replaced_at_the_next_start():
-    process = subprocess.Popen([sys.executable, "-c", STALE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        handle = int(process.stdout.readline())
-        assert handle in our_filters()
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert handle in our_filters()  # left behind: nobody removed it
-    path = KernelPath(HOST)
-    try:
-        assert handle not in our_filters() and path.handle in our_filters()
-    finally:
-        path.close()
 
 
 UNPRIVILEGED = """
