@@ -96,6 +96,7 @@ ALAW_TO_ULAW: bytes = ulaw_encode(_ALAW_DECODE)
 
 _ENCODERS: dict[str, Callable[[np.ndarray], bytes]] = {"PCMU": ulaw_encode, "PCMA": alaw_encode}
 _DECODERS: dict[str, Callable[[bytes], np.ndarray]] = {"PCMU": ulaw_decode, "PCMA": alaw_decode}
+_DECODE_TABLES: dict[str, np.ndarray] = {"PCMU": _ULAW_DECODE, "PCMA": _ALAW_DECODE}
 _TRANSLATIONS: dict[tuple[str, str], bytes] = {("PCMU", "PCMA"): ULAW_TO_ALAW, ("PCMA", "PCMU"): ALAW_TO_ULAW}
 
 _K = TypeVar("_K")
@@ -117,6 +118,11 @@ def encoder(codec: str) -> Callable[[np.ndarray], bytes]:
 def decoder(codec: str) -> Callable[[bytes], np.ndarray]:
     """The decoder for an SDP encoding name ("PCMU" or "PCMA")."""
     return _lookup(_DECODERS, codec)
+
+
+def decode_table(codec: str) -> np.ndarray:
+    """The int16 sample of each of the 256 codes (decode many frames at once by indexing it)."""
+    return _lookup(_DECODE_TABLES, codec)
 
 
 def translation(source: str, target: str) -> bytes | None:
