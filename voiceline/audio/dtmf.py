@@ -68,40 +68,42 @@ def _probe(rate: int, samples: int) -> tuple[np.ndarray, float]:
 
 def frame_digits(frames: np.ndarray, rate: int) -> list[str | None]:
     """The digit each row of `frames` (frames of one length, any number of them) holds, without
-    debouncing: one vectorised pass, so many legs' frames cost little more than one.
-
-    A frame holds a digit when one row and one column tone are loud enough,
-    together carry most of the frame's energy (speech and music spread
-    theirs), stand clear of their neighbours, and are within the allowed twist
-    of each other.
+    debouncing. The measure is one matrix product for all rows, so many legs' frames cost little
+    more than one; the verdict is a few comparisons per frame.
     """
     count, size = frames.shape
     if count == 0 or size < rate // 100 or size > rate // 10:  # 10-100 ms frames
         return [None] * count
     matrix, min_power = _probe(rate, size)
-    samples = frames.astype(np.float64)
+    samples = frames if frames.dtype == np.float64 else frames.astype(np.float64)
     terms = samples @ matrix
     terms *= terms
-    power = terms[:, :8] + terms[:, 8:]
-    rows, columns = power[:, :4], power[:, 4:]
-    row_power, column_power = rows.max(axis=1), columns.max(axis=1)
-    # The cheap tests first, for the whole batch: loud enough, and the two tones carry most of the
-    # frame's energy (a tone's energy over the frame is 2 |term|^2 / n). Speech rarely passes.
-    found = (
-        (np.minimum(row_power, column_power) >= min_power)
-        & (2 / size * (row_power + column_power) >= MIN_TONE_SHARE * np.einsum("ij,ij->i", samples, samples))
-    )
-    if not found.any():
-        return [None] * count
-    found &= (row_power <= _MAX_TWIST * column_power) & (column_power <= _MAX_TWIST * row_power)
-    # Clear of the neighbours: no other row (column) within the peak ratio of the strongest.
-    found &= ((rows * _PEAK_RATIO > row_power[:, None]).sum(axis=1) <= 1) & (
-        (columns * _PEAK_RATIO > column_power[:, None]).sum(axis=1) <= 1
-    )
-    return [
-        KEYPAD[row][column] if hit else None
-        for hit, row, column in zip(found.tolist(), rows.argmax(axis=1).tolist(), columns.argmax(axis=1).tolist())
-    ]
+    powers = terms.reshape(count, 2, 8).sum(axis=1).tolist()  # cosine^2 + sine^2 per frequency
+    energies = np.einsum("ij,ij->i", samples, samples).tolist()
+    return [_digit(power, energy, size, min_power) for power, energy in zip(powers, energies)]
+
+
+def _digit(power: list[float], energy: float, size: int, min_power: float) -> str | None:
+    """The digit of a frame of `size` samples whose powers at the eight frequencies are `power`.
+
+    A frame holds a digit when one row and one column tone are loud enough,
+    together carry most of the frame's energy (speech and music spread
+    theirs), stand clear of their neighbours, and are within the allowed
+    twist of each other. The cheap tests come first: nearly every frame fails them.
+    """
+    rows, columns = power[:4], power[4:]
+    row_power, column_power = max(rows), max(columns)
+    if row_power < min_power or column_power < min_power:
+        return None
+    # A tone's energy over the frame is 2 |term|^2 / n.
+    if 2 * (row_power + column_power) / size < MIN_TONE_SHARE * energy:
+        return None
+    twist = row_power / column_power
+    if twist > _MAX_TWIST or twist < 1 / _MAX_TWIST:
+        return None
+    if sorted(rows)[-2] * _PEAK_RATIO > row_power or sorted(columns)[-2] * _PEAK_RATIO > column_power:
+        return None
+    return KEYPAD[rows.index(row_power)][columns.index(column_power)]
 
 
 class ToneDetector:
@@ -124,6 +126,12 @@ class ToneDetector:
     def frame_digit(self, pcm: np.ndarray) -> str | None:
         """The digit this one frame holds, without debouncing (for muting it)."""
         return frame_digits(pcm[None, :], self.rate)[0]
+
+    @property
+    def idle(self) -> bool:
+        """No key press under way: a frame that holds no digit changes nothing (`track(None)` is
+        (None, False) and leaves it idle), so a batch may pass such frames on without tracking them."""
+        return self._candidate is None and self._reported is None
 
     def feed(self, pcm: np.ndarray) -> tuple[str | None, bool]:
         """(the digit a key press completes with this frame or None, whether the frame holds DTMF)."""

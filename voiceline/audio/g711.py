@@ -14,6 +14,7 @@ from typing import TypeVar
 import numpy as np
 
 CODECS = ("PCMU", "PCMA")
+RATE = 8000  # both laws sample at 8 kHz
 
 # Upper bounds of the eight segments, on the magnitudes the reference
 # algorithm works with (14-bit for mu-law, 13-bit for A-law).
@@ -120,9 +121,18 @@ def decoder(codec: str) -> Callable[[bytes], np.ndarray]:
     return _lookup(_DECODERS, codec)
 
 
-def decode_table(codec: str) -> np.ndarray:
-    """The int16 sample of each of the 256 codes (decode many frames at once by indexing it)."""
-    return _lookup(_DECODE_TABLES, codec)
+def decode_table(codec: str, dtype: type[np.generic] = np.int16) -> np.ndarray:
+    """The sample of each of the 256 codes (decode many frames at once by indexing it), as `dtype`."""
+    table = _lookup(_DECODE_TABLES, codec)
+    if dtype is np.int16:
+        return table
+    converted = _CONVERTED.get((codec, dtype))
+    if converted is None:
+        converted = _CONVERTED[(codec, dtype)] = table.astype(dtype)
+    return converted
+
+
+_CONVERTED: dict[tuple[str, type[np.generic]], np.ndarray] = {}
 
 
 def translation(source: str, target: str) -> bytes | None:

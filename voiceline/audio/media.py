@@ -108,25 +108,32 @@ class _ToneBatch:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._waiting: list[tuple[MediaLeg, bytes, int, int, float]] = []  # leg, packet, payload span, arrival
+        # By what decodes alike (codec, payload length): leg, packet, payload span, arrival, payload.
+        self._waiting: dict[tuple[str, int], list[tuple[MediaLeg, bytes, int, int, float, bytes]]] = {}
 
-    def add(self, leg: MediaLeg, packet: bytes, offset: int, end: int, now: float) -> None:
+    def add(self, leg: MediaLeg, codec: str, packet: bytes, offset: int, end: int, now: float) -> None:
         if not self._waiting:
             self._loop.call_soon(self._check)
-        self._waiting.append((leg, packet, offset, end, now))
+        entry = (leg, packet, offset, end, now, packet[offset:end])
+        frames = self._waiting.get((codec, end - offset))
+        if frames is None:
+            self._waiting[(codec, end - offset)] = [entry]
+        else:
+            frames.append(entry)
 
     def _check(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        groups: dict[tuple[Codec, int], list[int]] = {}  # frames that decode alike: by codec and length
-        for index, (leg, _, offset, end, _) in enumerate(waiting):
-            groups.setdefault((leg.receiver.codec, end - offset), []).append(index)
-        for (codec, size), indexes in groups.items():
-            payloads = b"".join(waiting[index][1][waiting[index][2] : waiting[index][3]] for index in indexes)
-            codes = np.frombuffer(payloads, dtype=np.uint8).reshape(len(indexes), size)
-            pcm = g711.decode_table(codec.name)[codes]
-            for index, frame, digit in zip(indexes, pcm, frame_digits(pcm, codec.rate)):
-                leg, packet, offset, end, now = waiting[index]
-                leg._tones_checked(packet, offset, end, frame, digit, now)
+        waiting, self._waiting = self._waiting, {}
+        for (codec, size), frames in waiting.items():
+            codes = np.frombuffer(b"".join([frame[5] for frame in frames]), dtype=np.uint8).reshape(len(frames), size)
+            digits = frame_digits(g711.decode_table(codec, np.float64)[codes], g711.RATE)
+            for (leg, packet, offset, end, now, _), digit, row in zip(frames, digits, codes):
+                if leg._closed:
+                    continue
+                if digit is None and leg.receiver.tones_idle:  # nearly always: plain audio, relayed as it is
+                    for listener in leg._listeners:
+                        listener.relay(packet, offset, end, now)
+                else:
+                    leg._tones_checked(packet, offset, end, g711.decode_table(codec)[row], digit, now)
 
 
 class MediaEngine:
@@ -524,7 +531,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         if kind == PCM:
             self._relay_pcm(now)
         elif kind == TONES:
-            self._tones.add(self, receiver.packet, receiver.offset, receiver.end, now)
+            self._tones.add(self, receiver.codec.name, receiver.packet, receiver.offset, receiver.end, now)
         elif kind == DIGIT:
             assert receiver.digit is not None
             self._digit(receiver.digit)
@@ -544,9 +551,8 @@ class MediaLeg(asyncio.DatagramProtocol):
     def _tones_checked(
         self, packet: bytes, offset: int, end: int, pcm: np.ndarray, frame_digit: str | None, now: float
     ) -> None:
-        """A TONES frame back from the batch: on as decoded audio (unless the leg closed meanwhile)."""
-        if self._closed:
-            return
+        """A TONES frame back from the batch that holds a digit or comes during a key press: on as
+        decoded audio."""
         self.receiver.tones_checked(packet, offset, end, pcm, frame_digit)
         self._relay_pcm(now)
 

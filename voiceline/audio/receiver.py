@@ -187,6 +187,11 @@ class Receiver:
         self._checked(pcm, None if self._tones is None else self._tones.frame_digit(pcm))
         return PCM
 
+    @property
+    def tones_idle(self) -> bool:
+        """No key press under way in the in-band audio: a TONES frame holding no digit is plain audio."""
+        return self._tones is None or self._tones.idle
+
     def tones_checked(self, packet: bytes, offset: int, end: int, pcm: np.ndarray, frame_digit: str | None) -> None:
         """A frame that came as TONES, decoded into `pcm` and found to hold `frame_digit` (see
         dtmf.frame_digits): from now on it is the last packet, as PCM would have left it."""
