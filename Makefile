@@ -9,11 +9,13 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TEST_TOOLS := sipp:sip-tester openssl:openssl kamailio:kamailio mosquitto:mosquitto systemd-analyze:systemd
 # Debian shared libraries the service loads (soname -> package): libopus for the Opus codec.
 SYSTEM_LIBS := libopus.so.0:libopus0
+# Debian packages `make bench` compares against (command -> package): rtpengine as a userspace relay.
+BENCH_TOOLS := rtpengine:rtpengine-daemon
 # Debian packages that render the default prompts (`make prompts`; neither test nor run needs them):
 # festival with the slt HTS voice (the default), and flite (its slt voice, the alternative).
 PROMPT_TOOLS := festival festvox-us-slt-hts flite
 
-.PHONY: run test test-fast bench prompts prompts-measure system-libs system-deps clean
+.PHONY: run test test-fast bench bench-ramp prompts prompts-measure system-libs system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -54,8 +56,13 @@ system-deps:
 run: $(VENV)/.installed system-libs
 	$(BIN)/voiceline serve $(ARGS)
 
-# Load test: real calls and RTP through a real server on loopback (see README, Performance).
+# Load test: the same generator against voiceline (real calls, real server) and rtpengine on
+# loopback, side by side (see README, Performance). bench-ramp: voiceline alone, ramping up.
 bench: $(VENV)/.installed system-libs
+	@$(call install-missing,$(BENCH_TOOLS),)
+	$(BIN)/python -m voiceline.bench --side-by-side $(BENCH_ARGS)
+
+bench-ramp: $(VENV)/.installed system-libs
 	$(BIN)/python -m voiceline.bench $(BENCH_ARGS)
 
 test: $(VENV)/.installed-test system-deps
