@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,12 +36,15 @@ from voiceline.audio.hold import EncodedLoop
 from voiceline.audio.latch import Address, Learning
 from voiceline.audio.receiver import AUDIO, DIGIT, LATCHED, PCM, TONES, Receiver
 from voiceline.audio.rtcp import build_report, new_cname, report_interval
+from voiceline.audio.rtp import HEADER_SIZE, MAX_PAYLOAD
 from voiceline.audio.sender import DatagramSocket, Sender
 from voiceline.audio.srtp import SrtpContext, SrtpKeys
 from voiceline.codec_table import FRAME_SECONDS, Codec
 
 MAX_LATE_FRAMES = 3  # a pacer later than this skips ahead instead of sending a burst
 PORT_REST_SECONDS = 30.0  # a freed port waits this long (late packets of its last call) unless none other is free
+# Room for the longest packet a leg takes and more (SRTP's tag): anything longer, cut or not, is dropped.
+RECEIVE_SIZE = 2 * (HEADER_SIZE + MAX_PAYLOAD)
 
 
 class MediaError(Exception):
@@ -225,11 +229,19 @@ class MediaEngine:
         )
 
     async def _bind(self, port: int) -> MediaLeg | None:
-        leg = self._new_leg(port)
         try:
-            await self._loop.create_datagram_endpoint(lambda: leg, local_addr=(self._bind_host, port))
+            family, _, _, _, address = (await self._loop.getaddrinfo(self._bind_host, port, type=socket.SOCK_DGRAM))[0]
+            rtp = socket.socket(family, socket.SOCK_DGRAM)
         except OSError:
             return None
+        try:
+            rtp.setblocking(False)
+            rtp.bind(address)
+        except OSError:
+            rtp.close()
+            return None
+        leg = self._new_leg(port)
+        leg._attach(rtp)
         try:
             rtcp, _ = await self._loop.create_datagram_endpoint(
                 lambda: _RtcpEndpoint(leg), local_addr=(self._bind_host, port + 1)
@@ -246,7 +258,7 @@ class MediaEngine:
             self._rest(leg.local_port)
 
     def close(self) -> None:
-        """Close every leg and stop the pacer. Sockets close on the loop's next iteration."""
+        """Close every leg and stop the pacer. RTP sockets close at once, RTCP ones on the loop's next iteration."""
         self._closed = True
         for leg in list(self._legs):
             leg.close()
@@ -281,20 +293,25 @@ class _RtcpEndpoint(asyncio.DatagramProtocol):
         self._leg._rtcp_received(data, addr)
 
 
-class MediaLeg(asyncio.DatagramProtocol):
+class MediaLeg:
     """The media of one call: an RTP socket that hears hold audio or another leg.
 
     The asyncio edge of its `receiver` and `sender`: it feeds the receiver each
     datagram with the loop's time and relays what it says arrived to whoever
     the bridge says hears this leg. Call `start` once the SDP is negotiated;
     `hold` and `listen_to` need it.
+    The RTP socket is read and written directly, not through a datagram
+    transport: one `recvfrom` per readable event (the loop's poll is level
+    triggered, so a second datagram waiting makes the next one), where a
+    transport reads until the socket is empty and so pays a second receive
+    call per packet that finds nothing; and `sendto` straight to the kernel.
     Digits the caller presses (RFC 4733 events, or in-band tones when the SDP
     has no telephone-event) go to `on_digit`; neither reaches the partner.
     """
 
-    # Set by connection_made, with the socket, before open_leg returns the leg.
+    # Set by _attach, with the socket, before open_leg returns the leg.
     sender: Sender
-    _transport: asyncio.DatagramTransport
+    _socket: socket.socket
     _listeners: list[Sender]  # who hears this leg (the bridge keeps the list up to date)
 
     def __init__(
@@ -431,7 +448,8 @@ class MediaLeg(asyncio.DatagramProtocol):
         if self._report_timer is not None:
             self._report_timer.cancel()
             self._send_report(bye=True)
-        self._transport.close()
+        self._loop.remove_reader(self._socket.fileno())
+        self._socket.close()
         if self._rtcp is not None:
             self._rtcp.close()
         self._on_close(self)
@@ -500,15 +518,20 @@ class MediaLeg(asyncio.DatagramProtocol):
 
     # -- per packet -------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A datagram endpoint's transport (3.11's does not subclass DatagramTransport, and the
-        # stubs lack the get_write_buffer_size that asyncio's and uvloop's both have).
-        self._transport = cast(asyncio.DatagramTransport, transport)
-        self.sender = Sender(cast(DatagramSocket, transport))
+    def _attach(self, rtp: socket.socket) -> None:
+        """Take the bound, non-blocking RTP socket and start reading it."""
+        self._socket = rtp
+        self._recvfrom = rtp.recvfrom
+        self.sender = Sender(cast(DatagramSocket, rtp))  # a sender sends only once started: never to None
         self._listeners = self._bridge.listeners(self.receiver)
+        self._loop.add_reader(rtp.fileno(), self._readable)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.close()  # a dead socket must not stay in the pacer or behind a partner
+    def _readable(self) -> None:
+        try:
+            data, addr = self._recvfrom(RECEIVE_SIZE)
+        except OSError:  # nothing after all, or an ICMP error report about something we sent
+            return
+        self.datagram_received(data, addr)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         now = self._time()

@@ -41,8 +41,7 @@ LATCHED = 8  # added to the above: this packet latched or moved the peer, now `p
 _NO_PAYLOAD_TYPE = -1
 _PLAIN_FIRST_BYTE = 0x80  # version 2, no padding, no extension, no CSRC
 _MAX_PLAIN_PACKET = HEADER_SIZE + MAX_PAYLOAD
-_SEQ_SSRC = struct.Struct("!2xH4xI")
-_EVENT_TIMESTAMP = struct.Struct("!4xI")
+_FIXED_HEADER = struct.Struct("!BBHII")  # first byte, marker|payload type, sequence, timestamp, SSRC
 
 
 class Receiver:
@@ -138,40 +137,43 @@ class Receiver:
                 return DROPPED
             data = plain
         size = len(data)
-        if HEADER_SIZE <= size <= _MAX_PLAIN_PACKET and data[0] == _PLAIN_FIRST_BYTE:
-            offset, end = HEADER_SIZE, size  # nearly every packet: a plain header, nothing to parse
+        if size < HEADER_SIZE:
+            self.packets_dropped += 1
+            return DROPPED
+        first, second, sequence, timestamp, ssrc = _FIXED_HEADER.unpack_from(data)  # the one parse per packet
+        if first == _PLAIN_FIRST_BYTE and size <= _MAX_PLAIN_PACKET:
+            offset, end = HEADER_SIZE, size  # nearly every packet: a plain header, nothing more to parse
         else:
             offset = payload_offset(data)
             if offset < 0 or size - offset > MAX_PAYLOAD:
                 self.packets_dropped += 1
                 return DROPPED
             end = payload_end(data)
-        payload_type = data[1] & 0x7F
+        payload_type = second & 0x7F
         if payload_type != self._audio_pt and payload_type != self._event_pt:
             self.packets_dropped += 1
             return DROPPED
         latched = 0
         if source != self.peer:
-            if not self._admit(data, source, now):
+            if not self._admit(source, ssrc, sequence, now):
                 self.packets_dropped += 1
                 return DROPPED
             latched = LATCHED
         self.packets_in += 1
         self.last_received = now
-        self.reception.update(data, now)
+        self.reception.arrived(sequence, timestamp, ssrc, now)
         if payload_type == self._audio_pt:
             self.packet, self.offset, self.end = data, offset, end
             if self._decoding:
                 return (TONES if self._deferring else self._decode()) + latched
             return AUDIO + latched
-        self.digit = self._events.feed(data[offset : offset + 4], _EVENT_TIMESTAMP.unpack_from(data)[0])
+        self.digit = self._events.feed(data[offset : offset + 4], timestamp)
         return (EVENT if self.digit is None else DIGIT) + latched
 
-    def _admit(self, data: bytes, source: Address, now: float) -> bool:
+    def _admit(self, source: Address, ssrc: int, sequence: int, now: float) -> bool:
         """A packet from anywhere but the latched peer: the latch rules decide whether it latches
         (or moves) the peer, else it is dropped as injection."""
         assert self._sources is not None  # before start no payload type matches
-        sequence, ssrc = _SEQ_SSRC.unpack_from(data)
         heard = Heard(self.reception.ssrc, self.reception.highest_sequence, self.last_received)
         if not self._sources.admit(source, ssrc, sequence, now, heard):
             return False
