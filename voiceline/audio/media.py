@@ -7,13 +7,13 @@ prompt). The engine's `Bridge` says who hears whom. A leg also owns an RTCP
 socket (RFC 3550 reports every ~5 s, BYE on close, the peer's reports read
 for `stats`). Everything per packet runs inside `datagram_received`: the
 receiver's verdict, then each listener's header rewrite into its reused
-buffer and `transport.sendto`; nothing is queued or logged. An SRTP leg (see
+buffer and the socket's `sendto`; nothing is queued or logged. An SRTP leg (see
 srtp.py) unprotects what it receives first and protects what it sends last,
 so the relay in between only ever sees plain RTP: an SRTP leg and a plain
 one relay to each other, each with its own keys. G.711 audio of legs watched
-for in-band DTMF waits for the end of the loop iteration, when the engine's
-`_ToneBatch` decodes and checks every such leg's frames in one vectorised
-pass, then relays them (muted where they held a key).
+for in-band DTMF waits (2 ms at most) for the engine's `_ToneBatch` to decode
+and check many legs' frames in one vectorised pass, then to relay them
+(muted where they held a key).
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ MAX_LATE_FRAMES = 3  # a pacer later than this skips ahead instead of sending a 
 PORT_REST_SECONDS = 30.0  # a freed port waits this long (late packets of its last call) unless none other is free
 # Room for the longest packet a leg takes and more (SRTP's tag): anything longer, cut or not, is dropped.
 RECEIVE_SIZE = 2 * (HEADER_SIZE + MAX_PAYLOAD)
+TONE_BATCH_FRAMES = 8  # an in-band DTMF batch this full is checked at the end of the loop iteration
+TONE_BATCH_SECONDS = 0.002  # else when its first frame has waited this long
 
 
 class MediaError(Exception):
@@ -102,21 +104,29 @@ class _HoldPacer:
 
 
 class _ToneBatch:
-    """G.711 frames of legs watched for in-band DTMF, checked together once per loop iteration.
+    """G.711 frames of legs watched for in-band DTMF, checked together.
 
     Per frame on its own, decoding and the DTMF measure cost more than the
-    relay; for the frames that arrived in one iteration (often one per leg
-    among many legs) one table lookup and one matrix product do it. The
-    frames wait microseconds, not a 20 ms tick, and each leg's stay in order.
+    relay; for many legs' frames one table lookup and one matrix product do
+    it. A loop iteration often holds only one or two such frames, so a batch
+    is checked at the end of the iteration in which it reaches
+    TONE_BATCH_FRAMES, or when its first frame has waited TONE_BATCH_SECONDS
+    (a tenth of a frame: sparse traffic is never held longer). Each leg's
+    frames stay in order.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         # By what decodes alike (codec, payload length): leg, packet, payload span, arrival, payload.
         self._waiting: dict[tuple[str, int], list[tuple[MediaLeg, bytes, int, int, float, bytes]]] = {}
+        self._count = 0
+        self._deadline: asyncio.TimerHandle | None = None
 
     def add(self, leg: MediaLeg, codec: str, packet: bytes, offset: int, end: int, now: float) -> None:
-        if not self._waiting:
+        self._count += 1
+        if self._count == 1:
+            self._deadline = self._loop.call_later(TONE_BATCH_SECONDS, self._check)
+        elif self._count == TONE_BATCH_FRAMES:
             self._loop.call_soon(self._check)
         entry = (leg, packet, offset, end, now, packet[offset:end])
         frames = self._waiting.get((codec, end - offset))
@@ -126,7 +136,11 @@ class _ToneBatch:
             frames.append(entry)
 
     def _check(self) -> None:
-        waiting, self._waiting = self._waiting, {}
+        if not self._count:  # the deadline and a full batch both asked
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+        waiting, self._waiting, self._count = self._waiting, {}, 0
         for (codec, size), frames in waiting.items():
             codes = np.frombuffer(b"".join([frame[5] for frame in frames]), dtype=np.uint8).reshape(len(frames), size)
             digits = frame_digits(g711.decode_table(codec, np.float64)[codes], g711.RATE)
