@@ -25,6 +25,7 @@ from voiceline.bench.runner import (
     RTPENGINE,
     VOICELINE,
     BenchOptions,
+    media_options,
     run_levels,
     start_rtpengine,
     stop_server,
@@ -136,8 +137,28 @@ def test_cpu_per_relayed_packet_and_the_tail_percentile() -> None:
 def test_the_summary_gives_medians_and_voicelines_ratio_to_rtpengine() -> None:
     ours = [level(100, 10_000, 10_000, [0.2], server_cpu=cpu, system_cpu=2 * cpu) for cpu in (30.0, 20.0, 25.0)]
     theirs = [level(100, 10_000, 10_000, [0.1], server_cpu=cpu, system_cpu=cpu) for cpu in (10.0, 12.0)]
-    lines = summarise({("pcmu", VOICELINE, 100): ours, ("pcmu", RTPENGINE, 100): theirs})
-    assert lines[1].split() == ["pcmu", "100", "25.00", "50.00", "11.00", "11.00", "2.27/4.55"]
+    without_kernel = [level(100, 10_000, 10_000, [0.2], server_cpu=33.0, system_cpu=44.0)]
+    lines = summarise(
+        {
+            ("pcmu", VOICELINE, 100): ours,
+            ("pcmu", RTPENGINE, 100): theirs,
+            ("pcmu", f"{VOICELINE}:kernel_forwarding=off", 100): without_kernel,
+        }
+    )
+    rows = {line.split()[2]: line.split()[3:] for line in lines[1:]}
+    assert rows[VOICELINE] == ["25.00", "50.00", "2.27/4.55"]
+    assert rows[RTPENGINE] == ["11.00", "11.00", "-"]
+    assert rows["voiceline:kernel_forwarding=off"] == ["33.00", "44.00", "3.00/4.00"]
+
+
+def test_a_voiceline_relay_may_carry_media_settings() -> None:
+    assert media_options(VOICELINE) == []
+    assert media_options("voiceline:kernel_forwarding=off,learning_packets=6") == [
+        ("kernel_forwarding", '"off"'),
+        ("learning_packets", "6"),
+    ]
+    with pytest.raises(ValueError):
+        media_options("voiceline:kernel_forwarding")
 
 
 # -- rtpengine's ng protocol ------------------------------------------------------------

@@ -31,6 +31,13 @@ def main() -> int:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"with --side-by-side: of {', '.join(SCENARIOS)}")
     parser.add_argument("--repetitions", type=int, default=3, help="with --side-by-side: runs per relay and scenario")
     parser.add_argument("--rtpengine-ports", default="20000-23999", help="rtpengine's RTP port range")
+    parser.add_argument(
+        "--relay",
+        action="append",
+        dest="relays",
+        help="with --side-by-side, repeatable: rtpengine, voiceline, or voiceline with [media] settings, "
+        "e.g. voiceline:kernel_forwarding=off (default: voiceline and rtpengine)",
+    )
     args = parser.parse_args()
     default_levels = "100,250,500" if args.side_by_side else "100,200,300,400,500,600,700,800"
     levels = sorted({int(level) for level in (args.levels or default_levels).split(",") if level.strip()})
@@ -40,7 +47,8 @@ def main() -> int:
             scenarios = [SCENARIOS[name.strip()] for name in args.scenarios.split(",") if name.strip()]
         except KeyError as error:
             parser.error(f"unknown scenario {error}")
-        return bench_side_by_side(options, scenarios, args.repetitions, args.rtp_ports, args.rtpengine_ports)
+        relays = args.relays or ["voiceline", "rtpengine"]
+        return bench_side_by_side(options, scenarios, args.repetitions, args.rtp_ports, args.rtpengine_ports, relays)
     return bench(options, args.rtp_ports)
 
 

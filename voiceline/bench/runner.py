@@ -243,16 +243,22 @@ def _free_udp_port(host: str) -> int:
 
 
 def start_server(
-    directory: Path, rtp_ports: str, host: str = LOOPBACK, realtime_priority: int = 0
+    directory: Path,
+    rtp_ports: str,
+    host: str = LOOPBACK,
+    realtime_priority: int = 0,
+    media_options: Sequence[tuple[str, str]] = (),
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
-    """`voiceline serve` on loopback, answering at once; returns it once it listens."""
+    """`voiceline serve` on loopback, answering at once; returns it once it listens. `media_options`
+    are more `[media]` settings (key, TOML value)."""
+    media = "".join(f"{key} = {value}\n" for key, value in media_options)
     port = _free_udp_port(host)
     config = directory / "voiceline.toml"
     config.write_text(
         f'[sip]\nlisten = "{host}:{port}"\npublic_address = "{host}"\nanswer_delay = 0.0\ntransports = ["udp"]\n'
         # Every generated call comes from one address, as from one carrier: room for all of them.
         f"max_calls = {BENCH_MAX_CALLS}\ninvite_rate = {BENCH_INVITE_RATE}\ninvite_burst = {BENCH_INVITE_RATE}\n\n"
-        f'[media]\nrtp_ports = "{rtp_ports}"\nrealtime_priority = {realtime_priority}\n\n'
+        f'[media]\nrtp_ports = "{rtp_ports}"\nrealtime_priority = {realtime_priority}\n{media}\n'
         f'[storage]\ndata_dir = "{directory / "data"}"\n\n'
         '[log]\nformat = "json"\nlevel = "info"\n',
         encoding="utf-8",
@@ -404,11 +410,29 @@ def _set_realtime(pid: int, priority: int) -> None:
             return
 
 
+def media_options(relay: str) -> list[tuple[str, str]]:
+    """The `[media]` settings of a relay named `voiceline:key=value,...` (a string value is quoted)."""
+    options = []
+    for setting in relay.partition(":")[2].split(","):
+        key, equals, value = setting.partition("=")
+        if not setting:
+            continue
+        if not equals or not key.strip():
+            raise ValueError(f"not a key=value media setting: {setting!r}")
+        value = value.strip()
+        literal = value in ("true", "false") or value.replace(".", "", 1).isdigit()
+        options.append((key.strip(), value if literal else '"' + value.replace('"', "") + '"'))
+    return options
+
+
 def run_relay(relay: str, options: BenchOptions, rtp_ports: str, rtpengine_ports: str) -> list[LevelResult]:
-    """One relay, started for this run and stopped after it, under `options`' load."""
+    """One relay, started for this run and stopped after it, under `options`' load: `rtpengine`, or
+    `voiceline` optionally with media settings (`voiceline:kernel_forwarding=off`)."""
     with tempfile.TemporaryDirectory(prefix="voiceline-bench-") as directory:
-        if relay == VOICELINE:
-            process, port, log_path = start_server(Path(directory), rtp_ports, options.host, options.realtime_priority)
+        if relay.partition(":")[0] == VOICELINE:
+            process, port, log_path = start_server(
+                Path(directory), rtp_ports, options.host, options.realtime_priority, media_options(relay)
+            )
             address, ng = (options.host, port), False
         else:
             process, address = start_rtpengine(Path(directory), rtpengine_ports, options.host)
@@ -422,7 +446,7 @@ def run_relay(relay: str, options: BenchOptions, rtp_ports: str, rtpengine_ports
 
 
 _SIDE_BY_SIDE_COLUMNS = (
-    f"{'scenario':<12} {'relay':<10} {'pairs':>5} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
+    f"{'scenario':<12} {'relay':<12} {'pairs':>5} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
     f"{'p99.9 ms':>8} {'proc us/pkt':>11} {'sys us/pkt':>10} {'gen us/pkt':>10}"
 )
 
@@ -430,7 +454,7 @@ _SIDE_BY_SIDE_COLUMNS = (
 def format_side_by_side(scenario: str, relay: str, result: LevelResult) -> str:
     """One row: CPU per relayed packet of the relay process, and of the whole machine without the generator."""
     return (
-        f"{scenario:<12} {relay:<10} {result.pairs:>5} {result.counts.received:>9} {100 * result.loss:>7.3f} "
+        f"{scenario:<12} {relay:<12} {result.pairs:>5} {result.counts.received:>9} {100 * result.loss:>7.3f} "
         f"{result.p50_ms:>7.2f} {result.p99_ms:>7.2f} {result.p999_ms:>8.2f} "
         f"{result.per_packet_us(result.server_cpu):>11.2f} {result.per_packet_us(result.system_cpu):>10.2f} "
         f"{result.per_packet_us(result.generator_cpu):>10.2f}"
@@ -438,16 +462,21 @@ def format_side_by_side(scenario: str, relay: str, result: LevelResult) -> str:
 
 
 def compare(
-    options: BenchOptions, scenarios: Sequence[Scenario], repetitions: int, rtp_ports: str, rtpengine_ports: str
+    options: BenchOptions,
+    scenarios: Sequence[Scenario],
+    repetitions: int,
+    rtp_ports: str,
+    rtpengine_ports: str,
+    relays: Sequence[str] = (VOICELINE, RTPENGINE),
 ) -> dict[tuple[str, str, int], list[LevelResult]]:
-    """Every scenario at every level against both relays, `repetitions` times, alternating which
-    relay goes first; prints each row as it is measured. Results by (scenario, relay, pairs)."""
+    """Every scenario at every level against every relay, `repetitions` times, rotating which relay
+    goes first; prints each row as it is measured. Results by (scenario, relay, pairs)."""
     results: dict[tuple[str, str, int], list[LevelResult]] = {}
     print(_SIDE_BY_SIDE_COLUMNS, flush=True)
     for repetition in range(repetitions):
         for index, scenario in enumerate(scenarios):
-            order = (VOICELINE, RTPENGINE) if (repetition + index) % 2 == 0 else (RTPENGINE, VOICELINE)
-            for relay in order:
+            first = (repetition + index) % len(relays)
+            for relay in [*relays[first:], *relays[:first]]:
                 scenario_options = BenchOptions(
                     options.levels, options.hold_seconds, options.workers, options.host, options.realtime_priority,
                     scenario,
@@ -459,22 +488,22 @@ def compare(
 
 
 def summarise(results: dict[tuple[str, str, int], list[LevelResult]]) -> list[str]:
-    """Per scenario and level: the median CPU per packet of each relay and voiceline's ratio to rtpengine."""
-    lines = [f"{'scenario':<12} {'pairs':>5} {'voiceline proc/sys us':>22} {'rtpengine proc/sys us':>22} {'ratio proc/sys':>15}"]
-    keys = sorted({(scenario, pairs) for scenario, _, pairs in results}, key=lambda key: (key[0], key[1]))
-    for scenario, pairs in keys:
-        figures = {}
-        for relay in (VOICELINE, RTPENGINE):
-            runs = results.get((scenario, relay, pairs), [])
-            figures[relay] = (
-                _median([run.per_packet_us(run.server_cpu) for run in runs]),
-                _median([run.per_packet_us(run.system_cpu) for run in runs]),
-            )
-        ours, theirs = figures[VOICELINE], figures[RTPENGINE]
-        ratio = "/".join(f"{a / b:.2f}" if b else "-" for a, b in zip(ours, theirs))
-        lines.append(
-            f"{scenario:<12} {pairs:>5} {ours[0]:>10.2f} {ours[1]:>11.2f} {theirs[0]:>10.2f} {theirs[1]:>11.2f} {ratio:>15}"
+    """Per scenario, level and relay: the median CPU per packet, and each voiceline relay's ratio to
+    rtpengine's."""
+    lines = [f"{'scenario':<12} {'pairs':>5} {'relay':<12} {'proc us/pkt':>11} {'sys us/pkt':>10} {'ratio proc/sys':>15}"]
+    medians = {
+        key: (
+            _median([run.per_packet_us(run.server_cpu) for run in runs]),
+            _median([run.per_packet_us(run.system_cpu) for run in runs]),
         )
+        for key, runs in results.items()
+    }
+    for (scenario, relay, pairs), (proc, system) in sorted(medians.items(), key=lambda item: (item[0][0], item[0][2])):
+        theirs = medians.get((scenario, RTPENGINE, pairs))
+        ratio = "-" if relay == RTPENGINE or theirs is None else "/".join(
+            f"{ours / base:.2f}" if base else "-" for ours, base in zip((proc, system), theirs)
+        )
+        lines.append(f"{scenario:<12} {pairs:>5} {relay:<12} {proc:>11.2f} {system:>10.2f} {ratio:>15}")
     return lines
 
 
@@ -487,7 +516,12 @@ def _median(values: list[float]) -> float:
 
 
 def bench_side_by_side(
-    options: BenchOptions, scenarios: Sequence[Scenario], repetitions: int, rtp_ports: str, rtpengine_ports: str
+    options: BenchOptions,
+    scenarios: Sequence[Scenario],
+    repetitions: int,
+    rtp_ports: str,
+    rtpengine_ports: str,
+    relays: Sequence[str] = (VOICELINE, RTPENGINE),
 ) -> int:
     """`make bench`'s side-by-side run with its printed report. Returns the exit status."""
     raise_open_file_limit()
@@ -496,7 +530,7 @@ def bench_side_by_side(
     print("proc us/pkt: the relay process's CPU (user + system, all threads) per relayed packet; sys us/pkt: the "
           "whole machine's busy time (softirq included) less the generator's, per relayed packet (includes any "
           "other load on the machine); gen us/pkt: the generator's own, excluded from both")
-    results = compare(options, scenarios, repetitions, rtp_ports, rtpengine_ports)
+    results = compare(options, scenarios, repetitions, rtp_ports, rtpengine_ports, relays)
     print(f"load average {_loadavg()}")
     print("\n".join(summarise(results)))
     return 0
