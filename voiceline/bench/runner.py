@@ -446,7 +446,7 @@ def run_relay(relay: str, options: BenchOptions, rtp_ports: str, rtpengine_ports
 
 
 _SIDE_BY_SIDE_COLUMNS = (
-    f"{'scenario':<12} {'relay':<12} {'pairs':>5} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
+    f"{'scenario':<12} {'relay':<12} {'pairs':>5} {'load %':>6} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
     f"{'p99.9 ms':>8} {'proc us/pkt':>11} {'sys us/pkt':>10} {'gen us/pkt':>10}"
 )
 
@@ -454,7 +454,7 @@ _SIDE_BY_SIDE_COLUMNS = (
 def format_side_by_side(scenario: str, relay: str, result: LevelResult) -> str:
     """One row: CPU per relayed packet of the relay process, and of the whole machine without the generator."""
     return (
-        f"{scenario:<12} {relay:<12} {result.pairs:>5} {result.counts.received:>9} {100 * result.loss:>7.3f} "
+        f"{scenario:<12} {relay:<12} {result.pairs:>5} {100 * result.offered:>6.1f} {result.counts.received:>9} {100 * result.loss:>7.3f} "
         f"{result.p50_ms:>7.2f} {result.p99_ms:>7.2f} {result.p999_ms:>8.2f} "
         f"{result.per_packet_us(result.server_cpu):>11.2f} {result.per_packet_us(result.system_cpu):>10.2f} "
         f"{result.per_packet_us(result.generator_cpu):>10.2f}"
