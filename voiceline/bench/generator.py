@@ -283,7 +283,7 @@ class Generator:
             count = int(command[1])  # type: ignore[call-overload]
             self._setup = _Setup(now, count)
             if self._ng is not None:
-                self._set_up_pairs(now)
+                self._set_up_pairs()
             else:
                 self._place_calls(now)
         elif kind == "window":
@@ -315,7 +315,7 @@ class Generator:
         self._slots[leg.id % SLOTS].append(leg)
         return leg
 
-    def _set_up_pairs(self, now: float) -> None:
+    def _set_up_pairs(self) -> None:
         """rtpengine: each two new legs one call, set up by an offer (the first leg's SDP) and an answer
         (the second's); each leg then sends to the port rtpengine gave it. Blocking: set-up is not measured."""
         setup = self._setup
