@@ -138,6 +138,19 @@ def test_batched_tones_are_decoded_here_while_pcm_is_wanted() -> None:
     assert receiver.receive(audio(1), SDP, 0.02) == TONES
 
 
+def test_a_waiting_frame_without_a_digit_passes_as_it_is_only_while_nothing_changed() -> None:
+    """What the batch may relay untouched: not during a key press, not once someone wants PCM."""
+    receiver = started(event_pt=None, batch_tones=True)
+    assert receiver.receive(audio(0), SDP, 0.0) == TONES + LATCHED
+    assert receiver.tones_pass
+    receiver.want_pcm(True)  # a prompt began for a listener while the frame waited
+    assert not receiver.tones_pass
+    receiver.want_pcm(False)
+    pcm = g711.ulaw_decode(VOICE)
+    receiver.tones_checked(audio(1), 12, 172, pcm, "7")  # a key's first frame
+    assert not receiver.tones_pass  # its next frames must be tracked, digit or not
+
+
 def test_inband_detection_off_relays_audio_untouched() -> None:
     receiver = started(event_pt=None, inband_dtmf=False)
     assert receiver.receive(audio(0, g711.ulaw_encode(dtmf("7", 0.02))), SDP, 0.0) == AUDIO + LATCHED

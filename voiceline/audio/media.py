@@ -147,7 +147,7 @@ class _ToneBatch:
             for (leg, packet, offset, end, now, _), digit, row in zip(frames, digits, codes):
                 if leg._closed:
                     continue
-                if digit is None and leg.receiver.tones_idle:  # nearly always: plain audio, relayed as it is
+                if digit is None and leg.receiver.tones_pass:  # nearly always: plain audio, relayed as it is
                     for listener in leg._listeners:
                         listener.relay(packet, offset, end, now)
                 else:

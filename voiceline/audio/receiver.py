@@ -190,9 +190,11 @@ class Receiver:
         return PCM
 
     @property
-    def tones_idle(self) -> bool:
-        """No key press under way in the in-band audio: a TONES frame holding no digit is plain audio."""
-        return self._tones is None or self._tones.idle
+    def tones_pass(self) -> bool:
+        """Whether a TONES frame holding no digit may be relayed as it is: no key press is under way
+        and nobody hearing this stream has come to want PCM since it arrived."""
+        tones = self._tones
+        return self._deferring and tones is not None and tones.idle
 
     def tones_checked(self, packet: bytes, offset: int, end: int, pcm: np.ndarray, frame_digit: str | None) -> None:
         """A frame that came as TONES, decoded into `pcm` and found to hold `frame_digit` (see
