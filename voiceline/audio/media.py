@@ -5,7 +5,7 @@ arrives on its RTP port: filtered, latched, counted, digits) and its `Sender`
 (one outbound stream of what the leg hears: hold audio, another leg, a
 prompt). The engine's `Bridge` says who hears whom. A leg also owns an RTCP
 socket (RFC 3550 reports every ~5 s, BYE on close, the peer's reports read
-for `stats`). Everything per packet runs inside `datagram_received`: the
+for `stats`). Everything per packet runs inside `MediaLeg._readable`: the
 receiver's verdict, then each listener's header rewrite into its reused
 buffer and the socket's `sendto`; nothing is queued or logged. An SRTP leg (see
 srtp.py) unprotects what it receives first and protects what it sends last,
@@ -541,13 +541,11 @@ class MediaLeg:
         self._loop.add_reader(rtp.fileno(), self._readable)
 
     def _readable(self) -> None:
+        """One datagram from the socket, received, relayed to each listener."""
         try:
             data, addr = self._recvfrom(RECEIVE_SIZE)
         except OSError:  # nothing after all, or an ICMP error report about something we sent
             return
-        self.datagram_received(data, addr)
-
-    def datagram_received(self, data: bytes, addr: Address) -> None:
         now = self._time()
         kind = self._receive(data, addr, now)
         if kind > AUDIO:
