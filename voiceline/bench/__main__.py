@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from voiceline.bench.engine import engine_only
 from voiceline.bench.runner import BenchOptions, bench, bench_side_by_side
 from voiceline.bench.uac import SCENARIOS
 
@@ -12,7 +13,7 @@ from voiceline.bench.uac import SCENARIOS
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m voiceline.bench", description="Load test the RTP relay.")
     parser.add_argument(
-        "--levels", help="pair counts to ramp through (default 100,200,...,800; with --side-by-side 100,250,500)"
+        "--levels", help="pair counts (default 100,200,...,800; with --side-by-side or --engine-only 100,250,500)"
     )
     parser.add_argument("--hold", type=float, default=8.0, help="seconds measured per level")
     parser.add_argument("--workers", type=int, default=2, help="generator processes")
@@ -28,8 +29,13 @@ def main() -> int:
         action="store_true",
         help="run the same load against voiceline and rtpengine (userspace), alternating, per scenario",
     )
+    parser.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="the media engine alone in this process, plain and in-band legs (no SIP, no rtpengine)",
+    )
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"with --side-by-side: of {', '.join(SCENARIOS)}")
-    parser.add_argument("--repetitions", type=int, default=3, help="with --side-by-side: runs per relay and scenario")
+    parser.add_argument("--repetitions", type=int, default=3, help="with --side-by-side: runs per relay and scenario; with --engine-only: runs per level")
     parser.add_argument("--rtpengine-ports", default="20000-23999", help="rtpengine's RTP port range")
     parser.add_argument(
         "--relay",
@@ -39,8 +45,10 @@ def main() -> int:
         "e.g. voiceline:kernel_forwarding=off (default: voiceline and rtpengine)",
     )
     args = parser.parse_args()
-    default_levels = "100,250,500" if args.side_by_side else "100,200,300,400,500,600,700,800"
+    default_levels = "100,250,500" if args.side_by_side or args.engine_only else "100,200,300,400,500,600,700,800"
     levels = sorted({int(level) for level in (args.levels or default_levels).split(",") if level.strip()})
+    if args.engine_only:
+        return engine_only(levels, args.hold, args.rtp_ports, args.repetitions)
     options = BenchOptions(levels, args.hold, args.workers, realtime_priority=args.realtime_priority)
     if args.side_by_side:
         try:
