@@ -144,14 +144,14 @@ class _ToneBatch:
         for (codec, size), frames in waiting.items():
             codes = np.frombuffer(b"".join([frame[5] for frame in frames]), dtype=np.uint8).reshape(len(frames), size)
             digits = frame_digits(g711.decode_table(codec, np.float64)[codes], g711.RATE)
-            for (leg, packet, offset, end, now, _), digit, row in zip(frames, digits, codes):
+            for index, ((leg, packet, offset, end, now, _), digit) in enumerate(zip(frames, digits)):
                 if leg._closed:
                     continue
                 if digit is None and leg.receiver.tones_pass:  # nearly always: plain audio, relayed as it is
                     for listener in leg._listeners:
                         listener.relay(packet, offset, end, now)
                 else:
-                    leg._tones_checked(packet, offset, end, g711.decode_table(codec)[row], digit, now)
+                    leg._tones_checked(packet, offset, end, g711.decode_table(codec)[codes[index]], digit, now)
 
 
 class MediaEngine:
