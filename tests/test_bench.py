@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from voiceline.bench.engine import measure_engine
+from voiceline.bench.engine import KINDS, measure_engine
 from voiceline.bench.measure import (
     BUCKET_NS,
     BUCKETS,
@@ -317,14 +317,15 @@ def test_the_same_generator_drives_rtpengine_over_ng() -> None:
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("inband", [False, True])
-async def test_the_engine_alone_relays_every_leg_both_ways(inband: bool) -> None:
-    """`--engine-only`: paired legs of a real engine relay what the sender process sends them."""
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_engine_alone_relays_every_leg_both_ways(kind: str) -> None:
+    """`--engine-only`: paired legs of a real engine relay (or transcode) what the sender process
+    sends them."""
     from port_table import port_block
 
     first, last = port_block("test_bench")
-    result = await measure_engine(2, inband, 1.0, (first + 2, last))
-    assert (result.pairs, result.inband) == (2, inband)
+    result = await measure_engine(2, kind, 1.0, (first + 2, last))
+    assert (result.pairs, result.kind) == (2, kind)
     # 4 legs x 50 packets a second, each relayed once to its partner.
     assert 0.9 * 200 <= result.packets <= 1.1 * 200
     assert result.total_us == result.user_us + result.system_us >= 0
