@@ -18,11 +18,14 @@ RUN_TOOLS := tc:iproute2
 BPF_SOURCE := voiceline/audio/kernel/rtp_forward.bpf.c
 BPF_OBJECT := voiceline/audio/kernel/rtp_forward.bpf.o
 BPF_BUILD_PACKAGES := clang libbpf-dev linux-libc-dev
+# Debian packages `make bench` compares against (command -> package): rtpengine as a userspace relay;
+# the tests drive it too (the bench harness's own test).
+BENCH_TOOLS := rtpengine:rtpengine-daemon
 # Debian packages that render the default prompts (`make prompts`; neither test nor run needs them):
 # festival with the slt HTS voice (the default), and flite (its slt voice, the alternative).
 PROMPT_TOOLS := festival festvox-us-slt-hts flite
 
-.PHONY: kernel-path run test test-fast bench prompts prompts-measure system-libs system-deps clean
+.PHONY: kernel-path run test test-fast bench bench-ramp prompts prompts-measure system-libs system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -58,7 +61,7 @@ system-libs:
 	@$(call install-missing,$(RUN_TOOLS),$(SYSTEM_LIBS))
 
 system-deps:
-	@$(call install-missing,$(TEST_TOOLS) $(RUN_TOOLS),$(SYSTEM_LIBS))
+	@$(call install-missing,$(TEST_TOOLS) $(RUN_TOOLS) $(BENCH_TOOLS),$(SYSTEM_LIBS))
 
 $(BPF_OBJECT): $(BPF_SOURCE)
 	@dpkg -s $(BPF_BUILD_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
@@ -71,8 +74,13 @@ kernel-path: $(BPF_OBJECT)
 run: $(VENV)/.installed system-libs $(BPF_OBJECT)
 	$(BIN)/voiceline serve $(ARGS)
 
-# Load test: real calls and RTP through a real server on loopback (see README, Performance).
+# Load test: the same generator against voiceline (real calls, real server) and rtpengine on
+# loopback, side by side (see README, Performance). bench-ramp: voiceline alone, ramping up.
 bench: $(VENV)/.installed system-libs $(BPF_OBJECT)
+	@$(call install-missing,$(BENCH_TOOLS),)
+	$(BIN)/python -m voiceline.bench --side-by-side $(BENCH_ARGS)
+
+bench-ramp: $(VENV)/.installed system-libs $(BPF_OBJECT)
 	$(BIN)/python -m voiceline.bench $(BENCH_ARGS)
 
 test: $(VENV)/.installed-test system-deps $(BPF_OBJECT)

@@ -33,6 +33,7 @@ TABLE: dict[str, int] = {
     "test_transport": 400,  # 20 per service
     "test_trunk_admission": 600,  # 20 per service
     "test_useragent": 400,  # 20 per service
+    "test_bench": 102,  # rtpengine's ng port, then its RTP range
 }
 
 

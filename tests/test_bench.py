@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from voiceline.bench.engine import KINDS, measure_engine
 from voiceline.bench.measure import (
     BUCKET_NS,
     BUCKETS,
@@ -17,8 +20,18 @@ from voiceline.bench.measure import (
     WindowCounts,
     largest_within_budget,
 )
-from voiceline.bench.runner import BenchOptions, run_levels
-from voiceline.bench.uac import MAX_TRANSMISSIONS, RETRANSMIT_SECONDS, BenchCall, CallState
+from voiceline.bench.ng import NgError, bdecode, bencode
+from voiceline.bench.runner import (
+    RTPENGINE,
+    VOICELINE,
+    BenchOptions,
+    media_options,
+    run_levels,
+    start_rtpengine,
+    stop_server,
+    summarise,
+)
+from voiceline.bench.uac import MAX_TRANSMISSIONS, RETRANSMIT_SECONDS, SCENARIOS, BenchCall, CallState
 from voiceline.sim.plugin import VoicelineServer
 from voiceline.sip.message import SipRequest, SipResponse, parse_message, response_to, serialize
 from voiceline.sip.sdp import parse_sdp
@@ -26,7 +39,15 @@ from voiceline.sip.sdp import parse_sdp
 MS = 1_000_000
 
 
-def level(pairs: int, sent: int, received: int, latencies_ms: list[float], held: int | None = None) -> LevelResult:
+def level(
+    pairs: int,
+    sent: int,
+    received: int,
+    latencies_ms: list[float],
+    held: int | None = None,
+    server_cpu: float = 0.0,
+    system_cpu: float = 0.0,
+) -> LevelResult:
     histogram = LatencyHistogram()
     for latency in latencies_ms:
         histogram.add(int(latency * MS))
@@ -36,10 +57,11 @@ def level(pairs: int, sent: int, received: int, latencies_ms: list[float], held:
         counts=WindowCounts(sent=sent, received=received),
         latency=histogram,
         setup_rate=0.0,
-        server_cpu=0.0,
+        server_cpu=server_cpu,
         server_rss_mb=0.0,
         generator_cpu=0.0,
         seconds=1.0,
+        system_cpu=system_cpu,
     )
 
 
@@ -103,6 +125,58 @@ def test_largest_within_budget_stops_at_the_first_failed_level() -> None:
     assert largest_within_budget([level(100, 10_000, 10_000, bad)]) == 0
 
 
+def test_cpu_per_relayed_packet_and_the_tail_percentile() -> None:
+    # 20 % of a core for 1 s over 10 000 packets relayed: 20 us each.
+    result = level(100, 10_000, 10_000, [0.2] * 9980 + [7.0] * 20, server_cpu=20.0, system_cpu=35.0)
+    assert result.per_packet_us(result.server_cpu) == pytest.approx(20.0)
+    assert result.per_packet_us(result.system_cpu) == pytest.approx(35.0)
+    assert result.p99_ms == pytest.approx(0.21) and result.p999_ms == pytest.approx(7.01)
+    assert level(100, 0, 0, []).per_packet_us(50.0) == 0.0
+
+
+def test_the_summary_gives_medians_and_voicelines_ratio_to_rtpengine() -> None:
+    ours = [level(100, 10_000, 10_000, [0.2], server_cpu=cpu, system_cpu=2 * cpu) for cpu in (30.0, 20.0, 25.0)]
+    theirs = [level(100, 10_000, 10_000, [0.1], server_cpu=cpu, system_cpu=cpu) for cpu in (10.0, 12.0)]
+    without_kernel = [level(100, 10_000, 10_000, [0.2], server_cpu=33.0, system_cpu=44.0)]
+    lines = summarise(
+        {
+            ("pcmu", VOICELINE, 100): ours,
+            ("pcmu", RTPENGINE, 100): theirs,
+            ("pcmu", f"{VOICELINE}:kernel_forwarding=off", 100): without_kernel,
+        }
+    )
+    rows = {line.split()[2]: line.split()[3:] for line in lines[1:]}
+    assert rows[VOICELINE] == ["25.00", "50.00", "2.27/4.55"]
+    assert rows[RTPENGINE] == ["11.00", "11.00", "-"]
+    assert rows["voiceline:kernel_forwarding=off"] == ["33.00", "44.00", "3.00/4.00"]
+
+
+def test_a_voiceline_relay_may_carry_media_settings() -> None:
+    assert media_options(VOICELINE) == []
+    assert media_options("voiceline:kernel_forwarding=off,learning_packets=6") == [
+        ("kernel_forwarding", '"off"'),
+        ("learning_packets", "6"),
+    ]
+    with pytest.raises(ValueError):
+        media_options("voiceline:kernel_forwarding")
+
+
+# -- rtpengine's ng protocol ------------------------------------------------------------
+
+
+def test_bencode_round_trips_ng_commands() -> None:
+    command = {"command": "offer", "call-id": "c1", "flags": ["trust-address"], "sdp": "v=0\r\n", "n": -3}
+    encoded = bencode(command)
+    assert encoded.startswith(b"d7:call-id2:c17:command5:offer")  # keys sorted, as bencode requires
+    assert bdecode(encoded) == command
+
+
+@pytest.mark.parametrize("data", [b"d3:sdp", b"i12", b"5:ab", b"d3:sdp1:xe!", b"x"])
+def test_malformed_bencode_is_an_ng_error(data: bytes) -> None:
+    with pytest.raises(NgError):
+        bdecode(data)
+
+
 # -- the UAC -------------------------------------------------------------------------
 
 LOCAL, SERVER = ("127.0.0.1", 5999), ("127.0.0.1", 5060)
@@ -125,6 +199,20 @@ def test_invite_offers_pcmu_and_telephone_event_at_the_leg_port() -> None:
     assert invite.method == "INVITE" and invite.headers.get("CSeq") == "1 INVITE"
     media = parse_sdp(invite.body).media[0]
     assert (media.port, media.formats) == (40002, ["0", "101"])
+
+
+@pytest.mark.parametrize(
+    ("scenario", "formats", "rtpmap"),
+    [("pcmu", ["0", "101"], "PCMU/8000"), ("pcmu-inband", ["0"], "PCMU/8000"), ("g722", ["9", "101"], "G722/8000")],
+)
+def test_each_scenario_offers_its_codec_with_or_without_telephone_event(
+    scenario: str, formats: list[str], rtpmap: str
+) -> None:
+    invite = sent_request(BenchCall(LOCAL, SERVER, 40002, SCENARIOS[scenario]).invite(0.0))
+    media = parse_sdp(invite.body).media[0]
+    assert (media.port, media.formats) == (40002, formats)
+    assert f"a=rtpmap:{formats[0]} {rtpmap}" in invite.body.decode()
+    assert ("telephone-event" in invite.body.decode()) == ("101" in formats)
 
 
 def test_answer_is_acked_in_the_dialog_and_gives_the_server_rtp_address() -> None:
@@ -195,6 +283,50 @@ def test_a_tiny_run_relays_every_probe_both_ways(voiceline_server: Callable[...,
         assert result.counts.received == result.counts.sent and result.loss == 0.0
         assert result.latency.total == result.counts.received
         assert result.server_rss_mb > 0
+
+
+@pytest.mark.interop
+def test_inband_dtmf_legs_relay_every_probe(voiceline_server: Callable[..., VoicelineServer]) -> None:
+    """Callers without telephone-event: the server watches their audio for DTMF, and still relays it all."""
+    server = voiceline_server({"sip": {"answer_delay": 0.0}})
+    options = BenchOptions([2], 1.0, workers=1, scenario=SCENARIOS["pcmu-inband"])
+    (result,) = run_levels((server.host, server.port), server.process.pid, options)
+    assert result.pairs_held == 2 and result.counts.sent > 0
+    assert result.counts.received == result.counts.sent
+
+
+@pytest.mark.interop
+def test_the_same_generator_drives_rtpengine_over_ng() -> None:
+    """Pairs set up with ng offer/answer in each generator process; rtpengine relays every probe both ways."""
+    from port_table import port_block  # claims this run's lane: only tests that bind fixed ports need it
+
+    first, last = port_block("test_bench")
+    with tempfile.TemporaryDirectory(prefix="voiceline-bench-test-") as directory:
+        process, ng = start_rtpengine(Path(directory), f"{first + 2}-{last}", ng_port=first)
+        try:
+            results = run_levels(ng, process.pid, BenchOptions([1, 2], 1.0, workers=2), ng=True)
+        finally:
+            assert stop_server(process) == 0
+    assert [result.pairs for result in results] == [1, 2]
+    for result in results:
+        assert result.pairs_held == result.pairs and result.counts.sent > 0
+        assert result.counts.received == result.counts.sent and result.loss == 0.0
+        assert result.latency.total == result.counts.received
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_engine_alone_relays_every_leg_both_ways(kind: str) -> None:
+    """`--engine-only`: paired legs of a real engine relay (or transcode) what the sender process
+    sends them."""
+    from port_table import port_block
+
+    first, last = port_block("test_bench")
+    result = await measure_engine(2, kind, 1.0, (first + 2, last))
+    assert (result.pairs, result.kind) == (2, kind)
+    # 4 legs x 50 packets a second, each relayed once to its partner.
+    assert 0.9 * 200 <= result.packets <= 1.1 * 200
+    assert result.total_us == result.user_us + result.system_us >= 0
 
 
 def can_use_realtime() -> bool:

@@ -23,9 +23,6 @@ class RecordingSocket:
     def sendto(self, data: bytes | memoryview, addr: tuple[str, int] | None) -> None:
         self.sent.append((bytes(data), addr))
 
-    def get_write_buffer_size(self) -> int:
-        return 0
-
     def packets(self) -> list[tuple[RtpHeader, bytes]]:
         parsed = []
         for data, _ in self.sent:

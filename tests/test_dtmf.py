@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from voiceline.audio.dtmf import COLUMN_HZ, KEYPAD, ROW_HZ, TelephoneEventReceiver, ToneDetector
+from voiceline.audio.dtmf import COLUMN_HZ, KEYPAD, ROW_HZ, TelephoneEventReceiver, ToneDetector, frame_digits
 from voiceline.audio.hold import hold_music
 
 RATE = 8000
@@ -141,3 +141,24 @@ def test_no_false_digit_on_the_hold_music() -> None:
 def test_a_press_over_speech_is_still_found() -> None:
     pcm = speech_like(0.5).astype(np.int32) // 8 + np.concatenate((silence(0.15), dtmf("#", 0.2), silence(0.15)))
     assert detect(ToneDetector(), pcm.astype(np.int16))[0] == "#"
+
+
+def test_a_batch_of_many_legs_frames_finds_in_each_what_it_finds_alone() -> None:
+    """The frames of one loop iteration, from many legs, measured in one pass (as the media engine
+    does): each frame's digit is the one it holds on its own, keys and rejects alike."""
+    twisted = dtmf("5", 0.02).astype(np.float64)
+    twisted += 6 * np.sin(2 * np.pi * COLUMN_HZ[1] * np.arange(FRAME) / RATE) * 2000
+    frames = [
+        dtmf("1", 0.02),
+        speech_like(0.02),
+        dtmf("#", 0.02),
+        silence(0.02),
+        dtmf("D", 0.02, amplitude=100),  # too quiet
+        twisted.astype(np.int16),
+        hold_music()[:FRAME],
+        dtmf("0", 0.02),
+    ]
+    alone = [ToneDetector().frame_digit(frame) for frame in frames]
+    assert alone == ["1", None, "#", None, None, None, None, "0"]
+    assert frame_digits(np.stack(frames), RATE) == alone
+    assert frame_digits(np.zeros((0, FRAME), dtype=np.int16), RATE) == []

@@ -125,6 +125,32 @@ async def test_inband_digits_are_detected_and_muted_for_the_partner(engine, phon
 
 
 
+async def test_inband_frames_of_many_legs_checked_together_keep_to_their_own_leg(engine, phones):
+    """Three callers without telephone-event press different keys at the same time: their frames
+    share the engine's batches, and each leg reports its own key, mutes it, and passes its
+    speech on in order to its own partner."""
+    keys = "159"
+    callers, partners, digits = [phones() for _ in keys], [phones() for _ in keys], [[] for _ in keys]
+    sources = []
+    for caller, partner, found in zip(callers, partners, digits):
+        source = await leg_for(engine, caller, event=None)
+        await pair(engine, source, await leg_for(engine, partner))
+        source.on_digit = found.append
+        sources.append(source)
+    speech = np.tile(g711.ulaw_decode(tone_frame(600, "PCMU")), 4)
+    sent = [frames_of(np.concatenate((speech, dtmf(key, 0.2), speech))) for key in keys]
+    for frames in zip(*sent):  # one frame of every caller, then the next: a batch holds all legs
+        for caller, source, payload in zip(callers, sources, frames):
+            caller.send_audio(source, payload)
+        await asyncio.sleep(0.002)
+    for partner, frames, found, key in zip(partners, sent, digits, keys):
+        received = await partner.receive_many(len(frames))
+        assert found == [key]
+        heard = [payload for _, payload in received]
+        assert heard[:4] == frames[:4] and heard[-4:] == frames[-4:]
+        assert all(ToneDetector().frame_digit(g711.ulaw_decode(payload)) is None for payload in heard)
+
+
 async def test_inband_detection_can_be_turned_off(phones):
     engine = MediaEngine(HOST, (BASE + 100, BASE + 199), hold_music(), inband_dtmf=False)
     try:

@@ -8,8 +8,9 @@ from pylibsrtp import Policy, Session
 from test_dtmf import dtmf, event
 
 from voiceline.audio import g711
+from voiceline.audio.dtmf import frame_digits
 from voiceline.audio.latch import Learning
-from voiceline.audio.receiver import AUDIO, DIGIT, DROPPED, EVENT, LATCHED, PCM, Receiver
+from voiceline.audio.receiver import AUDIO, DIGIT, DROPPED, EVENT, LATCHED, PCM, TONES, Receiver
 from voiceline.audio.rtcp import ReceptionStats, build_report, parse
 from voiceline.audio.rtp import MAX_PAYLOAD, build_packet
 from voiceline.audio.srtp import SrtpContext, SrtpKeys
@@ -24,7 +25,9 @@ VOICE = g711.ulaw_encode(np.full(160, 1000, dtype=np.int16))
 
 
 def started(codec=PCMU, payload_type: int = PT, event_pt: int | None = EVENT_PT, **options) -> Receiver:
-    receiver = Receiver(learning=LEARNING, inband_dtmf=options.pop("inband_dtmf", True))
+    receiver = Receiver(
+        learning=LEARNING, inband_dtmf=options.pop("inband_dtmf", True), batch_tones=options.pop("batch_tones", False)
+    )
     receiver.start(SDP, codec, payload_type, event_pt, 0.0, signalling_host=NAT, **options)
     return receiver
 
@@ -106,6 +109,46 @@ def test_without_telephone_event_audio_is_decoded_and_dtmf_found_and_muted() -> 
         assert not receiver.muted or not np.any(receiver.pcm)
     assert [digit for digit in found if digit] == ["7"]
     assert receiver.muted  # the key's frames go on as silence
+
+
+def test_batched_tones_come_back_undecoded_and_the_leg_hands_back_the_same_findings() -> None:
+    """The media engine's receivers leave in-band detection of G.711 to a batch across legs: each
+    frame comes as TONES, and `tones_checked` with what the batch found gives the digit and the
+    muting the receiver finds on its own."""
+    alone, batched = started(event_pt=None), started(event_pt=None, batch_tones=True)
+    key = np.concatenate((np.full(160, 800, dtype=np.int16), dtmf("7", 0.1), np.full(160, 800, dtype=np.int16)))
+    for n in range(7):
+        payload = g711.ulaw_encode(key[160 * n : 160 * (n + 1)])
+        packet = audio(n, payload)
+        assert alone.receive(packet, SDP, 0.02 * n) & ~LATCHED == PCM
+        assert batched.receive(packet, SDP, 0.02 * n) & ~LATCHED == TONES
+        assert batched.packet[batched.offset : batched.end] == payload
+        pcm = g711.ulaw_decode(payload)
+        batched.tones_checked(packet, batched.offset, batched.end, pcm, frame_digits(pcm[None, :], 8000)[0])
+        assert (batched.digit, batched.muted) == (alone.digit, alone.muted)
+        assert np.array_equal(batched.pcm, alone.pcm)
+    assert alone.digit is None and not alone.muted  # the speech after the key is heard again
+
+
+def test_batched_tones_are_decoded_here_while_pcm_is_wanted() -> None:
+    receiver = started(event_pt=None, batch_tones=True)
+    receiver.want_pcm(True)  # e.g. a listener under a prompt
+    assert receiver.receive(audio(0), SDP, 0.0) == PCM + LATCHED
+    receiver.want_pcm(False)
+    assert receiver.receive(audio(1), SDP, 0.02) == TONES
+
+
+def test_a_waiting_frame_without_a_digit_passes_as_it_is_only_while_nothing_changed() -> None:
+    """What the batch may relay untouched: not during a key press, not once someone wants PCM."""
+    receiver = started(event_pt=None, batch_tones=True)
+    assert receiver.receive(audio(0), SDP, 0.0) == TONES + LATCHED
+    assert receiver.tones_pass
+    receiver.want_pcm(True)  # a prompt began for a listener while the frame waited
+    assert not receiver.tones_pass
+    receiver.want_pcm(False)
+    pcm = g711.ulaw_decode(VOICE)
+    receiver.tones_checked(audio(1), 12, 172, pcm, "7")  # a key's first frame
+    assert not receiver.tones_pass  # its next frames must be tracked, digit or not
 
 
 def test_inband_detection_off_relays_audio_untouched() -> None:

@@ -50,68 +50,96 @@ class TelephoneEventReceiver:
         return EVENT_DIGITS[payload[0]]
 
 
-def _probe_matrix(rate: int, samples: int) -> np.ndarray:
-    """Cosine and sine rows at the eight DTMF frequencies: a DFT term per frequency in one matmul."""
-    t = np.arange(samples) / rate
-    freqs = np.array(ROW_HZ + COLUMN_HZ)[:, None]
-    return np.vstack([np.cos(2 * np.pi * freqs * t), np.sin(2 * np.pi * freqs * t)])
+_probes: dict[tuple[int, int], tuple[np.ndarray, float]] = {}  # by (rate, frame length)
+
+
+def _probe(rate: int, samples: int) -> tuple[np.ndarray, float]:
+    """Cosine and sine columns at the eight DTMF frequencies (a DFT term per frequency, all eight in
+    one matrix product) for frames of `samples`, and the least power of a loud enough tone."""
+    probe = _probes.get((rate, samples))
+    if probe is None:
+        t = np.arange(samples) / rate
+        freqs = np.array(ROW_HZ + COLUMN_HZ)[None, :]
+        matrix = np.hstack([np.cos(2 * np.pi * t[:, None] * freqs), np.sin(2 * np.pi * t[:, None] * freqs)])
+        # |DFT term|^2 of a sine of amplitude A over n samples is (A n / 2)^2.
+        probe = _probes[(rate, samples)] = matrix, (MIN_TONE_AMPLITUDE * samples / 2) ** 2
+    return probe
+
+
+def frame_digits(frames: np.ndarray, rate: int) -> list[str | None]:
+    """The digit each row of `frames` (frames of one length, any number of them) holds, without
+    debouncing. The measure is one matrix product for all rows, so many legs' frames cost little
+    more than one; the verdict is a few comparisons per frame.
+    """
+    count, size = frames.shape
+    if count == 0 or size < rate // 100 or size > rate // 10:  # 10-100 ms frames
+        return [None] * count
+    matrix, min_power = _probe(rate, size)
+    samples = frames if frames.dtype == np.float64 else frames.astype(np.float64)
+    terms = samples @ matrix
+    terms *= terms
+    powers = terms.reshape(count, 2, 8).sum(axis=1).tolist()  # cosine^2 + sine^2 per frequency
+    energies = np.einsum("ij,ij->i", samples, samples).tolist()
+    return [_digit(power, energy, size, min_power) for power, energy in zip(powers, energies)]
+
+
+def _digit(power: list[float], energy: float, size: int, min_power: float) -> str | None:
+    """The digit of a frame of `size` samples whose powers at the eight frequencies are `power`.
+
+    A frame holds a digit when one row and one column tone are loud enough,
+    together carry most of the frame's energy (speech and music spread
+    theirs), stand clear of their neighbours, and are within the allowed
+    twist of each other. The cheap tests come first: nearly every frame fails them.
+    """
+    rows, columns = power[:4], power[4:]
+    row_power, column_power = max(rows), max(columns)
+    if row_power < min_power or column_power < min_power:
+        return None
+    # A tone's energy over the frame is 2 |term|^2 / n.
+    if 2 * (row_power + column_power) / size < MIN_TONE_SHARE * energy:
+        return None
+    twist = row_power / column_power
+    if twist > _MAX_TWIST or twist < 1 / _MAX_TWIST:
+        return None
+    if sorted(rows)[-2] * _PEAK_RATIO > row_power or sorted(columns)[-2] * _PEAK_RATIO > column_power:
+        return None
+    return KEYPAD[rows.index(row_power)][columns.index(column_power)]
 
 
 class ToneDetector:
     """In-band DTMF on frames of decoded PCM, one digit per key press.
 
     Each frame is measured at the eight DTMF frequencies (the Goertzel term,
-    evaluated for all eight in one matrix product). A frame holds a digit when
-    one row and one column tone are loud enough, together carry most of the
-    frame's energy (speech and music spread theirs), stand clear of their
-    neighbours, and are within the allowed twist of each other. The cheap
-    tests come first: this runs on every received frame of such a leg.
+    see `frame_digits`); `track` turns the digits frames hold into key
+    presses. Frames may be measured one at a time (`feed`) or many legs'
+    frames at once (`frame_digits`, then each leg's `track`).
     """
 
     def __init__(self, rate: int = 8000, frame_samples: int | None = None) -> None:
         self.rate = rate
         self.frame_samples = frame_samples or rate // 50
-        self._probes: dict[int, tuple[np.ndarray, float]] = {}  # by frame length (ptime)
         self._candidate: str | None = None
         self._count = 0
         self._reported: str | None = None
         self._absent = 0
 
-    def _probe(self, samples: int) -> tuple[np.ndarray, float]:
-        """The probe matrix for frames of `samples`, and the least power of a loud enough tone."""
-        probe = self._probes.get(samples)
-        if probe is None:
-            # |DFT term|^2 of a sine of amplitude A over n samples is (A n / 2)^2.
-            probe = _probe_matrix(self.rate, samples), (MIN_TONE_AMPLITUDE * samples / 2) ** 2
-            self._probes[samples] = probe
-        return probe
-
     def frame_digit(self, pcm: np.ndarray) -> str | None:
         """The digit this one frame holds, without debouncing (for muting it)."""
-        size = len(pcm)
-        if size < self.rate // 100 or size > self.rate // 10:  # 10-100 ms frames
-            return None
-        matrix, min_power = self._probe(size)
-        samples = pcm.astype(np.float64)
-        terms = matrix @ samples
-        power = (terms[:8] ** 2 + terms[8:] ** 2).tolist()
-        rows, columns = power[:4], power[4:]
-        row_power, column_power = max(rows), max(columns)
-        if row_power < min_power or column_power < min_power:
-            return None
-        # A tone's energy over the frame is 2 |term|^2 / n.
-        if 2 * (row_power + column_power) / size < MIN_TONE_SHARE * float(samples @ samples):
-            return None
-        twist = row_power / column_power
-        if twist > _MAX_TWIST or twist < 1 / _MAX_TWIST:
-            return None
-        if sorted(rows)[-2] * _PEAK_RATIO > row_power or sorted(columns)[-2] * _PEAK_RATIO > column_power:
-            return None
-        return KEYPAD[rows.index(row_power)][columns.index(column_power)]
+        return frame_digits(pcm[None, :], self.rate)[0]
+
+    @property
+    def idle(self) -> bool:
+        """No key press under way: a frame that holds no digit changes nothing (`track(None)` is
+        (None, False) and leaves it idle), so a batch may pass such frames on without tracking them."""
+        return self._candidate is None and self._reported is None
 
     def feed(self, pcm: np.ndarray) -> tuple[str | None, bool]:
         """(the digit a key press completes with this frame or None, whether the frame holds DTMF)."""
-        digit = self.frame_digit(pcm)
+        return self.track(self.frame_digit(pcm))
+
+    def track(self, digit: str | None) -> tuple[str | None, bool]:
+        """The next frame held `digit` (from `frame_digit` or `frame_digits`): (the digit a key press
+        completes with it or None, whether the frame holds DTMF)."""
         if digit is None or digit != self._candidate:
             self._candidate, self._count = digit, 0
         if digit is not None:

@@ -14,6 +14,7 @@ from typing import TypeVar
 import numpy as np
 
 CODECS = ("PCMU", "PCMA")
+RATE = 8000  # both laws sample at 8 kHz
 
 # Upper bounds of the eight segments, on the magnitudes the reference
 # algorithm works with (14-bit for mu-law, 13-bit for A-law).
@@ -96,6 +97,7 @@ ALAW_TO_ULAW: bytes = ulaw_encode(_ALAW_DECODE)
 
 _ENCODERS: dict[str, Callable[[np.ndarray], bytes]] = {"PCMU": ulaw_encode, "PCMA": alaw_encode}
 _DECODERS: dict[str, Callable[[bytes], np.ndarray]] = {"PCMU": ulaw_decode, "PCMA": alaw_decode}
+_DECODE_TABLES: dict[str, np.ndarray] = {"PCMU": _ULAW_DECODE, "PCMA": _ALAW_DECODE}
 _TRANSLATIONS: dict[tuple[str, str], bytes] = {("PCMU", "PCMA"): ULAW_TO_ALAW, ("PCMA", "PCMU"): ALAW_TO_ULAW}
 
 _K = TypeVar("_K")
@@ -117,6 +119,20 @@ def encoder(codec: str) -> Callable[[np.ndarray], bytes]:
 def decoder(codec: str) -> Callable[[bytes], np.ndarray]:
     """The decoder for an SDP encoding name ("PCMU" or "PCMA")."""
     return _lookup(_DECODERS, codec)
+
+
+def decode_table(codec: str, dtype: type[np.generic] = np.int16) -> np.ndarray:
+    """The sample of each of the 256 codes (decode many frames at once by indexing it), as `dtype`."""
+    table = _lookup(_DECODE_TABLES, codec)
+    if dtype is np.int16:
+        return table
+    converted = _CONVERTED.get((codec, dtype))
+    if converted is None:
+        converted = _CONVERTED[(codec, dtype)] = table.astype(dtype)
+    return converted
+
+
+_CONVERTED: dict[tuple[str, type[np.generic]], np.ndarray] = {}
 
 
 def translation(source: str, target: str) -> bytes | None:

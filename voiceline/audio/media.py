@@ -5,12 +5,15 @@ arrives on its RTP port: filtered, latched, counted, digits) and its `Sender`
 (one outbound stream of what the leg hears: hold audio, another leg, a
 prompt). The engine's `Bridge` says who hears whom. A leg also owns an RTCP
 socket (RFC 3550 reports every ~5 s, BYE on close, the peer's reports read
-for `stats`). Everything per packet runs inside `datagram_received`: the
+for `stats`). Everything per packet runs inside `MediaLeg._readable`: the
 receiver's verdict, then each listener's header rewrite into its reused
-buffer and `transport.sendto`; nothing is queued or logged. An SRTP leg (see
+buffer and the socket's `sendto`; nothing is queued or logged. An SRTP leg (see
 srtp.py) unprotects what it receives first and protects what it sends last,
 so the relay in between only ever sees plain RTP: an SRTP leg and a plain
-one relay to each other, each with its own keys.
+one relay to each other, each with its own keys. G.711 audio of legs watched
+for in-band DTMF waits (2 ms at most) for the engine's `_ToneBatch` to decode
+and check many legs' frames in one vectorised pass, then to relay them
+(muted where they held a key).
 With the kernel path (kernel/), an established same-codec relay is forwarded
 by a TC program instead; every control operation here runs inside
 `KernelRoutes.changing`, which hands the relay back to this path first.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,19 +32,26 @@ from typing import cast
 
 import numpy as np
 
+from voiceline.audio import g711
 from voiceline.audio.bridge import Bridge
+from voiceline.audio.dtmf import frame_digits
 from voiceline.audio.hold import EncodedLoop
 from voiceline.audio.kernel.forwarding import KernelPath, KernelPathUnavailable, loop_time_from
 from voiceline.audio.kernel.routes import KernelRoutes
 from voiceline.audio.latch import Address, Learning
-from voiceline.audio.receiver import AUDIO, DIGIT, LATCHED, PCM, Receiver
+from voiceline.audio.receiver import AUDIO, DIGIT, LATCHED, PCM, TONES, Receiver
 from voiceline.audio.rtcp import build_report, new_cname, report_interval
+from voiceline.audio.rtp import HEADER_SIZE, MAX_PAYLOAD
 from voiceline.audio.sender import DatagramSocket, Sender
 from voiceline.audio.srtp import SrtpContext, SrtpKeys
 from voiceline.codec_table import FRAME_SECONDS, Codec
 
 MAX_LATE_FRAMES = 3  # a pacer later than this skips ahead instead of sending a burst
 PORT_REST_SECONDS = 30.0  # a freed port waits this long (late packets of its last call) unless none other is free
+# Room for the longest packet a leg takes and more (SRTP's tag): anything longer, cut or not, is dropped.
+RECEIVE_SIZE = 2 * (HEADER_SIZE + MAX_PAYLOAD)
+TONE_BATCH_FRAMES = 8  # an in-band DTMF batch this full is checked at the end of the loop iteration
+TONE_BATCH_SECONDS = 0.002  # else when its first frame has waited this long
 
 
 class MediaError(Exception):
@@ -97,6 +108,57 @@ class _HoldPacer:
         self._timer = self._loop.call_at(self._start + self._tick * FRAME_SECONDS, self._run)
 
 
+class _ToneBatch:
+    """G.711 frames of legs watched for in-band DTMF, checked together.
+
+    Per frame on its own, decoding and the DTMF measure cost more than the
+    relay; for many legs' frames one table lookup and one matrix product do
+    it. A loop iteration often holds only one or two such frames, so a batch
+    is checked at the end of the iteration in which it reaches
+    TONE_BATCH_FRAMES, or when its first frame has waited TONE_BATCH_SECONDS
+    (a tenth of a frame: sparse traffic is never held longer). Each leg's
+    frames stay in order.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        # By what decodes alike (codec, payload length): leg, packet, payload span, arrival, payload.
+        self._waiting: dict[tuple[str, int], list[tuple[MediaLeg, bytes, int, int, float, bytes]]] = {}
+        self._count = 0
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def add(self, leg: MediaLeg, codec: str, packet: bytes, offset: int, end: int, now: float) -> None:
+        self._count += 1
+        if self._count == 1:
+            self._deadline = self._loop.call_later(TONE_BATCH_SECONDS, self._check)
+        elif self._count == TONE_BATCH_FRAMES:
+            self._loop.call_soon(self._check)
+        entry = (leg, packet, offset, end, now, packet[offset:end])
+        frames = self._waiting.get((codec, end - offset))
+        if frames is None:
+            self._waiting[(codec, end - offset)] = [entry]
+        else:
+            frames.append(entry)
+
+    def _check(self) -> None:
+        if not self._count:  # the deadline and a full batch both asked
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+        waiting, self._waiting, self._count = self._waiting, {}, 0
+        for (codec, size), frames in waiting.items():
+            codes = np.frombuffer(b"".join([frame[5] for frame in frames]), dtype=np.uint8).reshape(len(frames), size)
+            digits = frame_digits(g711.decode_table(codec, np.float64)[codes], g711.RATE)
+            for index, ((leg, packet, offset, end, now, _), digit) in enumerate(zip(frames, digits)):
+                if leg._closed:
+                    continue
+                if digit is None and leg.receiver.tones_pass:  # nearly always: plain audio, relayed as it is
+                    for listener in leg._listeners:
+                        listener.relay(packet, offset, end, now)
+                else:
+                    leg._tones_checked(packet, offset, end, g711.decode_table(codec)[codes[index]], digit, now)
+
+
 class MediaEngine:
     """Opens media legs on even ports of a range and drives hold audio for all of them."""
 
@@ -139,6 +201,7 @@ class MediaEngine:
             except KernelPathUnavailable as exc:
                 self.kernel_path_unavailable = str(exc)
         self.kernel_routes = KernelRoutes(path, self._bridge, bind_host, self._loop)
+        self._tones = _ToneBatch(self._loop)
         self._legs: set[MediaLeg] = set()
         self._closed = False
 
@@ -191,16 +254,25 @@ class MediaEngine:
             self._pacer,
             self._bridge,
             self._release,
-            Receiver(inband_dtmf=self._inband_dtmf, learning=self._learning),
+            Receiver(inband_dtmf=self._inband_dtmf, learning=self._learning, batch_tones=True),
             self.kernel_routes,
+            self._tones,
         )
 
     async def _bind(self, port: int) -> MediaLeg | None:
-        leg = self._new_leg(port)
         try:
-            await self._loop.create_datagram_endpoint(lambda: leg, local_addr=(self._bind_host, port))
+            family, _, _, _, address = (await self._loop.getaddrinfo(self._bind_host, port, type=socket.SOCK_DGRAM))[0]
+            rtp = socket.socket(family, socket.SOCK_DGRAM)
         except OSError:
             return None
+        try:
+            rtp.setblocking(False)
+            rtp.bind(address)
+        except OSError:
+            rtp.close()
+            return None
+        leg = self._new_leg(port)
+        leg._attach(rtp)
         try:
             rtcp, _ = await self._loop.create_datagram_endpoint(
                 lambda: _RtcpEndpoint(leg), local_addr=(self._bind_host, port + 1)
@@ -217,7 +289,7 @@ class MediaEngine:
             self._rest(leg.local_port)
 
     def close(self) -> None:
-        """Close every leg and stop the pacer. Sockets close on the loop's next iteration."""
+        """Close every leg and stop the pacer. RTP sockets close at once, RTCP ones on the loop's next iteration."""
         self._closed = True
         for leg in list(self._legs):
             leg.close()
@@ -254,13 +326,18 @@ class _RtcpEndpoint(asyncio.DatagramProtocol):
         self._leg._rtcp_received(data, addr)
 
 
-class MediaLeg(asyncio.DatagramProtocol):
+class MediaLeg:
     """The media of one call: an RTP socket that hears hold audio or another leg.
 
     The asyncio edge of its `receiver` and `sender`: it feeds the receiver each
     datagram with the loop's time and relays what it says arrived to whoever
     the bridge says hears this leg. Call `start` once the SDP is negotiated;
     `hold` and `listen_to` need it.
+    The RTP socket is read and written directly, not through a datagram
+    transport: one `recvfrom` per readable event (the loop's poll is level
+    triggered, so a second datagram waiting makes the next one), where a
+    transport reads until the socket is empty and so pays a second receive
+    call per packet that finds nothing; and `sendto` straight to the kernel.
     Digits the caller presses (RFC 4733 events, or in-band tones when the SDP
     has no telephone-event) go to `on_digit`; neither reaches the partner.
     Every prompt `play_over` starts ends with one call of `on_prompt_end` (played
@@ -268,9 +345,9 @@ class MediaLeg(asyncio.DatagramProtocol):
     prompt replaces it first or the leg closes.
     """
 
-    # Set by connection_made, with the socket, before open_leg returns the leg.
+    # Set by _attach, with the socket, before open_leg returns the leg.
     sender: Sender
-    _transport: asyncio.DatagramTransport
+    _socket: socket.socket
     _listeners: list[Sender]  # who hears this leg (the bridge keeps the list up to date)
 
     def __init__(
@@ -282,6 +359,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         on_close: Callable[[MediaLeg], None],
         receiver: Receiver,
         kernel: KernelRoutes,
+        tones: _ToneBatch,
     ) -> None:
         self.local_port = port
         self.on_digit: Callable[[str], None] | None = None
@@ -292,6 +370,7 @@ class MediaLeg(asyncio.DatagramProtocol):
         self._bridge = bridge
         self._on_close = on_close
         self._kernel = kernel
+        self._tones = tones
         # Bound once: the per-packet path looks nothing up it need not.
         self._time = loop.time
         self._receive = receiver.receive
@@ -441,7 +520,8 @@ class MediaLeg(asyncio.DatagramProtocol):
         if self._report_timer is not None:
             self._report_timer.cancel()
             self._send_report(bye=True)
-        self._transport.close()
+        self._loop.remove_reader(self._socket.fileno())
+        self._socket.close()
         if self._rtcp is not None:
             self._rtcp.close()
         self._on_close(self)
@@ -523,18 +603,21 @@ class MediaLeg(asyncio.DatagramProtocol):
 
     # -- per packet -------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A datagram endpoint's transport (3.11's does not subclass DatagramTransport, and the
-        # stubs lack the get_write_buffer_size that asyncio's and uvloop's both have).
-        self._transport = cast(asyncio.DatagramTransport, transport)
-        self.sender = Sender(cast(DatagramSocket, transport))
+    def _attach(self, rtp: socket.socket) -> None:
+        """Take the bound, non-blocking RTP socket and start reading it."""
+        self._socket = rtp
+        self._recvfrom = rtp.recvfrom
+        self.sender = Sender(cast(DatagramSocket, rtp))  # a sender sends only once started: never to None
         self._listeners = self._bridge.listeners(self.receiver)
         self._kernel.add(self)
+        self._loop.add_reader(rtp.fileno(), self._readable)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.close()  # a dead socket must not stay in the pacer or behind a partner
-
-    def datagram_received(self, data: bytes, addr: Address) -> None:
+    def _readable(self) -> None:
+        """One datagram from the socket, received, relayed to each listener."""
+        try:
+            data, addr = self._recvfrom(RECEIVE_SIZE)
+        except OSError:  # nothing after all, or an ICMP error report about something we sent
+            return
         now = self._time()
         kind = self._receive(data, addr, now)
         if kind > AUDIO:
@@ -565,17 +648,32 @@ class MediaLeg(asyncio.DatagramProtocol):
             self._kernel.review_soon(self)  # routes from and to this leg, once this packet is relayed
             kind -= LATCHED
         if kind == PCM:
-            if receiver.digit is not None:
-                self._digit(receiver.digit)
-            for listener in self._listeners:
-                if receiver.muted or listener.needs_pcm:
-                    listener.hear_pcm(receiver.packet, receiver.pcm, now)
-                else:
-                    listener.relay(receiver.packet, receiver.offset, receiver.end, now)
+            self._relay_pcm(now)
+        elif kind == TONES:
+            self._tones.add(self, receiver.codec.name, receiver.packet, receiver.offset, receiver.end, now)
         elif kind == DIGIT:
             assert receiver.digit is not None
             self._digit(receiver.digit)
         return kind
+
+    def _relay_pcm(self, now: float) -> None:
+        """Decoded audio: its digit reported, and relayed as it is unless muted or wanted as PCM."""
+        receiver = self.receiver
+        if receiver.digit is not None:
+            self._digit(receiver.digit)
+        for listener in self._listeners:
+            if receiver.muted or listener.needs_pcm:
+                listener.hear_pcm(receiver.packet, receiver.pcm, now)
+            else:
+                listener.relay(receiver.packet, receiver.offset, receiver.end, now)
+
+    def _tones_checked(
+        self, packet: bytes, offset: int, end: int, pcm: np.ndarray, frame_digit: str | None, now: float
+    ) -> None:
+        """A TONES frame back from the batch that holds a digit or comes during a key press: on as
+        decoded audio."""
+        self.receiver.tones_checked(packet, offset, end, pcm, frame_digit)
+        self._relay_pcm(now)
 
     def _digit(self, digit: str) -> None:
         if self.on_digit is not None:

@@ -4,7 +4,9 @@
 and answers what it was, as a small int (no object per packet): audio whose
 payload is `packet[offset:end]` (decoded into `pcm` when someone needs PCM or
 in-band DTMF is watched for), a digit, a telephone-event that starts none,
-or a dropped packet (counted). The LATCHED flag marks the packet that latched
+or a dropped packet (counted). A receiver told to `batch_tones` leaves in-band
+DTMF detection of G.711 audio to its leg (TONES), which checks many legs'
+frames in one vectorised pass and hands each back (`tones_checked`). The LATCHED flag marks the packet that latched
 (or moved) the peer: from then on the leg sends to `peer`.
 
 Per packet, in order: SRTP unprotect (a packet failing authentication or
@@ -19,7 +21,7 @@ import struct
 
 import numpy as np
 
-from voiceline.audio.codecs import Coder, new_coder
+from voiceline.audio.codecs import NARROWBAND, Coder, new_coder
 from voiceline.audio.dtmf import TelephoneEventReceiver, ToneDetector
 from voiceline.audio.latch import Address, Heard, Learning, SourceFilter
 from voiceline.audio.rtcp import ReceptionStats, parse
@@ -33,13 +35,13 @@ AUDIO = 1  # audio to pass on as it is: `packet[offset:end]`
 PCM = 2  # audio decoded into `pcm` (muted where it held DTMF); `digit` when a key press began in it
 DIGIT = 3  # a telephone-event starting a key press: `digit`; events are for us, never the partner
 EVENT = 4  # a telephone-event that starts no key press (an update, an end or a repeat)
+TONES = 5  # G.711 audio `packet[offset:end]` to check for in-band DTMF before it is relayed (see `tones_checked`)
 LATCHED = 8  # added to the above: this packet latched or moved the peer, now `peer`
 
 _NO_PAYLOAD_TYPE = -1
 _PLAIN_FIRST_BYTE = 0x80  # version 2, no padding, no extension, no CSRC
 _MAX_PLAIN_PACKET = HEADER_SIZE + MAX_PAYLOAD
-_SEQ_SSRC = struct.Struct("!2xH4xI")
-_EVENT_TIMESTAMP = struct.Struct("!4xI")
+_FIXED_HEADER = struct.Struct("!BBHII")  # first byte, marker|payload type, sequence, timestamp, SSRC
 
 
 class Receiver:
@@ -49,9 +51,10 @@ class Receiver:
     every packet is dropped.
     """
 
-    def __init__(self, *, inband_dtmf: bool = True, learning: Learning = Learning()) -> None:
+    def __init__(self, *, inband_dtmf: bool = True, learning: Learning = Learning(), batch_tones: bool = False) -> None:
         """`inband_dtmf`: look for DTMF tones in the audio of a stream without telephone-event.
-        `learning`: how a source other than the SDP's or the signalling's host proves itself."""
+        `learning`: how a source other than the SDP's or the signalling's host proves itself.
+        `batch_tones`: G.711 audio to look for tones in comes back as TONES, not decoded here."""
         self.codec = PCMU  # replaced by start
         self.packets_in = 0
         self.packets_in_kernel = 0  # of packets_in: relayed by the kernel path
@@ -77,6 +80,8 @@ class Receiver:
         self._decoder: Coder | None = None
         self._pcm_wanted = False
         self._decoding = False  # decode audio: in-band DTMF is watched for, or PCM is wanted
+        self._batch_tones = batch_tones
+        self._deferring = False  # answer TONES: the leg's batch decodes and looks for tones
 
     def start(
         self,
@@ -139,6 +144,9 @@ class Receiver:
 
     def _update_decoding(self) -> None:
         self._decoding = self._tones is not None or self._pcm_wanted
+        self._deferring = (
+            self._batch_tones and self._tones is not None and not self._pcm_wanted and self.codec in NARROWBAND
+        )
 
     def receive(self, data: bytes, source: Address, now: float) -> int:
         """What the datagram `data` from `source`, arriving at `now`, was (see the module's kinds)."""
@@ -149,40 +157,43 @@ class Receiver:
                 return DROPPED
             data = plain
         size = len(data)
-        if HEADER_SIZE <= size <= _MAX_PLAIN_PACKET and data[0] == _PLAIN_FIRST_BYTE:
-            offset, end = HEADER_SIZE, size  # nearly every packet: a plain header, nothing to parse
+        if size < HEADER_SIZE:
+            self.packets_dropped += 1
+            return DROPPED
+        first, second, sequence, timestamp, ssrc = _FIXED_HEADER.unpack_from(data)  # the one parse per packet
+        if first == _PLAIN_FIRST_BYTE and size <= _MAX_PLAIN_PACKET:
+            offset, end = HEADER_SIZE, size  # nearly every packet: a plain header, nothing more to parse
         else:
             offset = payload_offset(data)
             if offset < 0 or size - offset > MAX_PAYLOAD:
                 self.packets_dropped += 1
                 return DROPPED
             end = payload_end(data)
-        payload_type = data[1] & 0x7F
+        payload_type = second & 0x7F
         if payload_type != self._audio_pt and payload_type != self._event_pt:
             self.packets_dropped += 1
             return DROPPED
         latched = 0
         if source != self.peer:
-            if not self._admit(data, source, now):
+            if not self._admit(source, ssrc, sequence, now):
                 self.packets_dropped += 1
                 return DROPPED
             latched = LATCHED
         self.packets_in += 1
         self.last_received = now
-        self.reception.update(data, now)
+        self.reception.arrived(sequence, timestamp, ssrc, now)
         if payload_type == self._audio_pt:
             self.packet, self.offset, self.end = data, offset, end
             if self._decoding:
-                return self._decode() + latched
+                return (TONES if self._deferring else self._decode()) + latched
             return AUDIO + latched
-        self.digit = self._events.feed(data[offset : offset + 4], _EVENT_TIMESTAMP.unpack_from(data)[0])
+        self.digit = self._events.feed(data[offset : offset + 4], timestamp)
         return (EVENT if self.digit is None else DIGIT) + latched
 
-    def _admit(self, data: bytes, source: Address, now: float) -> bool:
+    def _admit(self, source: Address, ssrc: int, sequence: int, now: float) -> bool:
         """A packet from anywhere but the latched peer: the latch rules decide whether it latches
         (or moves) the peer, else it is dropped as injection."""
         assert self._sources is not None  # before start no payload type matches
-        sequence, ssrc = _SEQ_SSRC.unpack_from(data)
         heard = Heard(self.reception.ssrc, self.reception.highest_sequence, self.last_received)
         if not self._sources.admit(source, ssrc, sequence, now, heard):
             return False
@@ -195,13 +206,29 @@ class Receiver:
         if self._decoder is None:
             self._decoder = new_coder(self.codec)
         pcm = self._decoder.decode(self.packet[self.offset : self.end])
+        self._checked(pcm, None if self._tones is None else self._tones.frame_digit(pcm))
+        return PCM
+
+    @property
+    def tones_pass(self) -> bool:
+        """Whether a TONES frame holding no digit may be relayed as it is: no key press is under way
+        and nobody hearing this stream has come to want PCM since it arrived."""
+        tones = self._tones
+        return self._deferring and tones is not None and tones.idle
+
+    def tones_checked(self, packet: bytes, offset: int, end: int, pcm: np.ndarray, frame_digit: str | None) -> None:
+        """A frame that came as TONES, decoded into `pcm` and found to hold `frame_digit` (see
+        dtmf.frame_digits): from now on it is the last packet, as PCM would have left it."""
+        self.packet, self.offset, self.end = packet, offset, end
+        self._checked(pcm, frame_digit)
+
+    def _checked(self, pcm: np.ndarray, frame_digit: str | None) -> None:
         self.digit, self.muted = None, False
         if self._tones is not None:
-            self.digit, self.muted = self._tones.feed(pcm)
+            self.digit, self.muted = self._tones.track(frame_digit)
             if self.muted:
                 pcm = np.zeros_like(pcm)
         self.pcm = pcm
-        return PCM
 
     def receive_rtcp(self, data: bytes, source: Address, our_ssrc: int, now: float) -> bool:
         """An RTCP datagram; only the latched peer's host may report. True when it was taken."""

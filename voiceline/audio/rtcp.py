@@ -18,6 +18,7 @@ VERSION_BITS = 0x80
 MIN_INTERVAL_SECONDS = 5.0  # RFC 3550 6.2: the recommended minimum; randomised by 0.5-1.5
 NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900 (NTP) to 1970 (Unix)
 _SEQ_MOD = 1 << 16
+_SEQ_MASK = _SEQ_MOD - 1
 _MAX_DROPOUT = 3000
 _MAX_MISORDER = 100
 _SDES_CNAME = 1
@@ -63,11 +64,16 @@ class ReceptionStats:
     def update(self, packet: bytes, arrival: float) -> None:
         """A valid RTP packet arrived at `arrival` (seconds, any monotonic clock)."""
         sequence, timestamp, ssrc = _RTP_SEQ_TS_SSRC.unpack_from(packet)
+        self.arrived(sequence, timestamp, ssrc, arrival)
+
+    def arrived(self, sequence: int, timestamp: int, ssrc: int, arrival: float) -> None:
+        """`update` for a packet whose header fields the caller has read already (the per-packet path):
+        a few integer and float operations, no object made."""
         if ssrc != self.ssrc:
             self.ssrc, self.received, self._cycles, self._transit, self._jitter = ssrc, 0, 0, None, 0.0
             self._base = self._max = sequence
             self._expected_prior = self._received_prior = 0
-        delta = (sequence - self._max) % _SEQ_MOD
+        delta = (sequence - self._max) & _SEQ_MASK
         if delta < _MAX_DROPOUT:
             if sequence < self._max:
                 self._cycles += _SEQ_MOD

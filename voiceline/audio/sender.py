@@ -37,11 +37,10 @@ class Frames(Protocol):
     def __getitem__(self, index: int, /) -> bytes: ...
 
 class DatagramSocket(Protocol):
-    """What a sender needs of its socket (an asyncio datagram transport)."""
+    """What a sender needs of its socket (a non-blocking UDP socket): done with `data` when it
+    returns; OSError when the datagram was not sent."""
 
-    def sendto(self, data: bytes | memoryview, addr: Address | None) -> None: ...
-
-    def get_write_buffer_size(self) -> int: ...
+    def sendto(self, data: bytes | memoryview, addr: Address | None, /) -> object: ...
 
 
 class Sender:
@@ -69,7 +68,8 @@ class Sender:
         self.prompts_started = 0  # tells a prompt's end from the end of one it replaced
         self._jitter: JitterBuffer | None = None
         self._concealed_before = 0
-        self._new_buffer()
+        self._buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)  # each packet sent is written here
+        self._view = memoryview(self._buf)  # never resized from here on: slices of it are sent
 
     def start(self, remote: Address, codec: Codec, payload_type: int, srtp: SrtpContext | None = None) -> None:
         """Send `codec` as `payload_type` to `remote`; with `srtp`, SRTP-protected."""
@@ -182,9 +182,10 @@ class Sender:
         """The fast path: the source's packet (payload `packet[offset:end]`) sent on as ours."""
         size = self.stream.relay_into(self._buf, packet, offset, end, self._audio_pt, now, self._translate)
         # `_send`, inlined: this runs for every relayed packet.
-        self._socket.sendto(self._view[:size], self.remote)
-        if self._socket.get_write_buffer_size():
-            self._new_buffer()
+        try:
+            self._socket.sendto(self._view[:size], self.remote)
+        except OSError:  # the kernel's buffer is full or it refused: late audio is dropped, never queued
+            pass
 
     def hear_pcm(self, packet: bytes, pcm: np.ndarray, now: float) -> None:
         """The source's audio as PCM: into the jitter buffer under a prompt, else encoded in our
@@ -229,15 +230,10 @@ class Sender:
 
     def _send(self, size: int) -> None:
         """Send the packet written into our buffer."""
-        self._socket.sendto(self._view[:size], self.remote)
-        # If the socket was full the packet is queued, and uvloop queues a view of our buffer,
-        # not a copy: leave that buffer to the queue and write into a new one.
-        if self._socket.get_write_buffer_size():
-            self._new_buffer()
-
-    def _new_buffer(self) -> None:
-        self._buf = bytearray(HEADER_SIZE + MAX_PAYLOAD)
-        self._view = memoryview(self._buf)  # never resized from here on: slices of it are sent
+        try:
+            self._socket.sendto(self._view[:size], self.remote)
+        except OSError:  # as in `relay`
+            pass
 
 
 class _ProtectingSocket:
@@ -248,10 +244,7 @@ class _ProtectingSocket:
         self._socket = socket
         self._srtp = srtp
 
-    def sendto(self, data: bytes | memoryview, addr: Address | None) -> None:
+    def sendto(self, data: bytes | memoryview, addr: Address | None, /) -> None:
         packet = self._srtp.protect(bytes(data))
         if packet is not None:
             self._socket.sendto(packet, addr)
-
-    def get_write_buffer_size(self) -> int:
-        return self._socket.get_write_buffer_size()

@@ -7,6 +7,10 @@ answered. Every 20 ms a leg sends one PCMU-sized packet carrying a probe (see
 reaches the server as a steady stream, not a burst every 20 ms. Whatever
 comes back is checked against the probe and the kernel's receive timestamp.
 
+Calls go to voiceline over SIP (its pairing pool pairs them), or, to measure
+rtpengine on the same load, straight to rtpengine: the generator pairs its
+own legs and sets each pair up with an ng offer and answer.
+
 The process is driven by commands from the bench runner over a pipe:
 - ("calls", n): place n more calls -> ("ready", answered, failed, started,
   last_answer, legs_sending, legs_hearing_partner) once all are settled and
@@ -29,7 +33,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from voiceline.bench.measure import BUCKET_NS, BUCKETS, MAGIC, PAYLOAD_SIZE, PROBE, WindowCounts
-from voiceline.bench.uac import BenchCall, CallState
+from voiceline.bench.ng import NgClient, NgError
+from voiceline.bench.uac import BenchCall, CallState, Scenario
 from voiceline.sip.message import SipParseError, SipRequest, parse_message
 
 SLOTS = 20  # 1 ms slots per 20 ms frame
@@ -94,9 +99,22 @@ def raise_open_file_limit() -> None:
 
 
 class Generator:
-    def __init__(self, control: Connection, server: tuple[str, int], host: str, first_leg_id: int) -> None:
+    """`server` is voiceline's SIP address, or with `ng` rtpengine's ng control address."""
+
+    def __init__(
+        self,
+        control: Connection,
+        server: tuple[str, int],
+        host: str,
+        first_leg_id: int,
+        scenario: Scenario,
+        ng: bool = False,
+    ) -> None:
         self._control = control
         self._server = server
+        self._scenario = scenario
+        self._ng = NgClient(server) if ng else None
+        self._ng_calls: list[str] = []  # Call-IDs of the pairs set up through ng
         self._host = host
         self._next_leg_id = first_leg_id
         self._sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -107,7 +125,8 @@ class Generator:
         self._poll.register(self._sip.fileno(), select.EPOLLIN)
         self._poll.register(control.fileno(), select.EPOLLIN)
         self._legs_by_fd: dict[int, Leg] = {}
-        self._calls: dict[str, Leg] = {}  # by Call-ID
+        self._calls: dict[str, Leg] = {}  # by Call-ID (SIP calls)
+        self._legs: list[Leg] = []
         self._pending: set[Leg] = set()  # calls with a request awaiting its final response
         self._slots: list[list[Leg]] = [[] for _ in range(SLOTS)]
         self._setup: _Setup | None = None
@@ -154,6 +173,7 @@ class Generator:
 
     def _send_slot(self, legs: list[Leg]) -> None:
         pack_into = _PACKET.pack_into
+        payload_type = self._scenario.payload_type
         window_start, window_end = self._window
         in_window = 0
         for leg in legs:
@@ -163,7 +183,7 @@ class Generator:
             leg.timestamp = timestamp = (leg.timestamp + PAYLOAD_SIZE) & 0xFFFFFFFF
             count = leg.count = leg.count + 1
             sent_ns = time.time_ns()
-            pack_into(leg.buf, 0, 0x80, 0, sequence, timestamp, leg.ssrc, MAGIC, leg.id, count, sent_ns)
+            pack_into(leg.buf, 0, 0x80, payload_type, sequence, timestamp, leg.ssrc, MAGIC, leg.id, count, sent_ns)
             try:
                 leg.sock.send(leg.buf)
             except OSError:  # e.g. ICMP port unreachable after the server closed the leg
@@ -262,15 +282,21 @@ class Generator:
         if kind == "calls":
             count = int(command[1])  # type: ignore[call-overload]
             self._setup = _Setup(now, count)
-            self._place_calls(now)
+            if self._ng is not None:
+                self._set_up_pairs()
+            else:
+                self._place_calls(now)
         elif kind == "window":
             self._window = (int(command[1]), int(command[2]))  # type: ignore[call-overload]
             self._window_reported = False
             self._counts = WindowCounts()
             self._latency = [0] * BUCKETS
         elif kind == "hangup":
-            for leg in self._calls.values():
+            for leg in self._legs:
                 leg.sending = False
+            if self._ng is not None:
+                self._delete_pairs()
+            for leg in self._calls.values():
                 if leg.call is not None:
                     request = leg.call.hangup(now)
                     if request is not None:
@@ -280,19 +306,65 @@ class Generator:
         elif kind == "stop":
             self._running = False
 
+    def _new_leg(self) -> Leg:
+        leg = Leg(self._next_leg_id, self._host)
+        self._next_leg_id += 1
+        self._legs.append(leg)
+        self._legs_by_fd[leg.sock.fileno()] = leg
+        self._poll.register(leg.sock.fileno(), select.EPOLLIN)
+        self._slots[leg.id % SLOTS].append(leg)
+        return leg
+
+    def _set_up_pairs(self) -> None:
+        """rtpengine: each two new legs one call, set up by an offer (the first leg's SDP) and an answer
+        (the second's); each leg then sends to the port rtpengine gave it. Blocking: set-up is not measured."""
+        setup = self._setup
+        assert setup is not None and self._ng is not None
+        while setup.remaining >= 2:
+            setup.remaining -= 2
+            caller, callee = self._new_leg(), self._new_leg()
+            call_id = secrets.token_hex(10)
+            try:
+                offered = self._ng.command(
+                    "offer", call_id=call_id, from_tag="caller", sdp=self._scenario.offer(self._host, caller.port)
+                )
+                answered = self._ng.command(
+                    "answer",
+                    call_id=call_id,
+                    from_tag="caller",
+                    to_tag="callee",
+                    sdp=self._scenario.offer(self._host, callee.port),
+                )
+                callee.sock.connect((self._host, _sdp_port(offered.get("sdp"))))
+                caller.sock.connect((self._host, _sdp_port(answered.get("sdp"))))
+            except (NgError, OSError, ValueError):
+                setup.failed += 2
+                continue
+            self._ng_calls.append(call_id)
+            caller.sending = callee.sending = True
+            setup.answered += 2
+            setup.last_answer = time.monotonic()
+        setup.failed += setup.remaining  # an odd leg out has no partner
+        setup.remaining = 0
+
+    def _delete_pairs(self) -> None:
+        assert self._ng is not None
+        for call_id in self._ng_calls:
+            try:
+                self._ng.command("delete", call_id=call_id, from_tag="caller")
+            except NgError:
+                pass  # rtpengine ends it when it stops
+        self._ng_calls.clear()
+
     def _place_calls(self, now: float) -> None:
         setup = self._setup
         if setup is None:
             return
         inviting = self._inviting()
         while setup.remaining and inviting < MAX_INVITING:
-            leg = Leg(self._next_leg_id, self._host)
-            self._next_leg_id += 1
-            call = leg.call = BenchCall(self._sip_address, self._server, leg.port)
+            leg = self._new_leg()
+            call = leg.call = BenchCall(self._sip_address, self._server, leg.port, self._scenario)
             self._calls[call.call_id] = leg
-            self._legs_by_fd[leg.sock.fileno()] = leg
-            self._poll.register(leg.sock.fileno(), select.EPOLLIN)
-            self._slots[leg.id % SLOTS].append(leg)
             self._sip_send(call.invite(now), self._server)
             self._pending.add(leg)
             setup.remaining -= 1
@@ -321,7 +393,7 @@ class Generator:
         setup = self._setup
         if setup is None or setup.remaining or self._inviting():
             return
-        legs = [leg for leg in self._calls.values() if leg.sending]
+        legs = [leg for leg in self._legs if leg.sending]
         heard = sum(1 for leg in legs if leg.heard)
         if heard < len(legs) and now - max(setup.last_answer, setup.started) < HEAR_TIMEOUT_SECONDS:
             return
@@ -344,14 +416,30 @@ class Generator:
         self._control.send(("hung_up", busy))
 
     def _close(self) -> None:
-        for leg in self._calls.values():
+        for leg in self._legs:
             leg.sock.close()
+        if self._ng is not None:
+            self._ng.close()
         self._sip.close()
         self._poll.close()
 
 
+def _sdp_port(sdp: object) -> int:
+    """The audio port of an SDP rtpengine returned."""
+    for line in str(sdp).splitlines():
+        if line.startswith("m=audio "):
+            return int(line.split()[1])
+    raise ValueError("no audio in the SDP")
+
+
 def generator_main(
-    control: Connection, server: tuple[str, int], host: str, first_leg_id: int, realtime_priority: int
+    control: Connection,
+    server: tuple[str, int],
+    host: str,
+    first_leg_id: int,
+    realtime_priority: int,
+    scenario: Scenario,
+    ng: bool,
 ) -> None:
     """Entry point of a generator process."""
     raise_open_file_limit()
@@ -365,4 +453,4 @@ def generator_main(
             os.nice(NICE_WITHOUT_REALTIME)
     except OSError:
         pass
-    Generator(control, server, host, first_leg_id).run()
+    Generator(control, server, host, first_leg_id, scenario, ng).run()

@@ -86,10 +86,11 @@ class LevelResult:
     counts: WindowCounts
     latency: LatencyHistogram
     setup_rate: float  # calls answered per second while this level was being set up
-    server_cpu: float  # % of one core
+    server_cpu: float  # % of one core: the relay process (user + system time, all its threads)
     server_rss_mb: float
     generator_cpu: float  # % of one core, all generator processes together
     seconds: float  # window length
+    system_cpu: float = 0.0  # % of one core: the whole machine busy (softirq included), generator excluded
 
     @property
     def loss(self) -> float:
@@ -110,6 +111,16 @@ class LevelResult:
     @property
     def p99_ms(self) -> float:
         return self.latency.percentile_ms(0.99)
+
+    @property
+    def p999_ms(self) -> float:
+        return self.latency.percentile_ms(0.999)
+
+    def per_packet_us(self, cpu_percent: float) -> float:
+        """CPU (% of one core over the window) per relayed packet, in microseconds."""
+        if self.counts.received == 0:
+            return 0.0
+        return cpu_percent / 100 * self.seconds / self.counts.received * 1e6
 
     @property
     def within_budget(self) -> bool:

@@ -3,6 +3,10 @@
 Levels add pairs to those already up (calls are placed once and held), so a
 run also measures how fast calls are set up. After a level's calls are up
 and every leg hears its partner, a window of `hold_seconds` is measured.
+
+`compare` runs the same generator against voiceline and against rtpengine
+(userspace, set up over its ng protocol), alternating which goes first,
+scenario by scenario, and prints CPU per relayed packet side by side.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from voiceline.bench.generator import generator_main, raise_open_file_limit
+from voiceline.bench.ng import NgClient, NgError
 from voiceline.bench.measure import (
     LOSS_BUDGET,
     MIN_OFFERED,
@@ -31,6 +36,7 @@ from voiceline.bench.measure import (
     WindowCounts,
     largest_within_budget,
 )
+from voiceline.bench.uac import PCMU_WITH_EVENTS, Scenario
 
 LOOPBACK = "127.0.0.1"
 LEG_IDS_PER_WORKER = 1_000_000
@@ -58,6 +64,7 @@ class BenchOptions:
     workers: int = 2
     host: str = LOOPBACK
     realtime_priority: int = 0  # SCHED_RR for the server, one lower for the generator; 0: normal scheduling
+    scenario: Scenario = PCMU_WITH_EVENTS
 
 
 def cpu_seconds(pid: int) -> float:
@@ -68,6 +75,13 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def busy_seconds() -> float:
+    """CPU time the whole machine spent busy so far (all CPUs: user, system, interrupts, softirq)."""
+    fields = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / _CLOCK_TICKS
 
 
 def rss_mb(pid: int) -> float:
@@ -81,14 +95,17 @@ def rss_mb(pid: int) -> float:
 class _Workers:
     """The generator processes and their command pipes."""
 
-    def __init__(self, count: int, server: tuple[str, int], host: str, realtime_priority: int) -> None:
+    def __init__(
+        self, count: int, server: tuple[str, int], host: str, realtime_priority: int, scenario: Scenario, ng: bool
+    ) -> None:
         context = multiprocessing.get_context("fork")
         self.pipes: list[Connection] = []
         self.processes: list[multiprocessing.process.BaseProcess] = []
         for index in range(count):
             ours, theirs = context.Pipe()
             process = context.Process(
-                target=generator_main, args=(theirs, server, host, 1 + index * LEG_IDS_PER_WORKER, realtime_priority),
+                target=generator_main,
+                args=(theirs, server, host, 1 + index * LEG_IDS_PER_WORKER, realtime_priority, scenario, ng),
                 daemon=True,
             )
             process.start()
@@ -138,12 +155,16 @@ def run_levels(
     options: BenchOptions,
     report: Callable[[LevelResult], None] = lambda result: None,
     on_workers: Callable[[list[int]], None] = lambda pids: None,
+    ng: bool = False,
 ) -> list[LevelResult]:
-    """Ramp through `options.levels` (pair counts, ascending) against a running server."""
+    """Ramp through `options.levels` (pair counts, ascending) against a running server (with `ng`:
+    a running rtpengine, `server` its ng address)."""
     raise_open_file_limit()
     # The generator stands in for callers elsewhere: one real-time step below the server, so it
     # never delays the relay it measures (SCHED_RR alternates equal priorities every 100 ms).
-    workers = _Workers(options.workers, server, options.host, max(0, options.realtime_priority - 1))
+    workers = _Workers(
+        options.workers, server, options.host, max(0, options.realtime_priority - 1), options.scenario, ng
+    )
     time.sleep(0.2)  # let the generator processes set themselves up
     on_workers(workers.pids)
     results: list[LevelResult] = []
@@ -152,7 +173,7 @@ def run_levels(
         for level in options.levels:
             if level <= pairs:
                 continue
-            result = _run_level(workers, server_pid, options, level, 2 * (level - pairs))
+            result = _run_level(workers, server_pid, options, level, level - pairs)
             pairs = level
             results.append(result)
             report(result)
@@ -165,9 +186,10 @@ def run_levels(
     return results
 
 
-def _run_level(workers: _Workers, server_pid: int | None, options: BenchOptions, level: int, calls: int) -> LevelResult:
+def _run_level(workers: _Workers, server_pid: int | None, options: BenchOptions, level: int, pairs: int) -> LevelResult:
     count = len(workers.pipes)
-    workers.send([("calls", calls // count + (1 if index < calls % count else 0)) for index in range(count)])
+    # Two calls per pair in each process: rtpengine's pairs are made within one process.
+    workers.send([("calls", 2 * (pairs // count + (1 if index < pairs % count else 0))) for index in range(count)])
     ready = workers.replies("ready", SETUP_TIMEOUT_SECONDS)
     answered = sum(reply[1] for reply in ready)
     started = min(reply[3] for reply in ready)
@@ -182,9 +204,11 @@ def _run_level(workers: _Workers, server_pid: int | None, options: BenchOptions,
     time.sleep(max(0.0, (window_start - time.time_ns()) / 1e9))
     server_before = cpu_seconds(server_pid) if server_pid else 0.0
     generator_before = sum(cpu_seconds(pid) for pid in workers.pids)
+    busy_before = busy_seconds()
     wall_before = time.monotonic()
     time.sleep(max(0.0, (window_end - time.time_ns()) / 1e9))
     wall = time.monotonic() - wall_before
+    busy = busy_seconds() - busy_before
     server_cpu = 100 * (cpu_seconds(server_pid) - server_before) / wall if server_pid else 0.0
     generator_cpu = 100 * (sum(cpu_seconds(pid) for pid in workers.pids) - generator_before) / wall
     server_rss = rss_mb(server_pid) if server_pid else 0.0
@@ -205,6 +229,7 @@ def _run_level(workers: _Workers, server_pid: int | None, options: BenchOptions,
         server_rss_mb=server_rss,
         generator_cpu=generator_cpu,
         seconds=options.hold_seconds,
+        system_cpu=max(0.0, 100 * busy / wall - generator_cpu),
     )
 
 
@@ -218,16 +243,22 @@ def _free_udp_port(host: str) -> int:
 
 
 def start_server(
-    directory: Path, rtp_ports: str, host: str = LOOPBACK, realtime_priority: int = 0
+    directory: Path,
+    rtp_ports: str,
+    host: str = LOOPBACK,
+    realtime_priority: int = 0,
+    media_options: Sequence[tuple[str, str]] = (),
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
-    """`voiceline serve` on loopback, answering at once; returns it once it listens."""
+    """`voiceline serve` on loopback, answering at once; returns it once it listens. `media_options`
+    are more `[media]` settings (key, TOML value)."""
+    media = "".join(f"{key} = {value}\n" for key, value in media_options)
     port = _free_udp_port(host)
     config = directory / "voiceline.toml"
     config.write_text(
         f'[sip]\nlisten = "{host}:{port}"\npublic_address = "{host}"\nanswer_delay = 0.0\ntransports = ["udp"]\n'
         # Every generated call comes from one address, as from one carrier: room for all of them.
         f"max_calls = {BENCH_MAX_CALLS}\ninvite_rate = {BENCH_INVITE_RATE}\ninvite_burst = {BENCH_INVITE_RATE}\n\n"
-        f'[media]\nrtp_ports = "{rtp_ports}"\nrealtime_priority = {realtime_priority}\n\n'
+        f'[media]\nrtp_ports = "{rtp_ports}"\nrealtime_priority = {realtime_priority}\n{media}\n'
         f'[storage]\ndata_dir = "{directory / "data"}"\n\n'
         # Callers who know the line: no welcome, no choice; a pair talks after the connect prompts.
         "[welcome]\nenabled = false\noffer_choice = false\n\n"
@@ -327,3 +358,181 @@ def _policy(pid: int) -> str:
 
 def _loadavg() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+# -- side by side with rtpengine ---------------------------------------------------
+
+RTPENGINE = "rtpengine"  # Debian rtpengine-daemon (`make bench` installs it)
+VOICELINE = "voiceline"
+
+
+def start_rtpengine(
+    directory: Path, rtp_ports: str, host: str = LOOPBACK, ng_port: int | None = None
+) -> tuple[subprocess.Popen[bytes], tuple[str, int]]:
+    """rtpengine on loopback, userspace only (no kernel table), its ng port `ng_port` (any free one
+    when None); returns it once that port answers."""
+    low, high = (int(port) for port in rtp_ports.split("-"))
+    ng = (host, ng_port or _free_udp_port(host))
+    log_path = directory / "rtpengine.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [
+                RTPENGINE, "--config-file=none", "--table=-1", f"--interface={host}", f"--listen-ng={ng[0]}:{ng[1]}",
+                f"--port-min={low}", f"--port-max={high}", "--foreground", "--log-stderr", "--log-level=4",
+                "--delete-delay=0", f"--pidfile={directory / 'rtpengine.pid'}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    client = NgClient(ng)
+    deadline = time.monotonic() + SERVER_READY_SECONDS
+    try:
+        while True:
+            try:
+                client.command("ping")
+                return process, ng
+            except NgError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    process.wait()
+                    raise RuntimeError(f"rtpengine did not start: {log_path.read_text()[-2000:]}") from None
+    finally:
+        client.close()
+
+
+def _set_realtime(pid: int, priority: int) -> None:
+    """SCHED_RR for every thread of `pid` (rtpengine runs worker threads)."""
+    if not priority:
+        return
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setscheduler(int(task.name), os.SCHED_RR, os.sched_param(priority))
+        except OSError:
+            return
+
+
+def media_options(relay: str) -> list[tuple[str, str]]:
+    """The `[media]` settings of a relay named `voiceline:key=value,...` (a string value is quoted)."""
+    options = []
+    for setting in relay.partition(":")[2].split(","):
+        key, equals, value = setting.partition("=")
+        if not setting:
+            continue
+        if not equals or not key.strip():
+            raise ValueError(f"not a key=value media setting: {setting!r}")
+        value = value.strip()
+        literal = value in ("true", "false") or value.replace(".", "", 1).isdigit()
+        options.append((key.strip(), value if literal else '"' + value.replace('"', "") + '"'))
+    return options
+
+
+def run_relay(relay: str, options: BenchOptions, rtp_ports: str, rtpengine_ports: str) -> list[LevelResult]:
+    """One relay, started for this run and stopped after it, under `options`' load: `rtpengine`, or
+    `voiceline` optionally with media settings (`voiceline:kernel_forwarding=off`)."""
+    with tempfile.TemporaryDirectory(prefix="voiceline-bench-") as directory:
+        if relay.partition(":")[0] == VOICELINE:
+            process, port, log_path = start_server(
+                Path(directory), rtp_ports, options.host, options.realtime_priority, media_options(relay)
+            )
+            address, ng = (options.host, port), False
+        else:
+            process, address = start_rtpengine(Path(directory), rtpengine_ports, options.host)
+            _set_realtime(process.pid, options.realtime_priority)
+            log_path, ng = Path(directory) / "rtpengine.log", True
+        try:
+            return run_levels(address, process.pid, options, ng=ng)
+        finally:
+            if stop_server(process) not in (0, -signal.SIGTERM):
+                print(f"{relay} exited with status {process.returncode}; log:\n{log_path.read_text()[-3000:]}")
+
+
+_SIDE_BY_SIDE_COLUMNS = (
+    f"{'scenario':<12} {'relay':<12} {'pairs':>5} {'load %':>6} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
+    f"{'p99.9 ms':>8} {'proc us/pkt':>11} {'sys us/pkt':>10} {'gen us/pkt':>10}"
+)
+
+
+def format_side_by_side(scenario: str, relay: str, result: LevelResult) -> str:
+    """One row: CPU per relayed packet of the relay process, and of the whole machine without the generator."""
+    return (
+        f"{scenario:<12} {relay:<12} {result.pairs:>5} {100 * result.offered:>6.1f} {result.counts.received:>9} {100 * result.loss:>7.3f} "
+        f"{result.p50_ms:>7.2f} {result.p99_ms:>7.2f} {result.p999_ms:>8.2f} "
+        f"{result.per_packet_us(result.server_cpu):>11.2f} {result.per_packet_us(result.system_cpu):>10.2f} "
+        f"{result.per_packet_us(result.generator_cpu):>10.2f}"
+    )
+
+
+def compare(
+    options: BenchOptions,
+    scenarios: Sequence[Scenario],
+    repetitions: int,
+    rtp_ports: str,
+    rtpengine_ports: str,
+    relays: Sequence[str] = (VOICELINE, RTPENGINE),
+) -> dict[tuple[str, str, int], list[LevelResult]]:
+    """Every scenario at every level against every relay, `repetitions` times, rotating which relay
+    goes first; prints each row as it is measured. Results by (scenario, relay, pairs)."""
+    results: dict[tuple[str, str, int], list[LevelResult]] = {}
+    print(_SIDE_BY_SIDE_COLUMNS, flush=True)
+    for repetition in range(repetitions):
+        for index, scenario in enumerate(scenarios):
+            first = (repetition + index) % len(relays)
+            for relay in [*relays[first:], *relays[:first]]:
+                scenario_options = BenchOptions(
+                    options.levels, options.hold_seconds, options.workers, options.host, options.realtime_priority,
+                    scenario,
+                )
+                for result in run_relay(relay, scenario_options, rtp_ports, rtpengine_ports):
+                    results.setdefault((scenario.name, relay, result.pairs), []).append(result)
+                    print(format_side_by_side(scenario.name, relay, result), flush=True)
+    return results
+
+
+def summarise(results: dict[tuple[str, str, int], list[LevelResult]]) -> list[str]:
+    """Per scenario, level and relay: the median CPU per packet, and each voiceline relay's ratio to
+    rtpengine's."""
+    lines = [f"{'scenario':<12} {'pairs':>5} {'relay':<12} {'proc us/pkt':>11} {'sys us/pkt':>10} {'ratio proc/sys':>15}"]
+    medians = {
+        key: (
+            _median([run.per_packet_us(run.server_cpu) for run in runs]),
+            _median([run.per_packet_us(run.system_cpu) for run in runs]),
+        )
+        for key, runs in results.items()
+    }
+    for (scenario, relay, pairs), (proc, system) in sorted(medians.items(), key=lambda item: (item[0][0], item[0][2])):
+        theirs = medians.get((scenario, RTPENGINE, pairs))
+        ratio = "-" if relay == RTPENGINE or theirs is None else "/".join(
+            f"{ours / base:.2f}" if base else "-" for ours, base in zip((proc, system), theirs)
+        )
+        lines.append(f"{scenario:<12} {pairs:>5} {relay:<12} {proc:>11.2f} {system:>10.2f} {ratio:>15}")
+    return lines
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def bench_side_by_side(
+    options: BenchOptions,
+    scenarios: Sequence[Scenario],
+    repetitions: int,
+    rtp_ports: str,
+    rtpengine_ports: str,
+    relays: Sequence[str] = (VOICELINE, RTPENGINE),
+) -> int:
+    """`make bench`'s side-by-side run with its printed report. Returns the exit status."""
+    raise_open_file_limit()
+    print(f"voiceline and rtpengine side by side: {os.cpu_count()} CPUs, load average {_loadavg()}, "
+          f"{options.workers} generator processes, {options.hold_seconds:g} s per level, {repetitions} repetitions")
+    print("proc us/pkt: the relay process's CPU (user + system, all threads) per relayed packet; sys us/pkt: the "
+          "whole machine's busy time (softirq included) less the generator's, per relayed packet (includes any "
+          "other load on the machine); gen us/pkt: the generator's own, excluded from both")
+    results = compare(options, scenarios, repetitions, rtp_ports, rtpengine_ports, relays)
+    print(f"load average {_loadavg()}")
+    print("\n".join(summarise(results)))
+    return 0

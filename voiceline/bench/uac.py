@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+from dataclasses import dataclass
 
 from voiceline.sip.message import (
     SipParseError,
@@ -25,11 +26,42 @@ from voiceline.sip.sdp import SdpError, parse_sdp
 RETRANSMIT_SECONDS = 1.0
 MAX_TRANSMISSIONS = 7
 
-_SDP = (
-    "v=0\r\no=bench {session} 1 IN IP4 {host}\r\ns=bench\r\nc=IN IP4 {host}\r\nt=0 0\r\n"
-    "m=audio {port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
-    "a=fmtp:101 0-16\r\na=ptime:20\r\na=sendrecv\r\n"
-)
+EVENT_PAYLOAD_TYPE = 101
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What every bench leg offers and sends: one audio codec, with or without telephone-event."""
+
+    name: str
+    payload_type: int
+    rtpmap: str  # encoding/clock as in a=rtpmap
+    telephone_event: bool = True  # without it the server watches the audio for in-band DTMF
+
+    def offer(self, host: str, port: int) -> str:
+        """An SDP offer of this scenario's media at `host`:`port`."""
+        formats = f"{self.payload_type} {EVENT_PAYLOAD_TYPE}" if self.telephone_event else f"{self.payload_type}"
+        event = (
+            f"a=rtpmap:{EVENT_PAYLOAD_TYPE} telephone-event/8000\r\na=fmtp:{EVENT_PAYLOAD_TYPE} 0-16\r\n"
+            if self.telephone_event
+            else ""
+        )
+        return (
+            f"v=0\r\no=bench {secrets.randbits(31)} 1 IN IP4 {host}\r\ns=bench\r\nc=IN IP4 {host}\r\nt=0 0\r\n"
+            f"m=audio {port} RTP/AVP {formats}\r\na=rtpmap:{self.payload_type} {self.rtpmap}\r\n{event}"
+            "a=ptime:20\r\na=sendrecv\r\n"
+        )
+
+
+PCMU_WITH_EVENTS = Scenario("pcmu", 0, "PCMU/8000")
+SCENARIOS = {
+    scenario.name: scenario
+    for scenario in (
+        PCMU_WITH_EVENTS,
+        Scenario("pcmu-inband", 0, "PCMU/8000", telephone_event=False),
+        Scenario("g722", 9, "G722/8000"),
+    )
+}
 
 
 class CallState(enum.Enum):
@@ -41,9 +73,12 @@ class CallState(enum.Enum):
 
 
 class BenchCall:
-    """One outgoing call from `local` (our SIP host, port) to the server, offering PCMU at `rtp_port`."""
+    """One outgoing call from `local` (our SIP host, port) to the server, offering `scenario`'s media
+    at `rtp_port`."""
 
-    def __init__(self, local: tuple[str, int], server: tuple[str, int], rtp_port: int) -> None:
+    def __init__(
+        self, local: tuple[str, int], server: tuple[str, int], rtp_port: int, scenario: Scenario = PCMU_WITH_EVENTS
+    ) -> None:
         self.local = local
         self.server = server
         self.call_id = secrets.token_hex(10)
@@ -55,6 +90,7 @@ class BenchCall:
         self._target = f"sip:voiceline@{server[0]}:{server[1]}"
         self._cseq = 1
         self._rtp_port = rtp_port
+        self._scenario = scenario
         self._pending = b""  # the request we retransmit until its final response
         self._transmissions = 0
         self._next_retransmit = 0.0
@@ -62,7 +98,7 @@ class BenchCall:
         self._invite_branch = _new_branch()
 
     def invite(self, now: float) -> bytes:
-        sdp = _SDP.format(session=secrets.randbits(31), host=self.local[0], port=self._rtp_port)
+        sdp = self._scenario.offer(self.local[0], self._rtp_port)
         return self._start(self._request("INVITE", self._invite_branch, "application/sdp", sdp), now)
 
     def hangup(self, now: float) -> bytes | None:
