@@ -318,13 +318,14 @@ def test_the_same_generator_drives_rtpengine_over_ng() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 async def test_the_engine_alone_relays_every_leg_both_ways(kind: str) -> None:
     """`--engine-only`: paired legs of a real engine relay (or transcode) what the sender process
-    sends them."""
+    sends them; waiting legs, unpaired, are sent hold music (with reassurances mixed in) at the
+    same packet rate."""
     from port_table import port_block
 
     first, last = port_block("test_bench")
     result = await measure_engine(2, kind, 1.0, (first + 2, last))
     assert (result.pairs, result.kind) == (2, kind)
-    # 4 legs x 50 packets a second, each relayed once to its partner.
+    # 4 legs x 50 packets a second, each relayed once to its partner (waiting: 50 of music each).
     assert 0.9 * 200 <= result.packets <= 1.1 * 200
     assert result.total_us == result.user_us + result.system_us >= 0
 

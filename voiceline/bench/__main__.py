@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument(
         "--engine-only",
         action="store_true",
-        help="the media engine alone in this process, plain and in-band legs (no SIP, no rtpengine)",
+        help="the media engine alone in this process: plain, in-band and transcoded pairs, and as many legs waiting with music and reassurance (no SIP, no rtpengine)",
     )
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"with --side-by-side: of {', '.join(SCENARIOS)}")
     parser.add_argument("--repetitions", type=int, default=3, help="with --side-by-side: runs per relay and scenario; with --engine-only: runs per level")

@@ -4,11 +4,15 @@ per-packet path with less noise than a whole-service run.
 This process runs a `MediaEngine` on uvloop (as `voiceline serve` does) with
 `pairs` pairs of legs listening to each other, as after pairing (no SIP, no
 pool), in one of three kinds: PCMU with telephone-event, PCMU without it
-(in-band DTMF), or PCMU paired with Opus (transcoded both ways); a sender process
+(in-band DTMF), or PCMU paired with Opus (transcoded both ways); or, as
+"waiting", the same number of legs each waiting alone as the caller's journey
+has them wait: the generated hold music, with a spoken reassurance mixed over
+it every REASSURE_SECONDS (staggered over the legs; the service's default is
+45 s, a shorter interval here keeps prompts in every window); a sender process
 stands in for the phones: one UDP socket per leg, 20 ms PCMU packets spread
 over 1 ms slots, nothing read back. The figure is this process's user and
 system CPU time (getrusage, so the sender is excluded) over a window, per
-packet the engine relayed.
+packet the engine relayed (for waiting legs: per packet of music it sent).
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ import numpy as np
 import uvloop
 
 from voiceline.audio.codecs import new_coder
-from voiceline.audio.media import MediaEngine
+from voiceline.audio.hold import hold_music
+from voiceline.audio.media import MediaEngine, MediaLeg
+from voiceline.audio.prompts import PromptSet
 from voiceline.codec_table import OPUS, PCMU, Codec
 
 EVENT_PAYLOAD_TYPE = 101
 OPUS_PAYLOAD_TYPE = 96
-KINDS = ("plain", "in-band", "transcode")
+KINDS = ("plain", "in-band", "transcode", "waiting")
+REASSURE_SECONDS = 5.0  # between a waiting leg's reassurances
 SETTLE_SECONDS = 1.0
 SLOT_SECONDS = 0.001
 SLOTS = 20  # 1 ms slots per 20 ms frame
@@ -90,7 +97,7 @@ async def measure_engine(
 ) -> EngineResult:
     """`pairs` pairs of legs of `kind` (of KINDS) relaying to each other for `seconds` after a
     settling second."""
-    engine = MediaEngine(host, port_range, np.zeros(PCMU.frame_samples, dtype=np.int16))
+    engine = MediaEngine(host, port_range, hold_music())
     phones: list[socket.socket] = []
     try:
         legs = []
@@ -103,9 +110,12 @@ async def measure_engine(
             codec, payload_type, _ = _leg_media(kind, index)
             leg.start(phone.getsockname(), codec, payload_type, None if kind == "in-band" else EVENT_PAYLOAD_TYPE)
             legs.append(leg)
-        for first, second in zip(legs[::2], legs[1::2]):
-            first.listen_to(second)
-            second.listen_to(first)
+        if kind == "waiting":
+            _wait_alone(legs, PromptSet.load("en").at("reassure_1", PCMU.rate))
+        else:
+            for first, second in zip(legs[::2], legs[1::2]):
+                first.listen_to(second)
+                second.listen_to(first)
         stop_at = time.monotonic() + SETTLE_SECONDS + seconds + 0.5
         sender = multiprocessing.get_context("fork").Process(
             target=_send,
@@ -132,6 +142,19 @@ async def measure_engine(
         (after.ru_utime - before.ru_utime) * per_packet,
         (after.ru_stime - before.ru_stime) * per_packet,
     )
+
+
+def _wait_alone(legs: list[MediaLeg], reassurance: np.ndarray) -> None:
+    """Each leg hears hold music, and the reassurance over it every REASSURE_SECONDS, staggered."""
+    loop = asyncio.get_running_loop()
+
+    def reassure(leg: MediaLeg) -> None:
+        leg.play_over(reassurance, PCMU.rate)
+        loop.call_later(REASSURE_SECONDS, reassure, leg)
+
+    for index, leg in enumerate(legs):
+        leg.hold()
+        loop.call_later(REASSURE_SECONDS * index / len(legs), reassure, leg)
 
 
 def engine_only(levels: list[int], seconds: float, rtp_ports: str, repetitions: int) -> int:
