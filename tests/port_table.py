@@ -16,6 +16,7 @@ TABLE: dict[str, int] = {
     "test_asyncio_edge": 20,  # our SIP port per test
     "test_cli": 100,  # `voiceline serve --rtp-ports`
     "test_client_invite": 201,  # our SIP port and SIPp's, 4 per call; then a port only named in our SDP
+    "test_crash": 2,  # our SIP port, kept across a restart; then a port only named in SDP
     "test_dialogs": 600,  # 20 per service
     "test_kamailio": 20,  # Kamailio's SIP port (a fixed port in its configuration)
     "test_lifecycle": 100,  # 50 for `serve --rtp-ports` of servers that must not start; then a port only named in SDP
