@@ -22,7 +22,7 @@ BPF_BUILD_PACKAGES := clang libbpf-dev linux-libc-dev
 # festival with the slt HTS voice (the default), and flite (its slt voice, the alternative).
 PROMPT_TOOLS := festival festvox-us-slt-hts flite
 
-.PHONY: kernel-path run test test-fast bench prompts prompts-measure system-libs system-deps clean
+.PHONY: kernel-path run test test-fast bench soak prompts prompts-measure system-libs system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -74,6 +74,12 @@ run: $(VENV)/.installed system-libs $(BPF_OBJECT)
 # Load test: real calls and RTP through a real server on loopback (see README, Performance).
 bench: $(VENV)/.installed system-libs $(BPF_OBJECT)
 	$(BIN)/python -m voiceline.bench $(BENCH_ARGS)
+
+# Churn soak (not part of `make test`): SOAK_CALLS short calls (RTP on a share) through a real server
+# on loopback, failed and hung calls and what the server holds at start, middle and end (see README).
+SOAK_CALLS ?= 20000
+soak: $(VENV)/.installed system-libs $(BPF_OBJECT)
+	$(BIN)/python -m voiceline.soak --calls $(SOAK_CALLS) $(SOAK_ARGS)
 
 test: $(VENV)/.installed-test system-deps $(BPF_OBJECT)
 	$(BIN)/python -m mypy voiceline
