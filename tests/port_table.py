@@ -29,6 +29,7 @@ TABLE: dict[str, int] = {
     "test_provisioning_cli": 2,  # a port nobody answers on
     "test_sim_caller": 100,  # a silent port, then 10 per SIPp
     "test_sip_security": 400,  # 20 per service
+    "test_soak": 140,  # the server's RTP range (100), then the callers' SIP, sink and RTP sockets
     "test_srtp": 320,  # 100 for the legs, a phone's RTP/RTCP pair, 20 per service
     "test_transport": 400,  # 20 per service
     "test_trunk_admission": 600,  # 20 per service
