@@ -87,6 +87,11 @@ def registration_state(data_dir: Path) -> object:
     return status(data_dir)["trunks"]["loopback"]["registration"]
 
 
+def stored_registration(data_dir: Path) -> str:
+    with contextlib.closing(sqlite3.connect(data_dir / DB_NAME)) as db:
+        return str(db.execute("SELECT state FROM registration_status WHERE trunk = 'loopback'").fetchone()[0])
+
+
 async def answered_call(peer: RawPeer, server: tuple[str, int]) -> Dialer:
     dialer = Dialer(peer, server, from_user=CALLER)
     dialer.invite(rtp_port=SDP_PORT)
@@ -132,6 +137,7 @@ async def test_after_kill_9_calls_up_are_counted_once_their_byes_are_orphans_and
             await until(lambda: len(carrier.arrivals) > registered_before, timeout=3)
             assert carrier.arrivals[registered_before] - restarted < 3.0
             await until(lambda: registration_state(data_dir) == "registered", timeout=5)
+            await until(lambda: stored_registration(data_dir) == "registered")  # what `voiceline trunk list` shows
 
             # The callers of the calls that were up hang up, or press a key, or re-INVITE: 481 each.
             for dialer in dialers:

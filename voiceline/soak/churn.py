@@ -260,7 +260,8 @@ class Churn(asyncio.DatagramProtocol):
         if leg is not None:
             if leg in self._sending:
                 self._sending.discard(leg)
-                self.counts.rtp_silent += leg.heard == 0
+                if not leg.heard:
+                    self.counts.rtp_silent += 1
             leg.dest = None
             self._free_legs.append(leg)
         if not self._calls and self._all_placed:
