@@ -25,7 +25,7 @@ BENCH_TOOLS := rtpengine:rtpengine-daemon
 # festival with the slt HTS voice (the default), and flite (its slt voice, the alternative).
 PROMPT_TOOLS := festival festvox-us-slt-hts flite
 
-.PHONY: kernel-path run test test-fast bench bench-ramp prompts prompts-measure system-libs system-deps clean
+.PHONY: kernel-path run test test-fast bench bench-ramp soak prompts prompts-measure system-libs system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -82,6 +82,12 @@ bench: $(VENV)/.installed system-libs $(BPF_OBJECT)
 
 bench-ramp: $(VENV)/.installed system-libs $(BPF_OBJECT)
 	$(BIN)/python -m voiceline.bench $(BENCH_ARGS)
+
+# Churn soak (not part of `make test`): SOAK_CALLS short calls (RTP on a share) through a real server
+# on loopback, failed and hung calls and what the server holds at start, middle and end (see README).
+SOAK_CALLS ?= 20000
+soak: $(VENV)/.installed system-libs $(BPF_OBJECT)
+	$(BIN)/python -m voiceline.soak --calls $(SOAK_CALLS) $(SOAK_ARGS)
 
 test: $(VENV)/.installed-test system-deps $(BPF_OBJECT)
 	$(BIN)/python -m mypy voiceline

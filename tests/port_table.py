@@ -16,6 +16,7 @@ TABLE: dict[str, int] = {
     "test_asyncio_edge": 20,  # our SIP port per test
     "test_cli": 100,  # `voiceline serve --rtp-ports`
     "test_client_invite": 201,  # our SIP port and SIPp's, 4 per call; then a port only named in our SDP
+    "test_crash": 2,  # our SIP port, kept across a restart; then a port only named in SDP
     "test_dialogs": 600,  # 20 per service
     "test_kamailio": 20,  # Kamailio's SIP port (a fixed port in its configuration)
     "test_lifecycle": 100,  # 50 for `serve --rtp-ports` of servers that must not start; then a port only named in SDP
@@ -29,6 +30,7 @@ TABLE: dict[str, int] = {
     "test_provisioning_cli": 2,  # a port nobody answers on
     "test_sim_caller": 100,  # a silent port, then 10 per SIPp
     "test_sip_security": 400,  # 20 per service
+    "test_soak": 140,  # the server's RTP range (100), then the callers' SIP, sink and RTP sockets
     "test_srtp": 320,  # 100 for the legs, a phone's RTP/RTCP pair, 20 per service
     "test_transport": 400,  # 20 per service
     "test_trunk_admission": 600,  # 20 per service

@@ -303,6 +303,29 @@ def test_a_forged_in_dialog_request_is_refused_and_changes_nothing() -> None:
     [call] = harness.core.calls
     assert call.state is CallState.CONFIRMED and call.audio is not None and call.audio.remote_port == 8000
     assert harness.take_events() == []
+    assert harness.core.counters.orphans == 0  # our dialog, a stranger's tag: refused, not an orphan
+
+
+def test_requests_in_a_dialog_this_process_never_held_get_481_and_count_as_orphans() -> None:
+    """What a restarted process hears from the calls its killed predecessor answered (RFC 3261 12.2.2)."""
+    harness = Harness.make()
+    peer, dialer, _ = answered_call(harness)
+    peer.received()
+    elsewhere = CorePeer(harness, 4100)
+    stranger = Dialer(elsewhere, SERVER)  # type: ignore[arg-type]
+    stranger.to_tag = "tag-of-a-process-gone"
+    for method, body, kind in (("BYE", "", ""), ("INFO", "Signal=5\r\nDuration=160\r\n", "application/dtmf-relay"),
+                               ("UPDATE", "", "")):  # fmt: skip
+        stranger.in_dialog(method, body=body, content_type=kind)
+    stranger.in_dialog("INVITE", sdp_port=6000)
+    assert elsewhere.statuses() == [481, 481, 481, 481]
+    assert harness.core.counters.orphans == 4
+    stranger.to_tag = ""
+    stranger.in_dialog("BYE")  # no To tag: not inside any dialog, refused all the same
+    assert elsewhere.statuses() == [481]
+    assert harness.core.counters.orphans == 4
+    dialer.in_dialog("BYE")  # the call this process holds ends as ever
+    assert peer.statuses() == [200] and harness.core.counters.orphans == 4
 
 
 # -- session timers and glare ------------------------------------------------------------------

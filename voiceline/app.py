@@ -434,6 +434,9 @@ async def serve(config: Config, config_file: str | None = None) -> int:
         owner = await asyncio.to_thread(DataDirLock.acquire, Path(config.storage.data_dir))
     except (DataDirBusy, OSError) as exc:
         raise start_failure(exc, config) or exc from None
+    if owner.predecessor is not None:
+        # Its calls were counted at answer; their in-call requests get 481 and count as orphans.
+        log.warning("service.unclean_stop_before", pid=owner.predecessor)
     try:
         return await _serve_owned(config, config_file, stop)
     finally:

@@ -3,7 +3,9 @@
 The lock is flock(2) on that file. The kernel drops it when the process ends, however it
 ends (kill -9 included), so a lock file left behind blocks nobody and needs no cleaning.
 While the lock is held the file holds the owner's pid, written by the owner itself, for
-people and messages; nothing in voiceline signals a pid read from a file.
+people and messages; nothing in voiceline signals a pid read from a file. An owner that
+stops empties the file, so a pid found in it by the next owner names one that ended
+without stopping (a crash, kill -9, power loss): `DataDirLock.predecessor`.
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ class DataDirBusy(Exception):
 class DataDirLock:
     """The exclusive lock, held from `acquire` until `release` (or the process's end)."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, predecessor: int | None = None) -> None:
         self.path = path
         self._fd: int | None = fd
+        # The pid of an owner that ended without stopping (its pid still in the file or in the
+        # retired pid file), or None when the last one stopped or there was none.
+        self.predecessor = predecessor
 
     @classmethod
     def acquire(cls, data_dir: Path, patience: float = ACQUIRE_PATIENCE) -> DataDirLock:
@@ -58,14 +63,18 @@ class DataDirLock:
                 if time.monotonic() >= give_up:
                     raise DataDirBusy(data_dir, _pid_in(fd))
                 time.sleep(_RETRY_INTERVAL)
+            predecessor = _pid_in(fd)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         except BaseException:
             os.close(fd)
             raise
+        retired = data_dir / RETIRED_PID_FILE
+        with contextlib.suppress(FileNotFoundError, ValueError, UnicodeDecodeError):
+            predecessor = predecessor or int(retired.read_text(encoding="ascii").strip())
         with contextlib.suppress(FileNotFoundError):
-            (data_dir / RETIRED_PID_FILE).unlink()
-        return cls(path, fd)
+            retired.unlink()
+        return cls(path, fd, predecessor)
 
     def release(self) -> None:
         """Empty the file (no pid outlives its owner) and drop the lock; the file itself stays."""

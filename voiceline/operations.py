@@ -239,7 +239,8 @@ class Operations:
 
     async def command(self, name: str, args: Mapping[str, Any]) -> dict[str, Any]:
         if name == "status":
-            return self.status()
+            # The loop's tasks: a count that must come back down after load (`make soak` watches it).
+            return {**self.status(), "tasks": len(asyncio.all_tasks())}
         if name == "drain":
             self.app.request_drain()
             return {"draining": True}

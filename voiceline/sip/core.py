@@ -202,6 +202,9 @@ class SipCounters:
     malformed: int = 0
     oversized: int = 0
     calls: int = 0
+    # In-dialog requests (a To tag) for a dialog this process does not hold, e.g. the BYEs of calls
+    # a killed predecessor answered; each got 481. A late request for a call just ended counts too.
+    orphans: int = 0
 
 
 # What to do with the final response to one of our requests (None: Timer F or B fired).
@@ -619,12 +622,20 @@ class CallCore:
             return None
         return call
 
+    def _orphaned(self, request: SipRequest) -> bool:
+        """An in-dialog request (it has a To tag) whose Call-ID and To tag match no dialog we hold."""
+        to_tag = parse_name_addr(request.headers.get("To") or "").tag
+        return to_tag is not None and (request.headers.get("Call-ID") or "", to_tag) not in self._calls
+
     def _on_in_dialog(self, tx: ServerTransaction, request: SipRequest, trunk: str) -> None:
         call = self._dialog_of(request, trunk)
         event = {
             "BYE": CallEvent.BYE, "INFO": CallEvent.INFO, "INVITE": CallEvent.REINVITE, "NOTIFY": CallEvent.NOTIFY,
         }.get(request.method, CallEvent.UPDATE)  # fmt: skip
         if call is None or next_phase(call.state, event) == Refusal(481):
+            if call is None and self._orphaned(request):
+                self.counters.orphans += 1
+                log.debug("sip.orphan", method=request.method)
             self._respond_and_forget(tx, 481)
             return
         if not call.dialog.accepts_remote_seq(request):
