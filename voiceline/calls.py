@@ -1,4 +1,4 @@
-"""The call handler: a media leg for each call the user agent offers, each line's journeys, statistics, the silence reaper.
+"""The call handler: a media leg for each call the user agent offers, each line's journeys, statistics, the silence watch.
 
 It sees a call only as `CallInfo` (an id and the negotiated media facts); the
 dialog, and with it the caller's URI, stays inside `voiceline.sip`. Each line
@@ -6,6 +6,12 @@ is a `pairing.line.Line` on the loop's clock, fed what happens to its calls
 (answered, digits, a prompt's end, hold and resume, hang-up) and, through one
 timer per line, `due(now)`; what it returns is done to the media legs:
 prompts mixed over what a caller hears, hold music, silence, a partner, BYE.
+
+The silence watch is one task that wakes at the earliest deadline of all calls
+(or when a call is answered, resumed or paired): a caller sending no RTP for
+`media.partner_silence` while connecting or talking is parted from its partner
+(its phone or line seems gone), and one silent for `media.inactivity_timeout`
+is ended. A leg's last arrival is read when the watch wakes, never per packet.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from voiceline.storage import CallAudio, Storage
 log = structlog.get_logger("voiceline.app")
 
 WAITING_STATES = (State.CHOICE, State.WAITING)
+PAIRED_STATES = (State.CONNECTING, State.TALKING)
+RESUME_CHECK = 1.0  # seconds between looks at a caller parted for silence: its audio may come back
 Hearing = PlayMusic | Silence | Bridge
 
 
@@ -93,6 +101,7 @@ class LiveCall:
     hearing: Hearing | None = None  # what the journey last said it hears (again after a hold)
     state: State | None = None  # its journey's, as last seen: a change to waiting is an event
     summary: CallSummary | None = None  # its figures, once its journey ended (before its BYE)
+    silent_since: float | None = None  # parted from its partner for silence then; None once heard again
 
 
 class Calls:
@@ -121,6 +130,7 @@ class Calls:
         self.lines: dict[str, ServedLine] = {}  # by name, once a call reached it
         self._busiest_hours: dict[str, tuple[int, int] | None] = {}
         self._loop = asyncio.get_running_loop()
+        self._silence_changed = asyncio.Event()  # a call may have a silence deadline earlier than the watch's
 
     def now(self) -> float:
         """The clock the lines run on (the loop's; callable from any thread)."""
@@ -186,6 +196,7 @@ class Calls:
         live.info = call
         live.quiet_since = self._loop.time()
         live.answered_at = self.storage.clock()
+        self._silence_changed.set()
         self.write(self.storage.record_answer(call.line, live.answered_at))
         live.leg.set_sending(not call.media.on_hold)
         self.live_view.call_answered(call)
@@ -207,6 +218,7 @@ class Calls:
         if keys is not None:  # a re-offer keeps SRTP or plain RTP as the call began
             live.leg.rekey(keys)
         live.quiet_since = self._loop.time()
+        self._silence_changed.set()
         live.leg.set_sending(not call.media.on_hold)  # stopping detaches it from what it heard
         served = self.line(call.line)
         now = self._loop.time()
@@ -339,6 +351,8 @@ class Calls:
                 log.info("pairing.waiting", line=served.name, waiting=self._waiting(served))
                 log.debug("pairing.call_waiting", call=call_id)
                 self.live_view.pairing_changed(served.name, paired=False)
+            if journey.state is State.CONNECTING and live.state is not State.CONNECTING:
+                self._silence_changed.set()  # its partner-silence deadline starts
             if journey.state is State.TALKING and live.state is State.CONNECTING:
                 started_talking += 1
                 if journey.partner is not None and call_id < journey.partner:  # one line per pair
@@ -365,25 +379,73 @@ class Calls:
 
     # -- silence ----------------------------------------------------------------------
 
-    async def reap_silent_calls(self, timeout: float) -> None:
-        """End calls whose caller sent no RTP for `timeout` seconds while not on hold."""
-        loop = asyncio.get_running_loop()
+    async def reap_silent_calls(self, timeout: float, partner_silence: float = 0.0) -> None:
+        """End calls whose caller sent no RTP for `timeout` seconds while not on hold, and part a caller
+        silent for `partner_silence` seconds from its partner (each 0: never)."""
         while True:
-            await asyncio.sleep(min(5.0, timeout / 4))
-            now = loop.time()
-            for call_id, live in list(self.live.items()):
-                try:
-                    self._reap_if_silent(call_id, live, now, timeout)
-                except Exception as exc:  # one call's error never spares the others
-                    log.error("call.reap_failed", call=call_id, error=type(exc).__name__, exc_info=exc)
+            self._silence_changed.clear()
+            wake = self._watch_silence(self._loop.time(), timeout, partner_silence)
+            try:
+                async with asyncio.timeout_at(wake):  # None: until a call changes
+                    await self._silence_changed.wait()
+            except TimeoutError:
+                pass
 
-    def _reap_if_silent(self, call_id: str, live: LiveCall, now: float, timeout: float) -> None:
+    def _watch_silence(self, now: float, timeout: float, partner_silence: float) -> float | None:
+        """Act on every call past a silence deadline; the earliest deadline still ahead."""
+        wake: float | None = None
+        for call_id, live in list(self.live.items()):
+            if call_id not in self.live:  # ended by what another call's silence did
+                continue
+            try:
+                deadline = self._silence_deadline(call_id, live, now, timeout, partner_silence)
+            except Exception as exc:  # one call's error never spares the others
+                log.error("call.reap_failed", call=call_id, error=type(exc).__name__, exc_info=exc)
+                deadline = now + RESUME_CHECK
+            if deadline is not None and (wake is None or deadline < wake):
+                wake = deadline
+        return wake
+
+    def _silence_deadline(self, call_id: str, live: LiveCall, now: float, timeout: float, partner_silence: float) -> float | None:
         media = live.info.media
         if live.quiet_since is None or media is None or media.on_hold:
-            return
-        if now - max(live.quiet_since, live.leg.last_received) > timeout:
+            return None
+        heard = max(live.quiet_since, live.leg.last_received)
+        if timeout and now - heard >= timeout:
             log.warning("call.media_timeout", call=call_id, seconds=timeout)
             self.hangup(call_id, "no media")  # ends the call even when its BYE cannot be sent
+            return None
+        deadlines = [heard + timeout] if timeout else []
+        if partner_silence:
+            deadline = self._partner_silence(call_id, live, heard, now, partner_silence)
+            if deadline is not None:
+                deadlines.append(deadline)
+        return min(deadlines, default=None)
+
+    def _partner_silence(self, call_id: str, live: LiveCall, heard: float, now: float, limit: float) -> float | None:
+        """Part a caller silent for `limit` from its partner; a parted one whose audio came back may be
+        paired again. When this call next needs a look."""
+        served = self.lines.get(live.info.line)
+        journey = served.journeys.journey(call_id) if served is not None else None
+        if served is None or journey is None:
+            return None
+        if live.silent_since is not None and journey.silent:
+            if heard <= live.silent_since:
+                return now + RESUME_CHECK
+            live.silent_since = None
+            log.debug("pairing.call_heard_again", call=call_id)
+            self._apply(served, served.journeys.heard_again(call_id, now))
+            return None
+        if journey.partner is None or journey.state not in PAIRED_STATES:
+            return None
+        if now - heard < limit:
+            return heard + limit
+        live.silent_since = now
+        # Counts only at info: which call went silent, and whose partner it was, is debug.
+        log.info("pairing.partner_dropped", line=served.name)
+        log.debug("pairing.call_silent", call=call_id, partner=journey.partner)
+        self._apply(served, served.journeys.silent(call_id, now))
+        return now + RESUME_CHECK
 
 
 def _start_media(leg: MediaLeg, call: CallInfo, media: CallMedia) -> None:
