@@ -50,6 +50,7 @@ log = structlog.get_logger("voiceline.app")
 
 WAITING_STATES = (State.CHOICE, State.WAITING)
 PAIRED_STATES = (State.CONNECTING, State.TALKING)
+JOURNEY_ENDED = "journey_ended"  # the reason our BYE gives to logs, events and metrics
 RESUME_CHECK = 1.0  # seconds between looks at a caller parted for silence: its audio may come back
 Hearing = PlayMusic | Silence | Bridge
 
@@ -301,8 +302,11 @@ class Calls:
         self._report(served, step)
         self._set_timer(served)
         for call_id, hang_up in hang_ups:
-            log.info("call.journey_ended", call=call_id, reason=hang_up.reason.value)
-            self.hangup(call_id, hang_up.reason.value)
+            # One reason for every goodbye: a pair's time running out ends two calls, which a shared
+            # reason would link; why is counted per line in the statistics, and shown at debug.
+            log.info("call.journey_ended", call=call_id)
+            log.debug("call.journey_end_reason", call=call_id, reason=hang_up.reason.value)
+            self.hangup(call_id, JOURNEY_ENDED)
 
     def _act(self, served: ServedLine, live: LiveCall, call_id: str, action: Action) -> None:
         if isinstance(action, PlayPrompts):

@@ -1,8 +1,11 @@
-"""A partner who vanishes (its RTP stops, no BYE) while two callers talk: the survivor is told the line
-seems to have dropped and is paired with the next caller; the silent call is ended later.
+"""How conversations end without a word from us linking the two calls.
 
-The survivor and the next caller are real pjsua2 callers (recorded); the one who vanishes is a raw
-SIP peer sending a tone as RTP, so its audio can stop without a hang-up.
+A partner who vanishes (its RTP stops, no BYE) while two callers talk: the survivor is told the line
+seems to have dropped and is paired with the next caller; the silent call is ended later. The
+survivor and the next caller are real pjsua2 callers (recorded); the one who vanishes is a raw SIP
+peer sending a tone as RTP, so its audio can stop without a hang-up.
+
+A pair whose talk time ran out and who let the choice pass: our two BYEs give no reason that links them.
 """
 
 from __future__ import annotations
@@ -15,19 +18,23 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rawsip import Dialer, RawPeer, to_tag
+import structlog
+from port_table import port_ranges
+from rawsip import Dialer, RawPeer, address, serving, to_tag
 from test_end_to_end import A_HZ, B_HZ, C_HZ, CONNECTED_AFTER, assert_hears, prompt_seconds
 from test_journey_interop import TOLERANCE, heard_at
 
 from voiceline.audio import g711
 from voiceline.audio.rtp import build_packet
+from voiceline.config import from_mapping
 from voiceline.sim.analysis import goertzel_db, read_wav
-from voiceline.sim.plugin import VoicelineServer
+from voiceline.sim.plugin import QUICK_JOURNEY, VoicelineServer
 from voiceline.sim.runner import CallSpec
 from voiceline.sip.message import response_to, serialize
 from voiceline.sip.sdp import parse_sdp
 
 PARTNER_SILENCE, INACTIVITY = 2.0, 8.0
+_next_range = port_ranges("test_partings", 20)  # RTP ports of the services this file starts
 FRAME = 160  # PCMU samples per 20 ms packet
 
 
@@ -125,3 +132,38 @@ def last_heard(recording: str, hz: float, before: float, window: float = 0.1) ->
     ]
     assert loud, f"{hz} Hz never heard"
     return loud[-1]
+
+
+@pytest.mark.integration
+async def test_a_pair_whose_talk_time_ran_out_is_hung_up_with_no_reason_that_links_the_two(tmp_path: Any) -> None:
+    low, high = next(_next_range)
+    config = from_mapping(
+        {
+            "sip": {"listen": "127.0.0.1:0", "answer_delay": 0.05},
+            "media": {"rtp_ports": f"{low}-{high}", "inactivity_timeout": 0, "partner_silence": 0},
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "talking": {"max_talk": 1.0, "warn_before": 0.5, "end_choice_wait": 0.2},
+            **QUICK_JOURNEY,
+        }
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with serving(config) as app:
+            first, second = await RawPeer.open(), await RawPeer.open()
+            try:
+                for peer, rtp_port in ((first, 4000), (second, 4002)):
+                    dialer = Dialer(peer, address(app))
+                    dialer.invite(rtp_port=rtp_port)
+                    dialer.ack(to_tag(await peer.response(status=200, method="INVITE", timeout=5.0)))
+                # Connect prompts, the warning, the end-of-talk choice, its wait and the goodbye: then our BYEs.
+                for peer in (first, second):
+                    bye = await peer.request("BYE", timeout=40.0)
+                    peer.send(serialize(response_to(bye, 200)), address(app))
+            finally:
+                first.close()
+                second.close()
+    ended = [entry for entry in logs if entry["event"] in ("call.ended", "call.journey_ended")]
+    assert [entry.get("reason") for entry in ended if entry["event"] == "call.ended"] == ["journey_ended"] * 2
+    assert len([entry for entry in ended if entry["event"] == "call.journey_ended"]) == 2
+    at_info = [entry for entry in logs if entry["log_level"] != "debug"]
+    assert not [entry for entry in at_info if "talk_time_over" in str(entry)]
+    assert [entry["reason"] for entry in logs if entry["event"] == "call.journey_end_reason"] == ["talk_time_over"] * 2
