@@ -6,6 +6,8 @@ survivor and the next caller are real pjsua2 callers (recorded); the one who van
 peer sending a tone as RTP, so its audio can stop without a hang-up.
 
 A pair whose talk time ran out and who let the choice pass: our two BYEs give no reason that links them.
+
+The silence watch's deadlines, on a fake clock (`silence_check`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from test_end_to_end import A_HZ, B_HZ, C_HZ, CONNECTED_AFTER, assert_hears, pro
 from test_journey_interop import TOLERANCE, heard_at
 
 from voiceline.audio import g711
+from voiceline.calls import RESUME_CHECK, SilenceVerdict, silence_check
 from voiceline.audio.rtp import build_packet
 from voiceline.config import from_mapping
 from voiceline.sim.analysis import goertzel_db, read_wav
@@ -36,6 +39,34 @@ from voiceline.sip.sdp import parse_sdp
 PARTNER_SILENCE, INACTIVITY = 2.0, 8.0
 _next_range = port_ranges("test_partings", 20)  # RTP ports of the services this file starts
 FRAME = 160  # PCMU samples per 20 ms packet
+
+
+END, PART, HEARD_AGAIN = SilenceVerdict.END, SilenceVerdict.PART, SilenceVerdict.HEARD_AGAIN
+
+
+def test_a_silent_call_is_ended_at_the_inactivity_timeout_counted_from_its_last_packet() -> None:
+    assert silence_check(10.0, 12.0, 60.0, 8.0, False, None) == (None, 70.0)  # waiting: no partner to part from
+    assert silence_check(10.0, 69.9, 60.0, 8.0, False, None) == (None, 70.0)
+    assert silence_check(10.0, 70.0, 60.0, 8.0, False, None) == (END, None)
+    assert silence_check(30.0, 70.0, 60.0, 8.0, False, None) == (None, 90.0)  # a packet since: the deadline moved
+
+
+def test_a_paired_caller_silent_for_partner_silence_is_parted_then_looked_at_every_second() -> None:
+    assert silence_check(10.0, 12.0, 60.0, 8.0, True, None) == (None, 18.0)  # the earliest deadline wakes the watch
+    assert silence_check(10.0, 17.9, 60.0, 8.0, True, None) == (None, 18.0)
+    assert silence_check(10.0, 18.0, 60.0, 8.0, True, None) == (PART, 18.0 + RESUME_CHECK)
+    # Parted at 18: still nothing, looked at again a second later, until the inactivity timeout ends it.
+    assert silence_check(10.0, 19.0, 60.0, 8.0, False, 18.0) == (None, 19.0 + RESUME_CHECK)
+    assert silence_check(10.0, 70.0, 60.0, 8.0, False, 18.0) == (END, None)
+    # Its audio came back: a waiting caller again, with only the inactivity deadline ahead.
+    assert silence_check(19.5, 20.0, 60.0, 8.0, False, 18.0) == (HEARD_AGAIN, 79.5)
+
+
+def test_either_limit_may_be_off() -> None:
+    assert silence_check(10.0, 500.0, 0.0, 0.0, True, None) == (None, None)
+    assert silence_check(10.0, 12.0, 0.0, 8.0, True, None) == (None, 18.0)
+    assert silence_check(10.0, 12.0, 0.0, 8.0, False, None) == (None, None)
+    assert silence_check(10.0, 18.0, 60.0, 0.0, True, None) == (None, 70.0)
 
 
 @contextlib.asynccontextmanager

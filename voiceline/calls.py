@@ -17,6 +17,7 @@ is ended. A leg's last arrival is read when the watch wakes, never per packet.
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -414,42 +415,57 @@ class Calls:
         media = live.info.media
         if live.quiet_since is None or media is None or media.on_hold:
             return None
-        heard = max(live.quiet_since, live.leg.last_received)
-        if timeout and now - heard >= timeout:
-            log.warning("call.media_timeout", call=call_id, seconds=timeout)
-            self.hangup(call_id, "no media")  # ends the call even when its BYE cannot be sent
-            return None
-        deadlines = [heard + timeout] if timeout else []
-        if partner_silence:
-            deadline = self._partner_silence(call_id, live, heard, now, partner_silence)
-            if deadline is not None:
-                deadlines.append(deadline)
-        return min(deadlines, default=None)
-
-    def _partner_silence(self, call_id: str, live: LiveCall, heard: float, now: float, limit: float) -> float | None:
-        """Part a caller silent for `limit` from its partner; a parted one whose audio came back may be
-        paired again. When this call next needs a look."""
         served = self.lines.get(live.info.line)
         journey = served.journeys.journey(call_id) if served is not None else None
-        if served is None or journey is None:
-            return None
-        if live.silent_since is not None and journey.silent:
-            if heard <= live.silent_since:
-                return now + RESUME_CHECK
-            live.silent_since = None
-            log.debug("pairing.call_heard_again", call=call_id)
-            self._apply(served, served.journeys.heard_again(call_id, now))
-            return None
-        if journey.partner is None or journey.state not in PAIRED_STATES:
-            return None
-        if now - heard < limit:
-            return heard + limit
-        live.silent_since = now
-        # Counts only at info: which call went silent, and whose partner it was, is debug.
-        log.info("pairing.partner_dropped", line=served.name)
-        log.debug("pairing.call_silent", call=call_id, partner=journey.partner)
-        self._apply(served, served.journeys.silent(call_id, now))
-        return now + RESUME_CHECK
+        paired = journey is not None and journey.partner is not None and journey.state in PAIRED_STATES
+        parted_at = live.silent_since if journey is not None and journey.silent else None
+        heard = max(live.quiet_since, live.leg.last_received)
+        verdict, deadline = silence_check(heard, now, timeout, partner_silence, paired, parted_at)
+        if verdict is SilenceVerdict.END:
+            log.warning("call.media_timeout", call=call_id, seconds=timeout)
+            self.hangup(call_id, "no media")  # ends the call even when its BYE cannot be sent
+        elif verdict is not None and served is not None and journey is not None:
+            if verdict is SilenceVerdict.PART:
+                live.silent_since = now
+                # Counts only at info: which call went silent, and whose partner it was, is debug.
+                log.info("pairing.partner_dropped", line=served.name)
+                log.debug("pairing.call_silent", call=call_id, partner=journey.partner)
+                self._apply(served, served.journeys.silent(call_id, now))
+            else:
+                live.silent_since = None
+                log.debug("pairing.call_heard_again", call=call_id)
+                self._apply(served, served.journeys.heard_again(call_id, now))
+        return deadline
+
+
+class SilenceVerdict(enum.Enum):
+    END = "end"  # silent for the inactivity timeout: hang up
+    PART = "part"  # silent for partner_silence while paired: part it from its partner
+    HEARD_AGAIN = "heard_again"  # parted for silence, and its audio is back
+
+
+def silence_check(
+    heard: float, now: float, inactivity: float, partner_silence: float, paired: bool, parted_at: float | None
+) -> tuple[SilenceVerdict | None, float | None]:
+    """What a leg last heard from at `heard` calls for at `now`, and when it next needs a look (None:
+    not until something changes). `inactivity`, `partner_silence`: the limits, 0 for off; `paired`:
+    connecting or talking; `parted_at`: when it was parted from its partner for silence, else None."""
+    if inactivity and now - heard >= inactivity:
+        return SilenceVerdict.END, None
+    deadlines = [heard + inactivity] if inactivity else []
+    verdict = None
+    if partner_silence and parted_at is not None:
+        if heard > parted_at:
+            verdict = SilenceVerdict.HEARD_AGAIN
+        else:
+            deadlines.append(now + RESUME_CHECK)
+    elif partner_silence and paired:
+        if now - heard >= partner_silence:
+            verdict = SilenceVerdict.PART
+            deadlines.append(now + RESUME_CHECK)
+        else:
+            deadlines.append(heard + partner_silence)
+    return verdict, min(deadlines, default=None)
 
 
 def _start_media(leg: MediaLeg, call: CallInfo, media: CallMedia) -> None:
