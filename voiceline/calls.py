@@ -384,7 +384,7 @@ class Calls:
 
     # -- silence ----------------------------------------------------------------------
 
-    async def reap_silent_calls(self, timeout: float, partner_silence: float = 0.0) -> None:
+    async def reap_silent_calls(self, timeout: float, partner_silence: float) -> None:
         """End calls whose caller sent no RTP for `timeout` seconds while not on hold, and part a caller
         silent for `partner_silence` seconds from its partner (each 0: never)."""
         while True:
