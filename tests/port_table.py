@@ -26,6 +26,7 @@ TABLE: dict[str, int] = {
     "test_media": 140,  # 100 for the engine, then small ranges with fixed layouts
     "test_media_features": 210,  # 100 for the engine, 100 for a second engine, a phone's RTP/RTCP pair
     "test_media_security": 800,  # a small engine, then up to 100 per service
+    "test_partings": 40,  # 20 per service
     "test_plugin": 300,  # a SIP port, then the server's and the callers' RTP ranges
     "test_provisioning_cli": 2,  # a port nobody answers on
     "test_sim_caller": 100,  # a silent port, then 10 per SIPp

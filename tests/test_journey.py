@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import tomllib
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from voiceline.pairing.journey import (
     busiest_prompts,
     keys_prompts,
 )
-from voiceline.pairing.line import Line, Step
+from voiceline.pairing.line import END_CHOICE_SPREAD, Line, Step
 
 PROMPT_IDS = set(tomllib.loads((Path(__file__).parent.parent / "prompts" / "en.toml").read_text())["prompts"])
 KEYS = keys_prompts(KeyMap())
@@ -229,11 +230,52 @@ def test_the_end_of_talk_choice_left_unanswered_ends_in_a_goodbye() -> None:
     line.due(45.0)
     line.due(60.0)
     line.prompt_finished("b", 68.0)
-    assert line.deadline == 88.0  # b's choice is open for end_choice_wait after it was heard
-    assert of(line.due(88.0), "b") == [Silence(), PlayPrompts(("goodbye",))]
-    assert of(line.prompt_finished("b", 91.0), "b") == [HangUp(HangUpReason.TALK_TIME_OVER)]
+    deadline = line.deadline  # b's choice is open for end_choice_wait after it was heard, and a spread
+    assert deadline is not None and 88.0 <= deadline <= 88.0 + END_CHOICE_SPREAD
+    assert line.due(deadline - 0.01).actions == []
+    assert of(line.due(deadline), "b") == [Silence(), PlayPrompts(("goodbye",))]
+    assert of(line.prompt_finished("b", deadline + 3.0), "b") == [HangUp(HangUpReason.TALK_TIME_OVER)]
     assert line.journey("b") is None  # left the line; a's hang-up later is news of nothing
-    assert line.hung_up("b", 92.0) == Step()
+    assert line.hung_up("b", deadline + 4.0) == Step()
+
+
+@given(st.integers(min_value=0, max_value=2**32))
+@settings(max_examples=50)
+def test_partners_who_let_the_end_of_talk_choice_pass_are_not_hung_up_in_the_same_instant(seed: int) -> None:
+    """Two BYEs with the same reason at the same moment would let a log reader link the two calls."""
+    line = Line(JourneySettings(max_talk=60.0, warn_before=15.0, end_choice_wait=20.0), rng=random.Random(seed))
+    talking(line, "a", "b", 0.0)
+    line.due(45.0)
+    line.due(60.0)
+    line.prompt_finished("a", 68.0)  # both heard the choice end at the same moment
+    line.prompt_finished("b", 68.0)
+    goodbyes: dict[str, float] = {}
+    while len(goodbyes) < 2:
+        now = line.deadline
+        assert now is not None and 88.0 <= now <= 88.0 + END_CHOICE_SPREAD
+        for call, action in line.due(now).actions:
+            if action == PlayPrompts(("goodbye",)):
+                goodbyes[call] = now
+    assert goodbyes["a"] != goodbyes["b"]
+
+
+def test_the_end_of_talk_spread_differs_between_callers() -> None:
+    spreads = set()
+    line = Line(JourneySettings(max_talk=60.0, warn_before=15.0, end_choice_wait=20.0), rng=random.Random(7))
+    for pair in range(20):
+        a, b = f"a{pair}", f"b{pair}"
+        talking(line, a, b, 0.0)
+        line.due(45.0)
+        line.due(60.0)
+        for call in (a, b):
+            line.prompt_finished(call, 68.0)
+            journey = line.journey(call)
+            assert journey is not None and journey.deadline is not None
+            spreads.add(round(journey.deadline - 88.0, 3))
+        line.hung_up(a, 70.0)
+        line.hung_up(b, 70.0)
+    assert len(spreads) == 40 and min(spreads) >= 0.0 and max(spreads) <= END_CHOICE_SPREAD
+    assert max(spreads) - min(spreads) > END_CHOICE_SPREAD / 2  # spread over the range, not a constant
 
 
 def test_talking_and_waiting_do_not_count_against_each_other() -> None:
@@ -343,6 +385,51 @@ def test_a_caller_on_hold_is_paired_with_nobody_until_resumed() -> None:
     assert of(step, "b") == [Silence(), PlayPrompts(CONNECT)]
 
 
+def test_a_partner_gone_silent_while_talking_leaves_the_other_told_the_line_dropped() -> None:
+    line = Line(SHORT)
+    talking(line, "a", "b", 0.0)
+    waiting(line, "c", 1.0)
+    step = line.silent("b", 5.0)
+    assert of(step, "a") == [PlayMusic(), PlayPrompts(("line_dropped",))]  # c is on the line: not alone
+    assert of(step, "b") == [PlayMusic(), PlayPrompts(("line_dropped",))]  # should it still hear us
+    step = line.prompt_finished("a", 8.0)  # told, then paired with c
+    assert of(step, "a") == [Silence(), PlayPrompts(CONNECT)]
+    assert of(step, "c") == [Silence(), PlayPrompts(CONNECT)]
+
+
+def test_a_partner_gone_silent_while_connecting_with_nobody_else_on_the_line() -> None:
+    line = Line(SHORT)
+    waiting(line, "a", 0.0)
+    waiting(line, "b", 1.0)  # paired: both hear the connect prompts
+    step = line.silent("a", 2.0)
+    assert of(step, "b") == [PlayMusic(), PlayPrompts(("line_dropped", "nobody_else_here"))]
+    assert line.prompt_finished("b", 4.0).actions == []  # a, silent, is no partner for anyone
+
+
+def test_a_silent_caller_is_paired_with_nobody_until_heard_again() -> None:
+    line = Line(SHORT)
+    talking(line, "a", "b", 0.0)
+    line.silent("b", 5.0)
+    line.prompt_finished("a", 7.0)
+    assert line.prompt_finished("b", 7.0).actions == []  # both waiting, b silent: not paired again
+    journey = line.journey("b")
+    assert journey is not None and journey.state is State.WAITING and not journey.seeking
+    step = line.heard_again("b", 9.0)  # its audio came back: a waiting caller like any other
+    assert of(step, "a") == [Silence(), PlayPrompts(CONNECT)]
+    assert of(step, "b") == [Silence(), PlayPrompts(CONNECT)]
+
+
+def test_a_caller_silent_while_waiting_is_paired_with_nobody() -> None:
+    line = Line(SHORT)
+    waiting(line, "a", 0.0)
+    assert line.silent("a", 1.0).actions == []  # nothing to tell it
+    line.answered("b", 2.0)
+    line.prompt_finished("b", 2.0)
+    assert line.prompt_finished("b", 3.0).actions == []
+    assert line.silent("a", 4.0).actions == []  # told twice: nothing changes
+    assert of(line.heard_again("a", 5.0), "a") == [Silence(), PlayPrompts(CONNECT)]
+
+
 def test_a_caller_on_hold_at_max_wait_is_hung_up_without_a_goodbye_it_could_not_hear() -> None:
     line = Line(SHORT)
     waiting(line, "a", 0.0)
@@ -355,7 +442,7 @@ def test_a_caller_on_hold_at_max_wait_is_hung_up_without_a_goodbye_it_could_not_
 
 events = st.lists(
     st.tuples(
-        st.sampled_from(["answered", "digit", "finished", "hung_up", "held", "resumed", "due"]),
+        st.sampled_from(["answered", "digit", "finished", "hung_up", "held", "resumed", "silent", "heard", "due"]),
         st.sampled_from(["a", "b", "c", "d"]),
         st.sampled_from(list("0129*#5")),
         st.floats(min_value=0.0, max_value=40.0),
@@ -388,6 +475,10 @@ def test_any_sequence_of_events_keeps_the_line_consistent(sequence: list[tuple[s
             step = line.held(call, now)
         elif kind == "resumed":
             step = line.resumed(call, now)
+        elif kind == "silent":
+            step = line.silent(call, now)
+        elif kind == "heard":
+            step = line.heard_again(call, now)
         elif kind == "hung_up":
             step = line.hung_up(call, now)
             hearing.pop(call, None)

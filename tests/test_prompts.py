@@ -61,6 +61,7 @@ JOURNEY = (
     "report_thanks",
     "cooldown",
     "stepped_away",
+    "line_dropped",
     "closed",
     "key_star",
     "key_hash",

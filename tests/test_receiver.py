@@ -10,7 +10,7 @@ from test_dtmf import dtmf, event
 from voiceline.audio import g711
 from voiceline.audio.dtmf import frame_digits
 from voiceline.audio.latch import Learning
-from voiceline.audio.receiver import AUDIO, DIGIT, DROPPED, EVENT, LATCHED, PCM, TONES, Receiver
+from voiceline.audio.receiver import AUDIO, COMFORT_NOISE_PT, DIGIT, DROPPED, EVENT, LATCHED, PCM, TONES, Receiver
 from voiceline.audio.rtcp import ReceptionStats, build_report, parse
 from voiceline.audio.rtp import MAX_PAYLOAD, build_packet
 from voiceline.audio.srtp import SrtpContext, SrtpKeys
@@ -70,6 +70,16 @@ def test_what_is_dropped_is_counted_and_latches_nothing() -> None:
     ]
     assert [receiver.receive(packet, SDP, 0.1) for packet in bad] == [DROPPED] * len(bad)
     assert (receiver.packets_dropped, receiver.packets_in, receiver.peer, receiver.last_received) == (6, 0, None, 0.0)
+
+
+def test_comfort_noise_from_the_peer_shows_it_is_there_without_being_relayed_or_counted_as_dropped() -> None:
+    receiver = started()
+    assert receiver.receive(audio(1), SDP, 0.1) == AUDIO + LATCHED
+    noise = audio(2, payload=bytes([60]), payload_type=COMFORT_NOISE_PT)  # RFC 3389: a level, no spectrum
+    assert receiver.receive(noise, SDP, 5.0) == DROPPED
+    assert (receiver.last_received, receiver.packets_in, receiver.packets_dropped) == (5.0, 1, 0)
+    assert receiver.receive(noise, STRANGER, 9.0) == DROPPED  # from anyone else: proves nothing
+    assert (receiver.last_received, receiver.packets_dropped) == (5.0, 1)
 
 
 def test_a_stranger_latches_only_after_probation_and_gives_way_to_the_caller() -> None:

@@ -194,9 +194,9 @@ class VoiceLine:
             )
         await self.trunks.start()
         self._background.append(loop.create_task(supervised("refresh_busiest_hours", self._refresh_busiest_hours)))
-        timeout = self.config.media.inactivity_timeout
-        if timeout:
-            reap = functools.partial(self.calls.reap_silent_calls, timeout)
+        timeout, partner_silence = self.config.media.inactivity_timeout, self.config.media.partner_silence
+        if timeout or partner_silence:
+            reap = functools.partial(self.calls.reap_silent_calls, timeout, partner_silence)
             self._background.append(loop.create_task(supervised("reap_silent_calls", reap)))
         await self.ops.start()
 

@@ -1,4 +1,4 @@
-"""The call handler: a media leg for each call the user agent offers, each line's journeys, statistics, the silence reaper.
+"""The call handler: a media leg for each call the user agent offers, each line's journeys, statistics, the silence watch.
 
 It sees a call only as `CallInfo` (an id and the negotiated media facts); the
 dialog, and with it the caller's URI, stays inside `voiceline.sip`. Each line
@@ -6,11 +6,18 @@ is a `pairing.line.Line` on the loop's clock, fed what happens to its calls
 (answered, digits, a prompt's end, hold and resume, hang-up) and, through one
 timer per line, `due(now)`; what it returns is done to the media legs:
 prompts mixed over what a caller hears, hold music, silence, a partner, BYE.
+
+The silence watch is one task that wakes at the earliest deadline of all calls
+(or when a call is answered, resumed or paired): a caller sending no RTP for
+`media.partner_silence` while connecting or talking is parted from its partner
+(its phone or line seems gone), and one silent for `media.inactivity_timeout`
+is ended. A leg's last arrival is read when the watch wakes, never per packet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -43,6 +50,9 @@ from voiceline.storage import CallAudio, Storage
 log = structlog.get_logger("voiceline.app")
 
 WAITING_STATES = (State.CHOICE, State.WAITING)
+PAIRED_STATES = (State.CONNECTING, State.TALKING)
+JOURNEY_ENDED = "journey_ended"  # the reason our BYE gives to logs, events and metrics
+RESUME_CHECK = 1.0  # seconds between looks at a caller parted for silence: its audio may come back
 Hearing = PlayMusic | Silence | Bridge
 
 
@@ -93,6 +103,7 @@ class LiveCall:
     hearing: Hearing | None = None  # what the journey last said it hears (again after a hold)
     state: State | None = None  # its journey's, as last seen: a change to waiting is an event
     summary: CallSummary | None = None  # its figures, once its journey ended (before its BYE)
+    silent_since: float | None = None  # parted from its partner for silence then; None once heard again
 
 
 class Calls:
@@ -121,6 +132,7 @@ class Calls:
         self.lines: dict[str, ServedLine] = {}  # by name, once a call reached it
         self._busiest_hours: dict[str, tuple[int, int] | None] = {}
         self._loop = asyncio.get_running_loop()
+        self._silence_changed = asyncio.Event()  # a call may have a silence deadline earlier than the watch's
 
     def now(self) -> float:
         """The clock the lines run on (the loop's; callable from any thread)."""
@@ -186,6 +198,7 @@ class Calls:
         live.info = call
         live.quiet_since = self._loop.time()
         live.answered_at = self.storage.clock()
+        self._silence_changed.set()
         self.write(self.storage.record_answer(call.line, live.answered_at))
         live.leg.set_sending(not call.media.on_hold)
         self.live_view.call_answered(call)
@@ -207,6 +220,7 @@ class Calls:
         if keys is not None:  # a re-offer keeps SRTP or plain RTP as the call began
             live.leg.rekey(keys)
         live.quiet_since = self._loop.time()
+        self._silence_changed.set()
         live.leg.set_sending(not call.media.on_hold)  # stopping detaches it from what it heard
         served = self.line(call.line)
         now = self._loop.time()
@@ -289,8 +303,11 @@ class Calls:
         self._report(served, step)
         self._set_timer(served)
         for call_id, hang_up in hang_ups:
-            log.info("call.journey_ended", call=call_id, reason=hang_up.reason.value)
-            self.hangup(call_id, hang_up.reason.value)
+            # One reason for every goodbye: a pair's time running out ends two calls, which a shared
+            # reason would link; why is counted per line in the statistics, and shown at debug.
+            log.info("call.journey_ended", call=call_id)
+            log.debug("call.journey_end_reason", call=call_id, reason=hang_up.reason.value)
+            self.hangup(call_id, JOURNEY_ENDED)
 
     def _act(self, served: ServedLine, live: LiveCall, call_id: str, action: Action) -> None:
         if isinstance(action, PlayPrompts):
@@ -339,6 +356,8 @@ class Calls:
                 log.info("pairing.waiting", line=served.name, waiting=self._waiting(served))
                 log.debug("pairing.call_waiting", call=call_id)
                 self.live_view.pairing_changed(served.name, paired=False)
+            if journey.state is State.CONNECTING and live.state is not State.CONNECTING:
+                self._silence_changed.set()  # its partner-silence deadline starts
             if journey.state is State.TALKING and live.state is State.CONNECTING:
                 started_talking += 1
                 if journey.partner is not None and call_id < journey.partner:  # one line per pair
@@ -365,25 +384,88 @@ class Calls:
 
     # -- silence ----------------------------------------------------------------------
 
-    async def reap_silent_calls(self, timeout: float) -> None:
-        """End calls whose caller sent no RTP for `timeout` seconds while not on hold."""
-        loop = asyncio.get_running_loop()
+    async def reap_silent_calls(self, timeout: float, partner_silence: float) -> None:
+        """End calls whose caller sent no RTP for `timeout` seconds while not on hold, and part a caller
+        silent for `partner_silence` seconds from its partner (each 0: never)."""
         while True:
-            await asyncio.sleep(min(5.0, timeout / 4))
-            now = loop.time()
-            for call_id, live in list(self.live.items()):
-                try:
-                    self._reap_if_silent(call_id, live, now, timeout)
-                except Exception as exc:  # one call's error never spares the others
-                    log.error("call.reap_failed", call=call_id, error=type(exc).__name__, exc_info=exc)
+            self._silence_changed.clear()
+            wake = self._watch_silence(self._loop.time(), timeout, partner_silence)
+            try:
+                async with asyncio.timeout_at(wake):  # None: until a call changes
+                    await self._silence_changed.wait()
+            except TimeoutError:
+                pass
 
-    def _reap_if_silent(self, call_id: str, live: LiveCall, now: float, timeout: float) -> None:
+    def _watch_silence(self, now: float, timeout: float, partner_silence: float) -> float | None:
+        """Act on every call past a silence deadline; the earliest deadline still ahead."""
+        wake: float | None = None
+        for call_id, live in list(self.live.items()):
+            if call_id not in self.live:  # ended by what another call's silence did
+                continue
+            try:
+                deadline = self._silence_deadline(call_id, live, now, timeout, partner_silence)
+            except Exception as exc:  # one call's error never spares the others
+                log.error("call.reap_failed", call=call_id, error=type(exc).__name__, exc_info=exc)
+                deadline = now + RESUME_CHECK
+            if deadline is not None and (wake is None or deadline < wake):
+                wake = deadline
+        return wake
+
+    def _silence_deadline(self, call_id: str, live: LiveCall, now: float, timeout: float, partner_silence: float) -> float | None:
         media = live.info.media
         if live.quiet_since is None or media is None or media.on_hold:
-            return
-        if now - max(live.quiet_since, live.leg.last_received) > timeout:
+            return None
+        served = self.lines.get(live.info.line)
+        journey = served.journeys.journey(call_id) if served is not None else None
+        paired = journey is not None and journey.partner is not None and journey.state in PAIRED_STATES
+        parted_at = live.silent_since if journey is not None and journey.silent else None
+        heard = max(live.quiet_since, live.leg.last_received)
+        verdict, deadline = silence_check(heard, now, timeout, partner_silence, paired, parted_at)
+        if verdict is SilenceVerdict.END:
             log.warning("call.media_timeout", call=call_id, seconds=timeout)
             self.hangup(call_id, "no media")  # ends the call even when its BYE cannot be sent
+        elif verdict is not None and served is not None and journey is not None:
+            if verdict is SilenceVerdict.PART:
+                live.silent_since = now
+                # Counts only at info: which call went silent, and whose partner it was, is debug.
+                log.info("pairing.partner_dropped", line=served.name)
+                log.debug("pairing.call_silent", call=call_id, partner=journey.partner)
+                self._apply(served, served.journeys.silent(call_id, now))
+            else:
+                live.silent_since = None
+                log.debug("pairing.call_heard_again", call=call_id)
+                self._apply(served, served.journeys.heard_again(call_id, now))
+        return deadline
+
+
+class SilenceVerdict(enum.Enum):
+    END = "end"  # silent for the inactivity timeout: hang up
+    PART = "part"  # silent for partner_silence while paired: part it from its partner
+    HEARD_AGAIN = "heard_again"  # parted for silence, and its audio is back
+
+
+def silence_check(
+    heard: float, now: float, inactivity: float, partner_silence: float, paired: bool, parted_at: float | None
+) -> tuple[SilenceVerdict | None, float | None]:
+    """What a leg last heard from at `heard` calls for at `now`, and when it next needs a look (None:
+    not until something changes). `inactivity`, `partner_silence`: the limits, 0 for off; `paired`:
+    connecting or talking; `parted_at`: when it was parted from its partner for silence, else None."""
+    if inactivity and now - heard >= inactivity:
+        return SilenceVerdict.END, None
+    deadlines = [heard + inactivity] if inactivity else []
+    verdict = None
+    if partner_silence and parted_at is not None:
+        if heard > parted_at:
+            verdict = SilenceVerdict.HEARD_AGAIN
+        else:
+            deadlines.append(now + RESUME_CHECK)
+    elif partner_silence and paired:
+        if now - heard >= partner_silence:
+            verdict = SilenceVerdict.PART
+            deadlines.append(now + RESUME_CHECK)
+        else:
+            deadlines.append(heard + partner_silence)
+    return verdict, min(deadlines, default=None)
 
 
 def _start_media(leg: MediaLeg, call: CallInfo, media: CallMedia) -> None:

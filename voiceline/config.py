@@ -130,6 +130,7 @@ class MediaConfig:
     codecs: tuple[str, ...] = CODEC_NAMES  # Opus needs libopus at run time
     hold_audio: str = ""
     inactivity_timeout: float = 60.0
+    partner_silence: float = 8.0
     inband_dtmf: bool = True
     realtime_priority: int = 0
     learning_packets: int = 4
@@ -271,8 +272,10 @@ class Config:
             raise ConfigError("sip.min_session_expires: must be at least 1 second (RFC 4028 asks for 90)")
         if self.sip.session_expires and self.sip.session_expires < self.sip.min_session_expires:
             raise ConfigError("sip.session_expires: must be 0 (off) or at least sip.min_session_expires")
-        if self.sip.max_call_duration < 0 or self.media.inactivity_timeout < 0:
-            raise ConfigError("sip.max_call_duration, media.inactivity_timeout: must be 0 (off) or positive")
+        if self.sip.max_call_duration < 0 or self.media.inactivity_timeout < 0 or self.media.partner_silence < 0:
+            raise ConfigError(
+                "sip.max_call_duration, media.inactivity_timeout, media.partner_silence: must be 0 (off) or positive"
+            )
         if self.sip.drain_timeout <= 0:
             raise ConfigError("sip.drain_timeout: must be positive")
         if not 0.5 <= self.sip.shutdown_timeout <= 600:

@@ -37,6 +37,7 @@ DIGIT = 3  # a telephone-event starting a key press: `digit`; events are for us,
 EVENT = 4  # a telephone-event that starts no key press (an update, an end or a repeat)
 TONES = 5  # G.711 audio `packet[offset:end]` to check for in-band DTMF before it is relayed (see `tones_checked`)
 LATCHED = 8  # added to the above: this packet latched or moved the peer, now `peer`
+COMFORT_NOISE_PT = 13  # RFC 3389: sent by a quiet caller's phone instead of audio
 
 _NO_PAYLOAD_TYPE = -1
 _PLAIN_FIRST_BYTE = 0x80  # version 2, no padding, no extension, no CSRC
@@ -171,6 +172,9 @@ class Receiver:
             end = payload_end(data)
         payload_type = second & 0x7F
         if payload_type != self._audio_pt and payload_type != self._event_pt:
+            if payload_type == COMFORT_NOISE_PT and source == self.peer:
+                self.last_received = now  # the caller is there, only quiet: not relayed, not an error
+                return DROPPED
             self.packets_dropped += 1
             return DROPPED
         latched = 0

@@ -34,6 +34,12 @@ you" and waiting again; the reported partner hears only that the other has left.
 A call over the per-caller rate, or withheld where the line takes no withheld callers,
 hears a kind message and is hung up.
 
+A caller whose audio stops while connected or talking (`Silent`: its phone or its
+line seems gone, no BYE) leaves its partner, who hears that the line to the other
+person seems to have dropped and waits again; the silent one is told the same and
+waits too, never paired while silent: when its audio comes back it is a waiting
+caller again (the service ends a call that stays silent).
+
 A caller who puts the line on hold (re-INVITE/UPDATE) leaves the pool while
 waiting and returns on resume; while connected its partner hears music and
 "the other person seems to have stepped away", and the two are bridged again
@@ -127,6 +133,7 @@ class Parting(enum.Enum):
     TIME_UP = "time_up"
     REPORTED = "reported"  # told only that the other has left
     STEPPED_AWAY = "stepped_away"  # the other went to the help line
+    DROPPED = "dropped"  # the other's audio stopped: its phone or its line seems gone
 
 
 class HangUpReason(enum.Enum):
@@ -195,6 +202,13 @@ class Held:
 
 
 @dataclass(frozen=True)
+class Silent:
+    """The caller's audio stopped for a while without a hold (`silent`), or came back."""
+
+    silent: bool
+
+
+@dataclass(frozen=True)
 class PartnerHeld:
     held: bool  # False: resumed
 
@@ -225,8 +239,8 @@ class HelpEnded:
 
 
 Event = (
-    Answered | Digit | PromptFinished | PartnerFound | PartnerReady | Parted | Held | PartnerHeld | TimerDue | HungUp
-    | HelpAnswered | HelpFailed | HelpEnded
+    Answered | Digit | PromptFinished | PartnerFound | PartnerReady | Parted | Held | Silent | PartnerHeld | TimerDue
+    | HungUp | HelpAnswered | HelpFailed | HelpEnded
 )  # fmt: skip
 
 
@@ -372,8 +386,11 @@ def keys_prompts(keys: KeyMap) -> tuple[str, ...]:
 class Journey:
     """One caller's journey; see the module's description of the states."""
 
-    def __init__(self, settings: JourneySettings) -> None:
+    def __init__(self, settings: JourneySettings, end_choice_spread: float = 0.0) -> None:
+        """`end_choice_spread`: seconds added to this caller's `end_choice_wait`, so that two partners
+        who both let the choice pass are not hung up in the same instant (which would link them)."""
         self.settings = settings
+        self._end_choice_spread = end_choice_spread
         self.state = State.WELCOME
         self._since = 0.0  # when the state began
         self._waited = self._talked = 0.0
@@ -381,6 +398,7 @@ class Journey:
         self.partner: str | None = None
         self.preference = Preference.EITHER
         self.held = False
+        self.silent = False  # its audio stopped (`Silent`): never in the pool meanwhile
         self._offered = False  # to the pool, once what the caller was told has been heard
         self._wait_started = 0.0
         self._next_reassurance = 0.0
@@ -405,8 +423,8 @@ class Journey:
 
     @property
     def seeking(self) -> bool:
-        """In the pool: waiting, told what it had to hear, and not on hold."""
-        return self._offered and not self.held
+        """In the pool: waiting, told what it had to hear, not on hold and not silent."""
+        return self._offered and not self.held and not self.silent
 
     @property
     def deadline(self) -> float | None:
@@ -435,6 +453,8 @@ class Journey:
             return self._hold(event.held)
         if isinstance(event, PartnerHeld):
             return self._partner_hold(event.held)
+        if isinstance(event, Silent):
+            return self._silence(event.silent, now)
         match self.state:
             case State.WELCOME:
                 return self._welcome(event, now)
@@ -531,7 +551,7 @@ class Journey:
 
     def _end_choice(self, event: Event, now: float) -> list[Action]:
         if isinstance(event, PromptFinished) and self._choice_until is None:
-            self._choice_until = now + self.settings.end_choice_wait
+            self._choice_until = now + self.settings.end_choice_wait + self._end_choice_spread
         elif isinstance(event, TimerDue) and self._choice_until is not None and now >= self._choice_until:
             return self._say_goodbye(("goodbye",), HangUpReason.TALK_TIME_OVER, now)
         return []
@@ -601,6 +621,16 @@ class Journey:
         news: list[Action] = [HoldNews(self.partner, held)]
         return news + self._hear_partner() if not held and self.state is State.TALKING else news
 
+    def _silence(self, silent: bool, now: float) -> list[Action]:
+        """Silent while connected or talking: the two part, each told the line seems to have dropped."""
+        if silent is self.silent:
+            return []
+        self.silent = silent
+        if silent and self.partner is not None and self.state in (State.CONNECTING, State.TALKING):
+            partner = self.partner
+            return [PartWays(partner, Parting.DROPPED), *self._wait(now, ("line_dropped",))]
+        return []
+
     def _partner_hold(self, held: bool) -> list[Action]:
         if self.partner is None:
             return []
@@ -615,6 +645,8 @@ class Journey:
             return self._hold_apart(now, ("partner_left",))
         if reason is Parting.STEPPED_AWAY:
             return self._wait(now, ("stepped_away", "looking_again", *self._nobody_else(line)))
+        if reason is Parting.DROPPED:
+            return self._wait(now, ("line_dropped", *self._nobody_else(line)))
         return self._wait(now, ("partner_left", *self._nobody_else(line)))
 
     def _hold_apart(self, now: float, told: tuple[str, ...]) -> list[Action]:

@@ -15,10 +15,16 @@ ledger which pairs may be paired (reports, skips and repeats across calls),
 and partings and reports are written to it. With `help_line`, the help key
 connects the caller to the line's help destination; the outcome of the help
 call comes back by `help_answered`, `help_failed` and `help_ended`.
+
+A caller whose audio stopped (`silent`) leaves its partner and is not paired
+until it is `heard_again`. Each caller's end-of-talk choice lasts a random
+extra of up to END_CHOICE_SPREAD seconds, so two partners who both let it pass
+are not hung up together.
 """
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -47,12 +53,15 @@ from voiceline.pairing.journey import (
     PromptFinished,
     ReadyToTalk,
     Report,
+    Silent,
     State,
     Statistic,
     TimerDue,
 )
 from voiceline.pairing.pool import PreferencePool
 from voiceline.pairing.safety import Arrival, Caller, SafetyLedger
+
+END_CHOICE_SPREAD = 8.0  # seconds: BYEs a second apart or more, most of the time
 
 
 @dataclass
@@ -63,8 +72,16 @@ class Step:
 
 
 class Line:
-    def __init__(self, settings: JourneySettings, safety: SafetyLedger | None = None, help_line: bool = False) -> None:
+    def __init__(
+        self,
+        settings: JourneySettings,
+        safety: SafetyLedger | None = None,
+        help_line: bool = False,
+        rng: random.Random | None = None,
+    ) -> None:
+        """`rng`: draws each caller's end-of-talk spread (seeded in tests)."""
         self.settings = settings
+        self._rng = rng or random.Random()
         self.safety = safety
         self.help_line = help_line  # the line has a help destination: the help key connects to it
         self._busiest_hours: tuple[int, int] | None = None
@@ -103,7 +120,7 @@ class Line:
         """A call was answered; `caller`: who it is by pseudonym, for the safety ledger (if the line has one)."""
         if call in self._journeys:
             raise ValueError("call already answered")
-        self._journeys[call] = Journey(self.settings)
+        self._journeys[call] = Journey(self.settings, self._rng.uniform(0.0, END_CHOICE_SPREAD))
         answered = Answered()
         if self.safety is not None and caller is not None:
             arrival = self.safety.arrived(call, caller, now)
@@ -122,6 +139,14 @@ class Line:
 
     def resumed(self, call: str, now: float) -> Step:
         return self._run(call, Held(False), now)
+
+    def silent(self, call: str, now: float) -> Step:
+        """The caller's audio stopped (no hold, no BYE): it leaves any partner and is not paired meanwhile."""
+        return self._run(call, Silent(True), now)
+
+    def heard_again(self, call: str, now: float) -> Step:
+        """A silent caller's audio came back: it may be paired again."""
+        return self._run(call, Silent(False), now)
 
     def hung_up(self, call: str, now: float) -> Step:
         """The caller hung up (a call we hung up has already left the line: nothing happens)."""
