@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -218,7 +218,14 @@ class Provisioning:
         self._writable("line", name, adding=True)
         journey = journey or LineJourney()
         line = await self._checked_line(
-            _line(check_name(name, "line"), numbers, max_calls, True, journey.language or "", journey.prompts or "", journey.overrides)
+            _line(
+                name=check_name(name, "line"),
+                numbers=numbers,
+                max_calls=max_calls,
+                language=journey.language or "",
+                prompts=journey.prompts or "",
+                journey=journey.overrides,
+            )
         )
         await self._store(self.storage.add("lines", name, line.settings()))
         return line
@@ -240,13 +247,13 @@ class Provisioning:
         edited = _edited_list("numbers", list(current.numbers if numbers is None else numbers), add_numbers, remove_numbers)
         line = await self._checked_line(
             _line(
-                name,
-                tuple(edited),
-                current.max_calls if max_calls is None else max_calls,
-                current.enabled if enabled is None else enabled,
-                current.language if journey.language is None else journey.language,
-                current.prompts if journey.prompts is None else journey.prompts,
-                merged(current.journey, journey.overrides),
+                current,
+                numbers=tuple(edited),
+                max_calls=current.max_calls if max_calls is None else max_calls,
+                enabled=current.enabled if enabled is None else enabled,
+                language=current.language if journey.language is None else journey.language,
+                prompts=current.prompts if journey.prompts is None else journey.prompts,
+                journey=merged(current.journey, journey.overrides),
             )
         )
         await self._store(self.storage.update("lines", name, line.settings()))
@@ -306,9 +313,10 @@ class Provisioning:
             raise ProvisioningError(str(exc)) from None
 
 
-def _line(*fields: Any) -> Line:
+def _line(base: Line | None = None, **fields: Any) -> Line:
+    """A new line of `fields`, or `base` with `fields` changed; ProvisioningError saying why not."""
     try:
-        return Line(*fields)
+        return Line(**fields) if base is None else replace(base, **fields)
     except TrunkError as exc:
         raise ProvisioningError(str(exc)) from None
 
