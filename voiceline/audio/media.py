@@ -22,6 +22,7 @@ by a TC program instead; every control operation here runs inside
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 import socket
 import time
@@ -184,6 +185,8 @@ class MediaEngine:
             raise ValueError("hold audio is empty")
         low, high = port_range
         self._bind_host = bind_host
+        # An IP address (configuration allows nothing else): its family, with no lookup per leg.
+        self._family = socket.AF_INET6 if ipaddress.ip_address(bind_host).version == 6 else socket.AF_INET
         self._inband_dtmf = inband_dtmf
         self._learning = learning
         # Ports are drawn at random from `_free`, so nobody can guess the next call's port and
@@ -261,13 +264,12 @@ class MediaEngine:
 
     async def _bind(self, port: int) -> MediaLeg | None:
         try:
-            family, _, _, _, address = (await self._loop.getaddrinfo(self._bind_host, port, type=socket.SOCK_DGRAM))[0]
-            rtp = socket.socket(family, socket.SOCK_DGRAM)
+            rtp = socket.socket(self._family, socket.SOCK_DGRAM)
         except OSError:
             return None
         try:
             rtp.setblocking(False)
-            rtp.bind(address)
+            rtp.bind((self._bind_host, port))
         except OSError:
             rtp.close()
             return None
