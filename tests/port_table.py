@@ -25,7 +25,8 @@ TABLE: dict[str, int] = {
     "test_media_features": 210,  # 100 for the engine, 100 for a second engine, a phone's RTP/RTCP pair
     "test_media_security": 800,  # a small engine, then up to 100 per service
     "test_plugin": 300,  # a SIP port, then the server's and the callers' RTP ranges
-    "test_provisioning_cli": 2,  # a port nobody answers on
+    "test_provisioning_cli": 2,
+    "test_safety_interop": 30,  # the help line's SIP and RTP ports, SIPp's, a registrar nobody answers on  # a port nobody answers on
     "test_sim_caller": 100,  # a silent port, then 10 per SIPp
     "test_sip_security": 400,  # 20 per service
     "test_srtp": 320,  # 100 for the legs, a phone's RTP/RTCP pair, 20 per service

@@ -84,28 +84,30 @@ class VoiceLine:
     def help_route(self, line: str) -> HelpRoute | None:
         """Where the help key connects (the same for every line): None without a help destination.
 
-        Through the help trunk's registrar with its outbound account when it registers; else
-        straight to the destination's host."""
+        To the destination's host; with the help trunk's outbound account (its registration's
+        user and password, for a carrier's digest challenge, and as our From) when it has one."""
         help = self.config.help
         if not help.destination:
             return None
-        trunk = self.trunks.policy.directory.trunks.get(help.trunk) if help.trunk and self.trunks else None
-        registration = trunk.registration if trunk is not None else None
-        if registration is not None:
-            return HelpRoute(
-                help.destination, help.method, registration.host, registration.port, help.trunk,
-                registration.username, registration.password, f"sip:{registration.username}@{registration.host}",
-                help.pass_identity, help.ring_timeout,
-            )  # fmt: skip
         try:
             uri = parse_uri(help.destination)
         except SipParseError:
             log.error("help.destination_invalid")  # the help key then plays the safety message only
             return None
+        trunk = self.trunks.policy.directory.trunks.get(help.trunk) if help.trunk and self.trunks else None
+        account = trunk.registration if trunk is not None else None
         return HelpRoute(
-            help.destination, help.method, uri.host, uri.port or 5060, help.trunk,
-            pass_identity=help.pass_identity, ring_timeout=help.ring_timeout,
-        )  # fmt: skip
+            help.destination,
+            help.method,
+            uri.host,
+            uri.port or 5060,
+            help.trunk,
+            account.username if account else "",
+            account.password if account else "",
+            f"sip:{account.username}@{account.host}" if account else None,
+            help.pass_identity,
+            help.ring_timeout,
+        )
 
     async def _lines_changed(self, lines: Mapping[str, Line], first: bool) -> None:
         """Ready each line's journey settings and prompts (loaded off the loop). At start a bad prompt

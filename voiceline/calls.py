@@ -91,8 +91,8 @@ class LineSetup:
 
 @dataclass(frozen=True)
 class HelpRoute:
-    """Where a line's help key connects: `destination` (a SIP URI) through `host`:`port` (the trunk's
-    registrar, else the URI's host), with the trunk's outbound account when it has one."""
+    """Where a line's help key connects: `destination` (a SIP URI) at `host`:`port` (its host), with
+    the help trunk's outbound account when it has one."""
 
     destination: str
     method: str  # "invite": we call and bridge; "refer": the caller's carrier is asked to

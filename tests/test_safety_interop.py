@@ -1,0 +1,233 @@
+"""Safety in the running service, heard by real pjsua2 callers: the help key's call, reports across
+calls, repeat avoidance, the per-caller rate and withheld callers.
+
+The help line is an independent user agent: pjsua2 answering with a tone and recording what it
+hears (`voiceline.sim.help_line`), or SIPp refusing, ringing without end, challenging, or (as the
+caller's carrier) taking a REFER. Prompts are found by content (`find_sound`), tones by Goertzel.
+Times are seconds of a caller's recording, which starts when its call is confirmed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_end_to_end import A_HZ, B_HZ, C_HZ, CONNECTED_AFTER, SEPARATION_DB, assert_hears, prompt_seconds
+from test_journey_interop import TOLERANCE, assert_heard_once, heard_at
+
+from voiceline.sim.analysis import tone_levels
+from voiceline.sim.runner import CallReport, CallSpec
+
+from port_table import port_block
+
+pytestmark = pytest.mark.interop
+
+HOST = "127.0.0.1"
+_first, _last = port_block("test_safety_interop")
+HELP_SIP_PORT, HELP_RTP_PORT = _first, _first + 2  # the help line: SIP, then RTP/RTCP (4 ports)
+SIPP_PORT, SIPP_MEDIA_PORT = _first + 10, _first + 12  # SIPp as a help line or a carrier; its media port
+NOBODY_PORT = _first + 20  # a registrar nobody answers on
+HELP_HZ, D_HZ = 1633.0, 852.0  # the help line's tone; a fourth caller's
+RINGBACK_HZ = 425.0  # PlayRingback's default
+SCENARIOS = Path(__file__).parent / "sipp"
+HELP_PROMPTS = prompt_seconds("help_message", "help_connecting")
+
+
+class HelpLine:
+    """The pjsua2 help line process: answers one call with HELP_HZ and records what it hears."""
+
+    def __init__(self, tmp_path: Path, ring_seconds: float, hang_up_after: float | None) -> None:
+        self.recording = tmp_path / "help-line.wav"
+        options = ["--ring-seconds", str(ring_seconds)]
+        if hang_up_after is not None:
+            options += ["--hang-up-after", str(hang_up_after)]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "voiceline.sim.help_line", str(HELP_SIP_PORT), str(HELP_RTP_PORT), str(HELP_HZ),
+             str(self.recording), *options],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def ready(self) -> None:
+        assert self.process.stdout is not None and self.process.stdout.readline().strip() == "ready"
+
+    @property
+    def uri(self) -> str:
+        return f"sip:help@{HOST}:{HELP_SIP_PORT}"
+
+    def finished(self) -> str:
+        assert self.process.stdout is not None
+        ended = self.process.stdout.readline().strip()
+        self.process.wait(10)
+        return ended
+
+
+@pytest.fixture
+def help_line(tmp_path: Path) -> Iterator[Callable[..., HelpLine]]:
+    started: list[HelpLine] = []
+
+    def start(ring_seconds: float = 0.3, hang_up_after: float | None = None) -> HelpLine:
+        line = HelpLine(tmp_path, ring_seconds, hang_up_after)
+        started.append(line)
+        line.ready()
+        return line
+
+    yield start
+    for line in started:
+        if line.process.poll() is None:
+            line.process.kill()
+            line.process.wait()
+
+
+class Sipp:
+    """One SIPp process running one call of a scenario, as a help line (UAS) or a carrier calling in (UAC)."""
+
+    def __init__(self, tmp_path: Path, *arguments: str) -> None:
+        self.tmp_path = tmp_path
+        sipp = shutil.which("sipp") or "/usr/bin/sipp"
+        self.process = subprocess.Popen(
+            [sipp, *arguments, "-i", HOST, "-p", str(SIPP_PORT), "-mp", str(SIPP_MEDIA_PORT), "-m", "1", "-nostdin",
+             "-timeout", "40s", "-timeout_error", "-trace_err"],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def finished(self) -> int:
+        return self.process.wait(45)
+
+    def errors(self) -> str:
+        return "".join(path.read_text(errors="replace") for path in self.tmp_path.glob("*_errors.log"))
+
+
+@pytest.fixture
+def sipp(tmp_path: Path) -> Iterator[Callable[..., Sipp]]:
+    started: list[Sipp] = []
+
+    def start(*arguments: str) -> Sipp:
+        process = Sipp(tmp_path, *arguments)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait()
+
+
+def help_config(destination: str, **help: Any) -> dict[str, Any]:
+    return {
+        "sip": {"answer_delay": 0.1},
+        "welcome": {"enabled": False, "offer_choice": False},
+        "help": {"destination": destination, "ring_timeout": 10.0, **help},
+    }
+
+
+def alone_presses_help(server: Any, sim_calls: Callable[..., list[CallReport]], seconds: float, *more: tuple[float, str]) -> CallReport:
+    """One caller waiting alone presses the help key 1 s in (and `more` keys later)."""
+    (caller,) = sim_calls([CallSpec(server.uri("100"), tone_hz=A_HZ, seconds=seconds, from_user="5550101", dtmf_at=((1.0, "0"), *more))])
+    assert caller.connected and caller.media_started and caller.error is None, caller
+    assert_heard_once(caller, "help_message", 1.0)
+    return caller
+
+
+def test_the_help_key_connects_a_talking_caller_to_the_help_line_and_its_partner_to_the_next_caller(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], help_line: Callable[..., HelpLine]
+) -> None:
+    ring = 2.0
+    line = help_line(ring_seconds=ring)
+    server = voiceline_server(help_config(line.uri))
+    target = server.uri("100")
+    press = CONNECTED_AFTER + 3.0  # A, talking with B, presses the help key
+    answered = press + HELP_PROMPTS + ring  # about when the help line answers, on A's recording
+    a, b, d = sim_calls(
+        [
+            CallSpec(target, tone_hz=A_HZ, seconds=answered + 6.0, from_user="5550101", dtmf_at=((press, "0"),)),
+            CallSpec(target, tone_hz=B_HZ, seconds=answered + 12.0, from_user="5550102", start_after=0.3),
+            CallSpec(target, tone_hz=D_HZ, seconds=answered + 8.0, from_user="5550104", start_after=press + 2.0),
+        ]
+    )
+    for report in (a, b, d):
+        assert report.connected and report.media_started and report.error is None, report
+    assert a.connected_at is not None and b.connected_at is not None and d.connected_at is not None
+    # A: B, then the safety message over silence, a ringing tone while the help line rings, then the help line.
+    assert_hears(a, B_HZ, A_HZ, press - 2.0, press - 0.2)
+    assert_heard_once(a, "help_message", press)
+    ringing = tone_levels(a.recording, (RINGBACK_HZ, HELP_HZ, B_HZ), press + HELP_PROMPTS + 0.2, press + HELP_PROMPTS + 0.9)
+    assert ringing[RINGBACK_HZ] - max(ringing[HELP_HZ], ringing[B_HZ]) > SEPARATION_DB, ringing
+    assert_hears(a, HELP_HZ, B_HZ, answered + 1.0, answered + 5.0)
+    # The help line heard A (its recording starts at its answer), and nobody else.
+    assert line.finished() == "ended"  # A hung up: we ended the help call too
+    heard = tone_levels(line.recording, (A_HZ, B_HZ, D_HZ), 1.0, 4.0)
+    assert heard[A_HZ] - max(heard[B_HZ], heard[D_HZ]) > SEPARATION_DB, heard
+    # B heard that A stepped away, and was paired with D, who came later.
+    offset = b.connected_at - a.connected_at
+    assert_heard_once(b, "stepped_away", press - offset)
+    cues = heard_at(b, "connect_cue", threshold=0.9)
+    assert len(cues) == 2 and cues[1] > press - offset, cues  # paired with A, then with D
+    assert_hears(b, D_HZ, B_HZ, cues[1] + CONNECTED_AFTER + 0.5, cues[1] + CONNECTED_AFTER + 3.0)
+    assert "help.connected" in server.log_text()
+
+
+def test_a_busy_help_line_is_a_kind_message_and_back_to_waiting(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], sipp: Callable[..., Sipp]
+) -> None:
+    busy = sipp("-sf", str(SCENARIOS / "uas_busy_anonymous.xml"))  # also checks: nothing of the caller in our INVITE
+    server = voiceline_server(help_config(f"sip:help@{HOST}:{SIPP_PORT}"))
+    caller = alone_presses_help(server, sim_calls, 1.0 + HELP_PROMPTS + 6.0)
+    found = heard_at(caller, "help_unreachable")
+    assert len(found) == 1 and 1.0 + HELP_PROMPTS < found[0] < 1.0 + HELP_PROMPTS + 1.5, found
+    assert busy.finished() == 0, busy.errors()
+
+
+def test_an_unanswered_help_call_is_given_up_after_the_ring_timeout(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], sipp: Callable[..., Sipp]
+) -> None:
+    ringing = sipp("-sf", str(SCENARIOS / "uas_ring_forever.xml"))
+    server = voiceline_server(help_config(f"sip:help@{HOST}:{SIPP_PORT}", ring_timeout=3.0))
+    caller = alone_presses_help(server, sim_calls, 1.0 + HELP_PROMPTS + 8.0)
+    levels = tone_levels(caller.recording, (RINGBACK_HZ,), 1.0 + HELP_PROMPTS + 0.5, 1.0 + HELP_PROMPTS + 2.5)
+    assert levels[RINGBACK_HZ] > -40, levels  # the ringing tone while it rang
+    found = heard_at(caller, "help_unreachable")
+    assert len(found) == 1 and abs(found[0] - (1.0 + HELP_PROMPTS + 3.0)) < 1.0, found
+    assert ringing.finished() == 0, ringing.errors()  # our CANCEL, as scripted
+
+
+def test_the_help_key_again_cancels_the_ringing_help_call(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], sipp: Callable[..., Sipp]
+) -> None:
+    ringing = sipp("-sf", str(SCENARIOS / "uas_ring_forever.xml"))
+    server = voiceline_server(help_config(f"sip:help@{HOST}:{SIPP_PORT}", ring_timeout=30.0))
+    cancel = 1.0 + HELP_PROMPTS + 1.5
+    caller = alone_presses_help(server, sim_calls, cancel + 5.0, (cancel, "0"))
+    assert_heard_once(caller, "help_cancelled", cancel)
+    assert ringing.finished() == 0, ringing.errors()  # CANCEL, 487, ACK
+
+
+def test_the_help_call_answers_the_carriers_digest_challenge_with_the_help_trunks_account(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], sipp: Callable[..., Sipp]
+) -> None:
+    challenging = sipp("-sf", str(SCENARIOS / "uas_digest.xml"))  # alice/secret: 200, else 403
+    carrier = {
+        "name": "carrier",
+        "sources": ["127.0.0.0/8"],
+        "registration": {"registrar": f"sip:{HOST}:{NOBODY_PORT}", "username": "alice", "password": "secret"},
+    }
+    config = help_config(f"sip:help@{HOST}:{SIPP_PORT}", trunk="carrier")
+    server = voiceline_server({**config, "trunks": [carrier]})
+    caller = alone_presses_help(server, sim_calls, 1.0 + HELP_PROMPTS + 4.0)
+    assert heard_at(caller, "help_unreachable") == []
+    assert challenging.finished() == 0, challenging.errors()  # our digest was right: answered, then our BYE
+    assert "help.connected" in server.log_text()
+
+
+def test_a_refer_the_carrier_accepts_hands_the_caller_over(
+    voiceline_server: Callable[..., Any], sipp: Callable[..., Sipp]
+) -> None:
+    server = voiceline_server(help_config(f"sip:help@{HOST}:{SIPP_PORT + 2}", method="refer"))
+    carrier = sipp("-sf", str(SCENARIOS / "uac_refer_help.xml"), f"{HOST}:{server.port}", "-s", "100")
+    assert carrier.finished() == 0, carrier.errors()  # our REFER to the help line, and our BYE once it reported 200
+    assert "help.referred" in server.log_text()
