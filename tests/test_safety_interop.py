@@ -231,3 +231,132 @@ def test_a_refer_the_carrier_accepts_hands_the_caller_over(
     carrier = sipp("-sf", str(SCENARIOS / "uac_refer_help.xml"), f"{HOST}:{server.port}", "-s", "100")
     assert carrier.finished() == 0, carrier.errors()  # our REFER to the help line, and our BYE once it reported 200
     assert "help.referred" in server.log_text()
+
+
+def safety_config(**safety: Any) -> dict[str, Any]:
+    return {"sip": {"answer_delay": 0.1}, "welcome": {"enabled": False, "offer_choice": False}, "safety": safety}
+
+
+def connected(*reports: CallReport) -> None:
+    for report in reports:
+        assert report.connected and report.media_started and report.error is None, report
+
+
+def cues(report: CallReport) -> list[float]:
+    """When a caller heard the connect cue: each time it was paired."""
+    return heard_at(report, "connect_cue", threshold=0.9)
+
+
+def test_reports_keep_two_apart_across_calls_and_a_caller_reported_by_two_is_held_apart(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]]
+) -> None:
+    server = voiceline_server(safety_config(report_threshold=2))
+    target = server.uri("100")
+    press = CONNECTED_AFTER + 2.0
+    # A reports B: A is thanked, B hears only that the other left.
+    a, b = sim_calls(
+        [
+            CallSpec(target, tone_hz=A_HZ, seconds=press + 5.0, from_user="5550101", dtmf_at=((press, "*"),)),
+            CallSpec(target, tone_hz=B_HZ, seconds=press + 5.0, from_user="5550102", start_after=0.3),
+        ]
+    )
+    connected(a, b)
+    assert a.connected_at is not None and b.connected_at is not None
+    assert_heard_once(a, "report_thanks", press)
+    assert_heard_once(b, "partner_left", press - (b.connected_at - a.connected_at))
+    assert heard_at(b, "report_thanks") == []
+    # Both call again with the same numbers: they wait side by side, unpaired, until C comes: A (the
+    # longer waiter) is paired with C, and B waits on.
+    c_at = 5.0
+    a, b, c = sim_calls(
+        [
+            CallSpec(target, tone_hz=A_HZ, seconds=c_at + 8.0, from_user="5550101"),
+            CallSpec(target, tone_hz=B_HZ, seconds=c_at + 7.0, from_user="5550102", start_after=1.0),
+            CallSpec(target, tone_hz=C_HZ, seconds=7.0, from_user="5550103", start_after=c_at),
+        ]
+    )
+    connected(a, b, c)
+    assert cues(b) == [] and len(cues(a)) == 1 and len(cues(c)) == 1, (cues(a), cues(b), cues(c))
+    assert cues(a)[0] > c_at - 0.5
+    assert_hears(a, C_HZ, A_HZ, cues(a)[0] + CONNECTED_AFTER + 0.3, cues(a)[0] + CONNECTED_AFTER + 2.5)
+    heard_by_b = tone_levels(b.recording, (A_HZ, C_HZ, B_HZ))
+    assert max(heard_by_b[A_HZ], heard_by_b[C_HZ]) < -60, heard_by_b  # nobody, all along
+    # D reports B too: the second reporter. B is held apart: it hears that the other left, then the
+    # neutral cooldown message, and is paired with nobody (E waits unpaired beside it).
+    d_press = CONNECTED_AFTER + 1.5
+    b, d, e = sim_calls(
+        [
+            CallSpec(target, tone_hz=B_HZ, seconds=d_press + 12.0, from_user="5550102"),
+            CallSpec(target, tone_hz=D_HZ, seconds=d_press + 3.0, from_user="5550104", start_after=0.3, dtmf_at=((d_press, "*"),)),
+            CallSpec(target, tone_hz=C_HZ, seconds=d_press + 10.0, from_user="5550105", start_after=d_press + 2.0),
+        ]
+    )
+    connected(b, d, e)
+    assert b.connected_at is not None and d.connected_at is not None
+    reported = d_press + (d.connected_at - b.connected_at)
+    assert_heard_once(b, "partner_left", reported)
+    assert_heard_once(b, "cooldown", reported + prompt_seconds("partner_left"))
+    assert len(cues(b)) == 1 and cues(e) == [], (cues(b), cues(e))
+
+
+def test_two_who_talked_are_not_paired_again_while_someone_else_can_be(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]]
+) -> None:
+    server = voiceline_server({**safety_config(), "welcome": {"enabled": False, "offer_choice": True}})
+    target = server.uri("100")
+    a, b = sim_calls(
+        [
+            CallSpec(target, tone_hz=A_HZ, seconds=12.0, from_user="5550101"),
+            CallSpec(target, tone_hz=B_HZ, seconds=12.5, from_user="5550102", start_after=0.3),
+        ]
+    )
+    connected(a, b)
+    assert len(cues(a)) == 1 and len(cues(b)) == 1
+    # Again: B and C both want to talk (two talkers wait for a listener), then A, who does not mind,
+    # comes. A and B would be the longest waiters together; A is paired with C instead.
+    b, c, a = sim_calls(
+        [
+            CallSpec(target, tone_hz=B_HZ, seconds=20.0, from_user="5550102", dtmf_at=((0.5, "1"),)),
+            CallSpec(target, tone_hz=C_HZ, seconds=19.0, from_user="5550103", start_after=1.0, dtmf_at=((0.5, "1"),)),
+            CallSpec(target, tone_hz=A_HZ, seconds=15.0, from_user="5550101", start_after=3.0),
+        ]
+    )
+    connected(a, b, c)
+    assert cues(b) == [] and len(cues(a)) == 1 and len(cues(c)) == 1, (cues(a), cues(b), cues(c))
+    assert_hears(a, C_HZ, A_HZ, cues(a)[0] + CONNECTED_AFTER + 0.3, cues(a)[0] + CONNECTED_AFTER + 2.5)
+
+
+def test_a_caller_over_the_hourly_rate_hears_a_kind_goodbye(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]]
+) -> None:
+    server = voiceline_server(safety_config(max_calls_per_hour=1))
+    target = server.uri("100")
+    first, again, other = sim_calls(
+        [
+            CallSpec(target, tone_hz=A_HZ, seconds=3.0, from_user="5550101"),
+            CallSpec(target, tone_hz=A_HZ, seconds=15.0, from_user="5550101", start_after=4.0),
+            CallSpec(target, tone_hz=B_HZ, seconds=3.0, from_user="5550102", start_after=4.0),
+        ]
+    )
+    connected(first, again, other)
+    assert heard_at(first, "rate_limited") == [] and heard_at(other, "rate_limited") == []
+    assert_heard_once(again, "rate_limited", 0.0)
+    assert again.hangup_by == "remote"
+    assert again.disconnected_at is not None and again.connected_at is not None
+    assert again.disconnected_at - again.connected_at < prompt_seconds("rate_limited", "goodbye") + 1.5
+
+
+def test_a_line_may_refuse_withheld_callers_kindly(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]]
+) -> None:
+    server = voiceline_server(safety_config(accept_withheld=False))
+    withheld, known = sim_calls(
+        [
+            CallSpec(server.uri("100"), tone_hz=A_HZ, seconds=15.0, from_user="anonymous"),
+            CallSpec(server.uri("100"), tone_hz=B_HZ, seconds=4.0, from_user="5550102"),
+        ]
+    )
+    connected(withheld, known)
+    assert_heard_once(withheld, "withheld_refused", 0.0)
+    assert withheld.hangup_by == "remote" and heard_at(known, "withheld_refused") == []
+    assert cues(withheld) == [] and cues(known) == []  # the withheld caller was never in the pool
