@@ -189,7 +189,7 @@ class VoiceLine:
             self._write,
             self._hangup,
             live_view=self.ops,
-            ledger=SafetyLedger(self.config.safety.settings()),
+            ledger=SafetyLedger(self.config.safety.settings(self.config.pairing.repeat_window)),
             help_route=self.help_route,
         )
         self.agent = UserAgent(settings, self.calls, policy)
