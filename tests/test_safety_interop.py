@@ -9,6 +9,7 @@ Times are seconds of a caller's recording, which starts when its call is confirm
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -360,3 +361,22 @@ def test_a_line_may_refuse_withheld_callers_kindly(
     assert_heard_once(withheld, "withheld_refused", 0.0)
     assert withheld.hangup_by == "remote" and heard_at(known, "withheld_refused") == []
     assert cues(withheld) == [] and cues(known) == []  # the withheld caller was never in the pool
+
+
+def test_the_help_line_hanging_up_is_a_goodbye_and_the_help_statistics_are_kept(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], help_line: Callable[..., HelpLine]
+) -> None:
+    line = help_line(hang_up_after=3.0)
+    server = voiceline_server(help_config(line.uri))
+    caller = alone_presses_help(server, sim_calls, 1.0 + HELP_PROMPTS + 20.0)
+    assert line.finished() == "ended"
+    found = heard_at(caller, "help_call_ended")
+    assert len(found) == 1 and 1.0 + HELP_PROMPTS + 3.0 < found[0] < 1.0 + HELP_PROMPTS + 5.0, found
+    assert caller.hangup_by == "remote"  # our goodbye, then our BYE
+    assert server.stop() == 0
+    shown = subprocess.run(
+        [sys.executable, "-m", "voiceline", "stats", "--json", "--data-dir", str(server.data_dir)],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    (row,) = json.loads(shown.stdout)["rows"]
+    assert (row["calls"], row["help_request"], row["help_connected"], row["help_failed"]) == (1, 1, 1, 0), row

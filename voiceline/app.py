@@ -191,6 +191,7 @@ class VoiceLine:
             live_view=self.ops,
             ledger=SafetyLedger(self.config.safety.settings(self.config.pairing.repeat_window)),
             help_route=self.help_route,
+            trunk_of=self._source_trunk,
         )
         self.agent = UserAgent(settings, self.calls, policy)
         self.calls.dialer = self.agent
@@ -382,6 +383,11 @@ class VoiceLine:
     def _line_max_calls(self, line: str) -> int:
         configured = self.trunks.policy.directory.lines.get(line) if self.trunks else None
         return configured.max_calls if configured is not None else 0
+
+    def _source_trunk(self, address: str) -> str:
+        """The trunk whose sources hold `address` ("" for none): requests from it in our call are admitted."""
+        trunks = self.trunks.policy.directory.source_trunks(address) if self.trunks else []
+        return trunks[0].name if trunks else ""
 
     def _hangup(self, call_id: str, reason: str) -> None:
         if self.agent is not None:

@@ -152,14 +152,17 @@ class Calls:
         live_view: LiveView,
         ledger: SafetyLedger | None = None,
         help_route: Callable[[str], HelpRoute | None] = lambda line: None,
+        trunk_of: Callable[[str], str] = lambda address: "",
     ) -> None:
         """`line_setup(line)`: its journey settings and prompts; `max_calls(line)`: its limit, 0 for none;
         `hangup(call_id, reason)` ends a call; `ledger`: every line's safety records; `help_route(line)`:
-        where its help key connects (None: the safety message only). Help calls go out through
-        `dialer`, set once the user agent exists."""
+        where its help key connects (None: the safety message only); `trunk_of(address)`: the trunk
+        an address sends from (the help line's requests in its call are admitted as that trunk's).
+        Help calls go out through `dialer`, set once the user agent exists."""
         self.media = media
         self.ledger = ledger
         self.help_route = help_route
+        self.trunk_of = trunk_of
         self.dialer: UserAgent | None = None
         self.help_calls: dict[str, HelpCall] = {}  # by the caller's call id
         self._help_tasks: set[asyncio.Task[None]] = set()
@@ -478,7 +481,7 @@ class Calls:
             credentials=DigestClient(route.username, route.password) if route.username else None,
             privacy=True,
             ring_timeout=route.ring_timeout,
-            trunk=route.trunk,
+            trunk=route.trunk or self.trunk_of(address[0]),
             from_uri=route.from_uri,
             assert_identity_of=call_id if route.pass_identity else None,
         )

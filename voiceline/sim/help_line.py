@@ -147,7 +147,7 @@ def main() -> int:
             line.call.answer(answer)
         if args.hang_up_after is not None and line.answered_at is not None and now >= line.answered_at + args.hang_up_after:
             line.answered_at = None
-            line.call.hangup(pj.CallOpParam())  # type: ignore[union-attr]
+            line.call.hangup(pj.CallOpParam(True))  # type: ignore[union-attr]
     line.recorder = None  # the recorder's WAV header is final once it is deleted
     line.tone = None
     line.call = None
