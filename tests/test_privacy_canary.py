@@ -181,13 +181,14 @@ def test_canary_number_is_written_nowhere(
     talk = CONNECTED_AFTER  # they talk once both heard the connect prompts
     # Two pjsua2 callers from the canary number, paired with each other: one over UDP holds and
     # resumes (re-INVITEs carry the identity again, into the dialog's target refresh), one over TCP
-    # with SRTP (keys in its SDP, ours in the answer).
+    # with SRTP (keys in its SDP, ours in the answer). The second spells it without the "+": another
+    # caller to the safety ledger (one caller is never paired with itself).
     reports = sim_calls(
         [
             CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=talk + 2.5, hold=(talk + 0.8, talk + 1.6)),
             CallSpec(
                 f"{target};transport=tcp",
-                from_user=CANARY,
+                from_user=CANARY[1:],
                 tone_hz=1209.0,
                 seconds=talk + 2.5,
                 start_after=0.3,
