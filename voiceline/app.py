@@ -95,6 +95,8 @@ class VoiceLine:
             log.error("help.destination_invalid")  # the help key then plays the safety message only
             return None
         trunk = self.trunks.policy.directory.trunks.get(help.trunk) if help.trunk and self.trunks else None
+        if help.trunk and trunk is None:
+            log.warning("help.trunk_unknown", trunk=help.trunk)  # the help call goes without its account
         account = trunk.registration if trunk is not None else None
         return HelpRoute(
             help.destination,
