@@ -110,7 +110,6 @@ class HelpRoute:
 class HelpCall:
     """A caller's help call: its own media leg and our INVITE (or our REFER of the caller's call)."""
 
-    line: str
     leg: MediaLeg | None = None
     outbound: str | None = None  # our INVITE's call id, once sent
     connected: bool = False
@@ -442,7 +441,7 @@ class Calls:
         if route is None or self.dialer is None or call_id in self.help_calls:
             self._apply(served, served.journeys.help_failed(call_id, self._loop.time()))
             return
-        help_call = self.help_calls[call_id] = HelpCall(served.name)
+        help_call = self.help_calls[call_id] = HelpCall()
         run = self._refer_help if route.method == "refer" else self._invite_help
         task = self._loop.create_task(self._help_task(served, call_id, help_call, run(served, call_id, help_call, route)))
         self._help_tasks.add(task)
