@@ -234,6 +234,21 @@ def test_a_refer_the_carrier_accepts_hands_the_caller_over(
     assert "help.referred" in server.log_text()
 
 
+def statistics(server: Any) -> dict[str, int]:
+    """The service stopped (its counts written), `voiceline stats --json`'s counts over its rows (an hour may turn)."""
+    assert server.stop() == 0
+    shown = subprocess.run(
+        [sys.executable, "-m", "voiceline", "stats", "--json", "--data-dir", str(server.data_dir)],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    totals: dict[str, int] = {}
+    for row in json.loads(shown.stdout)["rows"]:
+        for key, value in row.items():
+            if type(value) is int:
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
 def safety_config(**safety: Any) -> dict[str, Any]:
     return {"sip": {"answer_delay": 0.1}, "welcome": {"enabled": False, "offer_choice": False}, "safety": safety}
 
@@ -298,6 +313,8 @@ def test_reports_keep_two_apart_across_calls_and_a_caller_reported_by_two_is_hel
     assert_heard_once(b, "partner_left", reported)
     assert_heard_once(b, "cooldown", reported + prompt_seconds("partner_left"))
     assert len(cues(b)) == 1 and cues(e) == [], (cues(b), cues(e))
+    row = statistics(server)
+    assert (row["report"], row["cooldown_started"], row["rate_limited"]) == (2, 1, 0), row
 
 
 def test_two_who_talked_are_not_paired_again_while_someone_else_can_be(
@@ -345,6 +362,7 @@ def test_a_caller_over_the_hourly_rate_hears_a_kind_goodbye(
     assert again.hangup_by == "remote"
     assert again.disconnected_at is not None and again.connected_at is not None
     assert again.disconnected_at - again.connected_at < prompt_seconds("rate_limited", "goodbye") + 1.5
+    assert statistics(server)["rate_limited"] == 1
 
 
 def test_a_line_may_refuse_withheld_callers_kindly(
@@ -373,10 +391,5 @@ def test_the_help_line_hanging_up_is_a_goodbye_and_the_help_statistics_are_kept(
     found = heard_at(caller, "help_call_ended")
     assert len(found) == 1 and 1.0 + HELP_PROMPTS + 3.0 < found[0] < 1.0 + HELP_PROMPTS + 5.0, found
     assert caller.hangup_by == "remote"  # our goodbye, then our BYE
-    assert server.stop() == 0
-    shown = subprocess.run(
-        [sys.executable, "-m", "voiceline", "stats", "--json", "--data-dir", str(server.data_dir)],
-        capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
-    (row,) = json.loads(shown.stdout)["rows"]
+    row = statistics(server)
     assert (row["calls"], row["help_request"], row["help_connected"], row["help_failed"]) == (1, 1, 1, 0), row
