@@ -28,7 +28,8 @@ TABLE: dict[str, int] = {
     "test_media_security": 800,  # a small engine, then up to 100 per service
     "test_partings": 40,  # 20 per service
     "test_plugin": 300,  # a SIP port, then the server's and the callers' RTP ranges
-    "test_provisioning_cli": 2,  # a port nobody answers on
+    "test_provisioning_cli": 2,
+    "test_safety_interop": 30,  # the help line's SIP and RTP ports, SIPp's, a registrar nobody answers on  # a port nobody answers on
     "test_sim_caller": 100,  # a silent port, then 10 per SIPp
     "test_sip_security": 400,  # 20 per service
     "test_soak": 140,  # the server's RTP range (100), then the callers' SIP, sink and RTP sockets

@@ -14,8 +14,10 @@ from voiceline.audio.hold import (
     encode_frames,
     hold_music,
     load_wav,
+    ringback,
 )
 from voiceline.codec_table import PCMA, PCMU, lookup
+from voiceline.sim.analysis import goertzel_db
 
 DTMF_AND_TEST_TONES_HZ = (697, 770, 852, 941, 1209, 1336, 1477, 1000, 1500)
 
@@ -217,3 +219,16 @@ def test_hold_audio_is_encoded_as_it_is_first_played():
     assert first_two + [loop[2]] == encode_frames(hold_music()[: 3 * 160], opus)
     with pytest.raises(IndexError):
         loop[len(loop)]
+
+
+def test_the_ringing_tone_rings_for_its_on_time_of_every_period() -> None:
+    loop = ringback((425.0,), 1.0, 5.0)
+    assert len(loop) == 5 * SAMPLE_RATE and not loop.flags.writeable
+    ringing, quiet = loop[: SAMPLE_RATE].astype(np.float64), loop[SAMPLE_RATE:].astype(np.float64)
+    assert goertzel_db(ringing, SAMPLE_RATE, 425.0) > goertzel_db(ringing, SAMPLE_RATE, 1000.0) + 40
+    assert goertzel_db(ringing, SAMPLE_RATE, 425.0) > -20
+    assert not quiet.any()  # silence for the rest of the period
+    two = ringback((400.0, 450.0), 0.4, 3.0)  # UK-style: two frequencies together
+    levels = [goertzel_db(two[: int(0.4 * SAMPLE_RATE)].astype(np.float64), SAMPLE_RATE, hz) for hz in (400.0, 450.0, 425.0)]
+    assert min(levels[:2]) > levels[2] + 10, levels
+    assert ringback((425.0,), 1.0, 5.0) is loop  # made once, shared

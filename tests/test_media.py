@@ -12,7 +12,7 @@ import pytest
 from port_table import port_block
 from waiting import until
 from voiceline.audio import g711
-from voiceline.audio.hold import encode_frames, hold_music
+from voiceline.audio.hold import encode_frames, hold_music, ringback
 from voiceline.audio.media import MediaEngine, MediaError, MediaLeg
 from voiceline.audio.rtp import MAX_PAYLOAD, RtpHeader, build_packet, parse_header
 from voiceline.codec_table import lookup
@@ -181,6 +181,25 @@ async def test_legs_share_the_pacer_each_from_the_start_in_its_own_codec(engine,
     assert all(header.payload_type == PCMA for header, _ in received)
     ulaw_headers = [header for header, _ in await phone_u.receive_many(20)]
     assert_continuous(ulaw_headers, ulaw_headers[0].ssrc)  # undisturbed by the second leg
+
+
+async def test_a_loop_of_its_own_replaces_the_hold_music_and_gives_way_to_it_again(engine, phones):
+    phone = phones()
+    leg = await started_leg(engine, phone)
+    leg.hold()
+    await phone.receive_many(5)
+    ringing = ringback((425.0,), 1.0, 5.0)
+    leg.hold(ringing)
+    received = await phone.receive_many(60)
+    frames = encode_frames(ringing, lookup("PCMU"))
+    start = next(i for i, (_, payload) in enumerate(received) if payload == frames[0])  # after those in flight
+    assert [payload for _, payload in received[start : start + 40]] == frames[:40]
+    leg.hold(ringing)  # the same loop again: it goes on, not from its start
+    leg.hold()
+    music = encode_frames(hold_music(), lookup("PCMU"))
+    after = [payload for _, payload in await phone.receive_many(30)]
+    back = after.index(music[0])  # the music from its start again, after any frames in flight
+    assert after[back : back + 10] == music[:10]
 
 
 async def test_rtcp_port_is_bound_and_ignored(engine, phones):

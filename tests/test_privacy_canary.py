@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import socket
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker import Broker, Recorder, free_port
 from test_end_to_end import CONNECTED_AFTER
+from test_safety_interop import HELP_PROMPTS, HelpLine, help_line  # noqa: F401 (a fixture)
+from voiceline.keyfile import KEY_FILE_NAME
 from voiceline.sim.runner import CallReport, CallSpec
+from voiceline.sip.identity import PSEUDONYM_BYTES
 from voiceline.sip.auth import digest_response, parse_digest
 
 pytestmark = pytest.mark.interop
@@ -176,13 +181,14 @@ def test_canary_number_is_written_nowhere(
     talk = CONNECTED_AFTER  # they talk once both heard the connect prompts
     # Two pjsua2 callers from the canary number, paired with each other: one over UDP holds and
     # resumes (re-INVITEs carry the identity again, into the dialog's target refresh), one over TCP
-    # with SRTP (keys in its SDP, ours in the answer).
+    # with SRTP (keys in its SDP, ours in the answer). The second spells it without the "+": another
+    # caller to the safety ledger (one caller is never paired with itself).
     reports = sim_calls(
         [
             CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=talk + 2.5, hold=(talk + 0.8, talk + 1.6)),
             CallSpec(
                 f"{target};transport=tcp",
-                from_user=CANARY,
+                from_user=CANARY[1:],
                 tone_hz=1209.0,
                 seconds=talk + 2.5,
                 start_after=0.3,
@@ -231,3 +237,59 @@ def test_canary_number_is_written_nowhere(
     for channel, content in told.items():
         leaked = [form.decode() for form in forms if form.lower() in content.lower()]
         assert not leaked, f"{channel} holds the canary as {leaked}"
+
+
+def keyed_forms(keys: list[bytes]) -> list[bytes]:
+    """HMAC-SHA256 of every spelling of the canary under every key the test can see, whole and cut to
+    a pseudonym's length (sip.identity.PSEUDONYM_BYTES)."""
+    spellings = [CANARY, CANARY[1:], f"sip:{CANARY}@127.0.0.1"]
+    forms = []
+    for key in keys:
+        for spelling in spellings:
+            digest = hmac.new(key, spelling.encode(), hashlib.sha256).hexdigest()
+            forms += [digest.encode(), digest[: 2 * PSEUDONYM_BYTES].encode()]
+    return forms
+
+
+def test_canary_number_is_written_nowhere_by_help_calls_reports_and_cooldowns(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], help_line: Callable[..., HelpLine]
+) -> None:
+    line = help_line()
+    server = voiceline_server(
+        {
+            "sip": {"answer_delay": 0.1},
+            "log": {"level": "debug"},
+            "welcome": {"enabled": False, "offer_choice": False},
+            "safety": {"report_threshold": 1},
+            # The help line may learn the caller's number (P-Asserted-Identity): we still write it nowhere.
+            "help": {"destination": line.uri, "pass_identity": True},
+        }
+    )
+    target = f"sip:100@{server.host}:{server.port}"
+    report = CONNECTED_AFTER + 1.0  # the partner reports the canary: held apart at once (threshold 1) ...
+    help_at = report + 3.0  # ... and the canary asks for help from the cooldown
+    canary, partner = sim_calls(
+        [
+            CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=help_at + HELP_PROMPTS + 5.0, dtmf_at=((help_at, "0"),)),
+            CallSpec(target, from_user="+15550009999", tone_hz=1209.0, seconds=report + 2.0, start_after=0.3,
+                     dtmf_at=((report, "*"),)),
+        ]
+    )  # fmt: skip
+    assert canary.connected and partner.connected, (canary, partner)
+    assert line.finished() == "ended"
+    (again,) = sim_calls([CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=3.0)])  # still held apart
+    assert again.connected
+    assert server.stop() == 0
+    events = server.log_events()
+    names = [event["event"] for event in events]
+    assert "help.connected" in names and "help.ended" in names, names
+    assert not [event for event in events if any("pseudonym" in key for key in event)]
+    files = [path for path in written_files(server.data_dir, server.log_path.parent) if path.suffix != ".toml"]
+    assert server.log_path in files and any(path.name == "voiceline.db" for path in files)
+    keys = [path.read_bytes() for path in files if path.name == KEY_FILE_NAME]
+    keys += [base64.b64decode(key, validate=False) for key in keys] + [key.strip() for key in keys]
+    forms = canary_forms() + keyed_forms(keys)
+    for path in files:
+        content = path.read_bytes().lower()
+        leaked = [form.decode() for form in forms if form.lower() in content]
+        assert not leaked, f"{path.name} holds the canary as {leaked}"

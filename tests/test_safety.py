@@ -314,9 +314,19 @@ def test_every_safety_prompt_exists() -> None:
 
 
 def test_the_safety_and_help_sections_are_checked() -> None:
-    config = from_mapping({"safety": {"report_threshold": 2, "cooldown": 60}, "help": {"destination": "sip:help@127.0.0.1"}})
-    assert config.safety.settings() == SafetySettings(report_threshold=2, cooldown=60.0)
+    config = from_mapping(
+        {
+            "safety": {"report_threshold": 2, "cooldown": 60},
+            "pairing": {"repeat_window": 600},
+            "help": {"destination": "sip:help@127.0.0.1"},
+        }
+    )
+    assert config.safety.settings(config.pairing.repeat_window) == SafetySettings(
+        report_threshold=2, cooldown=60.0, repeat_window=600.0
+    )
     for bad in (
+        {"pairing": {"repeat_window": -1}},
+        {"lines": [{"name": "own", "numbers": ["*"], "pairing": {"repeat_window": 60}}]},  # every line's
         {"safety": {"report_threshold": 0}},
         {"safety": {"key_rotation": 1.0}},
         {"help": {"method": "carrier pigeon"}},

@@ -50,6 +50,8 @@ async def seed(data_dir: Path) -> None:
         await store.record_call("main", at + 60, waited, 45.0, True, CallAudio(1000, 10, 3.0), answered_at=at)
     await store.record_journey("main", at, {"wait_abandoned": 1}, {"wait_abandoned": 90.0})
     await store.record_journey("main", at, {"max_wait_goodbye": 1, "skip": 2, "talk_limit_ending": 1}, {})
+    safety = {"help_request": 3, "help_connected": 1, "help_failed": 2, "report": 4, "cooldown_started": 1, "rate_limited": 5}
+    await store.record_journey("main", at, safety, {})
     await store.record_call("night", at, 5.0, 0.0, False)  # counted at its end: no answered_at
     await store.record_refusal("unknown_source", at, 3)
     await store.close()
@@ -67,7 +69,8 @@ async def test_hourly_rows_with_averages_loss_and_busiest_hours(tmp_path: Path) 
         "hour": "2024-02-29T09", "line": "main", "calls": 2, "paired": 2, "wait_paired": 2,
         "wait_paired_avg_seconds": 15.0, "wait_abandoned": 1, "wait_abandoned_avg_seconds": 90.0,
         "max_wait_goodbye": 1, "skip": 2, "talk_limit_ending": 1, "preference_match": 2, "talk_seconds": 90.0,
-        "audio_loss_percent": 1.0, "jitter_ms_max": 3.0,
+        "audio_loss_percent": 1.0, "jitter_ms_max": 3.0, "help_request": 3, "help_connected": 1, "help_failed": 2,
+        "report": 4, "cooldown_started": 1, "rate_limited": 5,
     }  # fmt: skip
     assert {(row["hour"], row["line"]): row["calls"] for row in stats["rows"]}[("2024-02-29T09", "night")] == 1
     assert stats["busiest_hours"] == {"main": [19, 22], "night": None}  # night: one call, no history
@@ -89,7 +92,7 @@ async def test_the_table_for_people(tmp_path: Path) -> None:
     header, *lines = text.splitlines()
     assert header.split()[:5] == ["HOUR", "(UTC)", "LINE", "CALLS", "PAIRED"]
     busy = next(line for line in lines if line.startswith("2024-02-29T09:00  main"))
-    assert busy.split()[2:] == ["2", "2", "2", "15.0", "1", "90.0", "1", "2", "1", "2", "1.0"]
+    assert busy.split()[2:] == ["2", "2", "2", "15.0", "1", "90.0", "1", "2", "1", "2", "3", "1", "2", "4", "1", "5", "1.0"]
     assert "busiest hours, line main: 19:00-22:00 local time" in lines
     assert "busiest hours, line night: not enough history yet" in lines
     assert lines[-1] == "refused before a call existed: unknown_source 3"

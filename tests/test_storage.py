@@ -49,7 +49,8 @@ async def test_open_creates_private_dir_schema_and_version(tmp_path: Path) -> No
     assert columns == {
         "hour", "line", "calls", "paired", "wait_seconds", "talk_seconds", "packets_expected", "packets_lost", "jitter_ms_max",
         "wait_paired", "wait_paired_seconds", "wait_abandoned", "wait_abandoned_seconds", "max_wait_goodbye", "skip",
-        "talk_limit_ending", "preference_match",
+        "talk_limit_ending", "preference_match", "help_request", "help_connected", "help_failed", "report",
+        "cooldown_started", "rate_limited",
     }  # fmt: skip
 
 

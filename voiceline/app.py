@@ -23,16 +23,18 @@ from voiceline.audio.hold import hold_music, load_wav
 from voiceline.audio.latch import Learning
 from voiceline.audio.media import MediaEngine, MediaError
 from voiceline.audio.prompts import PromptError, PromptSet
-from voiceline.calls import Calls, LineSetup
+from voiceline.calls import Calls, HelpRoute, LineSetup
 from voiceline import config as config_module
 from voiceline.codec_table import Codec
 from voiceline.codec_table import lookup as lookup_codec
 from voiceline.config import Config, ConfigError, SipConfig
 from voiceline.operations import Operations
+from voiceline.pairing.safety import SafetyLedger
 from voiceline.journey_config import SECTIONS as JOURNEY_SECTIONS
 from voiceline.journey_config import JourneyConfigError
 from voiceline.routing import Line, TrunkDirectory, TrunkPolicy
 from voiceline.sdnotify import SystemdNotifier
+from voiceline.sip.message import SipParseError, parse_uri
 from voiceline.sip.overload import OverloadLimits, RateLimit
 from voiceline.sip.session_timer import SessionTimerPolicy
 from voiceline.sip.transaction import Timers
@@ -78,6 +80,36 @@ class VoiceLine:
             journey = self.config.journey
             setup = LineSetup(journey.settings(), self._prompt_sets[(journey.prompts.language, journey.prompts.directory)])
         return setup
+
+    def help_route(self, line: str) -> HelpRoute | None:
+        """Where the help key connects (the same for every line): None without a help destination.
+
+        To the destination's host; with the help trunk's outbound account (its registration's
+        user and password, for a carrier's digest challenge, and as our From) when it has one."""
+        help = self.config.help
+        if not help.destination:
+            return None
+        try:
+            uri = parse_uri(help.destination)
+        except SipParseError:
+            log.error("help.destination_invalid")  # the help key then plays the safety message only
+            return None
+        trunk = self.trunks.policy.directory.trunks.get(help.trunk) if help.trunk and self.trunks else None
+        if help.trunk and trunk is None:
+            log.warning("help.trunk_unknown", trunk=help.trunk)  # the help call goes without its account
+        account = trunk.registration if trunk is not None else None
+        return HelpRoute(
+            help.destination,
+            help.method,
+            uri.host,
+            uri.port or 5060,
+            help.trunk,
+            account.username if account else "",
+            account.password if account else "",
+            f"sip:{account.username}@{account.host}" if account else None,
+            help.pass_identity,
+            help.ring_timeout,
+        )
 
     async def _lines_changed(self, lines: Mapping[str, Line], first: bool) -> None:
         """Ready each line's journey settings and prompts (loaded off the loop). At start a bad prompt
@@ -145,15 +177,26 @@ class VoiceLine:
             session_timers=SessionTimerPolicy(sip.session_expires, sip.min_session_expires),
             max_call_duration=sip.max_call_duration,
             overload=overload_limits(sip),
+            key_rotation=self.config.safety.key_rotation,
         )
         loop = asyncio.get_running_loop()
         policy = TrunkPolicy(
             TrunkDirectory((), ()), loop.time, self._calls_on_trunk, drop_unknown=sip.unknown_source == "drop"
         )
         self.calls = Calls(
-            self.media, self.line_setup, self._line_max_calls, self.storage, self._write, self._hangup, live_view=self.ops
+            self.media,
+            self.line_setup,
+            self._line_max_calls,
+            self.storage,
+            self._write,
+            self._hangup,
+            live_view=self.ops,
+            ledger=SafetyLedger(self.config.safety.settings(self.config.pairing.repeat_window)),
+            help_route=self.help_route,
+            trunk_of=self._source_trunk,
         )
         self.agent = UserAgent(settings, self.calls, policy)
+        self.calls.dialer = self.agent
         # Trunks and lines are in force before the first request.
         self.trunks = await TrunkSupervisor.load(
             self.config,
@@ -342,6 +385,11 @@ class VoiceLine:
     def _line_max_calls(self, line: str) -> int:
         configured = self.trunks.policy.directory.lines.get(line) if self.trunks else None
         return configured.max_calls if configured is not None else 0
+
+    def _source_trunk(self, address: str) -> str:
+        """The trunk whose sources hold `address` ("" for none): requests from it in our call are admitted."""
+        trunks = self.trunks.policy.directory.source_trunks(address) if self.trunks else []
+        return trunks[0].name if trunks else ""
 
     def _hangup(self, call_id: str, reason: str) -> None:
         if self.agent is not None:

@@ -1,4 +1,4 @@
-"""The call handler: a media leg for each call the user agent offers, each line's journeys, statistics, the silence watch.
+"""The call handler: a media leg for each call the user agent offers, each line's journeys, help calls, statistics, the silence watch.
 
 It sees a call only as `CallInfo` (an id and the negotiated media facts); the
 dialog, and with it the caller's URI, stays inside `voiceline.sip`. Each line
@@ -12,6 +12,12 @@ The silence watch is one task that wakes at the earliest deadline of all calls
 `media.partner_silence` while connecting or talking is parted from its partner
 (its phone or line seems gone), and one silent for `media.inactivity_timeout`
 is ended. A leg's last arrival is read when the watch wakes, never per packet.
+
+Every line shares one `SafetyLedger` (pseudonyms, in memory only): a call is
+answered with its `Caller`. The help key's call is placed here (`CallHelp`):
+an outbound call with a media leg of its own, bridged both ways with the
+caller once answered, or a REFER of the caller's call. The help leg belongs to
+no line: it is not counted, paired or told anything; only its outcome is.
 """
 
 from __future__ import annotations
@@ -19,32 +25,41 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import ipaddress
+import socket
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import structlog
 
+from voiceline.audio.hold import ringback
 from voiceline.audio.media import LegStats, MediaEngine, MediaError, MediaLeg
 from voiceline.audio.prompts import PromptSet
 from voiceline.audio.srtp import SrtpKeys
 from voiceline.pairing.journey import (
     Action,
     Bridge,
+    BridgeExternal,
+    CallHelp,
     CallSummary,
+    EndHelpCall,
     HangUp,
     JourneySettings,
     PlayMusic,
     PlayPrompts,
+    PlayRingback,
     Silence,
     State,
     Statistic,
 )
 from voiceline.pairing.line import Line, Step
-from voiceline.sip.events import CallInfo, CallMedia
-from voiceline.sip.useragent import CallRejected
+from voiceline.pairing.safety import Caller, SafetyLedger
+from voiceline.sip.auth import DigestClient
+from voiceline.sip.events import Answered, CallInfo, CallMedia, Transferred
+from voiceline.sip.useragent import CallRejected, UserAgent
 from voiceline.storage import CallAudio, Storage
 
 log = structlog.get_logger("voiceline.app")
@@ -53,7 +68,7 @@ WAITING_STATES = (State.CHOICE, State.WAITING)
 PAIRED_STATES = (State.CONNECTING, State.TALKING)
 JOURNEY_ENDED = "journey_ended"  # the reason our BYE gives to logs, events and metrics
 RESUME_CHECK = 1.0  # seconds between looks at a caller parted for silence: its audio may come back
-Hearing = PlayMusic | Silence | Bridge
+Hearing = PlayMusic | Silence | Bridge | PlayRingback | BridgeExternal
 
 
 class LiveView(Protocol):
@@ -82,6 +97,33 @@ class LineSetup:
 
     settings: JourneySettings
     prompts: PromptSet
+
+
+@dataclass(frozen=True)
+class HelpRoute:
+    """Where a line's help key connects: `destination` (a SIP URI) at `host`:`port` (its host), with
+    the help trunk's outbound account when it has one."""
+
+    destination: str
+    method: str  # "invite": we call and bridge; "refer": the caller's carrier is asked to
+    host: str
+    port: int
+    trunk: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    from_uri: str | None = None  # the trunk's account; None: our anonymous From
+    pass_identity: bool = False
+    ring_timeout: float = 30.0
+
+
+@dataclass(eq=False)
+class HelpCall:
+    """A caller's help call: its own media leg and our INVITE (or our REFER of the caller's call)."""
+
+    leg: MediaLeg | None = None
+    outbound: str | None = None  # our INVITE's call id, once sent
+    connected: bool = False
+    ended: bool = False  # EndHelpCall came: whatever happens later to the call is ended
 
 
 @dataclass(eq=False)
@@ -118,10 +160,22 @@ class Calls:
         write: Callable[[Coroutine[Any, Any, None]], None],
         hangup: Callable[[str, str], None],
         live_view: LiveView,
+        ledger: SafetyLedger | None = None,
+        help_route: Callable[[str], HelpRoute | None] = lambda line: None,
+        trunk_of: Callable[[str], str] = lambda address: "",
     ) -> None:
         """`line_setup(line)`: its journey settings and prompts; `max_calls(line)`: its limit, 0 for none;
-        `hangup(call_id, reason)` ends a call."""
+        `hangup(call_id, reason)` ends a call; `ledger`: every line's safety records; `help_route(line)`:
+        where its help key connects (None: the safety message only); `trunk_of(address)`: the trunk
+        an address sends from (the help line's requests in its call are admitted as that trunk's).
+        Help calls go out through `dialer`, set once the user agent exists."""
         self.media = media
+        self.ledger = ledger
+        self.help_route = help_route
+        self.trunk_of = trunk_of
+        self.dialer: UserAgent | None = None
+        self.help_calls: dict[str, HelpCall] = {}  # by the caller's call id
+        self._help_tasks: set[asyncio.Task[None]] = set()
         self.line_setup = line_setup
         self.max_calls = max_calls
         self.storage = storage
@@ -144,7 +198,7 @@ class Calls:
         served = self.lines.get(name)
         if served is None:
             setup = self.line_setup(name)
-            served = self.lines[name] = ServedLine(name, Line(setup.settings), setup.prompts)
+            served = self.lines[name] = ServedLine(name, self._new_line(name, setup.settings), setup.prompts)
             served.journeys.busiest_hours = self._busiest_hours.get(name)
         return served
 
@@ -156,10 +210,14 @@ class Calls:
             return
         served.prompts = setup.prompts
         if served.journeys.empty:
-            served.journeys = Line(setup.settings)
+            served.journeys = self._new_line(name, setup.settings)
             served.journeys.busiest_hours = self._busiest_hours.get(name)
         else:
             served.journeys.settings = setup.settings
+            served.journeys.help_line = self.help_route(name) is not None
+
+    def _new_line(self, name: str, settings: JourneySettings) -> Line:
+        return Line(settings, self.ledger, help_line=self.help_route(name) is not None)
 
     def set_busiest_hours(self, name: str, hours: tuple[int, int] | None) -> None:
         self._busiest_hours[name] = hours
@@ -205,7 +263,8 @@ class Calls:
         live.leg.on_digit = functools.partial(self.call_dtmf, call)
         live.leg.on_prompt_end = functools.partial(self._prompt_finished, call.line, call.id)
         served = self.line(call.line)
-        self._apply(served, served.journeys.answered(call.id, self._loop.time()))
+        caller = Caller(call.pseudonym, call.key_epoch, call.withheld)
+        self._apply(served, served.journeys.answered(call.id, self._loop.time(), caller))
         if call.media.on_hold:
             self._apply(served, served.journeys.held(call.id, self._loop.time()))
 
@@ -287,6 +346,9 @@ class Calls:
         """Do what the line's step says, then set its timer; BYEs last (their end comes back to us)."""
         hang_ups: list[tuple[str, HangUp]] = []
         for call_id, action in step.actions:
+            if isinstance(action, EndHelpCall):  # also for a caller already gone
+                self._end_help(call_id)
+                continue
             live = self.live.get(call_id)
             if live is None:
                 continue
@@ -312,17 +374,26 @@ class Calls:
     def _act(self, served: ServedLine, live: LiveCall, call_id: str, action: Action) -> None:
         if isinstance(action, PlayPrompts):
             self._play(served, live, call_id, action.prompts)
-        elif isinstance(action, PlayMusic | Silence | Bridge):
+        elif isinstance(action, PlayMusic | Silence | Bridge | PlayRingback | BridgeExternal):
             live.hearing = action
             media = live.info.media
             if media is None or not media.on_hold:  # a held leg is told again on resume
                 self._hear(live, action)
+        elif isinstance(action, CallHelp):
+            self._place_help(served, call_id)
 
     def _hear(self, live: LiveCall, hearing: Hearing) -> None:
         if isinstance(hearing, PlayMusic):
             live.leg.hold()
         elif isinstance(hearing, Silence):
             live.leg.hear_nothing()
+        elif isinstance(hearing, PlayRingback):
+            live.leg.hold(ringback(hearing.frequencies, hearing.on, hearing.period))
+        elif isinstance(hearing, BridgeExternal):
+            help_call = self.help_calls.get(live.info.id)
+            if help_call is not None and help_call.leg is not None and help_call.connected:
+                live.leg.listen_to(help_call.leg)
+                help_call.leg.listen_to(live.leg)
         else:
             partner = self.live.get(hearing.partner)
             if partner is not None:
@@ -381,6 +452,117 @@ class Calls:
             served.timer = None
         if deadline is not None and served.timer is None:
             served.timer = self._loop.call_at(deadline, self._due, served)
+
+    # -- help calls ---------------------------------------------------------------------
+
+    def _place_help(self, served: ServedLine, call_id: str) -> None:
+        route = self.help_route(served.name)
+        if route is None or self.dialer is None or call_id in self.help_calls:
+            self._apply(served, served.journeys.help_failed(call_id, self._loop.time()))
+            return
+        help_call = self.help_calls[call_id] = HelpCall()
+        run = self._refer_help if route.method == "refer" else self._invite_help
+        task = self._loop.create_task(self._help_task(served, call_id, help_call, run(served, call_id, help_call, route)))
+        self._help_tasks.add(task)
+        task.add_done_callback(self._help_tasks.discard)
+
+    async def _help_task(
+        self, served: ServedLine, call_id: str, help_call: HelpCall, run: Coroutine[Any, Any, None]
+    ) -> None:
+        try:
+            await run
+        except Exception as exc:  # logged with a redacted trace; the caller goes back to where it was
+            log.error("help.call_failed", call=call_id, error=type(exc).__name__, exc_info=exc)
+            self._help_outcome(served, call_id, help_call, connected=False)
+        finally:
+            if help_call.leg is not None:
+                help_call.leg.close()
+            if self.help_calls.get(call_id) is help_call:
+                del self.help_calls[call_id]
+
+    async def _invite_help(self, served: ServedLine, call_id: str, help_call: HelpCall, route: HelpRoute) -> None:
+        """Call the help line on a media leg of its own; bridged with the caller by its journey's BridgeExternal."""
+        assert self.dialer is not None
+        try:
+            address = await self._address(route.host, route.port)
+            help_call.leg = await self.media.open_leg()
+        except (OSError, MediaError) as exc:
+            log.warning("help.unreachable", call=call_id, error=type(exc).__name__)
+            self._help_outcome(served, call_id, help_call, connected=False)
+            return
+        if help_call.ended:
+            return
+        outbound = self.dialer.invite(
+            route.destination,
+            address,
+            help_call.leg.local_port,
+            credentials=DigestClient(route.username, route.password) if route.username else None,
+            privacy=True,
+            ring_timeout=route.ring_timeout,
+            trunk=route.trunk or self.trunk_of(address[0]),
+            from_uri=route.from_uri,
+            assert_identity_of=call_id if route.pass_identity else None,
+        )
+        help_call.outbound = outbound.id
+        log.info("help.calling", call=call_id, help_call=outbound.id, line=served.name)
+        outcome = await outbound.outcome
+        if not isinstance(outcome, Answered) or outcome.call.media is None:
+            log.info("help.not_connected", call=call_id, outcome=type(outcome).__name__, status=getattr(outcome, "status", None))
+            self._help_outcome(served, call_id, help_call, connected=False)
+            return
+        if help_call.ended:  # answered after the caller stopped waiting for it
+            self.dialer.hangup(outbound.id, "help call cancelled")
+            return
+        _start_media(help_call.leg, outcome.call, outcome.call.media)
+        log.info("help.connected", call=call_id, help_call=outbound.id)
+        self._help_outcome(served, call_id, help_call, connected=True)
+        ended = await outbound.ended
+        log.info("help.ended", call=call_id, help_call=outbound.id, reason=ended.reason)
+        if not help_call.ended:
+            help_call.ended = True
+            self._apply(served, served.journeys.help_ended(call_id, self._loop.time()))
+
+    async def _refer_help(self, served: ServedLine, call_id: str, help_call: HelpCall, route: HelpRoute) -> None:
+        """Ask the caller's carrier to connect it to the help line (REFER); once it did, our leg ends."""
+        assert self.dialer is not None
+        transfer = self.dialer.refer(call_id, route.destination, timeout=route.ring_timeout)
+        if transfer is None:
+            log.info("help.refer_impossible", call=call_id)
+            self._help_outcome(served, call_id, help_call, connected=False)
+            return
+        outcome = await transfer.outcome
+        connected = isinstance(outcome, Transferred)
+        log.info("help.referred" if connected else "help.refer_failed", call=call_id, status=getattr(outcome, "status", None))
+        self._help_outcome(served, call_id, help_call, connected=connected)
+        if connected and call_id in self.live:
+            self.hangup(call_id, "transferred to help")
+
+    def _help_outcome(self, served: ServedLine, call_id: str, help_call: HelpCall, connected: bool) -> None:
+        """The caller's journey hears whether its help call got through (unless it stopped waiting)."""
+        if help_call.ended or call_id not in self.live:
+            return
+        help_call.connected = connected
+        now = self._loop.time()
+        step = served.journeys.help_answered(call_id, now) if connected else served.journeys.help_failed(call_id, now)
+        self._apply(served, step)
+
+    def _end_help(self, call_id: str) -> None:
+        """The caller no longer wants its help call (cancelled, hung up, or a goodbye): CANCEL or BYE it."""
+        help_call = self.help_calls.get(call_id)
+        if help_call is None or help_call.ended:
+            return
+        help_call.ended = True
+        if help_call.outbound is not None and self.dialer is not None:
+            self.dialer.hangup(help_call.outbound, "help call ended")
+
+    async def _address(self, host: str, port: int) -> tuple[str, int]:
+        """The help route's address: a configured host name is resolved (never one a caller chose)."""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            return str(infos[0][4][0]), port
+        return host, port
 
     # -- silence ----------------------------------------------------------------------
 

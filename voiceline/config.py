@@ -198,13 +198,12 @@ class SafetyConfig:
     report_threshold: int = 3  # different callers reporting one caller within a key's life: held apart
     cooldown: float = 86400.0  # how long a caller reported that often is held apart
     max_calls_per_hour: int = 30  # per caller; 0: no limit
-    repeat_window: float = 3600.0  # the same two are not paired again within it while others can be
     accept_withheld: bool = True  # callers who withhold their number may call
 
-    def settings(self) -> SafetySettings:
-        """What the pairing layer's safety ledger reads."""
+    def settings(self, repeat_window: float) -> SafetySettings:
+        """What the pairing layer's safety ledger reads; `repeat_window` is `[pairing]`'s."""
         return SafetySettings(
-            self.report_threshold, self.cooldown, self.max_calls_per_hour, self.repeat_window, self.accept_withheld
+            self.report_threshold, self.cooldown, self.max_calls_per_hour, repeat_window, self.accept_withheld
         )
 
 
@@ -360,7 +359,7 @@ class Config:
         if not 60 <= self.safety.key_rotation <= 7 * 86400:
             raise ConfigError("safety.key_rotation: must be between 60 seconds and 7 days")
         try:
-            self.safety.settings()
+            self.safety.settings(self.pairing.repeat_window)
         except ValueError as exc:
             raise ConfigError(f"safety: {exc}") from None
         if self.help.method not in HELP_METHODS:

@@ -48,6 +48,7 @@ class TalkingConfig:
 class PairingConfig:
     preference_wait: float = 60.0
     skip_window: float = 120.0
+    repeat_window: float = 3600.0  # read by the one safety ledger of every line: no line sets its own
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ SECTIONS: dict[str, type] = {
     "prompts": PromptsConfig,
 }
 LINE_SECTIONS = ("welcome", "waiting", "talking", "pairing", "keys")  # a line's prompts: `language`, `prompts`
+SERVICE_WIDE = (("pairing", "repeat_window"),)  # the same for every line: never a line's override
 
 Override = tuple[str, str, Any]  # (section, key, value)
 
@@ -140,6 +142,13 @@ def typed_value(section: str, key: str, value: Any) -> Any:
     return value
 
 
+def line_value(section: str, key: str, value: Any) -> Any:
+    """`typed_value`, for a line's own setting."""
+    if (section, key) in SERVICE_WIDE:
+        raise JourneyConfigError(f"{section}.{key}: the same for every line (set it in [{section}])")
+    return typed_value(section, key, value)
+
+
 def line_overrides(tables: Mapping[str, Any]) -> tuple[Override, ...]:
     """A line's section tables (`{"waiting": {"max_wait": 300}}`) as checked overrides, in a stable order."""
     overrides: list[Override] = []
@@ -148,7 +157,7 @@ def line_overrides(tables: Mapping[str, Any]) -> tuple[Override, ...]:
             raise JourneyConfigError(f"{name}: not a section a line may set ({', '.join(LINE_SECTIONS)})")
         if not isinstance(values, Mapping):
             raise JourneyConfigError(f"{name}: expected a table of settings")
-        overrides += [(name, key, typed_value(name, key, value)) for key, value in values.items()]
+        overrides += [(name, key, line_value(name, key, value)) for key, value in values.items()]
     return tuple(sorted(overrides, key=lambda item: item[:2]))
 
 
@@ -180,7 +189,7 @@ def parse_assignment(text: str) -> Override:
             value = float(raw)
         except ValueError:
             raise JourneyConfigError(f"{name}.{key}: expected a number, got {raw!r}") from None
-    return name, key, typed_value(name, key, value)
+    return name, key, line_value(name, key, value)
 
 
 def merged(overrides: Iterable[Override], more: Iterable[Override]) -> tuple[Override, ...]:

@@ -38,7 +38,10 @@ RETRY_MAX_SECONDS = 60.0
 WARN_EVERY_SECONDS = 900.0
 
 # What `record_journey` counts, and which of them carry the seconds waited.
-JOURNEY_COUNTS = ("wait_paired", "wait_abandoned", "max_wait_goodbye", "skip", "talk_limit_ending", "preference_match")
+JOURNEY_COUNTS = (
+    "wait_paired", "wait_abandoned", "max_wait_goodbye", "skip", "talk_limit_ending", "preference_match",
+    "help_request", "help_connected", "help_failed", "report", "cooldown_started", "rate_limited",
+)  # fmt: skip
 JOURNEY_SECONDS = ("wait_paired", "wait_abandoned")
 
 # The busiest hours: the BUSIEST_WINDOW consecutive hours of the day (server's local time) with most
@@ -85,6 +88,12 @@ class HourTotals:
     skip: int = 0
     talk_limit_ending: int = 0
     preference_match: int = 0
+    help_request: int = 0
+    help_connected: int = 0
+    help_failed: int = 0
+    report: int = 0
+    cooldown_started: int = 0
+    rate_limited: int = 0
     records: int = field(default=0, metadata={"stored": False})  # how many record_* calls it holds
 
     def add(self, other: HourTotals) -> None:

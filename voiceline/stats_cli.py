@@ -40,6 +40,12 @@ _COLUMNS = (
     ("SKIPS", "skip"),
     ("TALK-LIMIT", "talk_limit_ending"),
     ("PREF-MATCH", "preference_match"),
+    ("HELP", "help_request"),
+    ("HELP-CONN", "help_connected"),
+    ("HELP-FAIL", "help_failed"),
+    ("REPORTS", "report"),
+    ("COOLDOWNS", "cooldown_started"),
+    ("RATE-LIMITED", "rate_limited"),
     ("LOSS-%", "audio_loss_percent"),
 )
 
@@ -97,13 +103,15 @@ def _rows(db: sqlite3.Connection, since: str, line: str | None, daily: bool) -> 
         SELECT {period} AS period, line, sum(calls), sum(paired), sum(wait_paired), sum(wait_paired_seconds),
                sum(wait_abandoned), sum(wait_abandoned_seconds), sum(max_wait_goodbye), sum(skip),
                sum(talk_limit_ending), sum(preference_match), sum(talk_seconds), sum(packets_expected),
-               sum(packets_lost), max(jitter_ms_max)
+               sum(packets_lost), max(jitter_ms_max), sum(help_request), sum(help_connected), sum(help_failed),
+               sum(report), sum(cooldown_started), sum(rate_limited)
         FROM hourly_stats WHERE {where} GROUP BY period, line ORDER BY period, line
     """
     rows = []
     for (
         when, name, calls, paired, wait_paired, wait_paired_seconds, wait_abandoned, wait_abandoned_seconds,
         goodbyes, skips, talk_limit, preference, talk_seconds, expected, lost, jitter,
+        help_request, help_connected, help_failed, report, cooldown_started, rate_limited,
     ) in db.execute(query, params):  # fmt: skip
         rows.append(
             {
@@ -119,6 +127,12 @@ def _rows(db: sqlite3.Connection, since: str, line: str | None, daily: bool) -> 
                 "skip": skips,
                 "talk_limit_ending": talk_limit,
                 "preference_match": preference,
+                "help_request": help_request,
+                "help_connected": help_connected,
+                "help_failed": help_failed,
+                "report": report,
+                "cooldown_started": cooldown_started,
+                "rate_limited": rate_limited,
                 "talk_seconds": round(talk_seconds, 1),
                 "audio_loss_percent": round(100 * lost / expected, 2) if expected else None,
                 "jitter_ms_max": round(jitter, 1),

@@ -140,6 +140,16 @@ MIGRATIONS: tuple[str | PythonMigration, ...] = (
     ALTER TABLE hourly_stats ADD COLUMN talk_limit_ending INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE hourly_stats ADD COLUMN preference_match INTEGER NOT NULL DEFAULT 0;
     """,
+    """
+    -- Safety per hour and line, counts only (nothing of who): the help key, help calls connected
+    -- and failed, reports, cooldowns started, calls refused over the per-caller rate.
+    ALTER TABLE hourly_stats ADD COLUMN help_request INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN help_connected INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN help_failed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN report INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN cooldown_started INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE hourly_stats ADD COLUMN rate_limited INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 # The two provisioning tables share their shape: name -> JSON settings.
@@ -446,7 +456,8 @@ class Storage:
         """Add the caller's journey counts to `at`'s hour for `line`.
 
         `counts` by name: wait_paired, wait_abandoned, max_wait_goodbye, skip, talk_limit_ending,
-        preference_match; `seconds` (waited) by wait_paired and wait_abandoned.
+        preference_match, help_request, help_connected, help_failed, report, cooldown_started,
+        rate_limited; `seconds` (waited) by wait_paired and wait_abandoned.
         """
         self._writer.add_hour(line, hour_of(at), journey_totals(counts, seconds))
 

@@ -140,6 +140,23 @@ def hold_music(rate: int = SAMPLE_RATE) -> np.ndarray:
     return _music(rate)
 
 
+@cache
+def ringback(frequencies: tuple[float, ...], on: float, period: float, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """One period of a ringing tone (`frequencies` together, `on` seconds of tone, then silence), as
+    int16 at `rate`: play it round and round. Made once per tone and shared (read-only)."""
+    t = np.arange(int(on * rate)) / rate
+    tone = sum((np.sin(2 * np.pi * hz * t) for hz in frequencies), np.zeros(len(t)))
+    ramp = min(len(t) // 2, int(0.01 * rate))  # 10 ms edges: no clicks
+    if ramp:
+        edge = np.linspace(0.0, 1.0, ramp)
+        tone[:ramp] *= edge
+        tone[len(t) - ramp :] *= edge[::-1]
+    loop = np.zeros(int(period * rate), dtype=np.int16)
+    loop[: len(t)] = np.rint(tone * (0.25 * 32767 / max(1, len(frequencies)))).astype(np.int16)
+    loop.flags.writeable = False
+    return loop
+
+
 def load_wav(path: str | Path) -> np.ndarray:
     """A 16-bit PCM WAV file (mono or stereo, any rate) as 8 kHz mono int16.
 

@@ -68,17 +68,19 @@ class _HoldPacer:
     def __init__(self, loop: asyncio.AbstractEventLoop, hold_pcm: np.ndarray) -> None:
         self._loop = loop
         self._hold_pcm = hold_pcm
-        self._frames: dict[Codec, EncodedLoop] = {}
+        self._frames: dict[tuple[Codec, int | None], EncodedLoop] = {}  # by codec and loop (its id: shared, read-only)
         self._legs: set[MediaLeg] = set()
         self._start = 0.0
         self._tick = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def frames(self, codec: Codec) -> EncodedLoop:
-        """The hold pattern in `codec`, encoded frame by frame as legs in that codec first play it."""
-        if codec not in self._frames:
-            self._frames[codec] = EncodedLoop(self._hold_pcm, codec)
-        return self._frames[codec]
+    def frames(self, codec: Codec, pcm: np.ndarray | None = None) -> EncodedLoop:
+        """The hold pattern (or another loop, `pcm`) in `codec`, encoded frame by frame as legs in that
+        codec first play it."""
+        key = (codec, None if pcm is None else id(pcm))
+        if key not in self._frames:
+            self._frames[key] = EncodedLoop(self._hold_pcm if pcm is None else pcm, codec)
+        return self._frames[key]
 
     def add(self, leg: MediaLeg) -> None:
         self._legs.add(leg)
@@ -382,6 +384,7 @@ class MediaLeg:
         self._report_timer: asyncio.TimerHandle | None = None
         self._packets_at_last_report = 0
         self._closed = False
+        self._holding_loop: np.ndarray | None = None  # what `hold` plays: None for the hold music
 
     # -- control --------------------------------------------------------------
 
@@ -440,14 +443,16 @@ class MediaLeg:
         forwarded = self._kernel.forwarded_to(self)
         return self.sender.packets_out + (forwarded.packets if forwarded is not None else 0)
 
-    def hold(self) -> None:
-        """Hear hold audio, from the start of the pattern."""
+    def hold(self, loop: np.ndarray | None = None) -> None:
+        """Hear hold audio, from the start of the pattern; or `loop` (8 kHz int16, shared and read-only:
+        a ringing tone), round and round."""
         self._require_usable()
-        if self.sender.holding:
+        if self.sender.holding and self._holding_loop is loop:
             return
         with self._kernel.changing(self):
             self._detach()
-            self.sender.hold(self._pacer.frames(self.sender.codec))
+            self.sender.hold(self._pacer.frames(self.sender.codec, loop))
+            self._holding_loop = loop
             self._pacer.add(self)
 
     @property

@@ -191,7 +191,8 @@ class BenchCall:
             f"{method} {self._target} SIP/2.0",
             f"Via: SIP/2.0/UDP {host}:{port};branch={branch};rport",
             "Max-Forwards: 70",
-            f"From: <sip:bench@{host}>;tag={self._from_tag}",
+            # Withheld: each generated call is a stranger to the others (no pseudonym shared, no rate).
+            f"From: <sip:anonymous@{host}>;tag={self._from_tag}",
             f"To: {to or self._to}",
             f"Call-ID: {self.call_id}",
             f"CSeq: {1 if method == 'ACK' else self._cseq} {method}",  # an ACK takes its INVITE's number
