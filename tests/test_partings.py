@@ -181,8 +181,9 @@ async def test_a_pair_whose_talk_time_ran_out_is_hung_up_with_no_reason_that_lin
         async with serving(config) as app:
             first, second = await RawPeer.open(), await RawPeer.open()
             try:
-                for peer, rtp_port in ((first, 4000), (second, 4002)):
-                    dialer = Dialer(peer, address(app))
+                # Two callers (two numbers): one caller is never paired with itself.
+                for peer, rtp_port, number in ((first, 4000, "1001"), (second, 4002, "1002")):
+                    dialer = Dialer(peer, address(app), from_user=number)
                     dialer.invite(rtp_port=rtp_port)
                     dialer.ack(to_tag(await peer.response(status=200, method="INVITE", timeout=5.0)))
                 # Connect prompts, the warning, the end-of-talk choice, its wait and the goodbye: then our BYEs.
