@@ -42,6 +42,10 @@ def test_a_line_overrides_single_keys_of_the_top_level_sections() -> None:
         ({"lines": [{"name": "x", "numbers": ["1"], "waiting": {"max_wait": True}}]}, "waiting.max_wait: expected a number"),
         ({"lines": [{"name": "x", "numbers": ["1"], "prompts_dir": "a"}]}, "unknown setting 'prompts_dir'"),
         ({"lines": [{"name": "x", "numbers": ["1"], "talking": {"max_talk": 10}}]}, "[[lines]] x: warn_before"),
+        ({"lines": [{"name": "x", "numbers": ["1"], "help": {"method": "fax"}}]}, "[[lines]] x: help.method"),
+        ({"lines": [{"name": "x", "numbers": ["1"], "help": {"destination": "tel:112"}}]}, "[[lines]] x: help.destination"),
+        ({"lines": [{"name": "x", "numbers": ["1"], "help": {"ring_timeout": 0}}]}, "[[lines]] x: help.ring_timeout"),
+        ({"help": {"ring_timeout": 900}}, "help.ring_timeout"),
     ],
 )
 def test_a_bad_journey_setting_is_refused_naming_it(data: dict[str, object], message: str) -> None:
@@ -64,3 +68,28 @@ def test_assignments_are_typed_by_their_key_and_merge_over_a_line_s_own() -> Non
     own = line_overrides({"waiting": {"max_wait": 300}, "keys": {"report": ""}})
     both = merged(own, [parse_assignment("waiting.max_wait=240"), parse_assignment("talking.max_talk=900")])
     assert override_tables(both) == {"keys": {"report": ""}, "talking": {"max_talk": 900.0}, "waiting": {"max_wait": 240.0}}
+
+
+def test_a_line_s_own_help_settings_fall_back_to_the_top_level_ones_key_by_key() -> None:
+    config = from_mapping(
+        {
+            "help": {"destination": "sip:help@crisis.example", "ring_timeout": 20},
+            "lines": [
+                {"name": "night", "numbers": ["300"], "help": {"destination": "sip:night@crisis.example", "method": "refer"}},
+                {"name": "day", "numbers": ["*"]},
+            ],
+        }
+    )
+    night, day = (config.line_journey(line).help for line in config.lines)
+    assert (night.destination, night.method, night.ring_timeout) == ("sip:night@crisis.example", "refer", 20.0)
+    assert (day.destination, day.method, day.ring_timeout) == ("sip:help@crisis.example", "invite", 20.0)
+    assert config.lines[0].settings()["help"] == {"destination": "sip:night@crisis.example", "method": "refer"}  # line show
+
+
+def test_help_assignments_are_checked_at_once_naming_the_key() -> None:
+    assert parse_assignment("help.destination=sip:help@crisis.example") == ("help", "destination", "sip:help@crisis.example")
+    assert parse_assignment("help.pass_identity=true") == ("help", "pass_identity", True)
+    with pytest.raises(JourneyConfigError, match="help.ring_timeout: expected a number"):
+        parse_assignment("help.ring_timeout=soon")
+    with pytest.raises(JourneyConfigError, match="help.number: unknown key"):
+        parse_assignment("help.number=112")

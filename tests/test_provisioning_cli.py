@@ -124,6 +124,7 @@ def test_trunk_lifecycle_with_table_and_json(tmp_path: Path) -> None:
         (("line", "add", "x", "--number", "5", "--set", "waiting.max_wait=soon"), "waiting.max_wait: expected a number, got 'soon'"),
         (("line", "add", "x", "--number", "5", "--set", "keys.help=#"), "each key may have one meaning only"),
         (("line", "add", "x", "--number", "5", "--set", "max_wait=300"), "expected SECTION.KEY=VALUE"),
+        (("line", "add", "x", "--number", "5", "--set", "help.method=fax"), "help.method: must be 'invite' or 'refer'"),
         (("line", "add", "x", "--number", "5", "--language", "xx"), "no built-in prompts for language 'xx'"),
         (("line", "remove", "nope"), "no line named 'nope'"),
     ],
@@ -255,9 +256,11 @@ def test_a_line_s_journey_settings_and_prompts_are_stored_and_checked_at_once(tm
         wav.writeframes((np.sin(np.arange(8000) / 3) * 8000).astype("<i2").tobytes())
     ok(d, "line", "add", "night", "--number", "300", "--set", "waiting.max_wait=300", "--set", "keys.report=",
        "--prompts", str(recordings), "--language", "en")  # fmt: skip
-    ok(d, "line", "update", "night", "--set", "talking.max_talk=900", "--set", "waiting.max_wait=240")
+    ok(d, "line", "update", "night", "--set", "talking.max_talk=900", "--set", "waiting.max_wait=240",
+       "--set", "help.destination=sip:night@crisis.example")  # fmt: skip
     shown = json.loads(ok(d, "line", "show", "night", "--json"))
     assert shown["waiting"] == {"max_wait": 240.0} and shown["talking"] == {"max_talk": 900.0}
+    assert shown["help"] == {"destination": "sip:night@crisis.example"}
     assert shown["keys"] == {"report": ""} and shown["prompts"] == str(recordings) and shown["language"] == "en"
     (recordings / "welcome.wav").write_bytes(b"not a wav file")
     refused = bad(d, "line", "update", "night", "--max-calls", "3")

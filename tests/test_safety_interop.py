@@ -184,6 +184,19 @@ def test_a_busy_help_line_is_a_kind_message_and_back_to_waiting(
     assert busy.finished() == 0, busy.errors()
 
 
+def test_a_line_s_own_help_destination_is_the_one_called(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], sipp: Callable[..., Sipp]
+) -> None:
+    busy = sipp("-sf", str(SCENARIOS / "uas_busy_anonymous.xml"))  # exits 0 only once our INVITE reached it
+    config = help_config(f"sip:help@{HOST}:{NOBODY_PORT}")  # the top-level help line: nobody there
+    config["lines"] = [{"name": "default", "numbers": ["*"], "help": {"destination": f"sip:help@{HOST}:{SIPP_PORT}"}}]
+    server = voiceline_server(config)
+    caller = alone_presses_help(server, sim_calls, 1.0 + HELP_PROMPTS + 6.0)
+    assert busy.finished() == 0, busy.errors()
+    found = heard_at(caller, "help_unreachable")  # the line's help line was busy: quickly told so
+    assert len(found) == 1 and 1.0 + HELP_PROMPTS < found[0] < 1.0 + HELP_PROMPTS + 1.5, found
+
+
 def test_an_unanswered_help_call_is_given_up_after_the_ring_timeout(
     voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], sipp: Callable[..., Sipp]
 ) -> None:

@@ -82,11 +82,13 @@ class VoiceLine:
         return setup
 
     def help_route(self, line: str) -> HelpRoute | None:
-        """Where the help key connects (the same for every line): None without a help destination.
+        """Where `line`'s help key connects (its `[lines.help]` over `[help]`, as now provisioned): None
+        without a help destination.
 
         To the destination's host; with the help trunk's outbound account (its registration's
         user and password, for a carrier's digest challenge, and as our From) when it has one."""
-        help = self.config.help
+        provisioned = self.trunks.policy.directory.lines.get(line) if self.trunks else None
+        help = self.config.line_journey(provisioned).help if provisioned is not None else self.config.help
         if not help.destination:
             return None
         try:

@@ -14,6 +14,7 @@ from typing import Any
 
 from voiceline.codec_table import CODEC_NAMES
 from voiceline.journey_config import (
+    HelpConfig,
     JourneyConfig,
     JourneyConfigError,
     KeysConfig,
@@ -207,20 +208,6 @@ class SafetyConfig:
         )
 
 
-HELP_METHODS = ("invite", "refer")
-
-
-@dataclass(frozen=True)
-class HelpConfig:
-    """Where the help key connects a caller (README "Safety")."""
-
-    destination: str = ""  # SIP URI of the help line; empty: the help key plays the safety message only
-    trunk: str = ""  # the trunk the help call goes through (its outbound credentials); empty: straight to the URI's host
-    method: str = "invite"  # "invite": we call and bridge; "refer": we ask the trunk's carrier to take the caller over
-    pass_identity: bool = False  # give the help line the caller's asserted identity (P-Asserted-Identity); never stored
-    ring_timeout: float = 30.0  # seconds the help call may ring before the caller is told it could not get through
-
-
 @dataclass(frozen=True)
 class Config:
     sip: SipConfig = field(default_factory=SipConfig)
@@ -236,8 +223,8 @@ class Config:
     pairing: PairingConfig = field(default_factory=PairingConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    safety: SafetyConfig = field(default_factory=SafetyConfig)
-    help: HelpConfig = field(default_factory=HelpConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)  # one set for every line: one ledger knows callers across lines
+    help: HelpConfig = field(default_factory=HelpConfig)  # a line may override it (`[lines.help]`)
     # Trunks and lines from the config file; the database adds more (`voiceline trunk add`).
     trunks: tuple[Trunk, ...] = (Trunk("loopback", sources=("127.0.0.0/8", "::1"), transports=("udp", "tcp", "tls")),)
     lines: tuple[Line, ...] = (Line("default", ("*",)),)
@@ -245,7 +232,7 @@ class Config:
     @property
     def journey(self) -> JourneyConfig:
         """The top-level journey sections: every line's defaults."""
-        return JourneyConfig(self.welcome, self.waiting, self.talking, self.pairing, self.keys, self.prompts)
+        return JourneyConfig(self.welcome, self.waiting, self.talking, self.pairing, self.keys, self.prompts, self.help)
 
     def line_journey(self, line: Line) -> JourneyConfig:
         """A line's journey: the top-level sections with the line's own settings on top."""
@@ -362,12 +349,6 @@ class Config:
             self.safety.settings(self.pairing.repeat_window)
         except ValueError as exc:
             raise ConfigError(f"safety: {exc}") from None
-        if self.help.method not in HELP_METHODS:
-            raise ConfigError("help.method: must be 'invite' or 'refer'")
-        if self.help.destination and not self.help.destination.lower().startswith(("sip:", "sips:")):
-            raise ConfigError("help.destination: must be a sip: or sips: URI")
-        if not 1 <= self.help.ring_timeout <= 300:
-            raise ConfigError("help.ring_timeout: must be between 1 and 300 seconds")
 
     def _validate_transports(self) -> None:
         sip = self.sip

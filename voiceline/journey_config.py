@@ -4,8 +4,9 @@ Sections and keys (README "The caller's journey"): `[welcome] enabled,
 offer_choice`, `[waiting] reassure_every, max_wait`, `[talking] max_talk (0 =
 off), warn_before, end_choice_wait`, `[pairing] preference_wait, skip_window`,
 `[keys] someone_else, talk, listen, keys_again, help, report ("" = off)`,
-`[prompts] language, directory ("" = built-in)`. A line overrides any of
-them: the same sections as tables of the line (`[lines.waiting] max_wait =
+`[prompts] language, directory ("" = built-in)`, and where the help key
+connects: `[help] destination, trunk, method, pass_identity, ring_timeout`
+(README "Safety"). A line overrides any of them: the same sections as tables of the line (`[lines.waiting] max_wait =
 300`), its prompts as `language` and `prompts` (a directory). Overrides are
 kept as (section, key, value) triples, so a line stays a frozen, comparable
 value; every value is checked against the key's type at once, and the
@@ -67,6 +68,20 @@ class PromptsConfig:
     directory: str = ""  # an admin's recordings replacing the built-in files; "": the built-in set
 
 
+HELP_METHODS = ("invite", "refer")
+
+
+@dataclass(frozen=True)
+class HelpConfig:
+    """Where the help key connects a caller (README "Safety")."""
+
+    destination: str = ""  # SIP URI of the help line; empty: the help key plays the safety message only
+    trunk: str = ""  # the trunk the help call goes through (its outbound credentials); empty: straight to the URI's host
+    method: str = "invite"  # "invite": we call and bridge; "refer": we ask the trunk's carrier to take the caller over
+    pass_identity: bool = False  # give the help line the caller's asserted identity (P-Asserted-Identity); never stored
+    ring_timeout: float = 30.0  # seconds the help call may ring before the caller is told it could not get through
+
+
 SECTIONS: dict[str, type] = {
     "welcome": WelcomeConfig,
     "waiting": WaitingConfig,
@@ -74,8 +89,9 @@ SECTIONS: dict[str, type] = {
     "pairing": PairingConfig,
     "keys": KeysConfig,
     "prompts": PromptsConfig,
+    "help": HelpConfig,
 }
-LINE_SECTIONS = ("welcome", "waiting", "talking", "pairing", "keys")  # a line's prompts: `language`, `prompts`
+LINE_SECTIONS = ("welcome", "waiting", "talking", "pairing", "keys", "help")  # a line's prompts: `language`, `prompts`
 SERVICE_WIDE = (("pairing", "repeat_window"),)  # the same for every line: never a line's override
 
 Override = tuple[str, str, Any]  # (section, key, value)
@@ -89,6 +105,7 @@ class JourneyConfig:
     pairing: PairingConfig = field(default_factory=PairingConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    help: HelpConfig = field(default_factory=HelpConfig)
 
     def overridden(self, overrides: Iterable[Override]) -> JourneyConfig:
         """This configuration with a line's `overrides` on top."""
@@ -121,6 +138,12 @@ class JourneyConfig:
             raise JourneyConfigError("talking.max_talk: must be 0 (off) or positive")
         if not self.prompts.language:
             raise JourneyConfigError("prompts.language: must name a language, e.g. en")
+        if self.help.method not in HELP_METHODS:
+            raise JourneyConfigError("help.method: must be 'invite' or 'refer'")
+        if self.help.destination and not self.help.destination.lower().startswith(("sip:", "sips:")):
+            raise JourneyConfigError("help.destination: must be a sip: or sips: URI")
+        if not 1 <= self.help.ring_timeout <= 300:
+            raise JourneyConfigError("help.ring_timeout: must be between 1 and 300 seconds")
         self.settings()
         return self
 
