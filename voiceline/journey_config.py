@@ -6,8 +6,9 @@ off), warn_before, end_choice_wait`, `[pairing] preference_wait, skip_window`,
 `[keys] someone_else, talk, listen, keys_again, help, report ("" = off)`,
 `[prompts] language, directory ("" = built-in)`, and where the help key
 connects: `[help] destination, trunk, method, pass_identity, ring_timeout`
-(README "Safety"). A line overrides any of them: the same sections as tables of the line (`[lines.waiting] max_wait =
-300`), its prompts as `language` and `prompts` (a directory). Overrides are
+(README "Safety"). A line overrides any of them: the same sections as tables
+of the line (`[lines.waiting] max_wait = 300`), its prompts as `language` and
+`prompts` (a directory). Overrides are
 kept as (section, key, value) triples, so a line stays a frozen, comparable
 value; every value is checked against the key's type at once, and the
 result against the journey's own rules (`JourneySettings`).

@@ -269,7 +269,7 @@ def _registration_summary(row: dict[str, Any]) -> str:
 
 def _journey_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="the line's own journey setting, e.g. waiting.max_wait=300 (README); repeat")  # fmt: skip
+                        help="the line's own journey or help setting, e.g. waiting.max_wait=300, help.destination=sip:... (README); repeat")  # fmt: skip
     parser.add_argument("--language", help="the line's prompt language (\"\": the [prompts] language)")
     parser.add_argument("--prompts", metavar="DIR", help="a directory of the line's own recordings (\"\": none)")
 
