@@ -148,7 +148,7 @@ def test_line_lifecycle(tmp_path: Path) -> None:
     assert "line general added" in ok(d, "line", "add", "general", "--number", "+4930100", "--number", "100")
     ok(d, "line", "add", "language", "--number", "200", "--max-calls", "8")
     header, *rows = ok(d, "line", "list").splitlines()
-    assert header.split() == ["NAME", "ORIGIN", "ENABLED", "NUMBERS", "MAX", "CALLS"]
+    assert header.split() == ["NAME", "ORIGIN", "ENABLED", "NUMBERS", "MAX", "CALLS", "OWN", "HELP"]
     assert [row.split()[:4] for row in rows] == [
         ["default", "config", "yes", "*"], ["general", "database", "yes", "+4930100,100"],
         ["language", "database", "yes", "200"],
@@ -261,6 +261,7 @@ def test_a_line_s_journey_settings_and_prompts_are_stored_and_checked_at_once(tm
     shown = json.loads(ok(d, "line", "show", "night", "--json"))
     assert shown["waiting"] == {"max_wait": 240.0} and shown["talking"] == {"max_talk": 900.0}
     assert shown["help"] == {"destination": "sip:night@crisis.example"}
+    assert "destination=sip:night@crisis.example" in ok(d, "line", "list")
     assert shown["keys"] == {"report": ""} and shown["prompts"] == str(recordings) and shown["language"] == "en"
     (recordings / "welcome.wav").write_bytes(b"not a wav file")
     refused = bad(d, "line", "update", "night", "--max-calls", "3")

@@ -325,10 +325,11 @@ async def _line_list(p: Provisioning, args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     table = [
-        [r["name"], r["origin"], "yes" if r["enabled"] else "no", ",".join(r["numbers"]), str(r["max_calls"] or "-")]
+        [r["name"], r["origin"], "yes" if r["enabled"] else "no", ",".join(r["numbers"]), str(r["max_calls"] or "-"),
+         ",".join(f"{key}={value}" for key, value in r.get("help", {}).items()) or "-"]
         for r in rows
-    ]
-    _print_table(["NAME", "ORIGIN", "ENABLED", "NUMBERS", "MAX CALLS"], table)
+    ]  # fmt: skip
+    _print_table(["NAME", "ORIGIN", "ENABLED", "NUMBERS", "MAX CALLS", "OWN HELP"], table)
     return 0
 
 
