@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
 from collections.abc import AsyncIterator
 
@@ -39,6 +40,8 @@ def address(app: VoiceLine) -> tuple[str, int]:
 def to_tag(response: SipResponse) -> str:
     return parse_name_addr(response.headers.get("To") or "").tag or ""
 
+
+_numbers = itertools.count(1001)  # callers' numbers, one per Dialer unless a test names one
 
 class RawPeer(asyncio.DatagramProtocol):
     def __init__(self) -> None:
@@ -104,13 +107,15 @@ class RawPeer(asyncio.DatagramProtocol):
 class Dialer:
     """Builds the requests of one call from a RawPeer."""
 
-    def __init__(self, peer: RawPeer, server: tuple[str, int], from_user: str = "anon", to_user: str = "line") -> None:
+    def __init__(self, peer: RawPeer, server: tuple[str, int], from_user: str = "", to_user: str = "line") -> None:
+        """`from_user`: the caller's number; by default a new one per dialer, since the service
+        recognises a caller by it and never pairs a caller with itself."""
         self.peer = peer
         self.server = server
         self.to_user = to_user  # the dialled number: Request-URI and To user part
         self.call_id = secrets.token_hex(8)
         self.from_tag = secrets.token_hex(4)
-        self.from_user = from_user
+        self.from_user = from_user or f"caller{next(_numbers)}"
         self.cseq = 1
         self.branch = ""
         self.to_tag = ""
