@@ -337,7 +337,8 @@ async def test_reinvite_contact_refreshes_the_remote_target(tmp_path: Path, peer
         async with running(tmp_path, max_call_duration=0.6) as app:
             dialer, _ = await call_in(peer, address(app), await Phone.open())
             text = dialer._headers("INVITE", "z9hG4bKmove1", 2, dialer.to_tag).replace(
-                f"Contact: <sip:anon@127.0.0.1:{peer.port}>", f"Contact: <sip:anon@127.0.0.1:{moved.port}>"
+                f"Contact: <sip:{dialer.from_user}@127.0.0.1:{peer.port}>",
+                f"Contact: <sip:{dialer.from_user}@127.0.0.1:{moved.port}>",
             )
             peer.send(f"INVITE sip:voiceline@127.0.0.1 SIP/2.0\r\n{text}Content-Length: 0\r\n\r\n", address(app))
             offer = await peer.response(method="INVITE")
