@@ -23,6 +23,7 @@ import resource
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +100,7 @@ async def measure_engine(
     settling second."""
     engine = MediaEngine(host, port_range, hold_music())
     phones: list[socket.socket] = []
+    stop_reassuring: Callable[[], None] | None = None
     try:
         legs = []
         for index in range(2 * pairs):
@@ -111,7 +113,7 @@ async def measure_engine(
             leg.start(phone.getsockname(), codec, payload_type, None if kind == "in-band" else EVENT_PAYLOAD_TYPE)
             legs.append(leg)
         if kind == "waiting":
-            _wait_alone(legs, PromptSet.load("en").at("reassure_1", PCMU.rate))
+            stop_reassuring = _wait_alone(legs, PromptSet.load("en").at("reassure_1", PCMU.rate))
         else:
             for first, second in zip(legs[::2], legs[1::2]):
                 first.listen_to(second)
@@ -130,6 +132,8 @@ async def measure_engine(
         finally:
             sender.join()
     finally:
+        if stop_reassuring is not None:
+            stop_reassuring()
         engine.close()
         for phone in phones:
             phone.close()
@@ -144,17 +148,25 @@ async def measure_engine(
     )
 
 
-def _wait_alone(legs: list[MediaLeg], reassurance: np.ndarray) -> None:
-    """Each leg hears hold music, and the reassurance over it every REASSURE_SECONDS, staggered."""
+def _wait_alone(legs: list[MediaLeg], reassurance: np.ndarray) -> Callable[[], None]:
+    """Each leg hears hold music, and the reassurance over it every REASSURE_SECONDS, staggered.
+    Returns what stops the reassurances (before the legs close)."""
     loop = asyncio.get_running_loop()
+    timers: dict[MediaLeg, asyncio.TimerHandle] = {}
 
     def reassure(leg: MediaLeg) -> None:
         leg.play_over(reassurance, PCMU.rate)
-        loop.call_later(REASSURE_SECONDS, reassure, leg)
+        timers[leg] = loop.call_later(REASSURE_SECONDS, reassure, leg)
 
     for index, leg in enumerate(legs):
         leg.hold()
-        loop.call_later(REASSURE_SECONDS * index / len(legs), reassure, leg)
+        timers[leg] = loop.call_later(REASSURE_SECONDS * index / len(legs), reassure, leg)
+
+    def stop() -> None:
+        for timer in timers.values():
+            timer.cancel()
+
+    return stop
 
 
 def engine_only(levels: list[int], seconds: float, rtp_ports: str, repetitions: int) -> int:
