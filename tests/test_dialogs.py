@@ -23,7 +23,7 @@ from voiceline.app import VoiceLine
 from voiceline.audio.g711 import ulaw_decode, ulaw_encode
 from voiceline.audio.hold import PAD_HZ
 from voiceline.audio.rtp import build_packet
-from voiceline.journey_config import WelcomeConfig
+from voiceline.journey_config import JourneyConfig, WelcomeConfig
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sim.analysis import goertzel_db
 from voiceline.sip.message import SipResponse, parse_via, response_to, serialize
@@ -43,7 +43,7 @@ def make_config(tmp_path: Path, media: dict[str, object] | None = None, **sip: o
         sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05, t1=0.03), **sip),  # type: ignore[arg-type]
         media=replace(MediaConfig(rtp_ports=f"{low}-{high}"), **(media or {})),  # type: ignore[arg-type]
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
-        welcome=WelcomeConfig(enabled=False, offer_choice=False),  # paired as soon as answered
+        journey=JourneyConfig(welcome=WelcomeConfig(enabled=False, offer_choice=False)),  # paired as soon as answered
     ).validate()
 
 

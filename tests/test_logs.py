@@ -18,7 +18,7 @@ from waiting import CONNECTING_SECONDS, until
 
 from voiceline import logs
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
-from voiceline.journey_config import WelcomeConfig
+from voiceline.journey_config import JourneyConfig, WelcomeConfig
 
 CANARY = "+15550001234"
 CANARY_DIGITS = "15550001234"
@@ -357,7 +357,7 @@ async def test_no_line_links_partners_at_info(tmp_path: Path, level: str) -> Non
         sip=SipConfig(listen="127.0.0.1:0", answer_delay=0.01),
         media=MediaConfig(rtp_ports=PAIRING_RTP_PORTS),
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
-        welcome=WelcomeConfig(enabled=False, offer_choice=False),  # paired as soon as answered
+        journey=JourneyConfig(welcome=WelcomeConfig(enabled=False, offer_choice=False)),  # paired as soon as answered
     ).validate()
     peer = await RawPeer.open()
     try:

@@ -25,7 +25,7 @@ from voiceline.audio.media import MediaEngine
 from voiceline.audio.rtcp import ReceptionStats, build_report
 from voiceline.audio.rtp import build_packet, parse_header
 from voiceline.codec_table import PCMU as PCMU_CODEC
-from voiceline.journey_config import WelcomeConfig
+from voiceline.journey_config import JourneyConfig, WelcomeConfig
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sim.analysis import goertzel_db
 from voiceline.sip.sdp import parse_sdp
@@ -46,7 +46,7 @@ def make_config(tmp_path: Path, ports: int = 40, **media: object) -> Config:
         sip=SipConfig(listen="127.0.0.1:0", answer_delay=0.05, t1=0.02),  # t1: unanswered BYEs at the end give up soon
         media=replace(MediaConfig(rtp_ports=f"{low}-{low + ports - 1}"), **media),  # type: ignore[arg-type]
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
-        welcome=WelcomeConfig(enabled=False, offer_choice=False),  # paired as soon as answered
+        journey=JourneyConfig(welcome=WelcomeConfig(enabled=False, offer_choice=False)),  # paired as soon as answered
     ).validate()
 
 

@@ -321,7 +321,7 @@ def test_the_safety_and_help_sections_are_checked() -> None:
             "help": {"destination": "sip:help@127.0.0.1"},
         }
     )
-    assert config.safety.settings(config.pairing.repeat_window) == SafetySettings(
+    assert config.safety.settings(config.journey.pairing.repeat_window) == SafetySettings(
         report_threshold=2, cooldown=60.0, repeat_window=600.0
     )
     for bad in (

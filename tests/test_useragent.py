@@ -17,7 +17,7 @@ from rawsip import Dialer, RawPeer, address, serving
 from waiting import CONNECTING_SECONDS, until
 from voiceline.audio.hold import PAD_HZ
 from voiceline.app import VoiceLine
-from voiceline.journey_config import WelcomeConfig
+from voiceline.journey_config import JourneyConfig, WelcomeConfig
 from voiceline.config import Config, MediaConfig, SipConfig, StorageConfig
 from voiceline.sip.message import parse_name_addr
 from voiceline.sip.sdp import parse_sdp
@@ -33,7 +33,7 @@ def make_config(tmp_path: Path, rtp_ports: int = 20, **sip: object) -> Config:
         sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05), **sip),  # type: ignore[arg-type]
         media=MediaConfig(rtp_ports=f"{low}-{low + rtp_ports - 1}"),
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
-        welcome=WelcomeConfig(enabled=False, offer_choice=False),  # paired as soon as answered
+        journey=JourneyConfig(welcome=WelcomeConfig(enabled=False, offer_choice=False)),  # paired as soon as answered
     ).validate()
 
 

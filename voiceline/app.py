@@ -30,7 +30,6 @@ from voiceline.codec_table import lookup as lookup_codec
 from voiceline.config import Config, ConfigError, SipConfig
 from voiceline.operations import Operations
 from voiceline.pairing.safety import SafetyLedger
-from voiceline.journey_config import SECTIONS as JOURNEY_SECTIONS
 from voiceline.journey_config import JourneyConfigError
 from voiceline.routing import Line, TrunkDirectory, TrunkPolicy
 from voiceline.sdnotify import SystemdNotifier
@@ -88,7 +87,7 @@ class VoiceLine:
         To the destination's host; with the help trunk's outbound account (its registration's
         user and password, for a carrier's digest challenge, and as our From) when it has one."""
         provisioned = self.trunks.policy.directory.lines.get(line) if self.trunks else None
-        help = self.config.line_journey(provisioned).help if provisioned is not None else self.config.help
+        help = self.config.line_journey(provisioned).help if provisioned is not None else self.config.journey.help
         if not help.destination:
             return None
         try:
@@ -193,7 +192,7 @@ class VoiceLine:
             self._write,
             self._hangup,
             live_view=self.ops,
-            ledger=SafetyLedger(self.config.safety.settings(self.config.pairing.repeat_window)),
+            ledger=SafetyLedger(self.config.safety.settings(self.config.journey.pairing.repeat_window)),
             help_route=self.help_route,
             trunk_of=self._source_trunk,
         )
@@ -285,13 +284,7 @@ class VoiceLine:
         every line's prompts are read again (a bad file keeps that line's old prompts)."""
         if self.config_file is not None:
             fresh = await asyncio.to_thread(config_module.load, self.config_file)  # file I/O off the loop
-            journey = fresh.journey
-            self.config = replace(
-                self.config,
-                trunks=fresh.trunks,
-                lines=fresh.lines,
-                **{section: getattr(journey, section) for section in JOURNEY_SECTIONS},
-            )
+            self.config = replace(self.config, trunks=fresh.trunks, lines=fresh.lines, journey=fresh.journey)
         assert self.trunks is not None
         await self.trunks.reload(self.config)
         # Prompt files may have changed even when the lines did not: read them again.

@@ -13,17 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from voiceline.codec_table import CODEC_NAMES
-from voiceline.journey_config import (
-    HelpConfig,
-    JourneyConfig,
-    JourneyConfigError,
-    KeysConfig,
-    PairingConfig,
-    PromptsConfig,
-    TalkingConfig,
-    WaitingConfig,
-    WelcomeConfig,
-)
+from voiceline.journey_config import SECTIONS as JOURNEY_SECTIONS
+from voiceline.journey_config import JourneyConfig, JourneyConfigError, PromptsConfig
 from voiceline.keyfile import KEY_FILE_NAME
 from voiceline.pairing.safety import SafetySettings
 from voiceline.routing import Line, Trunk, TrunkError
@@ -216,23 +207,13 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
-    # The caller's journey on every line (a line may override any of it).
-    welcome: WelcomeConfig = field(default_factory=WelcomeConfig)
-    waiting: WaitingConfig = field(default_factory=WaitingConfig)
-    talking: TalkingConfig = field(default_factory=TalkingConfig)
-    pairing: PairingConfig = field(default_factory=PairingConfig)
-    keys: KeysConfig = field(default_factory=KeysConfig)
-    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    # The caller's journey on every line, from the top-level [welcome] ... [help] tables
+    # (a line may override any of it, `[lines.help]` included).
+    journey: JourneyConfig = field(default_factory=JourneyConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)  # one set for every line: one ledger knows callers across lines
-    help: HelpConfig = field(default_factory=HelpConfig)  # a line may override it (`[lines.help]`)
     # Trunks and lines from the config file; the database adds more (`voiceline trunk add`).
     trunks: tuple[Trunk, ...] = (Trunk("loopback", sources=("127.0.0.0/8", "::1"), transports=("udp", "tcp", "tls")),)
     lines: tuple[Line, ...] = (Line("default", ("*",)),)
-
-    @property
-    def journey(self) -> JourneyConfig:
-        """The top-level journey sections: every line's defaults."""
-        return JourneyConfig(self.welcome, self.waiting, self.talking, self.pairing, self.keys, self.prompts, self.help)
 
     def line_journey(self, line: Line) -> JourneyConfig:
         """A line's journey: the top-level sections with the line's own settings on top."""
@@ -346,7 +327,7 @@ class Config:
         if not 60 <= self.safety.key_rotation <= 7 * 86400:
             raise ConfigError("safety.key_rotation: must be between 60 seconds and 7 days")
         try:
-            self.safety.settings(self.pairing.repeat_window)
+            self.safety.settings(self.journey.pairing.repeat_window)
         except ValueError as exc:
             raise ConfigError(f"safety: {exc}") from None
 
@@ -377,14 +358,7 @@ _SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "metrics": MetricsConfig,
     "mqtt": MqttConfig,
-    "welcome": WelcomeConfig,
-    "waiting": WaitingConfig,
-    "talking": TalkingConfig,
-    "pairing": PairingConfig,
-    "keys": KeysConfig,
-    "prompts": PromptsConfig,
     "safety": SafetyConfig,
-    "help": HelpConfig,
 }
 
 
@@ -434,14 +408,17 @@ def _entries(name: str, values: Any) -> tuple[Any, ...]:
 
 def from_mapping(data: dict[str, Any]) -> Config:
     sections: dict[str, Any] = {}
+    journey: dict[str, Any] = {}  # the journey's sections stand at top level in the file
     for name, values in data.items():
         if name in ("trunks", "lines"):
             sections[name] = _entries(name, values)
-            continue
-        if name not in _SECTIONS:
+        elif name in JOURNEY_SECTIONS:
+            journey[name] = _section(name, JOURNEY_SECTIONS[name], values)
+        elif name in _SECTIONS:
+            sections[name] = _section(name, _SECTIONS[name], values)
+        else:
             raise ConfigError(f"[{name}]: unknown section")
-        sections[name] = _section(name, _SECTIONS[name], values)
-    return Config(**sections).validate()
+    return Config(**sections, journey=JourneyConfig(**journey)).validate()
 
 
 def load(path: str | Path | None) -> Config:
