@@ -40,6 +40,8 @@ from voiceline.audio.media import LegStats, MediaEngine, MediaError, MediaLeg
 from voiceline.audio.prompts import PromptSet
 from voiceline.audio.srtp import SrtpKeys
 from voiceline.pairing.journey import (
+    PAIRED_STATES,
+    WAITING_STATES,
     Action,
     Bridge,
     BridgeExternal,
@@ -64,8 +66,6 @@ from voiceline.storage import CallAudio, Storage
 
 log = structlog.get_logger("voiceline.app")
 
-WAITING_STATES = (State.CHOICE, State.WAITING)
-PAIRED_STATES = (State.CONNECTING, State.TALKING)
 JOURNEY_ENDED = "journey_ended"  # the reason our BYE gives to logs, events and metrics
 RESUME_CHECK = 1.0  # seconds between looks at a caller parted for silence: its audio may come back
 Hearing = PlayMusic | Silence | Bridge | PlayRingback | BridgeExternal

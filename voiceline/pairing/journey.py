@@ -123,6 +123,8 @@ class State(enum.Enum):
 
 
 HELP_STATES = (State.HELP_MESSAGE, State.HELP_RINGING, State.HELP_CONNECTED)
+WAITING_STATES = (State.CHOICE, State.WAITING)  # the choice is part of the wait
+PAIRED_STATES = (State.CONNECTING, State.TALKING)  # with a partner: its connect prompts, then the conversation
 
 
 class Parting(enum.Enum):
@@ -419,7 +421,7 @@ class Journey:
     @property
     def waiting_since(self) -> float | None:
         """When its current wait began (the choice counts as waiting); None when not waiting."""
-        return self._wait_started if self.state in (State.CHOICE, State.WAITING) else None
+        return self._wait_started if self.state in WAITING_STATES else None
 
     @property
     def seeking(self) -> bool:
@@ -455,6 +457,8 @@ class Journey:
             return self._partner_hold(event.held)
         if isinstance(event, Silent):
             return self._silence(event.silent, now)
+        if isinstance(event, Parted):
+            return self._partner_gone(event, now, line) if self.state in PAIRED_STATES else []
         match self.state:
             case State.WELCOME:
                 return self._welcome(event, now)
@@ -463,9 +467,9 @@ class Journey:
             case State.WAITING:
                 return self._waiting(event, now, line)
             case State.CONNECTING:
-                return self._connecting(event, now, line)
+                return self._connecting(event, now)
             case State.TALKING:
-                return self._talking(event, now, line)
+                return self._talking(event, now)
             case State.END_CHOICE:
                 return self._end_choice(event, now)
             case State.GOODBYE:
@@ -476,7 +480,7 @@ class Journey:
                 return self._help(event, now)
         return []
 
-    # One method per state for everything but keys, hold and hanging up.
+    # One method per state for everything but keys, hold, silence, partings and hanging up.
     def _welcome(self, event: Event, now: float) -> list[Action]:
         if isinstance(event, Answered):
             if event.arrival is Arrival.OVER_RATE:
@@ -523,7 +527,7 @@ class Journey:
                 return [] if self.held else [PlayPrompts(self._reassurance(line))]
         return []
 
-    def _connecting(self, event: Event, now: float, line: LineFacts) -> list[Action]:
+    def _connecting(self, event: Event, now: float) -> list[Action]:
         assert self.partner is not None
         if isinstance(event, PromptFinished):
             self._cue_heard = True
@@ -532,13 +536,9 @@ class Journey:
         if isinstance(event, PartnerReady):
             self._partner_ready = True
             return self._talk(now) if self._cue_heard else []
-        if isinstance(event, Parted):
-            return self._partner_gone(event.reason, now, line, event.held_apart_until)
         return []
 
-    def _talking(self, event: Event, now: float, line: LineFacts) -> list[Action]:
-        if isinstance(event, Parted):
-            return self._partner_gone(event.reason, now, line, event.held_apart_until)
+    def _talking(self, event: Event, now: float) -> list[Action]:
         if isinstance(event, TimerDue) and self.settings.max_talk is not None:
             if now >= self._talk_started + self.settings.max_talk:
                 assert self.partner is not None
@@ -600,7 +600,7 @@ class Journey:
         return self._hear_partner()
 
     def _enter(self, state: State, now: float) -> None:
-        if self.state in (State.CHOICE, State.WAITING):
+        if self.state in WAITING_STATES:
             self._waited += now - self._since
         elif self.state is State.TALKING:
             self._talked += now - self._since
@@ -626,9 +626,8 @@ class Journey:
         if silent is self.silent:
             return []
         self.silent = silent
-        if silent and self.partner is not None and self.state in (State.CONNECTING, State.TALKING):
-            partner = self.partner
-            return [PartWays(partner, Parting.DROPPED), *self._wait(now, ("line_dropped",))]
+        if silent and self.state in PAIRED_STATES:
+            return self._leave_partner(Parting.DROPPED, now, ("line_dropped",))
         return []
 
     def _partner_hold(self, held: bool) -> list[Action]:
@@ -637,21 +636,27 @@ class Journey:
         self._partner_held = held
         return self._hear_partner() if self.state is State.TALKING and not self.held else []  # else set on resume
 
-    def _partner_gone(self, reason: Parting, now: float, line: LineFacts, held_apart_until: float | None) -> list[Action]:
-        if reason is Parting.TIME_UP:
+    def _leave_partner(self, reason: Parting, now: float, told: tuple[str, ...]) -> list[Action]:
+        """This caller ends the conversation: the partner is told `reason`, and this caller waits again, `told`."""
+        assert self.partner is not None
+        partner = self.partner
+        return [PartWays(partner, reason), *self._wait(now, told)]
+
+    def _partner_gone(self, parted: Parted, now: float, line: LineFacts) -> list[Action]:
+        if parted.reason is Parting.TIME_UP:
             return self._end_of_talk(now)
-        if held_apart_until is not None:
-            self._held_apart_until = held_apart_until
+        if parted.held_apart_until is not None:
+            self._held_apart_until = parted.held_apart_until
             return self._hold_apart(now, ("partner_left",))
-        if reason is Parting.STEPPED_AWAY:
+        if parted.reason is Parting.STEPPED_AWAY:
             return self._wait(now, ("stepped_away", "looking_again", *self._nobody_else(line)))
-        if reason is Parting.DROPPED:
+        if parted.reason is Parting.DROPPED:
             return self._wait(now, ("line_dropped", *self._nobody_else(line)))
         return self._wait(now, ("partner_left", *self._nobody_else(line)))
 
     def _hold_apart(self, now: float, told: tuple[str, ...]) -> list[Action]:
         """The cooldown: a neutral word and music, never in the pool; may hang up."""
-        if self.state not in (State.CHOICE, State.WAITING):
+        if self.state not in WAITING_STATES:
             self._wait_started = now
         self._enter(State.COOLDOWN, now)
         self.partner, self._offered = None, False
@@ -736,20 +741,18 @@ class Journey:
             if any(isinstance(action, PlayPrompts) for action in actions):
                 return actions  # the choice replaces the welcome
             return [*actions, PlayPrompts(())]  # nothing to say: the welcome just stops
-        if key == keys.report and self.state in (State.CONNECTING, State.TALKING):
+        if key == keys.report and self.state in PAIRED_STATES:
             assert self.partner is not None
             partner = self.partner
             return [Count(Statistic.REPORT), Report(partner), *self._wait(now, ("report_thanks",))]
         if key == keys.keys_again and self.state not in (State.CONNECTING, State.GOODBYE):
             return [PlayPrompts(keys_prompts(keys))]
-        if key in (keys.talk, keys.listen) and self.state in (State.CHOICE, State.WAITING):
+        if key in (keys.talk, keys.listen) and self.state in WAITING_STATES:
             return self._choose(key, now)
         if key == keys.someone_else:
-            if self.state in (State.CONNECTING, State.TALKING):
-                assert self.partner is not None
-                partner = self.partner
+            if self.state in PAIRED_STATES:
                 told = ("looking_for_someone_new", *self._nobody_else(line))
-                return [Count(Statistic.SKIP), PartWays(partner, Parting.SKIPPED), *self._wait(now, told)]
+                return [Count(Statistic.SKIP), *self._leave_partner(Parting.SKIPPED, now, told)]
             if self.state is State.END_CHOICE:
                 return self._wait(now, ("looking_for_someone_new",))
         return []  # other keys mean nothing here
@@ -766,7 +769,7 @@ class Journey:
         state, partner = self.state, self.partner
         self._enter(State.ENDED, now)
         self.partner, self._offered = None, False
-        if state in (State.CHOICE, State.WAITING):
+        if state in WAITING_STATES:
             return [Count(Statistic.WAIT_ABANDONED, now - self._wait_started)]
         if partner is not None:
             return [PartWays(partner, Parting.HUNG_UP)]
