@@ -252,7 +252,7 @@ class FlushSchedule:
 
 
 class WriteFailed(Exception):
-    """The database refused a write; `reason` says why in a word (locked, full, read_only, io_error, error)."""
+    """The database refused a write; `reason` says why in a word (locked, full, read_only, permission_denied, io_error, error)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import errno
 import json
 import math
 import os
@@ -186,41 +188,79 @@ _SET_REGISTRATION_STATUS = (
 BUSY_TIMEOUT_SECONDS = 1.0
 FLUSH_INTERVAL_SECONDS = 5.0
 
-# Why SQLite refused, in a word (`sqlite3.Error.sqlite_errorname` prefixes) and for people.
-_REFUSALS = (
-    ("SQLITE_BUSY", "locked", "the database is locked by another process"),
-    ("SQLITE_LOCKED", "locked", "the database is locked by another process"),
-    ("SQLITE_FULL", "full", "the disk is full"),
-    ("SQLITE_READONLY", "read_only", "the database or its directory is read-only"),
-    ("SQLITE_IOERR", "io_error", "a disk I/O error"),
-    ("SQLITE_CANTOPEN", "io_error", "the database file cannot be opened"),
-    ("SQLITE_PERM", "read_only", "permission denied"),
+
+class Fault(enum.Enum):
+    """Why the database or its directory cannot be used: a word (`WriteFailed.reason`, logs) and a sentence.
+
+    Every fault but CORRUPT is a refusal: it may pass, so writes are held and retried."""
+
+    LOCKED = ("locked", "the database is locked by another process")
+    FULL = ("full", "the disk is full")
+    READ_ONLY = ("read_only", "the database or its directory is read-only")
+    PERMISSION_DENIED = ("permission_denied", "permission denied")
+    CANNOT_OPEN = ("io_error", "the database file cannot be opened")
+    IO_ERROR = ("io_error", "a disk I/O error")
+    CORRUPT = ("corrupt", "the database is damaged or not a database")
+
+    def __init__(self, word: str, sentence: str) -> None:
+        self.word = word
+        self.sentence = sentence
+
+
+# `sqlite3.Error.sqlite_errorname` prefixes, and OS error numbers, by fault.
+_SQLITE_FAULTS = (
+    (("SQLITE_BUSY", "SQLITE_LOCKED"), Fault.LOCKED),
+    (("SQLITE_FULL",), Fault.FULL),
+    (("SQLITE_READONLY",), Fault.READ_ONLY),
+    (("SQLITE_CORRUPT", "SQLITE_NOTADB"), Fault.CORRUPT),
+    (("SQLITE_PERM", "SQLITE_AUTH"), Fault.PERMISSION_DENIED),
+    (("SQLITE_CANTOPEN",), Fault.CANNOT_OPEN),
+    (("SQLITE_IOERR",), Fault.IO_ERROR),
 )
+_OS_FAULTS = {
+    errno.EROFS: Fault.READ_ONLY,
+    errno.ENOSPC: Fault.FULL,
+    errno.EDQUOT: Fault.FULL,
+    errno.EACCES: Fault.PERMISSION_DENIED,
+    errno.EPERM: Fault.PERMISSION_DENIED,
+}
+# Less room than this beside an I/O error reads as a full disk (SQLite reports some writes to one so).
+_NEARLY_FULL_BYTES = 1 << 20
 
 
-def _refusal(exc: sqlite3.Error, path: Path) -> tuple[str, str] | None:
-    """(word, sentence) for a database at `path` that refuses to be written, None for any other error
-    (corruption, a bug). An I/O error on a file system with no space left is a full disk."""
+def fault_of(exc: sqlite3.Error | OSError, database: Path) -> Fault | None:
+    """Why `database` (or its directory) failed with `exc`; None for anything else (a bug, say).
+
+    A file that cannot be opened in a directory we may not write is a permission problem; an I/O
+    error, or a file that cannot be opened, on a nearly full file system is a full disk."""
+    if isinstance(exc, OSError):
+        return _OS_FAULTS.get(exc.errno or 0)
     name = getattr(exc, "sqlite_errorname", "") or ""
-    for prefix, word, sentence in _REFUSALS:
-        if name.startswith(prefix):
-            if word == "io_error":  # SQLite reports some writes to a full disk so
-                return _file_system_refusal(path) or (word, sentence)
-            return word, sentence
-    return None
+    fault = next((fault for prefixes, fault in _SQLITE_FAULTS if name.startswith(prefixes)), None)
+    if fault is Fault.CANNOT_OPEN and not os.access(database.parent, os.W_OK):
+        return Fault.PERMISSION_DENIED
+    if fault in (Fault.CANNOT_OPEN, Fault.IO_ERROR) and _nearly_full(database.parent):
+        return Fault.FULL
+    return fault
 
 
-def _file_system_refusal(path: Path) -> tuple[str, str] | None:
+def _nearly_full(directory: Path) -> bool:
     try:
-        full = os.statvfs(path.parent).f_bavail == 0
+        stats = os.statvfs(directory)
     except OSError:
-        return None
-    return ("full", "the disk is full") if full else None
+        return False
+    return stats.f_bavail * stats.f_frsize < _NEARLY_FULL_BYTES
+
+
+def _refusal(exc: sqlite3.Error, path: Path) -> Fault | None:
+    """The fault when the database at `path` refuses writes for now; None for corruption or a bug."""
+    fault = fault_of(exc, path)
+    return None if fault is Fault.CORRUPT else fault
 
 
 def _why(exc: sqlite3.Error, path: Path) -> str:
-    word = _refusal(exc, path)
-    return word[1] if word else f"SQLite error {getattr(exc, 'sqlite_errorname', None) or type(exc).__name__}"
+    fault = fault_of(exc, path)
+    return fault.sentence if fault else f"SQLite error {getattr(exc, 'sqlite_errorname', None) or type(exc).__name__}"
 
 
 @dataclass(frozen=True)
@@ -501,8 +541,8 @@ class Storage:
                 )
                 del batch.registrations[trunk]
         except sqlite3.Error as exc:
-            word = _refusal(exc, self._path)
-            raise WriteFailed(word[0] if word else "error") from None
+            refusal = _refusal(exc, self._path)
+            raise WriteFailed(refusal.word if refusal else "error") from None
 
     async def hourly(self, line: str | None = None) -> list[dict[str, Any]]:
         """Every hour's aggregate (written first), by hour and line."""
