@@ -190,31 +190,8 @@ def test_a_talker_is_paired_with_a_listener_before_another_talker_and_told_when_
     assert_heard_once(talker, "partner_left", listener.disconnected_at - talker.connected_at)
 
 
-@pytest.mark.integration
-def test_a_broken_prompt_file_stops_the_service_from_starting_and_names_the_file(tmp_path: Path) -> None:
-    recordings = tmp_path / "recordings"
-    recordings.mkdir()
-    (recordings / "welcome.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really")
-    config = tmp_path / "voiceline.toml"
-    config.write_text(
-        to_toml(
-            {
-                "sip": {"listen": "127.0.0.1:0"},
-                "storage": {"data_dir": str(tmp_path / "data")},
-                "lines": [{"name": "own", "numbers": ["*"], "prompts": str(recordings)}],
-            }
-        ),
-        encoding="utf-8",
-    )
-    serve = subprocess.run(
-        [sys.executable, "-m", "voiceline", "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
-    )
-    assert serve.returncode == 2, serve
-    assert f"prompt file {recordings / 'welcome.wav'}" in serve.stderr
-
-
-@pytest.mark.integration
-async def test_a_reload_reads_a_line_s_recordings_again_and_keeps_the_old_ones_when_one_is_broken(tmp_path: Path) -> None:
+def config_with_own_recordings(tmp_path: Path) -> tuple[Path, Path]:
+    """(recordings, config file): the config's one line, "own", plays what the (empty) recordings directory holds."""
     recordings = tmp_path / "recordings"
     recordings.mkdir()
     config_file = tmp_path / "voiceline.toml"
@@ -228,6 +205,23 @@ async def test_a_reload_reads_a_line_s_recordings_again_and_keeps_the_old_ones_w
         ),
         encoding="utf-8",
     )
+    return recordings, config_file
+
+
+@pytest.mark.integration
+def test_a_broken_prompt_file_stops_the_service_from_starting_and_names_the_file(tmp_path: Path) -> None:
+    recordings, config = config_with_own_recordings(tmp_path)
+    (recordings / "welcome.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really")
+    serve = subprocess.run(
+        [sys.executable, "-m", "voiceline", "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert serve.returncode == 2, serve
+    assert f"prompt file {recordings / 'welcome.wav'}" in serve.stderr
+
+
+@pytest.mark.integration
+async def test_a_reload_reads_a_line_s_recordings_again_and_keeps_the_old_ones_when_one_is_broken(tmp_path: Path) -> None:
+    recordings, config_file = config_with_own_recordings(tmp_path)
     async with serving(config_module.load(config_file)) as app:
         app.config_file = str(config_file)
         assert app.line_setup("own").prompts.replaced == frozenset()
