@@ -54,13 +54,15 @@ _probes: dict[tuple[int, int], tuple[np.ndarray, float]] = {}  # by (rate, frame
 
 
 def _probe(rate: int, samples: int) -> tuple[np.ndarray, float]:
-    """Cosine and sine columns at the eight DTMF frequencies (a DFT term per frequency, all eight in
+    """Cosine and sine rows at the eight DTMF frequencies (a DFT term per frequency, all eight in
     one matrix product) for frames of `samples`, and the least power of a loud enough tone."""
     probe = _probes.get((rate, samples))
     if probe is None:
         t = np.arange(samples) / rate
         freqs = np.array(ROW_HZ + COLUMN_HZ)[None, :]
-        matrix = np.hstack([np.cos(2 * np.pi * t[:, None] * freqs), np.sin(2 * np.pi * t[:, None] * freqs)])
+        matrix = np.ascontiguousarray(
+            np.hstack([np.cos(2 * np.pi * t[:, None] * freqs), np.sin(2 * np.pi * t[:, None] * freqs)]).T
+        )
         # |DFT term|^2 of a sine of amplitude A over n samples is (A n / 2)^2.
         probe = _probes[(rate, samples)] = matrix, (MIN_TONE_AMPLITUDE * samples / 2) ** 2
     return probe
@@ -76,7 +78,9 @@ def frame_digits(frames: np.ndarray, rate: int) -> list[str | None]:
         return [None] * count
     matrix, min_power = _probe(rate, size)
     samples = frames if frames.dtype == np.float64 else frames.astype(np.float64)
-    terms = samples @ matrix
+    # einsum, not `@`: a matrix product goes to BLAS, whose worker threads spin on the other core
+    # and, outranked there by real-time processes, keep this one waiting for its half of the product.
+    terms = np.einsum("ij,kj->ik", samples, matrix)
     terms *= terms
     powers = terms.reshape(count, 2, 8).sum(axis=1).tolist()  # cosine^2 + sine^2 per frequency
     energies = np.einsum("ij,ij->i", samples, samples).tolist()
