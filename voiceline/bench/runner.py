@@ -460,7 +460,7 @@ def run_baseline(options: BenchOptions) -> list[LevelResult]:
 
 _SIDE_BY_SIDE_COLUMNS = (
     f"{'scenario':<12} {'relay':<12} {'pairs':>5} {'load %':>6} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
-    f"{'p99.9 ms':>8} {'proc us/pkt':>11} {'sys us/pkt':>10} {'whole us/pkt':>12} {'gen us/pkt':>10}"
+    f"{'p99.9 ms':>8} {'proc us/pkt':>11} {'sys us/pkt':>10} {'whole us/pkt':>12} {'attr us/pkt':>11} {'gen us/pkt':>10}"
 )
 
 
@@ -475,7 +475,7 @@ def format_side_by_side(scenario: str, relay: str, result: LevelResult) -> str:
         f"{scenario:<12} {relay:<12} {result.pairs:>5} {100 * result.offered:>6.1f} {result.counts.received:>9} {100 * result.loss:>7.3f} "
         f"{result.p50_ms:>7.2f} {result.p99_ms:>7.2f} {result.p999_ms:>8.2f} "
         f"{result.per_packet_us(result.server_cpu):>11.2f} {result.per_packet_us(result.system_cpu):>10.2f} "
-        f"{_figure(result.whole_us):>12} {result.per_packet_us(result.generator_cpu):>10.2f}"
+        f"{_figure(result.whole_us):>12} {_figure(result.attributed_us):>11} {result.per_packet_us(result.generator_cpu):>10.2f}"
     )
 
 
@@ -493,9 +493,13 @@ def compare(
     results: dict[tuple[str, str, int], list[LevelResult]] = {}
     print(_SIDE_BY_SIDE_COLUMNS, flush=True)
     for repetition in range(repetitions):
-        baseline = {result.pairs: result.machine_cpu for result in run_baseline(options)}
-        for pairs, machine_cpu in baseline.items():
-            print(f"{'-':<12} {BASELINE:<12} {pairs:>5} machine busy {machine_cpu:.1f} % of a core", flush=True)
+        baseline = {result.pairs: result for result in run_baseline(options)}
+        for pairs, base in baseline.items():
+            print(
+                f"{'-':<12} {BASELINE:<12} {pairs:>5} machine busy {base.machine_cpu:.1f} % of a core, generator "
+                f"{base.generator_cpu:.1f} %",
+                flush=True,
+            )
         for index, scenario in enumerate(scenarios):
             first = (repetition + index) % len(relays)
             for relay in [*relays[first:], *relays[:first]]:
@@ -504,7 +508,11 @@ def compare(
                     scenario,
                 )
                 for result in run_relay(relay, scenario_options, rtp_ports, rtpengine_ports):
-                    result = replace(result, baseline_cpu=baseline.get(result.pairs))
+                    measured = baseline.get(result.pairs)
+                    if measured is not None:
+                        result = replace(
+                            result, baseline_cpu=measured.machine_cpu, baseline_generator_cpu=measured.generator_cpu
+                        )
                     results.setdefault((scenario.name, relay, result.pairs), []).append(result)
                     print(format_side_by_side(scenario.name, relay, result), flush=True)
     return results
@@ -515,13 +523,14 @@ def summarise(results: dict[tuple[str, str, int], list[LevelResult]]) -> list[st
     rtpengine's."""
     lines = [
         f"{'scenario':<12} {'pairs':>5} {'relay':<12} {'proc us/pkt':>11} {'sys us/pkt':>10} {'whole us/pkt':>12} "
-        f"{'ratio proc/sys/whole':>20}"
+        f"{'attr us/pkt':>11} {'ratio proc/sys/whole/attr':>25}"
     ]
     medians = {
         key: (
             _median([run.per_packet_us(run.server_cpu) for run in runs]),
             _median([run.per_packet_us(run.system_cpu) for run in runs]),
             _median([whole for run in runs if (whole := run.whole_us) is not None]),
+            _median([attributed for run in runs if (attributed := run.attributed_us) is not None]),
         )
         for key, runs in results.items()
     }
@@ -530,8 +539,10 @@ def summarise(results: dict[tuple[str, str, int], list[LevelResult]]) -> list[st
         ratio = "-" if relay == RTPENGINE or theirs is None else "/".join(
             f"{ours / base:.2f}" if base else "-" for ours, base in zip(figures, theirs)
         )
-        proc, system, whole = figures
-        lines.append(f"{scenario:<12} {pairs:>5} {relay:<12} {proc:>11.2f} {system:>10.2f} {whole:>12.2f} {ratio:>20}")
+        proc, system, whole, attributed = figures
+        lines.append(
+            f"{scenario:<12} {pairs:>5} {relay:<12} {proc:>11.2f} {system:>10.2f} {whole:>12.2f} {attributed:>11.2f} {ratio:>25}"
+        )
     return lines
 
 
@@ -560,7 +571,9 @@ def bench_side_by_side(
           "other load on the machine); whole us/pkt: the whole machine's busy time less that of the same load "
           "with no relay (the legs sending straight to each other, measured first in each repetition), per "
           "relayed packet: the relay and the kernel's work for it wherever it ran, also in the generator's "
-          "context (on loopback the kernel path forwards there); gen us/pkt: the generator's own, excluded")
+          "context (on loopback the kernel path forwards there); attr us/pkt: the same by process, the relay's "
+          "CPU plus the generator's beyond its baseline (unmoved by other processes); gen us/pkt: the "
+          "generator's own, excluded")
     results = compare(options, scenarios, repetitions, rtp_ports, rtpengine_ports, relays)
     print(f"load average {_loadavg()}")
     print("\n".join(summarise(results)))
