@@ -177,11 +177,12 @@ def _other_threads_cpu_ticks() -> int:
     return ticks
 
 
-def test_a_large_batch_is_measured_on_the_calling_thread_alone() -> None:
-    """A loaded server checks batches of hundreds of frames. Measured through BLAS they were split
-    across its worker threads, which spun on the other core and, outranked there by real-time
-    processes, stalled the relay for a scheduler time slice (100 ms) at a time."""
-    frames = np.tile(speech_like(0.02), (1000, 1))
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])  # the media engine's batch, and any other caller's
+def test_a_large_batch_is_measured_on_the_calling_thread_alone(dtype: type[np.generic]) -> None:
+    """A loaded server checks batches of hundreds of frames. Measured by one BLAS product they were
+    split across its worker threads, which, outranked on the other core by real-time processes,
+    kept the relay waiting for up to a scheduler time slice (100 ms) at a time."""
+    frames = np.tile(speech_like(0.02), (1000, 1)).astype(dtype)
     frame_digits(frames, RATE)
     before = _other_threads_cpu_ticks()
     for _ in range(300):
