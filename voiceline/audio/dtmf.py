@@ -82,9 +82,12 @@ def frame_digits(frames: np.ndarray, rate: int) -> list[str | None]:
         return [None] * count
     samples = frames if frames.dtype == np.float32 else frames.astype(np.float64)
     matrix, min_power = _probe(rate, size, samples.dtype.type)
-    terms = np.empty((count, matrix.shape[1]), dtype=samples.dtype)
-    for first in range(0, count, PRODUCT_ROWS):
-        np.matmul(samples[first : first + PRODUCT_ROWS], matrix, out=terms[first : first + PRODUCT_ROWS])
+    if count <= PRODUCT_ROWS:
+        terms = samples @ matrix
+    else:
+        terms = np.empty((count, matrix.shape[1]), dtype=samples.dtype)
+        for first in range(0, count, PRODUCT_ROWS):
+            np.matmul(samples[first : first + PRODUCT_ROWS], matrix, out=terms[first : first + PRODUCT_ROWS])
     terms *= terms
     powers = terms.reshape(count, 2, 8).sum(axis=1).tolist()  # cosine^2 + sine^2 per frequency
     energies = np.einsum("ij,ij->i", samples, samples).tolist()
