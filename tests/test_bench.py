@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from voiceline.bench.engine import KINDS, measure_engine
+from voiceline.bench.generator import NG_PAIRS
 from voiceline.bench.measure import (
     BUCKET_NS,
     BUCKETS,
@@ -26,6 +27,7 @@ from voiceline.bench.runner import (
     VOICELINE,
     BenchOptions,
     media_options,
+    run_baseline,
     run_levels,
     start_rtpengine,
     stop_server,
@@ -47,6 +49,10 @@ def level(
     held: int | None = None,
     server_cpu: float = 0.0,
     system_cpu: float = 0.0,
+    machine_cpu: float = 0.0,
+    baseline_cpu: float | None = None,
+    generator_cpu: float = 0.0,
+    baseline_generator_cpu: float | None = None,
 ) -> LevelResult:
     histogram = LatencyHistogram()
     for latency in latencies_ms:
@@ -59,9 +65,12 @@ def level(
         setup_rate=0.0,
         server_cpu=server_cpu,
         server_rss_mb=0.0,
-        generator_cpu=0.0,
+        generator_cpu=generator_cpu,
         seconds=1.0,
         system_cpu=system_cpu,
+        machine_cpu=machine_cpu,
+        baseline_cpu=baseline_cpu,
+        baseline_generator_cpu=baseline_generator_cpu,
     )
 
 
@@ -134,10 +143,34 @@ def test_cpu_per_relayed_packet_and_the_tail_percentile() -> None:
     assert level(100, 0, 0, []).per_packet_us(50.0) == 0.0
 
 
+def test_the_whole_system_figure_is_the_machine_beyond_the_no_relay_baseline() -> None:
+    # The machine 90 % busy relaying 10 000 packets in 1 s, 60 % with the legs sending straight to
+    # each other: the relay (wherever the kernel ran its part) cost 30 us a packet.
+    assert level(100, 10_000, 10_000, [0.2], machine_cpu=90.0, baseline_cpu=60.0).whole_us == pytest.approx(30.0)
+    assert level(100, 10_000, 10_000, [0.2], machine_cpu=90.0).whole_us is None  # no baseline measured
+
+
+def test_the_attributed_figure_adds_what_the_generator_spent_beyond_its_baseline() -> None:
+    # The kernel forwarding in the generator's sends: the relay 1 %, the generator 31 % against 20 %
+    # with no relay, over 10 000 packets in 1 s: 12 us a packet.
+    result = level(100, 10_000, 10_000, [0.2], server_cpu=1.0, generator_cpu=31.0, baseline_generator_cpu=20.0)
+    assert result.attributed_us == pytest.approx(12.0)
+    assert level(100, 10_000, 10_000, [0.2], server_cpu=1.0).attributed_us is None
+
+
 def test_the_summary_gives_medians_and_voicelines_ratio_to_rtpengine() -> None:
-    ours = [level(100, 10_000, 10_000, [0.2], server_cpu=cpu, system_cpu=2 * cpu) for cpu in (30.0, 20.0, 25.0)]
-    theirs = [level(100, 10_000, 10_000, [0.1], server_cpu=cpu, system_cpu=cpu) for cpu in (10.0, 12.0)]
-    without_kernel = [level(100, 10_000, 10_000, [0.2], server_cpu=33.0, system_cpu=44.0)]
+    base = {"baseline_cpu": 50.0, "generator_cpu": 20.0, "baseline_generator_cpu": 10.0}
+    ours = [
+        level(100, 10_000, 10_000, [0.2], server_cpu=cpu, system_cpu=2 * cpu, machine_cpu=50 + cpu, **base)
+        for cpu in (30.0, 20.0, 25.0)
+    ]
+    theirs = [
+        level(100, 10_000, 10_000, [0.1], server_cpu=cpu, system_cpu=cpu, machine_cpu=50 + 2 * cpu, **base)
+        for cpu in (10.0, 12.0)
+    ]
+    without_kernel = [
+        level(100, 10_000, 10_000, [0.2], server_cpu=33.0, system_cpu=44.0, machine_cpu=94.0, **base)
+    ]
     lines = summarise(
         {
             ("pcmu", VOICELINE, 100): ours,
@@ -146,9 +179,9 @@ def test_the_summary_gives_medians_and_voicelines_ratio_to_rtpengine() -> None:
         }
     )
     rows = {line.split()[2]: line.split()[3:] for line in lines[1:]}
-    assert rows[VOICELINE] == ["25.00", "50.00", "2.27/4.55"]
-    assert rows[RTPENGINE] == ["11.00", "11.00", "-"]
-    assert rows["voiceline:kernel_forwarding=off"] == ["33.00", "44.00", "3.00/4.00"]
+    assert rows[VOICELINE] == ["25.00", "50.00", "25.00", "35.00", "2.27/4.55/1.14/1.67"]
+    assert rows[RTPENGINE] == ["11.00", "11.00", "22.00", "21.00", "-"]
+    assert rows["voiceline:kernel_forwarding=off"] == ["33.00", "44.00", "44.00", "43.00", "3.00/4.00/2.00/2.05"]
 
 
 def test_a_voiceline_relay_may_carry_media_settings() -> None:
@@ -296,6 +329,18 @@ def test_inband_dtmf_legs_relay_every_probe(voiceline_server: Callable[..., Voic
 
 
 @pytest.mark.interop
+def test_the_baseline_pairs_the_generators_legs_straight_to_each_other() -> None:
+    """No relay: every probe comes back (from the partner leg itself), and the machine's busy time
+    is measured for the whole-system figure."""
+    results = run_baseline(BenchOptions([1, 2], 1.0, workers=2))
+    assert [result.pairs for result in results] == [1, 2]
+    for result in results:
+        assert result.pairs_held == result.pairs and result.counts.sent > 0
+        assert result.counts.received == result.counts.sent and result.loss == 0.0
+        assert result.server_cpu == 0.0 and result.machine_cpu >= result.generator_cpu > 0.0
+
+
+@pytest.mark.interop
 def test_the_same_generator_drives_rtpengine_over_ng() -> None:
     """Pairs set up with ng offer/answer in each generator process; rtpengine relays every probe both ways."""
     from port_table import port_block  # claims this run's lane: only tests that bind fixed ports need it
@@ -304,7 +349,7 @@ def test_the_same_generator_drives_rtpengine_over_ng() -> None:
     with tempfile.TemporaryDirectory(prefix="voiceline-bench-test-") as directory:
         process, ng = start_rtpengine(Path(directory), f"{first + 2}-{last}", ng_port=first)
         try:
-            results = run_levels(ng, process.pid, BenchOptions([1, 2], 1.0, workers=2), ng=True)
+            results = run_levels(ng, process.pid, BenchOptions([1, 2], 1.0, workers=2), pairing=NG_PAIRS)
         finally:
             assert stop_server(process) == 0
     assert [result.pairs for result in results] == [1, 2]

@@ -98,6 +98,9 @@ RELAY_BEHAVIOURS = [
     test_media.test_garbage_is_dropped_and_the_leg_keeps_working,
     test_media.test_closing_a_partner_silences_the_listener_until_it_is_told_again,
     test_media_features.test_rfc4733_digits_reach_the_callback_and_not_the_partner,
+    # In-band legs stay in userspace (decoded): routed, their keys would pass to the partner unheard.
+    test_media_features.test_inband_digits_are_detected_and_muted_for_the_partner,
+    test_media_features.test_inband_frames_of_many_legs_checked_together_keep_to_their_own_leg,
     test_media_features.test_hold_talk_and_another_partner_continue_one_stream,
     test_media_features.test_injected_packets_are_dropped_even_with_the_latched_ssrc,
     test_media_features.test_a_silent_peer_may_move_with_its_ssrc_after_a_nat_rebinding,

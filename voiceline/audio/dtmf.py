@@ -50,33 +50,44 @@ class TelephoneEventReceiver:
         return EVENT_DIGITS[payload[0]]
 
 
-_probes: dict[tuple[int, int], tuple[np.ndarray, float]] = {}  # by (rate, frame length)
+_probes: dict[tuple[int, int, type[np.floating]], tuple[np.ndarray, float]] = {}  # by (rate, frame length, dtype)
+# Rows measured per matrix product. A larger product is split by OpenBLAS across its worker
+# threads (above about 100 rows of this shape), which are not real-time: outranked on the other
+# core by real-time processes they wait, and the relay spins waiting for them for up to a
+# scheduler time slice (100 ms). Products this small stay on the calling thread.
+PRODUCT_ROWS = 64
 
 
-def _probe(rate: int, samples: int) -> tuple[np.ndarray, float]:
+def _probe(rate: int, samples: int, dtype: type[np.floating]) -> tuple[np.ndarray, float]:
     """Cosine and sine columns at the eight DTMF frequencies (a DFT term per frequency, all eight in
     one matrix product) for frames of `samples`, and the least power of a loud enough tone."""
-    probe = _probes.get((rate, samples))
+    probe = _probes.get((rate, samples, dtype))
     if probe is None:
         t = np.arange(samples) / rate
         freqs = np.array(ROW_HZ + COLUMN_HZ)[None, :]
         matrix = np.hstack([np.cos(2 * np.pi * t[:, None] * freqs), np.sin(2 * np.pi * t[:, None] * freqs)])
         # |DFT term|^2 of a sine of amplitude A over n samples is (A n / 2)^2.
-        probe = _probes[(rate, samples)] = matrix, (MIN_TONE_AMPLITUDE * samples / 2) ** 2
+        probe = _probes[(rate, samples, dtype)] = matrix.astype(dtype), (MIN_TONE_AMPLITUDE * samples / 2) ** 2
     return probe
 
 
 def frame_digits(frames: np.ndarray, rate: int) -> list[str | None]:
     """The digit each row of `frames` (frames of one length, any number of them) holds, without
-    debouncing. The measure is one matrix product for all rows, so many legs' frames cost little
-    more than one; the verdict is a few comparisons per frame.
+    debouncing. The measure is a matrix product per PRODUCT_ROWS rows, so many legs' frames cost
+    little more than one; the verdict is a few comparisons per frame. Float32 samples (G.711
+    decodes to them exactly) are measured in float32, anything else in float64.
     """
     count, size = frames.shape
     if count == 0 or size < rate // 100 or size > rate // 10:  # 10-100 ms frames
         return [None] * count
-    matrix, min_power = _probe(rate, size)
-    samples = frames if frames.dtype == np.float64 else frames.astype(np.float64)
-    terms = samples @ matrix
+    samples = frames if frames.dtype == np.float32 else frames.astype(np.float64)
+    matrix, min_power = _probe(rate, size, samples.dtype.type)
+    if count <= PRODUCT_ROWS:
+        terms = samples @ matrix
+    else:
+        terms = np.empty((count, matrix.shape[1]), dtype=samples.dtype)
+        for first in range(0, count, PRODUCT_ROWS):
+            np.matmul(samples[first : first + PRODUCT_ROWS], matrix, out=terms[first : first + PRODUCT_ROWS])
     terms *= terms
     powers = terms.reshape(count, 2, 8).sum(axis=1).tolist()  # cosine^2 + sine^2 per frequency
     energies = np.einsum("ij,ij->i", samples, samples).tolist()

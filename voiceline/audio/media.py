@@ -151,15 +151,16 @@ class _ToneBatch:
         waiting, self._waiting, self._count = self._waiting, {}, 0
         for (codec, size), frames in waiting.items():
             codes = np.frombuffer(b"".join([frame[5] for frame in frames]), dtype=np.uint8).reshape(len(frames), size)
-            digits = frame_digits(g711.decode_table(codec, np.float64)[codes], g711.RATE)
-            for index, ((leg, packet, offset, end, now, _), digit) in enumerate(zip(frames, digits)):
+            digits = frame_digits(g711.decode_table(codec, np.float32).take(codes), g711.RATE)  # exact in float32
+            for (leg, packet, offset, end, now, payload), digit in zip(frames, digits):
                 if leg._closed:
                     continue
                 if digit is None and leg.receiver.tones_pass:  # nearly always: plain audio, relayed as it is
                     for listener in leg._listeners:
                         listener.relay(packet, offset, end, now)
                 else:
-                    leg._tones_checked(packet, offset, end, g711.decode_table(codec)[codes[index]], digit, now)
+                    pcm = g711.decode_table(codec).take(np.frombuffer(payload, dtype=np.uint8))
+                    leg._tones_checked(packet, offset, end, pcm, digit, now)
 
 
 class MediaEngine:

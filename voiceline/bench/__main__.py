@@ -42,7 +42,7 @@ def main() -> int:
         action="append",
         dest="relays",
         help="with --side-by-side, repeatable: rtpengine, voiceline, or voiceline with [media] settings, "
-        "e.g. voiceline:kernel_forwarding=off (default: voiceline and rtpengine)",
+        "e.g. voiceline:kernel_forwarding=off (default: voiceline with the kernel path, without it, and rtpengine)",
     )
     args = parser.parse_args()
     default_levels = "100,250,500" if args.side_by_side or args.engine_only else "100,200,300,400,500,600,700,800"
@@ -55,7 +55,7 @@ def main() -> int:
             scenarios = [SCENARIOS[name.strip()] for name in args.scenarios.split(",") if name.strip()]
         except KeyError as error:
             parser.error(f"unknown scenario {error}")
-        relays = args.relays or ["voiceline", "rtpengine"]
+        relays = args.relays or ["voiceline", "voiceline:kernel_forwarding=off", "rtpengine"]
         return bench_side_by_side(options, scenarios, args.repetitions, args.rtp_ports, args.rtpengine_ports, relays)
     return bench(options, args.rtp_ports)
 

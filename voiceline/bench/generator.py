@@ -9,7 +9,9 @@ comes back is checked against the probe and the kernel's receive timestamp.
 
 Calls go to voiceline over SIP (its pairing pool pairs them), or, to measure
 rtpengine on the same load, straight to rtpengine: the generator pairs its
-own legs and sets each pair up with an ng offer and answer.
+own legs and sets each pair up with an ng offer and answer. With no relay at
+all (the baseline a relay's whole-machine cost is taken against) the
+generator pairs its own legs and each sends straight to its partner's port.
 
 The process is driven by commands from the bench runner over a pipe:
 - ("calls", n): place n more calls -> ("ready", answered, failed, started,
@@ -46,6 +48,11 @@ HEAR_TIMEOUT_SECONDS = 10.0  # how long an answered leg may wait to hear its par
 HOUSEKEEPING_SECONDS = 0.05  # SIP retransmissions and command deadlines
 MAX_INVITING = 32  # calls being set up at once per process
 NICE_WITHOUT_REALTIME = 10
+
+# How a generator's legs get their partners (what it is pointed at).
+SIP_CALLS = "sip"  # calls to voiceline, paired by its pool
+NG_PAIRS = "ng"  # its own pairs, each set up on rtpengine over ng
+DIRECT_PAIRS = "direct"  # its own pairs, each leg sending straight to its partner: no relay
 
 # RTP fixed header (version 2, PCMU) followed by the probe, written in one call.
 _PACKET = struct.Struct("!BBHII" + PROBE.format.lstrip("!"))
@@ -99,7 +106,8 @@ def raise_open_file_limit() -> None:
 
 
 class Generator:
-    """`server` is voiceline's SIP address, or with `ng` rtpengine's ng control address."""
+    """`server` is voiceline's SIP address, with `NG_PAIRS` rtpengine's ng control address (unused
+    with `DIRECT_PAIRS`)."""
 
     def __init__(
         self,
@@ -108,12 +116,13 @@ class Generator:
         host: str,
         first_leg_id: int,
         scenario: Scenario,
-        ng: bool = False,
+        pairing: str = SIP_CALLS,
     ) -> None:
         self._control = control
         self._server = server
         self._scenario = scenario
-        self._ng = NgClient(server) if ng else None
+        self._pairs_itself = pairing != SIP_CALLS
+        self._ng = NgClient(server) if pairing == NG_PAIRS else None
         self._ng_calls: list[str] = []  # Call-IDs of the pairs set up through ng
         self._host = host
         self._next_leg_id = first_leg_id
@@ -282,7 +291,7 @@ class Generator:
         if kind == "calls":
             count = int(command[1])  # type: ignore[call-overload]
             self._setup = _Setup(now, count)
-            if self._ng is not None:
+            if self._pairs_itself:
                 self._set_up_pairs()
             else:
                 self._place_calls(now)
@@ -316,13 +325,21 @@ class Generator:
         return leg
 
     def _set_up_pairs(self) -> None:
-        """rtpengine: each two new legs one call, set up by an offer (the first leg's SDP) and an answer
-        (the second's); each leg then sends to the port rtpengine gave it. Blocking: set-up is not measured."""
+        """Each two new legs a pair. rtpengine: one call, set up by an offer (the first leg's SDP) and
+        an answer (the second's); each leg then sends to the port rtpengine gave it. Blocking: set-up
+        is not measured. No relay: each leg sends to its partner's own port."""
         setup = self._setup
-        assert setup is not None and self._ng is not None
+        assert setup is not None
         while setup.remaining >= 2:
             setup.remaining -= 2
             caller, callee = self._new_leg(), self._new_leg()
+            if self._ng is None:
+                callee.sock.connect((self._host, caller.port))
+                caller.sock.connect((self._host, callee.port))
+                caller.sending = callee.sending = True
+                setup.answered += 2
+                setup.last_answer = time.monotonic()
+                continue
             call_id = secrets.token_hex(10)
             try:
                 offered = self._ng.command(
@@ -439,7 +456,7 @@ def generator_main(
     first_leg_id: int,
     realtime_priority: int,
     scenario: Scenario,
-    ng: bool,
+    pairing: str,
 ) -> None:
     """Entry point of a generator process."""
     raise_open_file_limit()
@@ -453,4 +470,4 @@ def generator_main(
             os.nice(NICE_WITHOUT_REALTIME)
     except OSError:
         pass
-    Generator(control, server, host, first_leg_id, scenario, ng).run()
+    Generator(control, server, host, first_leg_id, scenario, pairing).run()

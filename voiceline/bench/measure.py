@@ -91,6 +91,9 @@ class LevelResult:
     generator_cpu: float  # % of one core, all generator processes together
     seconds: float  # window length
     system_cpu: float = 0.0  # % of one core: the whole machine busy (softirq included), generator excluded
+    machine_cpu: float = 0.0  # % of one core: the whole machine busy, generator included
+    baseline_cpu: float | None = None  # machine_cpu of the same load with no relay, measured in the same run
+    baseline_generator_cpu: float | None = None  # generator_cpu in that baseline
 
     @property
     def loss(self) -> float:
@@ -121,6 +124,23 @@ class LevelResult:
         if self.counts.received == 0:
             return 0.0
         return cpu_percent / 100 * self.seconds / self.counts.received * 1e6
+
+    @property
+    def whole_us(self) -> float | None:
+        """The relay's whole-system CPU per relayed packet (its process, the kernel's share wherever it
+        ran, generator excluded): the machine's busy time beyond the no-relay baseline's."""
+        if self.baseline_cpu is None:
+            return None
+        return self.per_packet_us(self.machine_cpu - self.baseline_cpu)
+
+    @property
+    def attributed_us(self) -> float | None:
+        """The same by process: the relay's own CPU plus what the generator spent beyond its
+        baseline (the kernel's work done in the generator's system calls); blind to softirq run
+        elsewhere, but unmoved by other processes' load."""
+        if self.baseline_generator_cpu is None:
+            return None
+        return self.per_packet_us(self.server_cpu + self.generator_cpu - self.baseline_generator_cpu)
 
     @property
     def within_budget(self) -> bool:

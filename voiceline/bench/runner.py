@@ -6,7 +6,10 @@ and every leg hears its partner, a window of `hold_seconds` is measured.
 
 `compare` runs the same generator against voiceline and against rtpengine
 (userspace, set up over its ng protocol), alternating which goes first,
-scenario by scenario, and prints CPU per relayed packet side by side.
+scenario by scenario, and prints CPU per relayed packet side by side. Each
+repetition starts with a baseline: the same generator with no relay (each
+leg sends straight to its partner's port), whose whole-machine busy time
+is what a relay's run is compared with (`whole us/pkt`).
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from voiceline.bench.generator import generator_main, raise_open_file_limit
+from voiceline.bench.generator import DIRECT_PAIRS, NG_PAIRS, SIP_CALLS, generator_main, raise_open_file_limit
 from voiceline.bench.ng import NgClient, NgError
 from voiceline.bench.measure import (
     LOSS_BUDGET,
@@ -96,7 +99,7 @@ class _Workers:
     """The generator processes and their command pipes."""
 
     def __init__(
-        self, count: int, server: tuple[str, int], host: str, realtime_priority: int, scenario: Scenario, ng: bool
+        self, count: int, server: tuple[str, int], host: str, realtime_priority: int, scenario: Scenario, pairing: str
     ) -> None:
         context = multiprocessing.get_context("fork")
         self.pipes: list[Connection] = []
@@ -105,7 +108,7 @@ class _Workers:
             ours, theirs = context.Pipe()
             process = context.Process(
                 target=generator_main,
-                args=(theirs, server, host, 1 + index * LEG_IDS_PER_WORKER, realtime_priority, scenario, ng),
+                args=(theirs, server, host, 1 + index * LEG_IDS_PER_WORKER, realtime_priority, scenario, pairing),
                 daemon=True,
             )
             process.start()
@@ -155,15 +158,16 @@ def run_levels(
     options: BenchOptions,
     report: Callable[[LevelResult], None] = lambda result: None,
     on_workers: Callable[[list[int]], None] = lambda pids: None,
-    ng: bool = False,
+    pairing: str = SIP_CALLS,
 ) -> list[LevelResult]:
-    """Ramp through `options.levels` (pair counts, ascending) against a running server (with `ng`:
-    a running rtpengine, `server` its ng address)."""
+    """Ramp through `options.levels` (pair counts, ascending) against a running server (with
+    `NG_PAIRS`: a running rtpengine, `server` its ng address; with `DIRECT_PAIRS` none: the legs
+    send to each other)."""
     raise_open_file_limit()
     # The generator stands in for callers elsewhere: one real-time step below the server, so it
     # never delays the relay it measures (SCHED_RR alternates equal priorities every 100 ms).
     workers = _Workers(
-        options.workers, server, options.host, max(0, options.realtime_priority - 1), options.scenario, ng
+        options.workers, server, options.host, max(0, options.realtime_priority - 1), options.scenario, pairing
     )
     time.sleep(0.2)  # let the generator processes set themselves up
     on_workers(workers.pids)
@@ -230,6 +234,7 @@ def _run_level(workers: _Workers, server_pid: int | None, options: BenchOptions,
         generator_cpu=generator_cpu,
         seconds=options.hold_seconds,
         system_cpu=max(0.0, 100 * busy / wall - generator_cpu),
+        machine_cpu=100 * busy / wall,
     )
 
 
@@ -364,6 +369,7 @@ def _loadavg() -> str:
 
 RTPENGINE = "rtpengine"  # Debian rtpengine-daemon (`make bench` installs it)
 VOICELINE = "voiceline"
+BASELINE = "no relay"  # the generator's legs sending straight to each other
 
 
 def start_rtpengine(
@@ -435,31 +441,41 @@ def run_relay(relay: str, options: BenchOptions, rtp_ports: str, rtpengine_ports
             process, port, log_path = start_server(
                 Path(directory), rtp_ports, options.host, options.realtime_priority, media_options(relay)
             )
-            address, ng = (options.host, port), False
+            address, pairing = (options.host, port), SIP_CALLS
         else:
             process, address = start_rtpengine(Path(directory), rtpengine_ports, options.host)
             _set_realtime(process.pid, options.realtime_priority)
-            log_path, ng = Path(directory) / "rtpengine.log", True
+            log_path, pairing = Path(directory) / "rtpengine.log", NG_PAIRS
         try:
-            return run_levels(address, process.pid, options, ng=ng)
+            return run_levels(address, process.pid, options, pairing=pairing)
         finally:
             if stop_server(process) not in (0, -signal.SIGTERM):
                 print(f"{relay} exited with status {process.returncode}; log:\n{log_path.read_text()[-3000:]}")
 
 
+def run_baseline(options: BenchOptions) -> list[LevelResult]:
+    """`options`' load with no relay: the generator's legs in pairs, each sending to its partner."""
+    return run_levels((options.host, 0), None, options, pairing=DIRECT_PAIRS)
+
+
 _SIDE_BY_SIDE_COLUMNS = (
     f"{'scenario':<12} {'relay':<12} {'pairs':>5} {'load %':>6} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
-    f"{'p99.9 ms':>8} {'proc us/pkt':>11} {'sys us/pkt':>10} {'gen us/pkt':>10}"
+    f"{'p99.9 ms':>8} {'proc us/pkt':>11} {'sys us/pkt':>10} {'whole us/pkt':>12} {'attr us/pkt':>11} {'gen us/pkt':>10}"
 )
 
 
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def format_side_by_side(scenario: str, relay: str, result: LevelResult) -> str:
-    """One row: CPU per relayed packet of the relay process, and of the whole machine without the generator."""
+    """One row: CPU per relayed packet of the relay process, of the whole machine without the
+    generator, and of the whole machine beyond the no-relay baseline."""
     return (
         f"{scenario:<12} {relay:<12} {result.pairs:>5} {100 * result.offered:>6.1f} {result.counts.received:>9} {100 * result.loss:>7.3f} "
         f"{result.p50_ms:>7.2f} {result.p99_ms:>7.2f} {result.p999_ms:>8.2f} "
         f"{result.per_packet_us(result.server_cpu):>11.2f} {result.per_packet_us(result.system_cpu):>10.2f} "
-        f"{result.per_packet_us(result.generator_cpu):>10.2f}"
+        f"{_figure(result.whole_us):>12} {_figure(result.attributed_us):>11} {result.per_packet_us(result.generator_cpu):>10.2f}"
     )
 
 
@@ -472,10 +488,18 @@ def compare(
     relays: Sequence[str] = (VOICELINE, RTPENGINE),
 ) -> dict[tuple[str, str, int], list[LevelResult]]:
     """Every scenario at every level against every relay, `repetitions` times, rotating which relay
-    goes first; prints each row as it is measured. Results by (scenario, relay, pairs)."""
+    goes first, each repetition after its no-relay baseline; prints each row as it is measured.
+    Results by (scenario, relay, pairs), each with its repetition's baseline."""
     results: dict[tuple[str, str, int], list[LevelResult]] = {}
     print(_SIDE_BY_SIDE_COLUMNS, flush=True)
     for repetition in range(repetitions):
+        baseline = {result.pairs: result for result in run_baseline(options)}
+        for pairs, base in baseline.items():
+            print(
+                f"{'-':<12} {BASELINE:<12} {pairs:>5} machine busy {base.machine_cpu:.1f} % of a core, generator "
+                f"{base.generator_cpu:.1f} %",
+                flush=True,
+            )
         for index, scenario in enumerate(scenarios):
             first = (repetition + index) % len(relays)
             for relay in [*relays[first:], *relays[:first]]:
@@ -484,6 +508,11 @@ def compare(
                     scenario,
                 )
                 for result in run_relay(relay, scenario_options, rtp_ports, rtpengine_ports):
+                    measured = baseline.get(result.pairs)
+                    if measured is not None:
+                        result = replace(
+                            result, baseline_cpu=measured.machine_cpu, baseline_generator_cpu=measured.generator_cpu
+                        )
                     results.setdefault((scenario.name, relay, result.pairs), []).append(result)
                     print(format_side_by_side(scenario.name, relay, result), flush=True)
     return results
@@ -492,20 +521,28 @@ def compare(
 def summarise(results: dict[tuple[str, str, int], list[LevelResult]]) -> list[str]:
     """Per scenario, level and relay: the median CPU per packet, and each voiceline relay's ratio to
     rtpengine's."""
-    lines = [f"{'scenario':<12} {'pairs':>5} {'relay':<12} {'proc us/pkt':>11} {'sys us/pkt':>10} {'ratio proc/sys':>15}"]
+    lines = [
+        f"{'scenario':<12} {'pairs':>5} {'relay':<12} {'proc us/pkt':>11} {'sys us/pkt':>10} {'whole us/pkt':>12} "
+        f"{'attr us/pkt':>11} {'ratio proc/sys/whole/attr':>25}"
+    ]
     medians = {
         key: (
             _median([run.per_packet_us(run.server_cpu) for run in runs]),
             _median([run.per_packet_us(run.system_cpu) for run in runs]),
+            _median([whole for run in runs if (whole := run.whole_us) is not None]),
+            _median([attributed for run in runs if (attributed := run.attributed_us) is not None]),
         )
         for key, runs in results.items()
     }
-    for (scenario, relay, pairs), (proc, system) in sorted(medians.items(), key=lambda item: (item[0][0], item[0][2])):
+    for (scenario, relay, pairs), figures in sorted(medians.items(), key=lambda item: (item[0][0], item[0][2])):
         theirs = medians.get((scenario, RTPENGINE, pairs))
         ratio = "-" if relay == RTPENGINE or theirs is None else "/".join(
-            f"{ours / base:.2f}" if base else "-" for ours, base in zip((proc, system), theirs)
+            f"{ours / base:.2f}" if base else "-" for ours, base in zip(figures, theirs)
         )
-        lines.append(f"{scenario:<12} {pairs:>5} {relay:<12} {proc:>11.2f} {system:>10.2f} {ratio:>15}")
+        proc, system, whole, attributed = figures
+        lines.append(
+            f"{scenario:<12} {pairs:>5} {relay:<12} {proc:>11.2f} {system:>10.2f} {whole:>12.2f} {attributed:>11.2f} {ratio:>25}"
+        )
     return lines
 
 
@@ -531,7 +568,12 @@ def bench_side_by_side(
           f"{options.workers} generator processes, {options.hold_seconds:g} s per level, {repetitions} repetitions")
     print("proc us/pkt: the relay process's CPU (user + system, all threads) per relayed packet; sys us/pkt: the "
           "whole machine's busy time (softirq included) less the generator's, per relayed packet (includes any "
-          "other load on the machine); gen us/pkt: the generator's own, excluded from both")
+          "other load on the machine); whole us/pkt: the whole machine's busy time less that of the same load "
+          "with no relay (the legs sending straight to each other, measured first in each repetition), per "
+          "relayed packet: the relay and the kernel's work for it wherever it ran, also in the generator's "
+          "context (on loopback the kernel path forwards there); attr us/pkt: the same by process, the relay's "
+          "CPU plus the generator's beyond its baseline (unmoved by other processes); gen us/pkt: the "
+          "generator's own, excluded")
     results = compare(options, scenarios, repetitions, rtp_ports, rtpengine_ports, relays)
     print(f"load average {_loadavg()}")
     print("\n".join(summarise(results)))
