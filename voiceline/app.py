@@ -344,7 +344,7 @@ class VoiceLine:
                     log.info("sip.connections", transport=transport.name.lower(), **asdict(transport.counters))
         # The BYEs go out first (shutdown sends them before it first waits); unregistering runs alongside.
         byes_answered = min(BYE_WAIT, max(0.0, deadline - loop.time()))
-        stopping = [self.agent.shutdown(byes_answered), self.trunks.stop()]
+        stopping = [self._end_calls(byes_answered), self.trunks.stop()]
         if not await _by(deadline, "calls and registrations", _each_contained("calls and registrations", stopping)):
             unfinished.append("calls and registrations")
         # After the last calls ended: their events go out first.
@@ -373,6 +373,12 @@ class VoiceLine:
             )
         log.info("service.stopped")
         return storage_closed
+
+    async def _end_calls(self, byes_answered: float) -> None:
+        """Help calls first (nothing waits on them any more), then BYE every call and wait up to
+        `byes_answered` for the answers."""
+        await self.calls.shutdown()
+        await self.agent.shutdown(byes_answered)
 
     async def _finish_writes(self, deadline: float) -> int:
         """Wait for the pending writes until `deadline`; cancel the rest and say how many."""
