@@ -75,6 +75,7 @@ class VoiceLine:
         self._writes: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         sip = config.sip
+        codecs = self._usable_codecs()  # what can fail comes before the media engine, which holds the kernel path
         hold_audio = load_wav(config.media.hold_audio) if config.media.hold_audio else hold_music()
         self.media = MediaEngine(
             sip.listen_address[0],
@@ -89,7 +90,7 @@ class VoiceLine:
             answer_delay=sip.answer_delay,
             timers=Timers(sip.t1, sip.t2, sip.t4),
             max_message_size=sip.max_message_size,
-            codecs=self._usable_codecs(),
+            codecs=codecs,
             session_timers=SessionTimerPolicy(sip.session_expires, sip.min_session_expires),
             max_call_duration=sip.max_call_duration,
             overload=overload_limits(sip),
