@@ -1,12 +1,15 @@
 """Running as a service: sd_notify messages on a NOTIFY_SOCKET the test provides, the unit
 file checked by systemd-analyze, the kernel path under exactly the unit's capabilities (setpriv;
-needs root, as the kernel path's tests do), SIGHUP reloading lines, and --version."""
+needs root, as the kernel path's tests do), SIGHUP reloading lines (and SIGHUP and SIGUSR1 during
+start-up acted on once started), and --version."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,9 +20,12 @@ from typing import Any
 import pytest
 
 from test_end_to_end import A_HZ, B_HZ, CONNECTED_AFTER
+from test_lifecycle import seed_database, serve_args
 from voiceline import __version__
 from voiceline.control import CONTROL_SOCKET, CommandError, request
+from voiceline.datadir_lock import owner_of
 from voiceline.sim.runner import CallReport, CallSpec
+from voiceline.storage import DB_NAME
 
 pytestmark = pytest.mark.interop
 
@@ -194,6 +200,36 @@ def test_sighup_reloads_the_config_files_lines(voiceline_server: Callable[..., A
         request(socket_path, "reload")
     config.write_text(config.read_text().replace("\n[[lines]]\nnumbers = 3\n", ""))
     assert request(socket_path, "reload")["lines"] == ["one", "two"]
+
+
+def test_a_reload_and_a_drain_asked_for_during_start_up_are_done_once_it_has_started(tmp_path: Path) -> None:
+    data_dir, config = tmp_path / "data", tmp_path / "voiceline.toml"
+    seed_database(data_dir)
+    config.write_text('[[lines]]\nname = "one"\nnumbers = ["100"]\n')
+    holder = sqlite3.connect(data_dir / DB_NAME, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # start-up waits for the database (within its 5 s busy timeout)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "voiceline", *serve_args(data_dir), "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while owner_of(data_dir) != process.pid:  # the data dir is ours: start-up is under way
+            assert process.poll() is None and time.monotonic() < deadline, process.returncode
+            time.sleep(0.01)
+        process.send_signal(signal.SIGHUP)
+        process.send_signal(signal.SIGUSR1)
+        holder.rollback()
+        out, _ = process.communicate(timeout=30)  # drained, with no calls: it exits by itself
+    finally:
+        holder.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, out
+    events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
+    assert "sip.listening" in events and "provisioning.reloaded" in events and "service.drained" in events, events
+    assert events.index("sip.listening") < events.index("service.drained") and "Traceback" not in out
 
 
 def test_version() -> None:

@@ -493,6 +493,11 @@ async def serve(config: Config, config_file: str | None = None) -> int:
     stop = _StopSignal(loop, config.sip.shutdown_timeout)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # A drain (SIGUSR1) or reload (SIGHUP) asked for during start-up is done once the service has
+    # started (start-up itself loads the trunks).
+    drain_requested, reload_requested = asyncio.Event(), asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, drain_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     try:
         owner = await asyncio.to_thread(DataDirLock.acquire, Path(config.storage.data_dir))
     except (DataDirBusy, OSError) as exc:
@@ -501,35 +506,33 @@ async def serve(config: Config, config_file: str | None = None) -> int:
         # Its calls were counted at answer; their in-call requests get 481 and count as orphans.
         log.warning("service.unclean_stop_before", pid=owner.predecessor)
     try:
-        return await _serve_owned(config, config_file, stop)
+        return await _serve_owned(config, config_file, stop, drain_requested, reload_requested)
     finally:
         owner.release()
 
 
-async def _serve_owned(config: Config, config_file: str | None, stop: _StopSignal) -> int:
+async def _serve_owned(
+    config: Config,
+    config_file: str | None,
+    stop: _StopSignal,
+    drain_requested: asyncio.Event,
+    reload_requested: asyncio.Event,
+) -> int:
     systemd = SystemdNotifier.from_environment()
     loop = asyncio.get_running_loop()
-    drain_requested = asyncio.Event()  # a SIGUSR1 during start-up drains once the service has started
-    loop.add_signal_handler(signal.SIGUSR1, drain_requested.set)
-    reload_requested = asyncio.Event()  # so does a SIGHUP reload: the trunks load only during start-up
-    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     app: VoiceLine | None = None
     failure: BaseException | None = None
     try:
         app = await _unless_stopped(VoiceLine.open(config, config_file, drain_requested), stop)
         await _unless_stopped(app.start(), stop)
+        loop.add_signal_handler(signal.SIGHUP, app.reload_soon)
+        if reload_requested.is_set():
+            app.reload_soon()
+        await _run(app, systemd, stop)
     except _StoppedDuringStart:
         log.info("service.stopping", calls=0, during="start")
     except BaseException as exc:  # start-up failed (or the task was cancelled): stop what started, then say so
         failure = exc
-    else:
-        loop.add_signal_handler(signal.SIGHUP, app.reload_soon)
-        if reload_requested.is_set():
-            app.reload_soon()
-        try:
-            await _run(app, systemd, stop)
-        except BaseException as exc:  # the task was cancelled
-            failure = exc
     deadline = stop.deadline_from_now()
     overrun = threading.Timer(deadline - loop.time() + STOP_GRACE, _overrun)
     overrun.daemon = True
