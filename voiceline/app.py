@@ -61,7 +61,11 @@ class VoiceLine:
     force and listens, `stop` ends it. Every part exists from `open` on; until `start` nothing listens."""
 
     def __init__(
-        self, config: Config, storage: Storage, config_file: str | None = None, drain_requested: asyncio.Event | None = None
+        self,
+        config: Config,
+        storage: Storage,
+        config_file: str | None = None,
+        drain_requested: asyncio.Event | None = None,
     ) -> None:
         """Use `open`: it opens the storage first (a data dir that cannot serve is found before anything else)."""
         self.config = config
