@@ -5,9 +5,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests drive as independent peers, and the file-system tools the storage
-# fault tests mount with (as root) (command -> package).
+# Debian packages the tests drive as independent peers, the tools that run the service with the
+# systemd unit's capabilities, and the file-system tools the storage fault tests mount with (as
+# root) (command -> package).
 TEST_TOOLS := sipp:sip-tester openssl:openssl kamailio:kamailio mosquitto:mosquitto systemd-analyze:systemd \
+	setpriv:util-linux capsh:libcap2-bin \
 	mount:mount mkfs.ext4:e2fsprogs
 # Debian shared libraries the service loads (soname -> package): libopus for the Opus codec.
 SYSTEM_LIBS := libopus.so.0:libopus0 libbpf.so.1:libbpf1

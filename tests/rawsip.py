@@ -23,9 +23,9 @@ OFFER = (
 @contextlib.asynccontextmanager
 async def serving(config: Config) -> AsyncIterator[VoiceLine]:
     """The whole service, in this process, for the length of the block."""
-    app = VoiceLine(config)
-    await app.start()
+    app = await VoiceLine.open(config)
     try:
+        await app.start()
         yield app
     finally:
         await app.stop()

@@ -255,8 +255,9 @@ def test_status_watch_redraws_until_interrupted(voiceline_server: Callable[..., 
     assert gone.returncode == 1 and "no running service" in gone.stderr
 
 
-def test_metrics_show_registration_states_and_the_bus_reports_changes_once(tmp_path: Path) -> None:
-    app = VoiceLine(in_process_config(tmp_path))  # not started: the hooks and views work on their own
+async def test_metrics_show_registration_states_and_the_bus_reports_changes_once(tmp_path: Path) -> None:
+    app = await VoiceLine.open(in_process_config(tmp_path))  # not started: the hooks and views work on their own
+    await app.stop()
     seen: list[Event] = []
     app.ops.bus.subscribe(seen.append)
     for state in ("registering", "registered", "registered", "failed"):

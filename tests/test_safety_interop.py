@@ -13,7 +13,9 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +247,59 @@ def test_a_refer_the_carrier_accepts_hands_the_caller_over(
     carrier = sipp("-sf", str(SCENARIOS / "uac_refer_help.xml"), f"{HOST}:{server.port}", "-s", "100")
     assert carrier.finished() == 0, carrier.errors()  # our REFER to the help line, and our BYE once it reported 200
     assert "help.referred" in server.log_text()
+
+
+def test_stopping_while_a_refer_waits_for_its_notify_ends_the_call_with_bye_and_exits_cleanly(
+    voiceline_server: Callable[..., Any], sipp: Callable[..., Sipp], tmp_path: Path
+) -> None:
+    shutdown_timeout = 3.0
+    config = help_config(f"sip:help@{HOST}:{SIPP_PORT + 2}", method="refer")
+    server = voiceline_server({**config, "sip": {**config["sip"], "shutdown_timeout": shutdown_timeout}})
+    carrier = sipp(
+        "-sf", str(SCENARIOS / "uac_refer_no_notify.xml"), f"{HOST}:{server.port}", "-s", "100", "-trace_msg"
+    )  # fmt: skip
+    server.wait_for_event("call.refer", timeout=40)  # after the help message
+    sent = "\n".join(path.read_text(errors="replace") for path in tmp_path.glob("*_messages.log"))
+    deadline = time.monotonic() + 10
+    while "SIP/2.0 202 Accepted" not in sent:  # the carrier took the REFER: our side now waits for a NOTIFY
+        assert time.monotonic() < deadline and carrier.process.poll() is None, carrier.errors()
+        time.sleep(0.05)
+        sent = "\n".join(path.read_text(errors="replace") for path in tmp_path.glob("*_messages.log"))
+    started = time.monotonic()
+    assert server.stop() == 0 and not server.killed
+    took = time.monotonic() - started
+    assert carrier.finished() == 0, carrier.errors()  # our BYE came, like every other call's at a stop
+    assert took < shutdown_timeout, took
+    events = server.log_events()
+    assert [event for event in events if event.get("level") in ("error", "critical")] == []
+    assert "Task was destroyed" not in server.log_text() and "Traceback" not in server.log_text()
+    [given_up] = [event for event in events if event.get("event") == "help.given_up"]
+    assert given_up["reason"] == "service stopping" and given_up["connected"] is False
+    assert not {"help.referred", "help.refer_failed"} & {event.get("event") for event in events}
+
+
+def test_stopping_while_the_help_line_rings_cancels_it_and_ends_the_caller_with_bye(
+    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], sipp: Callable[..., Sipp]
+) -> None:
+    shutdown_timeout = 3.0
+    ringing = sipp("-sf", str(SCENARIOS / "uas_ring_forever.xml"))
+    config = help_config(f"sip:help@{HOST}:{SIPP_PORT}", ring_timeout=60.0)
+    server = voiceline_server({**config, "sip": {**config["sip"], "shutdown_timeout": shutdown_timeout}})
+    with ThreadPoolExecutor(1) as pool:  # the caller stays on the line until the service ends its call
+        calling = pool.submit(sim_calls, [CallSpec(server.uri("100"), tone_hz=A_HZ, seconds=60.0, dtmf_at=((1.0, "0"),))])
+        server.wait_for_event("help.calling", timeout=40)  # after the help message
+        started = time.monotonic()
+        assert server.stop() == 0 and not server.killed
+        took = time.monotonic() - started
+        (caller,) = calling.result(timeout=30)
+    assert caller.connected and caller.hangup_by == "remote", caller  # our BYE
+    assert ringing.finished() == 0, ringing.errors()  # our CANCEL, as scripted
+    assert took < shutdown_timeout, took
+    events = server.log_events()
+    assert [event for event in events if event.get("level") in ("error", "critical")] == []
+    assert "Task was destroyed" not in server.log_text() and "Traceback" not in server.log_text()
+    [given_up] = [event for event in events if event.get("event") == "help.given_up"]
+    assert given_up["reason"] == "service stopping" and given_up["connected"] is False
 
 
 def statistics(server: Any) -> dict[str, int]:

@@ -191,7 +191,7 @@ async def test_lost_ack_retransmits_200_then_sends_bye(tmp_path: Path, peer: Raw
 
 
 async def test_shutdown_sends_bye_on_every_call(tmp_path: Path, peer: RawPeer) -> None:
-    app = VoiceLine(make_config(tmp_path))
+    app = await VoiceLine.open(make_config(tmp_path))
     await app.start()
     dialer = Dialer(peer, address(app))
     dialer.invite(rtp_port=4000)

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Awaitable, Coroutine, Iterator, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import structlog
 
@@ -47,6 +47,7 @@ from voiceline.tasks import supervised
 from voiceline.trunk_supervisor import TrunkSupervisor
 
 log = structlog.get_logger("voiceline.app")
+_Result = TypeVar("_Result")
 
 BYE_WAIT = 4.0  # longest wait at shutdown for the answers to our BYEs
 CLOSE_RESERVE = 0.5  # of the shutdown deadline, kept for closing the storage after the writes
@@ -55,22 +56,95 @@ BUSIEST_HOURS_INTERVAL = 3600.0  # seconds between refreshing each line's busies
 
 
 class VoiceLine:
-    """The running service."""
+    """The service: `open` makes its parts (storage open first), `start` puts trunks and lines in
+    force and listens, `stop` ends it. Every part exists from `open` on; until `start` nothing listens."""
 
-    def __init__(self, config: Config, config_file: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        storage: Storage,
+        config_file: str | None = None,
+        drain_requested: asyncio.Event | None = None,
+    ) -> None:
+        """Use `open`: it opens the storage first (a data dir that cannot serve is found before anything else)."""
         self.config = config
         self.config_file = config_file  # re-read for trunks and lines on reload (SIGHUP)
+        self.storage = storage
         self.ops = Operations(self)
-        self.drain_requested = asyncio.Event()
+        # Set by SIGUSR1 (from before the service exists) or a drain command; cleared by an undrain.
+        self.drain_requested = drain_requested or asyncio.Event()
         self.line_setups: dict[str, LineSetup] = {}  # line name -> its journey settings and prompts
         self._prompt_sets: dict[tuple[str, str], PromptSet] = {}  # (language, directory) -> loaded set
-        self.storage: Storage | None = None
-        self.media: MediaEngine | None = None
-        self.agent: UserAgent | None = None
-        self.trunks: TrunkSupervisor | None = None
-        self.calls: Calls | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
+        sip = config.sip
+        codecs = self._usable_codecs()  # what can fail comes before the media engine, which holds the kernel path
+        hold_audio = load_wav(config.media.hold_audio) if config.media.hold_audio else hold_music()
+        self.media = MediaEngine(
+            sip.listen_address[0],
+            config.media.port_range,
+            hold_audio,
+            inband_dtmf=config.media.inband_dtmf,
+            learning=Learning(config.media.learning_packets, config.media.learning_seconds),
+            kernel_forwarding=config.media.kernel_forwarding == "auto",
+        )
+        settings = CoreSettings(
+            advertised_host=sip.advertised_host,
+            answer_delay=sip.answer_delay,
+            timers=Timers(sip.t1, sip.t2, sip.t4),
+            max_message_size=sip.max_message_size,
+            codecs=codecs,
+            session_timers=SessionTimerPolicy(sip.session_expires, sip.min_session_expires),
+            max_call_duration=sip.max_call_duration,
+            overload=overload_limits(sip),
+            key_rotation=config.safety.key_rotation,
+        )
+        # Its directory is the trunks and lines in force: `trunks` replaces it on each (re)load.
+        self.policy = TrunkPolicy(
+            TrunkDirectory((), ()),
+            asyncio.get_running_loop().time,
+            self._calls_on_trunk,
+            drop_unknown=sip.unknown_source == "drop",
+        )
+        self.calls = Calls(
+            self.media,
+            self.line_setup,
+            self._line_max_calls,
+            storage,
+            self._write,
+            self._hangup,
+            live_view=self.ops,
+            ledger=SafetyLedger(config.safety.settings(config.journey.pairing.repeat_window)),
+            help_route=self.help_route,
+            trunk_of=self._source_trunk,
+        )
+        self.agent = UserAgent(settings, self.calls, self.policy)
+        self.calls.dialer = self.agent
+        self.trunks = TrunkSupervisor(
+            config,
+            storage,
+            self.policy,
+            self.agent,
+            self._write,
+            on_registration=self.ops.registration_changed,
+            on_refusals=self.ops.refused,
+            on_lines=self._lines_changed,
+        )
+
+    @classmethod
+    async def open(
+        cls, config: Config, config_file: str | None = None, drain_requested: asyncio.Event | None = None
+    ) -> VoiceLine:
+        """The service's storage opened and its parts made, not yet listening. A part that cannot be
+        made (a codec, the hold audio) closes the storage again before its error is raised."""
+        storage = await Storage.open(
+            Path(config.storage.data_dir), config.storage.key_file, flush_interval=config.storage.flush_interval
+        )
+        try:
+            return cls(config, storage, config_file, drain_requested)
+        except BaseException:
+            await storage.close()  # nothing written yet: one attempt, no deadline to keep
+            raise
 
     def line_setup(self, name: str) -> LineSetup:
         """A line's journey and prompts, as last loaded; a line unknown to provisioning gets the defaults."""
@@ -86,7 +160,7 @@ class VoiceLine:
 
         To the destination's host; with the help trunk's outbound account (its registration's
         user and password, for a carrier's digest challenge, and as our From) when it has one."""
-        provisioned = self.trunks.policy.directory.lines.get(line) if self.trunks else None
+        provisioned = self.policy.directory.lines.get(line)
         help = self.config.line_journey(provisioned).help if provisioned is not None else self.config.journey.help
         if not help.destination:
             return None
@@ -95,7 +169,7 @@ class VoiceLine:
         except SipParseError:
             log.error("help.destination_invalid")  # the help key then plays the safety message only
             return None
-        trunk = self.trunks.policy.directory.trunks.get(help.trunk) if help.trunk and self.trunks else None
+        trunk = self.policy.directory.trunks.get(help.trunk) if help.trunk else None
         if help.trunk and trunk is None:
             log.warning("help.trunk_unknown", trunk=help.trunk)  # the help call goes without its account
         account = trunk.registration if trunk is not None else None
@@ -141,75 +215,20 @@ class VoiceLine:
             if prompts is None:
                 continue  # refused above: the line keeps the prompts it had
             self.line_setups[name] = LineSetup(settings, prompts)
-            if self.calls is not None:
-                self.calls.configure(name, self.line_setups[name])
+            self.calls.configure(name, self.line_setups[name])
 
     async def _refresh_busiest_hours(self) -> None:
         """Each line's busiest hours from the hourly statistics: at start, then hourly."""
-        assert self.storage is not None and self.calls is not None and self.trunks is not None
         while True:
-            for name in self.trunks.policy.directory.lines:
+            for name in self.policy.directory.lines:
                 self.calls.set_busiest_hours(name, await self.storage.busiest_hours(name, self.storage.clock()))
             await asyncio.sleep(BUSIEST_HOURS_INTERVAL)
 
     async def start(self) -> None:
+        """Trunks and lines in force before the first request, then listen, register and serve."""
         sip = self.config.sip
-        self.storage = await Storage.open(
-            Path(self.config.storage.data_dir),
-            self.config.storage.key_file,
-            flush_interval=self.config.storage.flush_interval,
-        )
-        hold_audio = load_wav(self.config.media.hold_audio) if self.config.media.hold_audio else hold_music()
-        bind_host = sip.listen_address[0]
-        self.media = MediaEngine(
-            bind_host,
-            self.config.media.port_range,
-            hold_audio,
-            inband_dtmf=self.config.media.inband_dtmf,
-            learning=Learning(self.config.media.learning_packets, self.config.media.learning_seconds),
-            kernel_forwarding=self.config.media.kernel_forwarding == "auto",
-        )
-        settings = CoreSettings(
-            advertised_host=sip.advertised_host,
-            answer_delay=sip.answer_delay,
-            timers=Timers(sip.t1, sip.t2, sip.t4),
-            max_message_size=sip.max_message_size,
-            codecs=self._usable_codecs(),
-            session_timers=SessionTimerPolicy(sip.session_expires, sip.min_session_expires),
-            max_call_duration=sip.max_call_duration,
-            overload=overload_limits(sip),
-            key_rotation=self.config.safety.key_rotation,
-        )
-        loop = asyncio.get_running_loop()
-        policy = TrunkPolicy(
-            TrunkDirectory((), ()), loop.time, self._calls_on_trunk, drop_unknown=sip.unknown_source == "drop"
-        )
-        self.calls = Calls(
-            self.media,
-            self.line_setup,
-            self._line_max_calls,
-            self.storage,
-            self._write,
-            self._hangup,
-            live_view=self.ops,
-            ledger=SafetyLedger(self.config.safety.settings(self.config.journey.pairing.repeat_window)),
-            help_route=self.help_route,
-            trunk_of=self._source_trunk,
-        )
-        self.agent = UserAgent(settings, self.calls, policy)
-        self.calls.dialer = self.agent
-        # Trunks and lines are in force before the first request.
-        self.trunks = await TrunkSupervisor.load(
-            self.config,
-            self.storage,
-            policy,
-            self.agent,
-            self._write,
-            on_registration=self.ops.registration_changed,
-            on_refusals=self.ops.refused,
-            on_lines=self._lines_changed,
-        )
-        directory = policy.directory
+        await self.trunks.load()
+        directory = self.policy.directory
         limits = StreamLimits(sip.max_message_size, sip.connection_idle_timeout, sip.max_connections)
         listening = await open_transports(
             *sip.listen_address, sip.transports, self.agent.message_received, limits, tls_listener(sip)
@@ -237,6 +256,7 @@ class VoiceLine:
                 hint="only callers on this machine will have audio; set sip.public_address",
             )
         await self.trunks.start()
+        loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(supervised("refresh_busiest_hours", self._refresh_busiest_hours)))
         timeout, partner_silence = self.config.media.inactivity_timeout, self.config.media.partner_silence
         if timeout or partner_silence:
@@ -246,7 +266,6 @@ class VoiceLine:
 
     async def drain(self, stop: asyncio.Event) -> None:
         """Refuse new calls and wait until the last call ended, `stop` is set or sip.drain_timeout passed."""
-        assert self.agent is not None
         self.agent.drain()
         self.ops.drain_changed()
         loop = asyncio.get_running_loop()
@@ -262,7 +281,7 @@ class VoiceLine:
     def undrain(self) -> None:
         """Take new calls again; a drain in progress ends without stopping the service."""
         self.drain_requested.clear()
-        if self.agent is not None and self.agent.draining:
+        if self.agent.draining:
             self.agent.undrain()
             self.ops.drain_changed()
 
@@ -285,11 +304,10 @@ class VoiceLine:
         if self.config_file is not None:
             fresh = await asyncio.to_thread(config_module.load, self.config_file)  # file I/O off the loop
             self.config = replace(self.config, trunks=fresh.trunks, lines=fresh.lines, journey=fresh.journey)
-        assert self.trunks is not None
         await self.trunks.reload(self.config)
         # Prompt files may have changed even when the lines did not: read them again.
-        await self._lines_changed(self.trunks.policy.directory.lines, first=False)
-        log.info("provisioning.reloaded", trunks=len(self.trunks.policy.directory.trunks))
+        await self._lines_changed(self.policy.directory.lines, first=False)
+        log.info("provisioning.reloaded", trunks=len(self.policy.directory.trunks))
 
     def _usable_codecs(self) -> tuple[Codec, ...]:
         """The configured codecs whose libraries load here (Opus needs libopus)."""
@@ -317,36 +335,30 @@ class VoiceLine:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        stopping = [self.trunks.stop()] if self.trunks is not None else []
-        if self.agent is not None:
-            with _contained("totals"):
-                log.info("sip.totals", **asdict(self.agent.counters), **asdict(self.agent.overload.counters))
-                for transport in self.agent.transports.values():
-                    if isinstance(transport, StreamTransport):
-                        log.info("sip.connections", transport=transport.name.lower(), **asdict(transport.counters))
-            # The BYEs go out first (shutdown sends them before it first waits); unregistering runs alongside.
-            byes_answered = min(BYE_WAIT, max(0.0, deadline - loop.time()))
-            stopping.insert(0, self.agent.shutdown(byes_answered))
+        with _contained("totals"):
+            log.info("sip.totals", **asdict(self.agent.counters), **asdict(self.agent.overload.counters))
+            for transport in self.agent.transports.values():
+                if isinstance(transport, StreamTransport):
+                    log.info("sip.connections", transport=transport.name.lower(), **asdict(transport.counters))
+        # The BYEs go out first (shutdown sends them before it first waits); unregistering runs alongside.
+        byes_answered = min(BYE_WAIT, max(0.0, deadline - loop.time()))
+        stopping = [self._end_calls(byes_answered), self.trunks.stop()]
         if not await _by(deadline, "calls and registrations", _each_contained("calls and registrations", stopping)):
             unfinished.append("calls and registrations")
         # After the last calls ended: their events go out first.
         if not await _by(deadline, "events and control", self.ops.stop()):
             unfinished.append("events and control")
         with _contained("media"):
-            if self.media is not None:
-                self.media.close()
+            self.media.close()
         with _contained("refusals"):
-            if self.trunks is not None:
-                self.trunks.flush_refusals()
+            self.trunks.flush_refusals()
         close_reserve = min(CLOSE_RESERVE, self.config.sip.shutdown_timeout / 10)
         abandoned_writes = await self._finish_writes(deadline - close_reserve)
-        storage_closed = self.storage is None or await _by(
-            deadline, "storage", self.storage.close(deadline - close_reserve), cancel=False
-        )
+        storage_closed = await _by(deadline, "storage", self.storage.close(deadline - close_reserve), cancel=False)
         if not storage_closed:
             unfinished.append("storage")
         with _contained("transports"):
-            for transport in self.agent.transports.values() if self.agent else ():
+            for transport in self.agent.transports.values():
                 transport.close()
         if unfinished or abandoned_writes:
             log.warning(
@@ -354,11 +366,17 @@ class VoiceLine:
                 timeout=self.config.sip.shutdown_timeout,
                 abandoned_writes=abandoned_writes,
                 # Held statistics the storage could not write in time (it logs its own count when it closes).
-                abandoned_records=0 if storage_closed or self.storage is None else self.storage.held_records,
+                abandoned_records=0 if storage_closed else self.storage.held_records,
                 unfinished=unfinished,
             )
         log.info("service.stopped")
         return storage_closed
+
+    async def _end_calls(self, byes_answered: float) -> None:
+        """Help calls first (nothing waits on them any more), then BYE every call and wait up to
+        `byes_answered` for the answers."""
+        await self.calls.shutdown()
+        await self.agent.shutdown(byes_answered)
 
     async def _finish_writes(self, deadline: float) -> int:
         """Wait for the pending writes until `deadline`; cancel the rest and say how many."""
@@ -370,7 +388,7 @@ class VoiceLine:
         return len(pending)
 
     def _calls_on_trunk(self, trunk: str) -> int:
-        return sum(1 for call in self.agent.calls if call.trunk == trunk) if self.agent else 0
+        return sum(1 for call in self.agent.calls if call.trunk == trunk)
 
     def _write(self, operation: Coroutine[Any, Any, None]) -> None:
         write = asyncio.get_running_loop().create_task(operation)
@@ -378,17 +396,16 @@ class VoiceLine:
         write.add_done_callback(self._writes.discard)
 
     def _line_max_calls(self, line: str) -> int:
-        configured = self.trunks.policy.directory.lines.get(line) if self.trunks else None
+        configured = self.policy.directory.lines.get(line)
         return configured.max_calls if configured is not None else 0
 
     def _source_trunk(self, address: str) -> str:
         """The trunk whose sources hold `address` ("" for none): requests from it in our call are admitted."""
-        trunks = self.trunks.policy.directory.source_trunks(address) if self.trunks else []
+        trunks = self.policy.directory.source_trunks(address)
         return trunks[0].name if trunks else ""
 
     def _hangup(self, call_id: str, reason: str) -> None:
-        if self.agent is not None:
-            self.agent.hangup(call_id, reason)
+        self.agent.hangup(call_id, reason)
 
 
 async def _each_contained(step: str, works: list[Coroutine[Any, Any, None]]) -> None:
@@ -473,6 +490,11 @@ async def serve(config: Config, config_file: str | None = None) -> int:
     stop = _StopSignal(loop, config.sip.shutdown_timeout)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # A drain (SIGUSR1) or reload (SIGHUP) asked for during start-up is done once the service has
+    # started (start-up itself loads the trunks).
+    drain_requested, reload_requested = asyncio.Event(), asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, drain_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     try:
         owner = await asyncio.to_thread(DataDirLock.acquire, Path(config.storage.data_dir))
     except (DataDirBusy, OSError) as exc:
@@ -481,20 +503,31 @@ async def serve(config: Config, config_file: str | None = None) -> int:
         # Its calls were counted at answer; their in-call requests get 481 and count as orphans.
         log.warning("service.unclean_stop_before", pid=owner.predecessor)
     try:
-        return await _serve_owned(config, config_file, stop)
+        return await _serve_owned(config, config_file, stop, drain_requested, reload_requested)
     finally:
         owner.release()
 
 
-async def _serve_owned(config: Config, config_file: str | None, stop: _StopSignal) -> int:
-    app = VoiceLine(config, config_file)
+async def _serve_owned(
+    config: Config,
+    config_file: str | None,
+    stop: _StopSignal,
+    drain_requested: asyncio.Event,
+    reload_requested: asyncio.Event,
+) -> int:
     systemd = SystemdNotifier.from_environment()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGUSR1, app.request_drain)
-    loop.add_signal_handler(signal.SIGHUP, app.reload_soon)
+    app: VoiceLine | None = None
     failure: BaseException | None = None
     try:
+        app = await _unless_stopped(VoiceLine.open(config, config_file, drain_requested), stop)
+        await _unless_stopped(app.start(), stop)
+        loop.add_signal_handler(signal.SIGHUP, app.reload_soon)
+        if reload_requested.is_set():
+            app.reload_soon()
         await _run(app, systemd, stop)
+    except _StoppedDuringStart:
+        log.info("service.stopping", calls=0, during="start")
     except BaseException as exc:  # start-up failed (or the task was cancelled): stop what started, then say so
         failure = exc
     deadline = stop.deadline_from_now()
@@ -503,7 +536,7 @@ async def _serve_owned(config: Config, config_file: str | None, stop: _StopSigna
     overrun.start()
     with _contained("systemd"):
         await systemd.stopping()
-    closed = await app.stop(deadline)
+    closed = await app.stop(deadline) if app is not None else _stopped_unopened()
     explained = start_failure(failure, config) if isinstance(failure, Exception) else None
     if not closed:
         # The storage thread is stuck in a statement: waiting for it would outlive the deadline.
@@ -538,11 +571,8 @@ class _StopSignal:
 
 
 async def _run(app: VoiceLine, systemd: SystemdNotifier, stop: _StopSignal) -> None:
-    """Start (unless a stop signal comes first), take calls, drain when asked; return when it is time to stop."""
+    """Take calls, drain when asked; return when it is time to stop."""
     loop = asyncio.get_running_loop()
-    if not await _unless_stopped(app.start(), stop):
-        log.info("service.stopping", calls=0, during="start")
-        return
     # What start-up built (modules, config, engines) lives as long as the process: keep it out of
     # the cyclic collector, whose full passes would otherwise stall the relay for tens of ms.
     gc.freeze()
@@ -556,14 +586,25 @@ async def _run(app: VoiceLine, systemd: SystemdNotifier, stop: _StopSignal) -> N
             break
         systemd.status("draining")
         await app.drain(stop.event)
-        if app.agent is not None and app.agent.draining:
+        if app.agent.draining:
             break  # drained; else undrained: take calls again
         systemd.status("taking calls")
-    log.info("service.stopping", calls=len(app.agent.calls) if app.agent else 0)
+    log.info("service.stopping", calls=len(app.agent.calls))
 
 
-async def _unless_stopped(work: Coroutine[Any, Any, None], stop: _StopSignal) -> bool:
-    """Run `work` unless a stop signal comes first (then `work` is cancelled): whether it ran to its end.
+class _StoppedDuringStart(Exception):
+    """A stop signal came before start-up finished: what started is stopped, the exit is clean."""
+
+
+def _stopped_unopened() -> bool:
+    """Stopping when the storage never opened: nothing to close."""
+    log.info("service.stopped")
+    return True
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, _Result], stop: _StopSignal) -> _Result:
+    """`work`'s result, unless a stop signal comes first: then `work` is cancelled and
+    _StoppedDuringStart raised.
 
     A cancelled start-up still unwinding at the shutdown deadline (a statement the database keeps
     waiting) ends the process: nothing of the service runs yet, and nothing may hang.
@@ -573,8 +614,7 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stop: _StopSignal) ->
     await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     if task.done():
-        task.result()  # a start-up failure is raised here
-        return True
+        return task.result()  # a start-up failure is raised here
     task.cancel()
     await asyncio.wait({task}, timeout=max(0.0, stop.deadline_from_now() - asyncio.get_running_loop().time()))
     if not task.done():
@@ -582,7 +622,7 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stop: _StopSignal) ->
         _end_process_now(ExitCode.OK)
     if not task.cancelled():
         task.exception()  # a start-up that failed while being stopped: the stop is what was asked for
-    return False
+    raise _StoppedDuringStart
 
 
 def _overrun() -> None:

@@ -546,6 +546,17 @@ class Calls:
         step = served.journeys.help_answered(call_id, now) if connected else served.journeys.help_failed(call_id, now)
         self._apply(served, step)
 
+    async def shutdown(self) -> None:
+        """Stopping: stop waiting on every help call (a REFER's NOTIFY, a help line's answer or hang-up).
+        The user agent's shutdown then ends the calls themselves with BYE (CANCEL while ringing)."""
+        for call_id, help_call in list(self.help_calls.items()):
+            if not help_call.ended:
+                help_call.ended = True
+                log.info("help.given_up", call=call_id, connected=help_call.connected, reason="service stopping")
+        for task in self._help_tasks:
+            task.cancel()
+        await asyncio.gather(*self._help_tasks, return_exceptions=True)
+
     def _end_help(self, call_id: str) -> None:
         """The caller no longer wants its help call (cancelled, hung up, or a goodbye): CANCEL or BYE it."""
         help_call = self.help_calls.get(call_id)

@@ -112,15 +112,13 @@ class Operations:
             await self._control.close()
 
     def ready(self) -> bool:
-        agent = self.app.agent
-        return agent is not None and not agent.draining
+        return not self.app.agent.draining
 
     # -- hooks the app calls ---------------------------------------------------------
 
     def line_open(self, line: str) -> bool:
         """Neither closed by a command nor disabled in provisioning."""
-        trunks = self.app.trunks
-        provisioned = trunks.policy.directory.lines.get(line) if trunks is not None else None
+        provisioned = self.app.policy.directory.lines.get(line)
         return line not in self.closed_lines and (provisioned is None or provisioned.enabled)
 
     def call_offered(self, call: CallInfo) -> None:
@@ -165,7 +163,7 @@ class Operations:
     def _line_counts(self, line: str) -> dict[str, int]:
         """Callers on `line` by where they are in their journey: the welcome, waiting (the talk/listen
         choice included), connecting (hearing the connect cue), talking, and ending (talk time up, or goodbye)."""
-        served = self.app.calls.lines.get(line) if self.app.calls is not None else None
+        served = self.app.calls.lines.get(line)
         states = served.journeys.counts() if served is not None else Counter[State]()
         return {
             "in_welcome": states[State.WELCOME],
@@ -186,19 +184,19 @@ class Operations:
             self.metrics.refusals.labels(reason).inc(count)
 
     def drain_changed(self) -> None:
-        self.bus.emit(DrainChanged(not self.ready(), len(self.app.agent.calls) if self.app.agent else 0))
+        self.bus.emit(DrainChanged(not self.ready(), len(self.app.agent.calls)))
 
     # -- status and commands ---------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         app = self.app
         agent = app.agent
-        calls = agent.calls if agent is not None else []
-        directory = app.trunks.policy.directory if app.trunks is not None else None
-        served_lines = app.calls.lines if app.calls is not None else {}
-        line_names = sorted(set(directory.lines if directory else ()) | set(served_lines))
+        calls = agent.calls
+        directory = app.policy.directory
+        served_lines = app.calls.lines
+        line_names = sorted(set(directory.lines) | set(served_lines))
         lines = {}
-        now = app.calls.now() if app.calls is not None else 0.0  # the lines' clock (metrics ask from a thread)
+        now = app.calls.now()  # the lines' clock (metrics ask from a thread)
         for name in line_names:
             counts = self._line_counts(name)
             served = served_lines.get(name)
@@ -213,7 +211,7 @@ class Operations:
                 "longest_wait": round(served.journeys.longest_wait(now)) if served is not None else 0,
             }
         trunks = {}
-        for name, trunk in sorted((directory.trunks if directory else {}).items()):
+        for name, trunk in sorted(directory.trunks.items()):
             registration = None
             if trunk.registration is not None and trunk.enabled:
                 registration = self._registration.get(name, "registering")
@@ -230,8 +228,8 @@ class Operations:
             "calls": len(calls),
             "lines": lines,
             "trunks": trunks,
-            "sip": asdict(agent.counters) if agent is not None else {},
-            "overload": asdict(agent.overload.counters) if agent is not None else {},
+            "sip": asdict(agent.counters),
+            "overload": asdict(agent.overload.counters),
         }
         if self.mqtt is not None:
             status["mqtt"] = {"connected": self.mqtt.connected, "dropped": self.mqtt.dropped}
@@ -277,7 +275,7 @@ class Operations:
             for name, line in status["lines"].items():
                 self.bus.emit(LineGauge(name, **line))
             agent = self.app.agent
-            if agent is not None and agent.overload.counters != self._overload_seen:
+            if agent.overload.counters != self._overload_seen:
                 now, seen = asdict(agent.overload.counters), asdict(self._overload_seen)
                 self._overload_seen = OverloadCounters(**now)
                 self.bus.emit(OverloadSummary(**{key: now[key] - seen[key] for key in now}))

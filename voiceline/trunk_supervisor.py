@@ -62,7 +62,7 @@ class TrunkSupervisor:
         on_refusals: Refusals = _ignore,
         on_lines: LinesChanged | None = None,
     ) -> None:
-        """Use `load`: a supervisor is in force only once it has loaded."""
+        """In force only once `load` has run."""
         self.policy = policy
         self._on_registration = on_registration
         self._on_refusals = on_refusals
@@ -76,23 +76,10 @@ class TrunkSupervisor:
         self._registering = False  # from `start`: registrations need the user agent's transport
         self._tasks: list[asyncio.Task[None]] = []
 
-    @classmethod
-    async def load(
-        cls,
-        config: Config,
-        storage: Storage,
-        policy: TrunkPolicy,
-        agent: UserAgent,
-        write: Write,
-        on_registration: RegistrationState = _ignore,
-        on_refusals: Refusals = _ignore,
-        on_lines: LinesChanged | None = None,
-    ) -> TrunkSupervisor:
+    async def load(self) -> None:
         """Trunks and lines in force, their names resolved, before the user agent hears a request."""
-        supervisor = cls(config, storage, policy, agent, write, on_registration, on_refusals, on_lines)
-        await storage.clear_registration_status()
-        await supervisor._reload_provisioning()
-        return supervisor
+        await self._storage.clear_registration_status()
+        await self._reload_provisioning()
 
     async def start(self) -> None:
         """Once the user agent listens: register the trunks that do, then watch for changes."""

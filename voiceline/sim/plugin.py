@@ -205,10 +205,11 @@ def start_server(
     port: int = 0,
     rtp_ports: tuple[int, int] | None = None,
     host: str = LOOPBACK,
+    wrapper: Sequence[str] = (),
 ) -> VoicelineServer:
     """Start `voiceline serve` on `host` with its files under `directory` (its `data` may be prepared
-    already) on SIP `port` (0: kernel-chosen) and the RTP range `rtp_ports`; fail the test unless it
-    gets ready."""
+    already) on SIP `port` (0: kernel-chosen) and the RTP range `rtp_ports`, run through `wrapper`
+    (a command that runs the rest, such as setpriv); fail the test unless it gets ready."""
     directory.mkdir(parents=True, exist_ok=True)
     low, high = rtp_ports or default_server_rtp_ports()
     config_path = directory / "voiceline.toml"
@@ -220,6 +221,7 @@ def start_server(
     data_dir = directory / "data"
     log_path = directory / "server.log"
     command = [
+        *wrapper,
         *(sys.executable, "-m", "voiceline", "serve"),
         *("--config", str(config_path)),
         *("--listen", f"{host}:{port}"),
@@ -271,7 +273,7 @@ def _wait_until_listening(server: VoicelineServer, transports: set[str]) -> None
 
 @pytest.fixture
 def voiceline_server(tmp_path: Path) -> Iterator[Callable[..., VoicelineServer]]:
-    """Factory: `voiceline_server(overrides=None, *, port=0, rtp_ports=None, host=LOOPBACK) -> VoicelineServer`;
+    """Factory: `voiceline_server(overrides=None, *, port=0, rtp_ports=None, host=LOOPBACK, wrapper=()) -> VoicelineServer`;
     every server is stopped at teardown."""
     servers: list[VoicelineServer] = []
 
@@ -281,8 +283,11 @@ def voiceline_server(tmp_path: Path) -> Iterator[Callable[..., VoicelineServer]]
         port: int = 0,
         rtp_ports: tuple[int, int] | None = None,
         host: str = LOOPBACK,
+        wrapper: Sequence[str] = (),
     ) -> VoicelineServer:
-        server = start_server(tmp_path / f"voiceline-server-{len(servers)}", overrides or {}, port, rtp_ports, host)
+        server = start_server(
+            tmp_path / f"voiceline-server-{len(servers)}", overrides or {}, port, rtp_ports, host, wrapper
+        )
         servers.append(server)
         return server
 
