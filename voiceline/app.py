@@ -577,6 +577,7 @@ async def _run(app: VoiceLine, systemd: SystemdNotifier, stop: _StopSignal) -> N
     # the cyclic collector, whose full passes would otherwise stall the relay for tens of ms.
     gc.freeze()
     systemd.ready()
+    log.info("service.started")  # listening, registering, control socket and metrics up
     while not stop.event.is_set():
         stopped, draining = loop.create_task(stop.event.wait()), loop.create_task(app.drain_requested.wait())
         await asyncio.wait((stopped, draining), return_when=asyncio.FIRST_COMPLETED)

@@ -6,7 +6,7 @@ environment with voiceline installed has:
 - `voiceline_server`: a factory. `server = voiceline_server()` (or
   `voiceline_server({"sip": {"answer_delay": 0.2}})` to override config keys,
   see config/voiceline.toml) starts `voiceline serve` on loopback (UDP and
-  TCP; `host=` picks another loopback address, e.g. "127.0.0.21"), waits for a `sip.listening` log event per transport and returns a
+  TCP; `host=` picks another loopback address, e.g. "127.0.0.21"), waits for a `sip.listening` log event per transport and for `service.started`, and returns a
   `VoicelineServer`; `server.ports` maps "udp"/"tcp"/"tls" to the bound ports
   (TLS when the overrides set `sip.listen_tls`, e.g. to "127.0.0.1:0" with a
   certificate from `self_signed_certificate`). `port=` chooses the SIP port
@@ -48,7 +48,8 @@ SERVER_READY_SECONDS = 15.0
 SERVER_STOP_SECONDS = 10.0
 LOG_POLL_SECONDS = 0.05
 LOG_TAIL_CHARS = 3000
-READY_EVENT = "sip.listening"
+READY_EVENT = "sip.listening"  # one per transport, with its bound port
+STARTED_EVENT = "service.started"  # after the last listening line: control socket and metrics are up too
 # Default RTP ranges, from this run's port lane: servers take turns over a few blocks (a test
 # rarely runs more than two at once), simulated callers share one block per batch.
 SERVER_RTP_PORTS = 100
@@ -251,19 +252,23 @@ def _listening_ports(server: VoicelineServer) -> dict[str, int]:
     }
 
 
+def _started(server: VoicelineServer) -> bool:
+    return any(event.get("event") == STARTED_EVENT for event in server.log_events())
+
+
 def _wait_until_listening(server: VoicelineServer, transports: set[str]) -> None:
     deadline = time.monotonic() + SERVER_READY_SECONDS
-    while not transports <= (ports := _listening_ports(server)).keys() or not ports:
+    while not transports <= (ports := _listening_ports(server)).keys() or not ports or not _started(server):
         if server.process.poll() is not None:
             pytest.fail(
-                f"voiceline serve exited with status {server.process.returncode} before {READY_EVENT}; "
+                f"voiceline serve exited with status {server.process.returncode} before {STARTED_EVENT}; "
                 f"log ends:\n{server.log_tail()}"
             )
         if time.monotonic() > deadline:
             server.process.kill()
             server.process.wait()
             pytest.fail(
-                f"voiceline serve did not log {READY_EVENT} within {SERVER_READY_SECONDS:g} s; "
+                f"voiceline serve did not log {STARTED_EVENT} within {SERVER_READY_SECONDS:g} s; "
                 f"log ends:\n{server.log_tail()}"
             )
         time.sleep(LOG_POLL_SECONDS)
