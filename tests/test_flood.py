@@ -59,10 +59,11 @@ def flood(server: tuple[str, int], stop: threading.Event) -> int:
     return sent
 
 
-def options_answered(server: tuple[str, int], timeout: float = 2.0) -> bool:
-    """Whether an OPTIONS from PROBE_SOURCE is answered within `timeout`. Like any UDP client (RFC 3261
-    Timer E) the probe sends its request again after T1, then twice as long: while the flood fills
-    the server's socket buffer, the kernel may drop any one datagram, whoever sent it."""
+def options_answered(server: tuple[str, int], timeout: float = Timers().t2) -> bool:
+    """Whether an OPTIONS from PROBE_SOURCE is answered within `timeout`, sent again after T1, then
+    twice as long, as a UDP client does (RFC 3261 Timer E). The server answers within milliseconds
+    while it gets the CPU; on a starved machine the flood's backlog in its socket buffer (4 MB,
+    seconds of flood) delays the probe behind it, and a full buffer drops datagrams whoever sent them."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((PROBE_SOURCE, 0))
         port = sock.getsockname()[1]
