@@ -23,6 +23,7 @@ from voiceline.sip.transport import open_udp
 from voiceline.sip.useragent import OutboundCall, UserAgent
 
 from port_table import port_block
+from test_sim_caller import quick_built_in
 
 pytestmark = pytest.mark.interop
 
@@ -97,7 +98,9 @@ async def place(agent: UserAgent, callee: Callee, **options: object) -> Outbound
 
 async def test_answered_and_ended_by_us(agent: tuple[UserAgent, int], callees: list[Callee], tmp_path: Path) -> None:
     ua, sipp_port = agent
-    callee = await Callee.start(callees, tmp_path, sipp_port, "-sn", "uas")
+    uas = tmp_path / "uas.xml"
+    uas.write_text(quick_built_in(shutil.which("sipp") or "sipp", "uas"))
+    callee = await Callee.start(callees, tmp_path, sipp_port, "-sf", str(uas))
     call = await place(ua, callee)
     answered = await asyncio.wait_for(call.outcome, 10)
     assert isinstance(answered, Answered) and answered.call.media is not None

@@ -26,8 +26,8 @@ SILENCE_DBFS = -50.0
 PROMPTS = PromptSet.load("en")
 
 
-def prompt_seconds(*prompt_ids: str) -> float:
-    return sum(len(PROMPTS[prompt_id]) for prompt_id in prompt_ids) / 16000  # PROMPT_RATE
+def prompt_seconds(*prompt_ids: str, prompts: PromptSet = PROMPTS) -> float:
+    return sum(len(prompts[prompt_id]) for prompt_id in prompt_ids) / 16000  # PROMPT_RATE
 
 
 # A pair hears the connect cue and "you're connected" before the two are bridged (and a margin);

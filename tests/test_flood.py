@@ -15,6 +15,7 @@ import pytest
 from rawsip import OFFER
 from test_end_to_end import A_HZ, assert_hold_audio
 from voiceline.sim.runner import CallSpec, run_calls
+from voiceline.sip.transaction import Timers
 
 pytestmark = pytest.mark.interop
 
@@ -58,28 +59,35 @@ def flood(server: tuple[str, int], stop: threading.Event) -> int:
     return sent
 
 
-def options_answered(server: tuple[str, int], timeout: float = 2.0) -> bool:
+def options_answered(server: tuple[str, int], timeout: float = Timers().t2) -> bool:
+    """Whether an OPTIONS from PROBE_SOURCE is answered within `timeout`, sent again after T1, then
+    twice as long, as a UDP client does (RFC 3261 Timer E). The server answers within milliseconds
+    while it gets the CPU; on a starved machine the flood's backlog in its socket buffer (4 MB,
+    seconds of flood) delays the probe behind it, and a full buffer drops datagrams whoever sent them."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((PROBE_SOURCE, 0))
         port = sock.getsockname()[1]
         branch = f"z9hG4bK{secrets.token_hex(8)}"
-        sock.sendto(
-            (
-                f"OPTIONS sip:line@{server[0]}:{server[1]} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP {PROBE_SOURCE}:{port};branch={branch};rport\r\n"
-                f"From: <sip:probe@{PROBE_SOURCE}>;tag=1\r\nTo: <sip:line@{server[0]}>\r\n"
-                f"Call-ID: {secrets.token_hex(8)}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-            ).encode(),
-            server,
-        )
-        sock.settimeout(timeout)
-        try:
-            while True:
-                data = sock.recv(65535)
-                if branch.encode() in data and data.startswith(b"SIP/2.0 200"):
-                    return True
-        except TimeoutError:
-            return False
+        request = (
+            f"OPTIONS sip:line@{server[0]}:{server[1]} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {PROBE_SOURCE}:{port};branch={branch};rport\r\n"
+            f"From: <sip:probe@{PROBE_SOURCE}>;tag=1\r\nTo: <sip:line@{server[0]}>\r\n"
+            f"Call-ID: {secrets.token_hex(8)}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+        deadline = time.monotonic() + timeout
+        interval = Timers().t1
+        while (left := deadline - time.monotonic()) > 0:
+            sock.sendto(request, server)
+            sock.settimeout(min(interval, left))
+            interval *= 2
+            try:
+                while True:
+                    data = sock.recv(65535)
+                    if branch.encode() in data and data.startswith(b"SIP/2.0 200"):
+                        return True
+            except TimeoutError:
+                continue
+        return False
 
 
 def test_invite_flood_from_one_source(voiceline_server: Callable[..., object], tmp_path: Path) -> None:

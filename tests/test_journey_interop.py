@@ -51,10 +51,11 @@ def assert_heard_once(
     assert len(found) == 1 and abs(found[0] - at) < TOLERANCE, (sound if isinstance(sound, str) else "sound", found, at)
 
 
-def chirp_wav(path: Path, seconds: float = 2.0, rate: int = 8000) -> None:
-    """An admin's "recording" nothing built in sounds like: a rising sweep."""
+def chirp_wav(path: Path, seconds: float = 2.0, rate: int = 8000, start_hz: float = 400.0, hz_per_second: float = 1000.0) -> None:
+    """An admin's "recording" nothing built in sounds like: a sweep (rising by default; sweeps through
+    different bands are told apart)."""
     t = np.arange(int(seconds * rate)) / rate
-    sweep = 0.3 * np.sin(2 * np.pi * (400 * t + 500 * t**2))
+    sweep = 0.3 * np.sin(2 * np.pi * (start_hz * t + hz_per_second / 2 * t**2))
     with wave.open(str(path), "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
@@ -71,7 +72,7 @@ def test_a_lone_caller_is_welcomed_reassured_told_it_is_quiet_and_said_goodbye_t
     recordings.mkdir()
     chirp_wav(recordings / "quiet_line.wav")
     own = PromptSet.load("en", recordings)
-    every, max_wait, skip_at = 7.0, 21.0, 3.5
+    every, max_wait, skip_at = 4.5, 13.5, 3.5  # the quiet-line chirp (2 s) and reassure_1 fit in `every`
     server = voiceline_server(
         {
             "sip": {"answer_delay": 0.1},
@@ -118,7 +119,7 @@ def test_a_pair_is_connected_warned_together_and_offered_someone_new_when_time_i
     press = join + CONNECTED_AFTER + max_talk + end_prompts + 1.0  # A asks for someone new during the choice
     a, b = sim_calls(
         [
-            CallSpec(target, tone_hz=A_HZ, seconds=press + 8.0, dtmf_at=((press, "#"),)),
+            CallSpec(target, tone_hz=A_HZ, seconds=press + 6.0, dtmf_at=((press, "#"),)),
             CallSpec(target, tone_hz=B_HZ, seconds=press + 8.0 + END_CHOICE_SPREAD, start_after=join),
         ]
     )
@@ -144,7 +145,7 @@ def test_a_pair_is_connected_warned_together_and_offered_someone_new_when_time_i
         assert_heard_once(report, "end_of_talk_choice", warned + warn_before + prompt_seconds("talk_time_over"))
     # A took the key: it looks for someone new (alone now: hold music). B did not: a goodbye, then our BYE.
     assert_heard_once(a, "looking_for_someone_new", press)
-    assert_hold_audio(a, press + prompt_seconds("looking_for_someone_new") + 0.3, press + 7.0, not_hz=(A_HZ, B_HZ))
+    assert_hold_audio(a, press + prompt_seconds("looking_for_someone_new") + 0.3, press + 5.5, not_hz=(A_HZ, B_HZ))
     assert a.hangup_by == "us" and b.hangup_by == "remote"
     choice_over = offset + CONNECTED_AFTER - 0.4 + max_talk + end_prompts + choice_wait
     [goodbye] = heard_at(b, "goodbye")  # the choice lasts up to END_CHOICE_SPREAD longer, at random per caller
@@ -162,8 +163,8 @@ def test_a_talker_is_paired_with_a_listener_before_another_talker_and_told_when_
     key_at, listener_joins, listener_stays = 1.0, 2.5, 11.0
     talker, other_talker, listener = sim_calls(
         [
-            CallSpec(target, tone_hz=A_HZ, seconds=20.0, dtmf_at=((key_at, "1"),)),
-            CallSpec(target, tone_hz=B_HZ, seconds=19.0, start_after=0.4, dtmf_at=((key_at, "1"),)),
+            CallSpec(target, tone_hz=A_HZ, seconds=listener_joins + listener_stays + prompt_seconds("partner_left") + 1.5, dtmf_at=((key_at, "1"),)),
+            CallSpec(target, tone_hz=B_HZ, seconds=listener_joins + listener_stays + 0.5, start_after=0.4, dtmf_at=((key_at, "1"),)),
             CallSpec(target, tone_hz=C_HZ, seconds=listener_stays, start_after=listener_joins, dtmf_at=((key_at, "2"),)),
         ]
     )

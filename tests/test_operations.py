@@ -144,7 +144,7 @@ def test_status_and_metrics_show_two_talking_and_two_waiting_on_two_lines(
 def in_process_config(tmp_path: Path) -> Config:
     low = free_port(22000, 29000) // 2 * 2
     return Config(
-        sip=SipConfig(listen="127.0.0.1:0", answer_delay=0.05),
+        sip=SipConfig(listen="127.0.0.1:0", answer_delay=0.05, shutdown_timeout=1.0),  # unanswered BYEs: 1 s at stop
         media=MediaConfig(rtp_ports=f"{low}-{low + 19}"),
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
     ).validate()

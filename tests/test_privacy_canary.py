@@ -24,7 +24,7 @@ import pytest
 
 from broker import Broker, Recorder, free_port
 from test_end_to_end import CONNECTED_AFTER
-from test_safety_interop import HELP_PROMPTS, HelpLine, help_line  # noqa: F401 (a fixture)
+from test_safety_interop import HelpLine, ShortHelpPrompts, help_line, short_help  # noqa: F401 (fixtures)
 from voiceline.keyfile import KEY_FILE_NAME
 from voiceline.sim.runner import CallReport, CallSpec
 from voiceline.sip.identity import PSEUDONYM_BYTES
@@ -252,7 +252,10 @@ def keyed_forms(keys: list[bytes]) -> list[bytes]:
 
 
 def test_canary_number_is_written_nowhere_by_help_calls_reports_and_cooldowns(
-    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], help_line: Callable[..., HelpLine]
+    voiceline_server: Callable[..., Any],
+    sim_calls: Callable[..., list[CallReport]],
+    help_line: Callable[..., HelpLine],
+    short_help: ShortHelpPrompts,
 ) -> None:
     line = help_line()
     server = voiceline_server(
@@ -263,6 +266,7 @@ def test_canary_number_is_written_nowhere_by_help_calls_reports_and_cooldowns(
             "safety": {"report_threshold": 1},
             # The help line may learn the caller's number (P-Asserted-Identity): we still write it nowhere.
             "help": {"destination": line.uri, "pass_identity": True},
+            "lines": [{"name": "default", "numbers": ["*"], "prompts": str(short_help.recordings)}],
         }
     )
     target = f"sip:100@{server.host}:{server.port}"
@@ -270,7 +274,7 @@ def test_canary_number_is_written_nowhere_by_help_calls_reports_and_cooldowns(
     help_at = report + 3.0  # ... and the canary asks for help from the cooldown
     canary, partner = sim_calls(
         [
-            CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=help_at + HELP_PROMPTS + 5.0, dtmf_at=((help_at, "0"),)),
+            CallSpec(target, from_user=CANARY, tone_hz=697.0, seconds=help_at + short_help.seconds + 3.0, dtmf_at=((help_at, "0"),)),
             CallSpec(target, from_user="+15550009999", tone_hz=1209.0, seconds=report + 2.0, start_after=0.3,
                      dtmf_at=((report, "*"),)),
         ]

@@ -11,7 +11,7 @@ import pytest
 from voiceline.audio.g711 import ulaw_decode, ulaw_encode
 from voiceline.audio.hold import hold_music
 from voiceline.audio.prompts import PromptSet
-from voiceline.sim.analysis import FLOOR_DB, find_sound, goertzel_db, read_wav, rms_dbfs_windows, tone_levels
+from voiceline.sim.analysis import FLOOR_DB, find_sound, goertzel_db, read_wav, rms_dbfs_windows, tone_levels, wav_complete
 
 RATE = 8000
 
@@ -81,6 +81,18 @@ def test_read_wav_scales_to_unit_range_and_takes_the_first_channel(tmp_path: Pat
     assert rate == RATE
     assert len(read) == len(samples)
     np.testing.assert_allclose(read, samples, atol=1 / 32768)
+
+
+def test_a_wav_is_complete_once_its_header_counts_every_byte(tmp_path: Path) -> None:
+    path = write_wav(tmp_path / "done.wav", sine(1000, 0.25, amplitude=0.25))
+    assert wav_complete(path)
+    recording = path.read_bytes()
+    open_recorder = recording[:4] + bytes(4) + recording[8:]  # as pjmedia's recorder writes it until closed
+    (tmp_path / "open.wav").write_bytes(open_recorder)
+    assert not wav_complete(tmp_path / "open.wav")
+    (tmp_path / "grown.wav").write_bytes(recording + bytes(320))  # more written after the header's sizes
+    assert not wav_complete(tmp_path / "grown.wav")
+    assert not wav_complete(tmp_path / "missing.wav")
 
 
 def test_read_wav_rejects_other_sample_widths(tmp_path: Path) -> None:

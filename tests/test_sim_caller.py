@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import signal
 import socket
@@ -132,6 +133,14 @@ _sipp_ports = port_ranges("test_sim_caller", 10)
 SILENT_PORT, _ = next(_sipp_ports)
 
 
+def quick_built_in(executable: str, name: str) -> str:
+    """SIPp's built-in scenario `name`, keeping a finished call 0.5 s instead of 4 s: that wait is for
+    a BYE sent again because the 200 was lost, which loopback does not do, and SIPp exits after it."""
+    dumped = subprocess.run([executable, "-sd", name], capture_output=True, text=True, timeout=10).stdout  # exits 99
+    assert "</scenario>" in dumped, dumped[-500:]
+    return re.sub(r'<timewait milliseconds="\d+"/>', '<timewait milliseconds="500"/>', dumped)
+
+
 @pytest.fixture
 def sipp(tmp_path: Path) -> Iterator[Callable[..., Sipp]]:
     """Factory: `sipp(scenario="uas", calls=1, echo_rtp=False)`; a scenario other than
@@ -141,12 +150,11 @@ def sipp(tmp_path: Path) -> Iterator[Callable[..., Sipp]]:
     started: list[Sipp] = []
 
     def start(scenario: str = "uas", *, calls: int = 1, echo_rtp: bool = False) -> Sipp:
-        if scenario.lstrip().startswith("<"):
-            scenario_file = tmp_path / f"scenario-{len(started)}.xml"
-            scenario_file.write_text(scenario)
-            scenario_args = ["-sf", str(scenario_file)]
-        else:
-            scenario_args = ["-sn", scenario]
+        if not scenario.lstrip().startswith("<"):
+            scenario = quick_built_in(executable, scenario)
+        scenario_file = tmp_path / f"scenario-{len(started)}.xml"
+        scenario_file.write_text(scenario)
+        scenario_args = ["-sf", str(scenario_file)]
         port = free_udp_port()
         media_port, control_port = next(_sipp_ports)
         command = [

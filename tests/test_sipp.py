@@ -112,12 +112,12 @@ def test_session_timer_refreshed_by_us(voiceline_server: Callable[..., object], 
 
 
 def test_lost_ack_retransmits_200_then_sends_bye(voiceline_server: Callable[..., object], tmp_path: Path) -> None:
-    server = voiceline_server({"sip": {"answer_delay": 0.05, "t1": 0.1}})  # Timer H = 64 * T1 = 6.4 s
+    server = voiceline_server({"sip": {"answer_delay": 0.05, "t1": 0.05}})  # Timer H = 64 * T1 = 3.2 s
     run_scenario(server, tmp_path, "uac_lost_ack.xml", "-m", "1", "-trace_msg")
     assert stat(tmp_path, "SuccessfulCall(C)") == 1
     [trace] = tmp_path.glob("*_messages.log")
     oks = [line for line in trace.read_text(errors="replace").splitlines() if line.startswith("SIP/2.0 200 OK")]
-    assert len(oks) >= 5  # the 200 and its retransmissions (Timer G: 0.1, 0.3, 0.7, 1.5 s ...) before the BYE
+    assert len(oks) >= 5  # the 200 and its retransmissions (Timer G: 0.05, 0.15, 0.35, 0.75 s ...) before the BYE
     assert ended_reasons(server) == ["no ACK"]
 
 

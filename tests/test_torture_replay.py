@@ -25,8 +25,9 @@ pytestmark = pytest.mark.interop
 TORTURE = Path(__file__).parent / "data" / "torture"
 MANIFEST = tomllib.loads((TORTURE / "manifest.toml").read_text())
 NAMES = sorted(MANIFEST)
-# How long a connection is read for the answers to one message.
-ANSWER_WAIT_SECONDS = 0.6
+# How long a connection is read for the answers to one message; once a final response to it came,
+# how much longer (anything more, such as a second final response, would come at once).
+ANSWER_WAIT_SECONDS, AFTER_FINAL_SECONDS = 0.6, 0.2
 
 
 def cancel_for(data: bytes) -> bytes | None:
@@ -73,6 +74,8 @@ def replay_tcp_one(port: int, data: bytes) -> tuple[list[int], bool]:
                     status = answer_status(message)
                     if status is not None:
                         statuses.append(status)
+                        if status >= 200:
+                            sock.settimeout(AFTER_FINAL_SECONDS)
             closed = True
         except TimeoutError:
             pass

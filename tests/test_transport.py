@@ -187,7 +187,8 @@ SILENT_RTP, _ = next(_rtp_blocks)  # offered in SDP: nothing listens there
 def running(tmp_path: Path, **sip: object) -> contextlib.AbstractAsyncContextManager[VoiceLine]:
     low, high = next(_rtp_blocks)
     config = Config(
-        sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05), **sip),  # type: ignore[arg-type]
+        # shutdown_timeout: stopping waits 1 s, not 4 s, for answers to BYEs the raw peers never give.
+        sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05, shutdown_timeout=1.0), **sip),  # type: ignore[arg-type]
         media=MediaConfig(rtp_ports=f"{low}-{high}"),
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
     ).validate()

@@ -45,7 +45,8 @@ def running(
     low, high = next(_next_range)
     config = from_mapping(
         {
-            "sip": {"listen": "127.0.0.1:0", "answer_delay": 0.05, **sip},
+            # Stopping waits for answers to its BYEs, which these peers never give: 1 s, not 4 s.
+            "sip": {"listen": "127.0.0.1:0", "answer_delay": 0.05, "shutdown_timeout": 1.0, **sip},
             "media": {"rtp_ports": f"{low}-{high}"},
             "storage": {"data_dir": str(tmp_path / "data"), "poll_interval": 0.2},
             "trunks": trunks,

@@ -30,7 +30,8 @@ _next_range = port_ranges("test_useragent", 20)  # this file's RTP ports
 def make_config(tmp_path: Path, rtp_ports: int = 20, **sip: object) -> Config:
     low, _ = next(_next_range)
     return Config(
-        sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05), **sip),  # type: ignore[arg-type]
+        # shutdown_timeout: stopping waits 1 s, not 4 s, for answers to BYEs the raw peers never give.
+        sip=replace(SipConfig(listen="127.0.0.1:0", answer_delay=0.05, shutdown_timeout=1.0), **sip),  # type: ignore[arg-type]
         media=MediaConfig(rtp_ports=f"{low}-{low + rtp_ports - 1}"),
         storage=StorageConfig(data_dir=str(tmp_path / "data")),
         journey=JourneyConfig(welcome=WelcomeConfig(enabled=False, offer_choice=False)),  # paired as soon as answered

@@ -36,6 +36,18 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     return samples.astype(np.float64) / 32768.0, rate
 
 
+def wav_complete(path: str | Path) -> bool:
+    """Whether a WAV file's RIFF header counts all the bytes written: a recorder that is still open
+    (or being closed) has not written its final sizes yet."""
+    try:
+        with open(path, "rb") as wav:
+            head = wav.read(8)
+        size = Path(path).stat().st_size
+    except OSError:
+        return False
+    return len(head) == 8 and head[:4] == b"RIFF" and int.from_bytes(head[4:], "little") == size - 8
+
+
 def _power_db(power: float) -> float:
     return float(10.0 * np.log10(max(power, _FLOOR_POWER)))
 

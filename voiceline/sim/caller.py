@@ -32,7 +32,7 @@ from typing import TextIO
 
 import pjsua2 as pj
 
-from voiceline.sim.analysis import goertzel_db, read_wav, rms_dbfs_windows
+from voiceline.sim.analysis import goertzel_db, read_wav, rms_dbfs_windows, wav_complete
 from voiceline.sim.runner import (
     CALLER_CODECS,
     DTMF_DELAY_SECONDS,
@@ -43,8 +43,10 @@ from voiceline.sim.runner import (
     hz_key,
 )
 
-# A recorder's WAV header is final only after deletion plus a bridge tick (~300 ms).
+# A recorder's WAV header is final only after deletion plus a bridge tick (up to ~300 ms): the
+# file is looked at every SETTLE_POLL_SECONDS, and taken as it is after RECORDING_SETTLE_SECONDS.
 RECORDING_SETTLE_SECONDS = 0.5
+SETTLE_POLL_SECONDS = 0.02
 # After hanging up at the deadline, how long to wait for the disconnect before dropping the call.
 ABANDON_AFTER_SECONDS = 1.0
 # Pumping after the final hang-up so BYEs leave before libDestroy.
@@ -448,9 +450,17 @@ class CallerWorker:
         had_recording = leg.recorder is not None
         self._release_media(leg)
         if had_recording:
-            self._call_at(time.time() + RECORDING_SETTLE_SECONDS, leg, lambda: self._report(leg))
+            self._report_when_written(leg, time.time() + RECORDING_SETTLE_SECONDS)
         else:
             self._report(leg)
+
+    def _report_when_written(self, leg: Leg, give_up_at: float) -> None:
+        """The conference bridge removes the recorder on its next tick, which writes the final
+        header: report then (or at `give_up_at` whatever the file says)."""
+        if wav_complete(leg.report.recording) or time.time() >= give_up_at:
+            self._report(leg)
+        else:
+            self._call_at(time.time() + SETTLE_POLL_SECONDS, leg, lambda: self._report_when_written(leg, give_up_at))
 
     @staticmethod
     def _release_media(leg: Leg) -> None:
@@ -488,10 +498,13 @@ class CallerWorker:
             leg.call = None
         self._accounts.clear()
         endpoint.hangupAllCalls()
-        pump_until = time.time() + SHUTDOWN_PUMP_SECONDS
-        while time.time() < pump_until:
-            endpoint.libHandleEvents(EVENT_POLL_MS)
-        endpoint.libDestroy()
+        if not all(leg.disconnected for leg in self._legs):  # calls cut short: let their BYEs go out
+            pump_until = time.time() + SHUTDOWN_PUMP_SECONDS
+            while time.time() < pump_until:
+                endpoint.libHandleEvents(EVENT_POLL_MS)
+        # Every call is over and reported: without NO_RX_MSG, pjsua's destroy sleeps a second
+        # waiting for answers to unregistrations this endpoint never sends.
+        endpoint.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)
 
 
 def claim_stdout() -> TextIO:

@@ -18,6 +18,7 @@ import time
 
 import pjsua2 as pj
 
+from voiceline.sim.analysis import wav_complete
 from voiceline.sim.caller import (
     EVENT_POLL_MS,
     PJ_LOG_LEVEL,
@@ -152,11 +153,11 @@ def main() -> int:
     line.tone = None
     line.call = None
     settle = time.monotonic() + RECORDING_SETTLE_SECONDS
-    while time.monotonic() < settle:
+    while time.monotonic() < settle and not wav_complete(args.recording):  # its final header, once the bridge ticks
         endpoint.libHandleEvents(EVENT_POLL_MS)
     print("ended" if line.ended else "gave up", file=out, flush=True)
     del account
-    endpoint.libDestroy()
+    endpoint.libDestroy(pj.PJSUA_DESTROY_NO_RX_MSG)  # the call is over: no second's wait for answers
     return 0
 
 
