@@ -284,12 +284,28 @@ def test_a_refer_the_carrier_accepts_hands_the_caller_over(
     assert "help.referred" in server.log_text()
 
 
+STOP_TIMEOUT = 3.0  # sip.shutdown_timeout of the stop tests
+
+
+def stopped_giving_up_help(server: Any) -> tuple[float, list[dict[str, Any]]]:
+    """Stops the service, which must exit 0 by itself, log no error and give up its one help call
+    quietly; how long the stop took, and the log."""
+    started = time.monotonic()
+    assert server.stop() == 0 and not server.killed
+    took = time.monotonic() - started
+    events = server.log_events()
+    assert [event for event in events if event.get("level") in ("error", "critical")] == []
+    assert "Task was destroyed" not in server.log_text() and "Traceback" not in server.log_text()
+    [given_up] = [event for event in events if event.get("event") == "help.given_up"]
+    assert given_up["reason"] == "service stopping" and given_up["connected"] is False
+    return took, events
+
+
 def test_stopping_while_a_refer_waits_for_its_notify_ends_the_call_with_bye_and_exits_cleanly(
-    voiceline_server: Callable[..., Any], sipp: Callable[..., Sipp], tmp_path: Path
+    voiceline_server: Callable[..., Any], sipp: Callable[..., Sipp], tmp_path: Path, short_help: ShortHelpPrompts
 ) -> None:
-    shutdown_timeout = 3.0
-    config = help_config(f"sip:help@{HOST}:{SIPP_PORT + 2}", method="refer")
-    server = voiceline_server({**config, "sip": {**config["sip"], "shutdown_timeout": shutdown_timeout}})
+    config = help_config(f"sip:help@{HOST}:{SIPP_PORT + 2}", short_help.recordings, method="refer")
+    server = voiceline_server({**config, "sip": {**config["sip"], "shutdown_timeout": STOP_TIMEOUT}})
     carrier = sipp(
         "-sf", str(SCENARIOS / "uac_refer_no_notify.xml"), f"{HOST}:{server.port}", "-s", "100", "-trace_msg"
     )  # fmt: skip
@@ -300,41 +316,29 @@ def test_stopping_while_a_refer_waits_for_its_notify_ends_the_call_with_bye_and_
         assert time.monotonic() < deadline and carrier.process.poll() is None, carrier.errors()
         time.sleep(0.05)
         sent = "\n".join(path.read_text(errors="replace") for path in tmp_path.glob("*_messages.log"))
-    started = time.monotonic()
-    assert server.stop() == 0 and not server.killed
-    took = time.monotonic() - started
+    took, events = stopped_giving_up_help(server)
     assert carrier.finished() == 0, carrier.errors()  # our BYE came, like every other call's at a stop
-    assert took < shutdown_timeout, took
-    events = server.log_events()
-    assert [event for event in events if event.get("level") in ("error", "critical")] == []
-    assert "Task was destroyed" not in server.log_text() and "Traceback" not in server.log_text()
-    [given_up] = [event for event in events if event.get("event") == "help.given_up"]
-    assert given_up["reason"] == "service stopping" and given_up["connected"] is False
+    assert took < STOP_TIMEOUT, took
     assert not {"help.referred", "help.refer_failed"} & {event.get("event") for event in events}
 
 
 def test_stopping_while_the_help_line_rings_cancels_it_and_ends_the_caller_with_bye(
-    voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]], sipp: Callable[..., Sipp]
+    voiceline_server: Callable[..., Any],
+    sim_calls: Callable[..., list[CallReport]],
+    sipp: Callable[..., Sipp],
+    short_help: ShortHelpPrompts,
 ) -> None:
-    shutdown_timeout = 3.0
     ringing = sipp("-sf", str(SCENARIOS / "uas_ring_forever.xml"))
-    config = help_config(f"sip:help@{HOST}:{SIPP_PORT}", ring_timeout=60.0)
-    server = voiceline_server({**config, "sip": {**config["sip"], "shutdown_timeout": shutdown_timeout}})
+    config = help_config(f"sip:help@{HOST}:{SIPP_PORT}", short_help.recordings, ring_timeout=60.0)
+    server = voiceline_server({**config, "sip": {**config["sip"], "shutdown_timeout": STOP_TIMEOUT}})
     with ThreadPoolExecutor(1) as pool:  # the caller stays on the line until the service ends its call
         calling = pool.submit(sim_calls, [CallSpec(server.uri("100"), tone_hz=A_HZ, seconds=60.0, dtmf_at=((1.0, "0"),))])
         server.wait_for_event("help.calling", timeout=40)  # after the help message
-        started = time.monotonic()
-        assert server.stop() == 0 and not server.killed
-        took = time.monotonic() - started
+        took, _ = stopped_giving_up_help(server)
         (caller,) = calling.result(timeout=30)
     assert caller.connected and caller.hangup_by == "remote", caller  # our BYE
     assert ringing.finished() == 0, ringing.errors()  # our CANCEL, as scripted
-    assert took < shutdown_timeout, took
-    events = server.log_events()
-    assert [event for event in events if event.get("level") in ("error", "critical")] == []
-    assert "Task was destroyed" not in server.log_text() and "Traceback" not in server.log_text()
-    [given_up] = [event for event in events if event.get("event") == "help.given_up"]
-    assert given_up["reason"] == "service stopping" and given_up["connected"] is False
+    assert took < STOP_TIMEOUT, took
 
 
 def statistics(server: Any) -> dict[str, int]:
