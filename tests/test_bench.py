@@ -337,7 +337,9 @@ def test_the_baseline_pairs_the_generators_legs_straight_to_each_other() -> None
     for result in results:
         assert result.pairs_held == result.pairs and result.counts.sent > 0
         assert result.counts.received == result.counts.sent and result.loss == 0.0
-        assert result.server_cpu == 0.0 and result.machine_cpu >= result.generator_cpu > 0.0
+        # The machine's busy time comes from /proc/stat's clock ticks, sampled 100 times a second, and
+        # misses most of a load this light (a few ms of bursts), so it is only checked to be read.
+        assert result.server_cpu == 0.0 and result.machine_cpu >= 0.0 and result.generator_cpu > 0.0
 
 
 @pytest.mark.interop
