@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -503,10 +504,7 @@ def compare(
         for index, scenario in enumerate(scenarios):
             first = (repetition + index) % len(relays)
             for relay in [*relays[first:], *relays[:first]]:
-                scenario_options = BenchOptions(
-                    options.levels, options.hold_seconds, options.workers, options.host, options.realtime_priority,
-                    scenario,
-                )
+                scenario_options = replace(options, scenario=scenario)
                 for result in run_relay(relay, scenario_options, rtp_ports, rtpengine_ports):
                     measured = baseline.get(result.pairs)
                     if measured is not None:
@@ -547,11 +545,8 @@ def summarise(results: dict[tuple[str, str, int], list[LevelResult]]) -> list[st
 
 
 def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    """The median, 0 when nothing was measured."""
+    return statistics.median(values) if values else 0.0
 
 
 def bench_side_by_side(
