@@ -8,7 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from voiceline.audio.dtmf import COLUMN_HZ, KEYPAD, ROW_HZ, TelephoneEventReceiver, ToneDetector, frame_digits
+from voiceline.audio import dtmf as dtmf_module
+from voiceline.audio.dtmf import (
+    COLUMN_HZ,
+    KEYPAD,
+    MIN_TONE_AMPLITUDE,
+    ROW_HZ,
+    TelephoneEventReceiver,
+    ToneDetector,
+    frame_digits,
+)
 from voiceline.audio.hold import hold_music
 
 RATE = 8000
@@ -165,6 +174,34 @@ def test_a_batch_of_many_legs_frames_finds_in_each_what_it_finds_alone() -> None
     assert alone == ["1", None, "#", None, None, None, None, "0"]
     assert frame_digits(np.stack(frames), RATE) == alone
     assert frame_digits(np.zeros((0, FRAME), dtype=np.int16), RATE) == []
+
+
+def _each_frame_judged(frames: np.ndarray) -> list[str | None]:
+    """`frame_digits` without its vectorised screen: every frame's eight powers judged by `_digit`."""
+    samples = frames.astype(np.float32)
+    matrix, min_power = dtmf_module._probe(RATE, FRAME, np.float32)
+    terms = samples @ matrix
+    powers = (terms * terms).reshape(len(frames), 2, 8).sum(axis=1).tolist()
+    energies = np.einsum("ij,ij->i", samples, samples).tolist()
+    return [dtmf_module._digit(power, energy, FRAME, min_power) for power, energy in zip(powers, energies)]
+
+
+def test_the_vectorised_screen_never_changes_a_verdict() -> None:
+    """Most frames are let through by a cheap screen on all of a batch at once; frames at the very
+    edges of the rules (just loud enough, just the tones' share of the energy, speech) are judged
+    as they are without it."""
+    rng = np.random.default_rng(7)
+    frames = []
+    for amplitude in np.linspace(0.9, 1.1, 21) * MIN_TONE_AMPLITUDE:  # across the loudness bound
+        frames.append(dtmf("5", 0.02, amplitude=amplitude))
+    for noise in np.linspace(0.2, 1.4, 41):  # across the tones' share of the energy
+        tone = dtmf("9", 0.02, amplitude=2000).astype(np.float64)
+        frames.append((tone + rng.normal(0, noise * 2000 / np.sqrt(2), FRAME)).astype(np.int16))
+    frames += [speech_like(0.02, seed) for seed in range(20)] + [hold_music()[i : i + FRAME] for i in range(0, 20 * FRAME, FRAME)]
+    stacked = np.stack(frames).astype(np.float32)
+    expected = _each_frame_judged(stacked)
+    assert frame_digits(stacked, RATE) == expected
+    assert 5 < expected.count("5") < 21 and 5 < expected.count("9") < 41  # the edges were crossed
 
 
 def _other_threads_cpu_ticks() -> int:

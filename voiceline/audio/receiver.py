@@ -83,6 +83,9 @@ class Receiver:
         self._decoding = False  # decode audio: in-band DTMF is watched for, or PCM is wanted
         self._batch_tones = batch_tones
         self._deferring = False  # answer TONES: the leg's batch decodes and looks for tones
+        # Whether a TONES frame holding no digit may be relayed as it is: no key press is under way
+        # and nobody hearing this stream has come to want PCM since it arrived.
+        self.tones_pass = False
 
     def start(
         self,
@@ -148,6 +151,10 @@ class Receiver:
         self._deferring = (
             self._batch_tones and self._tones is not None and not self._pcm_wanted and self.codec in NARROWBAND
         )
+        self._update_tones_pass()
+
+    def _update_tones_pass(self) -> None:
+        self.tones_pass = self._deferring and self._tones is not None and self._tones.idle
 
     def receive(self, data: bytes, source: Address, now: float) -> int:
         """What the datagram `data` from `source`, arriving at `now`, was (see the module's kinds)."""
@@ -213,13 +220,6 @@ class Receiver:
         self._checked(pcm, None if self._tones is None else self._tones.frame_digit(pcm))
         return PCM
 
-    @property
-    def tones_pass(self) -> bool:
-        """Whether a TONES frame holding no digit may be relayed as it is: no key press is under way
-        and nobody hearing this stream has come to want PCM since it arrived."""
-        tones = self._tones
-        return self._deferring and tones is not None and tones.idle
-
     def tones_checked(self, packet: bytes, offset: int, end: int, pcm: np.ndarray, frame_digit: str | None) -> None:
         """A frame that came as TONES, decoded into `pcm` and found to hold `frame_digit` (see
         dtmf.frame_digits): from now on it is the last packet, as PCM would have left it."""
@@ -230,6 +230,7 @@ class Receiver:
         self.digit, self.muted = None, False
         if self._tones is not None:
             self.digit, self.muted = self._tones.track(frame_digit)
+            self._update_tones_pass()
             if self.muted:
                 pcm = np.zeros_like(pcm)
         self.pcm = pcm
