@@ -217,6 +217,32 @@ async def test_hand_overs_under_a_running_stream_lose_and_duplicate_nothing(engi
     assert 0 < stats.packets_in_kernel < count  # both paths took part
 
 
+async def test_packets_waiting_in_the_socket_are_read_before_the_route_starts_again(engine, phones, monkeypatch):
+    """On a loaded server packets wait in every socket. Those that came while a route was stopped
+    are read by the userspace path first and the route starts once after them: started at once,
+    each of them, read beside the kernel, would stop it and start it again, and under load the
+    relay never got back to the kernel (G.722 at 500 pairs lost half its packets)."""
+    phone_a, a, phone_b, b, from_b = await talking(engine, phones)
+    routes = engine.kernel_routes
+    assert routes.path is not None
+    installs: list[int] = []
+    install = routes.path.install
+    monkeypatch.setattr(routes.path, "install", lambda *args: (installs.append(1), install(*args))[1])
+    waiting = 50
+    with routes.changing(b):  # the route stops, as for a statistics read or a prompt's end
+        for i in range(waiting):
+            from_b.send(i.to_bytes(4, "big") * 40)  # queued in b's socket: nobody reads it now
+    received = await phone_a.receive_many(waiting)
+    await until(lambda: routes.forwarded_from(b) is not None)
+    assert [int.from_bytes(payload[:4], "big") for _, payload in received] == list(range(waiting))
+    assert installs == [1]  # once, after the waiting packets were read
+    in_userspace = b.receiver.packets_in
+    from_b.send(tone_frame(1000, "PCMU"))
+    after = [header for header, _ in received] + [(await phone_a.receive())[0]]
+    assert b.receiver.packets_in == in_userspace  # the kernel forwards again
+    assert_one_stream(after, [])
+
+
 async def test_a_foreign_source_is_left_to_the_latch_rules_and_never_forwarded(engine, phones):
     phone_a, a, phone_b, b, from_b = await talking(engine, phones)
     intruder = phones()

@@ -21,10 +21,13 @@ by a TC program instead; every control operation here runs inside
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import ipaddress
 import secrets
 import socket
+import termios
 import time
 from collections import deque
 from collections.abc import Callable
@@ -657,6 +660,19 @@ class MediaLeg:
             packet, offset, end = receiver.packet, receiver.offset, receiver.end
             for listener in self._listeners:
                 listener.relay(packet, offset, end, now)
+
+    @property
+    def queued(self) -> bool:
+        """Whether datagrams wait in the RTP socket (for UDP, FIONREAD is the next one's size)."""
+        size = array.array("i", [0])
+        fcntl.ioctl(self._socket.fileno(), termios.FIONREAD, size)
+        return size[0] > 0
+
+    def read_queued(self, limit: int) -> None:
+        for _ in range(limit):
+            if self._closed or not self.queued:
+                return
+            self._readable()
 
     def kernel_forwarding(self, forwarding: bool) -> None:
         """While the kernel forwards this leg's stream, what reaches the socket goes through

@@ -16,7 +16,9 @@ A packet the kernel leaves to the socket while it forwards (another source,
 a telephone-event, an extended header, a new SSRC) stops the route before the
 receiver sees it (`takeover`), so the latch rules judge it on current counts
 and a relayed one continues the stream; the route is reviewed on the next
-loop iteration, after that packet's relay. Each packet is therefore either
+loop iteration, after that packet's relay. A route starts only once its
+source's socket is empty: packets that came while it was stopped are read
+there first, else each would stop it again. Each packet is therefore either
 forwarded by the kernel or handled by the socket's path, never both: the
 kernel stops forwarding a route before its state is read (see forwarding.py).
 """
@@ -45,6 +47,8 @@ from voiceline.audio.receiver import Receiver
 from voiceline.audio.rtp import StreamPosition
 from voiceline.audio.sender import Sender
 
+DRAIN_PACKETS = 64  # read from one socket per loop iteration before its route starts
+
 
 class RoutedLeg(Protocol):
     """What the kernel routes need of a media leg."""
@@ -55,6 +59,13 @@ class RoutedLeg(Protocol):
 
     @property
     def encrypted(self) -> bool: ...
+
+    @property
+    def queued(self) -> bool:
+        """Whether packets wait in this leg's RTP socket, not yet read."""
+
+    def read_queued(self, limit: int) -> None:
+        """Read up to `limit` of the packets waiting in the RTP socket, as the loop would."""
 
     def kernel_forwarding(self, forwarding: bool) -> None:
         """The kernel forwards (True) or stopped forwarding (False) what this leg receives."""
@@ -82,6 +93,7 @@ class KernelRoutes:
         self._by_receiver: dict[Receiver, RoutedLeg] = {}
         self._by_sender: dict[Sender, RoutedLeg] = {}
         self._routed: dict[RoutedLeg, RoutedLeg] = {}  # source -> its listener, while the kernel forwards
+        self._draining: set[RoutedLeg] = set()  # sources whose route starts once their socket is read empty
         self.install_failures = 0
         if path is not None and path.link_events is not None:
             loop.add_reader(path.link_events, path.interfaces_changed)
@@ -219,6 +231,15 @@ class KernelRoutes:
         listener = self._listener(source)
         if listener is None:
             return
+        if source.queued:
+            # Packets that came before the route would start still wait in the socket: read while
+            # the kernel forwards, each would take the relay back (`takeover`), and on a loaded
+            # server, where every socket has some waiting, the relay would never leave userspace
+            # again. They are read first (`_drained`), then the route starts.
+            if source not in self._draining:
+                self._draining.add(source)
+                self._loop.call_soon(self._drained, source)
+            return
         receiver, sender = source.receiver, listener.sender
         assert receiver.peer is not None and receiver.reception.ssrc is not None and sender.remote is not None
         leaves_from = self._sender(listener, sender.remote)
@@ -256,6 +277,16 @@ class KernelRoutes:
             return
         self._routed[source] = listener
         source.kernel_forwarding(True)
+
+    def _drained(self, source: RoutedLeg) -> None:
+        """From the loop, as a socket's reader runs: read what waits in `source`'s socket, then
+        start its route if it may run and nothing came meanwhile (else again next iteration)."""
+        self._draining.discard(source)
+        if source in self._routed or source.receiver not in self._by_receiver:
+            return
+        source.read_queued(DRAIN_PACKETS)
+        if source.receiver in self._by_receiver:  # a packet read may have closed the leg
+            self._review(source)
 
     def _stop(self, source: RoutedLeg) -> None:
         """Stop `source`'s route, if it runs, and fold its final state into both legs."""
