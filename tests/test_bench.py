@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,15 +25,19 @@ from voiceline.bench.measure import (
 )
 from voiceline.bench.ng import NgError, bdecode, bencode
 from voiceline.bench.runner import (
+    LOOPBACK,
     RTPENGINE,
     VOICELINE,
     BenchOptions,
     media_options,
+    queued_bytes,
     run_baseline,
     run_levels,
+    socket_inodes,
     start_rtpengine,
     stop_server,
     summarise,
+    wait_until_caught_up,
 )
 from voiceline.bench.uac import MAX_TRANSMISSIONS, RETRANSMIT_SECONDS, SCENARIOS, BenchCall, CallState
 from voiceline.sim.plugin import VoicelineServer
@@ -299,6 +305,28 @@ def test_a_bye_from_the_server_ends_the_call() -> None:
     reply = parse_message(call.on_request(bye))
     assert isinstance(reply, SipResponse) and reply.status == 200
     assert call.state is CallState.ENDED
+
+
+def test_the_window_waits_until_the_relay_has_read_what_its_sockets_hold() -> None:
+    """A burst of call set-ups can leave a loaded relay seconds of audio behind in its sockets; a
+    window measured while it catches up would measure the burst. Here a "relay" (this process)
+    reads its backlog half a second on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as relay, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+        relay.bind((LOOPBACK, 0))
+        inode = os.fstat(relay.fileno()).st_ino
+        assert inode in socket_inodes(os.getpid())
+        assert queued_bytes({inode}) == 0
+        for _ in range(3):
+            phone.sendto(bytes(172), relay.getsockname())
+        assert queued_bytes({inode}) >= 3 * 172
+        reader = threading.Timer(0.5, lambda: [relay.recv(2048) for _ in range(3)])
+        reader.start()
+        try:
+            waited = wait_until_caught_up(os.getpid(), legs=1)  # caught up below 256 bytes: none of the three
+        finally:
+            reader.join()
+        assert queued_bytes({inode}) == 0
+        assert 0.5 <= waited < 5.0
 
 
 # -- a real run --------------------------------------------------------------------------

@@ -94,6 +94,7 @@ class LevelResult:
     machine_cpu: float = 0.0  # % of one core: the whole machine busy, generator included
     baseline_cpu: float | None = None  # machine_cpu of the same load with no relay, measured in the same run
     baseline_generator_cpu: float | None = None  # generator_cpu in that baseline
+    settle_seconds: float = 0.0  # from the level's calls set up to its window: the set-up burst's backlog read
 
     @property
     def loss(self) -> float:

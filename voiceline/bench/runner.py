@@ -48,7 +48,11 @@ SETUP_TIMEOUT_SECONDS = 120.0
 # After setup, before measuring: a setup burst keeps the server busy enough that the kernel's
 # real-time throttling (5 % of each second left to other processes) stalls it for tens of ms
 # just after; the window measures the relay once that has passed.
-SETTLE_SECONDS = 3.0
+SETTLE_SECONDS = 3.0  # at least, after a level's calls are set up
+SETTLE_LIMIT_SECONDS = 30.0  # at most: then the window starts anyway
+# A relay has caught up with the set-up burst once its sockets hold less than this per leg (a
+# datagram takes about 1 KiB of a socket's buffer): a few milliseconds of traffic at most.
+CAUGHT_UP_BYTES_PER_LEG = 256
 WINDOW_DELAY_SECONDS = 0.2  # every worker has the window before it starts
 REPLY_MARGIN_SECONDS = 15.0
 SERVER_READY_SECONDS = 15.0
@@ -86,6 +90,48 @@ def busy_seconds() -> float:
     fields = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle, iowait = fields[3], fields[4]
     return (sum(fields[:8]) - idle - iowait) / _CLOCK_TICKS
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets `pid` has open."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    except OSError:
+        pass
+    return inodes
+
+
+def queued_bytes(inodes: set[int]) -> int:
+    """What the UDP sockets with these inodes hold received and not yet read, in buffer bytes."""
+    total = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()  # sl local remote st tx_queue:rx_queue tr:when retrnsmt uid timeout inode
+            if int(fields[9]) in inodes:
+                total += int(fields[4].partition(":")[2], 16)
+    return total
+
+
+def wait_until_caught_up(pid: int, legs: int) -> float:
+    """Wait (up to SETTLE_LIMIT_SECONDS) until relay `pid` has read the backlog a set-up burst left in
+    its sockets; return the seconds waited. A relay still reading it would be measured behind."""
+    inodes, start = socket_inodes(pid), time.monotonic()
+    below = 0
+    while below < 2 and time.monotonic() - start < SETTLE_LIMIT_SECONDS:
+        below = below + 1 if queued_bytes(inodes) < CAUGHT_UP_BYTES_PER_LEG * legs else 0
+        time.sleep(0.1)
+    return time.monotonic() - start
 
 
 def rss_mb(pid: int) -> float:
@@ -202,6 +248,7 @@ def _run_level(workers: _Workers, server_pid: int | None, options: BenchOptions,
     setup_rate = answered / (last_answer - started) if answered and last_answer > started else 0.0
     legs_heard = sum(reply[6] for reply in ready)
     time.sleep(SETTLE_SECONDS)
+    settle = SETTLE_SECONDS + (wait_until_caught_up(server_pid, 2 * level) if server_pid else 0.0)
 
     window_start = time.time_ns() + int(WINDOW_DELAY_SECONDS * 1e9)
     window_end = window_start + int(options.hold_seconds * 1e9)
@@ -236,6 +283,7 @@ def _run_level(workers: _Workers, server_pid: int | None, options: BenchOptions,
         seconds=options.hold_seconds,
         system_cpu=max(0.0, 100 * busy / wall - generator_cpu),
         machine_cpu=100 * busy / wall,
+        settle_seconds=settle,
     )
 
 
@@ -461,7 +509,7 @@ def run_baseline(options: BenchOptions) -> list[LevelResult]:
 
 _SIDE_BY_SIDE_COLUMNS = (
     f"{'scenario':<12} {'relay':<12} {'pairs':>5} {'load %':>6} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
-    f"{'p99.9 ms':>8} {'proc us/pkt':>11} {'sys us/pkt':>10} {'whole us/pkt':>12} {'attr us/pkt':>11} {'gen us/pkt':>10}"
+    f"{'p99.9 ms':>8} {'proc us/pkt':>11} {'sys us/pkt':>10} {'whole us/pkt':>12} {'attr us/pkt':>11} {'gen us/pkt':>10} {'settle s':>8}"
 )
 
 
@@ -476,7 +524,7 @@ def format_side_by_side(scenario: str, relay: str, result: LevelResult) -> str:
         f"{scenario:<12} {relay:<12} {result.pairs:>5} {100 * result.offered:>6.1f} {result.counts.received:>9} {100 * result.loss:>7.3f} "
         f"{result.p50_ms:>7.2f} {result.p99_ms:>7.2f} {result.p999_ms:>8.2f} "
         f"{result.per_packet_us(result.server_cpu):>11.2f} {result.per_packet_us(result.system_cpu):>10.2f} "
-        f"{_figure(result.whole_us):>12} {_figure(result.attributed_us):>11} {result.per_packet_us(result.generator_cpu):>10.2f}"
+        f"{_figure(result.whole_us):>12} {_figure(result.attributed_us):>11} {result.per_packet_us(result.generator_cpu):>10.2f} {result.settle_seconds:>8.1f}"
     )
 
 
