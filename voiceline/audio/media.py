@@ -11,7 +11,7 @@ buffer and the socket's `sendto`; nothing is queued or logged. An SRTP leg (see
 srtp.py) unprotects what it receives first and protects what it sends last,
 so the relay in between only ever sees plain RTP: an SRTP leg and a plain
 one relay to each other, each with its own keys. G.711 audio of legs watched
-for in-band DTMF waits (2 ms at most) for the engine's `_ToneBatch` to decode
+for in-band DTMF waits (1 ms at most) for the engine's `_ToneBatch` to decode
 and check many legs' frames in one vectorised pass, then to relay them
 (muted where they held a key).
 With the kernel path (kernel/), an established same-codec relay is forwarded
@@ -57,7 +57,7 @@ RECEIVE_SIZE = 2 * (HEADER_SIZE + MAX_PAYLOAD)
 # An in-band DTMF batch this full is checked at the end of the loop iteration: a frame's share of a
 # batch's fixed cost falls with its size, and 32 frames are 0.64 ms of 500 pairs' audio.
 TONE_BATCH_FRAMES = 32
-TONE_BATCH_SECONDS = 0.002  # else when its first frame has waited this long
+TONE_BATCH_SECONDS = 0.001  # else when its first frame has waited this long
 
 
 class MediaError(Exception):
@@ -124,7 +124,7 @@ class _ToneBatch:
     it. A loop iteration often holds only one or two such frames, so a batch
     is checked at the end of the iteration in which it reaches
     TONE_BATCH_FRAMES, or when its first frame has waited TONE_BATCH_SECONDS
-    (a tenth of a frame: sparse traffic is never held longer). Frames are
+    (a twentieth of a frame: sparse traffic is never held longer). Frames are
     handed on in the order they came, so each leg's stay in order.
     """
 
