@@ -15,7 +15,7 @@ def main() -> int:
     parser.add_argument(
         "--levels",
         help="pair counts (default 100,200,...,800; with --side-by-side or --engine-only 100,250,500, "
-        "pcmu-opus 25,50,100 with --side-by-side)",
+        "pcmu-opus 50,100 with --side-by-side)",
     )
     parser.add_argument("--hold", type=float, default=8.0, help="seconds measured per level")
     parser.add_argument("--workers", type=int, default=2, help="generator processes")
