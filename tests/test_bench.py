@@ -405,6 +405,7 @@ def test_a_bye_from_the_server_ends_the_call() -> None:
     assert call.state is CallState.ENDED
 
 
+@pytest.mark.integration
 def test_the_window_waits_until_the_relay_has_read_what_its_sockets_hold() -> None:
     """A burst of call set-ups can leave a loaded relay seconds of audio behind in its sockets; a
     window measured while it catches up would measure the burst. Here a "relay" (this process)

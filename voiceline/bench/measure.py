@@ -42,7 +42,7 @@ MIN_OFFERED = 0.97  # a level counts only if the generator sent at least this sh
 PAIR_TONES_HZ = tuple(range(300, 3300, 100))
 TONE_AMPLITUDE = 12000  # what the legs send
 MIN_TONE_AMPLITUDE = 0.05  # of full scale: what a heard tone reads at least
-TONE_MARGIN = 4.0  # a heard tone's amplitude against the next strongest pair tone (12 dB)
+TONE_MARGIN = 2.0  # a heard tone against the next strongest (6 dB: a repeated Opus frame has sidebands)
 SEND_RING = 256  # send times a leg keeps, by sequence number: 5 s of packets
 _SEQUENCE_MASK = 0xFFFF
 
