@@ -9,19 +9,30 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from voiceline.audio.codecs import Resampler, new_coder
+from voiceline.audio.hold import hold_music
 from voiceline.bench.engine import KINDS, measure_engine
-from voiceline.bench.generator import NG_PAIRS
+from voiceline.bench.generator import NG_PAIRS, TRANSCODE_FLAGS, sdp_payload_type
 from voiceline.bench.measure import (
     BUCKET_NS,
     BUCKETS,
+    PAIR_TONES_HZ,
+    SEND_RING,
     LatencyHistogram,
     LevelResult,
+    SendTimes,
+    SequenceMatch,
+    ToneMatcher,
     WindowCounts,
     largest_within_budget,
+    pair_tone_hz,
+    tone_frame,
 )
 from voiceline.bench.ng import NgError, bdecode, bencode
 from voiceline.bench.runner import (
@@ -29,6 +40,7 @@ from voiceline.bench.runner import (
     RTPENGINE,
     VOICELINE,
     BenchOptions,
+    format_side_by_side,
     media_options,
     queued_bytes,
     run_baseline,
@@ -40,9 +52,11 @@ from voiceline.bench.runner import (
     wait_until_caught_up,
 )
 from voiceline.bench.uac import MAX_TRANSMISSIONS, RETRANSMIT_SECONDS, SCENARIOS, BenchCall, CallState
+from voiceline.codec_table import CODECS, OPUS, PCMU
+from voiceline.sim.analysis import goertzel_db
 from voiceline.sim.plugin import VoicelineServer
 from voiceline.sip.message import SipRequest, SipResponse, parse_message, response_to, serialize
-from voiceline.sip.sdp import parse_sdp
+from voiceline.sip.sdp import negotiate, parse_sdp
 
 MS = 1_000_000
 
@@ -200,6 +214,90 @@ def test_a_voiceline_relay_may_carry_media_settings() -> None:
         media_options("voiceline:kernel_forwarding")
 
 
+def test_a_pair_tone_is_found_after_transcoding_both_ways_and_nothing_else_is() -> None:
+    """What each transcoding leg listens for: its pair's tone, PCMU -> Opus and Opus -> PCMU."""
+    pcmu, opus_in, opus_out = new_coder(PCMU), new_coder(OPUS), new_coder(OPUS)
+    narrow, wide = ToneMatcher(PCMU.rate, PCMU.frame_samples), ToneMatcher(OPUS.rate, OPUS.frame_samples)
+    for hz in (300, 1800, 3200):
+        assert goertzel_db(tone_frame(hz, PCMU.rate, PCMU.frame_samples) / 32768, PCMU.rate, hz) > -10
+        frame = pcmu.encode(tone_frame(hz, PCMU.rate, PCMU.frame_samples))
+        up, down = Resampler(PCMU.rate, OPUS.rate), Resampler(OPUS.rate, PCMU.rate)
+        to_opus = [wide.strongest(opus_out.decode(opus_in.encode(up.process(pcmu.decode(frame))))) for _ in range(8)]
+        opus_frame = new_coder(OPUS).encode(tone_frame(hz, OPUS.rate, OPUS.frame_samples))
+        decoder = new_coder(OPUS)
+        to_pcmu = [narrow.strongest(pcmu.decode(pcmu.encode(down.process(decoder.decode(opus_frame))))) for _ in range(8)]
+        assert to_opus[-5:] == to_pcmu[-5:] == [hz] * 5  # settled after the codec's first frames
+    both = tone_frame(700, PCMU.rate, PCMU.frame_samples) // 2 + tone_frame(800, PCMU.rate, PCMU.frame_samples) // 2
+    assert narrow.strongest(both) is None  # two pair tones alike: neither stands out
+    assert narrow.strongest(np.zeros(PCMU.frame_samples, np.int16)) is None
+    assert narrow.strongest(np.zeros(10, np.int16)) is None  # not a frame
+    music = hold_music(PCMU.rate)
+    frames = [narrow.strongest(music[at : at + 160]) for at in range(0, len(music) - 160, 160)]
+    assert sum(hz is not None for hz in frames) < 0.01 * len(frames)  # the server's music is no pair's tone
+    assert {pair_tone_hz(pair) for pair in range(len(PAIR_TONES_HZ))} == set(PAIR_TONES_HZ)
+    assert pair_tone_hz(7) != pair_tone_hz(8)
+
+
+def test_send_times_are_kept_by_sequence_for_the_last_ring() -> None:
+    sent = SendTimes()
+    for sequence in range(65_530, 65_536 + SEND_RING):
+        sent.record(sequence & 0xFFFF, 1000 * sequence)
+    assert sent.at(3) == 1000 * (65_536 + 3)
+    assert sent.at(65_535) is None  # overwritten: older than the ring
+    assert sent.at(SEND_RING + 10) is None  # not sent yet
+
+
+def test_a_relayed_sequence_is_matched_to_its_source_once_one_packet_came_through_within_a_frame() -> None:
+    """The relay numbers its packets as the source's plus 5000; the first two arrive late (the
+    source had sent two more by then), later ones within a frame."""
+    match = SequenceMatch()
+    # Source packet 100 relayed as 5100 arrives when the source has sent up to 102: two frames late.
+    assert match.source_sequence(5100, marker=False, newest_sent=102) == 102  # not knowable yet
+    assert match.source_sequence(5101, marker=False, newest_sent=103) == 103
+    # Packet 102 arrives before 103 is sent: the offset is now exact, and stays so for late ones.
+    assert match.source_sequence(5102, marker=False, newest_sent=102) == 102
+    assert match.offset == 5000
+    assert match.source_sequence(5103, marker=False, newest_sent=105) == 103
+    # Across the sequence wrap.
+    assert match.source_sequence((65_535 + 5000) & 0xFFFF, marker=False, newest_sent=65_535) == 65_535
+    assert match.source_sequence((65_536 + 5002) & 0xFFFF, marker=False, newest_sent=3) == 2
+    # A new source (marked): its own offset from then on, even a smaller one.
+    assert match.source_sequence(40, marker=True, newest_sent=20) == 20
+    assert match.source_sequence(41, marker=False, newest_sent=22) == 21
+
+
+def test_the_transcoding_scenario_pairs_a_pcmu_leg_with_an_opus_leg_voiceline_accepts() -> None:
+    scenario = SCENARIOS["pcmu-opus"]
+    assert scenario.levels == (50, 100)  # transcoding fills a core at about 100 pairs
+    offers = [parse_sdp(scenario.leg(second).offer("127.0.0.1", 40002).encode()) for second in (False, True)]
+    negotiated = [negotiate(offer, tuple(CODECS.values())) for offer in offers]
+    assert [audio.codec for audio in negotiated] == [PCMU, OPUS]
+    assert [audio.telephone_event_pt for audio in negotiated] == [101, 101]
+    assert SCENARIOS["pcmu"].leg(second=True) is SCENARIOS["pcmu"]
+
+
+def test_rtpengine_is_asked_to_offer_opus_and_answered_in_its_payload_type() -> None:
+    """The offer (from the PCMU leg) goes to the Opus leg with Opus added; the Opus leg answers with
+    the payload type rtpengine gave it."""
+    assert bdecode(bencode(TRANSCODE_FLAGS)) == {"codec": {"transcode": ["opus"]}}
+    offered = (
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        "m=audio 20002 RTP/AVP 0 96 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:96 opus/48000/2\r\n"
+        "a=rtpmap:101 telephone-event/8000\r\n"
+    )
+    assert sdp_payload_type(offered, "opus/48000/2") == 96
+    assert sdp_payload_type(offered, "PCMU/8000") == 0
+    with pytest.raises(ValueError):
+        sdp_payload_type(offered, "G722/8000")
+
+
+def test_a_side_by_side_row_shows_the_pairs_held_and_untranscoded_legs() -> None:
+    result = level(25, 2_500, 2_500, [0.2], held=24)
+    assert format_side_by_side("pcmu-opus", VOICELINE, result).split()[2:4] == ["25", "24"]
+    untranscoded = replace(result, own_codec_legs=2)
+    assert format_side_by_side("pcmu-opus", VOICELINE, untranscoded).endswith("2 legs heard their own codec, untranscoded")
+
+
 # -- rtpengine's ng protocol ------------------------------------------------------------
 
 
@@ -307,6 +405,7 @@ def test_a_bye_from_the_server_ends_the_call() -> None:
     assert call.state is CallState.ENDED
 
 
+@pytest.mark.integration
 def test_the_window_waits_until_the_relay_has_read_what_its_sockets_hold() -> None:
     """A burst of call set-ups can leave a loaded relay seconds of audio behind in its sockets; a
     window measured while it catches up would measure the burst. Here a "relay" (this process)
@@ -387,6 +486,44 @@ def test_the_same_generator_drives_rtpengine_over_ng() -> None:
         assert result.pairs_held == result.pairs and result.counts.sent > 0
         assert result.counts.received == result.counts.sent and result.loss == 0.0
         assert result.latency.total == result.counts.received
+
+
+def assert_transcoded(results: list[LevelResult], levels: list[int]) -> None:
+    """Every pair transcoded: each leg heard its partner's tone decoded in its own codec (so it
+    received its own codec, transcoded: a PCMU leg decoding Opus bytes, or one given its partner's
+    frames untouched, would hear no tone), every packet sent in the window arrived, and the sequence
+    matching gave latencies a loopback relay has (a wrong offset would be a frame or more off)."""
+    assert [result.pairs for result in results] == levels
+    for result in results:
+        assert result.pairs_held == result.pairs and result.own_codec_legs == 0
+        assert result.counts.sent >= 0.9 * 2 * result.pairs * 50 * result.seconds
+        assert result.counts.received == result.counts.sent and result.loss == 0.0
+        assert result.latency.total == result.counts.received
+        assert 0 < result.p50_ms < 10 and result.latency.counts[0] < result.latency.total
+
+
+@pytest.mark.interop
+def test_voiceline_transcodes_each_pcmu_caller_to_its_opus_partner(voiceline_server: Callable[..., VoicelineServer]) -> None:
+    """Two processes, set up one after the other, each placing its calls one at a time: the pool
+    pairs every PCMU caller with the Opus caller placed after it."""
+    server = voiceline_server({"sip": {"answer_delay": 0.0}, "welcome": {"enabled": False, "offer_choice": False}})
+    options = BenchOptions([1, 2], 1.0, workers=2, scenario=SCENARIOS["pcmu-opus"])
+    assert_transcoded(run_levels((server.host, server.port), server.process.pid, options), [1, 2])
+
+
+@pytest.mark.interop
+def test_rtpengine_transcodes_each_pair_set_up_over_ng() -> None:
+    from port_table import port_block
+
+    first, last = port_block("test_bench")
+    with tempfile.TemporaryDirectory(prefix="voiceline-bench-test-") as directory:
+        process, ng = start_rtpengine(Path(directory), f"{first + 2}-{last}", ng_port=first)
+        try:
+            options = BenchOptions([1, 2], 1.0, workers=2, scenario=SCENARIOS["pcmu-opus"])
+            results = run_levels(ng, process.pid, options, pairing=NG_PAIRS)
+        finally:
+            assert stop_server(process) == 0
+    assert_transcoded(results, [1, 2])
 
 
 @pytest.mark.interop

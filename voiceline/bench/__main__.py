@@ -13,7 +13,9 @@ from voiceline.bench.uac import SCENARIOS
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m voiceline.bench", description="Load test the RTP relay.")
     parser.add_argument(
-        "--levels", help="pair counts (default 100,200,...,800; with --side-by-side or --engine-only 100,250,500)"
+        "--levels",
+        help="pair counts (default 100,200,...,800; with --side-by-side or --engine-only 100,250,500, "
+        "pcmu-opus 50,100 with --side-by-side)",
     )
     parser.add_argument("--hold", type=float, default=8.0, help="seconds measured per level")
     parser.add_argument("--workers", type=int, default=2, help="generator processes")
@@ -56,7 +58,9 @@ def main() -> int:
         except KeyError as error:
             parser.error(f"unknown scenario {error}")
         relays = args.relays or ["voiceline", "voiceline:kernel_forwarding=off", "rtpengine"]
-        return bench_side_by_side(options, scenarios, args.repetitions, args.rtp_ports, args.rtpengine_ports, relays)
+        return bench_side_by_side(
+            options, scenarios, args.repetitions, args.rtp_ports, args.rtpengine_ports, relays, args.levels is None
+        )
     return bench(options, args.rtp_ports)
 
 

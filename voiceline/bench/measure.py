@@ -8,6 +8,14 @@ the path through the server added, not the generator's own scheduling delay.
 
 Loss is counted over a measurement window: the packets whose embedded send
 time lies in [start, end) that were sent, against those that arrived.
+
+A transcoding relay re-encodes the payload, so no probe survives it. There
+each pair has a tone of its own (`pair_tone_hz`) that both legs send: a leg
+knows it hears its own partner, transcoded, once its partner's tone stands
+out in what it decodes (`ToneMatcher`). From then on the send time of what
+it receives is found by sequence number (`SequenceMatch`): relays number a
+relayed stream as its source, shifted by an offset fixed at each change of
+source (voiceline, and rtpengine while transcoding).
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 PROBE = struct.Struct("!4sIIQ")  # magic, leg id, sequence, send time (ns)
 MAGIC = b"VLB1"
@@ -26,6 +36,91 @@ LOSS_BUDGET = 0.001  # < 0.1 %
 P99_BUDGET_MS = 5.0
 PACKETS_PER_SECOND = 50  # per leg
 MIN_OFFERED = 0.97  # a level counts only if the generator sent at least this share of the full load
+
+# Pair tones: multiples of 50 Hz repeat whole in every 20 ms frame; 100 Hz apart, two bins of a
+# 20 ms frame, so a Hann-windowed tone leaks next to nothing into its neighbours.
+PAIR_TONES_HZ = tuple(range(300, 3300, 100))
+TONE_AMPLITUDE = 12000  # what the legs send
+MIN_TONE_AMPLITUDE = 0.05  # of full scale: what a heard tone reads at least
+TONE_MARGIN = 2.0  # a heard tone against the next strongest (6 dB: a repeated Opus frame has sidebands)
+SEND_RING = 256  # send times a leg keeps, by sequence number: 5 s of packets
+_SEQUENCE_MASK = 0xFFFF
+
+
+def pair_tone_hz(pair: int) -> int:
+    """The tone both legs of pair number `pair` send (neighbouring pairs differ)."""
+    return PAIR_TONES_HZ[pair % len(PAIR_TONES_HZ)]
+
+
+def tone_frame(hz: int, rate: int, samples: int) -> np.ndarray:
+    """One frame of a pair's tone (int16), the same in every frame since `hz` is a multiple of 50."""
+    return (TONE_AMPLITUDE * np.sin(2 * np.pi * hz * np.arange(samples) / rate)).astype(np.int16)
+
+
+class ToneMatcher:
+    """Which pair tone a decoded frame carries: Goertzel terms of every pair tone at once (one
+    matrix product), under a Hann window."""
+
+    def __init__(self, rate: int, samples: int) -> None:
+        window = np.hanning(samples)
+        phases = np.exp(-2j * np.pi * np.outer(PAIR_TONES_HZ, np.arange(samples)) / rate)
+        self._terms = phases * window
+        self._samples = samples
+        self._scale = 2.0 / window.sum() / 32768.0  # a full-scale sine reads 1.0
+
+    def strongest(self, pcm: np.ndarray) -> int | None:
+        """The pair tone in `pcm`, if one is loud and stands out from the others; else None."""
+        if len(pcm) != self._samples:
+            return None
+        amplitudes = np.abs(self._terms @ pcm.astype(np.float64)) * self._scale
+        second, first = np.argsort(amplitudes)[-2:]
+        if amplitudes[first] < MIN_TONE_AMPLITUDE or amplitudes[first] < TONE_MARGIN * amplitudes[second]:
+            return None
+        return PAIR_TONES_HZ[int(first)]
+
+
+class SendTimes:
+    """A leg's recent send times by RTP sequence number."""
+
+    __slots__ = ("times", "sequences")
+
+    def __init__(self) -> None:
+        self.times = [0] * SEND_RING
+        self.sequences = [-1] * SEND_RING
+
+    def record(self, sequence: int, sent_ns: int) -> None:
+        slot = sequence % SEND_RING
+        self.times[slot] = sent_ns
+        self.sequences[slot] = sequence
+
+    def at(self, sequence: int) -> int | None:
+        """When packet `sequence` was sent; None when it is not among the last SEND_RING."""
+        slot = sequence % SEND_RING
+        return self.times[slot] if self.sequences[slot] == sequence else None
+
+
+class SequenceMatch:
+    """The source packet of each packet a relay sends on, by sequence number.
+
+    The relay's sequence is the source's plus an offset fixed at each change of
+    source (marked). A packet received can only come from one its source has
+    sent already, so each gives a least offset (its sequence less the newest the
+    source has sent); the largest of these since the marker is the offset, exact
+    as soon as one packet took less than a frame (20 ms) to come through.
+    """
+
+    __slots__ = ("offset",)
+
+    def __init__(self) -> None:
+        self.offset: int | None = None
+
+    def source_sequence(self, sequence: int, marker: bool, newest_sent: int) -> int:
+        """The source's sequence number of a received packet (`newest_sent`: the source's newest)."""
+        least = (sequence - newest_sent) & _SEQUENCE_MASK
+        offset = self.offset
+        if marker or offset is None or 0 < (least - offset) & _SEQUENCE_MASK < 0x8000:
+            self.offset = offset = least
+        return (sequence - offset) & _SEQUENCE_MASK
 
 
 class LatencyHistogram:
@@ -82,7 +177,7 @@ class LevelResult:
     """The figures of one load level."""
 
     pairs: int  # pairs requested
-    pairs_held: int  # pairs whose both legs were up and hearing each other during the window
+    pairs_held: int  # pairs whose both legs were up and hearing each other (transcoding: transcoded) in the window
     counts: WindowCounts
     latency: LatencyHistogram
     setup_rate: float  # calls answered per second while this level was being set up
@@ -95,6 +190,7 @@ class LevelResult:
     baseline_cpu: float | None = None  # machine_cpu of the same load with no relay, measured in the same run
     baseline_generator_cpu: float | None = None  # generator_cpu in that baseline
     settle_seconds: float = 0.0  # from the level's calls set up to its window: the set-up burst's backlog read
+    own_codec_legs: int = 0  # transcoding: legs paired with a leg of their own codec (nothing transcoded)
 
     @property
     def loss(self) -> float:

@@ -176,14 +176,14 @@ class _Workers:
 
     def replies(self, kind: str, timeout: float) -> list[tuple[Any, ...]]:
         deadline = time.monotonic() + timeout
+        return [_reply(pipe, kind, deadline) for pipe in self.pipes]
+
+    def in_turn(self, commands: Sequence[tuple[Any, ...]], kind: str, timeout: float) -> list[tuple[Any, ...]]:
+        """Each process its command once the one before has answered it with `kind`."""
         replies = []
-        for pipe in self.pipes:
-            if not pipe.poll(max(0.0, deadline - time.monotonic())):
-                raise RuntimeError(f"a generator process sent no {kind!r} within {timeout:g} s")
-            reply = pipe.recv()
-            if reply[0] != kind:
-                raise RuntimeError(f"a generator process answered {reply[0]!r}, expected {kind!r}")
-            replies.append(reply)
+        for pipe, command in zip(self.pipes, commands):
+            pipe.send(command)
+            replies.append(_reply(pipe, kind, time.monotonic() + timeout))
         return replies
 
     def stop(self) -> None:
@@ -197,6 +197,15 @@ class _Workers:
             if process.is_alive():
                 process.kill()
                 process.join()
+
+
+def _reply(pipe: Connection, kind: str, deadline: float) -> tuple[Any, ...]:
+    if not pipe.poll(max(0.0, deadline - time.monotonic())):
+        raise RuntimeError(f"a generator process sent no {kind!r} in time")
+    reply: tuple[Any, ...] = pipe.recv()
+    if reply[0] != kind:
+        raise RuntimeError(f"a generator process answered {reply[0]!r}, expected {kind!r}")
+    return reply
 
 
 def run_levels(
@@ -224,7 +233,7 @@ def run_levels(
         for level in options.levels:
             if level <= pairs:
                 continue
-            result = _run_level(workers, server_pid, options, level, level - pairs)
+            result = _run_level(workers, server_pid, options, level, level - pairs, pairing)
             pairs = level
             results.append(result)
             report(result)
@@ -237,16 +246,25 @@ def run_levels(
     return results
 
 
-def _run_level(workers: _Workers, server_pid: int | None, options: BenchOptions, level: int, pairs: int) -> LevelResult:
+def _run_level(
+    workers: _Workers, server_pid: int | None, options: BenchOptions, level: int, pairs: int, pairing: str
+) -> LevelResult:
     count = len(workers.pipes)
     # Two calls per pair in each process: rtpengine's pairs are made within one process.
-    workers.send([("calls", 2 * (pairs // count + (1 if index < pairs % count else 0))) for index in range(count)])
-    ready = workers.replies("ready", SETUP_TIMEOUT_SECONDS)
+    commands = [("calls", 2 * (pairs // count + (1 if index < pairs % count else 0))) for index in range(count)]
+    if options.scenario.transcoded_to is not None and pairing == SIP_CALLS:
+        # One process after the other: each places its calls one at a time, so the pool pairs them
+        # in order, each caller with the next (of the other codec); two at once would mix them.
+        ready = workers.in_turn(commands, "ready", SETUP_TIMEOUT_SECONDS)
+    else:
+        workers.send(commands)
+        ready = workers.replies("ready", SETUP_TIMEOUT_SECONDS)
     answered = sum(reply[1] for reply in ready)
     started = min(reply[3] for reply in ready)
     last_answer = max(reply[4] for reply in ready)
     setup_rate = answered / (last_answer - started) if answered and last_answer > started else 0.0
     legs_heard = sum(reply[6] for reply in ready)
+    legs_own_codec = sum(reply[7] for reply in ready)
     time.sleep(SETTLE_SECONDS)
     settle = SETTLE_SECONDS + (wait_until_caught_up(server_pid, 2 * level) if server_pid else 0.0)
 
@@ -284,6 +302,7 @@ def _run_level(workers: _Workers, server_pid: int | None, options: BenchOptions,
         system_cpu=max(0.0, 100 * busy / wall - generator_cpu),
         machine_cpu=100 * busy / wall,
         settle_seconds=settle,
+        own_codec_legs=legs_own_codec,
     )
 
 
@@ -508,7 +527,7 @@ def run_baseline(options: BenchOptions) -> list[LevelResult]:
 
 
 _SIDE_BY_SIDE_COLUMNS = (
-    f"{'scenario':<12} {'relay':<12} {'pairs':>5} {'load %':>6} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
+    f"{'scenario':<12} {'relay':<12} {'pairs':>5} {'held':>5} {'load %':>6} {'pkts out':>9} {'loss %':>7} {'p50 ms':>7} {'p99 ms':>7} "
     f"{'p99.9 ms':>8} {'proc us/pkt':>11} {'sys us/pkt':>10} {'whole us/pkt':>12} {'attr us/pkt':>11} {'gen us/pkt':>10} {'settle s':>8}"
 )
 
@@ -519,12 +538,15 @@ def _figure(value: float | None) -> str:
 
 def format_side_by_side(scenario: str, relay: str, result: LevelResult) -> str:
     """One row: CPU per relayed packet of the relay process, of the whole machine without the
-    generator, and of the whole machine beyond the no-relay baseline."""
+    generator, and of the whole machine beyond the no-relay baseline; held: the pairs up and hearing
+    each other (transcoding: each leg its partner's tone, transcoded), and any legs that were paired
+    with a leg of their own codec."""
+    own_codec = f"  {result.own_codec_legs} legs heard their own codec, untranscoded" if result.own_codec_legs else ""
     return (
-        f"{scenario:<12} {relay:<12} {result.pairs:>5} {100 * result.offered:>6.1f} {result.counts.received:>9} {100 * result.loss:>7.3f} "
+        f"{scenario:<12} {relay:<12} {result.pairs:>5} {result.pairs_held:>5} {100 * result.offered:>6.1f} {result.counts.received:>9} {100 * result.loss:>7.3f} "
         f"{result.p50_ms:>7.2f} {result.p99_ms:>7.2f} {result.p999_ms:>8.2f} "
         f"{result.per_packet_us(result.server_cpu):>11.2f} {result.per_packet_us(result.system_cpu):>10.2f} "
-        f"{_figure(result.whole_us):>12} {_figure(result.attributed_us):>11} {result.per_packet_us(result.generator_cpu):>10.2f} {result.settle_seconds:>8.1f}"
+        f"{_figure(result.whole_us):>12} {_figure(result.attributed_us):>11} {result.per_packet_us(result.generator_cpu):>10.2f} {result.settle_seconds:>8.1f}{own_codec}"
     )
 
 
@@ -535,14 +557,21 @@ def compare(
     rtp_ports: str,
     rtpengine_ports: str,
     relays: Sequence[str] = (VOICELINE, RTPENGINE),
+    scenario_levels: bool = False,
 ) -> dict[tuple[str, str, int], list[LevelResult]]:
-    """Every scenario at every level against every relay, `repetitions` times, rotating which relay
-    goes first, each repetition after its no-relay baseline; prints each row as it is measured.
-    Results by (scenario, relay, pairs), each with its repetition's baseline."""
+    """Every scenario at every level (with `scenario_levels`, a scenario's own levels where it has
+    them) against every relay, `repetitions` times, rotating which relay goes first, each repetition
+    after its no-relay baseline at all those levels; prints each row as it is measured. Results by
+    (scenario, relay, pairs), each with its repetition's baseline."""
     results: dict[tuple[str, str, int], list[LevelResult]] = {}
+    levels = {
+        scenario.name: (scenario.levels if scenario_levels and scenario.levels else options.levels)
+        for scenario in scenarios
+    }
+    baseline_options = replace(options, levels=sorted({pairs for each in levels.values() for pairs in each}))
     print(_SIDE_BY_SIDE_COLUMNS, flush=True)
     for repetition in range(repetitions):
-        baseline = {result.pairs: result for result in run_baseline(options)}
+        baseline = {result.pairs: result for result in run_baseline(baseline_options)}
         for pairs, base in baseline.items():
             print(
                 f"{'-':<12} {BASELINE:<12} {pairs:>5} machine busy {base.machine_cpu:.1f} % of a core, generator "
@@ -552,7 +581,7 @@ def compare(
         for index, scenario in enumerate(scenarios):
             first = (repetition + index) % len(relays)
             for relay in [*relays[first:], *relays[:first]]:
-                scenario_options = replace(options, scenario=scenario)
+                scenario_options = replace(options, scenario=scenario, levels=levels[scenario.name])
                 for result in run_relay(relay, scenario_options, rtp_ports, rtpengine_ports):
                     measured = baseline.get(result.pairs)
                     if measured is not None:
@@ -604,6 +633,7 @@ def bench_side_by_side(
     rtp_ports: str,
     rtpengine_ports: str,
     relays: Sequence[str] = (VOICELINE, RTPENGINE),
+    scenario_levels: bool = False,
 ) -> int:
     """`make bench`'s side-by-side run with its printed report. Returns the exit status."""
     raise_open_file_limit()
@@ -617,7 +647,7 @@ def bench_side_by_side(
           "context (on loopback the kernel path forwards there); attr us/pkt: the same by process, the relay's "
           "CPU plus the generator's beyond its baseline (unmoved by other processes); gen us/pkt: the "
           "generator's own, excluded")
-    results = compare(options, scenarios, repetitions, rtp_ports, rtpengine_ports, relays)
+    results = compare(options, scenarios, repetitions, rtp_ports, rtpengine_ports, relays, scenario_levels)
     print(f"load average {_loadavg()}")
     print("\n".join(summarise(results)))
     return 0

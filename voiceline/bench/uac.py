@@ -12,6 +12,7 @@ import enum
 import secrets
 from dataclasses import dataclass
 
+from voiceline.codec_table import Codec, lookup
 from voiceline.sip.message import (
     SipParseError,
     SipRequest,
@@ -31,12 +32,24 @@ EVENT_PAYLOAD_TYPE = 101
 
 @dataclass(frozen=True)
 class Scenario:
-    """What every bench leg offers and sends: one audio codec, with or without telephone-event."""
+    """What every bench leg offers and sends: one audio codec, with or without telephone-event; or,
+    when `transcoded_to` is set, the first leg of each pair this and the second that (the relay
+    transcodes between them)."""
 
     name: str
     payload_type: int
     rtpmap: str  # encoding/clock as in a=rtpmap
     telephone_event: bool = True  # without it the server watches the audio for in-band DTMF
+    transcoded_to: Scenario | None = None
+    levels: tuple[int, ...] = ()  # its own pair counts in a side-by-side run at the default levels
+
+    @property
+    def codec(self) -> Codec:
+        return lookup(self.rtpmap.partition("/")[0])
+
+    def leg(self, second: bool) -> Scenario:
+        """What the first or the second leg of a pair offers and sends."""
+        return self.transcoded_to if second and self.transcoded_to is not None else self
 
     def offer(self, host: str, port: int) -> str:
         """An SDP offer of this scenario's media at `host`:`port`."""
@@ -54,12 +67,16 @@ class Scenario:
 
 
 PCMU_WITH_EVENTS = Scenario("pcmu", 0, "PCMU/8000")
+OPUS_LEG = Scenario("opus", 96, "opus/48000/2")
+# About 100 us of CPU per transcoded packet: 100 pairs fill a core, so lower levels than the others.
+PCMU_TO_OPUS = Scenario("pcmu-opus", 0, "PCMU/8000", transcoded_to=OPUS_LEG, levels=(50, 100))
 SCENARIOS = {
     scenario.name: scenario
     for scenario in (
         PCMU_WITH_EVENTS,
         Scenario("pcmu-inband", 0, "PCMU/8000", telephone_event=False),
         Scenario("g722", 9, "G722/8000"),
+        PCMU_TO_OPUS,
     )
 }
 
