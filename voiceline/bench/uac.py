@@ -79,6 +79,9 @@ SCENARIOS = {
         PCMU_TO_OPUS,
     )
 }
+# What `make bench` runs unless told: at 50 pairs the generator cannot keep up with pcmu-opus yet
+# (it offered at most 9 % of the load), so that scenario runs only when named.
+DEFAULT_SCENARIOS = ("pcmu", "pcmu-inband", "g722")
 
 
 class CallState(enum.Enum):
