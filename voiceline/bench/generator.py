@@ -265,7 +265,6 @@ class Generator:
 
     def _receive(self, leg: Leg) -> None:
         window_start, window_end = self._window
-        latency = self._latency
         counts = self._counts
         unpack_from = PROBE.unpack_from
         while True:
@@ -282,20 +281,12 @@ class Generator:
                 continue
             leg.heard = True
             if window_start <= sent_ns < window_end:
-                if ancillary:
-                    seconds, nanoseconds = _TIMESPEC.unpack(ancillary[0][2])
-                    received_ns = seconds * 1_000_000_000 + nanoseconds
-                else:
-                    received_ns = time.time_ns()
-                bucket = (received_ns - sent_ns) // BUCKET_NS
-                latency[0 if bucket < 0 else bucket if bucket < BUCKETS else BUCKETS - 1] += 1
-                counts.received += 1
+                self._arrived_in_window(ancillary, sent_ns)
 
     def _receive_transcoded(self, leg: Leg) -> None:
         """What a leg of a transcoding pair receives: until it hears its partner's tone, listened to;
         then matched to the partner's send times by sequence number."""
         window_start, window_end = self._window
-        latency = self._latency
         counts = self._counts
         partner = leg.partner
         assert partner is not None and partner.sent is not None  # set with the pair
@@ -324,14 +315,18 @@ class Generator:
                 continue
             sent_ns = sent.at(source_sequence)
             if sent_ns is not None and window_start <= sent_ns < window_end:
-                if ancillary:
-                    seconds, nanoseconds = _TIMESPEC.unpack(ancillary[0][2])
-                    received_ns = seconds * 1_000_000_000 + nanoseconds
-                else:
-                    received_ns = time.time_ns()
-                bucket = (received_ns - sent_ns) // BUCKET_NS
-                latency[0 if bucket < 0 else bucket if bucket < BUCKETS else BUCKETS - 1] += 1
-                counts.received += 1
+                self._arrived_in_window(ancillary, sent_ns)
+
+    def _arrived_in_window(self, ancillary: list[tuple[int, int, bytes]], sent_ns: int) -> None:
+        """A packet sent in the window came back: counted, its latency by the kernel's receive time."""
+        if ancillary:
+            seconds, nanoseconds = _TIMESPEC.unpack(ancillary[0][2])
+            received_ns = seconds * 1_000_000_000 + nanoseconds
+        else:
+            received_ns = time.time_ns()
+        bucket = (received_ns - sent_ns) // BUCKET_NS
+        self._latency[0 if bucket < 0 else bucket if bucket < BUCKETS else BUCKETS - 1] += 1
+        self._counts.received += 1
 
     def _listen(self, leg: Leg, payload: bytes) -> None:
         """Decode what `leg` received and look for its partner's tone: only until it is heard."""
