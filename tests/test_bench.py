@@ -469,18 +469,23 @@ def test_the_baseline_pairs_the_generators_legs_straight_to_each_other() -> None
         assert result.server_cpu == 0.0 and result.machine_cpu >= 0.0 and result.generator_cpu > 0.0
 
 
-@pytest.mark.interop
-def test_the_same_generator_drives_rtpengine_over_ng() -> None:
-    """Pairs set up with ng offer/answer in each generator process; rtpengine relays every probe both ways."""
+def run_rtpengine_levels(options: BenchOptions) -> list[LevelResult]:
+    """`options`' levels against an rtpengine started on this run's port lane, its pairs set up over ng."""
     from port_table import port_block  # claims this run's lane: only tests that bind fixed ports need it
 
     first, last = port_block("test_bench")
     with tempfile.TemporaryDirectory(prefix="voiceline-bench-test-") as directory:
         process, ng = start_rtpengine(Path(directory), f"{first + 2}-{last}", ng_port=first)
         try:
-            results = run_levels(ng, process.pid, BenchOptions([1, 2], 1.0, workers=2), pairing=NG_PAIRS)
+            return run_levels(ng, process.pid, options, pairing=NG_PAIRS)
         finally:
             assert stop_server(process) == 0
+
+
+@pytest.mark.interop
+def test_the_same_generator_drives_rtpengine_over_ng() -> None:
+    """Pairs set up with ng offer/answer in each generator process; rtpengine relays every probe both ways."""
+    results = run_rtpengine_levels(BenchOptions([1, 2], 1.0, workers=2))
     assert [result.pairs for result in results] == [1, 2]
     for result in results:
         assert result.pairs_held == result.pairs and result.counts.sent > 0
@@ -513,16 +518,7 @@ def test_voiceline_transcodes_each_pcmu_caller_to_its_opus_partner(voiceline_ser
 
 @pytest.mark.interop
 def test_rtpengine_transcodes_each_pair_set_up_over_ng() -> None:
-    from port_table import port_block
-
-    first, last = port_block("test_bench")
-    with tempfile.TemporaryDirectory(prefix="voiceline-bench-test-") as directory:
-        process, ng = start_rtpengine(Path(directory), f"{first + 2}-{last}", ng_port=first)
-        try:
-            options = BenchOptions([1, 2], 1.0, workers=2, scenario=SCENARIOS["pcmu-opus"])
-            results = run_levels(ng, process.pid, options, pairing=NG_PAIRS)
-        finally:
-            assert stop_server(process) == 0
+    results = run_rtpengine_levels(BenchOptions([1, 2], 1.0, workers=2, scenario=SCENARIOS["pcmu-opus"]))
     assert_transcoded(results, [1, 2])
 
 
