@@ -30,6 +30,7 @@ from voiceline.bench.measure import (
     SequenceMatch,
     ToneMatcher,
     WindowCounts,
+    encoded_tone_frame,
     largest_within_budget,
     pair_tone_hz,
     tone_frame,
@@ -215,22 +216,23 @@ def test_a_voiceline_relay_may_carry_media_settings() -> None:
 
 
 def test_a_pair_tone_is_found_after_transcoding_both_ways_and_nothing_else_is() -> None:
-    """What each transcoding leg listens for: its pair's tone, PCMU -> Opus and Opus -> PCMU."""
-    pcmu, opus_in, opus_out = new_coder(PCMU), new_coder(OPUS), new_coder(OPUS)
+    """What each transcoding leg listens for: its pair's tone, PCMU -> Opus and Opus -> PCMU, for every
+    pair tone, in the frames the legs send (each sent over and over)."""
     narrow, wide = ToneMatcher(PCMU.rate, PCMU.frame_samples), ToneMatcher(OPUS.rate, OPUS.frame_samples)
-    for hz in (300, 1800, 3200):
+    for hz in PAIR_TONES_HZ:
         assert goertzel_db(tone_frame(hz, PCMU.rate, PCMU.frame_samples) / 32768, PCMU.rate, hz) > -10
-        frame = pcmu.encode(tone_frame(hz, PCMU.rate, PCMU.frame_samples))
+        pcmu_frame, opus_frame = encoded_tone_frame(PCMU, hz), encoded_tone_frame(OPUS, hz)
+        pcmu, opus_in, opus_out, decoder = new_coder(PCMU), new_coder(OPUS), new_coder(OPUS), new_coder(OPUS)
         up, down = Resampler(PCMU.rate, OPUS.rate), Resampler(OPUS.rate, PCMU.rate)
-        to_opus = [wide.strongest(opus_out.decode(opus_in.encode(up.process(pcmu.decode(frame))))) for _ in range(8)]
-        opus_frame = new_coder(OPUS).encode(tone_frame(hz, OPUS.rate, OPUS.frame_samples))
-        decoder = new_coder(OPUS)
-        to_pcmu = [narrow.strongest(pcmu.decode(pcmu.encode(down.process(decoder.decode(opus_frame))))) for _ in range(8)]
-        assert to_opus[-5:] == to_pcmu[-5:] == [hz] * 5  # settled after the codec's first frames
+        to_opus = [wide.strongest(opus_out.decode(opus_in.encode(up.process(pcmu.decode(pcmu_frame))))) for _ in range(20)]
+        to_pcmu = [narrow.strongest(pcmu.decode(pcmu.encode(down.process(decoder.decode(opus_frame))))) for _ in range(20)]
+        assert to_opus[-15:] == to_pcmu[-15:] == [hz] * 15, hz  # settled after the codecs' first frames
     both = tone_frame(700, PCMU.rate, PCMU.frame_samples) // 2 + tone_frame(800, PCMU.rate, PCMU.frame_samples) // 2
     assert narrow.strongest(both) is None  # two pair tones alike: neither stands out
     assert narrow.strongest(np.zeros(PCMU.frame_samples, np.int16)) is None
     assert narrow.strongest(np.zeros(10, np.int16)) is None  # not a frame
+    with pytest.raises(ValueError):
+        ToneMatcher(PCMU.rate, 170)  # the pair tones would fall between its bins
     music = hold_music(PCMU.rate)
     frames = [narrow.strongest(music[at : at + 160]) for at in range(0, len(music) - 160, 160)]
     assert sum(hz is not None for hz in frames) < 0.01 * len(frames)  # the server's music is no pair's tone

@@ -57,8 +57,8 @@ from voiceline.bench.measure import (
     SequenceMatch,
     ToneMatcher,
     WindowCounts,
+    encoded_tone_frame,
     pair_tone_hz,
-    tone_frame,
 )
 from voiceline.bench.ng import BValue, NgClient, NgError
 from voiceline.bench.uac import BenchCall, CallState, Scenario
@@ -464,8 +464,7 @@ class Generator:
         codec = scenario.codec
         frame = self._frames.get((codec.name, tone_hz))
         if frame is None:
-            pcm = tone_frame(tone_hz, codec.rate, codec.frame_samples)
-            frame = self._frames[codec.name, tone_hz] = new_coder(codec).encode(pcm)
+            frame = self._frames[codec.name, tone_hz] = encoded_tone_frame(codec, tone_hz)
             self._frames_sent.add(frame)
         return frame
 
