@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from voiceline.bench.runner import (
     RTPENGINE,
     VOICELINE,
     BenchOptions,
+    busy_seconds,
     format_side_by_side,
     media_options,
     queued_bytes,
@@ -408,6 +410,21 @@ def test_a_bye_from_the_server_ends_the_call() -> None:
 
 
 @pytest.mark.integration
+def test_the_machines_busy_time_holds_all_the_cpu_a_process_spent_in_short_bursts() -> None:
+    """The busy time the whole-system figures are taken from misses none of a process's CPU, spent as
+    the generator spends it: bursts on a 1 ms grid."""
+    cpus = os.cpu_count() or 1
+    busy, wall, cpu = busy_seconds(), time.monotonic(), time.process_time()
+    while time.process_time() - cpu < 0.15:
+        burst = time.monotonic()
+        while time.monotonic() - burst < 0.0003:
+            pass
+        time.sleep(0.0007)
+    busy, wall, cpu = busy_seconds() - busy, time.monotonic() - wall, time.process_time() - cpu
+    resolution = 0.01 * (cpus + 1)  # /proc/stat counts in hundredths of a second
+    assert cpu - resolution <= busy <= cpus * wall + resolution
+
+
 def test_the_window_waits_until_the_relay_has_read_what_its_sockets_hold() -> None:
     """A burst of call set-ups can leave a loaded relay seconds of audio behind in its sockets; a
     window measured while it catches up would measure the burst. Here a "relay" (this process)
