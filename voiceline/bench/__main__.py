@@ -7,7 +7,7 @@ import sys
 
 from voiceline.bench.engine import engine_only
 from voiceline.bench.runner import BenchOptions, bench, bench_side_by_side
-from voiceline.bench.uac import DEFAULT_SCENARIOS, SCENARIOS
+from voiceline.bench.uac import SCENARIOS
 
 
 def main() -> int:
@@ -37,7 +37,7 @@ def main() -> int:
         help="the media engine alone in this process: plain, in-band and transcoded pairs, and as many legs waiting with music and reassurance (no SIP, no rtpengine)",
     )
     parser.add_argument(
-        "--scenarios", default=",".join(DEFAULT_SCENARIOS), help=f"with --side-by-side: of {', '.join(SCENARIOS)}"
+        "--scenarios", default=",".join(SCENARIOS), help=f"with --side-by-side: of {', '.join(SCENARIOS)}"
     )
     parser.add_argument("--repetitions", type=int, default=3, help="with --side-by-side: runs per relay and scenario; with --engine-only: runs per level")
     parser.add_argument("--rtpengine-ports", default="20000-23999", help="rtpengine's RTP port range")
