@@ -409,7 +409,6 @@ def test_a_bye_from_the_server_ends_the_call() -> None:
     assert call.state is CallState.ENDED
 
 
-@pytest.mark.integration
 def test_the_machines_busy_time_holds_all_the_cpu_a_process_spent_in_short_bursts() -> None:
     """The busy time the whole-system figures are taken from misses none of a process's CPU, spent as
     the generator spends it: bursts on a 1 ms grid."""
@@ -425,6 +424,7 @@ def test_the_machines_busy_time_holds_all_the_cpu_a_process_spent_in_short_burst
     assert cpu - resolution <= busy <= cpus * wall + resolution
 
 
+@pytest.mark.integration
 def test_the_window_waits_until_the_relay_has_read_what_its_sockets_hold() -> None:
     """A burst of call set-ups can leave a loaded relay seconds of audio behind in its sockets; a
     window measured while it catches up would measure the burst. Here a "relay" (this process)
