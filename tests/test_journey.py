@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import tomllib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -504,3 +505,11 @@ def check(step: Step, hearing: dict[str, str], line: Line) -> None:
     for who, partner in hearing.items():  # whoever hears a partner is paired with them
         journey = line.journey(partner)
         assert journey is not None and journey.partner == who
+    # The line keeps its counts and timers as journeys change: they agree with the journeys themselves.
+    journeys = [journey for call in "abcd" if (journey := line.journey(call)) is not None]
+    assert line.counts() == Counter(journey.state for journey in journeys)
+    timers = [deadline for journey in journeys if (deadline := journey.deadline) is not None]
+    deadline = line.deadline
+    assert (deadline is None) == (not timers and line._pool.deadline(line._now) is None)  # the pool's own is internal
+    assert not timers or (deadline is not None and deadline <= min(timers))
+    assert deadline is None or deadline in timers or deadline == line._pool.deadline(line._now)

@@ -24,6 +24,7 @@ are not hung up together.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -86,6 +87,10 @@ class Line:
         self.help_line = help_line  # the line has a help destination: the help key connects to it
         self._busiest_hours: tuple[int, int] | None = None
         self._journeys: dict[str, Journey] = {}
+        # Kept as journeys change, so an event costs O(log n), not a walk over every caller:
+        self._states: Counter[State] = Counter()  # callers in each state
+        self._deadlines: dict[str, float] = {}  # each timed journey's deadline
+        self._timers: list[tuple[float, str]] = []  # heap of (deadline, call); stale ones skipped on the way out
         self._pool = PreferencePool(settings.preference_wait, settings.skip_window, safety)
         self._now = 0.0  # of the last event: the pool's next deadline is after it
 
@@ -110,7 +115,7 @@ class Line:
 
     def counts(self) -> Counter[State]:
         """How many callers are in each journey state."""
-        return Counter(journey.state for journey in self._journeys.values())
+        return +self._states  # a copy, without states nobody is in
 
     def longest_wait(self, now: float) -> float:
         """Seconds the longest-waiting caller has waited in its current wait (0 when nobody waits)."""
@@ -120,7 +125,8 @@ class Line:
         """A call was answered; `caller`: who it is by pseudonym, for the safety ledger (if the line has one)."""
         if call in self._journeys:
             raise ValueError("call already answered")
-        self._journeys[call] = Journey(self.settings, self._rng.uniform(0.0, END_CHOICE_SPREAD))
+        self._journeys[call] = journey = Journey(self.settings, self._rng.uniform(0.0, END_CHOICE_SPREAD))
+        self._states[journey.state] += 1
         answered = Answered()
         if self.safety is not None and caller is not None:
             arrival = self.safety.arrived(call, caller, now)
@@ -169,22 +175,28 @@ class Line:
         step = Step()
         self._now = now
         self._pair(now, step)  # first: a reassurance just before being paired would be cut off
-        while due := sorted((deadline, call) for call, deadline in self._deadlines() if deadline <= now):
-            for _, call in due:  # one may have changed another's timer (a partner): ask again
-                journey = self._journeys.get(call)
-                if journey is not None and (deadline := journey.deadline) is not None and deadline <= now:
-                    self._feed(call, TimerDue(), now, step)
+        # One may change another's timer (a partner): each is checked again as it comes out.
+        while (timer := self._next_timer()) is not None and timer[0] <= now:
+            heapq.heappop(self._timers)
+            del self._deadlines[timer[1]]  # set again by the journey's next deadline
+            self._feed(timer[1], TimerDue(), now, step)
         self._pair(now, step)  # and last: a timer may have brought someone back (a cooldown over)
         return step
 
-    def _deadlines(self) -> list[tuple[str, float]]:
-        return [(call, deadline) for call, journey in self._journeys.items() if (deadline := journey.deadline) is not None]
+    def _next_timer(self) -> tuple[float, str] | None:
+        """The earliest (deadline, call) still current; stale heap entries are dropped on the way."""
+        timers = self._timers
+        while timers and self._deadlines.get(timers[0][1]) != timers[0][0]:
+            heapq.heappop(timers)
+        return timers[0] if timers else None
 
     @property
     def deadline(self) -> float | None:
-        times = [deadline for _, deadline in self._deadlines()]
+        timer = self._next_timer()
         pool = self._pool.deadline(self._now)
-        return min(times if pool is None else [*times, pool], default=None)
+        if timer is None or pool is None:
+            return pool if timer is None else timer[0]
+        return min(timer[0], pool)
 
     def _run(self, call: str, event: Event, now: float) -> Step:
         step = Step()
@@ -197,7 +209,10 @@ class Line:
     def _feed(self, call: str, event: Event, now: float, step: Step) -> None:
         journey = self._journeys[call]
         facts = LineFacts(len(self._journeys) - 1, self.busiest_hours, self.help_line)
-        for action in journey.handle(event, now, facts):
+        state = journey.state
+        actions = journey.handle(event, now, facts)
+        self._changed(call, journey, state)
+        for action in actions:
             if isinstance(action, Count):
                 step.statistics.append(action)
             elif isinstance(action, PartWays):
@@ -225,6 +240,7 @@ class Line:
         if journey.state is State.ENDED:
             step.ended.append((call, journey.summary))
             del self._journeys[call]
+            self._states[State.ENDED] -= 1
             self._pool.forget(call)
             if self.safety is not None:
                 self.safety.left(call)
@@ -234,6 +250,18 @@ class Line:
             self._pool.remove(call)
         elif self._pool.preference(call) is not journey.preference:
             self._pool.prefer(call, journey.preference)
+
+    def _changed(self, call: str, journey: Journey, state: State) -> None:
+        """`journey` has just handled an event in `state`: its count and its timer follow."""
+        if journey.state is not state:
+            self._states[state] -= 1
+            self._states[journey.state] += 1
+        deadline = journey.deadline
+        if deadline is None:
+            self._deadlines.pop(call, None)
+        elif self._deadlines.get(call) != deadline:
+            self._deadlines[call] = deadline
+            heapq.heappush(self._timers, (deadline, call))
 
     def _report(self, reporter: str, reported: str, now: float, step: Step) -> None:
         """Never paired again; the reported one hears only that the other left (and, when its reports
