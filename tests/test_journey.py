@@ -30,7 +30,7 @@ from voiceline.pairing.journey import (
     busiest_prompts,
     keys_prompts,
 )
-from voiceline.pairing.line import END_CHOICE_SPREAD, Line, Step
+from voiceline.pairing.line import Line, Step
 
 PROMPT_IDS = set(tomllib.loads((Path(__file__).parent.parent / "prompts" / "en.toml").read_text())["prompts"])
 KEYS = keys_prompts(KeyMap())
@@ -39,6 +39,7 @@ CHOICE = ("key_talk", "number_1", "key_listen", "number_2", "preference_or_wait"
 CONNECT = (CONNECT_CUE, "connected")
 END_OF_TALK = ("talk_time_over", "end_of_talk_choice", "key_hash", "end_of_talk_or_hang_up")
 SHORT = JourneySettings(reassure_every=10.0, max_wait=35.0, preference_wait=20.0, skip_window=30.0)
+SPREAD = JourneySettings().end_choice_spread  # the default: up to 8 s
 
 
 def of(step: Step, call: str) -> list[Action]:
@@ -232,7 +233,7 @@ def test_the_end_of_talk_choice_left_unanswered_ends_in_a_goodbye() -> None:
     line.due(60.0)
     line.prompt_finished("b", 68.0)
     deadline = line.deadline  # b's choice is open for end_choice_wait after it was heard, and a spread
-    assert deadline is not None and 88.0 <= deadline <= 88.0 + END_CHOICE_SPREAD
+    assert deadline is not None and 88.0 <= deadline <= 88.0 + SPREAD
     assert line.due(deadline - 0.01).actions == []
     assert of(line.due(deadline), "b") == [Silence(), PlayPrompts(("goodbye",))]
     assert of(line.prompt_finished("b", deadline + 3.0), "b") == [HangUp(HangUpReason.TALK_TIME_OVER)]
@@ -253,16 +254,18 @@ def test_partners_who_let_the_end_of_talk_choice_pass_are_not_hung_up_in_the_sam
     goodbyes: dict[str, float] = {}
     while len(goodbyes) < 2:
         now = line.deadline
-        assert now is not None and 88.0 <= now <= 88.0 + END_CHOICE_SPREAD
+        assert now is not None and 88.0 <= now <= 88.0 + SPREAD
         for call, action in line.due(now).actions:
             if action == PlayPrompts(("goodbye",)):
                 goodbyes[call] = now
     assert goodbyes["a"] != goodbyes["b"]
 
 
-def test_the_end_of_talk_spread_differs_between_callers() -> None:
+@pytest.mark.parametrize("spread", [SPREAD, 2.0])
+def test_the_end_of_talk_spread_differs_between_callers_within_the_configured_spread(spread: float) -> None:
     spreads = set()
-    line = Line(JourneySettings(max_talk=60.0, warn_before=15.0, end_choice_wait=20.0), rng=random.Random(7))
+    settings = JourneySettings(max_talk=60.0, warn_before=15.0, end_choice_wait=20.0, end_choice_spread=spread)
+    line = Line(settings, rng=random.Random(7))
     for pair in range(20):
         a, b = f"a{pair}", f"b{pair}"
         talking(line, a, b, 0.0)
@@ -275,8 +278,10 @@ def test_the_end_of_talk_spread_differs_between_callers() -> None:
             spreads.add(round(journey.deadline - 88.0, 3))
         line.hung_up(a, 70.0)
         line.hung_up(b, 70.0)
-    assert len(spreads) == 40 and min(spreads) >= 0.0 and max(spreads) <= END_CHOICE_SPREAD
-    assert max(spreads) - min(spreads) > END_CHOICE_SPREAD / 2  # spread over the range, not a constant
+    assert len(spreads) == 40 and min(spreads) >= 0.0 and max(spreads) <= spread
+    assert max(spreads) - min(spreads) > spread / 2  # spread over the range, not a constant
+    with pytest.raises(ValueError):
+        JourneySettings(end_choice_spread=-1.0)
 
 
 def test_talking_and_waiting_do_not_count_against_each_other() -> None:

@@ -13,7 +13,7 @@ def test_a_line_overrides_single_keys_of_the_top_level_sections() -> None:
     config = from_mapping(
         {
             "waiting": {"max_wait": 900, "reassure_every": 30.0},
-            "talking": {"max_talk": 1200.0},
+            "talking": {"max_talk": 1200.0, "end_choice_spread": 2.0},
             "keys": {"report": ""},
             "prompts": {"directory": ""},
             "lines": [
@@ -26,7 +26,7 @@ def test_a_line_overrides_single_keys_of_the_top_level_sections() -> None:
     assert (night.waiting.max_wait, night.waiting.reassure_every, day.waiting.max_wait) == (300.0, 30.0, 900.0)
     assert night.prompts.directory == "/srv/night" and day.prompts.directory == ""
     settings = night.settings()
-    assert settings.max_talk == 1200.0 and settings.max_wait == 300.0
+    assert settings.max_talk == 1200.0 and settings.max_wait == 300.0 and settings.end_choice_spread == 2.0
     assert settings.keys == KeyMap(report=None)  # "" turns the key off
     assert config.journey.settings().max_wait == 900.0
     assert from_mapping({}).journey.settings().max_talk is None  # 0: no limit
@@ -38,6 +38,7 @@ def test_a_line_overrides_single_keys_of_the_top_level_sections() -> None:
         ({"waiting": {"max_wait": "long"}}, "waiting.max_wait: expected float"),
         ({"keys": {"help": "#"}}, "each key may have one meaning only"),
         ({"talking": {"max_talk": 30.0}}, "warn_before must lie between 0 and max_talk"),
+        ({"talking": {"end_choice_spread": -1.0}}, "journey durations must be positive"),
         ({"lines": [{"name": "x", "numbers": ["1"], "waiting": {"max_wai": 1}}]}, "waiting.max_wai: unknown key"),
         ({"lines": [{"name": "x", "numbers": ["1"], "waiting": {"max_wait": True}}]}, "waiting.max_wait: expected a number"),
         ({"lines": [{"name": "x", "numbers": ["1"], "prompts_dir": "a"}]}, "unknown setting 'prompts_dir'"),

@@ -21,7 +21,6 @@ from test_end_to_end import A_HZ, B_HZ, C_HZ, CONNECTED_AFTER, PROMPTS, assert_h
 
 from voiceline import config as config_module
 from voiceline.audio.prompts import PromptSet
-from voiceline.pairing.line import END_CHOICE_SPREAD
 from voiceline.sim.analysis import find_sound, read_wav, tone_levels
 from voiceline.sim.plugin import to_toml
 from voiceline.sim.runner import CallReport, CallSpec
@@ -106,11 +105,13 @@ def test_a_lone_caller_is_welcomed_reassured_told_it_is_quiet_and_said_goodbye_t
 def test_a_pair_is_connected_warned_together_and_offered_someone_new_when_time_is_up(
     voiceline_server: Callable[..., Any], sim_calls: Callable[..., list[CallReport]]
 ) -> None:
-    max_talk, warn_before, choice_wait = 9.0, 4.0, 3.0
+    max_talk, warn_before, choice_wait, spread = 9.0, 4.0, 3.0, 1.0
     server = voiceline_server(
         {
             "sip": {"answer_delay": 0.1},
-            "talking": {"max_talk": max_talk, "warn_before": warn_before, "end_choice_wait": choice_wait},
+            "talking": {
+                "max_talk": max_talk, "warn_before": warn_before, "end_choice_wait": choice_wait, "end_choice_spread": spread
+            },
         }
     )
     target = server.uri("100")
@@ -120,7 +121,7 @@ def test_a_pair_is_connected_warned_together_and_offered_someone_new_when_time_i
     a, b = sim_calls(
         [
             CallSpec(target, tone_hz=A_HZ, seconds=press + 6.0, dtmf_at=((press, "#"),)),
-            CallSpec(target, tone_hz=B_HZ, seconds=press + 8.0 + END_CHOICE_SPREAD, start_after=join),
+            CallSpec(target, tone_hz=B_HZ, seconds=press + 8.0 + spread, start_after=join),
         ]
     )
     for report in (a, b):
@@ -148,8 +149,8 @@ def test_a_pair_is_connected_warned_together_and_offered_someone_new_when_time_i
     assert_hold_audio(a, press + prompt_seconds("looking_for_someone_new") + 0.3, press + 5.5, not_hz=(A_HZ, B_HZ))
     assert a.hangup_by == "us" and b.hangup_by == "remote"
     choice_over = offset + CONNECTED_AFTER - 0.4 + max_talk + end_prompts + choice_wait
-    [goodbye] = heard_at(b, "goodbye")  # the choice lasts up to END_CHOICE_SPREAD longer, at random per caller
-    assert choice_over - offset - TOLERANCE < goodbye < choice_over - offset + END_CHOICE_SPREAD + TOLERANCE
+    [goodbye] = heard_at(b, "goodbye")  # the choice lasts up to `spread` longer, at random per caller
+    assert choice_over - offset - TOLERANCE < goodbye < choice_over - offset + spread + TOLERANCE
 
 
 @pytest.mark.interop

@@ -2,7 +2,7 @@
 
 Sections and keys (README "The caller's journey"): `[welcome] enabled,
 offer_choice`, `[waiting] reassure_every, max_wait`, `[talking] max_talk (0 =
-off), warn_before, end_choice_wait`, `[pairing] preference_wait, skip_window`,
+off), warn_before, end_choice_wait, end_choice_spread`, `[pairing] preference_wait, skip_window`,
 `[keys] someone_else, talk, listen, keys_again, help, report ("" = off)`,
 `[prompts] language, directory ("" = built-in)`, and where the help key
 connects: `[help] destination, trunk, method, pass_identity, ring_timeout`
@@ -44,6 +44,7 @@ class TalkingConfig:
     max_talk: float = 0.0  # 0: off
     warn_before: float = 60.0
     end_choice_wait: float = 20.0
+    end_choice_spread: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class JourneyConfig:
                 max_talk=self.talking.max_talk or None,
                 warn_before=self.talking.warn_before,
                 end_choice_wait=self.talking.end_choice_wait,
+                end_choice_spread=self.talking.end_choice_spread,
                 preference_wait=self.pairing.preference_wait,
                 skip_window=self.pairing.skip_window,
                 keys=KeyMap(**keys),

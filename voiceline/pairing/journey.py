@@ -95,13 +95,16 @@ class JourneySettings:
     max_talk: float | None = None  # off: a conversation lasts as long as both like
     warn_before: float = 60.0  # the talk-time warning, before max_talk
     end_choice_wait: float = 20.0  # after talk time is up: how long the key to wait again is offered
+    # Each caller's choice lasts a random extra of up to this, so that two partners who both let it
+    # pass are not hung up in the same instant (the carrier's records would link them).
+    end_choice_spread: float = 8.0
     preference_wait: float = 60.0  # nobody waits longer than this because of a preference
     skip_window: float = 120.0  # after `#` the two are kept apart this long
     keys: KeyMap = field(default_factory=KeyMap)
 
     def __post_init__(self) -> None:
         durations = (self.reassure_every, self.max_wait, self.end_choice_wait, self.warn_before)
-        if min(durations) <= 0 or self.preference_wait < 0 or self.skip_window < 0:
+        if min(durations) <= 0 or min(self.preference_wait, self.skip_window, self.end_choice_spread) < 0:
             raise ValueError("journey durations must be positive")
         if self.max_talk is not None and not 0 < self.warn_before < self.max_talk:
             raise ValueError("warn_before must lie between 0 and max_talk")

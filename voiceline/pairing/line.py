@@ -18,8 +18,8 @@ call comes back by `help_answered`, `help_failed` and `help_ended`.
 
 A caller whose audio stopped (`silent`) leaves its partner and is not paired
 until it is `heard_again`. Each caller's end-of-talk choice lasts a random
-extra of up to END_CHOICE_SPREAD seconds, so two partners who both let it pass
-are not hung up together.
+extra of up to the settings' `end_choice_spread` seconds, so two partners who
+both let it pass are not hung up together.
 """
 
 from __future__ import annotations
@@ -61,9 +61,6 @@ from voiceline.pairing.journey import (
 )
 from voiceline.pairing.pool import PreferencePool
 from voiceline.pairing.safety import Arrival, Caller, SafetyLedger
-
-END_CHOICE_SPREAD = 8.0  # seconds: BYEs a second apart or more, most of the time
-
 
 @dataclass
 class Step:
@@ -125,7 +122,7 @@ class Line:
         """A call was answered; `caller`: who it is by pseudonym, for the safety ledger (if the line has one)."""
         if call in self._journeys:
             raise ValueError("call already answered")
-        self._journeys[call] = journey = Journey(self.settings, self._rng.uniform(0.0, END_CHOICE_SPREAD))
+        self._journeys[call] = journey = Journey(self.settings, self._rng.uniform(0.0, self.settings.end_choice_spread))
         self._states[journey.state] += 1
         answered = Answered()
         if self.safety is not None and caller is not None:
