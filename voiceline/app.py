@@ -106,6 +106,9 @@ class VoiceLine:
             self._calls_on_trunk,
             drop_unknown=sip.unknown_source == "drop",
         )
+        # The user agent and the calls need each other: the agent is made first, taking no calls
+        # until the calls are its handler.
+        self.agent = UserAgent(settings, None, self.policy)
         self.calls = Calls(
             self.media,
             self.line_setup,
@@ -114,12 +117,12 @@ class VoiceLine:
             self._write,
             self._hangup,
             live_view=self.ops,
+            dialer=self.agent,
             ledger=SafetyLedger(config.safety.settings(config.journey.pairing.repeat_window)),
             help_route=self.help_route,
             trunk_of=self._source_trunk,
         )
-        self.agent = UserAgent(settings, self.calls, self.policy)
-        self.calls.dialer = self.agent
+        self.agent.handler = self.calls
         self.trunks = TrunkSupervisor(
             config,
             storage,

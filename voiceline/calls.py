@@ -160,20 +160,21 @@ class Calls:
         write: Callable[[Coroutine[Any, Any, None]], None],
         hangup: Callable[[str, str], None],
         live_view: LiveView,
+        dialer: UserAgent,
         ledger: SafetyLedger | None = None,
         help_route: Callable[[str], HelpRoute | None] = lambda line: None,
         trunk_of: Callable[[str], str] = lambda address: "",
     ) -> None:
         """`line_setup(line)`: its journey settings and prompts; `max_calls(line)`: its limit, 0 for none;
-        `hangup(call_id, reason)` ends a call; `ledger`: every line's safety records; `help_route(line)`:
+        `hangup(call_id, reason)` ends a call; `dialer`: the user agent help calls go out through (its
+        handler, for inbound calls, is this); `ledger`: every line's safety records; `help_route(line)`:
         where its help key connects (None: the safety message only); `trunk_of(address)`: the trunk
-        an address sends from (the help line's requests in its call are admitted as that trunk's).
-        Help calls go out through `dialer`, set once the user agent exists."""
+        an address sends from (the help line's requests in its call are admitted as that trunk's)."""
         self.media = media
         self.ledger = ledger
         self.help_route = help_route
         self.trunk_of = trunk_of
-        self.dialer: UserAgent | None = None
+        self.dialer = dialer
         self.help_calls: dict[str, HelpCall] = {}  # by the caller's call id
         self._help_tasks: set[asyncio.Task[None]] = set()
         self.line_setup = line_setup
@@ -457,7 +458,7 @@ class Calls:
 
     def _place_help(self, served: ServedLine, call_id: str) -> None:
         route = self.help_route(served.name)
-        if route is None or self.dialer is None or call_id in self.help_calls:
+        if route is None or call_id in self.help_calls:
             self._apply(served, served.journeys.help_failed(call_id, self._loop.time()))
             return
         help_call = self.help_calls[call_id] = HelpCall()
@@ -482,7 +483,6 @@ class Calls:
 
     async def _invite_help(self, served: ServedLine, call_id: str, help_call: HelpCall, route: HelpRoute) -> None:
         """Call the help line on a media leg of its own; bridged with the caller by its journey's BridgeExternal."""
-        assert self.dialer is not None
         try:
             address = await self._address(route.host, route.port)
             help_call.leg = await self.media.open_leg()
@@ -524,7 +524,6 @@ class Calls:
 
     async def _refer_help(self, served: ServedLine, call_id: str, help_call: HelpCall, route: HelpRoute) -> None:
         """Ask the caller's carrier to connect it to the help line (REFER); once it did, our leg ends."""
-        assert self.dialer is not None
         transfer = self.dialer.refer(call_id, route.destination, timeout=route.ring_timeout)
         if transfer is None:
             log.info("help.refer_impossible", call=call_id)
@@ -563,7 +562,7 @@ class Calls:
         if help_call is None or help_call.ended:
             return
         help_call.ended = True
-        if help_call.outbound is not None and self.dialer is not None:
+        if help_call.outbound is not None:
             self.dialer.hangup(help_call.outbound, "help call ended")
 
     async def _address(self, host: str, port: int) -> tuple[str, int]:
