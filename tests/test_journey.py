@@ -6,6 +6,7 @@ import random
 import tomllib
 from collections import Counter
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from voiceline.pairing.journey import (
     Count,
     HangUp,
     HangUpReason,
+    Journey,
     JourneySettings,
     KeyMap,
     PlayMusic,
@@ -114,6 +116,25 @@ def test_lone_caller_welcome_music_reassurance_quiet_line_and_max_wait_goodbye()
     assert line.deadline is None
     assert line.digit("a", "#", 71.0).actions == []  # the goodbye is heard to its end
     assert of(line.prompt_finished("a", 76.0), "a") == [HangUp(HangUpReason.MAX_WAIT)]
+
+
+def test_a_timer_whose_step_failed_is_still_there_to_be_asked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service retries a failed `due` a second later: the failed caller's timer must still be set."""
+    line = Line(SHORT)
+    waiting(line, "a", 0.0)
+    deadline = line.deadline
+    assert deadline == 10.0
+    handle = Journey.handle
+
+    def failing(journey: Journey, *args: object) -> NoReturn:
+        raise RuntimeError("a bug in a step")
+
+    monkeypatch.setattr(Journey, "handle", failing)
+    with pytest.raises(RuntimeError):
+        line.due(deadline)
+    monkeypatch.setattr(Journey, "handle", handle)
+    assert line.deadline == deadline
+    assert of(line.due(deadline + 1.0), "a") == [PlayPrompts(("quiet_line",))]  # nobody else on the line
 
 
 def test_any_key_skips_the_welcome_and_a_preference_key_also_chooses() -> None:

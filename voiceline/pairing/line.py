@@ -175,8 +175,13 @@ class Line:
         # One may change another's timer (a partner): each is checked again as it comes out.
         while (timer := self._next_timer()) is not None and timer[0] <= now:
             heapq.heappop(self._timers)
-            del self._deadlines[timer[1]]  # set again by the journey's next deadline
-            self._feed(timer[1], TimerDue(), now, step)
+            call = timer[1]
+            del self._deadlines[call]  # set again by the journey's next deadline
+            try:
+                self._feed(call, TimerDue(), now, step)
+            finally:  # also when the step failed: the service asks again, the timer must still be there
+                if (journey := self._journeys.get(call)) is not None:
+                    self._retime(call, journey)
         self._pair(now, step)  # and last: a timer may have brought someone back (a cooldown over)
         return step
 
@@ -253,6 +258,9 @@ class Line:
         if journey.state is not state:
             self._states[state] -= 1
             self._states[journey.state] += 1
+        self._retime(call, journey)
+
+    def _retime(self, call: str, journey: Journey) -> None:
         deadline = journey.deadline
         if deadline is None:
             self._deadlines.pop(call, None)
