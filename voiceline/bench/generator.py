@@ -460,7 +460,8 @@ class Generator:
         return first, second
 
     def _tone_payload(self, scenario: Scenario, tone_hz: int) -> bytes:
-        """A 20 ms frame of the tone in `scenario`'s codec, encoded once (a real frame to decode)."""
+        """The frame every packet of a leg in `scenario` carries (`encoded_tone_frame`), made once per
+        codec and tone."""
         codec = scenario.codec
         frame = self._frames.get((codec.name, tone_hz))
         if frame is None:

@@ -62,6 +62,7 @@ from voiceline.pairing.journey import (
 from voiceline.pairing.pool import PreferencePool
 from voiceline.pairing.safety import Arrival, Caller, SafetyLedger
 
+
 @dataclass
 class Step:
     actions: list[tuple[str, Action]] = field(default_factory=list)  # (call id, what it must do), in order
@@ -194,11 +195,8 @@ class Line:
 
     @property
     def deadline(self) -> float | None:
-        timer = self._next_timer()
-        pool = self._pool.deadline(self._now)
-        if timer is None or pool is None:
-            return pool if timer is None else timer[0]
-        return min(timer[0], pool)
+        timer, pool = self._next_timer(), self._pool.deadline(self._now)
+        return min([time for time in (timer and timer[0], pool) if time is not None], default=None)
 
     def _run(self, call: str, event: Event, now: float) -> Step:
         step = Step()
@@ -261,6 +259,7 @@ class Line:
         self._retime(call, journey)
 
     def _retime(self, call: str, journey: Journey) -> None:
+        """The journey's timer as it stands now: pushed when it moved, dropped when it has none."""
         deadline = journey.deadline
         if deadline is None:
             self._deadlines.pop(call, None)
